@@ -1,0 +1,1 @@
+"""hessforge training: datasets, teachers, Hessian labels, losses, trainer and evaluation."""

@@ -1,4 +1,59 @@
-"""Teacher adapters. Each one implements `training.teachers.base.Teacher`."""
+"""Teacher adapters. Each one implements `training.teachers.base.Teacher`.
+
+`load_teacher(spec)` builds one from a short string: "ani1x" (8-model ensemble), "ani1x:3" (one member),
+"mace:/path/file.model" (optionally "mace:/path/file.model@HEAD"). Heavy packages (torchani, mace) are
+imported only when their teacher is requested.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+from engine.errors import HessforgeError
 from training.teachers.base import Teacher, TeacherOutput
 
-__all__ = ["Teacher", "TeacherOutput"]
+# name -> factory(argument after the first ":" or None) -> Teacher
+TEACHERS: Dict[str, Callable[[Optional[str]], Teacher]] = {}
+
+
+def register_teacher(name: str, factory: Callable[[Optional[str]], Teacher]) -> None:
+    TEACHERS[name.lower()] = factory
+
+
+def _ani1x(arg: Optional[str]) -> Teacher:
+    from training.teachers.ani import ANI1xTeacher
+
+    if arg in (None, ""):
+        return ANI1xTeacher()
+    try:
+        return ANI1xTeacher(int(arg))
+    except ValueError:
+        raise HessforgeError(f"teacher 'ani1x:{arg}': the model index must be an integer 0..7") from None
+
+
+def _mace(arg: Optional[str]) -> Teacher:
+    from training.teachers.mace import MACETeacher
+
+    if not arg:
+        raise HessforgeError("teacher 'mace' needs a model file: mace:/path/to/file.model")
+    head = None
+    if not os.path.exists(arg) and "@" in arg:  # "file.model@head" unless '@' is part of the file name
+        arg, head = arg.rsplit("@", 1)
+    return MACETeacher(arg, head=head)
+
+
+register_teacher("ani1x", _ani1x)
+register_teacher("mace", _mace)
+
+
+def load_teacher(spec: str) -> Teacher:
+    """Teacher from a spec string "name" or "name:argument" (see the module docstring)."""
+    name, _, arg = str(spec).strip().partition(":")
+    factory = TEACHERS.get(name.lower())
+    if factory is None:
+        raise HessforgeError(f"unknown teacher {spec!r}; known: {', '.join(sorted(TEACHERS))} "
+                             "(e.g. 'ani1x', 'ani1x:0', 'mace:/path/file.model')")
+    return factory(arg or None)
+
+
+__all__ = ["Teacher", "TeacherOutput", "TEACHERS", "register_teacher", "load_teacher"]

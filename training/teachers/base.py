@@ -58,3 +58,70 @@ def check_finite_positions(atoms, where: str = "") -> None:
     pos = np.asarray(atoms.get_positions())
     if not np.all(np.isfinite(pos)):
         raise HessforgeError(f"{where or 'structure'}: positions contain NaN or Inf")
+
+
+def one_hot_rows(rows: np.ndarray, n_coords: int, dtype=None):
+    """[k, n_coords] one-hot torch matrix: the grad_outputs that pick Hessian rows `rows` in one backward."""
+    import torch
+
+    eye = torch.zeros(len(rows), n_coords, dtype=dtype or torch.float64)
+    eye[torch.arange(len(rows)), torch.as_tensor(rows, dtype=torch.long)] = 1.0
+    return eye
+
+
+def autograd_energy_forces_rows(energy_fn, positions: np.ndarray, rows=None, dtype=None):
+    """Energy (eV), forces (eV/Å) and Hessian rows (eV/Å²) of a differentiable `energy_fn(pos[N,3]) -> scalar`.
+
+    The rows are taken in ONE batched backward pass (vmap over one-hot grad_outputs): k separate backward
+    calls would each replay the whole double-backward graph. Returns (energy, forces, rows, hessian_rows).
+    """
+    import torch
+
+    dtype = dtype or torch.float64
+    n = len(positions)
+    rows = validate_rows(rows, n)
+    want_h = rows is not None and rows.size > 0
+    pos = torch.tensor(np.asarray(positions), dtype=dtype, requires_grad=True)
+    energy = energy_fn(pos)
+    (grad,) = torch.autograd.grad(energy, pos, create_graph=want_h, allow_unused=True)
+    grad = torch.zeros_like(pos) if grad is None else grad  # energy independent of positions (one atom)
+    h = None
+    if rows is not None:
+        h = np.zeros((rows.size, 3 * n))
+        if want_h and grad.requires_grad:
+            v = one_hot_rows(rows, 3 * n, dtype)
+            try:
+                (hr,) = torch.autograd.grad(grad.reshape(-1), pos, grad_outputs=v, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)  # graph kept for fallback
+            except RuntimeError:
+                # Some ops lack vmap batching rules; a loop over rows is slower but always works.
+                hr = torch.stack([_grad_or_zeros(grad.reshape(-1), pos, vi) for vi in v])
+            if hr is not None:
+                h = hr.detach().reshape(rows.size, 3 * n).cpu().numpy().astype(np.float64)
+    return float(energy.detach()), -grad.detach().cpu().numpy().astype(np.float64), rows, h
+
+
+def _grad_or_zeros(out, inp, v):
+    import torch
+
+    (g,) = torch.autograd.grad(out, inp, grad_outputs=v, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(inp) if g is None else g
+
+
+def teacher_calculator(teacher: "Teacher"):
+    """An ASE Calculator (energy, forces) backed by a Teacher: lets any teacher drive ASE MD/optimisers."""
+    from ase.calculators.calculator import Calculator, all_changes
+
+    class _TeacherCalculator(Calculator):
+        implemented_properties = ["energy", "free_energy", "forces"]
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.teacher = teacher
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            out = self.teacher.compute(self.atoms)
+            self.results = {"energy": out.energy, "free_energy": out.energy, "forces": out.forces}
+
+    return _TeacherCalculator()

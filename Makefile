@@ -1,0 +1,23 @@
+# Every target bootstraps .venv with the on-disk CPU torch 2.13.0 first, so nothing pulls a newer torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hessforge-installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-slow
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hessforge quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests

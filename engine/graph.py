@@ -1,0 +1,107 @@
+"""The batched atomic graph: one plain container of tensors used by training and inference alike.
+
+A NamedTuple keeps it TorchScript- and torch.compile-friendly (no methods run inside models).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import HessforgeError
+from engine.neighbors import batched_neighbor_list, check_cell
+
+
+class AtomicGraph(NamedTuple):
+    positions: torch.Tensor  # [N, 3] Å
+    numbers: torch.Tensor  # [N] atomic numbers (long)
+    cell: torch.Tensor  # [B, 3, 3] Å, rows are lattice vectors
+    pbc: torch.Tensor  # [B, 3] bool
+    batch: torch.Tensor  # [N] structure index of each atom (long)
+    edge_index: torch.Tensor  # [2, E]: (receiver i, sender j)
+    shifts: torch.Tensor  # [E, 3] integer cell shifts (positions' dtype): r_ij = x_j - x_i + shift @ cell
+
+
+def edge_vectors(graph: AtomicGraph, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r_ij for every edge; pass `positions` to differentiate with respect to a tensor other than graph's."""
+    pos = graph.positions if positions is None else positions
+    i, j = graph.edge_index[0], graph.edge_index[1]
+    cell_per_edge = graph.cell[graph.batch[i]]
+    return pos[j] - pos[i] + torch.einsum("ea,eab->eb", graph.shifts, cell_per_edge)
+
+
+def num_atoms_per_structure(graph: AtomicGraph) -> torch.Tensor:
+    return torch.bincount(graph.batch, minlength=graph.cell.shape[0])
+
+
+def with_positions(graph: AtomicGraph, positions: torch.Tensor) -> AtomicGraph:
+    return graph._replace(positions=positions)
+
+
+def graph_to(graph: AtomicGraph, device=None, dtype=None) -> AtomicGraph:
+    """Move to a device and cast the floating tensors to `dtype`."""
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return AtomicGraph(*(conv(t) for t in graph))
+
+
+def build_graph(
+    numbers: Sequence[np.ndarray],
+    positions: Sequence[np.ndarray],
+    cells: Sequence[np.ndarray],
+    pbcs: Sequence[np.ndarray],
+    cutoff: float,
+    dtype: torch.dtype = torch.float32,
+    where: Sequence[str] = (),
+) -> AtomicGraph:
+    """Batch structures into one graph and build its neighbor list. The neighbor list is built in float64
+    so that the edge set does not depend on the working dtype."""
+    if len(numbers) == 0:
+        raise HessforgeError("empty batch: no structures to evaluate")
+    if not (cutoff > 0 and math.isfinite(cutoff)):
+        raise HessforgeError(f"cutoff must be a positive number of Å, got {cutoff}")
+    pos64 = []
+    for k, p in enumerate(positions):
+        p = np.asarray(p, dtype=np.float64).reshape(-1, 3)
+        if not np.all(np.isfinite(p)):
+            name = where[k] if k < len(where) else f"structure {k}"
+            raise HessforgeError(f"{name}: positions contain NaN or Inf")
+        pos64.append(torch.from_numpy(p))
+    positions_t = torch.cat(pos64)
+    numbers_t = torch.cat([torch.as_tensor(np.asarray(z), dtype=torch.long).reshape(-1) for z in numbers])
+    cell_t = torch.stack([torch.as_tensor(np.asarray(c, dtype=np.float64)).reshape(3, 3) for c in cells])
+    pbc_t = torch.stack([torch.as_tensor(np.asarray(b, dtype=bool)).reshape(3) for b in pbcs])
+    for k in range(cell_t.shape[0]):
+        check_cell(cell_t[k], pbc_t[k], where[k] if k < len(where) else f"structure {k}")
+    batch_t = torch.repeat_interleave(
+        torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
+    )
+    edge_index, shifts = batched_neighbor_list(positions_t, cell_t, pbc_t, batch_t, cutoff)
+    return AtomicGraph(
+        positions=positions_t.to(dtype),
+        numbers=numbers_t,
+        cell=cell_t.to(dtype),
+        pbc=pbc_t,
+        batch=batch_t,
+        edge_index=edge_index,
+        shifts=shifts.to(dtype),
+    )
+
+
+def graph_from_atoms(atoms_list: List, cutoff: float, dtype: torch.dtype = torch.float32) -> AtomicGraph:
+    """Batch a list of `ase.Atoms`."""
+    return build_graph(
+        [a.numbers for a in atoms_list],
+        [a.positions for a in atoms_list],
+        [np.asarray(a.cell) for a in atoms_list],
+        [a.pbc for a in atoms_list],
+        cutoff,
+        dtype,
+        where=[a.get_chemical_formula() for a in atoms_list],
+    )

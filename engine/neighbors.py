@@ -1,0 +1,104 @@
+"""Reference neighbor list in plain torch: exact, periodic (triclinic, cells smaller than the cutoff).
+
+Convention for an edge e = (i, j) with integer cell shift S_e:
+    r_ij = positions[j] - positions[i] + S_e @ cell[batch[i]]
+and |r_ij| < cutoff (strict), excluding the self pair (i == i, S = 0). Every pair appears in both directions.
+
+This is the reference every faster kernel is tested against, and the path used when building training
+batches. It works structure by structure on all pairs (O(N² · shifts)): fine for molecules and the small
+periodic cells of training sets.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Tuple
+
+import torch
+
+from engine.errors import HessforgeError
+
+
+def cell_heights(cell: torch.Tensor) -> torch.Tensor:
+    """Distances between opposite faces of the cell spanned by the rows of `cell` [3, 3]."""
+    volume = torch.linalg.det(cell).abs()
+    cross = torch.stack(
+        [torch.linalg.cross(cell[1], cell[2]), torch.linalg.cross(cell[2], cell[0]), torch.linalg.cross(cell[0], cell[1])]
+    )
+    return volume / cross.norm(dim=1)
+
+
+def _shift_vectors(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """All integer shifts [S, 3] that can bring an image within `cutoff` of an atom of the wrapped cell."""
+    reps = []
+    heights = cell_heights(cell) if bool(pbc.any()) else None
+    for axis in range(3):
+        if bool(pbc[axis]):
+            n = int(torch.ceil(cutoff / heights[axis]).item())
+            reps.append(range(-n, n + 1))
+        else:
+            reps.append(range(0, 1))
+    return torch.tensor(list(itertools.product(*reps)), dtype=cell.dtype, device=cell.device)
+
+
+def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
+    if bool(pbc.any()):
+        volume = float(torch.linalg.det(cell.double()).abs())
+        if not volume > 1e-8:
+            raise HessforgeError(f"{where}: periodic cell has zero volume (cell={cell.tolist()})")
+
+
+def structure_neighbor_list(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Neighbor list of one structure. Returns edge_index [2, E] (long) and shifts [E, 3] (positions' dtype)."""
+    n = positions.shape[0]
+    device, dtype = positions.device, positions.dtype
+    if n == 0:
+        return torch.zeros(2, 0, dtype=torch.long, device=device), torch.zeros(0, 3, dtype=dtype, device=device)
+    pbc = pbc.to(torch.bool)
+    with torch.no_grad():
+        pos = positions.detach()
+        offsets = torch.zeros_like(pos)  # integer offsets o with wrapped = pos + o @ cell
+        if bool(pbc.any()):
+            check_cell(cell, pbc)
+            frac = torch.linalg.solve(cell.T, pos.T).T
+            offsets = torch.where(pbc, -torch.floor(frac), torch.zeros_like(frac))
+            pos = pos + offsets @ cell
+        shifts = _shift_vectors(cell, pbc, cutoff)
+        idx_i, idx_j = torch.meshgrid(
+            torch.arange(n, device=device), torch.arange(n, device=device), indexing="ij"
+        )
+        idx_i, idx_j = idx_i.reshape(-1), idx_j.reshape(-1)
+        base = pos[idx_j] - pos[idx_i]
+        senders, receivers, found = [], [], []
+        for shift in shifts:
+            d = base + shift @ cell
+            keep = (d.square().sum(dim=1) < cutoff * cutoff)
+            if not bool(shift.any()):
+                keep &= idx_i != idx_j
+            sel = keep.nonzero().squeeze(1)
+            receivers.append(idx_i[sel])
+            senders.append(idx_j[sel])
+            found.append(shift.expand(sel.shape[0], 3))
+        edge_i = torch.cat(receivers)
+        edge_j = torch.cat(senders)
+        edge_shift = torch.cat(found)
+        # Undo the wrapping so the shifts refer to the caller's (unwrapped) positions.
+        edge_shift = edge_shift + offsets[edge_j] - offsets[edge_i]
+        order = torch.argsort(edge_i * n + edge_j, stable=True)
+    return torch.stack([edge_i[order], edge_j[order]]), edge_shift[order]
+
+
+def batched_neighbor_list(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, cutoff: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Neighbor list of a batch: per-structure lists with atom indices offset into the batch."""
+    counts = torch.bincount(batch, minlength=cell.shape[0]).tolist()
+    edges, shifts = [], []
+    start = 0
+    for g, count in enumerate(counts):
+        e, s = structure_neighbor_list(positions[start : start + count], cell[g], pbc[g], cutoff)
+        edges.append(e + start)
+        shifts.append(s)
+        start += count
+    return torch.cat(edges, dim=1), torch.cat(shifts)

@@ -1,0 +1,86 @@
+"""The torch reference neighbor list against ASE's, on fresh random structures."""
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.neighborlist import primitive_neighbor_list
+
+from engine.errors import HessforgeError
+from engine.graph import build_graph, edge_vectors
+from engine.neighbors import structure_neighbor_list
+
+
+def _edge_set(i, j, shifts):
+    return sorted(zip(i.tolist(), j.tolist(), map(tuple, np.rint(shifts).astype(int).tolist())))
+
+
+def _random_cell(rng, kind):
+    if kind == "cubic":
+        return np.eye(3) * rng.uniform(3.0, 8.0)
+    if kind == "small":  # smaller than the cutoff in every direction
+        return np.eye(3) * rng.uniform(1.5, 2.5)
+    # triclinic, sheared
+    cell = np.diag(rng.uniform(2.5, 6.0, size=3))
+    cell[1, 0], cell[2, 0], cell[2, 1] = rng.uniform(-1.5, 1.5, size=3)
+    return cell
+
+
+@pytest.mark.parametrize("kind", ["cubic", "small", "triclinic", "mixed_pbc", "molecule"])
+def test_matches_ase(rng, kind):
+    cutoff = rng.uniform(2.5, 5.0)
+    n = int(rng.integers(1, 12))
+    if kind == "molecule":
+        cell, pbc = np.zeros((3, 3)), np.array([False] * 3)
+        pos = rng.uniform(-3, 3, size=(n, 3))
+    else:
+        cell = _random_cell(rng, "triclinic" if kind == "mixed_pbc" else kind)
+        pbc = np.array([True, False, True]) if kind == "mixed_pbc" else np.array([True] * 3)
+        # Positions partly outside the cell: the list must not depend on wrapping.
+        pos = rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell
+    i_ref, j_ref, s_ref = primitive_neighbor_list("ijS", pbc, cell, pos, cutoff, self_interaction=False)
+    edges, shifts = structure_neighbor_list(
+        torch.tensor(pos), torch.tensor(cell), torch.tensor(pbc), cutoff
+    )
+    assert _edge_set(edges[0], edges[1], shifts.numpy()) == _edge_set(i_ref, j_ref, s_ref)
+    # and the distances agree with the convention r_ij = x_j - x_i + S @ cell
+    d = pos[edges[1]] - pos[edges[0]] + shifts.numpy() @ cell
+    assert np.all(np.linalg.norm(d, axis=1) < cutoff)
+
+
+def test_batched_edges_and_vectors(rng):
+    atoms = [
+        Atoms("H2O", positions=rng.uniform(0, 2, (3, 3))),
+        Atoms("Cu", cell=np.eye(3) * 2.0, pbc=True),  # one atom, only its own images
+        Atoms("CH4", positions=rng.uniform(0, 2, (5, 3)), cell=np.eye(3) * 3.0, pbc=True),
+    ]
+    g = build_graph([a.numbers for a in atoms], [a.positions for a in atoms],
+                    [np.asarray(a.cell) for a in atoms], [a.pbc for a in atoms], 3.0, torch.float64)
+    assert g.batch.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    # edges never cross structures
+    assert torch.equal(g.batch[g.edge_index[0]], g.batch[g.edge_index[1]])
+    vec = edge_vectors(g)
+    start = 0
+    for k, a in enumerate(atoms):
+        i, j, D = primitive_neighbor_list("ijD", a.pbc, np.asarray(a.cell), a.positions, 3.0)
+        mine = (g.batch[g.edge_index[0]] == k).numpy()
+        assert mine.sum() == len(i)
+        got = sorted(map(tuple, np.round(vec[mine].numpy(), 9).tolist()))
+        assert got == sorted(map(tuple, np.round(D, 9).tolist()))
+        start += len(a)
+
+
+def test_zero_volume_cell_is_rejected():
+    with pytest.raises(HessforgeError, match="zero volume"):
+        build_graph([[1, 1]], [np.zeros((2, 3))], [np.zeros((3, 3))], [[True] * 3], 3.0)
+
+
+def test_nan_positions_are_rejected():
+    pos = np.zeros((2, 3))
+    pos[1, 0] = np.nan
+    with pytest.raises(HessforgeError, match="NaN"):
+        build_graph([[1, 1]], [pos], [np.zeros((3, 3))], [[False] * 3], 3.0)
+
+
+def test_empty_batch_is_rejected():
+    with pytest.raises(HessforgeError, match="empty batch"):
+        build_graph([], [], [], [], 3.0)

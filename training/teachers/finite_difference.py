@@ -1,0 +1,51 @@
+"""A teacher around any ASE calculator: Hessian rows by central differences of its forces.
+
+For teachers with no (or too slow) second derivatives, e.g. float32 CHGNet or DFT. Costs 2 force calls per
+requested row, so ask for a few rows per structure, not the full Hessian, with expensive calculators.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from engine.errors import HessforgeError
+from training.teachers.base import Teacher, TeacherOutput, check_finite_positions, validate_rows
+
+
+class FiniteDifferenceTeacher(Teacher):
+    """row j = -(F(r + h e_j) - F(r - h e_j)) / (2h); error O(h²). h in Å (1e-3 suits float64 calculators;
+    float32 models need larger h, ~1e-2, or round-off dominates)."""
+
+    def __init__(self, calculator, h: float = 1e-3, name: Optional[str] = None, elements=None):
+        if not h > 0:
+            raise HessforgeError(f"finite-difference step must be > 0 Å, got {h}")
+        self.calc = calculator
+        self.h = float(h)
+        self.name = name or f"fd:{type(calculator).__name__}"
+        self.elements = None if elements is None else frozenset(int(z) for z in elements)
+
+    def _forces_energy(self, atoms, positions):
+        a = atoms.copy()
+        a.set_positions(positions)
+        a.calc = self.calc
+        return np.asarray(a.get_forces(), dtype=np.float64), float(a.get_potential_energy())
+
+    def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
+        self.check_elements(atoms.numbers, f"teacher {self.name}")
+        check_finite_positions(atoms, f"teacher {self.name}")
+        n = len(atoms)
+        rows = validate_rows(rows, n)
+        pos0 = np.asarray(atoms.get_positions(), dtype=np.float64)
+        forces, energy = self._forces_energy(atoms, pos0)
+        h_rows = None
+        if rows is not None:
+            h_rows = np.empty((rows.size, 3 * n))
+            for i, j in enumerate(rows):
+                step = np.zeros(3 * n)
+                step[j] = self.h
+                step = step.reshape(n, 3)
+                f_plus, _ = self._forces_energy(atoms, pos0 + step)
+                f_minus, _ = self._forces_energy(atoms, pos0 - step)
+                h_rows[i] = -(f_plus - f_minus).reshape(-1) / (2 * self.h)
+        return TeacherOutput(energy=energy, forces=forces, rows=rows, hessian_rows=h_rows)

@@ -1,0 +1,80 @@
+"""Any user-supplied mace-torch `.model` file as a teacher (MACE-OFF, MACE-MP, fine-tunes...), in float64.
+
+Weights cannot be downloaded here, so nothing is fetched: the user brings the file. The input graph is built
+the way mace's own `MACECalculator._atoms_to_batch` does (config_from_atoms -> AtomicData -> Batch).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from engine.errors import HessforgeError
+from training.teachers.base import Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions
+
+
+def load_mace_model(path: str):
+    """torch.load a whole pickled MACE model (needs weights_only=False) and cast it to float64, eval mode."""
+    import mace  # noqa: F401  (must come before e3nn: registers safe globals / constants)
+    import torch
+
+    if not os.path.isfile(path):
+        raise HessforgeError(f"MACE model file not found: {path}")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt file, a state_dict, a TorchScript archive...
+        raise HessforgeError(f"{path}: cannot load as a mace-torch model ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers") or not hasattr(model, "r_max"):
+        raise HessforgeError(f"{path}: not a mace-torch model (expected a pickled nn.Module with atomic_numbers)")
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class MACETeacher(Teacher):
+    def __init__(self, path: str, head: Optional[str] = None):
+        from mace.tools import utils
+
+        self.path = path
+        self.name = f"mace:{path}"
+        self.model = load_mace_model(path)
+        z = [int(x) for x in self.model.atomic_numbers]
+        self.elements = frozenset(z)
+        self.z_table = utils.AtomicNumberTable(z)
+        self.r_max = float(self.model.r_max)
+        self.heads = list(getattr(self.model, "heads", None) or ["Default"])
+        if head is None:  # mace's calculator rule: the only head, else the one called "default"
+            default = [h for h in self.heads if h.lower() == "default"]
+            head = self.heads[0] if len(self.heads) == 1 else (default[0] if default else None)
+            if head is None:
+                raise HessforgeError(f"{path}: model has several heads {self.heads}; name one (mace:{path}@HEAD)")
+        if head not in self.heads:
+            raise HessforgeError(f"{path}: head {head!r} not in {self.heads}")
+        self.head = head
+
+    def _batch(self, atoms) -> dict:
+        import torch
+        from mace import data as mdata
+        from mace.tools import torch_geometric, torch_tools
+
+        atoms = atoms.copy()  # config_from_atoms would read labels from an attached calculator
+        atoms.calc = None
+        with torch_tools.default_dtype(torch.float64):
+            config = mdata.config_from_atoms(atoms, key_specification=mdata.KeySpecification(), head_name=self.head)
+            graph = mdata.AtomicData.from_config(config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads)
+        return torch_geometric.Batch.from_data_list([graph]).to_dict()
+
+    def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
+        self.check_elements(atoms.numbers, f"teacher {self.name}")
+        check_finite_positions(atoms, f"teacher {self.name}")
+        batch = self._batch(atoms)
+
+        def energy_fn(pos):
+            # The neighbour list (edge_index, shifts) stays fixed at the input geometry; only positions move.
+            data = dict(batch, positions=pos)
+            return self.model(data, compute_force=False, training=False)["energy"].sum()
+
+        e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
+        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)

@@ -1,0 +1,51 @@
+"""The `hessforge` command. Each subcommand lives in its own module exposing add_arguments(parser) and
+run(args) -> int; modules are imported only when their subcommand runs, so `hessforge --help` is fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from engine.errors import HessforgeError
+
+SUBCOMMANDS = {
+    "ingest": ("training.data.ingest", "read an ASE-readable file with energies/forces into an LMDB dataset"),
+    "label": ("training.labels", "label a dataset with a teacher's energies, forces and Hessian rows"),
+    "train": ("training.trainer", "train a student from a YAML config"),
+    "evaluate": ("training.evaluate", "energy/force/Hessian errors of a student (and the teacher)"),
+    "quickstart": ("training.quickstart.run", "label, train and evaluate on the bundled dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hessforge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Arguments are added lazily in main() for the chosen subcommand only.
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        sub = argparse.ArgumentParser(prog=f"hessforge {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
+        module.add_arguments(sub)
+        args = sub.parse_args(argv[1:])
+        try:
+            return int(module.run(args) or 0)
+        except HessforgeError as err:
+            print(f"hessforge {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"hessforge {argv[0]}: interrupted", file=sys.stderr)
+            return 130
+    parser.parse_args(argv)  # prints help / usage errors
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Training configuration: YAML with strictly checked keys (a typo is an error naming the key and file)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import yaml
+
+from engine.errors import HessforgeError
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # LMDB dataset (hessforge ingest)
+    labels: Optional[str] = None  # teacher labels directory (hessforge label); needed for KD
+    split_file: Optional[str] = None  # JSON written by a previous run; overrides the fractions
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    split_seed: int = 0
+    elements: Optional[List[int]] = None  # keep structures made only of these atomic numbers
+    max_atoms: Optional[int] = None
+    train_limit: Optional[int] = None  # cap on training structures (learning curves, quick runs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "painn"
+    hidden: int = 128
+    layers: int = 4
+    num_basis: int = 128
+    cutoff: float = 5.0
+    force_mode: str = "gradient"  # or "direct"
+
+
+@dataclass
+class LossConfig:
+    energy: float = 5.0  # λ_U
+    forces: float = 100.0  # λ_F
+    hessian: float = 400.0  # λ_KD (0: undistilled)
+    hessian_rows: int = 1  # s rows sampled per structure and step
+    energy_gradient: float = 0.0
+    force_distill: float = 0.0
+    halve_kd_when_better_than_teacher: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 2e-6
+    eps: float = 1e-7
+    amsgrad: bool = True
+    plateau_factor: float = 0.8
+    plateau_patience: int = 10
+    min_lr: float = 1e-6
+    ema_decay: float = 0.999
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/student"
+    epochs: int = 100
+    batch_size: int = 16
+    val_batch_size: int = 32
+    seed: int = 0
+    dtype: str = "float32"
+    checkpoint_every: int = 10  # epochs
+    max_time_s: Optional[float] = None  # stop (with a checkpoint) after this wall time
+    num_workers: int = 0
+    threads: Optional[int] = None  # torch intra-op threads
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values, where: str, prefix: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise HessforgeError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise HessforgeError(
+                f"{where}: unknown config key '{prefix}{key}'; known keys in this section: {', '.join(known)}"
+            )
+        sub = known[key].type
+        if isinstance(sub, str) and sub in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[sub], value, where, f"{prefix}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+_SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig": LossConfig,
+             "OptimConfig": OptimConfig, "TrainConfig": TrainConfig}
+
+
+def config_from_dict(values: dict, where: str = "config") -> Config:
+    config = _build(Config, values, where, "")
+    if not config.data.path:
+        raise HessforgeError(f"{where}: 'data.path' (the LMDB dataset) is required")
+    if config.model.force_mode not in ("gradient", "direct"):
+        raise HessforgeError(f"{where}: model.force_mode must be 'gradient' or 'direct', got {config.model.force_mode!r}")
+    if config.train.dtype not in ("float32", "float64"):
+        raise HessforgeError(f"{where}: train.dtype must be float32 or float64, got {config.train.dtype!r}")
+    if config.loss.hessian > 0 and not config.data.labels:
+        raise HessforgeError(f"{where}: loss.hessian > 0 needs teacher labels: set data.labels (hessforge label)")
+    return config
+
+
+def load_config(path: str) -> Config:
+    if not os.path.isfile(path):
+        raise HessforgeError(f"config file not found: {path}")
+    with open(path) as fh:
+        try:
+            values = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise HessforgeError(f"{path}: not valid YAML: {err}") from None
+    config = config_from_dict(values, where=path)
+    # Relative data paths are relative to the config file, so a run directory can be moved as a whole.
+    base = os.path.dirname(os.path.abspath(path))
+    for attr in ("path", "labels", "split_file"):
+        value = getattr(config.data, attr)
+        if value and not os.path.isabs(value):
+            setattr(config.data, attr, os.path.join(base, value))
+    return config

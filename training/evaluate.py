@@ -1,0 +1,153 @@
+"""`hessforge evaluate`: a student's energy/force errors against the reference labels and the teacher, its
+Hessian-row error against the teacher's stored rows, and the teacher's own errors. JSON plus a table."""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.checkpoint import load_student, read_checkpoint
+from engine.errors import HessforgeError
+from engine.graph import build_graph
+from training.losses import student_hessian_rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="student checkpoint (best.pt / last.pt of a run)")
+    parser.add_argument("data", help="LMDB dataset")
+    parser.add_argument("--labels", help="teacher labels directory (adds teacher and Hessian-row errors)")
+    parser.add_argument("--split-file", help="split.json (default: the run's own, beside the checkpoint)")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument("--json", dest="json_out", help="write the metrics here")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
+
+
+def _errors(e_pred, e_ref, natoms, f_pred, f_ref) -> Dict[str, float]:
+    de = np.abs(np.asarray(e_pred) - np.asarray(e_ref))
+    df = np.abs(np.concatenate(f_pred) - np.concatenate(f_ref))
+    return {
+        "energy_mae_mev_per_atom": float(1000 * np.mean(de / np.asarray(natoms))),
+        "energy_mae_mev": float(1000 * np.mean(de)),
+        "forces_mae_mev_per_A": float(1000 * np.mean(df)),
+        "forces_rmse_mev_per_A": float(1000 * np.sqrt(np.mean(df**2))),
+    }
+
+
+def student_predictions(model, structures: Sequence, batch_size: int = 16, hessian_rows: Optional[List] = None):
+    """Energies, forces and (optionally) the requested Hessian rows [k, 3N] of each structure, float64."""
+    energies, forces, rows_out = [], [], []
+    dtype = next(model.parameters()).dtype
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        graph = build_graph([s.numbers for s in chunk], [s.positions for s in chunk], [s.cell for s in chunk],
+                            [s.pbc for s in chunk], model.cutoff, dtype, where=[s.id for s in chunk])
+        out = model(graph, compute_forces=True, create_graph=False)
+        energies.extend(out["energy"].detach().double().tolist())
+        counts = torch.bincount(graph.batch, minlength=len(chunk)).tolist()
+        forces.extend(f.detach().double().numpy() for f in out["forces"].split(counts))
+    if hessian_rows is not None:
+        for s, rows in zip(structures, hessian_rows):
+            rows_out.append(_student_rows(model, s, rows, dtype))
+    return energies, forces, rows_out
+
+
+def _student_rows(model, structure, rows: np.ndarray, dtype) -> np.ndarray:
+    graph = build_graph([structure.numbers], [structure.positions], [structure.cell], [structure.pbc],
+                        model.cutoff, dtype, where=[structure.id])
+    pos = graph.positions.detach().requires_grad_(True)
+    out = model(graph._replace(positions=pos), compute_forces=True, create_graph=True)
+    index = torch.as_tensor(np.asarray(rows), dtype=torch.long).reshape(-1, 1)
+    h = student_hessian_rows(out["forces"], pos, index, create_graph=False)
+    return h.reshape(index.shape[0], -1).detach().double().numpy()
+
+
+def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16) -> Dict[str, Dict[str, float]]:
+    """Metrics of a student (and of the teacher, when labels are given) on `structures`."""
+    if not structures:
+        raise HessforgeError("nothing to evaluate: the selected split is empty")
+    for s in structures:
+        model.check_species(s.numbers, where=f"structure {s.id}")
+    teacher = [labels.get(s.id) for s in structures] if labels is not None else None
+    if teacher is not None and any(t is None for t in teacher):
+        missing = [s.id for s, t in zip(structures, teacher) if t is None][:5]
+        raise HessforgeError(f"structures without teacher labels (e.g. {missing}): run hessforge label first")
+    rows = [t.rows for t in teacher] if teacher is not None else None
+    e, f, h = student_predictions(model, structures, batch_size, rows)
+    natoms = [len(s.numbers) for s in structures]
+    e_ref = [s.energy for s in structures]
+    f_ref = [np.asarray(s.forces) for s in structures]
+    result = {"student_vs_reference": _errors(e, e_ref, natoms, f, f_ref), "n_structures": len(structures)}
+    if teacher is not None:
+        te = [t.energy for t in teacher]
+        tf = [np.asarray(t.forces) for t in teacher]
+        result["student_vs_teacher"] = _errors(e, te, natoms, f, tf)
+        result["teacher_vs_reference"] = _errors(te, e_ref, natoms, tf, f_ref)
+        dh = np.concatenate([(hs - np.asarray(t.hessian_rows, dtype=np.float64)).reshape(-1) for hs, t in zip(h, teacher)])
+        ref = np.concatenate([np.asarray(t.hessian_rows, dtype=np.float64).reshape(-1) for t in teacher])
+        result["student_vs_teacher"]["hessian_mae_eV_per_A2"] = float(np.mean(np.abs(dh)))
+        result["student_vs_teacher"]["hessian_rel_rmse"] = float(np.sqrt(np.mean(dh**2) / np.mean(ref**2)))
+    return result
+
+
+def format_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """rows: name -> metrics (student_vs_reference etc. flattened). One line per model."""
+    header = f"{'model':<28} {'E MAE (meV/atom)':>17} {'F MAE (meV/Å)':>14} {'F MAE vs teacher':>17} {'Hess MAE (eV/Å²)':>17}"
+    lines = [header, "-" * len(header)]
+
+    def fmt(x):
+        return f"{x:.2f}" if x is not None else "-"
+
+    for name, m in rows.items():
+        ref = m.get("vs_reference", {})
+        tea = m.get("vs_teacher", {})
+        lines.append(
+            f"{name:<28} {fmt(ref.get('energy_mae_mev_per_atom')):>17} {fmt(ref.get('forces_mae_mev_per_A')):>14} "
+            f"{fmt(tea.get('forces_mae_mev_per_A')):>17} {fmt(tea.get('hessian_mae_eV_per_A2')):>17}"
+        )
+    return "\n".join(lines)
+
+
+def table_rows(result: Dict, name: str = "student") -> Dict[str, Dict]:
+    rows = {name: {"vs_reference": result["student_vs_reference"], "vs_teacher": result.get("student_vs_teacher", {})}}
+    if "teacher_vs_reference" in result:
+        rows["teacher"] = {"vs_reference": result["teacher_vs_reference"], "vs_teacher": {}}
+    return rows
+
+
+def select_structures(dataset, split_file: Optional[str], split: str) -> list:
+    from training.data.subsets import load_split
+
+    if split == "all" or split_file is None:
+        return [dataset[i] for i in range(len(dataset))]
+    indices = load_split(split_file)[split]
+    return [dataset[i] for i in indices]
+
+
+def run(args) -> int:
+    import os
+
+    from training.data import Dataset
+
+    read_checkpoint(args.checkpoint)  # clear error for a missing or foreign file before anything else
+    model = load_student(args.checkpoint, use_ema=not args.no_ema)
+    dataset = Dataset(args.data)
+    split_file = args.split_file or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "split.json")
+    if args.split != "all" and not os.path.exists(split_file):
+        raise HessforgeError(f"split file not found: {split_file} (pass --split-file or --split all)")
+    structures = select_structures(dataset, split_file, args.split)
+    labels = None
+    if args.labels:
+        from training.labels import LabelStore
+
+        labels = LabelStore(args.labels)
+    result = evaluate(model, structures, labels, args.batch_size)
+    result["checkpoint"] = os.path.abspath(args.checkpoint)
+    result["split"] = args.split
+    print(format_table(table_rows(result)))
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0

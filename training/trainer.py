@@ -1,0 +1,366 @@
+"""`hessforge train CONFIG.yaml`: train a student on reference energies/forces and teacher Hessian rows.
+
+Paper recipe: AdamW (amsgrad, lr 1e-3, wd 2e-6, eps 1e-7), ReduceLROnPlateau (factor 0.8), EMA 0.999,
+gradient clipping 10, λ_KD halved once the student's validation energy/force loss beats the teacher's.
+Runs on one process or under torchrun (gloo/nccl data parallel). A run directory holds the config,
+split.json, log.jsonl, last.pt (resumable) and best.pt (best EMA validation loss).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
+
+from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
+from engine.errors import HessforgeError
+from engine.models import build_student
+from training.config import Config, load_config
+from training.ema import ExponentialMovingAverage
+from training.losses import LossWeights, compute_loss
+from training.reference_energies import fit_energy_scale, fit_reference_energies
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML training config")
+    parser.add_argument("--restart", action="store_true", help="ignore an existing last.pt and start over")
+    parser.add_argument("--epochs", type=int, help="override train.epochs")
+    parser.add_argument("--out", help="override train.out (run directory)")
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    if args.epochs is not None:
+        config.train.epochs = args.epochs
+    if args.out:
+        config.train.out = args.out
+    Trainer(config, restart=args.restart).fit()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple:
+    """(rank, world_size), initialising the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: List[float]) -> List[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class _Accumulator:
+    """Sums of absolute and squared errors over a pass, reduced across ranks."""
+
+    def __init__(self):
+        self.sums = {"e_abs": 0.0, "e_abs_per_atom": 0.0, "e_sq": 0.0, "f_abs": 0.0, "f_sq": 0.0,
+                     "n_struct": 0.0, "n_comp": 0.0}
+
+    def add(self, e_pred, e_ref, natoms, f_pred, f_ref):
+        de = (e_pred - e_ref).double()
+        df = (f_pred - f_ref).double()
+        self.sums["e_abs"] += de.abs().sum().item()
+        self.sums["e_abs_per_atom"] += (de.abs() / natoms.double()).sum().item()
+        self.sums["e_sq"] += de.square().sum().item()
+        self.sums["f_abs"] += df.abs().sum().item()
+        self.sums["f_sq"] += df.square().sum().item()
+        self.sums["n_struct"] += de.numel()
+        self.sums["n_comp"] += df.numel()
+
+    def result(self, weights: LossWeights) -> Dict[str, float]:
+        keys = list(self.sums)
+        s = dict(zip(keys, _all_reduce_sum([self.sums[k] for k in keys])))
+        n, m = max(s["n_struct"], 1), max(s["n_comp"], 1)
+        e_mse, f_mse = s["e_sq"] / n, s["f_sq"] / m
+        return {
+            "loss_ef": weights.energy * e_mse + weights.forces * f_mse,
+            "energy_mae_mev_per_atom": 1000 * s["e_abs_per_atom"] / n,
+            "energy_mae_mev": 1000 * s["e_abs"] / n,
+            "energy_rmse_mev": 1000 * e_mse**0.5,
+            "forces_mae_mev_per_A": 1000 * s["f_abs"] / m,
+            "forces_rmse_mev_per_A": 1000 * f_mse**0.5,
+        }
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, config: Config, restart: bool = False):
+        from training.data import Dataset, make_loader
+        from training.data.subsets import select, split_by_group, load_split, save_split
+
+        self.config = config
+        self.rank, self.world = _distributed()
+        tc = config.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        _seed_everything(tc.seed)
+        self.dtype = getattr(torch, tc.dtype)
+        self.out = tc.out
+        os.makedirs(self.out, exist_ok=True)
+        self.dataset = Dataset(config.data.path)
+        self.labels = None
+        if config.data.labels:
+            from training.labels import LabelStore
+
+            self.labels = LabelStore(config.data.labels)
+
+        # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
+        split_path = os.path.join(self.out, "split.json")
+        if config.data.split_file:
+            split = load_split(config.data.split_file)
+        elif os.path.exists(split_path) and not restart:
+            split = load_split(split_path)
+        else:
+            keep = select(self.dataset, elements=config.data.elements, max_atoms=config.data.max_atoms)
+            split = split_by_group(
+                self.dataset, keep, fractions=(config.data.train, config.data.val, config.data.test),
+                seed=config.data.split_seed,
+            )
+        if self.rank == 0:
+            save_split(split, split_path)
+            with open(os.path.join(self.out, "config.yaml"), "w") as fh:
+                yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        self.train_idx = list(split["train"])
+        if config.data.train_limit:
+            self.train_idx = self.train_idx[: config.data.train_limit]
+        self.val_idx = list(split["val"]) or list(split["test"])
+        if not self.train_idx or not self.val_idx:
+            raise HessforgeError(f"{config.data.path}: the split left no training or no validation structures")
+
+        structures = [self.dataset[i] for i in self.train_idx]
+        species = sorted({int(z) for s in structures for z in s.numbers})
+        mc = config.model
+        self.model_hparams = dict(name=mc.name, species=species, cutoff=mc.cutoff, hidden=mc.hidden,
+                                  layers=mc.layers, num_basis=mc.num_basis, force_mode=mc.force_mode)
+        hp = dict(self.model_hparams)
+        self.model = build_student(hp.pop("name"), **hp)
+        for i in self.val_idx:  # the validation set may hold elements the training set lacks
+            self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
+        refs = fit_reference_energies(structures, species)
+        self.model.atom_ref.copy_(torch.as_tensor(refs))
+        self.model.energy_scale.fill_(fit_energy_scale(structures))
+        self.model.to(self.dtype)
+
+        oc = config.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay,
+                                           eps=oc.eps, amsgrad=oc.amsgrad)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=oc.plateau_factor, patience=oc.plateau_patience, min_lr=oc.min_lr)
+        self.ema = ExponentialMovingAverage(self.model.parameters(), oc.ema_decay)
+        lc = config.loss
+        self.weights = LossWeights(energy=lc.energy, forces=lc.forces, hessian=lc.hessian,
+                                   energy_gradient=lc.energy_gradient, force_distill=lc.force_distill)
+        self.epoch = 0
+        self.step = 0
+        self.best_val = float("inf")
+        self.kd_halved = False
+        self.elapsed = 0.0
+        self.history: List[dict] = []
+        self.teacher_val: Optional[Dict[str, float]] = None
+
+        last = os.path.join(self.out, "last.pt")
+        if os.path.exists(last) and not restart:
+            self._load(last)
+
+        self.net = self.model
+        sampler = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            from torch.utils.data.distributed import DistributedSampler
+
+            self.net = DistributedDataParallel(self.model)
+            sampler = DistributedSampler(self.train_idx, num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=tc.seed)
+        self.sampler = sampler
+        s = lc.hessian_rows if (lc.hessian > 0 or lc.force_distill > 0) else 0
+        self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
+                                        shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
+                                        num_workers=tc.num_workers, sampler=sampler)
+        val_shard = self.val_idx[self.rank :: self.world]
+        self.val_loader = make_loader(self.dataset, val_shard, self.labels, mc.cutoff, tc.val_batch_size,
+                                      shuffle=False, seed=tc.seed, dtype=self.dtype, s=0)
+        self.log_path = os.path.join(self.out, "log.jsonl")
+
+    # ------------------------------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        with self.ema.average_parameters():
+            ema_model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "model_hparams": self.model_hparams, "model_state": self.model.state_dict(),
+            "ema_model_state": ema_model_state, "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "kd_halved": self.kd_halved,
+            "lambda_kd": self.weights.hessian, "elapsed": self.elapsed, "history": self.history,
+            "teacher_val": self.teacher_val, "config": self.config.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def save(self, name: str = "last.pt", state: Optional[dict] = None) -> None:
+        if self.rank != 0:
+            return
+        path = os.path.join(self.out, name)
+        tmp = path + ".tmp"
+        torch.save(state or self._state(), tmp)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+    def _load(self, path: str) -> None:
+        state = read_checkpoint(path)
+        if state["model_hparams"] != self.model_hparams:
+            raise HessforgeError(f"{path}: checkpoint was made with a different model ({state['model_hparams']}); "
+                                 "use --restart or another train.out")
+        self.model.load_state_dict(state["model_state"])
+        self.model.to(self.dtype)
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_val, self.kd_halved = state["best_val"], state["kd_halved"]
+        self.weights.hessian = state["lambda_kd"]
+        self.elapsed = state.get("elapsed", 0.0)
+        self.history = state.get("history", [])
+        self.teacher_val = state.get("teacher_val")
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if self.rank == 0:
+            print(f"resuming from {path} at epoch {self.epoch} (step {self.step})")
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------ passes
+    def validate(self) -> Dict[str, float]:
+        """Energy/force errors of the EMA weights on the validation set."""
+        acc = _Accumulator()
+        self.model.eval()
+        with self.ema.average_parameters():
+            for batch in self.val_loader:
+                out = self.model(batch.graph, compute_forces=True, create_graph=False)
+                acc.add(out["energy"].detach(), batch.energy, batch.natoms, out["forces"].detach(), batch.forces)
+        self.model.train()
+        return acc.result(self.weights)
+
+    def teacher_validation(self) -> Optional[Dict[str, float]]:
+        """The teacher's own energy/force loss against the reference labels on the validation set."""
+        if self.labels is None:
+            return None
+        acc = _Accumulator()
+        for batch in self.val_loader:
+            if batch.teacher_energy is None:
+                return None
+            acc.add(batch.teacher_energy, batch.energy, batch.natoms, batch.teacher_forces, batch.forces)
+        return acc.result(self.weights)
+
+    def train_epoch(self, bar) -> Dict[str, float]:
+        self.model.train()
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        sums: Dict[str, float] = {}
+        count = 0
+        for batch in self.train_loader:
+            terms = compute_loss(self.net, batch, self.weights, training=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            if not torch.isfinite(terms["total"]):
+                raise HessforgeError(f"loss became {terms['total'].item()} at step {self.step}: lower optim.lr or check the data")
+            self.optimizer.step()
+            self.ema.update()
+            self.step += 1
+            count += 1
+            record = {k: float(v) for k, v in terms.items() if not k.startswith("_")}
+            for k, v in record.items():
+                sums[k] = sums.get(k, 0.0) + v
+            record.update(kind="step", epoch=self.epoch, step=self.step, grad_norm=float(grad_norm),
+                          lr=self.optimizer.param_groups[0]["lr"])
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['total']:.4g}")
+        return {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def fit(self) -> Dict[str, float]:
+        tc = self.config.train
+        if self.teacher_val is None:
+            self.teacher_val = self.teacher_validation()
+        interrupted = {"flag": False}
+
+        def on_term(signum, frame):  # SIGTERM (e.g. a batch scheduler): finish the step, checkpoint, exit
+            interrupted["flag"] = True
+
+        previous = signal.signal(signal.SIGTERM, on_term) if self.rank == 0 else None
+        start = time.time() - self.elapsed
+        total_steps = max(tc.epochs - self.epoch, 0) * len(self.train_loader)
+        bar = tqdm(total=total_steps, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        try:
+            while self.epoch < tc.epochs and not interrupted["flag"]:
+                train_metrics = self.train_epoch(bar)
+                self.epoch += 1
+                val = self.validate()
+                self.scheduler.step(val["loss_ef"])
+                self._maybe_halve_kd(val)
+                self.elapsed = time.time() - start
+                record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed,
+                          "lr": self.optimizer.param_groups[0]["lr"], "lambda_kd": self.weights.hessian,
+                          **train_metrics, **{f"val_{k}": v for k, v in val.items()}}
+                self.history.append(record)
+                self._log(record)
+                state = None
+                if val["loss_ef"] < self.best_val:
+                    self.best_val = val["loss_ef"]
+                    state = self._state()
+                    self.save("best.pt", state)
+                if self.epoch % tc.checkpoint_every == 0:
+                    self.save("last.pt", state)
+                if tc.max_time_s is not None and self.elapsed > tc.max_time_s:
+                    if self.rank == 0:
+                        print(f"stopping after {self.elapsed:.0f} s (train.max_time_s)")
+                    break
+        finally:
+            bar.close()
+            self.elapsed = time.time() - start
+            self.save("last.pt")  # on every exit, also KeyboardInterrupt
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        summary = {"epochs": self.epoch, "steps": self.step, "best_val_loss_ef": self.best_val,
+                   "elapsed_s": self.elapsed, "lambda_kd": self.weights.hessian, "kd_halved": self.kd_halved,
+                   "teacher_val": self.teacher_val}
+        if self.rank == 0:
+            with open(os.path.join(self.out, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+        return summary
+
+    def _maybe_halve_kd(self, val: Dict[str, float]) -> None:
+        lc = self.config.loss
+        if (lc.halve_kd_when_better_than_teacher and not self.kd_halved and self.teacher_val is not None
+                and self.weights.hessian > 0 and val["loss_ef"] < self.teacher_val["loss_ef"]):
+            self.weights.hessian /= 2
+            self.kd_halved = True
+            self._log({"kind": "event", "epoch": self.epoch, "event": "lambda_kd_halved",
+                       "lambda_kd": self.weights.hessian})

@@ -1,0 +1,317 @@
+"""Teacher adapters: energies in eV, forces = -dE/dr, Hessian rows = -dF/dr (autograd vs finite differences).
+
+Geometries are perturbed with a fresh random seed each run (printed in assertion messages) so the checks do
+not pass by accident on one lucky structure.
+"""
+import os
+import warnings
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.units import Hartree
+
+from engine.errors import HessforgeError, UnknownElementError
+from training.teachers import TEACHERS, load_teacher
+from training.teachers.base import teacher_calculator
+from training.teachers.finite_difference import FiniteDifferenceTeacher
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+SEED = int.from_bytes(os.urandom(4), "little")
+
+
+def perturbed(name, scale=0.05, seed_offset=0):
+    atoms = molecule(name)
+    rng = np.random.default_rng(SEED + seed_offset)
+    atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+    return atoms
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def fd_rows_of(teacher, atoms, rows, h=1e-4):
+    """Central differences of the teacher's OWN forces (through an ASE calculator wrapper).
+
+    h=1e-4 Å: float64 round-off is still negligible and the O(h²) error stays small on rattled geometries."""
+    return FiniteDifferenceTeacher(teacher_calculator(teacher), h=h).compute(atoms, rows).hessian_rows
+
+
+def fd_forces_from_energy(teacher, atoms, h=1e-4):
+    pos0 = atoms.get_positions()
+    f = np.zeros(pos0.size)
+    for j in range(pos0.size):
+        e = []
+        for s in (+1, -1):
+            a = atoms.copy()
+            p = pos0.reshape(-1).copy()
+            p[j] += s * h
+            a.set_positions(p.reshape(-1, 3))
+            e.append(teacher.compute(a).energy)
+        f[j] = -(e[0] - e[1]) / (2 * h)
+    return f.reshape(-1, 3)
+
+
+def check_teacher_derivatives(teacher, atoms, tol=1e-5, h=1e-4):
+    n3 = 3 * len(atoms)
+    out = teacher.compute(atoms, rows=np.arange(n3))
+    assert out.hessian_rows.shape == (n3, n3) and out.hessian_rows.dtype == np.float64
+    assert out.forces.shape == (len(atoms), 3) and out.forces.dtype == np.float64
+    assert np.array_equal(out.rows, np.arange(n3))
+    hess = out.hessian_rows
+    assert rel_err(hess, hess.T) < 1e-10, f"seed {SEED}: Hessian not symmetric"
+    assert rel_err(out.forces, fd_forces_from_energy(teacher, atoms, h)) < tol, f"seed {SEED}: forces != -dE/dr"
+    rows = np.random.default_rng(SEED).choice(n3, size=5, replace=False)
+    fd = fd_rows_of(teacher, atoms, rows, h)
+    assert rel_err(hess[rows], fd) < tol, f"seed {SEED}: autograd rows {rows} differ from FD"
+    return out
+
+
+def check_rows_order_and_range(teacher, atoms, full):
+    n3 = 3 * len(atoms)
+    rows = np.random.default_rng(SEED + 1).permutation(n3)[:4]
+    out = teacher.compute(atoms, rows=list(rows))
+    assert np.array_equal(out.rows, rows)
+    np.testing.assert_allclose(out.hessian_rows, full.hessian_rows[rows], rtol=1e-9, atol=1e-9)
+    assert out.hessian_rows.shape == (4, n3)
+    for bad in ([n3], [0, -1]):
+        with pytest.raises(HessforgeError, match="out of range"):
+            teacher.compute(atoms, rows=bad)
+    empty = teacher.compute(atoms, rows=[])
+    assert empty.hessian_rows.shape == (0, n3)
+
+
+# ---------------------------------------------------------------- MACE
+
+
+@pytest.fixture(scope="module")
+def mace_model_file(tmp_path_factory):
+    import mace  # noqa: F401  (before e3nn)
+    import torch
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(SEED)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.ScaleShiftMACE(
+        r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2, interaction_cls=interaction,
+        interaction_cls_first=interaction, num_interactions=2, num_elements=4,
+        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
+        atomic_energies=np.array([-13.6, -1029.8, -1485.3, -2042.6]), avg_num_neighbors=4.0,
+        atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu,
+        atomic_inter_scale=1.3, atomic_inter_shift=0.1,
+    ).float()  # saved in float32 like released models: the adapter must cast to float64
+    path = tmp_path_factory.mktemp("mace") / "small.model"
+    torch.save(model, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mace_teacher(mace_model_file):
+    return load_teacher(f"mace:{mace_model_file}")
+
+
+def test_mace_derivatives_and_rows(mace_teacher):
+    assert mace_teacher.elements == frozenset({1, 6, 7, 8})
+    atoms = perturbed("CH3CONH2")
+    full = check_teacher_derivatives(mace_teacher, atoms)
+    check_rows_order_and_range(mace_teacher, atoms, full)
+    assert np.isfinite(full.energy) and full.energy < -1000  # E0s included, in eV
+
+
+def test_mace_unknown_element_and_bad_files(mace_teacher, tmp_path):
+    with pytest.raises(UnknownElementError, match=r"S \(Z=16\)"):
+        mace_teacher.compute(molecule("CH3SH"))
+    with pytest.raises(HessforgeError, match="not found"):
+        load_teacher(f"mace:{tmp_path / 'missing.model'}")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(HessforgeError, match="cannot load"):
+        load_teacher(f"mace:{junk}")
+
+
+# ---------------------------------------------------------------- ANI-1x
+
+
+@pytest.fixture(scope="module")
+def ani_single():
+    return load_teacher("ani1x:%d" % (SEED % 8))
+
+
+@pytest.fixture(scope="module")
+def ani_ensemble():
+    return load_teacher("ani1x")
+
+
+def torchani_reference_hartree(atoms, model_index):
+    """Energy by torchani's own BuiltinModel/BuiltinEnsemble classes (float32), independent of our adapter."""
+    import torch
+    import torchani
+    from torchani import neurochem
+
+    from training.teachers.ani import ani1x_resource_dir
+
+    d = ani1x_resource_dir()
+    consts = neurochem.Constants(os.path.join(d, "rHCNO-5.2R_16-3.5A_a4-8.params"))
+    shifter, sae = neurochem.load_sae(os.path.join(d, "sae_linfit.dat"), return_dict=True)
+    if model_index is None:
+        nets = neurochem.load_model_ensemble(consts.species, os.path.join(d, "train"), 8)
+        cls = torchani.models.BuiltinEnsemble
+    else:
+        nets = neurochem.load_model(consts.species, os.path.join(d, f"train{model_index}", "networks"))
+        cls = torchani.models.BuiltinModel
+    model = cls(torchani.SpeciesConverter(consts.species), torchani.AEVComputer(**consts), nets, shifter,
+                consts.species_to_tensor, consts, sae, True)
+    species = torch.tensor(atoms.numbers)[None]
+    coords = torch.tensor(atoms.positions, dtype=torch.float32)[None]
+    return float(model((species, coords)).energies)
+
+
+@pytest.mark.parametrize("which", ["single", "ensemble"])
+def test_ani_derivatives_rows_and_units(which, ani_single, ani_ensemble):
+    teacher = ani_single if which == "single" else ani_ensemble
+    atoms = perturbed("CH3OH", seed_offset=7)
+    # ANI's CELU activations make the Hessian piecewise continuous (CELU'' jumps from 1/alpha to 0 at 0):
+    # an FD step that moves a neuron across 0 mixes two sides. Measured on rattled CH3OH (ensemble):
+    # FD vs autograd max rel. error ~1e-2 at h=1e-3, 1e-4..1e-2 at 1e-4, 1e-8 (3 of 15 at 1e-4) at 1e-5,
+    # ~1e-9 at 1e-6. So compare with h=1e-6 (float64 round-off is still ~1e-9 there).
+    full = check_teacher_derivatives(teacher, atoms, h=1e-6)
+    check_rows_order_and_range(teacher, atoms, full)
+    ref = torchani_reference_hartree(atoms, teacher.model_index)
+    assert abs(full.energy - ref * Hartree) < 2e-3, f"seed {SEED}: energy not torchani Hartree * {Hartree}"
+
+
+def test_ani_matches_its_level_of_theory(ani_ensemble):
+    # ωB97x/6-31G(d) (pyscf 2.14, RKS density fitting) energy of ase's g2 ethanol: -154.98787 Ha.
+    # ANI-1x was fitted to this level: a wrong SAE table or unit would miss by far more than 5 mHa.
+    e = ani_ensemble.compute(molecule("CH3CH2OH")).energy
+    assert abs(e / Hartree - (-154.98787280662577)) < 5e-3
+
+
+def test_ani_ensemble_is_mean_of_members(ani_ensemble):
+    atoms = perturbed("CH3CHO", seed_offset=3)
+    members = [load_teacher(f"ani1x:{i}").compute(atoms, rows=[0, 4]) for i in range(8)]
+    ens = ani_ensemble.compute(atoms, rows=[0, 4])
+    np.testing.assert_allclose(ens.energy, np.mean([m.energy for m in members]), rtol=1e-12)
+    np.testing.assert_allclose(ens.forces, np.mean([m.forces for m in members], axis=0), atol=1e-9)
+    np.testing.assert_allclose(ens.hessian_rows, np.mean([m.hessian_rows for m in members], axis=0), atol=1e-8)
+
+
+def test_ani_unknown_element_and_bad_specs(ani_single):
+    with pytest.raises(UnknownElementError, match=r"Cl \(Z=17\).*supported: H, C, N, O"):
+        ani_single.compute(molecule("CH3Cl"))
+    with pytest.raises(HessforgeError, match="0..7"):
+        load_teacher("ani1x:8")
+    with pytest.raises(HessforgeError, match="integer"):
+        load_teacher("ani1x:first")
+    with pytest.raises(HessforgeError, match="unknown teacher"):
+        load_teacher("schnet")
+    assert {"ani1x", "mace"} <= set(TEACHERS)
+    bad = molecule("CH4")
+    bad.positions[0, 0] = np.nan
+    with pytest.raises(HessforgeError, match="NaN"):
+        ani_single.compute(bad)
+
+
+def test_ani_hidden_features_reproduce_energy(ani_single):
+    import torch
+
+    atoms = perturbed("HCOOH", seed_offset=11)
+    feats = ani_single.atomic_features(atoms)
+    assert feats.shape == (len(atoms), 96)
+    # last Linear of each element network on the features + self energies = the model energy
+    e = 0.0
+    for k, z in enumerate(atoms.numbers):
+        idx = ani_single.species.index({1: "H", 6: "C", 7: "N", 8: "O"}[int(z)])
+        net = list(ani_single.nets.values())[idx]
+        e += float(net[-1](torch.tensor(feats[k:k + 1]))) + float(ani_single.shifter.self_energies[idx])
+    assert abs(e * Hartree - ani_single.compute(atoms).energy) < 1e-8
+
+
+# ---------------------------------------------------------------- finite differences
+
+
+def lj_hessian(pos, eps, sigma):
+    """Analytic Hessian of the (unshifted, uncut) Lennard-Jones pair sum."""
+    n = len(pos)
+    h = np.zeros((n, 3, n, 3))
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = pos[j] - pos[i]
+            r = np.linalg.norm(d)
+            u = d / r
+            sr6 = (sigma / r) ** 6
+            d1 = 4 * eps * (-12 * sr6 ** 2 + 6 * sr6) / r
+            d2 = 4 * eps * (156 * sr6 ** 2 - 42 * sr6) / r ** 2
+            k = d2 * np.outer(u, u) + d1 / r * (np.eye(3) - np.outer(u, u))
+            h[i, :, i, :] += k
+            h[j, :, j, :] += k
+            h[i, :, j, :] -= k
+            h[j, :, i, :] -= k
+    return h.reshape(3 * n, 3 * n)
+
+
+def test_fd_teacher_on_lennard_jones():
+    from ase.calculators.lj import LennardJones
+
+    rng = np.random.default_rng(SEED)
+    eps, sigma = 0.0104, 3.4
+    pos = rng.uniform(0, 7.0, size=(6, 3))
+    while min(np.linalg.norm(pos[i] - pos[j]) for i in range(6) for j in range(i)) < 3.2:  # no overlaps
+        pos = rng.uniform(0, 7.0, size=(6, 3))
+    atoms = Atoms("Ar6", positions=pos)
+    teacher = FiniteDifferenceTeacher(LennardJones(epsilon=eps, sigma=sigma, rc=100.0), h=1e-3)
+    rows = rng.permutation(18)[:6]
+    out = teacher.compute(atoms, rows=rows)
+    exact = lj_hessian(pos, eps, sigma)
+    assert np.array_equal(out.rows, rows)
+    assert rel_err(out.hessian_rows, exact[rows]) < 1e-5, f"seed {SEED}"
+    with pytest.raises(HessforgeError, match="out of range"):
+        teacher.compute(atoms, rows=[18])
+    with pytest.raises(HessforgeError, match="step"):
+        FiniteDifferenceTeacher(LennardJones(), h=0)
+
+
+def test_fd_teacher_on_ani_calculator_matches_autograd(ani_single):
+    from training.teachers.ani import ani1x_calculator
+
+    atoms = perturbed("CH3OH", seed_offset=5)
+    rows = np.random.default_rng(SEED + 2).permutation(18)[:4]
+    # h=1e-6, not the default 1e-3: see the CELU note in test_ani_derivatives_rows_and_units
+    fd = FiniteDifferenceTeacher(ani1x_calculator(ani_single.model_index), h=1e-6).compute(atoms, rows=rows)
+    ad = ani_single.compute(atoms, rows=rows)
+    assert abs(fd.energy - ad.energy) < 1e-9
+    np.testing.assert_allclose(fd.forces, ad.forces, atol=1e-9)
+    assert rel_err(fd.hessian_rows, ad.hessian_rows) < 1e-5, f"seed {SEED}"
+
+
+def test_rows_use_one_batched_backward_and_fallback_agrees(ani_single, mace_teacher, monkeypatch):
+    import torch
+
+    import training.teachers.base as base
+
+    atoms = perturbed("CH3OH", seed_offset=13)
+    rows = np.random.default_rng(SEED + 3).permutation(18)[:6]
+
+    def no_loop(*a, **k):
+        raise AssertionError("row-by-row fallback used although the batched backward should work")
+
+    with monkeypatch.context() as m:
+        m.setattr(base, "_grad_or_zeros", no_loop)
+        batched = [t.compute(atoms, rows=rows).hessian_rows for t in (ani_single, mace_teacher)]
+
+    real_grad = torch.autograd.grad
+
+    def grad_without_batching(*a, **k):
+        if k.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented (simulated)")
+        return real_grad(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.autograd, "grad", grad_without_batching)
+        looped = [t.compute(atoms, rows=rows).hessian_rows for t in (ani_single, mace_teacher)]
+    for b, l in zip(batched, looped):
+        np.testing.assert_allclose(b, l, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,332 @@
+"""Datasets: ingest round trips, clear errors on bad input, subsets, group splits and training batches."""
+import json
+import os
+import struct
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+import ase.db
+import ase.io
+from engine.errors import HessforgeError
+from training.data.batch import Batch, batch_to, collate, hessian_grad_outputs, make_loader
+from training.data.ingest import ingest
+from training.data.records import Structure
+from training.data.store import INDEX_KEY, META_KEY, Dataset, index_key, write_dataset
+from training.data.subsets import load_split, save_split, select, split_by_group
+from training.labels import LabelRecord
+
+
+def random_frames(rng, n=7, periodic_every=3):
+    frames = []
+    for i in range(n):
+        natoms = int(rng.integers(1, 9))
+        a = Atoms(numbers=rng.choice([1, 6, 7, 8], size=natoms), positions=rng.normal(scale=2.0, size=(natoms, 3)))
+        if i % periodic_every == 1:
+            a.cell = np.diag(rng.uniform(6, 9, size=3)) + rng.normal(scale=0.3, size=(3, 3))
+            a.pbc = [True, True, bool(rng.integers(2))]
+        a.info["mol_id"] = f"mol{int(rng.integers(3))}"
+        a.calc = SinglePointCalculator(a, energy=float(rng.normal(-1000, 50)), forces=rng.normal(size=(natoms, 3)))
+        frames.append(a)
+    return frames
+
+
+def assert_same(structure, atoms, group):
+    assert np.array_equal(structure.numbers, atoms.numbers)
+    assert np.array_equal(structure.positions, atoms.positions)
+    assert np.array_equal(structure.cell, np.asarray(atoms.cell[:]))
+    assert np.array_equal(structure.pbc, atoms.pbc)
+    assert structure.energy == atoms.get_potential_energy()
+    assert np.array_equal(structure.forces, atoms.get_forces())
+    assert structure.group == group
+
+
+def test_ingest_extxyz_round_trip(tmp_path, rng):
+    frames = random_frames(rng)
+    src = tmp_path / "mols.extxyz"
+    ase.io.write(src, frames)
+    out = tmp_path / "mols.lmdb"
+    assert ingest(src, out) == len(frames)
+    back = ase.io.read(src, index=":")  # extxyz keeps ~8 decimals: compare with what ASE itself reads
+    ds = Dataset(out)
+    assert len(ds) == len(frames) and ds.ids() == [f"mols-{i}" for i in range(len(frames))]
+    assert ds.groups() == [a.info["mol_id"] for a in frames]
+    order = rng.permutation(len(frames))  # random access order
+    for i in order:
+        assert_same(ds[int(i)], back[i], frames[i].info["mol_id"])
+    assert ds.metadata["magic"] == "hessforge-dataset" and ds.metadata["count"] == len(frames)
+    assert ds.metadata["source"] == os.path.abspath(src)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_ingest_ase_db_round_trip_exact(tmp_path, rng):
+    frames = random_frames(rng)
+    src = tmp_path / "mols.db"
+    with ase.db.connect(src) as db:
+        for k, a in enumerate(frames):
+            db.write(a, mol_id=a.info["mol_id"], name=f"n{k}")
+    out = tmp_path / "mols.lmdb"
+    ingest(src, out, id_key="name")
+    ds = Dataset(out)
+    assert ds.ids() == [f"n{k}" for k in range(len(frames))]
+    for i, a in enumerate(frames):  # sqlite keeps float64: bit-exact against the original frames
+        assert_same(ds[i], a, a.info["mol_id"])
+
+
+def test_group_falls_back_to_formula_and_keys_are_configurable(tmp_path, rng):
+    frames = random_frames(rng, n=3)
+    for a in frames:
+        a.info.pop("mol_id")
+        a.info["REF_e"] = float(rng.normal())
+        a.arrays["REF_f"] = rng.normal(size=(len(a), 3))
+        a.calc = None
+    src = tmp_path / "x.extxyz"
+    ase.io.write(src, frames)
+    ingest(src, tmp_path / "x.lmdb", energy_key="REF_e", forces_key="REF_f")
+    ds = Dataset(tmp_path / "x.lmdb")
+    back = ase.io.read(src, index=":")
+    for i, a in enumerate(back):
+        assert ds.groups()[i] == a.get_chemical_formula()
+        assert ds[i].energy == a.info["REF_e"] and np.array_equal(ds[i].forces, a.arrays["REF_f"])
+
+
+def test_missing_forces_names_file_and_frame(tmp_path, rng):
+    frames = random_frames(rng)
+    bad = int(rng.integers(len(frames)))
+    frames[bad].calc = SinglePointCalculator(frames[bad], energy=1.0)
+    src = tmp_path / "m.extxyz"
+    ase.io.write(src, frames)
+    with pytest.raises(HessforgeError, match=rf"m\.extxyz: frame {bad}: no forces"):
+        ingest(src, tmp_path / "m.lmdb")
+    assert not os.path.exists(tmp_path / "m.lmdb")
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the half-written temp file is removed
+    ingest(src, tmp_path / "m.lmdb", allow_missing_labels=True)
+    s = Dataset(tmp_path / "m.lmdb")[bad]
+    assert s.forces is None and s.energy == 1.0
+
+
+@pytest.mark.parametrize("where", ["positions", "energy", "forces"])
+def test_nan_names_file_and_frame(tmp_path, rng, where):
+    frames = random_frames(rng)
+    bad = int(rng.integers(len(frames)))
+    for a in frames:  # labels as info/arrays keys: ASE drops calculator results of NaN positions
+        a.info["E"], a.arrays["F"] = a.get_potential_energy(), a.get_forces().copy()
+        a.calc = None
+    a = frames[bad]
+    if where == "positions":
+        a.positions[0, 1] = np.nan
+    elif where == "energy":
+        a.info["E"] = np.inf
+    else:
+        a.arrays["F"][-1, 2] = np.nan
+    src = tmp_path / "n.extxyz"
+    ase.io.write(src, frames)
+    with pytest.raises(HessforgeError, match=rf"n\.extxyz: frame {bad}: {where} contain NaN or Inf"):
+        ingest(src, tmp_path / "n.lmdb", energy_key="E", forces_key="F")
+
+
+def test_refuses_overwrite_and_duplicate_ids(tmp_path, rng):
+    frames = random_frames(rng, n=4)
+    src = tmp_path / "d.extxyz"
+    ase.io.write(src, frames)
+    out = tmp_path / "d.lmdb"
+    ingest(src, out)
+    with pytest.raises(HessforgeError, match="already exists"):
+        ingest(src, out)
+    ingest(src, out, overwrite=True)
+    for a in frames:
+        a.info["name"] = "same"
+    ase.io.write(src, frames)
+    with pytest.raises(HessforgeError, match="frame 1: duplicate structure id 'same'"):
+        ingest(src, out, id_key="name", overwrite=True)
+    assert len(Dataset(out)) == 4  # the failed overwrite left the old, complete dataset in place
+
+
+def test_cli_ingest_error_is_one_line(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["ingest", str(tmp_path / "nope.xyz"), "-o", str(tmp_path / "o.lmdb")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.xyz: no such input file" in err[0]
+
+
+def small_dataset(tmp_path, rng, n=6, name="s.lmdb"):
+    structures = []
+    for i in range(n):
+        natoms = int(rng.integers(2, 7))
+        structures.append(Structure(id=f"s{i}", group=f"g{i % 3}", numbers=rng.choice([1, 6, 8], size=natoms),
+                                    positions=rng.normal(scale=1.5, size=(natoms, 3)), energy=float(rng.normal()),
+                                    forces=rng.normal(size=(natoms, 3))))
+    path = str(tmp_path / name)
+    write_dataset(path, structures, source="test")
+    return path, structures
+
+
+def test_random_bytes_file_is_rejected(tmp_path, rng):
+    bad = tmp_path / "junk.lmdb"
+    bad.write_bytes(rng.bytes(int(rng.integers(100, 20000))))
+    with pytest.raises(HessforgeError, match="junk.lmdb"):
+        Dataset(bad)
+    with pytest.raises(HessforgeError, match="no such dataset file"):
+        Dataset(tmp_path / "missing.lmdb")
+
+
+def test_foreign_lmdb_and_newer_version_are_rejected(tmp_path, rng):
+    foreign = str(tmp_path / "foreign.lmdb")
+    env = lmdb.open(foreign, subdir=False)
+    with env.begin(write=True) as txn:
+        for i in range(5):
+            txn.put(f"key{i}".encode(), rng.bytes(16))
+    env.close()
+    with pytest.raises(HessforgeError, match=r"foreign\.lmdb: LMDB file without hessforge dataset metadata"):
+        Dataset(foreign)
+
+    path, _ = small_dataset(tmp_path, rng)
+    env = lmdb.open(path, subdir=False)
+    with env.begin(write=True) as txn:
+        meta = json.loads(txn.get(META_KEY))
+        txn.put(META_KEY, json.dumps({**meta, "format_version": 99}).encode())
+    env.close()
+    with pytest.raises(HessforgeError, match="format version 99 is newer"):
+        Dataset(path)
+
+
+def test_corrupt_and_truncated_records(tmp_path, rng):
+    path, structures = small_dataset(tmp_path, rng)
+    bad = int(rng.integers(len(structures)))
+    env = lmdb.open(path, subdir=False)
+    with env.begin(write=True) as txn:
+        raw = txn.get(index_key(bad))
+        txn.put(index_key(bad), raw[: int(rng.integers(9, len(raw) - 1))])  # truncated record
+    env.close()
+    ds = Dataset(path)
+    with pytest.raises(HessforgeError, match=rf"s\.lmdb: record {bad} \(s{bad}\) is corrupt: record truncated"):
+        ds[bad]
+    ok = (bad + 1) % len(structures)
+    assert np.array_equal(ds[ok].positions, structures[ok].positions)
+
+    path2, _ = small_dataset(tmp_path, rng, name="t.lmdb")
+    size = os.path.getsize(path2)
+    with open(path2, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(HessforgeError, match="t.lmdb"):
+        Dataset(path2)[0]
+
+
+def test_dataset_works_in_worker_processes(tmp_path, rng):
+    path, structures = small_dataset(tmp_path, rng, n=8)
+    ds = Dataset(path)
+    ds[0]  # open the environment in the parent first: workers must not reuse it
+    loader = make_loader(ds, None, None, cutoff=3.0, batch_size=3, shuffle=True, seed=1, num_workers=2)
+    seen = [i for b in loader for i in b.ids]
+    assert sorted(seen) == sorted(s.id for s in structures)
+
+
+def test_select_matches_brute_force(tmp_path, rng):
+    path, structures = small_dataset(tmp_path, rng, n=12)
+    ds = Dataset(path)
+    zs = [set(s.numbers.tolist()) for s in structures]
+    assert select(ds, only_elements=["H", "O"]) == [i for i, z in enumerate(zs) if z <= {1, 8}]
+    assert select(ds, must_contain=[6]) == [i for i, z in enumerate(zs) if 6 in z]
+    assert select(ds, natoms=(3, 5)) == [i for i, s in enumerate(structures) if 3 <= s.natoms <= 5]
+    pred = lambda s: s.energy > 0  # noqa: E731
+    sub = list(range(0, 12, 2))
+    assert select(ds, indices=sub, predicate=pred) == [i for i in sub if structures[i].energy > 0]
+    with pytest.raises(HessforgeError, match="unknown element symbol 'Xx'"):
+        select(ds, only_elements=["Xx"])
+
+
+def test_group_split_is_whole_groups_and_reproducible(tmp_path, rng):
+    n_groups = int(rng.integers(5, 40))
+    groups = [f"m{int(g)}" for g in rng.integers(n_groups, size=300)]
+    seed = int(rng.integers(1000))
+    split = split_by_group(groups, (0.8, 0.1, 0.1), seed)
+    assert sorted(i for v in split.values() for i in v) == list(range(300))
+    owner = {}
+    for name, idx in split.items():
+        assert idx, f"{name} is empty"
+        for i in idx:
+            assert owner.setdefault(groups[i], name) == name  # no group straddles two splits
+    assert split_by_group(list(groups), (0.8, 0.1, 0.1), seed) == split
+    assert abs(len(split["train"]) / 300 - 0.8) < 0.35
+    f = tmp_path / "split.json"
+    save_split(str(f), split, seed=seed, count=300)
+    assert load_split(str(f), count=300) == split
+    with pytest.raises(HessforgeError, match="split made for a dataset of 300"):
+        load_split(str(f), count=10)
+
+
+def test_tiny_split_non_empty_or_clear_error():
+    for g in (["a", "b", "c"], ["a", "a", "b", "c", "c", "c"]):
+        for seed in range(5):
+            split = split_by_group(g, (0.9, 0.05, 0.05), seed)
+            assert all(split[k] for k in ("train", "val", "test"))
+    split = split_by_group(["a", "b"], (0.9, 0.1, 0.0), 0)
+    assert split["train"] and split["val"] and not split["test"]
+    with pytest.raises(HessforgeError, match="cannot split 2 group"):
+        split_by_group(["a", "b", "b"], (0.8, 0.1, 0.1), 0)
+
+
+def random_labels(rng, structures, k_max):
+    recs = []
+    for s in structures:
+        n3 = 3 * s.natoms
+        k = int(rng.integers(1, min(k_max, n3) + 1))
+        rows = np.sort(rng.choice(n3, size=k, replace=False)).astype(np.int64)
+        recs.append(LabelRecord(s.id, float(rng.normal()), rng.normal(size=(s.natoms, 3)), rows,
+                                rng.normal(size=(k, n3)).astype(np.float32)))
+    return recs
+
+
+def test_collate_hessian_rows_are_consistent(tmp_path, rng):
+    _, structures = small_dataset(tmp_path, rng, n=5)
+    structures[2].forces, structures[3].energy = None, None  # partly unlabelled reference data
+    recs = random_labels(rng, structures, k_max=6)
+    s = 4
+    b = collate(structures, recs, cutoff=2.5, dtype=torch.float64, hessian_rows_per_structure=s,
+                generator=torch.Generator().manual_seed(0))
+    natoms = [st.natoms for st in structures]
+    off = np.concatenate([[0], np.cumsum(natoms)[:-1]])
+    assert b.hessian_index.shape == (s, 5) and b.hessian_target.shape == (s, sum(natoms), 3)
+    assert b.energy.dtype == torch.float64 and b.energy_mask.tolist() == [True, True, True, False, True]
+    assert not b.forces_mask[off[2]:off[2] + natoms[2]].any() and b.forces_mask.sum() == sum(natoms) - natoms[2]
+    assert torch.equal(b.teacher_forces, torch.from_numpy(np.concatenate([r.forces for r in recs])))
+    for bi, (rec, o, n) in enumerate(zip(recs, off, natoms)):
+        m = min(s, len(rec.rows))
+        assert b.hessian_mask[:, bi].tolist() == [True] * m + [False] * (s - m)
+        picked = []
+        for t in range(s):
+            g = int(b.hessian_index[t, bi])
+            assert 3 * o <= g < 3 * (o + n)  # index lies on this structure's own atoms
+            rest = torch.cat([b.hessian_target[t, :o], b.hessian_target[t, o + n:]])
+            if t < m:
+                local = g - 3 * o
+                j = int(np.flatnonzero(rec.rows == local)[0])  # the stored row it was drawn from
+                picked.append(local)
+                expect = torch.from_numpy(rec.hessian_rows[j].astype(np.float64)).reshape(n, 3)
+                assert torch.equal(b.hessian_target[t, o:o + n], expect)
+            else:
+                assert not b.hessian_target[t, o:o + n].any()
+        assert len(set(picked)) == len(picked)  # without replacement
+    # grad_outputs: one-hot per valid (t, b), zero on padding; sums over t of B ones at most.
+    v = hessian_grad_outputs(b)
+    assert torch.equal(v.sum(1), b.hessian_mask.sum(1).to(v.dtype))
+    b2 = collate(structures, recs, 2.5, torch.float64, s, torch.Generator().manual_seed(0))
+    assert torch.equal(b2.hessian_index, b.hessian_index)  # reproducible with the same generator
+    moved = batch_to(b, "cpu")
+    assert isinstance(moved, Batch) and moved.graph.positions.shape == (sum(natoms), 3)
+
+
+def test_collate_errors_name_the_structure(tmp_path, rng):
+    _, structures = small_dataset(tmp_path, rng, n=3)
+    recs = random_labels(rng, structures, 3)
+    recs[1] = None
+    with pytest.raises(HessforgeError, match="'s1' has no teacher labels"):
+        collate(structures, recs, 2.0)
+    structures[2].positions[0, 0] = np.nan
+    with pytest.raises(HessforgeError, match="s2: positions contain NaN"):
+        collate(structures, None, 2.0)

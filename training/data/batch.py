@@ -1,0 +1,160 @@
+"""Batches for training: structures (+ teacher labels) -> one AtomicGraph and its targets.
+
+Hessian rows are packed for batched vector-Jacobian products. For sample t, structure b contributes the
+teacher row of coordinate hessian_index[t, b] (a GLOBAL flattened index 3*atom + axis into the batch). As
+atoms of different structures never interact, one backward pass of forces with grad_outputs that are one-hot
+at all B indices of sample t returns every structure's row at once, each on its own atoms: hessian_target[t]
+is that [N, 3] result, built from the stored rows (see `hessian_grad_outputs`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import HessforgeError
+from engine.graph import AtomicGraph, build_graph, graph_to
+
+
+@dataclass
+class Batch:
+    graph: AtomicGraph
+    ids: List[str]  # structure ids, in batch order
+    natoms: torch.Tensor  # [B] long
+    # Energies stay float64 whatever the working dtype: absolute molecular energies reach 1e4 eV, where
+    # float32 would round off ~1 meV. Cast after subtracting references if you need float32.
+    energy: torch.Tensor  # [B] float64 eV, reference labels (0 where missing)
+    energy_mask: torch.Tensor  # [B] bool, True where the structure has a reference energy
+    forces: torch.Tensor  # [N, 3] eV/Å, reference labels (0 where missing)
+    forces_mask: torch.Tensor  # [N] bool, True on atoms of structures with reference forces
+    teacher_energy: Optional[torch.Tensor] = None  # [B] float64 eV
+    teacher_forces: Optional[torch.Tensor] = None  # [N, 3] eV/Å
+    hessian_index: Optional[torch.Tensor] = None  # [s, B] long, global coordinate index of each sampled row
+    hessian_target: Optional[torch.Tensor] = None  # [s, N, 3] eV/Å², row t of structure b on b's atoms
+    hessian_mask: Optional[torch.Tensor] = None  # [s, B] bool, False where b had fewer than s stored rows
+
+    @property
+    def num_structures(self) -> int:
+        return len(self.ids)
+
+
+def batch_to(batch: Batch, device, non_blocking: bool = False) -> Batch:
+    """The same batch with every tensor (and the graph) on `device`."""
+    out = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, AtomicGraph):
+            v = graph_to(v, device=device)
+        elif isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=non_blocking)
+        out[f.name] = v
+    return Batch(**out)
+
+
+def hessian_grad_outputs(batch: Batch) -> torch.Tensor:
+    """[s, 3N] grad_outputs for the batched VJP: one-hot at hessian_index, zero where hessian_mask is False
+    (so a padded sample contributes nothing; its target is zero too)."""
+    s, n = batch.hessian_index.shape[0], batch.graph.positions.shape[0]
+    v = torch.zeros(s, 3 * n, dtype=batch.graph.positions.dtype, device=batch.hessian_index.device)
+    return v.scatter_(1, batch.hessian_index, batch.hessian_mask.to(v.dtype))
+
+
+def _label_for(labels, structure, k: int):
+    if isinstance(labels, (list, tuple)):
+        rec = labels[k]
+    else:
+        rec = labels.get(structure.id)
+    if rec is None:
+        raise HessforgeError(f"structure {structure.id!r} has no teacher labels")
+    if rec.forces.shape[0] != structure.natoms:
+        raise HessforgeError(f"structure {structure.id!r}: teacher labels are for {rec.forces.shape[0]} atoms, the "
+                             f"structure has {structure.natoms} (labels made for another dataset?)")
+    return rec
+
+
+def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch.dtype = torch.float32,
+            hessian_rows_per_structure: int = 0, generator: Optional[torch.Generator] = None) -> Batch:
+    """Batch `structures` (training.data.records.Structure). `labels`: None, a LabelStore (looked up by id) or
+    a list of LabelRecord aligned with `structures`. With labels and s = hessian_rows_per_structure > 0, s of
+    each structure's stored rows are drawn uniformly without replacement using `generator`."""
+    structures = list(structures)
+    ids = [s.id for s in structures]
+    graph = build_graph([s.numbers for s in structures], [s.positions for s in structures],
+                        [s.cell for s in structures], [s.pbc for s in structures], cutoff, dtype, where=ids)
+    natoms = torch.tensor([s.natoms for s in structures], dtype=torch.long)
+    n_total = int(natoms.sum())
+    offsets = np.concatenate([[0], np.cumsum(natoms.numpy())[:-1]]).astype(np.int64)
+
+    energy = torch.tensor([0.0 if s.energy is None else s.energy for s in structures], dtype=torch.float64)
+    energy_mask = torch.tensor([s.energy is not None for s in structures])
+    forces = torch.zeros(n_total, 3, dtype=dtype)
+    forces_mask = torch.zeros(n_total, dtype=torch.bool)
+    for s, off in zip(structures, offsets):
+        if s.forces is not None:
+            forces[off:off + s.natoms] = torch.from_numpy(s.forces)
+            forces_mask[off:off + s.natoms] = True
+    batch = Batch(graph, ids, natoms, energy, energy_mask, forces, forces_mask)
+    if labels is None:
+        return batch
+
+    recs = [_label_for(labels, s, k) for k, s in enumerate(structures)]
+    batch.teacher_energy = torch.tensor([r.energy for r in recs], dtype=torch.float64)
+    batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
+    s_rows = int(hessian_rows_per_structure)
+    if s_rows <= 0:
+        return batch
+    B = len(structures)
+    index = torch.zeros(s_rows, B, dtype=torch.long)
+    mask = torch.zeros(s_rows, B, dtype=torch.bool)
+    target = torch.zeros(s_rows, n_total, 3, dtype=dtype)
+    for b, (rec, off) in enumerate(zip(recs, offsets)):
+        n, k = rec.forces.shape[0], rec.rows.shape[0]
+        m = min(s_rows, k)
+        pick = torch.randperm(k, generator=generator)[:m].numpy()
+        index[:m, b] = torch.from_numpy(3 * off + rec.rows[pick])
+        index[m:, b] = 3 * off  # padding: any coordinate of b; its grad_output weight is 0 (mask False)
+        mask[:m, b] = True
+        target[:m, off:off + n] = torch.from_numpy(np.asarray(rec.hessian_rows[pick], dtype=np.float64)
+                                                   .reshape(m, n, 3)).to(dtype)
+    batch.hessian_index, batch.hessian_target, batch.hessian_mask = index, target, mask
+    return batch
+
+
+class Collater:
+    """collate() with fixed settings, as a DataLoader collate_fn. Row sampling is reproducible: in the main
+    process a generator seeded with `seed`; in a worker, one seeded with the worker's seed (which DataLoader
+    derives from its own seeded generator, per epoch and worker), so workers never draw identical rows."""
+
+    def __init__(self, labels, cutoff: float, dtype: torch.dtype, hessian_rows_per_structure: int, seed: int):
+        self.labels, self.cutoff, self.dtype = labels, cutoff, dtype
+        self.s, self.seed = hessian_rows_per_structure, seed
+        self._gen, self._gen_seed = None, None
+
+    def _generator(self) -> torch.Generator:
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed if info is None else info.seed
+        if self._gen is None or self._gen_seed != seed:
+            self._gen, self._gen_seed = torch.Generator().manual_seed(int(seed) % (2**63)), seed
+        return self._gen
+
+    def __call__(self, structures) -> Batch:
+        return collate(structures, self.labels, self.cutoff, self.dtype, self.s, self._generator())
+
+
+def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float, batch_size: int,
+                shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, s: int = 0,
+                num_workers: int = 0, sampler=None, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader of Batch over dataset[indices] (all when None). A `sampler` (e.g. DistributedSampler)
+    yields positions into `indices`: build it over range(len(indices)); `shuffle` is then the sampler's job."""
+    from torch.utils.data import DataLoader, Subset
+
+    indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    if not indices:
+        raise HessforgeError("no structures to load (empty index list)")
+    gen = torch.Generator().manual_seed(int(seed))  # shuffling order and worker seeds
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=num_workers, generator=gen, drop_last=drop_last,
+                      collate_fn=Collater(labels, cutoff, dtype, s, seed),
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,136 @@
+"""Subsets of a dataset (by elements, size, any predicate) and reproducible splits by group.
+
+A split assigns whole groups (e.g. all conformers of one molecule) to train/val/test, so that no molecule
+is seen in training and scored in validation. Same dataset + fractions + seed -> same split, everywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.errors import HessforgeError
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _to_z(elements: Iterable) -> set:
+    from ase.data import atomic_numbers
+
+    out = set()
+    for e in elements:
+        if isinstance(e, str):
+            if e not in atomic_numbers:
+                raise HessforgeError(f"unknown element symbol {e!r}")
+            out.add(atomic_numbers[e])
+        else:
+            out.add(int(e))
+    return out
+
+
+def select(dataset, indices: Optional[Sequence[int]] = None, only_elements: Optional[Iterable] = None,
+           must_contain: Optional[Iterable] = None, natoms: Tuple[Optional[int], Optional[int]] = (None, None),
+           predicate: Optional[Callable] = None) -> List[int]:
+    """Indices (among `indices`, default all) of structures that pass every given filter:
+    only_elements: all atoms are among these (symbols or Z); must_contain: every one of these is present;
+    natoms: inclusive (min, max) atom count, None for open; predicate: callable(Structure) -> bool.
+    Element and size filters read the dataset index only; a predicate decodes each remaining record."""
+    only = _to_z(only_elements) if only_elements is not None else None
+    must = _to_z(must_contain) if must_contain is not None else None
+    lo, hi = natoms
+    elements, counts = dataset.elements(), dataset.natoms()
+    out = []
+    for i in (range(len(dataset)) if indices is None else indices):
+        i = int(i)
+        zs = set(elements[i])
+        if only is not None and not zs <= only:
+            continue
+        if must is not None and not must <= zs:
+            continue
+        if (lo is not None and counts[i] < lo) or (hi is not None and counts[i] > hi):
+            continue
+        if predicate is not None and not predicate(dataset[i]):
+            continue
+        out.append(i)
+    return out
+
+
+def _cuts(sizes: np.ndarray, fractions: Sequence[float]) -> List[int]:
+    """Group boundaries: split j takes shuffled groups [cut[j], cut[j+1]). Cut points follow the structure
+    counts (groups differ in size), then are nudged so every split with a positive fraction gets a group."""
+    g, total = len(sizes), float(sizes.sum())
+    cum = np.concatenate([[0.0], np.cumsum(sizes)])
+    want = [f > 0 for f in fractions]
+    cuts = [0]
+    acc = 0.0
+    for f in fractions[:-1]:
+        acc += f
+        cuts.append(int(np.argmin(np.abs(cum - acc * total))))
+    cuts.append(g)
+    m = len(fractions)
+    for j in range(1, m):  # forward: at least one group for each wanted split before this cut
+        cuts[j] = max(cuts[j], cuts[j - 1] + (1 if want[j - 1] else 0))
+    for j in range(m - 1, 0, -1):  # backward: leave room for the wanted splits after this cut
+        cuts[j] = min(cuts[j], cuts[j + 1] - (1 if want[j] else 0))
+    return cuts
+
+
+def split_by_group(groups: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+                   indices: Optional[Sequence[int]] = None, names: Sequence[str] = SPLIT_NAMES
+                   ) -> Dict[str, List[int]]:
+    """Assign whole groups to splits. `groups[i]` is structure i's group (Dataset.groups()); only `indices`
+    (default all) take part. Fractions are of structures, approximately (groups are indivisible), normalised
+    to sum 1; a zero fraction gives an empty split. Deterministic: sorted group names shuffled by
+    numpy default_rng(seed). Returns {name: sorted indices}."""
+    fractions = [float(f) for f in fractions]
+    if len(fractions) != len(names) or any(f < 0 or not np.isfinite(f) for f in fractions) or sum(fractions) <= 0:
+        raise HessforgeError(f"split fractions must be {len(names)} non-negative numbers with a positive sum, "
+                             f"got {fractions}")
+    fractions = [f / sum(fractions) for f in fractions]
+    indices = list(range(len(groups))) if indices is None else [int(i) for i in indices]
+    members: Dict[str, List[int]] = {}
+    for i in indices:
+        members.setdefault(str(groups[i]), []).append(i)
+    order = sorted(members)
+    needed = sum(f > 0 for f in fractions)
+    if len(order) < needed:
+        raise HessforgeError(f"cannot split {len(order)} group(s) into {needed} non-empty splits "
+                             f"({dict(zip(names, fractions))}): every split needs a whole group; add structures "
+                             "with more groups, or set a fraction to 0")
+    perm = np.random.default_rng(seed).permutation(len(order))
+    shuffled = [order[p] for p in perm]
+    sizes = np.array([len(members[gname]) for gname in shuffled], dtype=float)
+    cuts = _cuts(sizes, fractions)
+    return {name: sorted(i for gname in shuffled[cuts[j]:cuts[j + 1]] for i in members[gname])
+            for j, name in enumerate(names)}
+
+
+def save_split(path: str, split: Dict[str, List[int]], **info) -> None:
+    """JSON: {"splits": {...}, plus info such as seed, fractions, dataset path and count}."""
+    data = {"format": "hessforge-split", "version": 1, **info, "splits": {k: list(map(int, v)) for k, v in split.items()}}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def load_split(path: str, count: Optional[int] = None) -> Dict[str, List[int]]:
+    """Splits saved by save_split; with `count` (the dataset size), indices are checked to be in range."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        splits = {str(k): [int(i) for i in v] for k, v in data["splits"].items()}
+    except FileNotFoundError:
+        raise HessforgeError(f"{path}: no such split file") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HessforgeError(f"{path}: not a hessforge split file ({err})") from None
+    if count is not None:
+        if data.get("count") not in (None, count):
+            raise HessforgeError(f"{path}: split made for a dataset of {data['count']} structures, this one has "
+                                 f"{count}")
+        for name, idx in splits.items():
+            if idx and (min(idx) < 0 or max(idx) >= count):
+                raise HessforgeError(f"{path}: split {name!r} has indices outside 0..{count - 1}")
+    return splits

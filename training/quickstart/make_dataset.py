@@ -1,0 +1,221 @@
+"""Build the quickstart dataset: ANI-1x Langevin MD conformers of small HCNO molecules, labelled with DFT at
+ωB97x/6-31G(d) (ANI-1x's own level of theory) by pyscf.
+
+    python -m training.quickstart.make_dataset --out training/quickstart/data/quickstart.extxyz \
+        --per-molecule 15 --basis 6-31g* --seed 0
+
+Two resumable stages, so an interrupted run loses at most the structure being labelled:
+1. conformers: MD snapshots are written once to `<out>.conformers.extxyz` and reused on reruns (so a rerun
+   labels exactly the same geometries even if MD were not bit-reproducible);
+2. labels: each finished frame is appended to `<out>` in one write; frames already there are skipped.
+Every labelling attempt (ok / failed with the reason) is a JSON line in `<out>.log`; failed frames are not
+retried unless --retry-failed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+DEFAULT_MOLECULES = ("CH3OH", "HCOOH", "CH3CHO", "CH3NO2", "CH3CH2OH", "CH3CONH2")  # ase g2 names, 5-9 atoms
+
+
+def _connectivity(atoms):
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
+    return frozenset(zip(i.tolist(), j.tolist()))
+
+
+def sample_conformers(name, n, seed, temperature_k, equil_steps, stride, timestep_fs, teacher_spec):
+    """n snapshots of ANI-1x Langevin MD of molecule `name`, after `equil_steps`, one every `stride` steps.
+
+    Snapshots whose bond graph differs from the starting molecule (a reaction or dissociation in MD) are
+    skipped: they would not be conformers of the named molecule.
+    """
+    from ase import units
+    from ase.build import molecule
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
+
+    from training.teachers import load_teacher
+    from training.teachers.base import teacher_calculator
+
+    rng = np.random.default_rng(seed)
+    atoms = molecule(name)
+    bonds0 = _connectivity(atoms)
+    atoms.calc = teacher_calculator(load_teacher(teacher_spec))
+    thermalize_momenta(atoms, temperature_k, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=0.01 / units.fs,
+                   fixcm=False, rng=rng)  # fixcm=True is deprecated (biased NVT); momentum zeroed at start
+    dyn.run(equil_steps)
+    frames, rejected, step = [], 0, equil_steps
+    while len(frames) < n:
+        dyn.run(stride)
+        step += stride
+        if _connectivity(atoms) != bonds0:
+            rejected += 1
+            if rejected > n:
+                raise RuntimeError(f"{name}: MD keeps breaking bonds at {temperature_k} K")
+            continue
+        snap = atoms.copy()
+        snap.calc = None
+        snap.set_momenta(None)  # geometry only: keeps the file small
+        snap.info = {"mol_id": name, "conf_id": len(frames), "md_step": step}
+        frames.append(snap)
+    return frames, rejected
+
+
+def dft_label(atoms, basis, xc, threads):
+    """Energy (eV) and forces (eV/Å) by pyscf RKS with density fitting; raises RuntimeError if SCF fails."""
+    from ase.units import Bohr, Hartree
+    from pyscf import dft, gto, lib
+
+    lib.num_threads(threads)
+    mol = gto.M(atom=[(s, p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
+                basis=basis, unit="Angstrom", charge=0, spin=0, verbose=0)
+    mf = dft.RKS(mol).density_fit()
+    mf.xc = xc
+    energy = mf.kernel()
+    if not mf.converged:  # retry with the second-order solver from the DIIS result before giving up
+        mf = mf.newton()
+        energy = mf.kernel(mf.make_rdm1())
+        if not mf.converged:
+            raise RuntimeError(f"SCF not converged (DIIS, then Newton); last energy {energy} Ha")
+    grad = mf.nuc_grad_method().kernel()
+    return float(energy) * Hartree, -np.asarray(grad) * Hartree / Bohr
+
+
+def _frame_key(atoms):
+    return atoms.info["mol_id"], int(atoms.info["conf_id"])
+
+
+def _read_extxyz(path):
+    from ase.io import read
+
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return []
+    return read(path, index=":", format="extxyz")
+
+
+def _append_extxyz(path, atoms):
+    from ase.io import write
+
+    buf = io.StringIO()
+    write(buf, atoms, format="extxyz")
+    with open(path, "a") as f:  # one write + fsync: a kill leaves whole frames only
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _log(path, **record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _failed_keys(log_path):
+    failed = set()
+    if os.path.exists(log_path):
+        for line in open(log_path):
+            r = json.loads(line)
+            if r.get("stage") == "dft" and r.get("status") == "failed":
+                failed.add((r["mol_id"], int(r["conf_id"])))
+    return failed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="training/quickstart/data/quickstart.extxyz")
+    p.add_argument("--per-molecule", type=int, default=15)
+    p.add_argument("--molecules", default=",".join(DEFAULT_MOLECULES), help="comma-separated ase g2 names")
+    p.add_argument("--basis", default="6-31g*")
+    p.add_argument("--xc", default="wb97x")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=400.0, help="K")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--equil-steps", type=int, default=400)
+    p.add_argument("--stride", type=int, default=40, help="MD steps between kept snapshots")
+    p.add_argument("--teacher", default="ani1x", help="MD force field (load_teacher spec)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--retry-failed", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    out, log = args.out, args.out + ".log"
+    conf_path = args.out + ".conformers.extxyz"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    names = [m.strip() for m in args.molecules.split(",") if m.strip()]
+    t_start = time.time()
+
+    # Stage 1: conformers (per molecule, appended, so a rerun only samples missing molecules)
+    have = {}
+    for a in _read_extxyz(conf_path):
+        have.setdefault(a.info["mol_id"], []).append(a)
+    for k, name in enumerate(names):
+        if len(have.get(name, [])) >= args.per_molecule:
+            continue
+        if name in have:
+            raise SystemExit(f"{conf_path}: {name} has {len(have[name])} conformers, fewer than --per-molecule "
+                             f"{args.per_molecule}; delete the file (and {out}) to resample")
+        t0 = time.time()
+        try:
+            frames, rejected = sample_conformers(name, args.per_molecule, args.seed * 1000 + k, args.temperature,
+                                                 args.equil_steps, args.stride, args.timestep, args.teacher)
+        except Exception as exc:  # e.g. an unknown g2 name or an element ANI-1x lacks: log it, go on
+            _log(log, stage="md", mol_id=name, status="failed", reason=f"{type(exc).__name__}: {exc}")
+            print(f"[md] {name} FAILED: {exc}", flush=True)
+            continue
+        for f in frames:
+            _append_extxyz(conf_path, f)
+        have[name] = frames
+        _log(log, stage="md", mol_id=name, status="ok", n=len(frames), rejected_bond_change=rejected,
+             seconds=round(time.time() - t0, 2))
+        print(f"[md] {name}: {len(frames)} conformers ({rejected} rejected) in {time.time() - t0:.1f} s", flush=True)
+
+    # Stage 2: DFT labels
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    done = {_frame_key(a) for a in _read_extxyz(out)}
+    failed = set() if args.retry_failed else _failed_keys(log)
+    todo = [a for n in names for a in have.get(n, [])[: args.per_molecule]
+            if _frame_key(a) not in done and _frame_key(a) not in failed]
+    print(f"[dft] {len(done)} done, {len(failed)} failed before, {len(todo)} to label", flush=True)
+    for i, atoms in enumerate(todo):
+        mol_id, conf_id = _frame_key(atoms)
+        t0 = time.time()
+        try:
+            energy, forces = dft_label(atoms, args.basis, args.xc, args.threads)
+        except Exception as exc:  # recorded, not silently dropped
+            _log(log, stage="dft", mol_id=mol_id, conf_id=conf_id, status="failed",
+                 reason=f"{type(exc).__name__}: {exc}", seconds=round(time.time() - t0, 2))
+            print(f"[dft] {mol_id}/{conf_id} FAILED: {exc}", flush=True)
+            continue
+        frame = atoms.copy()
+        frame.info = {"mol_id": mol_id, "conf_id": conf_id, "md_step": atoms.info.get("md_step")}
+        frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
+        _append_extxyz(out, frame)
+        dt = time.time() - t0
+        _log(log, stage="dft", mol_id=mol_id, conf_id=conf_id, status="ok", n_atoms=len(frame),
+             seconds=round(dt, 2))
+        print(f"[dft] {i + 1}/{len(todo)} {mol_id}/{conf_id}: E={energy:.4f} eV, |F|max="
+              f"{np.abs(forces).max():.3f} eV/Å, {dt:.1f} s", flush=True)
+    n_out = len(_read_extxyz(out))
+    _log(log, stage="summary", structures=n_out, failed=len(_failed_keys(log)), wall_s=round(time.time() - t_start, 1),
+         argv=sys.argv[1:] if argv is None else list(argv))
+    print(f"[done] {n_out} structures in {out}; wall {time.time() - t_start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

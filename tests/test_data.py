@@ -262,9 +262,10 @@ def test_group_split_is_whole_groups_and_reproducible(tmp_path, rng):
 
 def test_tiny_split_non_empty_or_clear_error():
     for g in (["a", "b", "c"], ["a", "a", "b", "c", "c", "c"]):
-        for seed in range(5):
-            split = split_by_group(g, (0.9, 0.05, 0.05), seed)
-            assert all(split[k] for k in ("train", "val", "test"))
+        for fractions in ((0.9, 0.05, 0.05), (0.05, 0.05, 0.9), (0.05, 0.9, 0.05)):
+            for seed in range(5):
+                split = split_by_group(g, fractions, seed)
+                assert all(split[k] for k in ("train", "val", "test"))
     split = split_by_group(["a", "b"], (0.9, 0.1, 0.0), 0)
     assert split["train"] and split["val"] and not split["test"]
     with pytest.raises(HessforgeError, match="cannot split 2 group"):

@@ -1,0 +1,258 @@
+"""Teacher labels: deterministic row sampling, crash-safe resume, rank shards, clear refusals, batching."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engine.errors import HessforgeError
+from training.data.records import Structure
+from training.data.store import Dataset, shared_reader, write_dataset
+from training.labels import LabelStore, label_dataset, list_shards, sample_rows
+from training.teachers.base import Teacher, TeacherOutput
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def harmonic(positions, k=2.0, r0=1.2):
+    """E = sum_{i<j} k/2 (r_ij - r0)^2 with its forces and analytic Hessian [3N, 3N]."""
+    n = len(positions)
+    e, g, h = 0.0, np.zeros((n, 3)), np.zeros((3 * n, 3 * n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            d = positions[j] - positions[i]
+            r = np.linalg.norm(d)
+            u = d / r
+            e += 0.5 * k * (r - r0) ** 2
+            g[j] += k * (r - r0) * u
+            g[i] -= k * (r - r0) * u
+            blk = k * np.outer(u, u) + k * (r - r0) / r * (np.eye(3) - np.outer(u, u))
+            si, sj = slice(3 * i, 3 * i + 3), slice(3 * j, 3 * j + 3)
+            h[si, si] += blk
+            h[sj, sj] += blk
+            h[si, sj] -= blk
+            h[sj, si] -= blk
+    return e, -g, h
+
+
+class Harmonic(Teacher):
+    name = "harmonic"
+    elements = frozenset({1, 6, 7, 8})
+
+    def __init__(self, delay=0.0, name=None):
+        self.calls, self.delay = 0, delay
+        if name:
+            self.name = name
+
+    def compute(self, atoms, rows=None):
+        self.calls += 1
+        e, f, h = harmonic(atoms.positions)
+        if self.delay:
+            print("computed", flush=True)  # the crash test kills the process between these lines
+            time.sleep(self.delay)
+        rows = np.arange(3 * len(atoms)) if rows is None else np.asarray(rows)
+        return TeacherOutput(e, f, rows, h[rows])
+
+
+def make_dataset(path, rng, n=12, extra_element_at=None):
+    structures = []
+    for i in range(n):
+        natoms = int(rng.integers(1, 7))
+        numbers = rng.choice([1, 6, 8], size=natoms)
+        if i == extra_element_at:
+            numbers[-1] = 9
+        structures.append(Structure(id=f"mol{i}-c{int(rng.integers(100))}", group=f"g{i % 4}", numbers=numbers,
+                                    positions=rng.normal(scale=1.5, size=(natoms, 3)), energy=0.0,
+                                    forces=np.zeros((natoms, 3))))
+    write_dataset(str(path), structures)
+    return str(path), structures
+
+
+def contents(directory):
+    store = LabelStore(directory)
+    ids = store.ids()
+    assert len(ids) == len(set(ids))
+    return {i: store.get(i).to_bytes() for i in ids}
+
+
+def test_sample_rows_are_deterministic_and_distinct(rng):
+    seed = int(rng.integers(1 << 30))
+    n = int(rng.integers(2, 30))
+    k = int(rng.integers(1, 3 * n))
+    a = sample_rows("x-1", n, k, seed)
+    assert np.array_equal(a, sample_rows("x-1", n, k, seed)) and len(np.unique(a)) == k
+    assert a.min() >= 0 and a.max() < 3 * n and a.dtype == np.int64
+    assert np.array_equal(sample_rows("x-1", n, None, seed), np.arange(3 * n))
+    assert np.array_equal(sample_rows("x-1", n, 3 * n + 5, seed), np.arange(3 * n))
+    draws = [tuple(sample_rows(f"id{j}", 10, 3, seed)) for j in range(50)]
+    assert len(set(draws)) > 40  # ids draw different rows
+    counts = np.bincount(np.concatenate([sample_rows(f"u{j}", 4, 2, seed) for j in range(3000)]), minlength=12)
+    assert counts.min() > 400 and counts.max() < 600  # uniform: 500 expected per coordinate
+
+
+def test_labels_match_teacher_and_store_metadata(tmp_path, rng):
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng)
+    k = int(rng.integers(1, 6))
+    stats = label_dataset(path, Harmonic(), tmp_path / "lab", rows=k, seed=3, dtype="float64")
+    assert stats["labelled"] == len(structures)
+    store = LabelStore(tmp_path / "lab")
+    meta = store.metadata
+    assert (meta["teacher"], meta["mode"], meta["k"], meta["seed"], meta["dtype"]) == ("harmonic", "rows", k, 3, "float64")
+    assert meta["units"] == {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"} and meta["source_count"] == 12
+    for s in structures:
+        rec = store.get(s.id)
+        e, f, h = harmonic(s.positions)
+        assert np.array_equal(rec.rows, sample_rows(s.id, s.natoms, k, 3))
+        assert rec.energy == e and np.array_equal(rec.forces, f) and np.array_equal(rec.hessian_rows, h[rec.rows])
+    full = label_dataset(path, Harmonic(), tmp_path / "full", rows="full")
+    rec = LabelStore(tmp_path / "full").get(structures[0].id)
+    assert full["labelled"] == 12 and rec.hessian_rows.dtype == np.float32
+    assert rec.hessian_rows.shape == (3 * structures[0].natoms,) * 2
+
+
+def test_resume_after_simulated_crash_equals_uninterrupted(tmp_path, rng):
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng)
+    label_dataset(path, Harmonic(), tmp_path / "ref", rows=4, seed=7)
+
+    class Crashing(Harmonic):
+        def compute(self, atoms, rows=None):
+            if self.calls == 5:
+                raise KeyboardInterrupt
+            return super().compute(atoms, rows)
+
+    with pytest.raises(KeyboardInterrupt):
+        label_dataset(path, Crashing(), tmp_path / "run", rows=4, seed=7)
+    assert len(LabelStore(tmp_path / "run")) == 5
+    again = Harmonic()
+    stats = label_dataset(path, again, tmp_path / "run", rows=4, seed=7)
+    assert again.calls == 7 and stats == {"labelled": 7, "skipped": 5, "todo": 7}
+    assert contents(tmp_path / "run") == contents(tmp_path / "ref")
+    assert label_dataset(path, Harmonic(), tmp_path / "run", rows=4, seed=7)["labelled"] == 0
+
+
+def test_resume_after_kill_9_equals_uninterrupted(tmp_path, rng):
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng)
+    script = (f"import sys; sys.path.insert(0, {TESTS!r})\n"
+              "from test_labels import Harmonic\nfrom training.labels import label_dataset\n"
+              f"label_dataset({path!r}, Harmonic(delay=0.05), {str(tmp_path / 'run')!r}, rows=3, seed=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(int(rng.integers(2, 6))):
+        assert proc.stdout.readline().strip() == "computed"
+    time.sleep(float(rng.uniform(0, 0.05)))  # land anywhere in compute or commit
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(LabelStore(tmp_path / "run"))
+    assert 1 <= done < len(structures)
+    resumed = Harmonic()
+    label_dataset(path, resumed, tmp_path / "run", rows=3, seed=1)
+    assert resumed.calls == len(structures) - done
+    label_dataset(path, Harmonic(), tmp_path / "ref", rows=3, seed=1)
+    assert contents(tmp_path / "run") == contents(tmp_path / "ref")
+
+
+def test_rank_shards_merge_to_single_rank_run(tmp_path, rng):
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, n=int(rng.integers(5, 12)))
+    limit = len(structures) - 1
+    for r in (1, 0):
+        label_dataset(path, Harmonic(), tmp_path / "ddp", rows=2, seed=5, rank=r, world_size=2, limit=limit)
+    label_dataset(path, Harmonic(), tmp_path / "one", rows=2, seed=5, limit=limit)
+    shards = list_shards(str(tmp_path / "ddp"))
+    assert [os.path.basename(s) for s in shards] == ["labels.rank0.lmdb", "labels.rank1.lmdb"]
+    assert set(LabelStore(tmp_path / "ddp").ids()) == {s.id for s in structures[:limit]}
+    merged = contents(tmp_path / "ddp")
+    assert merged == contents(tmp_path / "one") and len(merged) == limit
+    # Each shard holds exactly its rank's indices.
+    for r, shard in enumerate(shards):
+        with shared_reader(shard, "label shard").begin() as txn:
+            keys = {bytes(k).decode() for k in txn.cursor().iternext(values=False)} - {"__hessforge_meta__"}
+        assert keys == {s.id for i, s in enumerate(structures[:limit]) if i % 2 == r}
+    # Resuming with another world size labels only what is missing (here: nothing).
+    assert label_dataset(path, Harmonic(), tmp_path / "ddp", rows=2, seed=5, limit=limit)["labelled"] == 0
+
+
+def test_refuses_to_resume_with_other_settings(tmp_path, rng):
+    path, _ = make_dataset(tmp_path / "d.lmdb", rng)
+    label_dataset(path, Harmonic(), tmp_path / "lab", rows=3, seed=0, limit=4)
+    with pytest.raises(HessforgeError, match=r"different settings: teacher \('harmonic' vs 'other'\)"):
+        label_dataset(path, Harmonic(name="other"), tmp_path / "lab", rows=3, seed=0)
+    with pytest.raises(HessforgeError, match=r"mode \('rows' vs 'full'\), k \(3 vs None\)"):
+        label_dataset(path, Harmonic(), tmp_path / "lab", rows="full", seed=0)
+    with pytest.raises(HessforgeError, match=r"seed \(0 vs 1\)"):
+        label_dataset(path, Harmonic(), tmp_path / "lab", rows=3, seed=1)
+    other, _ = make_dataset(tmp_path / "e.lmdb", rng)
+    with pytest.raises(HessforgeError, match="source_ids_sha256"):
+        label_dataset(other, Harmonic(), tmp_path / "lab", rows=3, seed=0)
+    assert len(LabelStore(tmp_path / "lab")) == 4
+
+
+def test_unknown_element_fails_before_any_teacher_call(tmp_path, rng):
+    bad = int(rng.integers(3, 12))
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, extra_element_at=bad)
+    teacher = Harmonic()
+    with pytest.raises(HessforgeError, match=rf"structure '{structures[bad].id}': unknown element\(s\) F \(Z=9\)"):
+        label_dataset(path, teacher, tmp_path / "lab", rows=2, rank=1, world_size=3)
+    assert teacher.calls == 0
+
+
+def test_label_store_errors(tmp_path):
+    with pytest.raises(HessforgeError, match="no such labels directory"):
+        LabelStore(tmp_path / "nope")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(HessforgeError, match="no label shards"):
+        LabelStore(tmp_path / "empty")
+    (tmp_path / "empty" / "labels.rank0.lmdb").write_bytes(os.urandom(5000))
+    with pytest.raises(HessforgeError, match="labels.rank0.lmdb"):
+        LabelStore(tmp_path / "empty")
+
+
+def test_cli_label_and_resume(tmp_path, rng, monkeypatch, capsys):
+    import training.teachers
+    from training.cli import main
+
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, n=5)
+    monkeypatch.setattr(training.teachers, "load_teacher", lambda spec: Harmonic())
+    out = str(tmp_path / "lab")
+    assert main(["label", path, "--teacher", "harmonic", "--rows", "2", "-o", out, "--limit", "3"]) == 0
+    assert "labelled 3 structures" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["label", path, "--teacher", "harmonic", "--rows", "2", "-o", out]) == 0
+    assert "labelled 2 structures, 3 already done" in capsys.readouterr().out
+    assert main(["label", path, "--teacher", "harmonic2", "--rows", "2", "-o", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher_spec ('harmonic' vs 'harmonic2')" in err[0]
+    assert main(["label", path, "--teacher", "harmonic", "--rows", "zero", "-o", out]) == 2
+
+
+def test_batched_vjp_recovers_teacher_rows(tmp_path, rng):
+    """The packing contract end to end: one backward pass per sample t with `hessian_grad_outputs` gives, on
+    every structure's atoms, exactly the stored teacher row (here the teacher is the same analytic energy)."""
+    import torch
+
+    from training.data.batch import hessian_grad_outputs, make_loader
+
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, n=9)
+    label_dataset(path, Harmonic(), tmp_path / "lab", rows=4, dtype="float64")
+    labels = LabelStore(tmp_path / "lab")
+    s = 3
+    loader = make_loader(Dataset(path), list(range(1, 9)), labels, cutoff=1.0, batch_size=4, shuffle=True,
+                         seed=int(rng.integers(100)), dtype=torch.float64, s=s)
+    seen = 0
+    for batch in loader:
+        pos = batch.graph.positions.clone().requires_grad_(True)
+        i, j = torch.triu_indices(len(pos), len(pos), 1)
+        same = batch.graph.batch[i] == batch.graph.batch[j]  # pairs inside one structure only
+        r = (pos[j[same]] - pos[i[same]]).norm(dim=1)
+        energy = (0.5 * 2.0 * (r - 1.2) ** 2).sum()
+        (grad,) = torch.autograd.grad(energy, pos, create_graph=True)
+        v = hessian_grad_outputs(batch)
+        (hv,) = torch.autograd.grad(grad.reshape(-1), pos, grad_outputs=v, is_grads_batched=True)
+        assert torch.allclose(hv, batch.hessian_target, atol=1e-10)
+        assert torch.allclose(batch.teacher_forces, -grad.detach(), atol=1e-10)
+        seen += batch.num_structures
+    assert seen == 8

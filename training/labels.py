@@ -1,0 +1,315 @@
+"""Teacher labels (energy, forces, Hessian rows) stored beside a dataset, and `hessforge label`.
+
+A labels directory holds one LMDB shard per rank, `labels.rank{r}.lmdb`, each with the same metadata record
+(teacher, units, dtype, mode, k, seed, source dataset) and one record per structure keyed by its id. Rank r
+of W labels dataset indices i with i % W == r, so ranks never write the same file. Each record is committed
+in its own transaction: a killed run loses at most the structure in flight, and a rerun skips the ids
+already present. `LabelStore(dir)` merges the shards for reading.
+
+Rows are chosen per structure by an RNG seeded with (seed, hash of the id): reruns, other ranks and other
+machines choose the same rows for the same structure.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from engine.errors import HessforgeError
+from training.data.records import RecordError, pack, unpack
+from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, file_key,
+                                 open_readonly, read_json_key, release_reader, shared_reader)
+
+LABELS_MAGIC = "hessforge-labels"
+LABELS_VERSION = 1
+SHARD_RE = re.compile(r"^labels\.rank(\d+)\.lmdb$")
+# Fields that must agree for a rerun to resume into an existing labels directory.
+COMPAT_KEYS = ("teacher", "teacher_spec", "mode", "k", "seed", "dtype", "source_count", "source_ids_sha256")
+
+
+def shard_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"labels.rank{rank}.lmdb")
+
+
+def list_shards(directory: str) -> List[str]:
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if SHARD_RE.match(n)]
+    return [os.path.join(directory, n) for n in sorted(names, key=lambda n: int(SHARD_RE.match(n).group(1)))]
+
+
+def sample_rows(structure_id: str, n_atoms: int, k: Optional[int], seed: int) -> np.ndarray:
+    """Sorted flattened coordinate indices (3*atom + axis) of the Hessian rows to label: all 3N when k is None
+    or k >= 3N, else k drawn uniformly without replacement by an RNG seeded with (seed, hash(id))."""
+    n = 3 * n_atoms
+    if k is None or k >= n:
+        return np.arange(n, dtype=np.int64)
+    h = int.from_bytes(hashlib.sha256(structure_id.encode()).digest()[:8], "little")  # stable across runs
+    rng = np.random.default_rng([int(seed), h])
+    return np.sort(rng.choice(n, size=int(k), replace=False)).astype(np.int64)
+
+
+@dataclass
+class LabelRecord:
+    id: str
+    energy: float  # eV
+    forces: np.ndarray  # [N, 3] float64 eV/Å
+    rows: np.ndarray  # [k] int64, 3*atom + axis
+    hessian_rows: np.ndarray  # [k, 3N] eV/Å², float32 or float64 (the directory's dtype)
+
+    def to_bytes(self) -> bytes:
+        return pack({"id": self.id, "energy": self.energy},
+                    {"forces": self.forces, "rows": self.rows, "hessian_rows": self.hessian_rows})
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "LabelRecord":
+        header, arrays = unpack(buf)
+        try:
+            rec = cls(header["id"], float(header["energy"]), arrays["forces"], arrays["rows"], arrays["hessian_rows"])
+        except KeyError as err:
+            raise RecordError(f"label record lacks {err}") from None
+        n = rec.forces.shape[0]
+        if rec.forces.shape != (n, 3) or rec.hessian_rows.shape != (rec.rows.shape[0], 3 * n):
+            raise RecordError("label record arrays have inconsistent shapes")
+        return rec
+
+
+class LabelStore:
+    """Read-only merged view of a labels directory: `store.get(id)` -> LabelRecord. Shards are opened lazily
+    per process (DataLoader workers). Read it once labelling has finished."""
+
+    def __init__(self, directory: str):
+        self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise HessforgeError(f"{self.directory}: no such labels directory")
+        self.shards = []
+        metas = []
+        for path in list_shards(self.directory):
+            meta = _shard_meta(path, lock=False)
+            if meta is not None:
+                self.shards.append(path)
+                metas.append(meta)
+        if not self.shards:
+            raise HessforgeError(f"{self.directory}: no label shards (labels.rank*.lmdb); run `hessforge label`")
+        for path, meta in zip(self.shards[1:], metas[1:]):
+            diff = _diff(metas[0], meta)
+            if diff:
+                raise HessforgeError(f"{path}: shard disagrees with {self.shards[0]} on {diff}")
+        self.metadata: Dict[str, Any] = {k: v for k, v in metas[0].items() if k not in ("rank", "world_size")}
+        self._keys = [file_key(p) for p in self.shards]
+        self._ids: Optional[List[str]] = None
+
+    def _open(self):
+        # Shared per-process readers (see store.shared_reader): safe in DataLoader workers.
+        return [shared_reader(p, "label shard", k) for p, k in zip(self.shards, self._keys)]
+
+    def _raw(self, structure_id: str):
+        key = structure_id.encode()
+        for path, env in zip(self.shards, self._open()):
+            with env.begin(buffers=False) as txn:
+                raw = txn.get(key)
+            if raw is not None:
+                return path, raw
+        return None, None
+
+    def __contains__(self, structure_id: str) -> bool:
+        return self._raw(structure_id)[1] is not None
+
+    def get(self, structure_id: str) -> LabelRecord:
+        path, raw = self._raw(structure_id)
+        if raw is None:
+            raise HessforgeError(f"{self.directory}: structure {structure_id!r} has no teacher labels "
+                                 "(labelling unfinished, or labels made for another dataset)")
+        try:
+            return LabelRecord.from_bytes(raw)
+        except RecordError as err:
+            raise HessforgeError(f"{path}: label record {structure_id!r} is corrupt: {err}") from None
+
+    def ids(self) -> List[str]:
+        if self._ids is None:
+            seen, out = set(), []
+            for env in self._open():
+                with env.begin() as txn:
+                    for key in txn.cursor().iternext(keys=True, values=False):
+                        key = bytes(key)
+                        if key != META_KEY and key not in seen:
+                            seen.add(key)
+                            out.append(key.decode())
+            self._ids = out
+        return list(self._ids)
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+
+def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
+    """A shard's metadata; None for an empty shard (a run killed before its first write)."""
+    if lock:
+        release_reader(path)  # LMDB allows one open per file and process
+    env = shared_reader(path, "label shard") if not lock else open_readonly(path, "label shard", lock=True)
+    try:
+        if env.stat()["entries"] == 0:
+            return None
+        return check_meta(read_json_key(env, META_KEY, path, "labels"), path, LABELS_MAGIC, LABELS_VERSION, "labels")
+    finally:
+        if lock:
+            env.close()
+
+
+def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    # A spec is only recorded by the CLI; labels made through the API (spec None) may be resumed by either.
+    keys = [k for k in COMPAT_KEYS if a.get(k) != b.get(k)
+            and not (k == "teacher_spec" and None in (a.get(k), b.get(k)))]
+    return ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys)
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _check_output(out, structure_id: str, n: int, rows: np.ndarray, teacher_name: str):
+    where = f"teacher {teacher_name} on structure {structure_id!r}"
+    forces = np.asarray(out.forces, dtype=np.float64)
+    h = None if out.hessian_rows is None else np.asarray(out.hessian_rows, dtype=np.float64)
+    if forces.shape != (n, 3) or h is None or h.shape != (len(rows), 3 * n):
+        raise HessforgeError(f"{where}: returned forces {forces.shape} / Hessian rows "
+                             f"{None if h is None else h.shape}, expected ({n}, 3) / ({len(rows)}, {3 * n})")
+    if out.rows is not None and not np.array_equal(np.asarray(out.rows).reshape(-1), rows):
+        raise HessforgeError(f"{where}: returned other Hessian rows than requested")
+    if not (np.isfinite(out.energy) and np.all(np.isfinite(forces)) and np.all(np.isfinite(h))):
+        raise HessforgeError(f"{where}: energy, forces or Hessian contain NaN or Inf")
+    return float(out.energy), forces, h
+
+
+def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Union[int, str, None] = "full",
+                  seed: int = 0, limit: Optional[int] = None, dtype: str = "float32", rank: int = 0,
+                  world_size: int = 1, teacher_spec: Optional[str] = None, progress: bool = False) -> Dict[str, int]:
+    """Label dataset indices i < limit with i % world_size == rank into `out_dir`/labels.rank{rank}.lmdb,
+    skipping ids already labelled. rows: "full" (all 3N rows) or k. Returns counts {labelled, skipped, todo}."""
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    k = _parse_rows(rows)
+    if dtype not in ("float32", "float64"):
+        raise HessforgeError(f"label dtype must be float32 or float64, got {dtype!r}")
+    if not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise HessforgeError(f"seed must be a non-negative integer, got {seed!r}")
+    if not (0 <= rank < world_size):
+        raise HessforgeError(f"rank {rank} out of range for world size {world_size}")
+    n_total = len(ds) if limit is None else min(int(limit), len(ds))
+    ids, elements = ds.ids(), ds.elements()
+
+    # Every structure that will be labelled (by any rank) is checked before the first, possibly slow,
+    # teacher call: an unsupported element should fail in a second, not after hours.
+    for i in range(n_total):
+        teacher.check_elements(elements[i], where=f"{ds.path}: structure {ids[i]!r}")
+
+    meta = {"magic": LABELS_MAGIC, "format_version": LABELS_VERSION, "teacher": getattr(teacher, "name", None),
+            "teacher_spec": teacher_spec, "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
+            "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
+            "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
+            "rank": rank, "world_size": world_size, "created": creation_info()}
+    os.makedirs(out_dir, exist_ok=True)
+    mine = shard_path(out_dir, rank)
+    done = set()
+    for path in list_shards(out_dir):
+        old = _shard_meta(path, lock=True)  # lock: other ranks may be writing their shards right now
+        if old is None:
+            continue
+        diff = _diff(old, meta)
+        if diff:
+            raise HessforgeError(f"{out_dir}: labels there were made with different settings: {diff}; use "
+                                 "another output directory (or delete it) to label with these settings")
+        if path != mine:  # ids labelled by an earlier run with another world size
+            env = open_readonly(path, "label shard", lock=True)
+            with env.begin() as txn:
+                done.update(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
+            env.close()
+    _write_summary(out_dir, meta)
+
+    release_reader(mine)
+    writer = LmdbWriter(mine, lock=True)
+    try:
+        if writer.get(META_KEY) is None:
+            writer.put_many([(META_KEY, json.dumps(meta).encode())])
+        done.update(writer.keys())
+        todo = [i for i in range(n_total) if i % world_size == rank and ids[i].encode() not in done]
+        skipped = sum(1 for i in range(n_total) if i % world_size == rank) - len(todo)
+        from tqdm import tqdm
+
+        np_dtype = np.float32 if dtype == "float32" else np.float64
+        for i in tqdm(todo, desc=f"label rank {rank}", unit="structure", disable=not progress):
+            s = ds[i]
+            want = sample_rows(s.id, s.natoms, k, seed)
+            out = teacher.compute(s.to_atoms(), want)
+            energy, forces, h = _check_output(out, s.id, s.natoms, want, getattr(teacher, "name", "?"))
+            # float32 Hessian rows by default: half the storage of float64 (full Hessians grow as 9N²), and
+            # their ~1e-7 relative rounding is far below any student's Hessian error.
+            rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype))
+            writer.put_many([(s.id.encode(), rec.to_bytes())], overwrite=False)  # one commit per structure
+    finally:
+        writer.close()
+    return {"labelled": len(todo), "skipped": skipped, "todo": len(todo)}
+
+
+def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:
+    """labels.json: a human-readable copy of the metadata (the shards hold the authoritative one)."""
+    info = {k: v for k, v in meta.items() if k not in ("rank", "created")}
+    tmp = os.path.join(out_dir, f".labels.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(out_dir, "labels.json"))
+
+
+def _parse_rows(rows) -> Optional[int]:
+    if rows is None or (isinstance(rows, str) and rows.strip().lower() == "full"):
+        return None
+    try:
+        k = int(rows)
+    except (TypeError, ValueError):
+        raise HessforgeError(f"--rows must be a positive integer or 'full', got {rows!r}") from None
+    if k < 1:
+        raise HessforgeError(f"--rows must be a positive integer or 'full', got {rows!r}")
+    return k
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise HessforgeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("dataset", help="dataset file made by `hessforge ingest`")
+    parser.add_argument("--teacher", required=True, help="teacher spec: ani1x, ani1x:0, mace:/path/file.model")
+    parser.add_argument("--rows", required=True, help="Hessian rows per structure: an integer k, or 'full'")
+    parser.add_argument("-o", "--output", required=True, help="labels directory (created; resumed if present)")
+    parser.add_argument("--seed", type=int, default=0, help="row-sampling seed (default 0)")
+    parser.add_argument("--limit", type=int, default=None, help="label only the first N structures")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="storage dtype of Hessian rows (default float32)")
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
+    parser.add_argument("--world-size", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
+
+
+def run(args) -> int:
+    from training.teachers import load_teacher
+
+    rank = args.rank if args.rank is not None else _env_int("RANK", 0)
+    world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
+    _parse_rows(args.rows)
+    ds = Dataset(args.dataset)  # fail on a bad dataset before loading a heavy teacher
+    teacher = load_teacher(args.teacher)
+    stats = label_dataset(ds, teacher, args.output, args.rows, args.seed, args.limit, args.dtype, rank, world,
+                          teacher_spec=args.teacher, progress=sys.stderr.isatty())
+    print(f"rank {rank}/{world}: labelled {stats['labelled']} structures, {stats['skipped']} already done "
+          f"-> {shard_path(args.output, rank)}")
+    return 0

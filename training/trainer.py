@@ -72,6 +72,29 @@ def _all_reduce_sum(values: List[float]) -> List[float]:
     return t.tolist()
 
 
+def _broadcast_from_rank0(model: torch.nn.Module) -> None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism by one all-reduce of the flattened gradients after backward. Done by hand instead
+    of DistributedDataParallel: the loss differentiates the forces (a double backward through
+    autograd.grad inside forward), which DDP's bucketed reducer does not support."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 class _Accumulator:
     """Sums of absolute and squared errors over a pass, reduced across ranks."""
 
@@ -108,8 +131,9 @@ class _Accumulator:
 # ----------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, config: Config, restart: bool = False):
-        from training.data import Dataset, make_loader
-        from training.data.subsets import select, split_by_group, load_split, save_split
+        from training.data import Dataset
+        from training.data.batch import make_loader
+        from training.data.subsets import load_split, save_split, select, split_by_group
 
         self.config = config
         self.rank, self.world = _distributed()
@@ -129,18 +153,18 @@ class Trainer:
 
         # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
         split_path = os.path.join(self.out, "split.json")
+        count = len(self.dataset)
         if config.data.split_file:
-            split = load_split(config.data.split_file)
+            split = load_split(config.data.split_file, count=count)
         elif os.path.exists(split_path) and not restart:
-            split = load_split(split_path)
+            split = load_split(split_path, count=count)
         else:
-            keep = select(self.dataset, elements=config.data.elements, max_atoms=config.data.max_atoms)
-            split = split_by_group(
-                self.dataset, keep, fractions=(config.data.train, config.data.val, config.data.test),
-                seed=config.data.split_seed,
-            )
+            keep = select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms))
+            split = split_by_group(self.dataset.groups(), (config.data.train, config.data.val, config.data.test),
+                                   seed=config.data.split_seed, indices=keep)
         if self.rank == 0:
-            save_split(split, split_path)
+            save_split(split_path, split, seed=config.data.split_seed, count=count,
+                       dataset=os.path.abspath(config.data.path))
             with open(os.path.join(self.out, "config.yaml"), "w") as fh:
                 yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         self.train_idx = list(split["train"])
@@ -185,14 +209,12 @@ class Trainer:
         if os.path.exists(last) and not restart:
             self._load(last)
 
-        self.net = self.model
         sampler = None
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
             from torch.utils.data.distributed import DistributedSampler
 
-            self.net = DistributedDataParallel(self.model)
-            sampler = DistributedSampler(self.train_idx, num_replicas=self.world, rank=self.rank,
+            _broadcast_from_rank0(self.model)
+            sampler = DistributedSampler(range(len(self.train_idx)), num_replicas=self.world, rank=self.rank,
                                          shuffle=True, seed=tc.seed)
         self.sampler = sampler
         s = lc.hessian_rows if (lc.hessian > 0 or lc.force_distill > 0) else 0
@@ -280,14 +302,21 @@ class Trainer:
 
     def train_epoch(self, bar) -> Dict[str, float]:
         self.model.train()
+        # Shuffling and Hessian-row sampling depend only on (seed, epoch), so a resumed run continues exactly
+        # as an uninterrupted one would.
+        seed = self.config.train.seed
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
+        else:
+            self.train_loader.generator.manual_seed(seed + self.epoch)
+        self.train_loader.collate_fn.seed = seed + 7919 * (self.epoch + 1)
         sums: Dict[str, float] = {}
         count = 0
         for batch in self.train_loader:
-            terms = compute_loss(self.net, batch, self.weights, training=True)
+            terms = compute_loss(self.model, batch, self.weights, training=True)
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
+            _average_gradients(self.model)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
             if not torch.isfinite(terms["total"]):
                 raise HessforgeError(f"loss became {terms['total'].item()} at step {self.step}: lower optim.lr or check the data")
@@ -295,7 +324,7 @@ class Trainer:
             self.ema.update()
             self.step += 1
             count += 1
-            record = {k: float(v) for k, v in terms.items() if not k.startswith("_")}
+            record = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v
             record.update(kind="step", epoch=self.epoch, step=self.step, grad_norm=float(grad_norm),

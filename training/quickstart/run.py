@@ -1,0 +1,117 @@
+"""`hessforge quickstart`: the whole pipeline on the bundled dataset, in minutes on a CPU.
+
+Bundled data: conformers of small HCNO molecules from ANI-1x Langevin MD, labelled with pyscf at
+ωB97x/6-31G(d), ANI-1x's own level of theory (see data/PROVENANCE.md and make_dataset.py). The quickstart
+labels Hessian rows with ANI-1x, trains an undistilled and a Hessian-distilled PaiNN with identical settings
+and seed, evaluates both and the teacher on held-out conformers, and prints one table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from importlib import resources
+
+from engine.checkpoint import load_student
+from engine.errors import HessforgeError
+
+BUNDLED = "quickstart.extxyz"
+
+# Small enough for a 2-core CPU; the paper-size default is hidden 128, 4 layers, 128 basis functions.
+STUDENT = {"name": "painn", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    parser.add_argument("--data", default=None, help="extxyz with energies/forces (default: the bundled set)")
+    parser.add_argument("--teacher", default="ani1x", help="teacher spec (default ani1x, the 8-model ensemble)")
+    parser.add_argument("--rows", default="full", help="Hessian rows labelled per structure: k or 'full'")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--minutes-per-student", type=float, default=4.5,
+                        help="wall-time cap of each training run (default 4.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def bundled_data() -> str:
+    return str(resources.files("training.quickstart").joinpath("data", BUNDLED))
+
+
+def student_config(data: str, labels: str, split_file: str, out: str, hessian: float, args) -> dict:
+    return {
+        "data": {"path": data, "labels": labels, "split_file": split_file},
+        "model": dict(STUDENT),
+        "loss": {"energy": 5.0, "forces": 100.0, "hessian": hessian, "hessian_rows": 1},
+        "optim": {"plateau_patience": 10},
+        "train": {"out": out, "epochs": args.epochs, "batch_size": 8, "seed": args.seed,
+                  "checkpoint_every": 25, "max_time_s": 60 * args.minutes_per_student, "threads": args.threads},
+    }
+
+
+def run(args) -> int:
+    from training.config import config_from_dict
+    from training.data import Dataset, load_split, save_split, split_by_group
+    from training.data.ingest import ingest
+    from training.evaluate import evaluate, format_table
+    from training.labels import LabelStore, label_dataset
+    from training.teachers import load_teacher
+    from training.trainer import Trainer
+
+    start = time.time()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    source = os.path.abspath(args.data or bundled_data())
+    if not os.path.isfile(source):
+        raise HessforgeError(f"quickstart data not found: {source}")
+    data = os.path.join(out, "data.lmdb")
+    if not os.path.exists(data):
+        n = ingest(source, data, group_key="mol_id")
+        print(f"[1/4] ingested {n} structures from {source}")
+    dataset = Dataset(data)
+
+    labels = os.path.join(out, "labels")
+    t0 = time.time()
+    stats = label_dataset(dataset, load_teacher(args.teacher), labels, rows=args.rows, seed=args.seed,
+                          teacher_spec=args.teacher, progress=sys.stderr.isatty())
+    print(f"[2/4] teacher {args.teacher}: labelled {stats['labelled']} structures ({stats['skipped']} already "
+          f"done), Hessian rows: {args.rows}, {time.time() - t0:.0f} s")
+
+    # Held-out conformers of the same molecules (a student specialised to this slice of chemistry);
+    # each conformer is its own group, so no conformer appears in two splits.
+    split_file = os.path.join(out, "split.json")
+    if not os.path.exists(split_file):
+        split = split_by_group(dataset.ids(), (0.7, 0.1, 0.2), seed=args.seed)
+        save_split(split_file, split, seed=args.seed, count=len(dataset), dataset=data)
+    split = load_split(split_file, count=len(dataset))
+
+    runs = {"PaiNN undistilled": 0.0, "PaiNN Hessian-distilled": 400.0}
+    for k, (name, lam) in enumerate(runs.items()):
+        run_dir = os.path.join(out, "undistilled" if lam == 0 else "hessian_kd")
+        config = config_from_dict(student_config(data, labels, split_file, run_dir, lam, args), where="quickstart")
+        t0 = time.time()
+        summary = Trainer(config).fit()
+        print(f"[3/4] {name}: {summary['epochs']} epochs, {summary['steps']} steps, {time.time() - t0:.0f} s")
+
+    test = [dataset[i] for i in split["test"]]
+    store = LabelStore(labels)
+    results, table = {}, {}
+    for name, lam in runs.items():
+        run_dir = os.path.join(out, "undistilled" if lam == 0 else "hessian_kd")
+        metrics = evaluate(load_student(os.path.join(run_dir, "best.pt")), test, store)
+        results[name] = metrics
+        table[name] = {"vs_reference": metrics["student_vs_reference"], "vs_teacher": metrics["student_vs_teacher"]}
+    table[f"teacher {args.teacher}"] = {"vs_reference": metrics["teacher_vs_reference"], "vs_teacher": {}}
+    wall = time.time() - start
+    text = format_table(table)
+    header = (f"[4/4] held-out conformers: {len(test)} (train {len(split['train'])}, val {len(split['val'])}); "
+              f"reference: ωB97x/6-31G(d) DFT")
+    print(header)
+    print(text)
+    print(f"wall time {wall / 60:.1f} min; results in {out}/results.json")
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump({"results": results, "wall_s": wall, "teacher": args.teacher, "rows": args.rows,
+                   "student": STUDENT, "n_test": len(test)}, fh, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(f"{header}\n\n```\n{text}\n```\n\nwall time {wall / 60:.1f} min\n")
+    return 0

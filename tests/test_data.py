@@ -1,7 +1,6 @@
 """Datasets: ingest round trips, clear errors on bad input, subsets, group splits and training batches."""
 import json
 import os
-import struct
 
 import lmdb
 import numpy as np
@@ -16,7 +15,7 @@ from engine.errors import HessforgeError
 from training.data.batch import Batch, batch_to, collate, hessian_grad_outputs, make_loader
 from training.data.ingest import ingest
 from training.data.records import Structure
-from training.data.store import INDEX_KEY, META_KEY, Dataset, index_key, write_dataset
+from training.data.store import META_KEY, Dataset, index_key, write_dataset
 from training.data.subsets import load_split, save_split, select, split_by_group
 from training.labels import LabelRecord
 

@@ -258,7 +258,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
 
 def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:
     """labels.json: a human-readable copy of the metadata (the shards hold the authoritative one)."""
-    info = {k: v for k, v in meta.items() if k not in ("rank", "created")}
+    info = {k: v for k, v in meta.items() if k not in ("rank", "world_size", "created")}
     tmp = os.path.join(out_dir, f".labels.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1, ensure_ascii=False)

@@ -123,20 +123,28 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
 
 
 class Collater:
-    """collate() with fixed settings, as a DataLoader collate_fn. Row sampling is reproducible: in the main
-    process a generator seeded with `seed`; in a worker, one seeded with the worker's seed (which DataLoader
-    derives from its own seeded generator, per epoch and worker), so workers never draw identical rows."""
+    """collate() with fixed settings, as a DataLoader collate_fn. Row sampling is reproducible: the generator
+    is seeded from `seed` (and, in a DataLoader worker, the worker id, so workers never draw identical rows)
+    and re-seeded whenever `seed` changes. Workers get a fresh copy of this object each epoch (make_loader does
+    not keep workers alive), so setting `loader.collate_fn.seed` per epoch gives per-epoch rows that depend on
+    (seed, epoch) only, with or without workers; left unchanged, rows in the main process keep advancing while
+    each worker replays its stream (on differently shuffled structures)."""
 
     def __init__(self, labels, cutoff: float, dtype: torch.dtype, hessian_rows_per_structure: int, seed: int):
         self.labels, self.cutoff, self.dtype = labels, cutoff, dtype
         self.s, self.seed = hessian_rows_per_structure, seed
-        self._gen, self._gen_seed = None, None
+        self._gen, self._gen_key = None, None
 
     def _generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
-        seed = self.seed if info is None else info.seed
-        if self._gen is None or self._gen_seed != seed:
-            self._gen, self._gen_seed = torch.Generator().manual_seed(int(seed) % (2**63)), seed
+        key = (int(self.seed), None if info is None else info.id)
+        if self._gen is None or self._gen_key != key:
+            if info is None:
+                seed = key[0] % (2**63)
+            else:
+                seed = int(np.random.SeedSequence([key[0] % (2**63), info.id + 1]).generate_state(1, np.uint64)[0])
+                seed %= 2**63
+            self._gen, self._gen_key = torch.Generator().manual_seed(seed), key
         return self._gen
 
     def __call__(self, structures) -> Batch:
@@ -156,5 +164,4 @@ def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float
     gen = torch.Generator().manual_seed(int(seed))  # shuffling order and worker seeds
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=num_workers, generator=gen, drop_last=drop_last,
-                      collate_fn=Collater(labels, cutoff, dtype, s, seed),
-                      persistent_workers=num_workers > 0)
+                      collate_fn=Collater(labels, cutoff, dtype, s, seed), persistent_workers=False)

@@ -237,13 +237,15 @@ class LmdbWriter:
         if size > self.env.info()["map_size"] // 2:
             self.env.set_mapsize(2 * size)
 
-    def put_many(self, items: Iterable[tuple], overwrite: bool = True) -> None:
+    def put_many(self, items: Iterable[tuple], overwrite: bool = True, append: bool = False) -> None:
+        """append=True for keys in increasing order past every existing key: LMDB then fills pages instead
+        of splitting them in half (sequential dataset records take ~2x less disk)."""
         items = list(items)
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     for key, value in items:
-                        txn.put(key, value, overwrite=overwrite)
+                        txn.put(key, value, overwrite=overwrite, append=append)
                 return
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -297,7 +299,7 @@ class DatasetWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            self.writer.put_many(self._pending)
+            self.writer.put_many(self._pending, append=True)  # index keys only grow
             self._pending = []
 
     def finish(self) -> None:

@@ -279,3 +279,19 @@ def test_loader_with_workers_is_reproducible(tmp_path, rng):
     assert first == epoch()
     assert sorted(i for ids, _ in first for i in ids) == sorted(Dataset(path).ids())
     assert [h for _, h in epoch(collate_seed=99)] != [h for _, h in first]  # a new seed draws other rows
+
+
+def test_concurrent_ranks_like_torchrun(tmp_path, rng):
+    """Two ranks started together (as torchrun does, via RANK/WORLD_SIZE) write their own shards at once."""
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, n=10)
+    out = str(tmp_path / "ddp")
+    script = (f"import os, sys; sys.path.insert(0, {TESTS!r})\n"
+              "from test_labels import Harmonic\nfrom training.labels import label_dataset\n"
+              f"label_dataset({path!r}, Harmonic(), {out!r}, rows=3, seed=2,\n"
+              "              rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"})
+             for r in range(2)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    label_dataset(path, Harmonic(), tmp_path / "one", rows=3, seed=2)
+    assert len(list_shards(out)) == 2
+    assert contents(out) == contents(tmp_path / "one")

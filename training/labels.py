@@ -217,6 +217,8 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     mine = shard_path(out_dir, rank)
     done = set()
     for path in list_shards(out_dir):
+        if path != mine and os.path.getsize(path) < 8192:
+            continue  # another rank is creating this shard right now (LMDB writes its 2 meta pages first)
         old = _shard_meta(path, lock=True)  # lock: other ranks may be writing their shards right now
         if old is None:
             continue

@@ -286,6 +286,9 @@ class DatasetWriter:
         self._pending: List[tuple] = []
 
     def add(self, s: Structure) -> None:
+        # Ids are LMDB keys of the label shards: non-empty, at most 511 bytes, not a reserved key.
+        if not s.id or len(s.id.encode()) > 500 or s.id.startswith("__hessforge"):
+            raise HessforgeError(f"invalid structure id {s.id!r} (empty, over 500 bytes, or reserved)")
         if s.id in self._seen:
             raise HessforgeError(f"duplicate structure id {s.id!r}")
         self._seen.add(s.id)

@@ -55,10 +55,11 @@ def batch_to(batch: Batch, device, non_blocking: bool = False) -> Batch:
 
 def hessian_grad_outputs(batch: Batch) -> torch.Tensor:
     """[s, 3N] grad_outputs for the batched VJP: one-hot at hessian_index, zero where hessian_mask is False
-    (so a padded sample contributes nothing; its target is zero too)."""
-    s, n = batch.hessian_index.shape[0], batch.graph.positions.shape[0]
-    v = torch.zeros(s, 3 * n, dtype=batch.graph.positions.dtype, device=batch.hessian_index.device)
-    return v.scatter_(1, batch.hessian_index, batch.hessian_mask.to(v.dtype))
+    (so a padded sample contributes nothing; its target is zero too). The same selectors the loss uses."""
+    from training.losses import onehot_rows
+
+    n = batch.graph.positions.shape[0]
+    return onehot_rows(batch.hessian_index, n, batch.graph.positions.dtype, batch.hessian_mask).reshape(-1, 3 * n)
 
 
 def _label_for(labels, structure, k: int):

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "train": ("training.trainer", "train a student from a YAML config"),
     "evaluate": ("training.evaluate", "energy/force/Hessian errors of a student (and the teacher)"),
     "quickstart": ("training.quickstart.run", "label, train and evaluate on the bundled dataset"),
+    "export": ("engine.export", "export a checkpoint to one TorchScript file for the C++ core and LAMMPS"),
 }
 
 

@@ -1,0 +1,263 @@
+"""Export a student to one TorchScript file with its metadata: what the C++ core and the LAMMPS plugin load.
+
+`hessforge export CHECKPOINT -o model.pt` (or `export_model(model, path)` from Python).
+
+The file is a TorchScript archive whose `forward` evaluates one graph given explicitly:
+
+    forward(positions [N, 3], numbers [N] (atomic numbers, int64), edge_index [2, E] (receiver i, sender j),
+            shifts [E, 3] (Cartesian, Å), nlocal: int)
+      -> (energy [] = sum of node_energy[:nlocal], node_energy [N], forces [N, 3], virial [3, 3])
+
+with r_ij = positions[j] - positions[i] + shifts[e]. Two ways of describing a periodic system both work:
+- periodic images through `shifts` (the C++ core's own cell list; LAMMPS on one rank, "fold" mode), nlocal = N;
+- explicit ghost atoms (LAMMPS domain decomposition, "ghost" mode): positions of local + ghost atoms, zero
+  shifts, nlocal = number of local atoms. Only local energies are summed; forces are -dE_local/d(every
+  position), ghost rows included (LAMMPS reverse-communicates them with `newton on`). Ghost atoms must reach
+  out to num_layers × cutoff from the local ones.
+
+Gradient-force students: forces and virial come from one backward pass through the edge vectors,
+F_i = -dE/dx_i and W = -sum_e r_e ⊗ dE/dr_e (= sum_i x_i ⊗ F_i with explicit ghosts; LAMMPS's sign and
+convention: pressure·volume = W + kinetic). Direct-force students: forces are the force head's output on
+local atoms (ghost rows zero); there is no energy derivative, so the virial is returned as zeros and the
+metadata says `"virial": false`.
+
+Metadata (JSON, `extra/hessforge.json` in the archive, readable without loading the module): format and
+version, architecture and hyperparameters, cutoff (Å), species (atomic numbers), num_layers,
+interaction_range = num_layers × cutoff, force_mode, virial, units (eV, Å; LAMMPS `units metal`), dtype,
+and provenance (checkpoint, teacher, data, metrics, versions).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from engine.errors import HessforgeError
+from engine.graph import AtomicGraph
+
+EXPORT_FORMAT = "hessforge-exported"
+EXPORT_VERSION = 1
+METADATA_NAME = "hessforge.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextmanager
+def quiet_torchscript():
+    """TorchScript is deprecated from torch 2.10 on, and still what a LAMMPS pair style can load without a
+    Python interpreter; silence the deprecation warnings of our own calls."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+        yield
+
+
+class ExportWrapper(nn.Module):
+    """A student behind the explicit-graph interface above. The student's own forward is used unchanged: the
+    edge vectors are handed to it as the cell shifts of a graph whose positions are all zero and whose cell
+    is the identity, so r_ij = 0 - 0 + r_ij @ I exactly and any student with the common AtomicGraph
+    interface exports without a second implementation of its physics."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.direct_forces: bool = str(getattr(model, "force_mode", "gradient")) == "direct"
+        dtype = next(model.parameters()).dtype
+        self.register_buffer("identity_cell", torch.eye(3, dtype=dtype).unsqueeze(0))
+        self.register_buffer("no_pbc", torch.zeros(1, 3, dtype=torch.bool))
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        shifts: torch.Tensor,
+        nlocal: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = positions.shape[0]
+        i, j = edge_index[0], edge_index[1]
+        vec = (positions[j] - positions[i] + shifts).detach()
+        if not self.direct_forces:
+            vec.requires_grad_(True)
+        graph = AtomicGraph(
+            positions=torch.zeros_like(positions),
+            numbers=numbers,
+            cell=self.identity_cell,
+            pbc=self.no_pbc,
+            batch=torch.zeros(n, dtype=torch.long, device=positions.device),
+            edge_index=edge_index,
+            shifts=vec,
+        )
+        out = self.model(graph, self.direct_forces, False)
+        node_energy = out["node_energy"]
+        energy = node_energy[:nlocal].sum()
+        if self.direct_forces:
+            forces = out["forces"].clone()
+            forces[nlocal:] = 0.0
+            virial = torch.zeros(3, 3, dtype=positions.dtype, device=positions.device)
+        else:
+            grads = torch.autograd.grad([energy], [vec], allow_unused=True)
+            g = grads[0]
+            if g is None:  # no edges: the energy does not depend on positions
+                g = torch.zeros_like(vec)
+            forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
+            virial = -(vec.detach().transpose(0, 1) @ g)
+            virial = 0.5 * (virial + virial.transpose(0, 1))
+        return energy.detach(), node_energy.detach(), forces.detach(), virial.detach()
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Drop what JSON cannot hold (tensors, arrays), keep numbers, strings, lists and dicts."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def checkpoint_provenance(path: str, state: Dict[str, Any], use_ema: bool) -> Dict[str, Any]:
+    """Where a checkpoint's student came from: teacher, data, metrics (from the trainer's state)."""
+    config = state.get("config") or {}
+    data = config.get("data") or {}
+    teacher = None
+    labels_dir = data.get("labels")
+    if labels_dir and os.path.isfile(os.path.join(labels_dir, "labels.json")):
+        try:
+            with open(os.path.join(labels_dir, "labels.json")) as fh:
+                info = json.load(fh)
+            teacher = {k: info.get(k) for k in ("teacher", "teacher_spec", "mode", "k", "dtype") if k in info}
+        except (OSError, ValueError):
+            teacher = None
+    history = state.get("history") or []
+    last_epoch = history[-1] if history else {}
+    metrics = {
+        "epoch": state.get("epoch"),
+        "step": state.get("step"),
+        "best_val_loss_ef": state.get("best_val"),
+        "last_epoch": {k: v for k, v in last_epoch.items() if k.startswith("val_") or k.startswith("train_")},
+        "teacher_val": state.get("teacher_val"),
+    }
+    return _jsonable({
+        "checkpoint": os.path.abspath(path),
+        "checkpoint_sha256": _sha256(path),
+        "weights": "ema" if use_ema and state.get("ema_model_state") is not None else "raw",
+        "teacher": teacher,
+        "data": {k: data.get(k) for k in ("path", "labels", "elements") if k in data},
+        "loss": config.get("loss"),
+        "train_dtype": (config.get("train") or {}).get("dtype"),
+        "metrics": metrics,
+    })
+
+
+def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Dict[str, Any]] = None) -> Dict:
+    hp = dict(model.hyperparameters()) if hasattr(model, "hyperparameters") else {}
+    species = [int(z) for z in model.species]
+    cutoff = float(model.cutoff)
+    layers = int(model.num_layers)
+    force_mode = str(getattr(model, "force_mode", "gradient"))
+    try:
+        from importlib.metadata import version
+
+        hessforge_version = version("hessforge")
+    except Exception:  # not installed (source tree on the path)
+        hessforge_version = "unknown"
+    from ase.data import chemical_symbols
+
+    return _jsonable({
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "architecture": type(model).__name__.lower(),
+        "hyperparameters": hp,
+        "cutoff": cutoff,
+        "species": species,
+        "species_symbols": [chemical_symbols[z] for z in species],
+        "num_layers": layers,
+        "interaction_range": layers * cutoff,
+        "force_mode": force_mode,
+        "virial": force_mode == "gradient",
+        "units": {"energy": "eV", "length": "Angstrom", "lammps": "metal"},
+        "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
+        "interface": "forward(positions[N,3], numbers[N], edge_index[2,E], shifts[E,3], nlocal) -> "
+                     "(energy, node_energy[N], forces[N,3], virial[3,3])",
+        "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                           hessforge_version=hessforge_version, torch_version=torch.__version__),
+    })
+
+
+def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64,
+                 provenance: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Script `model` (a copy in `dtype`, eval mode, on the CPU) behind ExportWrapper and save it with its
+    metadata to `path`. Returns the metadata."""
+    import copy
+
+    if dtype not in DTYPES.values():
+        raise HessforgeError(f"export dtype must be float32 or float64, got {dtype}")
+    for attr in ("species", "cutoff", "num_layers"):
+        if not hasattr(model, attr):
+            raise HessforgeError(f"cannot export {type(model).__name__}: it has no '{attr}' attribute")
+    model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    metadata = build_metadata(model, dtype, provenance)
+    try:
+        with quiet_torchscript():
+            scripted = torch.jit.script(ExportWrapper(model))
+    except Exception as err:
+        raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise HessforgeError(f"output directory does not exist: {directory}")
+    tmp = path + ".tmp"
+    with quiet_torchscript():
+        torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
+    os.replace(tmp, path)
+    return metadata
+
+
+def export_checkpoint(checkpoint: str, path: str, dtype: Optional[torch.dtype] = None,
+                      use_ema: bool = True) -> Dict[str, Any]:
+    """Export a trainer checkpoint (best.pt / last.pt)."""
+    from engine.checkpoint import load_student, read_checkpoint
+
+    state = read_checkpoint(checkpoint)
+    if dtype is None:
+        dtype = torch.float64
+    model = load_student(checkpoint, use_ema=use_ema, dtype=dtype)
+    return export_model(model, path, dtype, checkpoint_provenance(checkpoint, state, use_ema))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="trainer checkpoint (RUN/best.pt or RUN/last.pt)")
+    parser.add_argument("-o", "--output", required=True, help="exported TorchScript file to write (model.pt)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
+                        help="precision of the exported model (default float64)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+
+
+def run(args) -> int:
+    meta = export_checkpoint(args.checkpoint, args.output, DTYPES[args.dtype], use_ema=not args.no_ema)
+    print(f"wrote {args.output}: {meta['architecture']} {meta['force_mode']}-force, "
+          f"species {' '.join(meta['species_symbols'])}, cutoff {meta['cutoff']:g} Å, {meta['num_layers']} layers "
+          f"(ghost atoms to {meta['interaction_range']:g} Å), {meta['dtype']}")
+    return 0

@@ -1,0 +1,194 @@
+"""Load exported models (engine.export) back into Python, and reach the C++ core and the LAMMPS plugin.
+
+- `read_metadata(path)`: the JSON metadata, read from the archive without loading the TorchScript module.
+- `load_exported(path)`: the TorchScript module behind the student interface (forward(graph) -> energy [B],
+  node_energy [N], forces [N, 3]; `virial(graph)` for one structure).
+- `load_core(path)`: the C++ core (pybind11 module engine._core, built by `make build`): its own O(N) cell
+  list, energy, forces, virial and per-atom energies for one structure given as numpy arrays.
+- `lammps_plugin_path()`: the built `hessforgeplugin.so` for LAMMPS `plugin load` / LAMMPS_PLUGIN_PATH.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from engine.errors import HessforgeError, UnknownElementError
+from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
+from engine.graph import AtomicGraph
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN_NAME = "hessforgeplugin.so"
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise HessforgeError(f"model file not found: {path}")
+    if not os.path.isfile(path):
+        raise HessforgeError(f"model path is not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise HessforgeError(f"model file is not readable (permission denied): {path}")
+
+
+def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
+    if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+        raise HessforgeError(f"{path}: not a hessforge exported model (metadata format is not {EXPORT_FORMAT!r})")
+    version = metadata.get("format_version")
+    if not isinstance(version, int):
+        raise HessforgeError(f"{path}: exported model metadata has no integer format_version")
+    if version > EXPORT_VERSION:
+        raise HessforgeError(f"{path}: exported model format version {version} is newer than this hessforge "
+                             f"supports ({EXPORT_VERSION}); upgrade hessforge")
+    for key in ("cutoff", "species", "num_layers", "force_mode", "dtype"):
+        if key not in metadata:
+            raise HessforgeError(f"{path}: exported model metadata lacks '{key}'")
+    return metadata
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    """The metadata of an exported model, checked (format, version), without loading the module."""
+    _check_readable(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_NAME)]
+            if not names:
+                raise HessforgeError(f"{path}: not a hessforge exported model (no {METADATA_NAME} inside)")
+            text = archive.read(names[0]).decode("utf-8")
+    except zipfile.BadZipFile:
+        raise HessforgeError(f"{path}: not a hessforge exported model (not a TorchScript archive)") from None
+    try:
+        metadata = json.loads(text)
+    except ValueError as err:
+        raise HessforgeError(f"{path}: exported model metadata is not valid JSON ({err})") from None
+    return check_metadata(metadata, path)
+
+
+class ExportedModel:
+    """An exported TorchScript student with the engine's student interface."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.metadata = read_metadata(path)
+        try:
+            with quiet_torchscript():
+                self.module = torch.jit.load(path, map_location="cpu")
+        except Exception as err:
+            raise HessforgeError(f"{path}: cannot load the TorchScript module ({type(err).__name__})") from None
+        self.module.eval()
+        self.cutoff: float = float(self.metadata["cutoff"])
+        self.species = [int(z) for z in self.metadata["species"]]
+        self.num_layers: int = int(self.metadata["num_layers"])
+        self.force_mode: str = self.metadata["force_mode"]
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.metadata["dtype"]]
+
+    def check_species(self, numbers, where: str = "") -> None:
+        unknown = set(int(z) for z in torch.as_tensor(numbers).unique().tolist()) - set(self.species)
+        if unknown:
+            raise UnknownElementError(unknown, self.species, where or self.path)
+
+    def evaluate(self, positions, numbers, edge_index, shifts, nlocal: Optional[int] = None):
+        """The raw module call: (energy, node_energy, forces, virial), inputs cast to the model's dtype."""
+        positions = torch.as_tensor(positions).to(self.dtype)
+        n = positions.shape[0]
+        return self.module(positions, torch.as_tensor(numbers, dtype=torch.long), torch.as_tensor(edge_index),
+                           torch.as_tensor(shifts).to(self.dtype), n if nlocal is None else int(nlocal))
+
+    def _edge_shifts(self, graph: AtomicGraph) -> torch.Tensor:
+        i = graph.edge_index[0]
+        return torch.einsum("ea,eab->eb", graph.shifts.to(self.dtype), graph.cell.to(self.dtype)[graph.batch[i]])
+
+    def forward(self, graph: AtomicGraph, compute_forces: bool = True) -> Dict[str, torch.Tensor]:
+        """energy [B], node_energy [N], forces [N, 3] for a batch (structures are disconnected in the graph)."""
+        self.check_species(graph.numbers)
+        _, node_energy, forces, _ = self.evaluate(graph.positions, graph.numbers, graph.edge_index,
+                                                  self._edge_shifts(graph))
+        energy = torch.zeros(graph.cell.shape[0], dtype=node_energy.dtype).index_add(0, graph.batch, node_energy)
+        out = {"energy": energy, "node_energy": node_energy}
+        if compute_forces:
+            out["forces"] = forces
+        return out
+
+    __call__ = forward
+
+    def virial(self, graph: AtomicGraph) -> torch.Tensor:
+        """W [3, 3] (eV) of a single-structure graph: -dE/d(strain); stress = -W / volume."""
+        if graph.cell.shape[0] != 1:
+            raise HessforgeError("virial: pass a graph holding one structure")
+        if not self.metadata.get("virial", False):
+            raise HessforgeError(f"{self.path}: a {self.force_mode}-force model has no virial")
+        return self.evaluate(graph.positions, graph.numbers, graph.edge_index, self._edge_shifts(graph))[3]
+
+
+def load_exported(path: str) -> ExportedModel:
+    return ExportedModel(path)
+
+
+# --------------------------------------------------------------------------------------------- C++ core
+def _core_module():
+    try:
+        from engine import _core  # built by `make build` (CMakeLists.txt)
+    except ImportError as err:
+        raise HessforgeError(f"the hessforge C++ core is not built ({err}); run `make build`") from None
+    return _core
+
+
+def core_available() -> bool:
+    try:
+        _core_module()
+        return True
+    except HessforgeError:
+        return False
+
+
+class CoreModel:
+    """The C++ core on one exported model. compute() builds its own cell list (periodic, triclinic, cells
+    smaller than the cutoff) and returns energy, forces, virial and per-atom energies (float64 numpy)."""
+
+    def __init__(self, path: str, num_threads: int = 0):
+        self._core = _core_module()
+        self.path = path
+        self.model = self._core.Model(path, num_threads)
+        self.metadata = json.loads(self.model.metadata_json)
+
+    def compute(self, positions, numbers, cell=None, pbc=(False, False, False)) -> Dict[str, Any]:
+        positions = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
+        numbers = np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1)
+        cell = np.zeros((3, 3)) if cell is None else np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
+        pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
+        return self.model.compute(positions, numbers, cell, pbc)
+
+    def compute_atoms(self, atoms) -> Dict[str, Any]:
+        return self.compute(atoms.positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc)
+
+    def compute_graph(self, positions, numbers, edge_index, shifts, nlocal: int = -1) -> Dict[str, Any]:
+        return self.model.compute_graph(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
+                                        np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1),
+                                        np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
+                                        np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal)
+
+
+def load_core(path: str, num_threads: int = 0) -> CoreModel:
+    return CoreModel(path, num_threads)
+
+
+def neighbor_list(positions, cell, pbc, cutoff: float):
+    """The C++ core's cell list: edge_index [2, E] (int64), integer shifts [E, 3] (int64), the convention of
+    engine.neighbors (r_ij = x_j - x_i + S @ cell, strict cutoff, both directions)."""
+    core = _core_module()
+    return core.neighbor_list(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
+                              np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3),
+                              np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))),
+                              float(cutoff))
+
+
+def lammps_plugin_path(build_dir: Optional[str] = None) -> str:
+    """Path of the built LAMMPS plugin (HESSFORGE_BUILD_DIR or <repo>/build)."""
+    build_dir = build_dir or os.environ.get("HESSFORGE_BUILD_DIR") or os.path.join(REPO_ROOT, "build")
+    path = os.path.join(build_dir, PLUGIN_NAME)
+    if not os.path.isfile(path):
+        raise HessforgeError(f"LAMMPS plugin not built: {path} is missing; run `make build`")
+    return path

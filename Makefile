@@ -10,13 +10,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow build
 install: $(STAMP)
+
+# C++ core + pybind11 module (engine/_core*.so) + LAMMPS plugin (build/hessforgeplugin.so); incremental
+BUILD_DIR ?= build
+build: $(STAMP)
+	cmake -S . -B $(BUILD_DIR) -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build $(BUILD_DIR) -j 2
 
 demo: $(STAMP)
 	$(VENV)/bin/hessforge quickstart
 
-test: $(STAMP)
+test: $(STAMP) build
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: $(STAMP)

@@ -1,0 +1,89 @@
+// hessforge C++ core: loads an exported model (engine/export.py) with its metadata, maps elements, builds an
+// O(N) cell-list neighbor list (periodic, triclinic, cells smaller than the cutoff) and returns energy,
+// forces, virial and per-atom energies. Used by the pybind11 module (csrc/bindings.cpp) and by the LAMMPS
+// plugin (lammps_plugin/). This header does not include torch, so its users compile fast.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace hessforge {
+
+// Errors a user can cause (missing file, newer format, unknown element...): one clear message.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+constexpr int kFormatVersion = 1;  // newest exported-model format this core reads (engine.export.EXPORT_VERSION)
+
+struct Metadata {
+  int format_version = 0;
+  std::string architecture;
+  double cutoff = 0.0;            // Å
+  std::vector<int> species;       // atomic numbers the model knows
+  int num_layers = 0;             // message-passing layers
+  double interaction_range = 0.0; // num_layers * cutoff: how far ghost atoms must reach
+  std::string force_mode;         // "gradient" or "direct"
+  bool virial = false;            // the model gives a virial (gradient forces)
+  std::string dtype;              // "float32" or "float64"
+  std::string json;               // the whole metadata document
+};
+
+struct Result {
+  double energy = 0.0;               // eV, sum of the first nlocal per-atom energies
+  std::vector<double> forces;        // [N*3] eV/Å (ghost rows hold reaction forces in ghost mode)
+  std::vector<double> node_energy;   // [N] eV
+  double virial[9] = {0};            // eV, row-major 3x3: W = -sum_e r_e (x) dE/dr_e (zero for direct forces)
+  int64_t num_edges = 0;
+};
+
+// Neighbor list with the convention of engine/neighbors.py: for an edge (i, j) with integer shift S,
+// r_ij = x_j - x_i + S @ cell (cell rows are lattice vectors), |r_ij| < cutoff, no self pair with S = 0,
+// every pair in both directions. Edges are sorted by receiver i.
+struct NeighborList {
+  std::vector<int64_t> receivers, senders;
+  std::vector<int64_t> shifts;  // [E*3] integer cell shifts
+  size_t size() const { return receivers.size(); }
+};
+
+// positions [n*3]; cell [9] row-major (ignored where pbc is false; must be invertible if any pbc).
+NeighborList neighbor_list(const double* positions, int64_t n, const double* cell, const bool* pbc,
+                           double cutoff);
+
+// Atomic number of an element symbol ("H", "Cu"); 0 if unknown.
+int atomic_number(const std::string& symbol);
+std::string element_symbol(int z);
+
+class Model {
+ public:
+  // Loads the TorchScript file and its metadata. num_threads > 0 sets torch's intra-op threads.
+  explicit Model(const std::string& path, int num_threads = 0);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const Metadata& metadata() const;
+  const std::string& path() const;
+  bool knows(int z) const;  // is this atomic number in the model's species?
+
+  // Explicit graph: positions [n*3], atomic numbers [n], edges (receiver, sender) with Cartesian shift
+  // vectors [E*3] (nullptr: all zero, as with explicit ghost atoms); only the first nlocal atoms' energies
+  // are summed (nlocal < 0: all). Numbers are not checked here (the caller maps elements once).
+  void compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
+                     const int64_t* receivers, const int64_t* senders, const double* shifts,
+                     int64_t num_edges, Result& out) const;
+
+  // One structure: own cell list, then compute_graph. Checks the elements.
+  void compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
+               const bool* pbc, Result& out) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hessforge

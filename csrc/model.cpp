@@ -1,0 +1,200 @@
+// The model half of the core: the only translation unit that includes torch.
+#include <ATen/Parallel.h>
+#include <caffe2/serialize/inline_container.h>
+#include <sys/stat.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/script.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "hessforge/core.h"
+#include "json_lite.h"
+
+namespace hessforge {
+
+namespace {
+
+const char* kMetadataRecord = "extra/hessforge.json";
+
+std::string first_line(const std::string& text) {
+  const size_t end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+void check_file(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) throw Error("model file not found: " + path);
+    throw Error("cannot read model file " + path + ": " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) throw Error("model path is not a file: " + path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read model file " + path + ": " + std::strerror(errno));
+  char magic[2] = {0, 0};
+  in.read(magic, 2);
+  if (!in || magic[0] != 'P' || magic[1] != 'K')
+    throw Error(path + ": not a hessforge exported model (not a TorchScript archive)");
+}
+
+std::string read_metadata_json(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    if (!reader.hasRecord(kMetadataRecord))
+      throw Error(path + ": not a hessforge exported model (no hessforge.json metadata inside)");
+    auto record = reader.getRecord(kMetadataRecord);
+    const at::DataPtr& data = std::get<0>(record);
+    return std::string(static_cast<const char*>(data.get()), std::get<1>(record));
+  } catch (const c10::Error& err) {
+    throw Error(path + ": not a hessforge exported model (unreadable archive: " + first_line(err.what_without_backtrace()) + ")");
+  }
+}
+
+const json::Value& need(const json::Value& doc, const std::string& key, json::Value::Type type,
+                        const std::string& path) {
+  const json::Value* v = doc.get(key);
+  if (v == nullptr || v->type != type) throw Error(path + ": exported model metadata lacks a valid '" + key + "'");
+  return *v;
+}
+
+Metadata parse_metadata(const std::string& text, const std::string& path) {
+  json::Value doc;
+  try {
+    doc = json::parse(text);
+  } catch (const Error& err) {
+    throw Error(path + ": " + err.what());
+  }
+  const json::Value* format = doc.get("format");
+  if (format == nullptr || format->type != json::Value::String || format->string != "hessforge-exported")
+    throw Error(path + ": not a hessforge exported model (metadata format is not 'hessforge-exported')");
+  Metadata meta;
+  meta.json = text;
+  meta.format_version = static_cast<int>(need(doc, "format_version", json::Value::Number, path).number);
+  if (meta.format_version > kFormatVersion) {
+    std::ostringstream msg;
+    msg << path << ": exported model format version " << meta.format_version
+        << " is newer than this hessforge supports (" << kFormatVersion << "); upgrade hessforge and rebuild";
+    throw Error(msg.str());
+  }
+  meta.cutoff = need(doc, "cutoff", json::Value::Number, path).number;
+  meta.num_layers = static_cast<int>(need(doc, "num_layers", json::Value::Number, path).number);
+  const json::Value* range = doc.get("interaction_range");
+  meta.interaction_range = (range && range->type == json::Value::Number) ? range->number : meta.num_layers * meta.cutoff;
+  meta.force_mode = need(doc, "force_mode", json::Value::String, path).string;
+  meta.dtype = need(doc, "dtype", json::Value::String, path).string;
+  const json::Value* arch = doc.get("architecture");
+  meta.architecture = (arch && arch->type == json::Value::String) ? arch->string : "";
+  const json::Value* virial = doc.get("virial");
+  meta.virial = virial ? (virial->type == json::Value::Bool && virial->boolean) : meta.force_mode == "gradient";
+  for (const json::Value& z : need(doc, "species", json::Value::Array, path).array) {
+    if (z.type != json::Value::Number || z.number < 1 || z.number > 118)
+      throw Error(path + ": exported model metadata has an invalid species entry");
+    meta.species.push_back(static_cast<int>(z.number));
+  }
+  if (!(meta.cutoff > 0)) throw Error(path + ": exported model metadata has a non-positive cutoff");
+  if (meta.dtype != "float32" && meta.dtype != "float64")
+    throw Error(path + ": exported model dtype '" + meta.dtype + "' is not float32 or float64");
+  if (meta.force_mode != "gradient" && meta.force_mode != "direct")
+    throw Error(path + ": exported model force_mode '" + meta.force_mode + "' is not gradient or direct");
+  return meta;
+}
+
+}  // namespace
+
+struct Model::Impl {
+  std::string path;
+  Metadata meta;
+  torch::jit::Module module;
+  torch::Dtype dtype = torch::kFloat64;
+  std::vector<bool> known = std::vector<bool>(119, false);
+};
+
+Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
+  impl_->path = path;
+  check_file(path);
+  impl_->meta = parse_metadata(read_metadata_json(path), path);
+  try {
+    impl_->module = torch::jit::load(path, torch::kCPU);
+  } catch (const c10::Error& err) {
+    throw Error(path + ": cannot load the TorchScript module (" + first_line(err.what_without_backtrace()) + ")");
+  }
+  impl_->module.eval();
+  impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
+  for (int z : impl_->meta.species) impl_->known[z] = true;
+  if (num_threads > 0) at::set_num_threads(num_threads);
+  // The profiling graph executor re-specialises on every new edge count (it changes every MD step) and
+  // fuses nothing on the CPU: run the plain interpreter unless HESSFORGE_JIT_OPTIMIZE=1.
+  const char* optimize = std::getenv("HESSFORGE_JIT_OPTIMIZE");
+  torch::jit::setGraphExecutorOptimize(optimize != nullptr && std::string(optimize) == "1");
+}
+
+Model::~Model() = default;
+
+const Metadata& Model::metadata() const { return impl_->meta; }
+const std::string& Model::path() const { return impl_->path; }
+bool Model::knows(int z) const { return z > 0 && z < 119 && impl_->known[z]; }
+
+void Model::compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
+                          const int64_t* receivers, const int64_t* senders, const double* shifts,
+                          int64_t num_edges, Result& out) const {
+  if (nlocal < 0 || nlocal > n) nlocal = n;
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  // from_blob views the caller's memory (read only here); .to() copies only for a float32 model
+  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64).to(impl_->dtype);
+  torch::Tensor z = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
+  torch::Tensor edge_index = torch::empty({2, num_edges}, i64);
+  if (num_edges > 0) {
+    std::memcpy(edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
+    std::memcpy(edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
+  }
+  torch::Tensor shift = shifts == nullptr
+                            ? torch::zeros({num_edges, 3}, torch::TensorOptions().dtype(impl_->dtype))
+                            : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64).to(impl_->dtype);
+  std::vector<torch::jit::IValue> inputs{pos, z, edge_index, shift, nlocal};
+  c10::intrusive_ptr<c10::ivalue::Tuple> result;
+  try {
+    if (impl_->meta.force_mode == "direct") {
+      torch::NoGradGuard no_grad;
+      result = impl_->module.forward(inputs).toTuple();
+    } else {
+      result = impl_->module.forward(inputs).toTuple();
+    }
+  } catch (const c10::Error& err) {
+    throw Error(impl_->path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
+  }
+  const auto& el = result->elements();
+  out.energy = el[0].toTensor().to(torch::kFloat64).item<double>();
+  torch::Tensor node_energy = el[1].toTensor().to(torch::kFloat64).contiguous();
+  torch::Tensor forces = el[2].toTensor().to(torch::kFloat64).contiguous();
+  torch::Tensor virial = el[3].toTensor().to(torch::kFloat64).contiguous();
+  out.node_energy.assign(node_energy.data_ptr<double>(), node_energy.data_ptr<double>() + n);
+  out.forces.assign(forces.data_ptr<double>(), forces.data_ptr<double>() + 3 * n);
+  std::memcpy(out.virial, virial.data_ptr<double>(), 9 * sizeof(double));
+  out.num_edges = num_edges;
+}
+
+void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
+                    const bool* pbc, Result& out) const {
+  for (int64_t k = 0; k < n; ++k) {
+    if (!knows(static_cast<int>(numbers[k]))) {
+      std::ostringstream msg;
+      msg << impl_->path << ": unknown element " << element_symbol(static_cast<int>(numbers[k])) << " (Z="
+          << numbers[k] << ") at atom " << k << "; the model knows:";
+      for (int z : impl_->meta.species) msg << " " << element_symbol(z);
+      throw Error(msg.str());
+    }
+  }
+  const NeighborList nl = neighbor_list(positions, n, cell, pbc, impl_->meta.cutoff);
+  const int64_t e = static_cast<int64_t>(nl.size());
+  std::vector<double> shift(3 * e);
+  for (int64_t k = 0; k < e; ++k)
+    for (int d = 0; d < 3; ++d)
+      shift[3 * k + d] = nl.shifts[3 * k] * cell[d] + nl.shifts[3 * k + 1] * cell[3 + d] + nl.shifts[3 * k + 2] * cell[6 + d];
+  compute_graph(positions, numbers, n, n, nl.receivers.data(), nl.senders.data(), shift.data(), e, out);
+}
+
+}  // namespace hessforge

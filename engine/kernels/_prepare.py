@@ -1,0 +1,71 @@
+"""Per-batch preparation shared by the Triton kernel and the vectorised torch path.
+
+Everything here is O(N + B), sync-free and device-agnostic: wrapped positions (so that a fixed range of
+integer shifts finds every image within the cutoff), the integer wrap offsets (to report shifts relative to
+the caller's unwrapped positions), and per-structure metadata (first atom, atom count, shift ranges).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+# Columns of the int32 per-structure metadata table [B, META_COLS].
+META_START, META_NATOMS, META_N0, META_N1, META_N2, META_NSHIFT = 0, 1, 2, 3, 4, 5
+META_COLS = 8  # padded for alignment
+
+
+class Prepared(NamedTuple):
+    pos_w: torch.Tensor  # [N, 3] wrapped positions (dtype of positions), contiguous
+    offsets: torch.Tensor  # [N, 3] integer wrap offsets (dtype of positions): pos_w = pos + offsets @ cell
+    cell: torch.Tensor  # [B, 3, 3] cell with non-periodic structures' rows replaced by the identity
+    meta: torch.Tensor  # [B, META_COLS] int32: start, natoms, n0, n1, n2, number of shifts
+    params: torch.Tensor  # [4] (cutoff, cutoff², π/cutoff, eps) in positions' dtype
+
+
+def heights(cell: torch.Tensor) -> torch.Tensor:
+    """Distances between opposite faces of each cell [B, 3, 3] -> [B, 3] (same formula as the reference)."""
+    volume = torch.linalg.det(cell).abs()
+    a, b, c = cell[:, 0], cell[:, 1], cell[:, 2]
+    cross = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a), torch.linalg.cross(a, b)], dim=1)
+    return volume.unsqueeze(1) / cross.norm(dim=2)
+
+
+def make_params(cutoff: float, eps: float, dtype: torch.dtype, device) -> torch.Tensor:
+    # The same roundings as the torch reference: python doubles cast once to the working dtype.
+    return torch.tensor([cutoff, cutoff * cutoff, math.pi / cutoff, eps], dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def prepare(
+    positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor, cutoff: float, eps: float
+) -> Prepared:
+    positions = positions.detach()
+    cell = cell.detach().to(positions.dtype)
+    num_graphs = cell.shape[0]
+    device, dtype = positions.device, positions.dtype
+    pbc = pbc.to(torch.bool)
+    natoms = torch.bincount(batch, minlength=num_graphs)
+    start = torch.cumsum(natoms, 0) - natoms
+    periodic = pbc.any(dim=1)
+    eye = torch.eye(3, dtype=dtype, device=device).expand(num_graphs, 3, 3)
+    cell_safe = torch.where(periodic[:, None, None], cell, eye)
+    nshift = torch.where(pbc, torch.ceil(cutoff / heights(cell_safe)), torch.zeros((), dtype=dtype, device=device))
+    nshift = nshift.to(torch.int64)
+    m = 2 * nshift + 1
+    meta = torch.stack(
+        [start, natoms, nshift[:, 0], nshift[:, 1], nshift[:, 2], m.prod(dim=1)]
+        + [torch.zeros_like(start)] * (META_COLS - 6),
+        dim=1,
+    ).to(torch.int32)
+    if positions.shape[0] > 0:
+        inv = torch.linalg.inv_ex(cell_safe).inverse
+        frac = torch.einsum("na,nab->nb", positions, inv[batch])
+        offsets = torch.where(pbc[batch], -torch.floor(frac), torch.zeros((), dtype=dtype, device=device))
+        pos_w = positions + torch.einsum("na,nab->nb", offsets, cell_safe[batch])
+    else:
+        offsets = torch.zeros_like(positions)
+        pos_w = positions
+    return Prepared(pos_w.contiguous(), offsets.contiguous(), cell_safe.contiguous(), meta.contiguous(),
+                    make_params(cutoff, eps, dtype, device))

@@ -1,0 +1,172 @@
+"""Vectorised, batched torch implementation of the fused neighbor-list + radial-basis pass.
+
+The same algorithm as the Triton kernel, element for element: for each receiver atom i the candidates are
+c = j_local * S + s (every atom j of i's structure, every cell shift s of the structure's shift range),
+visited in that order, so edges come out sorted by (i, j, shift) exactly as in the Triton kernel and the
+torch reference. The arithmetic is the same sequence of IEEE operations, so on CPU the edge set is
+bit-identical to the Triton kernel run by the interpreter. No Python loop over structures: the
+candidates of a chunk of receivers are generated with repeat_interleave (chunks bound the memory).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from engine.kernels._prepare import META_N0, META_N1, META_N2, META_NATOMS, META_NSHIFT, META_START, Prepared
+
+# Upper bound on candidates materialised at once (each costs ~100 bytes of temporaries).
+CHUNK_CANDIDATES = 1 << 21
+
+
+def shift_table(prep: Prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer shifts [ΣS, 3] and their cartesian vectors [ΣS, 3] for every structure, plus the offset of
+    each structure's block [B]. Shift s of structure b is row table_offset[b] + s (s in mixed radix order,
+    first axis slowest, like itertools.product in the reference)."""
+    meta = prep.meta.to(torch.int64)
+    num_shift = meta[:, META_NSHIFT]
+    table_offset = torch.cumsum(num_shift, 0) - num_shift
+    total = int(num_shift.sum())
+    device, dtype = prep.pos_w.device, prep.pos_w.dtype
+    b = torch.repeat_interleave(torch.arange(meta.shape[0], device=device), num_shift, output_size=total)
+    s = torch.arange(total, device=device) - table_offset[b]
+    n0, n1, n2 = meta[b, META_N0], meta[b, META_N1], meta[b, META_N2]
+    m1, m2 = 2 * n1 + 1, 2 * n2 + 1
+    s0 = (s // (m1 * m2) - n0).to(dtype)
+    s1 = ((s // m2) % m1 - n1).to(dtype)
+    s2 = (s % m2 - n2).to(dtype)
+    c = prep.cell[b]
+    vec = torch.stack([s0 * c[:, 0, k] + s1 * c[:, 1, k] + s2 * c[:, 2, k] for k in range(3)], dim=1)
+    return torch.stack([s0, s1, s2], dim=1), vec, table_offset
+
+
+def _chunks(per_atom: torch.Tensor) -> List[Tuple[int, int]]:
+    """Split receivers [0, N) into runs of at most CHUNK_CANDIDATES candidates (at least one receiver each)."""
+    counts = per_atom.tolist()
+    out, begin, acc = [], 0, 0
+    for i, n in enumerate(counts):
+        if acc and acc + n > CHUNK_CANDIDATES:
+            out.append((begin, i))
+            begin, acc = i, 0
+        acc += n
+    if begin < len(counts):
+        out.append((begin, len(counts)))
+    return out
+
+
+def torch_pairs(prep: Prepared, batch: torch.Tensor):
+    """All edges: receivers i [E], senders j [E], integer shifts (unwrapped, dtype) [E, 3], vectors [E, 3]
+    computed from the wrapped positions, squared lengths [E]."""
+    device, dtype = prep.pos_w.device, prep.pos_w.dtype
+    n_atoms = prep.pos_w.shape[0]
+    meta = prep.meta.to(torch.int64)
+    shifts_int, shifts_vec, table_offset = shift_table(prep)
+    cut2 = prep.params[1]
+    mb = meta[batch]  # [N, cols]
+    per_atom = mb[:, META_NATOMS] * mb[:, META_NSHIFT]
+    pos = prep.pos_w
+    parts = []
+    for i0, i1 in _chunks(per_atom):
+        pa = per_atom[i0:i1]
+        total = int(pa.sum())
+        if total == 0:
+            continue
+        rec = torch.repeat_interleave(torch.arange(i0, i1, device=device), pa, output_size=total)
+        first = torch.repeat_interleave(torch.cumsum(pa, 0) - pa, pa, output_size=total)
+        c = torch.arange(total, device=device) - first
+        m = mb[rec]
+        num_shift = m[:, META_NSHIFT]
+        j_local = c // num_shift
+        s = c - j_local * num_shift
+        j = m[:, META_START] + j_local
+        row = table_offset[batch[rec]] + s
+        sv = shifts_vec[row]
+        d = (pos[j] - pos[rec]) + sv
+        d2 = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
+        hit = (d2 < cut2) & ~((j == rec) & (2 * s + 1 == num_shift))  # (S-1)/2 is the zero shift
+        sel = hit.nonzero().squeeze(1)
+        rec, j, row = rec[sel], j[sel], row[sel]
+        shift = (shifts_int[row] + prep.offsets[j]) - prep.offsets[rec]
+        parts.append((rec, j, shift, d[sel], d2[sel]))
+    if not parts:
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        zf = torch.zeros(0, 3, dtype=dtype, device=device)
+        return z, z, zf, zf, torch.zeros(0, dtype=dtype, device=device)
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(5))
+
+
+def basis(r: torch.Tensor, params: torch.Tensor, num_basis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sin(n π r / r_c) / r, n = 1..num_basis, and the cosine envelope, in the kernel's operation order."""
+    n = torch.arange(1, num_basis + 1, device=r.device, dtype=r.dtype)
+    k = n * params[2]
+    rbf = torch.sin(k[None, :] * r[:, None]) / r[:, None]
+    fcut = torch.where(r < params[0], 0.5 * (torch.cos(r * params[2]) + 1.0), torch.zeros_like(r))
+    return rbf, fcut
+
+
+def torch_forward(prep: Prepared, batch: torch.Tensor, num_basis: int, capacity: int, with_geometry: bool):
+    """(edge_index [2, E'], shifts [E', 3], r [E'], unit [E', 3], rbf [E', nb], fcut [E'], num_edges [])
+    with E' = E (capacity < 0) or capacity, padded with inert edges (see ops.py)."""
+    i, j, shift, d, d2 = torch_pairs(prep, batch)
+    num_edges = i.shape[0]
+    edge_index = torch.stack([i, j])
+    if with_geometry:
+        r = torch.sqrt(d2 + prep.params[3])
+        unit = d / r[:, None]
+        rbf, fcut = basis(r, prep.params, num_basis)
+    else:
+        r = unit = rbf = fcut = None
+    count = torch.tensor(num_edges, dtype=torch.int64, device=batch.device)
+    if capacity >= 0:
+        keep = min(num_edges, capacity)
+        out = empty_outputs(prep, capacity, num_basis, with_geometry, padded=True)
+        out[0][:, :keep] = edge_index[:, :keep]
+        out[1][:keep] = shift[:keep]
+        if with_geometry:
+            for dst, src in zip(out[2:6], (r, unit, rbf, fcut)):
+                dst[:keep] = src[:keep]
+        return out[:6] + (count,) if with_geometry else (out[0], out[1], count)
+    if with_geometry:
+        return edge_index, shift, r, unit, rbf, fcut, count
+    return edge_index, shift, count
+
+
+def empty_outputs(prep: Prepared, size: int, num_basis: int, with_geometry: bool, padded: bool):
+    """Output buffers; padded ones hold inert edges: (0, 0), zero shift, r = cutoff, unit = 0, rbf = 0,
+    fcut = 0, so that they contribute nothing to sums over edges and nothing to gradients."""
+    device, dtype = prep.pos_w.device, prep.pos_w.dtype
+    new = torch.zeros if padded else torch.empty
+    edge_index = new(2, size, dtype=torch.int64, device=device)
+    shifts = new(size, 3, dtype=dtype, device=device)
+    if not with_geometry:
+        return edge_index, shifts, None, None, None, None
+    if padded:
+        r = prep.params[0].expand(size).clone()
+    else:
+        r = torch.empty(size, dtype=dtype, device=device)
+    unit = new(size, 3, dtype=dtype, device=device)
+    rbf = new(size, num_basis, dtype=dtype, device=device)
+    fcut = new(size, dtype=dtype, device=device)
+    return edge_index, shifts, r, unit, rbf, fcut
+
+
+def torch_backward(r, unit, g_r: Optional[torch.Tensor], g_unit: Optional[torch.Tensor],
+                   g_rbf: Optional[torch.Tensor], g_fcut: Optional[torch.Tensor],
+                   num_edges: torch.Tensor, params: torch.Tensor, num_basis: int) -> torch.Tensor:
+    """dL/d(edge vector) [E, 3] from the output gradients (padding edges, e >= num_edges, get zero)."""
+    g = torch.zeros_like(r) if g_r is None else g_r.clone()
+    if g_rbf is not None and num_basis > 0:
+        n = torch.arange(1, num_basis + 1, device=r.device, dtype=r.dtype)
+        k = (n * params[2])[None, :]
+        arg = k * r[:, None]
+        inv_r = 1.0 / r[:, None]
+        drbf = (k * torch.cos(arg) - torch.sin(arg) * inv_r) * inv_r
+        g = g + (g_rbf * drbf).sum(dim=1)
+    if g_fcut is not None:
+        dfcut = torch.where(r < params[0], -0.5 * params[2] * torch.sin(r * params[2]), torch.zeros_like(r))
+        g = g + g_fcut * dfcut
+    g_vec = g[:, None] * unit
+    if g_unit is not None:
+        g_vec = g_vec + (g_unit - unit * (g_unit * unit).sum(dim=1, keepdim=True)) / r[:, None]
+    valid = torch.arange(r.shape[0], device=r.device) < num_edges
+    return torch.where(valid[:, None], g_vec, torch.zeros_like(g_vec))

@@ -1,0 +1,199 @@
+"""Triton kernels: fused neighbor list + radial basis, and the per-edge backward.
+
+One program per receiver atom i. Its candidates are c = j_local * S + s over the atoms j of i's structure
+and the S cell shifts of that structure (S = 1 for molecules), visited in blocks of BLOCK_C. Two launches:
+
+1. `_count_kernel`: distances only, the number of neighbors of each atom;
+2. an exclusive cumulative sum (torch) gives each atom its first output slot;
+3. `_fill_kernel`: the one pass that emits everything for each neighbor found: (i, j), the unwrapped
+   integer shift, r, the unit vector, the sinc basis and the cosine envelope, written at consecutive slots
+   (tl.cumsum over the hit mask), so the output is sorted by (i, j, shift) without atomics and is
+   deterministic and identical to the torch reference order.
+
+Slots at or beyond `capacity` are not written; the count still includes them, so an overflow is always
+visible to the caller (see ops.py: grow and retry, or an assertion under torch.compile).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sqrt(x):
+    # IEEE-rounded in both precisions (tl.sqrt of fp32 may be approximate on GPU; sqrt_rn is fp32-only)
+    if x.dtype == tl.float32:
+        y = tl.sqrt_rn(x)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def _div(x, y):
+    if x.dtype == tl.float32:
+        z = tl.div_rn(x, y)
+    else:
+        z = x / y
+    return z
+
+
+@triton.jit
+def _candidates(i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C: tl.constexpr):
+    """Geometry of the BLOCK_C candidates starting at `base` for receiver i."""
+    b = tl.load(batch_ptr + i).to(tl.int32)
+    mrow = meta_ptr + b * 8
+    start = tl.load(mrow + 0)
+    natoms = tl.load(mrow + 1)
+    n0 = tl.load(mrow + 2)
+    n1 = tl.load(mrow + 3)
+    n2 = tl.load(mrow + 4)
+    num_shift = tl.load(mrow + 5)
+    m1 = 2 * n1 + 1
+    m2 = 2 * n2 + 1
+    c = base + tl.arange(0, BLOCK_C)
+    valid = c < natoms * num_shift
+    j_local = c // num_shift
+    s = c - j_local * num_shift
+    j = start + j_local
+    s0 = s // (m1 * m2) - n0
+    s1 = (s // m2) % m1 - n1
+    s2 = s % m2 - n2
+    xi = tl.load(pos_ptr + 3 * i + 0)
+    yi = tl.load(pos_ptr + 3 * i + 1)
+    zi = tl.load(pos_ptr + 3 * i + 2)
+    xj = tl.load(pos_ptr + 3 * j + 0, mask=valid, other=0.0)
+    yj = tl.load(pos_ptr + 3 * j + 1, mask=valid, other=0.0)
+    zj = tl.load(pos_ptr + 3 * j + 2, mask=valid, other=0.0)
+    crow = cell_ptr + b * 9
+    s0f = s0.to(xi.dtype)
+    s1f = s1.to(xi.dtype)
+    s2f = s2.to(xi.dtype)
+    sx = s0f * tl.load(crow + 0) + s1f * tl.load(crow + 3) + s2f * tl.load(crow + 6)
+    sy = s0f * tl.load(crow + 1) + s1f * tl.load(crow + 4) + s2f * tl.load(crow + 7)
+    sz = s0f * tl.load(crow + 2) + s1f * tl.load(crow + 5) + s2f * tl.load(crow + 8)
+    dx = (xj - xi) + sx
+    dy = (yj - yi) + sy
+    dz = (zj - zi) + sz
+    d2 = (dx * dx + dy * dy) + dz * dz
+    is_self = (j == i) & (s0 == 0) & (s1 == 0) & (s2 == 0)
+    hit = valid & (d2 < cut2) & (is_self == 0)
+    return hit, j, s0f, s1f, s2f, dx, dy, dz, d2
+
+
+@triton.jit
+def _num_candidates(i, batch_ptr, meta_ptr):
+    b = tl.load(batch_ptr + i).to(tl.int32)
+    return tl.load(meta_ptr + b * 8 + 1) * tl.load(meta_ptr + b * 8 + 5)
+
+
+@triton.jit
+def _count_kernel(pos_ptr, batch_ptr, meta_ptr, cell_ptr, params_ptr, counts_ptr, BLOCK_C: tl.constexpr):
+    i = tl.program_id(0)
+    cut2 = tl.load(params_ptr + 1)
+    total = _num_candidates(i, batch_ptr, meta_ptr)
+    acc = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for base in range(0, total, BLOCK_C):
+        hit, j, s0f, s1f, s2f, dx, dy, dz, d2 = _candidates(
+            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C)
+        acc += hit.to(tl.int32)
+    tl.store(counts_ptr + i, tl.sum(acc, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _fill_kernel(pos_ptr, off_ptr, batch_ptr, meta_ptr, cell_ptr, params_ptr, first_ptr, capacity,
+                 edge_ptr, shift_ptr, r_ptr, unit_ptr, rbf_ptr, fcut_ptr,
+                 NUM_BASIS: tl.constexpr, NB_CHUNK: tl.constexpr, WITH_GEOMETRY: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    i = tl.program_id(0)
+    cut = tl.load(params_ptr + 0)
+    cut2 = tl.load(params_ptr + 1)
+    k0 = tl.load(params_ptr + 2)
+    eps = tl.load(params_ptr + 3)
+    total = _num_candidates(i, batch_ptr, meta_ptr)
+    slot0 = tl.load(first_ptr + i)  # int64: first output slot of atom i
+    oxi = tl.load(off_ptr + 3 * i + 0)
+    oyi = tl.load(off_ptr + 3 * i + 1)
+    ozi = tl.load(off_ptr + 3 * i + 2)
+    written = slot0
+    for base in range(0, total, BLOCK_C):
+        hit, j, s0f, s1f, s2f, dx, dy, dz, d2 = _candidates(
+            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C)
+        hit_i = hit.to(tl.int32)
+        slot = written + (tl.cumsum(hit_i, axis=0) - 1).to(tl.int64)
+        ok = hit & (slot < capacity)
+        tl.store(edge_ptr + slot, i.to(tl.int64) + tl.zeros_like(slot), mask=ok)
+        tl.store(edge_ptr + capacity + slot, j.to(tl.int64), mask=ok)
+        ojx = tl.load(off_ptr + 3 * j + 0, mask=ok, other=0.0)
+        ojy = tl.load(off_ptr + 3 * j + 1, mask=ok, other=0.0)
+        ojz = tl.load(off_ptr + 3 * j + 2, mask=ok, other=0.0)
+        tl.store(shift_ptr + 3 * slot + 0, (s0f + ojx) - oxi, mask=ok)
+        tl.store(shift_ptr + 3 * slot + 1, (s1f + ojy) - oyi, mask=ok)
+        tl.store(shift_ptr + 3 * slot + 2, (s2f + ojz) - ozi, mask=ok)
+        if WITH_GEOMETRY:
+            r = _sqrt(tl.where(ok, d2, cut2) + eps)  # no 0/0 on masked lanes
+            tl.store(r_ptr + slot, r, mask=ok)
+            tl.store(unit_ptr + 3 * slot + 0, _div(dx, r), mask=ok)
+            tl.store(unit_ptr + 3 * slot + 1, _div(dy, r), mask=ok)
+            tl.store(unit_ptr + 3 * slot + 2, _div(dz, r), mask=ok)
+            fc = 0.5 * (tl.cos(r * k0) + 1.0)
+            fc = tl.where(r < cut, fc, 0.0)
+            tl.store(fcut_ptr + slot, fc, mask=ok)
+            for n_start in tl.static_range(0, NUM_BASIS, NB_CHUNK):
+                n_idx = n_start + tl.arange(0, NB_CHUNK)
+                n_ok = n_idx < NUM_BASIS
+                kn = (n_idx + 1).to(r.dtype) * k0
+                rbf = _div(tl.sin(kn[None, :] * r[:, None]), r[:, None])
+                dst = rbf_ptr + slot[:, None] * NUM_BASIS + n_idx[None, :]
+                tl.store(dst, rbf, mask=ok[:, None] & n_ok[None, :])
+        written += tl.sum(hit_i, axis=0).to(tl.int64)
+
+
+@triton.jit
+def _backward_kernel(r_ptr, unit_ptr, g_r_ptr, g_unit_ptr, g_rbf_ptr, g_fcut_ptr, count_ptr, params_ptr,
+                     g_vec_ptr, num_slots,
+                     NUM_BASIS: tl.constexpr, NB_CHUNK: tl.constexpr, HAS_G_R: tl.constexpr,
+                     HAS_G_UNIT: tl.constexpr, HAS_G_RBF: tl.constexpr, HAS_G_FCUT: tl.constexpr,
+                     BLOCK_E: tl.constexpr):
+    pid = tl.program_id(0)
+    e = pid.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    in_range = e < num_slots
+    valid = in_range & (e < tl.load(count_ptr))
+    cut = tl.load(params_ptr + 0)
+    k0 = tl.load(params_ptr + 2)
+    r = tl.load(r_ptr + e, mask=in_range, other=1.0)
+    ux = tl.load(unit_ptr + 3 * e + 0, mask=in_range, other=0.0)
+    uy = tl.load(unit_ptr + 3 * e + 1, mask=in_range, other=0.0)
+    uz = tl.load(unit_ptr + 3 * e + 2, mask=in_range, other=0.0)
+    g = tl.zeros([BLOCK_E], dtype=r.dtype)
+    if HAS_G_R:
+        g += tl.load(g_r_ptr + e, mask=in_range, other=0.0)
+    if HAS_G_RBF:
+        inv_r = 1.0 / r
+        for n_start in tl.static_range(0, NUM_BASIS, NB_CHUNK):
+            n_idx = n_start + tl.arange(0, NB_CHUNK)
+            n_ok = n_idx < NUM_BASIS
+            kn = ((n_idx + 1).to(r.dtype) * k0)[None, :]
+            arg = kn * r[:, None]
+            drbf = (kn * tl.cos(arg) - tl.sin(arg) * inv_r[:, None]) * inv_r[:, None]
+            grbf = tl.load(g_rbf_ptr + e[:, None] * NUM_BASIS + n_idx[None, :],
+                           mask=in_range[:, None] & n_ok[None, :], other=0.0)
+            g += tl.sum(grbf * drbf, axis=1)
+    if HAS_G_FCUT:
+        gf = tl.load(g_fcut_ptr + e, mask=in_range, other=0.0)
+        dfcut = tl.where(r < cut, -0.5 * k0 * tl.sin(r * k0), 0.0)
+        g += gf * dfcut
+    gx = g * ux
+    gy = g * uy
+    gz = g * uz
+    if HAS_G_UNIT:
+        gux = tl.load(g_unit_ptr + 3 * e + 0, mask=in_range, other=0.0)
+        guy = tl.load(g_unit_ptr + 3 * e + 1, mask=in_range, other=0.0)
+        guz = tl.load(g_unit_ptr + 3 * e + 2, mask=in_range, other=0.0)
+        dot = (gux * ux + guy * uy) + guz * uz
+        gx += (gux - ux * dot) / r
+        gy += (guy - uy * dot) / r
+        gz += (guz - uz * dot) / r
+    tl.store(g_vec_ptr + 3 * e + 0, tl.where(valid, gx, 0.0), mask=in_range)
+    tl.store(g_vec_ptr + 3 * e + 1, tl.where(valid, gy, 0.0), mask=in_range)
+    tl.store(g_vec_ptr + 3 * e + 2, tl.where(valid, gz, 0.0), mask=in_range)

@@ -1,0 +1,362 @@
+"""Custom ops: fused neighbor list + radial basis (Triton on GPU, vectorised torch elsewhere).
+
+Registration and torch.compile
+------------------------------
+The number of edges depends on the data, so the ops are `torch.library.custom_op`s with a registered fake
+(meta) implementation, not `triton_op`s: a triton_op's body is traced by dynamo/inductor, and its output
+sizes would have to come from a `.item()` inside the traced region (a graph break without
+`capture_scalar_outputs`, and inductor only code-generates user Triton kernels for GPU devices, so it could
+not be compiled on CPU at all). As opaque custom ops they trace on any device with zero graph breaks, and
+inductor calls them as extern kernels. Two output-size modes, chosen by `capacity`:
+
+- `capacity=None` (exact): E edges exactly. The fake implementation allocates E as an *unbacked symint*
+  (`torch.library.get_ctx().new_dynamic_size()`), so a compiled graph is reused for any number of edges
+  without recompiling. One device->host sync per call (to size the outputs).
+- `capacity=K` (padded, static): outputs have exactly K slots; the first `num_edges` are the edges, the
+  rest are inert padding: edge (0, 0), shift 0, r = cutoff, unit = 0, rbf = 0, fcut = 0, zero gradient,
+  so sums over edges (PaiNN's index_add messages) are unchanged. Static shapes and no host sync: the
+  mode for CUDA graphs / `mode="reduce-overhead"` and for avoiding recompiles. `num_edges` always holds the
+  true count, also when it exceeds K, so nothing is dropped silently: in eager mode `radial_edges` grows the
+  capacity and recomputes (or raises with `grow=False`), under torch.compile it adds an
+  `_assert_async(num_edges <= capacity)`.
+
+Gradients: `register_autograd` gives first derivatives of r, unit, rbf and fcut with respect to positions and
+cell (cell: for stress via strain) through a per-edge backward op (Triton or torch) plus index_add. The
+backward op itself is not differentiable: differentiating forces (training on forces, Hessians) raises and
+must use the torch reference path (engine.neighbors + engine.graph.edge_vectors + engine.radial).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from engine.errors import HessforgeError
+from engine.kernels._prepare import make_params, prepare
+from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
+
+BACKENDS = ("auto", "torch", "triton")
+BLOCK_C = 64  # candidates per block in the forward kernels
+BLOCK_E = 64  # edges per program in the backward kernel
+
+_triton_module = None
+_triton_error: Optional[str] = None
+
+
+def _load_triton():
+    """Import the kernels lazily: TRITON_INTERPRET is read when they are decorated."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from engine.kernels import _triton_impl
+
+            _triton_module = _triton_impl
+        except Exception as exc:  # ImportError, or a triton without a usable backend
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_module
+
+
+def triton_available() -> bool:
+    return _load_triton() is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """auto: Triton on CUDA when importable, torch otherwise (the interpreter is far too slow to be a
+    default on CPU). triton: required (on CPU only with TRITON_INTERPRET=1)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and triton_available()
+    if not triton_available():
+        raise HessforgeError(f"backend='triton' but triton cannot be used: {_triton_error}")
+    if device.type == "cpu" and not _interpreting():
+        raise HessforgeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
+    return True
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, sync_ok: bool):
+    if not (cutoff > 0 and math.isfinite(cutoff)):
+        raise HessforgeError(f"cutoff must be a positive number of Å, got {cutoff}")
+    if positions.dim() != 2 or positions.shape[1] != 3:
+        raise HessforgeError(f"positions must be [N, 3], got {tuple(positions.shape)}")
+    if batch.shape != positions.shape[:1]:
+        raise HessforgeError(f"batch must be [N] = [{positions.shape[0]}], got {tuple(batch.shape)}")
+    if cell.dim() != 3 or cell.shape[1:] != (3, 3) or pbc.shape != (cell.shape[0], 3):
+        raise HessforgeError(f"cell must be [B, 3, 3] and pbc [B, 3], got {tuple(cell.shape)}, {tuple(pbc.shape)}")
+    if not sync_ok:  # checks below read values: done on CPU, or where the op synchronises anyway
+        return
+    if positions.shape[0] and not bool(torch.isfinite(positions).all()):
+        raise HessforgeError("positions contain NaN or Inf")
+    if batch.shape[0] > 1 and not bool((batch[1:] >= batch[:-1]).all()):
+        raise HessforgeError("batch must be sorted: the atoms of each structure contiguous")
+    if batch.shape[0] and not (0 <= int(batch.min()) and int(batch.max()) < cell.shape[0]):
+        raise HessforgeError("batch holds structure indices outside [0, B)")
+    periodic = pbc.to(torch.bool).any(dim=1)
+    if bool(periodic.any()):
+        vol = torch.linalg.det(cell.double()).abs()
+        bad = (periodic & ~(vol > 1e-8)).nonzero().flatten().tolist()
+        if bad:
+            raise HessforgeError(f"structure {bad[0]}: periodic cell has zero volume (cell={cell[bad[0]].tolist()})")
+
+
+def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geometry: bool):
+    tk = _load_triton()
+    n_atoms = prep.pos_w.shape[0]
+    device = prep.pos_w.device
+    counts = torch.zeros(n_atoms, dtype=torch.int64, device=device)
+    batch = batch.contiguous()
+    if n_atoms:
+        tk._count_kernel[(n_atoms,)](prep.pos_w, batch, prep.meta, prep.cell, prep.params, counts, BLOCK_C=BLOCK_C)
+    first = torch.cumsum(counts, 0) - counts
+    num_edges = counts.sum()
+    padded = capacity >= 0
+    size = capacity if padded else int(num_edges)
+    outs = empty_outputs(prep, size, num_basis, with_geometry, padded)
+    if n_atoms and size:
+        dummy = outs[1]
+        r, unit, rbf, fcut = (t if t is not None else dummy for t in outs[2:6])
+        tk._fill_kernel[(n_atoms,)](
+            prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.params, first, size,
+            outs[0], outs[1], r, unit, rbf, fcut,
+            NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)), WITH_GEOMETRY=with_geometry,
+            BLOCK_C=BLOCK_C,
+        )
+    if with_geometry:
+        return tuple(outs) + (num_edges,)
+    return outs[0], outs[1], num_edges
+
+
+# ----------------------------------------------------------------------------------------------------------
+# radial_edges: neighbor list + r, unit vectors, sinc basis, cosine envelope
+
+
+@torch.library.custom_op("hessforge::radial_edges", mutates_args=())
+def _radial_edges_op(
+    positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, num_basis: int,
+    capacity: int, eps: float, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
+    prep = prepare(positions, cell, pbc, batch, cutoff, eps)
+    if use_triton(backend, positions.device):
+        return _triton_forward(prep, batch, num_basis, capacity, True)
+    return torch_forward(prep, batch, num_basis, capacity, True)
+
+
+@_radial_edges_op.register_fake
+def _radial_edges_fake(positions, cell, pbc, batch, cutoff, num_basis, capacity, eps, backend):
+    size = capacity if capacity >= 0 else torch.library.get_ctx().new_dynamic_size()
+    dtype = positions.dtype
+    return (
+        positions.new_empty(2, size, dtype=torch.int64),
+        positions.new_empty(size, 3),
+        positions.new_empty(size),
+        positions.new_empty(size, 3),
+        positions.new_empty(size, num_basis),
+        positions.new_empty(size),
+        positions.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("hessforge::radial_edges_backward", mutates_args=())
+def _radial_edges_backward_op(
+    r: Tensor, unit: Tensor, g_r: Optional[Tensor], g_unit: Optional[Tensor], g_rbf: Optional[Tensor],
+    g_fcut: Optional[Tensor], num_edges: Tensor, cutoff: float, num_basis: int, backend: str,
+) -> Tensor:
+    """dL/d(edge vector) [E, 3]; zero on padding slots."""
+    params = make_params(cutoff, 0.0, r.dtype, r.device)
+    if not use_triton(backend, r.device):
+        return torch_backward(r, unit, g_r, g_unit, g_rbf, g_fcut, num_edges, params, num_basis)
+    tk = _load_triton()
+    num_slots = r.shape[0]
+    g_vec = torch.empty(num_slots, 3, dtype=r.dtype, device=r.device)
+    if num_slots == 0:
+        return g_vec
+    grads = [None if g is None else g.contiguous() for g in (g_r, g_unit, g_rbf, g_fcut)]
+    dummy = r
+    tk._backward_kernel[(triton_cdiv(num_slots, BLOCK_E),)](
+        r.contiguous(), unit.contiguous(), *(g if g is not None else dummy for g in grads),
+        num_edges, params, g_vec, num_slots,
+        NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)),
+        HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
+        HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None,
+        BLOCK_E=BLOCK_E,
+    )
+    return g_vec
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@_radial_edges_backward_op.register_fake
+def _radial_edges_backward_fake(r, unit, g_r, g_unit, g_rbf, g_fcut, num_edges, cutoff, num_basis, backend):
+    return r.new_empty(r.shape[0], 3)
+
+
+def _no_double_backward(ctx, grad):
+    raise HessforgeError(
+        "second derivatives through the fused radial_edges kernel are not supported (forces only); "
+        "train and take Hessians with the torch reference path (engine.graph.edge_vectors + engine.radial)"
+    )
+
+
+def _no_double_backward_setup(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "hessforge::radial_edges_backward", _no_double_backward, setup_context=_no_double_backward_setup
+)
+
+
+def _setup_context(ctx, inputs, output):
+    positions, cell, pbc, batch, cutoff, num_basis, capacity, eps, backend = inputs
+    edge_index, shifts, r, unit, rbf, fcut, num_edges = output
+    ctx.save_for_backward(edge_index, shifts, r, unit, batch, num_edges)
+    ctx.cutoff, ctx.num_basis, ctx.backend = cutoff, num_basis, backend
+    ctx.num_atoms, ctx.num_graphs = positions.shape[0], cell.shape[0]
+    ctx.cell_dtype = cell.dtype
+
+
+def _backward(ctx, g_edge_index, g_shifts, g_r, g_unit, g_rbf, g_fcut, g_num_edges):
+    edge_index, shifts, r, unit, batch, num_edges = ctx.saved_tensors
+    g_vec = torch.ops.hessforge.radial_edges_backward(
+        r, unit, g_r, g_unit, g_rbf, g_fcut, num_edges, ctx.cutoff, ctx.num_basis, ctx.backend
+    )
+    grad_positions = grad_cell = None
+    i, j = edge_index[0], edge_index[1]
+    if ctx.num_atoms == 0:  # only padding edges (pointing at atom 0, which does not exist): no gradient
+        g_vec, i, j = g_vec[:0], i[:0], j[:0]
+        shifts = shifts[:0]
+    if ctx.needs_input_grad[0]:
+        grad_positions = torch.zeros(ctx.num_atoms, 3, dtype=g_vec.dtype, device=g_vec.device)
+        grad_positions = grad_positions.index_add(0, j, g_vec).index_add(0, i, -g_vec)
+    if ctx.needs_input_grad[1]:
+        grad_cell = torch.zeros(ctx.num_graphs, 3, 3, dtype=g_vec.dtype, device=g_vec.device)
+        grad_cell = grad_cell.index_add(0, batch[i], shifts[:, :, None] * g_vec[:, None, :])
+        grad_cell = grad_cell.to(ctx.cell_dtype)
+    return grad_positions, grad_cell, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("hessforge::radial_edges", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# neighbor_list: edges and shifts only (no geometry written)
+
+
+@torch.library.custom_op("hessforge::neighbor_list", mutates_args=())
+def _neighbor_list_op(
+    positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, capacity: int, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
+    prep = prepare(positions, cell, pbc, batch, cutoff, 0.0)
+    if use_triton(backend, positions.device):
+        return _triton_forward(prep, batch, 0, capacity, False)
+    return torch_forward(prep, batch, 0, capacity, False)
+
+
+@_neighbor_list_op.register_fake
+def _neighbor_list_fake(positions, cell, pbc, batch, cutoff, capacity, backend):
+    size = capacity if capacity >= 0 else torch.library.get_ctx().new_dynamic_size()
+    return (
+        positions.new_empty(2, size, dtype=torch.int64),
+        positions.new_empty(size, 3),
+        positions.new_empty((), dtype=torch.int64),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+class RadialEdges(NamedTuple):
+    edge_index: Tensor  # [2, E] long: (receiver i, sender j), sorted by (i, j, shift)
+    shifts: Tensor  # [E, 3] integer cell shifts (positions' dtype): r_ij = x_j - x_i + shift @ cell[batch[i]]
+    r: Tensor  # [E] sqrt(|r_ij|² + eps)
+    unit: Tensor  # [E, 3] r_ij / r
+    rbf: Tensor  # [E, num_basis] sin(n π r / cutoff) / r, n = 1..num_basis (engine.radial.sinc_basis)
+    fcut: Tensor  # [E] 0.5 (cos(π r / cutoff) + 1) (engine.radial.cosine_cutoff)
+    num_edges: Tensor  # [] long: true number of edges (E, or the valid prefix of a padded output)
+
+
+class NeighborList(NamedTuple):
+    edge_index: Tensor
+    shifts: Tensor
+    num_edges: Tensor
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _grow(capacity: int, needed: int) -> int:
+    return max(_next_pow2(needed), capacity)
+
+
+def _check_capacity(out, capacity: int, grow: bool, rerun):
+    if _compiling():
+        torch._assert_async(out.num_edges <= capacity, "hessforge: edge capacity exceeded; pass a larger capacity")
+        return out
+    needed = int(out.num_edges)
+    if needed <= capacity:
+        return out
+    if not grow:
+        raise HessforgeError(f"edge capacity {capacity} exceeded: {needed} edges; pass a larger capacity")
+    return rerun(_grow(capacity, needed))
+
+
+def radial_edges(
+    positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, num_basis: int, *,
+    capacity: Optional[int] = None, eps: float = 0.0, backend: str = "auto", grow: bool = True,
+) -> RadialEdges:
+    """Neighbor list within `cutoff` (strict) fused with the edge geometry and PaiNN's radial features.
+
+    positions [N, 3], cell [B, 3, 3] (rows are lattice vectors; ignored for non-periodic structures), pbc
+    [B, 3] bool, batch [N] sorted structure index. Same edges, shifts and order as
+    `engine.neighbors.batched_neighbor_list`; `eps` as in PaiNN's `_norm` (1e-8 there) for bitwise-equal
+    semantics. Differentiable once in positions and cell. `capacity`: see the module docstring; in eager mode
+    an overflow grows the output to the next power of two ≥ E (keep passing `out.edge_index.shape[1]` to
+    stay there) or raises with grow=False.
+    """
+    def run(cap: int) -> RadialEdges:
+        return RadialEdges(*torch.ops.hessforge.radial_edges(
+            positions, cell, pbc, batch, float(cutoff), int(num_basis), cap, float(eps), backend))
+
+    if capacity is None:
+        return run(-1)
+    return _check_capacity(run(int(capacity)), int(capacity), grow, run)
+
+
+def neighbor_list(
+    positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, *,
+    capacity: Optional[int] = None, backend: str = "auto", grow: bool = True,
+) -> NeighborList:
+    """(edge_index [2, E], shifts [E, 3], num_edges []) — the edges of `radial_edges` without geometry.
+    Not differentiable (integer outputs); compute edge vectors with engine.graph.edge_vectors."""
+    def run(cap: int) -> NeighborList:
+        return NeighborList(*torch.ops.hessforge.neighbor_list(
+            positions, cell, pbc, batch, float(cutoff), cap, backend))
+
+    if capacity is None:
+        return run(-1)
+    return _check_capacity(run(int(capacity)), int(capacity), grow, run)
+
+
+def neighbor_list_triton(positions, cell, pbc, batch, cutoff, **kwargs) -> Tuple[Tensor, Tensor]:
+    """(edge_index, shifts) from the Triton kernel (TRITON_INTERPRET=1 on CPU)."""
+    out = neighbor_list(positions, cell, pbc, batch, cutoff, backend="triton", **kwargs)
+    return out.edge_index, out.shifts

@@ -1,0 +1,341 @@
+"""The fused neighbor-list + radial-basis op (engine.kernels) against the torch reference.
+
+Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set
+below before triton is imported; the kernels are imported lazily, on first use). With CUDA, the same tests
+run the compiled kernels on the GPU. The vectorised torch fallback is tested the same way and must give
+exactly the same edges as the Triton kernel.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from engine.errors import HessforgeError  # noqa: E402
+from engine.graph import AtomicGraph, edge_vectors  # noqa: E402
+from engine.kernels import neighbor_list, radial_edges, triton_available  # noqa: E402
+from engine.neighbors import batched_neighbor_list  # noqa: E402
+from engine.radial import cosine_cutoff, sinc_basis  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+NUM_BASIS = 12
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _structure(rng, kind):
+    """(positions [n, 3], cell [3, 3], pbc [3]) of one kind, positions partly outside periodic cells."""
+    n = int(rng.integers(2, 7))
+    if kind == "empty":
+        return np.zeros((0, 3)), np.eye(3) * 4.0, np.array([True] * 3)
+    if kind in ("molecule", "single_molecule"):
+        n = 1 if kind == "single_molecule" else n
+        return rng.uniform(-2.5, 2.5, size=(n, 3)), np.zeros((3, 3)), np.array([False] * 3)
+    if kind == "small":  # smaller than the cutoff: many images of every atom
+        cell = np.eye(3) * rng.uniform(1.6, 2.4) + rng.uniform(-0.2, 0.2, size=(3, 3))
+    else:  # triclinic, sheared
+        cell = np.diag(rng.uniform(2.5, 5.0, size=3))
+        cell[1, 0], cell[2, 0], cell[2, 1] = rng.uniform(-1.5, 1.5, size=3)
+    if kind == "single_periodic":
+        n = 1
+    pbc = np.array([True, False, True]) if kind == "mixed_pbc" else np.array([True] * 3)
+    return rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell, cell, pbc
+
+
+KINDS = ["molecule", "triclinic", "small", "mixed_pbc", "single_molecule", "single_periodic", "empty"]
+
+
+def _batch(structures, dtype):
+    pos = torch.tensor(np.concatenate([s[0] for s in structures]), dtype=dtype, device=DEVICE)
+    cell = torch.tensor(np.stack([s[1] for s in structures]), dtype=dtype, device=DEVICE)
+    pbc = torch.tensor(np.stack([s[2] for s in structures]), device=DEVICE)
+    batch = torch.repeat_interleave(
+        torch.arange(len(structures), device=DEVICE), torch.tensor([len(s[0]) for s in structures], device=DEVICE)
+    )
+    return pos, cell, pbc, batch
+
+
+def _has_near_tie(pos, cell, pbc, batch, cutoff, tol=1e-4):
+    """True if some pair lies within tol Å of the cutoff (float64), where float32 rounding decides."""
+    args = (pos.double().cpu(), cell.double().cpu(), pbc.cpu(), batch.cpu())
+    return batched_neighbor_list(*args, cutoff - tol)[0].shape[1] != batched_neighbor_list(*args, cutoff + tol)[0].shape[1]
+
+
+def random_batch(rng, dtype, kinds=KINDS, cutoff=None):
+    """A batch mixing every kind, in random order; resampled while a pair sits within 1e-4 Å of the
+    cutoff (float32 ties are tested separately, with exact constructions)."""
+    for _ in range(100):
+        rc = float(rng.uniform(2.5, 4.0)) if cutoff is None else cutoff
+        order = rng.permutation(len(kinds))
+        structures = [_structure(rng, kinds[k]) for k in order]
+        args = _batch(structures, dtype)
+        if not _has_near_tie(*args, rc):
+            return args + (rc,)
+    raise RuntimeError("could not draw a batch without near ties")
+
+
+def reference(pos, cell, pbc, batch, cutoff, num_basis, eps):
+    """Edges from engine.neighbors and features the way PaiNN computes them (edge_vectors, radial.py)."""
+    edge_index, shifts = batched_neighbor_list(pos, cell, pbc, batch, cutoff)
+    return edge_index, shifts, _features(pos, cell, pbc, batch, edge_index, shifts, cutoff, num_basis, eps)
+
+
+def _features(pos, cell, pbc, batch, edge_index, shifts, cutoff, num_basis, eps):
+    graph = AtomicGraph(pos, torch.ones_like(batch), cell, pbc, batch, edge_index, shifts)
+    vec = edge_vectors(graph, pos)
+    r = torch.sqrt(vec.square().sum(dim=1) + eps)
+    return r, vec / r[:, None], sinc_basis(r, cutoff, num_basis), cosine_cutoff(r, cutoff)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edges_and_features_match_reference(rng, backend, dtype):
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype)
+    eps = float(rng.choice([0.0, 1e-8]))  # 1e-8 is PaiNN's _norm epsilon
+    ref_edges, ref_shifts, ref_feats = reference(pos, cell, pbc, batch, rc, NUM_BASIS, eps)
+    out = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, eps=eps, backend=backend)
+    # identical edge sets, in the same (i, j, shift) order
+    assert torch.equal(out.edge_index, ref_edges)
+    assert torch.equal(out.shifts, ref_shifts)
+    assert int(out.num_edges) == ref_edges.shape[1] > 0
+    for got, want in zip((out.r, out.unit, out.rbf, out.fcut), ref_feats):
+        torch.testing.assert_close(got, want, **_tol(dtype))
+    nl = neighbor_list(pos, cell, pbc, batch, rc, backend=backend)
+    assert torch.equal(nl.edge_index, ref_edges) and torch.equal(nl.shifts, ref_shifts)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_and_torch_fallback_agree(rng, dtype):
+    """Same IEEE operations in the same order: the same edges without any tie filtering."""
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype, kinds=["molecule", "triclinic", "small"])
+    a = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend="triton")
+    b = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend="torch")
+    assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.shifts, b.shifts)
+    for x, y in zip(a[2:6], b[2:6]):
+        torch.testing.assert_close(x, y, **_tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_atoms_exactly_at_the_cutoff(rng, backend, dtype):
+    """Strict |r| < cutoff: pairs and images at exactly the cutoff are not neighbors, in both dtypes."""
+    rc = float(rng.choice([2.0, 3.0, 4.0, 2.5]))  # exactly representable, so are the distances below
+    pos_m = np.array([[0.0, 0, 0], [rc, 0, 0], [0, rc, 0], [0, 0, -rc], [rc / 2, 0, 0]])
+    # a cubic cell of side rc: every atom's own images are exactly at the cutoff
+    pos_p = np.array([[0.0, 0, 0], [rc / 2, 0, 0]])
+    # a cell of side rc / 2: images at rc / 2 are in, those at rc are out
+    structures = [
+        (pos_m, np.zeros((3, 3)), np.array([False] * 3)),
+        (pos_p, np.eye(3) * rc, np.array([True] * 3)),
+        (np.zeros((1, 3)), np.eye(3) * (rc / 2), np.array([True] * 3)),
+    ]
+    pos, cell, pbc, batch = _batch(structures, dtype)
+    out = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend=backend)
+    ref_edges, ref_shifts = batched_neighbor_list(pos, cell, pbc, batch, rc)
+    assert torch.equal(out.edge_index, ref_edges) and torch.equal(out.shifts, ref_shifts)
+    per_atom = torch.bincount(out.edge_index[0], minlength=pos.shape[0]).tolist()
+    # molecule: only 0-4 and 1-4, at rc/2 (0-1, 0-2, 0-3 are exactly at rc); cell of side rc: the other atom
+    # at +-rc/2, not the own images at rc; cell of side rc/2: the 26 images at rc/2, rc/2·√2, rc/2·√3,
+    # not the 6 at exactly rc
+    assert per_atom == [1, 1, 0, 0, 2, 2, 2, 26]
+    assert bool((out.r < rc).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_one_atom_structures(backend):
+    dtype = torch.float32
+    # only empty and one-atom structures: the only edges are the periodic atom's images
+    structures = [
+        (np.zeros((0, 3)), np.eye(3) * 3.0, np.array([True] * 3)),
+        (np.ones((1, 3)), np.zeros((3, 3)), np.array([False] * 3)),
+        (np.zeros((0, 3)), np.zeros((3, 3)), np.array([False] * 3)),
+        (np.zeros((1, 3)), np.eye(3) * 2.0, np.array([True] * 3)),
+    ]
+    pos, cell, pbc, batch = _batch(structures, dtype)
+    out = radial_edges(pos, cell, pbc, batch, 2.5, NUM_BASIS, backend=backend)
+    ref_edges, ref_shifts = batched_neighbor_list(pos, cell, pbc, batch, 2.5)
+    assert torch.equal(out.edge_index, ref_edges) and torch.equal(out.shifts, ref_shifts)
+    assert out.edge_index.shape[1] == 6 and bool((out.edge_index == 1).all())
+    # no atoms at all
+    empty = torch.zeros(0, 3, dtype=dtype, device=DEVICE)
+    out = radial_edges(empty, cell[:1], pbc[:1], batch[:0], 2.5, NUM_BASIS, backend=backend)
+    assert out.edge_index.shape == (2, 0) and out.rbf.shape == (0, NUM_BASIS) and int(out.num_edges) == 0
+    out = radial_edges(pos[:1], cell[1:2], pbc[1:2], batch[:1] * 0, 2.5, NUM_BASIS, backend=backend, capacity=8)
+    assert int(out.num_edges) == 0 and float(out.fcut.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+
+
+def _weighted_loss(feats, weights):
+    return sum((f * w[: f.shape[0]]).sum() for f, w in zip(feats, weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_reference(rng, backend, dtype):
+    """d/d(positions) and d/d(cell) of a random linear functional of r, unit, rbf and fcut."""
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype)
+    ref_edges, ref_shifts = batched_neighbor_list(pos, cell, pbc, batch, rc)
+    e = ref_edges.shape[1]
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    weights = [torch.randn(e, *s, generator=gen, dtype=dtype).to(DEVICE) for s in ((), (3,), (NUM_BASIS,), ())]
+
+    p, c = pos.clone().requires_grad_(), cell.clone().requires_grad_()
+    ref_loss = _weighted_loss(_features(p, c, pbc, batch, ref_edges, ref_shifts, rc, NUM_BASIS, 0.0), weights)
+    gp_ref, gc_ref = torch.autograd.grad(ref_loss, [p, c])
+
+    p, c = pos.clone().requires_grad_(), cell.clone().requires_grad_()
+    out = radial_edges(p, c, pbc, batch, rc, NUM_BASIS, backend=backend)
+    gp, gc = torch.autograd.grad(_weighted_loss((out.r, out.unit, out.rbf, out.fcut), weights), [p, c])
+    scale = float(gp_ref.abs().max())
+    tol = dict(rtol=1e-9, atol=1e-9 * scale) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5 * scale)
+    torch.testing.assert_close(gp, gp_ref, **tol)
+    torch.testing.assert_close(gc, gc_ref, **tol)
+
+    # only some outputs used (the others' gradients are None in the backward)
+    p = pos.clone().requires_grad_()
+    out = radial_edges(p, cell, pbc, batch, rc, NUM_BASIS, backend=backend)
+    g_rbf, = torch.autograd.grad((out.rbf * out.fcut[:, None]).sum(), [p])
+    p2 = pos.clone().requires_grad_()
+    r, unit, rbf, fcut = _features(p2, cell, pbc, batch, ref_edges, ref_shifts, rc, NUM_BASIS, 0.0)
+    g_rbf_ref, = torch.autograd.grad((rbf * fcut[:, None]).sum(), [p2])
+    torch.testing.assert_close(g_rbf, g_rbf_ref, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_are_refused(backend):
+    pos = torch.tensor([[0.0, 0, 0], [1.2, 0.3, 0]], device=DEVICE, requires_grad=True)
+    cell, pbc = torch.zeros(1, 3, 3, device=DEVICE), torch.zeros(1, 3, dtype=torch.bool, device=DEVICE)
+    out = radial_edges(pos, cell, pbc, torch.zeros(2, dtype=torch.long, device=DEVICE), 3.0, 4, backend=backend)
+    forces, = torch.autograd.grad(out.rbf.sum(), pos, create_graph=True)
+    with pytest.raises(HessforgeError, match="reference path"):
+        forces.square().sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------ capacity
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_padding_is_inert_and_overflow_is_never_silent(rng, backend):
+    dtype = torch.float64
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype, kinds=["molecule", "triclinic"])
+    exact = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend=backend)
+    e = exact.edge_index.shape[1]
+    padded = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend=backend, capacity=e + 5)
+    assert padded.edge_index.shape == (2, e + 5) and int(padded.num_edges) == e
+    assert torch.equal(padded.edge_index[:, :e], exact.edge_index)
+    for x, y in zip(padded[1:6], exact[1:6]):
+        torch.testing.assert_close(x[:e], y)
+    assert bool((padded.rbf[e:] == 0).all() and (padded.fcut[e:] == 0).all() and (padded.unit[e:] == 0).all())
+    assert bool((padded.r[e:] == rc).all() and (padded.edge_index[:, e:] == 0).all())
+    # padding gets no gradient, whatever the weight put on it
+    p = pos.clone().requires_grad_()
+    padded = radial_edges(p, cell, pbc, batch, rc, NUM_BASIS, backend=backend, capacity=e + 5)
+    g_pad, = torch.autograd.grad(padded.r.sum() + padded.unit.sum() + padded.rbf.sum(), p)
+    p = pos.clone().requires_grad_()
+    exact = radial_edges(p, cell, pbc, batch, rc, NUM_BASIS, backend=backend)
+    g_exact, = torch.autograd.grad(exact.r.sum() + exact.unit.sum() + exact.rbf.sum(), p)
+    torch.testing.assert_close(g_pad, g_exact)
+    # too small: eager mode grows to the next power of two and recomputes, or raises
+    grown = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend=backend, capacity=e - 1)
+    assert grown.edge_index.shape[1] >= e and int(grown.num_edges) == e
+    assert torch.equal(grown.edge_index[:, :e], exact.edge_index)
+    with pytest.raises(HessforgeError, match="capacity"):
+        radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend=backend, capacity=e - 1, grow=False)
+    nl = neighbor_list(pos, cell, pbc, batch, rc, backend=backend, capacity=1)
+    assert torch.equal(nl.edge_index[:, :e], exact.edge_index) and int(nl.num_edges) == e
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_reported():
+    cell, pbc = torch.eye(3)[None] * 3, torch.ones(1, 3, dtype=torch.bool)
+    batch = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HessforgeError, match="NaN"):
+        radial_edges(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]), cell, pbc, batch, 3.0, 4)
+    with pytest.raises(HessforgeError, match="zero volume"):
+        radial_edges(torch.zeros(2, 3), torch.zeros(1, 3, 3), pbc, batch, 3.0, 4)
+    with pytest.raises(HessforgeError, match="sorted"):
+        radial_edges(torch.zeros(2, 3), cell.expand(2, 3, 3), pbc.expand(2, 3), torch.tensor([1, 0]), 3.0, 4)
+    with pytest.raises(HessforgeError, match="cutoff"):
+        radial_edges(torch.zeros(2, 3), cell, pbc, batch, -1.0, 4)
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+def _painn_like(out, positions):
+    """Uses every output the way a PaiNN message does (index_add over receivers)."""
+    w = torch.linspace(-1.0, 1.0, NUM_BASIS * 4, dtype=positions.dtype, device=positions.device)
+    x = (out.rbf @ w.reshape(NUM_BASIS, 4)) * out.fcut[:, None]
+    s = torch.zeros(positions.shape[0], 4, dtype=x.dtype, device=x.device).index_add(0, out.edge_index[0], x)
+    v = torch.zeros(positions.shape[0], 3, dtype=x.dtype, device=x.device).index_add(
+        0, out.edge_index[0], out.unit * x[:, :1])
+    return s.tanh().sum() + v.square().sum() + out.r.sum() * 0.01
+
+
+@pytest.mark.parametrize("capacity", [None, 512])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_traces_without_graph_breaks(rng, backend, capacity):
+    """Dynamo sees one opaque op (exact: an unbacked symint for E; padded: static shapes): zero graph
+    breaks, compiled (aot_eager) energy and forces equal to eager, no recompile when E changes."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    pos, cell, pbc, batch, rc = random_batch(rng, torch.float32, kinds=["molecule", "triclinic", "molecule"])
+
+    def energy(positions):
+        out = radial_edges(positions, cell, pbc, batch, rc, NUM_BASIS, capacity=capacity, backend=backend)
+        return _painn_like(out, positions)
+
+    explanation = torch._dynamo.explain(energy)(pos)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(energy, backend="aot_eager", fullgraph=True)
+    for scale in (1.0, 0.8, 1.15):  # different numbers of edges
+        p1, p2 = (pos * scale).requires_grad_(), (pos * scale).requires_grad_()
+        e1, e2 = compiled(p1), energy(p2)
+        f1, = torch.autograd.grad(e1, p1)
+        f2, = torch.autograd.grad(e2, p2)
+        torch.testing.assert_close(e1, e2)
+        torch.testing.assert_close(f1, f2)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once for all three edge counts
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_op_on_cpu(rng):
+    """Inductor (C++ codegen on CPU) calls the custom op as an extern kernel; ~30 s of compilation."""
+    import torch._dynamo
+
+    pos, cell, pbc, batch, rc = random_batch(rng, torch.float32, kinds=["molecule", "triclinic"])
+    for capacity in (None, 512):
+        torch._dynamo.reset()
+
+        def energy(positions):
+            return _painn_like(radial_edges(positions, cell, pbc, batch, rc, NUM_BASIS, capacity=capacity), positions)
+
+        compiled = torch.compile(energy, fullgraph=True)
+        p1, p2 = pos.clone().requires_grad_(), pos.clone().requires_grad_()
+        e1, e2 = compiled(p1), energy(p2)
+        torch.testing.assert_close(e1, e2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(e1, p1)[0], torch.autograd.grad(e2, p2)[0],
+                                   rtol=1e-5, atol=1e-5)

@@ -40,6 +40,12 @@ def _structure(rng, kind):
         return rng.uniform(-2.5, 2.5, size=(n, 3)), np.zeros((3, 3)), np.array([False] * 3)
     if kind == "small":  # smaller than the cutoff: many images of every atom
         cell = np.eye(3) * rng.uniform(1.6, 2.4) + rng.uniform(-0.2, 0.2, size=(3, 3))
+    elif kind == "large":  # heights >= 2 cutoff: the kernels' minimum-image mode
+        cell = np.diag(rng.uniform(9.0, 10.0, size=3))
+        cell[1, 0], cell[2, 0], cell[2, 1] = rng.uniform(-1.0, 1.0, size=3)
+        n = int(rng.integers(4, 12))
+        pbc = np.array([True, bool(rng.integers(2)), True])
+        return rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell, cell, pbc
     else:  # triclinic, sheared
         cell = np.diag(rng.uniform(2.5, 5.0, size=3))
         cell[1, 0], cell[2, 0], cell[2, 1] = rng.uniform(-1.5, 1.5, size=3)
@@ -49,7 +55,7 @@ def _structure(rng, kind):
     return rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell, cell, pbc
 
 
-KINDS = ["molecule", "triclinic", "small", "mixed_pbc", "single_molecule", "single_periodic", "empty"]
+KINDS = ["molecule", "triclinic", "small", "large", "mixed_pbc", "single_molecule", "single_periodic", "empty"]
 
 
 def _batch(structures, dtype):
@@ -68,7 +74,7 @@ def _has_near_tie(pos, cell, pbc, batch, cutoff, tol=1e-4):
     return batched_neighbor_list(*args, cutoff - tol)[0].shape[1] != batched_neighbor_list(*args, cutoff + tol)[0].shape[1]
 
 
-def random_batch(rng, dtype, kinds=KINDS, cutoff=None):
+def random_batch(rng, dtype, kinds=KINDS * 2, cutoff=None):
     """A batch mixing every kind, in random order; resampled while a pair sits within 1e-4 Å of the
     cutoff (float32 ties are tested separately, with exact constructions)."""
     for _ in range(100):
@@ -122,7 +128,7 @@ def test_edges_and_features_match_reference(rng, backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_triton_and_torch_fallback_agree(rng, dtype):
     """Same IEEE operations in the same order: the same edges without any tie filtering."""
-    pos, cell, pbc, batch, rc = random_batch(rng, dtype, kinds=["molecule", "triclinic", "small"])
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype, kinds=["molecule", "triclinic", "small", "large"])
     a = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend="triton")
     b = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend="torch")
     assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.shifts, b.shifts)
@@ -154,6 +160,29 @@ def test_atoms_exactly_at_the_cutoff(rng, backend, dtype):
     # not the 6 at exactly rc
     assert per_atom == [1, 1, 0, 0, 2, 2, 2, 26]
     assert bool((out.r < rc).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minimum_image_mode(rng, backend):
+    """Cells with every periodic height >= 2 cutoff use one candidate per pair (the rounded fractional
+    difference) instead of 27 shifts; exact at height == 2 cutoff, where the image at cutoff is excluded."""
+    from engine.kernels._prepare import META_MIC, prepare
+
+    rc = 2.5
+    structures = [
+        (np.array([[0.0, 0, 0], [rc, 0, 0], [0.2, 4.9, 0]]), np.eye(3) * 2 * rc, np.array([True] * 3)),
+        _structure(rng, "large"),
+        (np.array([[0.0, 0, 0], [0, 0, 4.0]]), np.eye(3) * (2 * rc - 0.5), np.array([True] * 3)),
+    ]
+    pos, cell, pbc, batch = _batch(structures, torch.float64)
+    assert prepare(pos, cell, pbc, batch, rc, 0.0).meta[:, META_MIC].tolist() == [1, 1, 0]
+    out = neighbor_list(pos, cell, pbc, batch, rc, backend=backend)
+    ref_edges, ref_shifts = batched_neighbor_list(pos, cell, pbc, batch, rc)
+    assert torch.equal(out.edge_index, ref_edges) and torch.equal(out.shifts, ref_shifts)
+    # structure 0: 0-1 at exactly rc both ways round (x = rc and x = -rc): not neighbors; 2 is a neighbor of
+    # both through its y image (at 0.22 Å from 0, 2.30 Å from 1)
+    first = out.edge_index[:, out.edge_index[0] < 3].T.tolist()
+    assert sorted(map(tuple, first)) == [(0, 2), (1, 2), (2, 0), (2, 1)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

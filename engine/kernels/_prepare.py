@@ -12,15 +12,16 @@ from typing import NamedTuple
 import torch
 
 # Columns of the int32 per-structure metadata table [B, META_COLS].
-META_START, META_NATOMS, META_N0, META_N1, META_N2, META_NSHIFT = 0, 1, 2, 3, 4, 5
-META_COLS = 8  # padded for alignment
+META_START, META_NATOMS, META_N0, META_N1, META_N2, META_NSHIFT, META_MIC, META_PBC = range(8)
+META_COLS = 8
 
 
 class Prepared(NamedTuple):
     pos_w: torch.Tensor  # [N, 3] wrapped positions (dtype of positions), contiguous
     offsets: torch.Tensor  # [N, 3] integer wrap offsets (dtype of positions): pos_w = pos + offsets @ cell
     cell: torch.Tensor  # [B, 3, 3] cell with non-periodic structures' rows replaced by the identity
-    meta: torch.Tensor  # [B, META_COLS] int32: start, natoms, n0, n1, n2, number of shifts
+    inv_cell: torch.Tensor  # [B, 3, 3] its inverse: frac = x @ inv_cell
+    meta: torch.Tensor  # [B, META_COLS] int32: start, natoms, n0, n1, n2, number of shifts, mic, pbc bits
     params: torch.Tensor  # [4] (cutoff, cutoff², π/cutoff, eps) in positions' dtype
 
 
@@ -51,21 +52,26 @@ def prepare(
     periodic = pbc.any(dim=1)
     eye = torch.eye(3, dtype=dtype, device=device).expand(num_graphs, 3, 3)
     cell_safe = torch.where(periodic[:, None, None], cell, eye)
-    nshift = torch.where(pbc, torch.ceil(cutoff / heights(cell_safe)), torch.zeros((), dtype=dtype, device=device))
+    h = heights(cell_safe)
+    # Minimum-image mode: when every periodic height is >= 2 cutoff, a vector shorter than the cutoff has
+    # |fractional coordinate| < 1/2 along each periodic axis, so the only image of j that can be a neighbor of
+    # i is the one found by rounding the fractional difference: 1 candidate per pair instead of 27.
+    mic = periodic & torch.where(pbc, h >= 2 * cutoff, torch.ones_like(pbc)).all(dim=1)
+    nshift = torch.where(pbc & ~mic[:, None], torch.ceil(cutoff / h), torch.zeros((), dtype=dtype, device=device))
     nshift = nshift.to(torch.int64)
     m = 2 * nshift + 1
+    pbc_bits = (pbc.to(torch.int64) * torch.tensor([1, 2, 4], device=device)).sum(dim=1)
     meta = torch.stack(
-        [start, natoms, nshift[:, 0], nshift[:, 1], nshift[:, 2], m.prod(dim=1)]
-        + [torch.zeros_like(start)] * (META_COLS - 6),
+        [start, natoms, nshift[:, 0], nshift[:, 1], nshift[:, 2], m.prod(dim=1), mic.to(torch.int64), pbc_bits],
         dim=1,
     ).to(torch.int32)
+    inv = torch.linalg.inv_ex(cell_safe).inverse
     if positions.shape[0] > 0:
-        inv = torch.linalg.inv_ex(cell_safe).inverse
         frac = torch.einsum("na,nab->nb", positions, inv[batch])
         offsets = torch.where(pbc[batch], -torch.floor(frac), torch.zeros((), dtype=dtype, device=device))
         pos_w = positions + torch.einsum("na,nab->nb", offsets, cell_safe[batch])
     else:
         offsets = torch.zeros_like(positions)
         pos_w = positions
-    return Prepared(pos_w.contiguous(), offsets.contiguous(), cell_safe.contiguous(), meta.contiguous(),
-                    make_params(cutoff, eps, dtype, device))
+    return Prepared(pos_w.contiguous(), offsets.contiguous(), cell_safe.contiguous(), inv.contiguous(),
+                    meta.contiguous(), make_params(cutoff, eps, dtype, device))

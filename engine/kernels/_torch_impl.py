@@ -13,7 +13,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from engine.kernels._prepare import META_N0, META_N1, META_N2, META_NATOMS, META_NSHIFT, META_START, Prepared
+from engine.kernels._prepare import (
+    META_MIC, META_N0, META_N1, META_N2, META_NATOMS, META_NSHIFT, META_PBC, META_START, Prepared,
+)
 
 # Upper bound on candidates materialised at once (each costs ~100 bytes of temporaries).
 CHUNK_CANDIDATES = 1 << 21
@@ -65,6 +67,7 @@ def torch_pairs(prep: Prepared, batch: torch.Tensor):
     mb = meta[batch]  # [N, cols]
     per_atom = mb[:, META_NATOMS] * mb[:, META_NSHIFT]
     pos = prep.pos_w
+    any_mic = bool(meta[:, META_MIC].any())
     parts = []
     for i0, i1 in _chunks(per_atom):
         pa = per_atom[i0:i1]
@@ -79,20 +82,43 @@ def torch_pairs(prep: Prepared, batch: torch.Tensor):
         j_local = c // num_shift
         s = c - j_local * num_shift
         j = m[:, META_START] + j_local
-        row = table_offset[batch[rec]] + s
-        sv = shifts_vec[row]
-        d = (pos[j] - pos[rec]) + sv
+        graph = batch[rec]
+        row = table_offset[graph] + s
+        d0 = pos[j] - pos[rec]
+        if any_mic:  # minimum image where the structure allows it (see _prepare), as in the Triton kernel
+            sh = _minimum_image_shifts(d0, prep, graph, m, shifts_int[row])
+            c = prep.cell[graph]
+            sv = torch.stack([(sh[:, 0] * c[:, 0, k] + sh[:, 1] * c[:, 1, k]) + sh[:, 2] * c[:, 2, k]
+                              for k in range(3)], dim=1)
+        else:
+            sh, sv = None, shifts_vec[row]
+        d = d0 + sv
         d2 = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
-        hit = (d2 < cut2) & ~((j == rec) & (2 * s + 1 == num_shift))  # (S-1)/2 is the zero shift
-        sel = hit.nonzero().squeeze(1)
-        rec, j, row = rec[sel], j[sel], row[sel]
-        shift = (shifts_int[row] + prep.offsets[j]) - prep.offsets[rec]
+        if sh is None:
+            is_self = (j == rec) & (2 * s + 1 == num_shift)  # (S-1)/2 is the zero shift
+        else:
+            is_self = (j == rec) & (sh == 0).all(dim=1)
+        sel = (d2 < cut2) & ~is_self
+        sel = sel.nonzero().squeeze(1)
+        rec, j = rec[sel], j[sel]
+        sh = shifts_int[row[sel]] if sh is None else sh[sel]
+        shift = (sh + prep.offsets[j]) - prep.offsets[rec]
         parts.append((rec, j, shift, d[sel], d2[sel]))
     if not parts:
         z = torch.zeros(0, dtype=torch.int64, device=device)
         zf = torch.zeros(0, 3, dtype=dtype, device=device)
         return z, z, zf, zf, torch.zeros(0, dtype=dtype, device=device)
     return tuple(torch.cat([p[k] for p in parts]) for k in range(5))
+
+
+def _minimum_image_shifts(d0, prep: Prepared, graph, m, table_shifts):
+    inv = prep.inv_cell[graph]
+    f = torch.stack([(d0[:, 0] * inv[:, 0, k] + d0[:, 1] * inv[:, 1, k]) + d0[:, 2] * inv[:, 2, k]
+                     for k in range(3)], dim=1)
+    bits = m[:, META_PBC : META_PBC + 1]
+    periodic_axis = (bits & torch.tensor([1, 2, 4], device=d0.device)) != 0
+    mic_shift = torch.where(periodic_axis, -torch.floor(f + 0.5), torch.zeros_like(f))
+    return torch.where(m[:, META_MIC : META_MIC + 1] != 0, mic_shift, table_shifts)
 
 
 def basis(r: torch.Tensor, params: torch.Tensor, num_basis: int) -> Tuple[torch.Tensor, torch.Tensor]:

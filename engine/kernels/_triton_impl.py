@@ -1,7 +1,9 @@
 """Triton kernels: fused neighbor list + radial basis, and the per-edge backward.
 
 One program per receiver atom i. Its candidates are c = j_local * S + s over the atoms j of i's structure
-and the S cell shifts of that structure (S = 1 for molecules), visited in blocks of BLOCK_C. Two launches:
+and the S cell shifts of that structure (S = 1 for molecules, and for periodic cells whose heights are all
+>= 2 cutoff, where the one possible image is the minimum image, found by rounding the fractional
+difference), visited in blocks of BLOCK_C. Two launches:
 
 1. `_count_kernel`: distances only, the number of neighbors of each atom;
 2. an exclusive cumulative sum (torch) gives each atom its first output slot;
@@ -39,7 +41,7 @@ def _div(x, y):
 
 
 @triton.jit
-def _candidates(i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C: tl.constexpr):
+def _candidates(i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, inv_ptr, cut2, BLOCK_C: tl.constexpr):
     """Geometry of the BLOCK_C candidates starting at `base` for receiver i."""
     b = tl.load(batch_ptr + i).to(tl.int32)
     mrow = meta_ptr + b * 8
@@ -49,6 +51,8 @@ def _candidates(i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C: 
     n1 = tl.load(mrow + 3)
     n2 = tl.load(mrow + 4)
     num_shift = tl.load(mrow + 5)
+    mic = tl.load(mrow + 6) != 0
+    pbc_bits = tl.load(mrow + 7)
     m1 = 2 * n1 + 1
     m2 = 2 * n2 + 1
     c = base + tl.arange(0, BLOCK_C)
@@ -56,27 +60,36 @@ def _candidates(i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C: 
     j_local = c // num_shift
     s = c - j_local * num_shift
     j = start + j_local
-    s0 = s // (m1 * m2) - n0
-    s1 = (s // m2) % m1 - n1
-    s2 = s % m2 - n2
     xi = tl.load(pos_ptr + 3 * i + 0)
     yi = tl.load(pos_ptr + 3 * i + 1)
     zi = tl.load(pos_ptr + 3 * i + 2)
     xj = tl.load(pos_ptr + 3 * j + 0, mask=valid, other=0.0)
     yj = tl.load(pos_ptr + 3 * j + 1, mask=valid, other=0.0)
     zj = tl.load(pos_ptr + 3 * j + 2, mask=valid, other=0.0)
+    d0x = xj - xi
+    d0y = yj - yi
+    d0z = zj - zi
+    # shift: decoded from the candidate index (shift enumeration), or the minimum image (rounded fraction)
+    s0f = (s // (m1 * m2) - n0).to(xi.dtype)
+    s1f = ((s // m2) % m1 - n1).to(xi.dtype)
+    s2f = (s % m2 - n2).to(xi.dtype)
+    irow = inv_ptr + b * 9
+    f0 = (d0x * tl.load(irow + 0) + d0y * tl.load(irow + 3)) + d0z * tl.load(irow + 6)
+    f1 = (d0x * tl.load(irow + 1) + d0y * tl.load(irow + 4)) + d0z * tl.load(irow + 7)
+    f2 = (d0x * tl.load(irow + 2) + d0y * tl.load(irow + 5)) + d0z * tl.load(irow + 8)
+    zero = tl.zeros_like(f0)
+    s0f = tl.where(mic, tl.where((pbc_bits & 1) != 0, -tl.floor(f0 + 0.5), zero), s0f)
+    s1f = tl.where(mic, tl.where((pbc_bits & 2) != 0, -tl.floor(f1 + 0.5), zero), s1f)
+    s2f = tl.where(mic, tl.where((pbc_bits & 4) != 0, -tl.floor(f2 + 0.5), zero), s2f)
     crow = cell_ptr + b * 9
-    s0f = s0.to(xi.dtype)
-    s1f = s1.to(xi.dtype)
-    s2f = s2.to(xi.dtype)
-    sx = s0f * tl.load(crow + 0) + s1f * tl.load(crow + 3) + s2f * tl.load(crow + 6)
-    sy = s0f * tl.load(crow + 1) + s1f * tl.load(crow + 4) + s2f * tl.load(crow + 7)
-    sz = s0f * tl.load(crow + 2) + s1f * tl.load(crow + 5) + s2f * tl.load(crow + 8)
-    dx = (xj - xi) + sx
-    dy = (yj - yi) + sy
-    dz = (zj - zi) + sz
+    sx = (s0f * tl.load(crow + 0) + s1f * tl.load(crow + 3)) + s2f * tl.load(crow + 6)
+    sy = (s0f * tl.load(crow + 1) + s1f * tl.load(crow + 4)) + s2f * tl.load(crow + 7)
+    sz = (s0f * tl.load(crow + 2) + s1f * tl.load(crow + 5)) + s2f * tl.load(crow + 8)
+    dx = d0x + sx
+    dy = d0y + sy
+    dz = d0z + sz
     d2 = (dx * dx + dy * dy) + dz * dz
-    is_self = (j == i) & (s0 == 0) & (s1 == 0) & (s2 == 0)
+    is_self = (j == i) & (s0f == 0.0) & (s1f == 0.0) & (s2f == 0.0)
     hit = valid & (d2 < cut2) & (is_self == 0)
     return hit, j, s0f, s1f, s2f, dx, dy, dz, d2
 
@@ -88,20 +101,20 @@ def _num_candidates(i, batch_ptr, meta_ptr):
 
 
 @triton.jit
-def _count_kernel(pos_ptr, batch_ptr, meta_ptr, cell_ptr, params_ptr, counts_ptr, BLOCK_C: tl.constexpr):
+def _count_kernel(pos_ptr, batch_ptr, meta_ptr, cell_ptr, inv_ptr, params_ptr, counts_ptr, BLOCK_C: tl.constexpr):
     i = tl.program_id(0)
     cut2 = tl.load(params_ptr + 1)
     total = _num_candidates(i, batch_ptr, meta_ptr)
     acc = tl.zeros([BLOCK_C], dtype=tl.int32)
     for base in range(0, total, BLOCK_C):
         hit, j, s0f, s1f, s2f, dx, dy, dz, d2 = _candidates(
-            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C)
+            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, inv_ptr, cut2, BLOCK_C)
         acc += hit.to(tl.int32)
     tl.store(counts_ptr + i, tl.sum(acc, axis=0).to(tl.int64))
 
 
 @triton.jit
-def _fill_kernel(pos_ptr, off_ptr, batch_ptr, meta_ptr, cell_ptr, params_ptr, first_ptr, capacity,
+def _fill_kernel(pos_ptr, off_ptr, batch_ptr, meta_ptr, cell_ptr, inv_ptr, params_ptr, first_ptr, capacity,
                  edge_ptr, shift_ptr, r_ptr, unit_ptr, rbf_ptr, fcut_ptr,
                  NUM_BASIS: tl.constexpr, NB_CHUNK: tl.constexpr, WITH_GEOMETRY: tl.constexpr,
                  BLOCK_C: tl.constexpr):
@@ -118,7 +131,7 @@ def _fill_kernel(pos_ptr, off_ptr, batch_ptr, meta_ptr, cell_ptr, params_ptr, fi
     written = slot0
     for base in range(0, total, BLOCK_C):
         hit, j, s0f, s1f, s2f, dx, dy, dz, d2 = _candidates(
-            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, cut2, BLOCK_C)
+            i, base, batch_ptr, meta_ptr, pos_ptr, cell_ptr, inv_ptr, cut2, BLOCK_C)
         hit_i = hit.to(tl.int32)
         slot = written + (tl.cumsum(hit_i, axis=0) - 1).to(tl.int64)
         ok = hit & (slot < capacity)

@@ -41,6 +41,7 @@ from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forw
 BACKENDS = ("auto", "torch", "triton")
 BLOCK_C = 64  # candidates per block in the forward kernels
 BLOCK_E = 64  # edges per program in the backward kernel
+INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
 
 _triton_module = None
 _triton_error: Optional[str] = None
@@ -112,14 +113,20 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
             raise HessforgeError(f"structure {bad[0]}: periodic cell has zero volume (cell={cell[bad[0]].tolist()})")
 
 
+def _block(default: int, device: torch.device) -> int:
+    return INTERPRETER_BLOCK if device.type == "cpu" else default
+
+
 def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geometry: bool):
     tk = _load_triton()
+    block_c = _block(BLOCK_C, prep.pos_w.device)
     n_atoms = prep.pos_w.shape[0]
     device = prep.pos_w.device
     counts = torch.zeros(n_atoms, dtype=torch.int64, device=device)
     batch = batch.contiguous()
     if n_atoms:
-        tk._count_kernel[(n_atoms,)](prep.pos_w, batch, prep.meta, prep.cell, prep.params, counts, BLOCK_C=BLOCK_C)
+        tk._count_kernel[(n_atoms,)](
+            prep.pos_w, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, counts, BLOCK_C=block_c)
     first = torch.cumsum(counts, 0) - counts
     num_edges = counts.sum()
     padded = capacity >= 0
@@ -129,10 +136,10 @@ def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geo
         dummy = outs[1]
         r, unit, rbf, fcut = (t if t is not None else dummy for t in outs[2:6])
         tk._fill_kernel[(n_atoms,)](
-            prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.params, first, size,
+            prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, first, size,
             outs[0], outs[1], r, unit, rbf, fcut,
             NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)), WITH_GEOMETRY=with_geometry,
-            BLOCK_C=BLOCK_C,
+            BLOCK_C=block_c,
         )
     if with_geometry:
         return tuple(outs) + (num_edges,)
@@ -186,13 +193,14 @@ def _radial_edges_backward_op(
         return g_vec
     grads = [None if g is None else g.contiguous() for g in (g_r, g_unit, g_rbf, g_fcut)]
     dummy = r
-    tk._backward_kernel[(triton_cdiv(num_slots, BLOCK_E),)](
+    block_e = _block(BLOCK_E, r.device)
+    tk._backward_kernel[(triton_cdiv(num_slots, block_e),)](
         r.contiguous(), unit.contiguous(), *(g if g is not None else dummy for g in grads),
         num_edges, params, g_vec, num_slots,
         NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)),
         HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
         HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None,
-        BLOCK_E=BLOCK_E,
+        BLOCK_E=block_e,
     )
     return g_vec
 

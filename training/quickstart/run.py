@@ -27,11 +27,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", default=None, help="extxyz with energies/forces (default: the bundled set)")
     parser.add_argument("--teacher", default="ani1x", help="teacher spec (default ani1x, the 8-model ensemble)")
     parser.add_argument("--rows", default="full", help="Hessian rows labelled per structure: k or 'full'")
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--minutes-per-student", type=float, default=4.5,
-                        help="wall-time cap of each training run (default 4.5)")
+    parser.add_argument("--epochs", type=int, default=600, help="epochs of each student (default 600)")
+    parser.add_argument("--minutes-per-student", type=float, default=6.0,
+                        help="safety cap on each training run's wall time (default 6)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    # One thread: these graphs are tiny, and with 2 threads a step was 10-25x slower whenever anything else
+    # ran on the 2 cores (measured 0.69 s vs 0.028 s per step), from OpenMP threads waiting on each other.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
 def bundled_data() -> str:

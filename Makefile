@@ -25,5 +25,6 @@ demo: $(STAMP)
 test: $(STAMP) build
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+# exit status 5 (no test marked slow) counts as success
+test-slow: $(STAMP) build
+	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]

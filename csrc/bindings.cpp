@@ -65,6 +65,8 @@ PYBIND11_MODULE(_core, m) {
       "Edges (edge_index [2, E], integer shifts [E, 3]) with r_ij = x_j - x_i + S @ cell, |r_ij| < cutoff.");
 
   m.def("atomic_number", &hessforge::atomic_number, "symbol"_a);
+  m.def("set_jit_optimize", &hessforge::set_jit_optimize, "on"_a,
+        "TorchScript profiling executor on/off (process-wide; the LAMMPS plugin runs with it off)");
 
   py::class_<hessforge::Model>(m, "Model")
       .def(py::init<const std::string&, int>(), "path"_a, "num_threads"_a = 0)

@@ -125,11 +125,9 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
   impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
   for (int z : impl_->meta.species) impl_->known[z] = true;
   if (num_threads > 0) at::set_num_threads(num_threads);
-  // The profiling graph executor re-specialises on every new edge count (it changes every MD step) and
-  // fuses nothing on the CPU: run the plain interpreter unless HESSFORGE_JIT_OPTIMIZE=1.
-  const char* optimize = std::getenv("HESSFORGE_JIT_OPTIMIZE");
-  torch::jit::setGraphExecutorOptimize(optimize != nullptr && std::string(optimize) == "1");
 }
+
+void set_jit_optimize(bool on) { torch::jit::setGraphExecutorOptimize(on); }
 
 Model::~Model() = default;
 
@@ -143,17 +141,17 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   if (nlocal < 0 || nlocal > n) nlocal = n;
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  // from_blob views the caller's memory (read only here); .to() copies only for a float32 model
-  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64).to(impl_->dtype);
+  // The exported interface is float64 whatever the model dtype (engine/export.py); from_blob views the
+  // caller's memory, which the model only reads.
+  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64);
   torch::Tensor z = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
   torch::Tensor edge_index = torch::empty({2, num_edges}, i64);
   if (num_edges > 0) {
     std::memcpy(edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
     std::memcpy(edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
   }
-  torch::Tensor shift = shifts == nullptr
-                            ? torch::zeros({num_edges, 3}, torch::TensorOptions().dtype(impl_->dtype))
-                            : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64).to(impl_->dtype);
+  torch::Tensor shift = shifts == nullptr ? torch::zeros({num_edges, 3}, f64)
+                                         : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64);
   std::vector<torch::jit::IValue> inputs{pos, z, edge_index, shift, nlocal};
   c10::intrusive_ptr<c10::ivalue::Tuple> result;
   try {

@@ -8,6 +8,7 @@ The file is a TorchScript archive whose `forward` evaluates one graph given expl
             shifts [E, 3] (Cartesian, Å), nlocal: int)
       -> (energy [] = sum of node_energy[:nlocal], node_energy [N], forces [N, 3], virial [3, 3])
 
+(positions, shifts and all outputs float64 whatever the model's dtype),
 with r_ij = positions[j] - positions[i] + shifts[e]. Two ways of describing a periodic system both work:
 - periodic images through `shifts` (the C++ core's own cell list; LAMMPS on one rank, "fold" mode), nlocal = N;
 - explicit ghost atoms (LAMMPS domain decomposition, "ghost" mode): positions of local + ghost atoms, zero
@@ -79,13 +80,16 @@ class ExportWrapper(nn.Module):
         shifts: torch.Tensor,
         nlocal: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Inputs and outputs are float64 whatever the model's dtype: edge vectors are formed in float64 (so a
+        # float32 model does not lose precision to large coordinates) and only then cast to the model dtype.
         n = positions.shape[0]
+        dtype = self.identity_cell.dtype
         i, j = edge_index[0], edge_index[1]
-        vec = (positions[j] - positions[i] + shifts).detach()
+        vec = (positions[j] - positions[i] + shifts).to(dtype).detach()
         if not self.direct_forces:
             vec.requires_grad_(True)
         graph = AtomicGraph(
-            positions=torch.zeros_like(positions),
+            positions=torch.zeros(n, 3, dtype=dtype, device=positions.device),
             numbers=numbers,
             cell=self.identity_cell,
             pbc=self.no_pbc,
@@ -94,10 +98,10 @@ class ExportWrapper(nn.Module):
             shifts=vec,
         )
         out = self.model(graph, self.direct_forces, False)
-        node_energy = out["node_energy"]
+        node_energy = out["node_energy"].to(positions.dtype)
         energy = node_energy[:nlocal].sum()
         if self.direct_forces:
-            forces = out["forces"].clone()
+            forces = out["forces"].to(positions.dtype)
             forces[nlocal:] = 0.0
             virial = torch.zeros(3, 3, dtype=positions.dtype, device=positions.device)
         else:
@@ -105,8 +109,9 @@ class ExportWrapper(nn.Module):
             g = grads[0]
             if g is None:  # no edges: the energy does not depend on positions
                 g = torch.zeros_like(vec)
+            g = g.to(positions.dtype)
             forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
-            virial = -(vec.detach().transpose(0, 1) @ g)
+            virial = -(vec.detach().to(positions.dtype).transpose(0, 1) @ g)
             virial = 0.5 * (virial + virial.transpose(0, 1))
         return energy.detach(), node_energy.detach(), forces.detach(), virial.detach()
 
@@ -197,8 +202,8 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "virial": force_mode == "gradient",
         "units": {"energy": "eV", "length": "Angstrom", "lammps": "metal"},
         "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
-        "interface": "forward(positions[N,3], numbers[N], edge_index[2,E], shifts[E,3], nlocal) -> "
-                     "(energy, node_energy[N], forces[N,3], virial[3,3])",
+        "interface": "forward(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal) "
+                     "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64",
         "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            hessforge_version=hessforge_version, torch_version=torch.__version__),
     })

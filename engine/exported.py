@@ -68,7 +68,8 @@ def read_metadata(path: str) -> Dict[str, Any]:
 
 
 class ExportedModel:
-    """An exported TorchScript student with the engine's student interface."""
+    """An exported TorchScript student with the engine's student interface (outputs in float64; a float32
+    model computes in float32 from edge vectors formed in float64)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -91,15 +92,15 @@ class ExportedModel:
             raise UnknownElementError(unknown, self.species, where or self.path)
 
     def evaluate(self, positions, numbers, edge_index, shifts, nlocal: Optional[int] = None):
-        """The raw module call: (energy, node_energy, forces, virial), inputs cast to the model's dtype."""
-        positions = torch.as_tensor(positions).to(self.dtype)
+        """The raw module call, float64 in and out: (energy, node_energy, forces, virial)."""
+        positions = torch.as_tensor(positions).to(torch.float64)
         n = positions.shape[0]
         return self.module(positions, torch.as_tensor(numbers, dtype=torch.long), torch.as_tensor(edge_index),
-                           torch.as_tensor(shifts).to(self.dtype), n if nlocal is None else int(nlocal))
+                           torch.as_tensor(shifts).to(torch.float64), n if nlocal is None else int(nlocal))
 
     def _edge_shifts(self, graph: AtomicGraph) -> torch.Tensor:
         i = graph.edge_index[0]
-        return torch.einsum("ea,eab->eb", graph.shifts.to(self.dtype), graph.cell.to(self.dtype)[graph.batch[i]])
+        return torch.einsum("ea,eab->eb", graph.shifts.double(), graph.cell.double()[graph.batch[i]])
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True) -> Dict[str, torch.Tensor]:
         """energy [B], node_energy [N], forces [N, 3] for a batch (structures are disconnected in the graph)."""
@@ -110,7 +111,7 @@ class ExportedModel:
         out = {"energy": energy, "node_energy": node_energy}
         if compute_forces:
             out["forces"] = forces
-        return out
+        return out  # float64
 
     __call__ = forward
 

@@ -14,6 +14,7 @@
 #include "pair_hessforge.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "atom.h"
@@ -94,6 +95,8 @@ void PairHessforge::coeff(int narg, char **arg)
                       "<one element per atom type>");
   model_path = arg[2];
   try {
+    const char *optimize = std::getenv("HESSFORGE_JIT_OPTIMIZE");
+    hessforge::set_jit_optimize(optimize != nullptr && std::string(optimize) == "1");
     model.reset(new hessforge::Model(model_path, num_threads));
   } catch (const std::exception &err) {
     error->all(FLERR, std::string("pair_style hessforge: ") + err.what());

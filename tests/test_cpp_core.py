@@ -125,3 +125,19 @@ def test_core_errors(tmp_path):
         core.compute_atoms(Atoms("NH3", positions=np.random.default_rng(0).uniform(0, 2, (4, 3))))
     with pytest.raises(HessforgeError, match="zero volume"):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.zeros((3, 3)), [True] * 3)
+
+
+def test_core_float32_model(tmp_path, rng):
+    """A float32 export: edge vectors formed in float64, model in float32, results in float64."""
+    model = tiny_painn(seed=int(rng.integers(1000)))
+    path = str(tmp_path / "model32.pt")
+    export_model(model, path, dtype=torch.float32)
+    core = load_core(path)
+    assert core.metadata["dtype"] == "float32"
+    atoms = structures(rng)["triclinic"]
+    atoms.positions += 500.0  # far from the origin: float32 coordinates would lose ~1e-4 Å here
+    ref = model(graph_from_atoms([atoms], CUTOFF, torch.float64))
+    out = core.compute_atoms(atoms)
+    assert out["forces"].dtype == np.float64
+    assert rel(out["energy"], ref["energy"].item()) < 1e-6
+    assert rel(out["forces"], ref["forces"].detach()) < 1e-4

@@ -58,6 +58,11 @@ NeighborList neighbor_list(const double* positions, int64_t n, const double* cel
 int atomic_number(const std::string& symbol);
 std::string element_symbol(int z);
 
+// TorchScript's profiling graph executor (process-wide switch, torch's default: on). It re-specialises the
+// graph whenever input shapes change (the edge count changes every MD step) and fuses nothing on the CPU;
+// the LAMMPS plugin turns it off unless HESSFORGE_JIT_OPTIMIZE=1.
+void set_jit_optimize(bool on);
+
 class Model {
  public:
   // Loads the TorchScript file and its metadata. num_threads > 0 sets torch's intra-op threads.

@@ -103,3 +103,16 @@ def test_two_process_data_parallel(labelled, tmp_path):
     assert summary["epochs"] == 2
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+
+
+def test_example_config_lists_every_key_with_its_default():
+    from dataclasses import asdict
+
+    from training.config import Config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "training", "quickstart", "example_config.yaml")
+    example = load_config(path).to_dict()
+    defaults = asdict(Config())
+    for section in ("model", "loss", "optim", "train"):
+        assert example[section] == defaults[section], section
+    assert set(example["data"]) == set(defaults["data"])

@@ -58,15 +58,22 @@ def _chunks(per_atom: torch.Tensor) -> List[Tuple[int, int]]:
 
 def torch_pairs(prep: Prepared, batch: torch.Tensor):
     """All edges: receivers i [E], senders j [E], integer shifts (unwrapped, dtype) [E, 3], vectors [E, 3]
-    computed from the wrapped positions, squared lengths [E]."""
+    computed from the wrapped positions, squared lengths [E].
+
+    Structure-of-arrays with index_select gathers (CPU advanced indexing of [N, 3] rows is ~10x slower);
+    every floating-point expression is the Triton kernel's, in the same order."""
     device, dtype = prep.pos_w.device, prep.pos_w.dtype
-    n_atoms = prep.pos_w.shape[0]
     meta = prep.meta.to(torch.int64)
     shifts_int, shifts_vec, table_offset = shift_table(prep)
     cut2 = prep.params[1]
-    mb = meta[batch]  # [N, cols]
-    per_atom = mb[:, META_NATOMS] * mb[:, META_NSHIFT]
-    pos = prep.pos_w
+    sel_ = torch.index_select
+    atom_nshift = sel_(meta[:, META_NSHIFT].contiguous(), 0, batch)
+    atom_start = sel_(meta[:, META_START].contiguous(), 0, batch)
+    atom_table = sel_(table_offset, 0, batch)
+    per_atom = sel_(meta[:, META_NATOMS].contiguous(), 0, batch) * atom_nshift
+    x, y, z = (prep.pos_w[:, k].contiguous() for k in range(3))
+    tx, ty, tz = (shifts_vec[:, k].contiguous() for k in range(3))
+    ox, oy, oz = (prep.offsets[:, k].contiguous() for k in range(3))
     any_mic = bool(meta[:, META_MIC].any())
     parts = []
     for i0, i1 in _chunks(per_atom):
@@ -74,51 +81,72 @@ def torch_pairs(prep: Prepared, batch: torch.Tensor):
         total = int(pa.sum())
         if total == 0:
             continue
-        rec = torch.repeat_interleave(torch.arange(i0, i1, device=device), pa, output_size=total)
-        first = torch.repeat_interleave(torch.cumsum(pa, 0) - pa, pa, output_size=total)
-        c = torch.arange(total, device=device) - first
-        m = mb[rec]
-        num_shift = m[:, META_NSHIFT]
-        j_local = c // num_shift
+
+        def rep(values):  # per-receiver values -> per-candidate
+            return torch.repeat_interleave(values, pa, output_size=total)
+
+        rec = rep(torch.arange(i0, i1, device=device))
+        c = torch.arange(total, device=device) - rep(torch.cumsum(pa, 0) - pa)
+        num_shift = rep(atom_nshift[i0:i1])
+        j_local = torch.div(c, num_shift, rounding_mode="floor")
         s = c - j_local * num_shift
-        j = m[:, META_START] + j_local
-        graph = batch[rec]
-        row = table_offset[graph] + s
-        d0 = pos[j] - pos[rec]
+        j = rep(atom_start[i0:i1]) + j_local
+        row = rep(atom_table[i0:i1]) + s
+        d0x = sel_(x, 0, j) - sel_(x, 0, rec)
+        d0y = sel_(y, 0, j) - sel_(y, 0, rec)
+        d0z = sel_(z, 0, j) - sel_(z, 0, rec)
         if any_mic:  # minimum image where the structure allows it (see _prepare), as in the Triton kernel
-            sh = _minimum_image_shifts(d0, prep, graph, m, shifts_int[row])
-            c = prep.cell[graph]
-            sv = torch.stack([(sh[:, 0] * c[:, 0, k] + sh[:, 1] * c[:, 1, k]) + sh[:, 2] * c[:, 2, k]
-                              for k in range(3)], dim=1)
+            s0, s1, s2 = _minimum_image_shifts(d0x, d0y, d0z, prep, rep(batch[i0:i1]), shifts_int, row)
+            cg = prep.cell.reshape(-1, 9)
+            graph = rep(batch[i0:i1])
+            ck = [sel_(cg[:, k].contiguous(), 0, graph) for k in range(9)]
+            svx = (s0 * ck[0] + s1 * ck[3]) + s2 * ck[6]
+            svy = (s0 * ck[1] + s1 * ck[4]) + s2 * ck[7]
+            svz = (s0 * ck[2] + s1 * ck[5]) + s2 * ck[8]
         else:
-            sh, sv = None, shifts_vec[row]
-        d = d0 + sv
-        d2 = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
-        if sh is None:
-            is_self = (j == rec) & (2 * s + 1 == num_shift)  # (S-1)/2 is the zero shift
+            svx, svy, svz = sel_(tx, 0, row), sel_(ty, 0, row), sel_(tz, 0, row)
+        dx, dy, dz = d0x + svx, d0y + svy, d0z + svz
+        d2 = (dx * dx + dy * dy) + dz * dz
+        # the zero shift is the middle one, (S - 1) / 2 (minimum-image structures: S = 1, and i == j means
+        # a zero difference, hence a zero shift)
+        is_self = (j == rec) & (2 * s + 1 == num_shift)
+        hit = ((d2 < cut2) & ~is_self).nonzero().squeeze(1)
+        rec, j = sel_(rec, 0, hit), sel_(j, 0, hit)
+        if any_mic:
+            s0, s1, s2 = sel_(s0, 0, hit), sel_(s1, 0, hit), sel_(s2, 0, hit)
         else:
-            is_self = (j == rec) & (sh == 0).all(dim=1)
-        sel = (d2 < cut2) & ~is_self
-        sel = sel.nonzero().squeeze(1)
-        rec, j = rec[sel], j[sel]
-        sh = shifts_int[row[sel]] if sh is None else sh[sel]
-        shift = (sh + prep.offsets[j]) - prep.offsets[rec]
-        parts.append((rec, j, shift, d[sel], d2[sel]))
+            sh = sel_(shifts_int, 0, sel_(row, 0, hit))
+            s0, s1, s2 = sh[:, 0], sh[:, 1], sh[:, 2]
+        shift = torch.stack([(s0 + sel_(ox, 0, j)) - sel_(ox, 0, rec),
+                             (s1 + sel_(oy, 0, j)) - sel_(oy, 0, rec),
+                             (s2 + sel_(oz, 0, j)) - sel_(oz, 0, rec)], dim=1)
+        d = torch.stack([sel_(dx, 0, hit), sel_(dy, 0, hit), sel_(dz, 0, hit)], dim=1)
+        parts.append((rec, j, shift, d, sel_(d2, 0, hit)))
     if not parts:
         z = torch.zeros(0, dtype=torch.int64, device=device)
         zf = torch.zeros(0, 3, dtype=dtype, device=device)
         return z, z, zf, zf, torch.zeros(0, dtype=dtype, device=device)
+    if len(parts) == 1:
+        return parts[0]
     return tuple(torch.cat([p[k] for p in parts]) for k in range(5))
 
 
-def _minimum_image_shifts(d0, prep: Prepared, graph, m, table_shifts):
-    inv = prep.inv_cell[graph]
-    f = torch.stack([(d0[:, 0] * inv[:, 0, k] + d0[:, 1] * inv[:, 1, k]) + d0[:, 2] * inv[:, 2, k]
-                     for k in range(3)], dim=1)
-    bits = m[:, META_PBC : META_PBC + 1]
-    periodic_axis = (bits & torch.tensor([1, 2, 4], device=d0.device)) != 0
-    mic_shift = torch.where(periodic_axis, -torch.floor(f + 0.5), torch.zeros_like(f))
-    return torch.where(m[:, META_MIC : META_MIC + 1] != 0, mic_shift, table_shifts)
+def _minimum_image_shifts(d0x, d0y, d0z, prep: Prepared, graph, shifts_int, row):
+    """Per-candidate shifts: the rounded fractional difference where the structure is in minimum-image
+    mode, the enumerated shift elsewhere."""
+    sel_ = torch.index_select
+    ig = prep.inv_cell.reshape(-1, 9)
+    inv = [sel_(ig[:, k].contiguous(), 0, graph) for k in range(9)]
+    meta = prep.meta.to(torch.int64)
+    mic = sel_(meta[:, META_MIC].contiguous(), 0, graph) != 0
+    bits = sel_(meta[:, META_PBC].contiguous(), 0, graph)
+    table = sel_(shifts_int, 0, row)
+    out = []
+    for k in range(3):
+        f = (d0x * inv[k] + d0y * inv[3 + k]) + d0z * inv[6 + k]
+        mic_shift = torch.where((bits & (1 << k)) != 0, -torch.floor(f + 0.5), torch.zeros_like(f))
+        out.append(torch.where(mic, mic_shift, table[:, k]))
+    return out
 
 
 def basis(r: torch.Tensor, params: torch.Tensor, num_basis: int) -> Tuple[torch.Tensor, torch.Tensor]:

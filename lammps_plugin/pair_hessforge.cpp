@@ -184,6 +184,12 @@ void PairHessforge::build_fold_graph()
   double **x = atom->x;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
+  pos.clear();
+  numbers.clear();
+  recv.clear();
+  send.clear();
+  shifts.clear();
+  if (nlocal == 0) return;
   if (neighbor->ago == 0 || static_cast<int>(owner.size()) != nall) {
     tagint *tag = atom->tag;
     tagint maxtag = 0;
@@ -242,6 +248,8 @@ void PairHessforge::build_ghost_graph()
   int **firstneigh = list->firstneigh;
   const double cutsq_model = cutoff * cutoff;
   const int layers = model->metadata().num_layers;
+  numbers.clear();
+  if (nlocal == 0) return;
 
   // all edges within the model cutoff, grouped by receiver (LAMMPS atom indices)
   recv.clear();
@@ -323,6 +331,7 @@ void PairHessforge::compute(int eflag, int vflag)
   const int nlocal = atom->nlocal;
   const int64_t nnodes = static_cast<int64_t>(numbers.size());
   const int64_t nedges = static_cast<int64_t>(send.size());
+  if (nlocal == 0) return;  // a rank whose subdomain holds no atom contributes nothing
   try {
     model->compute_graph(pos.data(), numbers.data(), nnodes, nlocal, recv.data(), send.data(),
                          mode == FOLD ? shifts.data() : nullptr, nedges, *result);

@@ -201,6 +201,16 @@ def test_lammps_matches_python_engine(tmp_path, models, name):
     assert_close(results[("auto", 2)], results[("fold", 1)], f"{name}: 2 ranks vs 1 rank", tol=1e-10)
 
 
+def test_rank_without_atoms(tmp_path, models):
+    """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(4))["molecule"]
+    atoms.positions += [10.0, 0.0, 0.0]  # the box is [-20, 20]^3, split at x = 0 on 2 ranks
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    run_lammps(tmp_path, header(path, ["H", "C", "O"]) + SINGLE_POINT, nprocs=2)
+    assert_close(read_single_point(tmp_path), python_reference(model, atoms), "molecule on one of 2 ranks")
+
+
 def test_direct_force_student(tmp_path, models):
     """Energies, per-atom energies and forces of a direct-force student; the virial is reported missing."""
     model, path = models["direct"]

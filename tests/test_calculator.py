@@ -1,0 +1,164 @@
+"""engine.Calculator: forces and stress against finite differences (ASE's sign and Voigt order), the same
+numbers from a checkpoint, an exported file and the model object, ASE MD energy conservation, FIRE, errors."""
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import FIRE
+
+from engine import Calculator
+from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from engine.errors import HessforgeError, UnknownElementError
+from engine.models import PaiNN
+
+torch.set_num_threads(1)
+SPECIES = [1, 6, 8]
+
+
+def tiny(force_mode="gradient", cutoff=3.0):
+    model = PaiNN(SPECIES, cutoff=cutoff, hidden=16, layers=2, num_basis=8, force_mode=force_mode)
+    with torch.no_grad():
+        model.energy_scale.fill_(2.0)
+        model.atom_ref.copy_(torch.tensor([-13.6, -1029.0, -2041.0]))
+    return model.double().eval()
+
+
+def periodic(rng, n=7):
+    """A random triclinic cell whose shortest height is below the cutoff (several images of each atom)."""
+    cell = np.diag(rng.uniform(3.2, 4.2, 3)) + rng.uniform(-0.6, 0.6, (3, 3)) * (1 - np.eye(3))
+    frac = rng.uniform(0, 1, (n, 3))
+    return Atoms(numbers=rng.choice(SPECIES, n), positions=frac @ cell, cell=cell, pbc=True)
+
+
+def molecule_perturbed(name, rng, scale=0.1):
+    a = molecule(name)
+    a.positions += rng.normal(scale=scale, size=a.positions.shape)
+    return a
+
+
+def strain_energy(atoms, calc, strain):
+    b = atoms.copy()
+    b.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    b.calc = calc
+    return b.get_potential_energy()
+
+
+def test_forces_match_finite_differences(rng):
+    calc = Calculator(tiny())
+    for atoms in (molecule_perturbed("CH3OH", rng), periodic(rng)):
+        atoms.calc = calc
+        forces = atoms.get_forces()
+        assert np.abs(forces).max() > 1e-3  # not trivially zero
+        fd = calculate_numerical_forces(atoms, eps=1e-5)
+        assert np.allclose(forces, fd, atol=1e-7), np.abs(forces - fd).max()
+        # per-atom energies sum to the energy
+        assert np.isclose(atoms.get_potential_energies().sum(), atoms.get_potential_energy())
+
+
+def test_stress_is_the_strain_derivative(rng):
+    model = tiny()
+    calc = Calculator(model)
+    atoms = periodic(rng)
+    atoms.calc = calc
+    stress = atoms.get_stress()  # Voigt xx yy zz yz xz xy
+    assert np.abs(stress).max() > 1e-5
+    h, vol = 1e-5, atoms.get_volume()
+    voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+    fd = []
+    for a, b in voigt:
+        eps = np.zeros((3, 3))
+        eps[a, b] = eps[b, a] = h if a != b else h
+        e_plus = strain_energy(atoms, calc, eps)
+        e_minus = strain_energy(atoms, calc, -eps)
+        d = (e_plus - e_minus) / (2 * h)
+        fd.append(d / vol if a == b else d / (2 * vol))  # symmetric off-diagonal strain moves two entries
+    assert np.allclose(stress, fd, atol=1e-8), (stress, fd)
+    # ASE's own finite-difference stress (its sign and Voigt order)
+    assert np.allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), atol=1e-8)
+    # full 3x3 form is symmetric and agrees
+    full = atoms.get_stress(voigt=False)
+    assert np.allclose(full, full.T)
+
+
+def test_checkpoint_exported_and_object_agree(tmp_path, rng):
+    from engine.export import export_model
+
+    model = tiny()
+    ckpt = tmp_path / "student.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model_hparams": dict(model.hyperparameters(), name="painn"),
+                "model_state": model.state_dict(), "ema_model_state": model.state_dict()}, ckpt)
+    exported = tmp_path / "exported.pt"
+    export_model(model, str(exported))
+    atoms = periodic(rng)
+    results = []
+    for source in (model, str(ckpt), str(exported)):
+        atoms.calc = Calculator(source)
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    for e, f, s in results[1:]:
+        assert np.isclose(e, results[0][0], atol=1e-9)
+        assert np.allclose(f, results[0][1], atol=1e-9)
+        assert np.allclose(s, results[0][2], atol=1e-10)
+
+
+def test_ase_md_conserves_energy(rng):
+    atoms = molecule_perturbed("CH3OH", rng, 0.05)
+    atoms.calc = Calculator(tiny(cutoff=4.0))
+    atoms.set_momenta(rng.normal(scale=0.4, size=(len(atoms), 3)))
+    e0 = atoms.get_total_energy()
+    energies = []
+    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=5)
+    dyn.run(200)
+    ke_scale = max(atoms.get_kinetic_energy(), 1e-3)
+    assert np.abs(np.array(energies) - e0).max() < 0.02 * ke_scale + 1e-6
+
+
+def test_fire_reduces_fmax(rng):
+    atoms = molecule_perturbed("CH3OH", rng, 0.15)
+    atoms.calc = Calculator(tiny(cutoff=4.0))
+    fmax0 = np.linalg.norm(atoms.get_forces(), axis=1).max()
+    FIRE(atoms, logfile=None).run(fmax=1e-4, steps=150)
+    fmax = np.linalg.norm(atoms.get_forces(), axis=1).max()
+    assert fmax < 0.2 * fmax0, (fmax0, fmax)
+
+
+def test_direct_force_student(rng):
+    model = tiny("direct")
+    atoms = periodic(rng)
+    atoms.calc = Calculator(model)
+    from engine.graph import graph_from_atoms
+
+    expected = model(graph_from_atoms([atoms], model.cutoff, torch.float64))["forces"].detach().numpy()
+    assert np.allclose(atoms.get_forces(), expected, atol=1e-12)
+    with pytest.raises(PropertyNotImplementedError, match="direct-force"):
+        atoms.get_stress()
+
+
+def test_bad_input(rng, tmp_path):
+    calc = Calculator(tiny())
+    with pytest.raises(UnknownElementError, match=r"N \(Z=7\)"):
+        calc.get_potential_energy(molecule("NH3"))
+    nan = molecule("CH4")
+    nan.positions[2, 1] = np.nan
+    with pytest.raises(HessforgeError, match="NaN"):
+        calc.get_potential_energy(nan)
+    flat = Atoms("CH4", positions=molecule("CH4").positions, cell=[[3, 0, 0], [0, 3, 0], [6, 6, 0]], pbc=True)
+    with pytest.raises(HessforgeError, match="zero volume"):
+        calc.get_potential_energy(flat)
+    with pytest.raises(HessforgeError, match="no atoms"):
+        calc.get_potential_energy(Atoms())
+    with pytest.raises(PropertyNotImplementedError, match="periodic"):
+        calc.get_stress(molecule("CH4"))
+    with pytest.raises(HessforgeError, match="not found"):
+        Calculator(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(HessforgeError, match="not a readable checkpoint"):
+        Calculator(str(junk))
+    with pytest.raises(HessforgeError, match="not a hessforge student"):
+        Calculator(torch.nn.Linear(2, 2))

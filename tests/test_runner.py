@@ -1,0 +1,192 @@
+"""engine.runner: speed arithmetic (ns/day = structures/s x 0.0864), median timing, the batch-size sweep's stop
+rules (plateau, memory cap, out of memory), real students in eager and fused modes, and bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from engine.errors import HessforgeError, UnknownElementError
+from engine.graph import graph_from_atoms
+from engine.models import PaiNN
+from engine.runner import (FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark, fill_batch,
+                           format_table, ns_per_day, rebuild_neighbors, sweep, write_json)
+
+torch.set_num_threads(1)
+SPECIES = [1, 6, 7, 8]
+
+
+class FakeClock:
+    """A timer the fake models advance: timings become exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_target(clock, seconds, fail_at=None):
+    """A model whose call on B structures takes seconds(B) on the fake clock."""
+
+    def run(atoms_list):
+        if fail_at is not None and len(atoms_list) >= fail_at:
+            raise MemoryError("cannot allocate")
+        clock.now += seconds(len(atoms_list))
+
+    return FunctionTarget("fake", prepare=lambda atoms_list: atoms_list, run=run)
+
+
+class FakeProbe(MemoryProbe):
+    def __init__(self, bytes_per_structure, batch):
+        super().__init__(torch.device("cpu"))
+        self.method = "fake"
+        self.value = bytes_per_structure * batch
+
+    def start(self):
+        pass
+
+    def peak_bytes(self):
+        return self.value
+
+
+def small_molecules(rng, n=5):
+    out = []
+    for name in ("CH4", "H2O", "NH3", "CH3OH", "HCOOH")[:n]:
+        a = molecule(name)
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        out.append(a)
+    return out
+
+
+def periodic(rng, n=6):
+    cell = np.diag(rng.uniform(3.5, 4.5, 3)) + rng.uniform(-0.5, 0.5, (3, 3)) * (1 - np.eye(3))
+    return Atoms(numbers=rng.choice(SPECIES, n), positions=rng.uniform(0, 1, (n, 3)) @ cell, cell=cell, pbc=True)
+
+
+def tiny(force_mode="gradient", dtype=torch.float64):
+    return PaiNN(SPECIES, cutoff=3.5, hidden=16, layers=2, num_basis=8, force_mode=force_mode).to(dtype)
+
+
+def test_speed_arithmetic_and_median(rng):
+    clock = FakeClock()
+    per_call = float(rng.uniform(0.01, 0.1))
+    batch = int(rng.integers(2, 50))
+    structures = small_molecules(rng)
+    r = benchmark(fake_target(clock, lambda b: per_call), structures, batch, warmup=1, repeats=5, timer=clock,
+                  memory_probe=FakeProbe(0, batch))
+    atoms = sum(len(a) for a in fill_batch(structures, batch))
+    assert r.atoms == atoms and r.batch_size == batch
+    assert r.model.median_s == pytest.approx(per_call)
+    assert r.model.structures_per_s == pytest.approx(batch / per_call)
+    assert r.model.atom_steps_per_s == pytest.approx(atoms / per_call)
+    assert r.model.ns_per_day == pytest.approx(batch / per_call * 86400 * 1e-6)
+    assert ns_per_day(1000.0) == pytest.approx(86.4)
+    assert r.model_nl is r.model  # the callable has its neighbor list inside: one timing, both columns
+
+
+def test_median_ignores_outliers():
+    clock = FakeClock()
+    durations = iter([5.0, 0.2, 0.1, 9.0, 0.3])  # warm-up 5.0, then 0.2 0.1 9.0 0.3 ... median of 4 = 0.25
+    target = fake_target(clock, lambda b: next(durations))
+    r = benchmark(target, [molecule("H2O")], 1, warmup=1, repeats=4, timer=clock, memory_probe=FakeProbe(0, 1))
+    assert r.model.first_call_s == 5.0
+    assert r.model.median_s == pytest.approx(0.25)
+
+
+def test_sweep_stops_at_plateau_and_finds_best(rng):
+    clock = FakeClock()
+    knee = 2 ** int(rng.integers(2, 6))
+    target = fake_target(clock, lambda b: max(1.0, b / knee))  # throughput grows until `knee`, then flat
+    s = sweep(target, [molecule("H2O")], max_batch=4096, warmup=1, repeats=3, timer=clock,
+              memory_probe=lambda: FakeProbe(0, 1))
+    assert "plateau" in s.stop_reason
+    assert [r.batch_size for r in s.results][-1] == 4 * knee
+    assert s.best().batch_size == knee
+    assert s.best().model.structures_per_s == pytest.approx(knee)
+
+
+def test_sweep_stops_at_memory_cap_and_out_of_memory():
+    clock = FakeClock()
+    sizes = iter([1, 2, 4, 8, 16, 32])
+    s = sweep(fake_target(clock, lambda b: 1.0), [molecule("H2O")], max_batch=1024, warmup=1, repeats=1,
+              timer=clock, memory_cap_bytes=10_000, memory_probe=lambda: FakeProbe(1000, next(sizes)))
+    assert "memory cap" in s.stop_reason
+    assert s.results[-1].batch_size == 8  # 16 structures would need 16 kB > 10 kB
+    s = sweep(fake_target(clock, lambda b: 1.0, fail_at=16), [molecule("H2O")], max_batch=1024, warmup=1,
+              repeats=1, timer=clock, memory_probe=lambda: FakeProbe(0, 1))
+    assert s.stop_reason == "out of memory at batch 16"
+    assert s.results[-1].batch_size == 8
+
+
+@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
+def test_fused_student_equals_eager(rng, force_mode):
+    model = tiny(force_mode)
+    structures = small_molecules(rng, 3) + [periodic(rng)]
+    graph = graph_from_atoms(structures, model.cutoff, torch.float64)
+    eager = model(graph)
+    fused = FusedStudent(model, backend="torch")(graph._replace(edge_index=graph.edge_index[:, :0],
+                                                                shifts=graph.shifts[:0]))  # edges unused
+    assert torch.allclose(eager["energy"], fused["energy"], atol=1e-10)
+    assert torch.allclose(eager["forces"], fused["forces"], atol=1e-10)
+    assert float(eager["forces"].detach().abs().max()) > 1e-4
+
+
+def test_student_target_modes_and_neighbor_rebuild(rng):
+    model = tiny()
+    structures = small_molecules(rng) + [periodic(rng)]
+    eager = StudentTarget(model, "eager", name="tiny")
+    graph = eager.prepare(fill_batch(structures, 7))
+    # the timed neighbor-list path gives the same forces as the prebuilt reference list
+    rebuilt = rebuild_neighbors(graph._replace(edge_index=graph.edge_index[:, :0], shifts=graph.shifts[:0]),
+                                model.cutoff)
+    assert rebuilt.edge_index.shape == graph.edge_index.shape
+    assert torch.allclose(eager.model(graph), eager.model_with_neighbors(graph), atol=1e-10)
+    fused = StudentTarget(model, "fused", name="tiny")
+    assert fused.mode == "fused[torch]" and fused.fuses_neighbors
+    assert torch.allclose(eager.model(graph), fused.model(graph), atol=1e-10)
+    rows = [benchmark(t, structures, 6, warmup=1, repeats=2) for t in (eager, fused)]
+    for r in rows:
+        assert r.atoms == sum(len(a) for a in fill_batch(structures, 6)) and r.edges > 0
+        assert r.model.median_s > 0 and r.model_nl.median_s > 0
+        assert r.dtype == "float64" and r.device == "cpu" and r.threads == 1
+        assert r.peak_memory_bytes >= 0 and r.memory_method
+    table = format_table(rows, reference=lambda r: rows[0])
+    assert "fused[torch]" in table and "1.00x" in table
+    assert format_table(rows, markdown=True).count("\n") == 3
+
+
+def test_json_report(tmp_path):
+    clock = FakeClock()
+    r = benchmark(fake_target(clock, lambda b: 0.5), [molecule("H2O")], 4, warmup=1, repeats=1, timer=clock,
+                  memory_probe=FakeProbe(10, 4))
+    path = tmp_path / "out" / "bench.json"
+    write_json(str(path), {"results": [r]})
+    data = json.loads(path.read_text())["results"][0]
+    assert data["batch_size"] == 4 and data["model"]["ns_per_day"] == pytest.approx(8 * 0.0864)
+    assert data["peak_memory_bytes"] == 40
+
+
+def test_bad_input(rng):
+    model = tiny()
+    target = StudentTarget(model, "eager")
+    with pytest.raises(HessforgeError, match="empty batch"):
+        benchmark(target, [], 4)
+    with pytest.raises(HessforgeError, match="batch size"):
+        benchmark(target, [molecule("H2O")], 0)
+    bad = molecule("CH4")
+    bad.positions[0, 2] = np.inf
+    with pytest.raises(HessforgeError, match="NaN or Inf"):
+        benchmark(target, [bad], 2, warmup=1, repeats=1)
+    with pytest.raises(UnknownElementError, match="Si"):
+        benchmark(target, [molecule("SiH4")], 2, warmup=1, repeats=1)
+    flat = Atoms("CH4", positions=molecule("CH4").positions, cell=[[3, 0, 0], [0, 3, 0], [0, 6, 0]], pbc=True)
+    with pytest.raises(HessforgeError, match="zero volume"):
+        benchmark(target, [flat], 2, warmup=1, repeats=1)
+    with pytest.raises(HessforgeError, match="unknown student mode"):
+        StudentTarget(model, "turbo")
+    if not torch.cuda.is_available():
+        with pytest.raises(HessforgeError, match="needs CUDA"):
+            StudentTarget(model, "compiled+triton")

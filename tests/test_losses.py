@@ -85,14 +85,14 @@ def test_kd_loss_backpropagates_and_matches_definition(rng, mode):
     model = _model(mode, rng)
     graph = graph_from_atoms(_structures(rng), 3.5, torch.float64)
     batch = _batch(graph, rng, model)
-    weights = LossWeights(energy=5, forces=100, hessian=400, energy_gradient=1.0, force_distill=2.0)
+    weights = LossWeights(energy=5, forces=100, hessian=400, energy_gradient=1.0, force_distill=2.0, kind="mse")
     terms = compute_loss(model, batch, weights)
     terms["total"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     # double backward really reaches the parameters through the Hessian term
     model.zero_grad()
-    compute_loss(model, batch, LossWeights(energy=0, forces=0, hessian=1.0))["total"].backward()
+    compute_loss(model, batch, LossWeights(energy=0, forces=0, hessian=1.0))["total"].backward()  # l2mae
     assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
     # the KD term is the mean squared difference between sampled student rows and the targets
     H = _full_hessian(model, graph)
@@ -104,7 +104,14 @@ def test_kd_loss_backpropagates_and_matches_definition(rng, mode):
             row[mine] = H[j][mine]
         expected.append(row)
     expected = torch.stack(expected).reshape(batch.hessian_target.shape)
-    torch.testing.assert_close(terms["hessian"], (expected - batch.hessian_target).square().mean(), rtol=1e-9, atol=0)
+    diff = expected - batch.hessian_target
+    torch.testing.assert_close(terms["hessian"], diff.square().mean(), rtol=1e-9, atol=0)
+    # the paper's form: mean over (sampled row, atom) of the norm of the row's 3-block on that atom
+    l2 = compute_loss(model, batch, LossWeights(kind="l2mae"), training=False)
+    torch.testing.assert_close(l2["hessian"], diff.norm(dim=-1).mean(), rtol=1e-9, atol=0)
+    natoms = torch.bincount(graph.batch).double()
+    e_pred = model(graph, compute_forces=False)["energy"]
+    torch.testing.assert_close(l2["energy"], ((e_pred - batch.energy).abs() / natoms).mean(), rtol=1e-9, atol=0)
     if mode == "direct":
         assert "energy_gradient" in terms
     assert "force_distill" in terms

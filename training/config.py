@@ -44,6 +44,7 @@ class LossConfig:
     energy_gradient: float = 0.0
     force_distill: float = 0.0
     halve_kd_when_better_than_teacher: bool = True
+    kind: str = "l2mae"  # l2mae (norms, the paper's code) or mse (squared errors)
 
 
 @dataclass
@@ -115,6 +116,8 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
         raise HessforgeError(f"{where}: 'data.path' (the LMDB dataset) is required")
     if config.model.force_mode not in ("gradient", "direct"):
         raise HessforgeError(f"{where}: model.force_mode must be 'gradient' or 'direct', got {config.model.force_mode!r}")
+    if config.loss.kind not in ("l2mae", "mse"):
+        raise HessforgeError(f"{where}: loss.kind must be 'l2mae' or 'mse', got {config.loss.kind!r}")
     if config.train.dtype not in ("float32", "float64"):
         raise HessforgeError(f"{where}: train.dtype must be float32 or float64, got {config.train.dtype!r}")
     if config.loss.hessian > 0 and not config.data.labels:

@@ -96,11 +96,11 @@ def _average_gradients(model: torch.nn.Module) -> None:
 
 
 class _Accumulator:
-    """Sums of absolute and squared errors over a pass, reduced across ranks."""
+    """Sums of energy/force errors over a pass, reduced across ranks."""
 
     def __init__(self):
         self.sums = {"e_abs": 0.0, "e_abs_per_atom": 0.0, "e_sq": 0.0, "f_abs": 0.0, "f_sq": 0.0,
-                     "n_struct": 0.0, "n_comp": 0.0}
+                     "f_norm": 0.0, "n_struct": 0.0, "n_atoms": 0.0}
 
     def add(self, e_pred, e_ref, natoms, f_pred, f_ref):
         de = (e_pred - e_ref).double()
@@ -110,20 +110,25 @@ class _Accumulator:
         self.sums["e_sq"] += de.square().sum().item()
         self.sums["f_abs"] += df.abs().sum().item()
         self.sums["f_sq"] += df.square().sum().item()
+        self.sums["f_norm"] += torch.linalg.vector_norm(df, dim=-1).sum().item()
         self.sums["n_struct"] += de.numel()
-        self.sums["n_comp"] += df.numel()
+        self.sums["n_atoms"] += df.shape[0]
 
     def result(self, weights: LossWeights) -> Dict[str, float]:
         keys = list(self.sums)
         s = dict(zip(keys, _all_reduce_sum([self.sums[k] for k in keys])))
-        n, m = max(s["n_struct"], 1), max(s["n_comp"], 1)
-        e_mse, f_mse = s["e_sq"] / n, s["f_sq"] / m
+        n, a = max(s["n_struct"], 1), max(s["n_atoms"], 1)
+        e_mse, f_mse = s["e_sq"] / n, s["f_sq"] / (3 * a)
+        if weights.kind == "mse":  # the same terms as the training loss (training.losses)
+            loss = weights.energy * e_mse + weights.forces * f_mse
+        else:
+            loss = weights.energy * s["e_abs_per_atom"] / n + weights.forces * s["f_norm"] / a
         return {
-            "loss_ef": weights.energy * e_mse + weights.forces * f_mse,
+            "loss_ef": loss,
             "energy_mae_mev_per_atom": 1000 * s["e_abs_per_atom"] / n,
             "energy_mae_mev": 1000 * s["e_abs"] / n,
             "energy_rmse_mev": 1000 * e_mse**0.5,
-            "forces_mae_mev_per_A": 1000 * s["f_abs"] / m,
+            "forces_mae_mev_per_A": 1000 * s["f_abs"] / (3 * a),
             "forces_rmse_mev_per_A": 1000 * f_mse**0.5,
         }
 
@@ -196,7 +201,8 @@ class Trainer:
         self.ema = ExponentialMovingAverage(self.model.parameters(), oc.ema_decay)
         lc = config.loss
         self.weights = LossWeights(energy=lc.energy, forces=lc.forces, hessian=lc.hessian,
-                                   energy_gradient=lc.energy_gradient, force_distill=lc.force_distill)
+                                   energy_gradient=lc.energy_gradient, force_distill=lc.force_distill,
+                                   kind=lc.kind)
         self.epoch = 0
         self.step = 0
         self.best_val = float("inf")

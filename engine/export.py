@@ -263,6 +263,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     meta = export_checkpoint(args.checkpoint, args.output, DTYPES[args.dtype], use_ema=not args.no_ema)
     print(f"wrote {args.output}: {meta['architecture']} {meta['force_mode']}-force, "
-          f"species {' '.join(meta['species_symbols'])}, cutoff {meta['cutoff']:g} Å, {meta['num_layers']} layers "
+          f"species {' '.join(meta['species_symbols'])}, cutoff {meta['cutoff']:g} Å, {meta['num_layers']} "
+          f"message-passing layer{'s' if meta['num_layers'] != 1 else ''} "
           f"(ghost atoms to {meta['interaction_range']:g} Å), {meta['dtype']}")
     return 0

@@ -1,11 +1,13 @@
 """Vectorised, batched torch implementation of the fused neighbor-list + radial-basis pass.
 
-The same algorithm as the Triton kernel, element for element: for each receiver atom i the candidates are
-c = j_local * S + s (every atom j of i's structure, every cell shift s of the structure's shift range),
-visited in that order, so edges come out sorted by (i, j, shift) exactly as in the Triton kernel and the
-torch reference. The arithmetic is the same sequence of IEEE operations, so on CPU the edge set is
-bit-identical to the Triton kernel run by the interpreter. No Python loop over structures: the
-candidates of a chunk of receivers are generated with repeat_interleave (chunks bound the memory).
+The same candidates as the Triton kernel: for each receiver atom i, every atom j of i's structure and every
+cell shift s of the structure's shift range (one shift, the minimum image, where the cell allows it), and
+the same sequence of IEEE operations per candidate, so on CPU the edge set is bit-identical to the Triton
+kernel run by the interpreter, and the output order is the same: sorted by (i, j, shift), like the torch
+reference. No Python loop over structures: structures are grouped by their number of shifts S (usually one
+or two groups: molecules S = 1, periodic cells S = 27...), pairs (i, j) of a group are generated with
+repeat_interleave, and the S shifts of each pair are evaluated as a dense [pairs, S] block (contiguous
+memory, no per-candidate gathers); chunks of receivers bound the memory.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from engine.kernels._prepare import (
     META_MIC, META_N0, META_N1, META_N2, META_NATOMS, META_NSHIFT, META_PBC, META_START, Prepared,
 )
 
-# Upper bound on candidates materialised at once (each costs ~100 bytes of temporaries).
-CHUNK_CANDIDATES = 1 << 21
+# Candidates evaluated at once: ~10 temporaries of this length stay in L2 cache (2^21 was 2x slower).
+CHUNK_CANDIDATES = 1 << 18
 
 
 def shift_table(prep: Prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,23 +44,22 @@ def shift_table(prep: Prepared) -> Tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return torch.stack([s0, s1, s2], dim=1), vec, table_offset
 
 
-def _chunks(per_atom: torch.Tensor) -> List[Tuple[int, int]]:
-    """Split receivers [0, N) into runs of at most CHUNK_CANDIDATES candidates (at least one receiver each)."""
-    counts = per_atom.tolist()
+def _chunks(per_atom: List[int], limit: int) -> List[Tuple[int, int]]:
+    """Split positions [0, len) into runs of at most `limit` total weight (at least one element each)."""
     out, begin, acc = [], 0, 0
-    for i, n in enumerate(counts):
-        if acc and acc + n > CHUNK_CANDIDATES:
-            out.append((begin, i))
-            begin, acc = i, 0
+    for k, n in enumerate(per_atom):
+        if acc and acc + n > limit:
+            out.append((begin, k))
+            begin, acc = k, 0
         acc += n
-    if begin < len(counts):
-        out.append((begin, len(counts)))
+    if begin < len(per_atom):
+        out.append((begin, len(per_atom)))
     return out
 
 
 def torch_pairs(prep: Prepared, batch: torch.Tensor):
     """All edges: receivers i [E], senders j [E], integer shifts (unwrapped, dtype) [E, 3], vectors [E, 3]
-    computed from the wrapped positions, squared lengths [E].
+    computed from the wrapped positions, squared lengths [E], sorted by (i, j, shift).
 
     Structure-of-arrays with index_select gathers (CPU advanced indexing of [N, 3] rows is ~10x slower);
     every floating-point expression is the Triton kernel's, in the same order."""
@@ -67,68 +68,81 @@ def torch_pairs(prep: Prepared, batch: torch.Tensor):
     shifts_int, shifts_vec, table_offset = shift_table(prep)
     cut2 = prep.params[1]
     sel_ = torch.index_select
-    atom_nshift = sel_(meta[:, META_NSHIFT].contiguous(), 0, batch)
-    atom_start = sel_(meta[:, META_START].contiguous(), 0, batch)
-    atom_table = sel_(table_offset, 0, batch)
-    per_atom = sel_(meta[:, META_NATOMS].contiguous(), 0, batch) * atom_nshift
     x, y, z = (prep.pos_w[:, k].contiguous() for k in range(3))
-    tx, ty, tz = (shifts_vec[:, k].contiguous() for k in range(3))
     ox, oy, oz = (prep.offsets[:, k].contiguous() for k in range(3))
-    any_mic = bool(meta[:, META_MIC].any())
+    natoms_g, start_g, nshift_g = meta[:, META_NATOMS], meta[:, META_START], meta[:, META_NSHIFT]
+    mic_g = meta[:, META_MIC] != 0
+    atom_natoms = sel_(natoms_g, 0, batch)
     parts = []
-    for i0, i1 in _chunks(per_atom):
-        pa = per_atom[i0:i1]
-        total = int(pa.sum())
-        if total == 0:
+    for num_shift in torch.unique(nshift_g[natoms_g > 0]).tolist():
+        atoms = (sel_(nshift_g, 0, batch) == num_shift).nonzero().squeeze(1)
+        if atoms.numel() == 0:
             continue
+        any_mic = num_shift == 1 and bool(mic_g[(nshift_g == 1) & (natoms_g > 0)].any())
+        weights = sel_(atom_natoms, 0, atoms)
+        for a0, a1 in _chunks((weights * num_shift).tolist(), CHUNK_CANDIDATES):
+            rec_atoms, pa = atoms[a0:a1], weights[a0:a1]
+            total = int(pa.sum())
 
-        def rep(values):  # per-receiver values -> per-candidate
-            return torch.repeat_interleave(values, pa, output_size=total)
+            def rep(values):  # per-receiver values -> per-pair
+                return torch.repeat_interleave(values, pa, output_size=total)
 
-        rec = rep(torch.arange(i0, i1, device=device))
-        c = torch.arange(total, device=device) - rep(torch.cumsum(pa, 0) - pa)
-        num_shift = rep(atom_nshift[i0:i1])
-        j_local = torch.div(c, num_shift, rounding_mode="floor")
-        s = c - j_local * num_shift
-        j = rep(atom_start[i0:i1]) + j_local
-        row = rep(atom_table[i0:i1]) + s
-        d0x = sel_(x, 0, j) - sel_(x, 0, rec)
-        d0y = sel_(y, 0, j) - sel_(y, 0, rec)
-        d0z = sel_(z, 0, j) - sel_(z, 0, rec)
-        if any_mic:  # minimum image where the structure allows it (see _prepare), as in the Triton kernel
-            s0, s1, s2 = _minimum_image_shifts(d0x, d0y, d0z, prep, rep(batch[i0:i1]), shifts_int, row)
-            cg = prep.cell.reshape(-1, 9)
-            graph = rep(batch[i0:i1])
-            ck = [sel_(cg[:, k].contiguous(), 0, graph) for k in range(9)]
-            svx = (s0 * ck[0] + s1 * ck[3]) + s2 * ck[6]
-            svy = (s0 * ck[1] + s1 * ck[4]) + s2 * ck[7]
-            svz = (s0 * ck[2] + s1 * ck[5]) + s2 * ck[8]
-        else:
-            svx, svy, svz = sel_(tx, 0, row), sel_(ty, 0, row), sel_(tz, 0, row)
-        dx, dy, dz = d0x + svx, d0y + svy, d0z + svz
-        d2 = (dx * dx + dy * dy) + dz * dz
-        # the zero shift is the middle one, (S - 1) / 2 (minimum-image structures: S = 1, and i == j means
-        # a zero difference, hence a zero shift)
-        is_self = (j == rec) & (2 * s + 1 == num_shift)
-        hit = ((d2 < cut2) & ~is_self).nonzero().squeeze(1)
-        rec, j = sel_(rec, 0, hit), sel_(j, 0, hit)
-        if any_mic:
-            s0, s1, s2 = sel_(s0, 0, hit), sel_(s1, 0, hit), sel_(s2, 0, hit)
-        else:
-            sh = sel_(shifts_int, 0, sel_(row, 0, hit))
-            s0, s1, s2 = sh[:, 0], sh[:, 1], sh[:, 2]
-        shift = torch.stack([(s0 + sel_(ox, 0, j)) - sel_(ox, 0, rec),
-                             (s1 + sel_(oy, 0, j)) - sel_(oy, 0, rec),
-                             (s2 + sel_(oz, 0, j)) - sel_(oz, 0, rec)], dim=1)
-        d = torch.stack([sel_(dx, 0, hit), sel_(dy, 0, hit), sel_(dz, 0, hit)], dim=1)
-        parts.append((rec, j, shift, d, sel_(d2, 0, hit)))
+            graph_of_rec = sel_(batch, 0, rec_atoms)
+            rec = rep(rec_atoms)
+            graph = rep(graph_of_rec)
+            j = rep(sel_(start_g, 0, graph_of_rec)) + (torch.arange(total, device=device) - rep(torch.cumsum(pa, 0) - pa))
+            d0x = sel_(x, 0, j) - sel_(x, 0, rec)
+            d0y = sel_(y, 0, j) - sel_(y, 0, rec)
+            d0z = sel_(z, 0, j) - sel_(z, 0, rec)
+            if num_shift == 1:
+                row = sel_(table_offset, 0, graph)
+                if any_mic:  # minimum image where the structure allows it (see _prepare), as in the kernel
+                    s0, s1, s2 = _minimum_image_shifts(d0x, d0y, d0z, prep, graph, shifts_int, row)
+                else:
+                    sh = sel_(shifts_int, 0, row)
+                    s0, s1, s2 = sh[:, 0], sh[:, 1], sh[:, 2]
+                cg = prep.cell.reshape(-1, 9)
+                ck = [sel_(cg[:, k].contiguous(), 0, graph) for k in range(9)]
+                dx = d0x + ((s0 * ck[0] + s1 * ck[3]) + s2 * ck[6])
+                dy = d0y + ((s0 * ck[1] + s1 * ck[4]) + s2 * ck[7])
+                dz = d0z + ((s0 * ck[2] + s1 * ck[5]) + s2 * ck[8])
+                d2 = (dx * dx + dy * dy) + dz * dz
+                hit = ((d2 < cut2) & (j != rec)).nonzero().squeeze(1)
+                shift_sel = [sel_(s0, 0, hit), sel_(s1, 0, hit), sel_(s2, 0, hit)]
+                pair = hit
+                d_sel = [sel_(dx, 0, hit), sel_(dy, 0, hit), sel_(dz, 0, hit)]
+            else:
+                # [pairs, S] blocks: each pair's structure's S shift vectors, then the same arithmetic
+                rows = sel_(table_offset, 0, graph)[:, None] + torch.arange(num_shift, device=device)[None, :]
+                flat = rows.reshape(-1)
+                dx = d0x[:, None] + sel_(shifts_vec[:, 0].contiguous(), 0, flat).reshape(rows.shape)
+                dy = d0y[:, None] + sel_(shifts_vec[:, 1].contiguous(), 0, flat).reshape(rows.shape)
+                dz = d0z[:, None] + sel_(shifts_vec[:, 2].contiguous(), 0, flat).reshape(rows.shape)
+                d2 = (dx * dx + dy * dy) + dz * dz
+                hit = d2 < cut2
+                self_pair = (j == rec).nonzero().squeeze(1)
+                hit[self_pair, (num_shift - 1) // 2] = False  # the middle shift is zero
+                hit = hit.reshape(-1).nonzero().squeeze(1)
+                pair = torch.div(hit, num_shift, rounding_mode="floor")
+                sh = sel_(shifts_int, 0, sel_(flat, 0, hit))
+                shift_sel = [sh[:, 0], sh[:, 1], sh[:, 2]]
+                d_sel = [sel_(dx.reshape(-1), 0, hit), sel_(dy.reshape(-1), 0, hit), sel_(dz.reshape(-1), 0, hit)]
+                d2 = d2.reshape(-1)
+            r_i, r_j = sel_(rec, 0, pair), sel_(j, 0, pair)
+            shift = torch.stack([(shift_sel[0] + sel_(ox, 0, r_j)) - sel_(ox, 0, r_i),
+                                 (shift_sel[1] + sel_(oy, 0, r_j)) - sel_(oy, 0, r_i),
+                                 (shift_sel[2] + sel_(oz, 0, r_j)) - sel_(oz, 0, r_i)], dim=1)
+            parts.append((r_i, r_j, shift, torch.stack(d_sel, dim=1), sel_(d2, 0, hit)))
     if not parts:
-        z = torch.zeros(0, dtype=torch.int64, device=device)
+        z0 = torch.zeros(0, dtype=torch.int64, device=device)
         zf = torch.zeros(0, 3, dtype=dtype, device=device)
-        return z, z, zf, zf, torch.zeros(0, dtype=dtype, device=device)
+        return z0, z0, zf, zf, torch.zeros(0, dtype=dtype, device=device)
     if len(parts) == 1:
         return parts[0]
-    return tuple(torch.cat([p[k] for p in parts]) for k in range(5))
+    out = tuple(torch.cat([p[k] for p in parts]) for k in range(5))
+    # groups interleave in receiver order; within a receiver, edges are already sorted by (j, shift)
+    order = torch.sort(out[0], stable=True).indices
+    return tuple(sel_(t, 0, order) for t in out)
 
 
 def _minimum_image_shifts(d0x, d0y, d0z, prep: Prepared, graph, shifts_int, row):

@@ -362,6 +362,30 @@ def test_torch_compile_traces_without_graph_breaks(rng, backend, capacity):
     assert counters["stats"]["unique_graphs"] == 1  # compiled once for all three edge counts
 
 
+def test_torch_compile_dynamic_batch_sizes(rng):
+    """With dynamic shapes the op's fake implementation is symbolic in N and B too: one graph for batches of
+    different sizes (B avoids 3, which dynamo's duck sizing would tie to the literal 3 of [B, 3] once)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def energy(positions, cell, pbc, batch):
+        out = radial_edges(positions, cell, pbc, batch, 3.0, NUM_BASIS)
+        node = _painn_like(out, positions) * torch.ones(positions.shape[0], dtype=positions.dtype)
+        return torch.zeros(cell.shape[0], dtype=positions.dtype).index_add(0, batch, node)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(energy, backend="aot_eager", dynamic=True, fullgraph=True)
+    for num_structures in (4, 6, 5):
+        structures = [_structure(rng, kind) for kind in rng.choice(["molecule", "triclinic"], num_structures)]
+        pos, cell, pbc, batch = _batch(structures, torch.float32)
+        p1, p2 = pos.clone().requires_grad_(), pos.clone().requires_grad_()
+        e1, e2 = compiled(p1, cell, pbc, batch), energy(p2, cell, pbc, batch)
+        torch.testing.assert_close(e1, e2)
+        torch.testing.assert_close(torch.autograd.grad(e1.sum(), p1)[0], torch.autograd.grad(e2.sum(), p2)[0])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.slow
 def test_inductor_compiles_the_op_on_cpu(rng):
     """Inductor (C++ codegen on CPU) calls the custom op as an extern kernel; ~30 s of compilation."""

@@ -322,6 +322,19 @@ def test_bad_input_is_reported():
 # ------------------------------------------------------------------------------------------------ compile
 
 
+@pytest.mark.parametrize("capacity", [-1, 300])
+def test_opcheck(rng, capacity):
+    """torch.library.opcheck: schema, autograd registration, fake (meta) implementations. (Its
+    test_aot_dispatch_dynamic is left out: its harness sums the outputs into the first one, our integer
+    edge_index; AOT dispatch is covered by the aot_eager compile tests below.)"""
+    pos, cell, pbc, batch, rc = random_batch(rng, torch.float64, kinds=["molecule", "triclinic"])
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = (pos.clone().requires_grad_(), cell, pbc, batch, rc, NUM_BASIS, capacity, 0.0, "torch")
+    torch.library.opcheck(torch.ops.hessforge.radial_edges.default, args, test_utils=utils)
+    torch.library.opcheck(torch.ops.hessforge.neighbor_list.default, (pos, cell, pbc, batch, rc, capacity, "torch"),
+                          test_utils=utils)
+
+
 def _painn_like(out, positions):
     """Uses every output the way a PaiNN message does (index_add over receivers)."""
     w = torch.linspace(-1.0, 1.0, NUM_BASIS * 4, dtype=positions.dtype, device=positions.device)

@@ -190,3 +190,97 @@ def test_bad_input(rng):
     if not torch.cuda.is_available():
         with pytest.raises(HessforgeError, match="needs CUDA"):
             StudentTarget(model, "compiled+triton")
+
+
+# ---------------------------------------------------------------------------------------------- hessforge bench
+def test_mace_target_matches_mace_pipeline(tmp_path, rng):
+    """The engine graph handed to mace (edge_index = (sender i, receiver j), Cartesian shifts) gives the forces
+    mace's own data pipeline gives (training.teachers.mace, float64), for molecules and a periodic cell."""
+    pytest.importorskip("mace")
+    from e3nn import o3
+    from mace import modules
+
+    from training.bench import MaceTarget
+    from training.teachers.mace import MACETeacher
+
+    z = [1, 6, 7, 8]
+    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.ScaleShiftMACE(
+        r_max=3.5, num_bessel=4, num_polynomial_cutoff=5, max_ell=2, interaction_cls=block,
+        interaction_cls_first=block, num_interactions=2, num_elements=4, hidden_irreps=o3.Irreps("8x0e+8x1o"),
+        MLP_irreps=o3.Irreps("4x0e"), atomic_energies=np.zeros(4), avg_num_neighbors=6.0, atomic_numbers=z,
+        correlation=2, gate=torch.nn.functional.silu, radial_MLP=[8], atomic_inter_scale=1.0,
+        atomic_inter_shift=0.0).double()
+    path = tmp_path / "small.model"
+    torch.save(model, path)
+    teacher = MACETeacher(str(path))
+    structures = small_molecules(rng, 3) + [periodic(rng, 5)]
+    target = MaceTarget(teacher.model, "small", "cpu", torch.float64)
+    graph = target.prepare(structures)
+    forces = target.model(graph).detach().numpy()
+    again = target.model_with_neighbors(graph).detach().numpy()
+    start = 0
+    for a in structures:
+        ref = teacher.compute(a).forces
+        assert np.allclose(forces[start:start + len(a)], ref, atol=1e-9), np.abs(forces[start:start + len(a)] - ref).max()
+        start += len(a)
+    assert np.abs(forces).max() > 1e-4
+    assert np.allclose(forces, again, atol=1e-9)
+    with pytest.raises(UnknownElementError, match="Si"):
+        target.prepare([molecule("SiH4")])
+
+
+def test_mace_off_large_architecture():
+    pytest.importorskip("mace")
+    from training.bench import MACE_OFF23_ELEMENTS, count_parameters, mace_off_large
+
+    model = mace_off_large()
+    assert count_parameters(model) == 2_446_032
+    assert [int(x) for x in model.atomic_numbers] == list(MACE_OFF23_ELEMENTS)
+    assert float(model.r_max) == 5.0 and len(model.interactions) == 2
+    assert str(model.products[0].linear.irreps_out) == "192x0e+192x1o+192x2e"
+
+
+def test_bench_cli(tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "painn:hidden=8,layers=1,num_basis=4", "painn:hidden=16,layers=2,num_basis=8", "quickstart",
+               "--batch-size", "3", "--repeats", "1", "--warmup", "1", "--threads", "1", "--sweep",
+               "--batch-sizes", "1,2", "--modes", "eager,fused,compiled+triton", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "speedup" in text and "1.00x" in text and "fused[torch]" in text
+    data = json.loads(out.read_text())
+    assert data["data"]["structures"] == 90 and data["machine"]["torch_threads"] == 1
+    assert len(data["fixed"]) == 4 and all(r["batch_size"] == 3 for r in data["fixed"])
+    assert [r["batch_size"] for r in data["sweeps"][0]["results"]] == [1, 2]
+    first = data["fixed"][0]
+    assert data["speedups"]["fixed"][f"{first['name']} [{first['mode']}]"] == pytest.approx(1.0)
+    if not torch.cuda.is_available():
+        assert any("compiled+triton: skipped" in n for n in data["notes"])
+    # bad input: one clear line, exit status 2
+    assert main(["bench", "painn", str(tmp_path / "missing.extxyz")]) == 2
+    assert "data not found" in capsys.readouterr().err
+    assert main(["bench", "nonsense-model", "quickstart"]) == 2
+    assert "not a file and not one of" in capsys.readouterr().err
+
+
+def test_bench_data_sources(tmp_path):
+    import ase.io
+
+    from training.bench import load_structures
+
+    mols = [molecule("CH4"), molecule("C6H6")]
+    ase.io.write(tmp_path / "m.extxyz", mols)
+    assert [len(a) for a in load_structures(str(tmp_path / "m.extxyz"))] == [5, 12]
+    assert [len(a) for a in load_structures(str(tmp_path / "m.extxyz"), min_atoms=6)] == [12]
+    from training.data.records import Structure
+    from training.data.store import write_dataset
+
+    write_dataset(str(tmp_path / "d.lmdb"), [Structure(id=f"s{k}", group="g", numbers=a.numbers,
+                                                       positions=a.positions) for k, a in enumerate(mols)])
+    assert [len(a) for a in load_structures(str(tmp_path / "d.lmdb"))] == [5, 12]
+    assert min(len(a) for a in load_structures("s22:24")) >= 24
+    with pytest.raises(HessforgeError, match="no structures with >= 100 atoms"):
+        load_structures("s22", min_atoms=100)

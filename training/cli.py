@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "evaluate": ("training.evaluate", "energy/force/Hessian errors of a student (and the teacher)"),
     "quickstart": ("training.quickstart.run", "label, train and evaluate on the bundled dataset"),
     "export": ("engine.export", "export a checkpoint to one TorchScript file for the C++ core and LAMMPS"),
+    "bench": ("training.bench", "batched energy+force speed (ns/day) of students and teachers, side by side"),
+    "md": ("training.md_cli", "batched MD: B systems at once, one model call per step (Verlet or Langevin)"),
 }
 
 

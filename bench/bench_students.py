@@ -1,0 +1,215 @@
+"""Student forward+forces (eager vs compiled vs compiled+fused, vs compiled+triton on CUDA) and teacher vs
+student (the MACE-OFF23-Large architecture vs the paper-size PaiNN student) at batch 64 and at each one's best
+batch, on ~26-atom molecules (s22 complexes with >= 24 atoms). Every timed call is an MD step's force work:
+the neighbor list rebuilt from the positions, then energy and forces (engine.runner's "model+NL" timing).
+
+    . .venv/bin/activate
+    python -m pytest bench/bench_students.py -p no:cacheprovider -s \
+        --benchmark-columns=min,median,mean,rounds --benchmark-json=bench/results/students_cpu.json
+    python bench/bench_students.py report bench/results/students_cpu.json   # markdown tables + paper ratios
+    python bench/bench_students.py profile                                  # top ops of the student step
+
+ns/day at 1 fs = structures/s x 0.0864 (DESIGN.md §6), from the median of the rounds. Paper anchors (A6000,
+eager PyTorch, SPICE monomers): PaiNN 291.5 vs MACE-OFF-L 38.0 ns/day at batch 64 (7.7x); 1827 vs 38.1 at
+the best batch (48x).
+
+Knobs (environment): HESSFORGE_BENCH_DEVICE (auto: cuda when available), HESSFORGE_BENCH_THREADS (1),
+HESSFORGE_BENCH_ROUNDS (5, students), HESSFORGE_BENCH_TEACHER_ROUNDS (1 on CPU, 5 on CUDA: one MACE-OFF-L
+call on 64 molecules takes about a minute on one CPU core), HESSFORGE_BENCH_BATCHES (16,64),
+HESSFORGE_BENCH_MAX_BATCH (sweep limit: 1024 on CPU, 8192 on CUDA), HESSFORGE_BENCH_DTYPE (float32),
+HESSFORGE_BENCH_MODES (eager,compiled,compiled+fused,compiled+triton), HESSFORGE_BENCH_FIXED (64).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import warnings
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from engine.errors import HessforgeError  # noqa: E402
+from engine.models import PaiNN  # noqa: E402
+from engine.runner import (STUDENT_MODES, StudentTarget, fill_batch, machine_info, ns_per_day,  # noqa: E402
+                           resolve_device, sweep)
+
+DEVICE = resolve_device(os.environ.get("HESSFORGE_BENCH_DEVICE", "auto"))
+CUDA = DEVICE.type == "cuda"
+THREADS = int(os.environ.get("HESSFORGE_BENCH_THREADS", "1"))
+ROUNDS = int(os.environ.get("HESSFORGE_BENCH_ROUNDS", "5"))
+TEACHER_ROUNDS = int(os.environ.get("HESSFORGE_BENCH_TEACHER_ROUNDS", "5" if CUDA else "1"))
+BATCHES = [int(b) for b in os.environ.get("HESSFORGE_BENCH_BATCHES", "16,64").split(",")]
+MAX_BATCH = int(os.environ.get("HESSFORGE_BENCH_MAX_BATCH", "8192" if CUDA else "1024"))
+DTYPE = {"float32": torch.float32, "float64": torch.float64}[os.environ.get("HESSFORGE_BENCH_DTYPE", "float32")]
+DATA = "s22:24"
+STUDENT = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")  # the paper-size PaiNN
+MODES = os.environ.get("HESSFORGE_BENCH_MODES", "eager,compiled,compiled+fused,compiled+triton").split(",")
+FIXED = int(os.environ.get("HESSFORGE_BENCH_FIXED", "64"))  # the paper's fixed batch size
+PAPER = {"batch64": {"student": 291.5, "teacher": 38.0}, "best": {"student": 1827.0, "teacher": 38.1}}
+
+torch.set_num_threads(THREADS)
+warnings.filterwarnings("ignore", message=".*TorchScript type system.*")
+warnings.filterwarnings("ignore", message=".*TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.*")
+
+
+@pytest.fixture(scope="module")
+def structures():
+    from training.bench import data_summary, load_structures
+
+    s = load_structures(DATA)
+    d = data_summary(s)
+    print(f"\n{DATA}: {d['structures']} molecules, {d['atoms_mean']:.1f} atoms on average; device {DEVICE}, "
+          f"{str(DTYPE)[6:]}, {torch.get_num_threads()} thread(s); {machine_info(DEVICE)['cpu']}")
+    return s
+
+
+_targets = {}
+
+
+def target(kind: str):
+    """Cached targets (a compiled model compiles once per session, then serves every batch size)."""
+    if kind not in _targets:
+        if kind == "teacher":
+            from training.bench import MaceTarget, count_parameters, mace_off_large
+
+            model = mace_off_large(dtype=DTYPE)
+            print(f"\nmace-off-l-arch: {count_parameters(model):,} parameters")
+            _targets[kind] = MaceTarget(model, "mace-off-l-arch", DEVICE, DTYPE)
+        else:
+            torch.manual_seed(0)
+            model = PaiNN([1, 6, 7, 8], **STUDENT)
+            try:
+                _targets[kind] = StudentTarget(model, kind, DEVICE, DTYPE, name="painn")
+            except HessforgeError as err:
+                _targets[kind] = err
+    t = _targets[kind]
+    if isinstance(t, HessforgeError):
+        pytest.skip(str(t))
+    return t
+
+
+def run(benchmark, t, structures, batch, rounds, **info):
+    graph = t.prepare(fill_batch(structures, batch))
+    atoms = t.count(graph)[0]
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+
+    def step():
+        t.model_with_neighbors(graph)
+        sync()
+
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)  # warm-up: compilation, allocator
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        model=t.name, mode=t.mode, batch=batch, atoms=atoms, device=str(DEVICE), dtype=str(DTYPE)[6:],
+        threads=torch.get_num_threads(), structures_per_s=batch / median,
+        ns_per_day=ns_per_day(batch / median), **info)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("mode", MODES)
+def test_student_step(benchmark, structures, mode, batch):
+    run(benchmark, target(mode), structures, batch, ROUNDS)
+
+
+def test_teacher_step_fixed(benchmark, structures):
+    run(benchmark, target("teacher"), structures, FIXED, TEACHER_ROUNDS)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "eager", "compiled"])
+def test_best_batch(benchmark, structures, kind):
+    """Sweep 1, 2, 4, ... (engine.runner.sweep: plateau / memory cap on CPU, out of memory on CUDA), then
+    benchmark the best batch size found."""
+    t = target(kind)
+    fast = kind == "teacher" and not CUDA
+    s = sweep(t, structures, max_batch=MAX_BATCH, warmup=1, repeats=1 if fast else 3,
+              with_neighbors=True, max_call_s=120.0,
+              progress=lambda r: print(f"\n  sweep {t.name} [{t.mode}] batch {r.batch_size}: "
+                                       f"{r.model_nl.ns_per_day:.3g} ns/day", end=""))
+    best = s.best("model_nl")
+    print(f"\n  sweep stop: {s.stop_reason}; best batch {best.batch_size}")
+    run(benchmark, t, structures, best.batch_size, TEACHER_ROUNDS if kind == "teacher" else ROUNDS,
+        sweep=[{"batch": r.batch_size, "ns_per_day": r.model_nl.ns_per_day,
+                "peak_memory_mb": r.peak_memory_bytes / 2**20} for r in s.results],
+        sweep_stop=s.stop_reason, memory_method=best.memory_method)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report(path: str) -> str:
+    """Markdown tables and the paper ratios from a --benchmark-json file of this suite."""
+    data = json.load(open(path))
+    rows = {b["name"]: b for b in data["benchmarks"]}
+    lines = ["| case | model | mode | batch | median ms/call | structures/s | ns/day (1 fs) |", "|" + "---|" * 7]
+    for name, b in rows.items():
+        e = b["extra_info"]
+        lines.append(f"| `{name}` | {e['model']} | {e['mode']} | {e['batch']} | {b['stats']['median'] * 1e3:.1f} | "
+                     f"{e['structures_per_s']:.2f} | {e['ns_per_day']:.3g} |")
+    out = ["\n".join(lines), ""]
+
+    def get(name):
+        return rows[name]["extra_info"] if name in rows else None
+
+    students = [get(n) for n in rows if n.startswith("test_student_step[")]
+    modes = list(dict.fromkeys(e["mode"] for e in students))
+    batches = sorted(set(e["batch"] for e in students))
+    by = {(e["mode"], e["batch"]): e["ns_per_day"] for e in students}
+    paper64 = PAPER["batch64"]["student"] / PAPER["batch64"]["teacher"]
+    paper_best = PAPER["best"]["student"] / PAPER["best"]["teacher"]
+    out += ["| student | teacher | student/teacher | paper (eager, A6000) |", "|---|---|---|---|"]
+    teacher = get("test_teacher_step_fixed")
+    if teacher:
+        for mode in modes:
+            v = by.get((mode, teacher["batch"]))
+            if v:
+                out.append(f"| {mode}, batch {teacher['batch']}: {v:.3g} ns/day | batch {teacher['batch']}: "
+                           f"{teacher['ns_per_day']:.3g} ns/day | {v / teacher['ns_per_day']:.1f}x | "
+                           f"{paper64:.1f}x (291.5 / 38.0 at batch 64) |")
+    tb = get("test_best_batch[teacher]")
+    for kind in ("eager", "compiled"):
+        e = get(f"test_best_batch[{kind}]")
+        if e and tb:
+            out.append(f"| {e['mode']}, best batch {e['batch']}: {e['ns_per_day']:.3g} ns/day | best batch "
+                       f"{tb['batch']}: {tb['ns_per_day']:.3g} ns/day | {e['ns_per_day'] / tb['ns_per_day']:.1f}x | "
+                       f"{paper_best:.1f}x (1827 / 38.1) |")
+    others = [m for m in modes if m != "eager"]
+    out += ["", "| batch | " + " | ".join(f"{m} / eager" for m in others) + " |", "|---|" + "---|" * len(others)]
+    for b in batches:
+        base = by.get(("eager", b))
+        out.append(f"| {b} | " + " | ".join(f"{by[(m, b)] / base:.2f}x" if base and (m, b) in by else "-"
+                                            for m in others) + " |")
+    return "\n".join(out)
+
+
+def profile(batch: int = 64, top: int = 15) -> None:
+    """torch.profiler top ops (self CPU time) of one student step, eager and compiled."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    from training.bench import load_structures
+
+    structures = load_structures(DATA)
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        t = StudentTarget(PaiNN([1, 6, 7, 8], **STUDENT), mode, DEVICE, DTYPE, name="painn")
+        graph = t.prepare(fill_batch(structures, batch))
+        for _ in range(2):
+            t.model_with_neighbors(graph)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+        with prof(activities=acts) as p:
+            t.model_with_neighbors(graph)
+        print(f"\n## {mode}, batch {batch}, {graph.positions.shape[0]} atoms, {graph.edge_index.shape[1]} edges")
+        print(p.key_averages().table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total",
+                                     row_limit=top))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "report":
+        print(report(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "profile":
+        profile(int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+    else:
+        print(__doc__)

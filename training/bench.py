@@ -1,0 +1,407 @@
+"""`hessforge bench MODEL [MODEL ...] DATA`: batched energy+force inference speed, teachers and students side by
+side (engine.runner does the timing; speed units in DESIGN.md §6: ns/day = structures/s x 0.0864).
+
+MODEL is one of
+  PATH                  a trainer checkpoint or an exported TorchScript student (`hessforge export`)
+  painn[:k=v,...]       a PaiNN student with random weights (speed does not depend on weights); default
+                        hidden=128, layers=4, num_basis=128, cutoff=5 (the paper-size student), species of DATA
+  ani1x | ani1x:K       the ANI-1x teacher (8-model ensemble, or member K)
+  mace:FILE[@HEAD]      a mace-torch .model file
+  mace-off-l-arch       the MACE-OFF23-Large architecture built in code with random weights (see
+                        `mace_off_large`): timing a teacher of that size without its weights
+DATA is an extxyz (or any ASE-readable) file, a hessforge LMDB dataset, `quickstart` (the bundled HCNO set),
+or `s22[:MIN_ATOMS]` (ase.collections.s22 molecular complexes, e.g. s22:24 for the ten with 24-30 atoms).
+Structures are replicated cyclically to fill each batch.
+
+Students run in every mode of --modes (eager, compiled, fused, compiled+fused, compiled+triton); a mode that
+cannot run here (no CUDA for Triton, no engine.kernels) is skipped with the reason printed. Teachers run eager.
+Speedups are ns/day over the reference: the first --compare teacher, else the first MODEL; at the fixed batch
+size, and with --sweep also best batch vs best batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import HessforgeError, UnknownElementError
+from engine.graph import AtomicGraph, graph_from_atoms, graph_to
+from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, format_table,
+                           machine_info, rebuild_neighbors, resolve_device, speedup, sweep, write_json)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PAINN_DEFAULTS = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")
+
+# MACE-OFF23 (Kovács et al. 2023): elements of the released models and the Large model's hyperparameters
+MACE_OFF23_ELEMENTS = (1, 6, 7, 8, 9, 15, 16, 17, 35, 53)  # H C N O F P S Cl Br I
+MACE_OFF_LARGE = dict(r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=3, num_interactions=2,
+                      num_channels=192, max_L=2, correlation=3, MLP_irreps="16x0e", radial_MLP=[64, 64, 64],
+                      interaction="RealAgnosticResidualInteractionBlock")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_structures(spec: str, min_atoms: int = 0) -> list:
+    """ase.Atoms list for a DATA argument (see the module docstring)."""
+    name, _, arg = spec.partition(":")
+    if spec == "quickstart":
+        from training.quickstart.run import bundled_data
+
+        structures = _read_file(bundled_data())
+    elif name == "s22" and not os.path.exists(spec):
+        from ase.collections import s22
+
+        structures = [a.copy() for a in s22]
+        if arg:
+            try:
+                min_atoms = max(min_atoms, int(arg))
+            except ValueError:
+                raise HessforgeError(f"data {spec!r}: expected s22 or s22:MIN_ATOMS") from None
+    elif not os.path.exists(spec):
+        raise HessforgeError(f"data not found: {spec} (a file, 'quickstart' or 's22[:MIN_ATOMS]')")
+    elif _is_lmdb(spec):
+        from training.data import Dataset
+
+        structures = [s.to_atoms() for s in Dataset(spec)]
+    else:
+        structures = _read_file(spec)
+    structures = [a for a in structures if len(a) >= min_atoms]
+    if not structures:
+        raise HessforgeError(f"data {spec!r}: no structures" + (f" with >= {min_atoms} atoms" if min_atoms else ""))
+    return structures
+
+
+def _is_lmdb(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(20)  # LMDB: a 16-byte page header, then the meta page's magic 0xBEEFC0DE
+    return len(head) == 20 and head[16:20] in (b"\xde\xc0\xef\xbe", b"\xbe\xef\xc0\xde")
+
+
+def _read_file(path: str) -> list:
+    from training.data.ingest import _iter_atoms
+
+    out = []
+    for a in _iter_atoms(path, None):
+        a.calc = None
+        out.append(a)
+    return out
+
+
+def data_summary(structures: Sequence) -> Dict:
+    n = np.array([len(a) for a in structures])
+    z = sorted(set(int(x) for a in structures for x in a.numbers))
+    return {"structures": len(structures), "atoms_mean": float(n.mean()), "atoms_min": int(n.min()),
+            "atoms_max": int(n.max()), "elements": z}
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+def mace_off_large(elements: Sequence[int] = MACE_OFF23_ELEMENTS, dtype: torch.dtype = torch.float32):
+    """ScaleShiftMACE with MACE-OFF23-Large's architecture and random weights: 2 interactions, 192 channels,
+    hidden irreps 192x0e+192x1o+192x2e (max_L=2), spherical harmonics to max_ell=3, correlation 3,
+    r_max 5 Å, 8 Bessel functions, polynomial envelope p=5, radial MLP [64, 64, 64], readout MLP 16x0e,
+    residual interaction blocks (mace's defaults), the ten MACE-OFF23 elements by default.
+    Parameter count with the ten elements: 2,446,032 (with this recipe the 89-element, 128-channel, L=1
+    model has 4,688,400 parameters: exactly MACE-MP-0 medium's published count)."""
+    with warnings.catch_warnings():  # e3nn/TorchScript construction noise
+        warnings.simplefilter("ignore")
+        return _build_mace_off_large(elements, dtype)
+
+
+def _build_mace_off_large(elements, dtype):
+    import mace  # noqa: F401  (before e3nn: registers torch.load safe globals)
+    from e3nn import o3
+    from mace import modules
+
+    h = MACE_OFF_LARGE
+    hidden = o3.Irreps(" + ".join(f"{h['num_channels']}x{l}{'e' if l % 2 == 0 else 'o'}"
+                                  for l in range(h["max_L"] + 1)))
+    block = modules.interaction_classes[h["interaction"]]
+    model = modules.ScaleShiftMACE(
+        r_max=h["r_max"], num_bessel=h["num_bessel"], num_polynomial_cutoff=h["num_polynomial_cutoff"],
+        max_ell=h["max_ell"], interaction_cls=block, interaction_cls_first=block,
+        num_interactions=h["num_interactions"], num_elements=len(elements), hidden_irreps=hidden,
+        MLP_irreps=o3.Irreps(h["MLP_irreps"]), atomic_energies=np.zeros(len(elements)), avg_num_neighbors=12.0,
+        atomic_numbers=list(elements), correlation=h["correlation"], gate=torch.nn.functional.silu,
+        radial_MLP=h["radial_MLP"], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+    )
+    return model.to(dtype).eval()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class MaceTarget(BenchTarget):
+    """A mace-torch model on the engine's batched graph and neighbor list. mace's edge vector is
+    positions[receiver] - positions[sender] + shifts with edge_index = (sender, receiver): the engine's
+    (i, j) edges with r_ij = x_j - x_i + S·cell are handed over as sender i, receiver j."""
+
+    def __init__(self, model, name: str, device=None, dtype=torch.float32, neighbor_backend: str = "auto"):
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.name, self.mode = name, "eager"
+        self.mace = model.to(device=self.device, dtype=dtype).eval()
+        for p in self.mace.parameters():
+            p.requires_grad_(False)
+        self.species = [int(z) for z in self.mace.atomic_numbers]
+        self.cutoff = float(self.mace.r_max)
+        z_index = torch.full((119,), -1, dtype=torch.long)
+        z_index[torch.tensor(self.species)] = torch.arange(len(self.species))
+        self.z_index = z_index.to(self.device)
+        self.neighbor_backend = neighbor_backend
+        self.num_parameters = count_parameters(self.mace)
+        self.note = f"{self.num_parameters / 1e6:.2f}M params"
+
+    def prepare(self, atoms_list) -> AtomicGraph:
+        for a in atoms_list:
+            unknown = set(int(z) for z in a.numbers) - set(self.species)
+            if unknown:
+                raise UnknownElementError(unknown, self.species, f"{self.name}: {a.get_chemical_formula()}")
+        return graph_to(graph_from_atoms(list(atoms_list), self.cutoff, torch.float64), self.device, self.dtype)
+
+    def data(self, graph: AtomicGraph) -> Dict[str, torch.Tensor]:
+        i, j = graph.edge_index[0], graph.edge_index[1]
+        nstruct = graph.cell.shape[0]
+        counts = torch.bincount(graph.batch, minlength=nstruct)
+        ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        node_attrs = torch.nn.functional.one_hot(self.z_index[graph.numbers], len(self.species)).to(self.dtype)
+        return {
+            "positions": graph.positions.detach(), "node_attrs": node_attrs,
+            "edge_index": torch.stack([i, j]),
+            "shifts": torch.einsum("ea,eab->eb", graph.shifts, graph.cell[graph.batch[i]]),
+            "unit_shifts": graph.shifts, "cell": graph.cell.reshape(-1, 3), "batch": graph.batch, "ptr": ptr,
+            "head": torch.zeros(nstruct, dtype=torch.long, device=self.device),
+        }
+
+    def model(self, graph: AtomicGraph):
+        return self.mace(self.data(graph), training=False, compute_force=True)["forces"]
+
+    def model_with_neighbors(self, graph: AtomicGraph):
+        return self.model(rebuild_neighbors(graph, self.cutoff, self.neighbor_backend))
+
+
+class AniTarget(BenchTarget):
+    """ANI-1x on padded [B, max atoms] inputs; its AEV computer finds neighbors inside the call (all pairs of
+    each molecule), so both timings are the same call."""
+
+    fuses_neighbors = True
+
+    def __init__(self, teacher, device=None, dtype=torch.float32):
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.name, self.mode = teacher.name, "eager"
+        self.teacher = teacher
+        self.ani = teacher.model.to(device=self.device, dtype=dtype)
+        self.converter = teacher.converter.to(self.device)
+        self.note = "neighbor search inside the model (AEV)"
+
+    def prepare(self, atoms_list):
+        for a in atoms_list:
+            self.teacher.check_elements(a.numbers, f"{self.name}: {a.get_chemical_formula()}")
+            if not np.all(np.isfinite(a.positions)):
+                raise HessforgeError(f"{a.get_chemical_formula()}: positions contain NaN or Inf")
+        n = max(len(a) for a in atoms_list)
+        species = torch.full((len(atoms_list), n), -1, dtype=torch.long)
+        coords = torch.zeros(len(atoms_list), n, 3, dtype=torch.float64)
+        for k, a in enumerate(atoms_list):
+            species[k, :len(a)] = torch.as_tensor(a.numbers)
+            coords[k, :len(a)] = torch.as_tensor(a.positions)
+        species = self.converter((species.to(self.device), None)).species
+        return species, coords.to(device=self.device, dtype=self.dtype)
+
+    def model(self, inputs):
+        species, coords = inputs
+        coords = coords.detach().requires_grad_(True)
+        energy = self.ani((species, coords)).energies
+        (grad,) = torch.autograd.grad(energy.sum(), coords)
+        return -grad
+
+
+def _parse_kv(text: str) -> Dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise HessforgeError(f"expected key=value in {text!r}, got {item!r}")
+        for conv in (int, float):
+            try:
+                out[key] = conv(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: torch.device,
+                 dtype: torch.dtype, notes: List[str], info: Dict) -> List[BenchTarget]:
+    """Bench targets for one MODEL spec: one per student mode, or one teacher."""
+    name, _, arg = spec.partition(":")
+    elements = sorted(set(int(z) for a in structures for z in a.numbers))
+    if os.path.exists(spec):
+        from engine.calculator import load_model
+
+        model = load_model(spec, dtype=dtype)
+        return _student_targets(model, os.path.basename(spec), modes, device, dtype, notes, info)
+    if name == "painn":
+        from engine.models import PaiNN
+
+        hp = dict(PAINN_DEFAULTS, **_parse_kv(arg))
+        try:
+            model = PaiNN(elements, **hp)
+        except TypeError as err:
+            raise HessforgeError(f"{spec}: {err}") from None
+        label = "painn(" + ",".join(f"{k}={v}" for k, v in hp.items() if k != "force_mode") + ")"
+        return _student_targets(model, label, modes, device, dtype, notes, info)
+    if spec == "mace-off-l-arch":
+        model = mace_off_large(dtype=dtype)
+        n = count_parameters(model)
+        print(f"mace-off-l-arch: ScaleShiftMACE {MACE_OFF_LARGE}, elements {list(MACE_OFF23_ELEMENTS)}: "
+              f"{n:,} parameters", file=sys.stderr)
+        info[spec] = {"parameters": n, "hyperparameters": MACE_OFF_LARGE, "elements": list(MACE_OFF23_ELEMENTS)}
+        return [MaceTarget(model, spec, device, dtype)]
+    if name == "mace":
+        from training.teachers import load_teacher
+
+        teacher = load_teacher(spec)
+        info[spec] = {"parameters": count_parameters(teacher.model)}
+        return [MaceTarget(teacher.model, spec, device, dtype)]
+    if name == "ani1x":
+        from training.teachers import load_teacher
+
+        return [AniTarget(load_teacher(spec), device, dtype)]
+    raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], ani1x[:K], mace:FILE, "
+                         "mace-off-l-arch")
+
+
+def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
+    if isinstance(model, torch.nn.Module):
+        info[label] = {"parameters": count_parameters(model),
+                       "hyperparameters": getattr(model, "hyperparameters", dict)()}
+    else:  # exported TorchScript model
+        modes = ["eager"]
+        info[label] = {"exported": True, "metadata_dtype": str(model.dtype)}
+    targets = []
+    for mode in modes:
+        try:
+            targets.append(StudentTarget(model, mode, device, dtype, name=label))
+        except HessforgeError as err:
+            notes.append(f"{label} {mode}: skipped ({err})")
+            print(f"note: {label} {mode}: skipped ({err})", file=sys.stderr)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.add_argument("args", nargs="+", metavar="MODEL [MODEL ...] DATA",
+                        help="models (checkpoint/exported file, painn[:k=v], ani1x, mace:FILE, mace-off-l-arch) "
+                             "then the data (file, quickstart, s22[:MIN_ATOMS])")
+    parser.add_argument("--compare", action="append", default=[], metavar="TEACHER",
+                        help="reference model(s) for the speedup column (repeatable); the first is the reference")
+    parser.add_argument("--modes", default="eager",
+                        help=f"student modes, comma-separated or 'all' ({', '.join(STUDENT_MODES)}); default eager")
+    parser.add_argument("--batch-size", type=int, default=64, help="fixed batch size (default 64)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep batch sizes 1, 2, 4, ... to the maximum")
+    parser.add_argument("--batch-sizes", default=None, help="explicit sweep sizes, comma-separated")
+    parser.add_argument("--max-batch", type=int, default=4096, help="largest sweep batch size (default 4096)")
+    parser.add_argument("--memory-cap-gb", type=float, default=None,
+                        help="CPU sweep memory cap (default: half the available memory, at most 16 GiB)")
+    parser.add_argument("--max-call-s", type=float, default=30.0,
+                        help="stop a sweep once one call takes longer than this (default 30 s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
+    parser.add_argument("--no-neighbors", action="store_true", help="time the model call only")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--min-atoms", type=int, default=0, help="use only structures with at least N atoms")
+    parser.add_argument("--json", default=None, help="write all results and the machine description here")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+
+
+def run(args) -> int:
+    if len(args.args) < 2 and not args.compare:
+        raise HessforgeError("give at least one MODEL and the DATA (hessforge bench MODEL DATA)")
+    *model_specs, data = args.args
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    modes = list(STUDENT_MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        if m not in STUDENT_MODES:
+            raise HessforgeError(f"unknown mode {m!r}; choose from {', '.join(STUDENT_MODES)} or all")
+    if args.batch_size < 1:
+        raise HessforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    structures = load_structures(data, args.min_atoms)
+    summary = data_summary(structures)
+    print(f"data {data}: {summary['structures']} structures, {summary['atoms_mean']:.1f} atoms on average "
+          f"({summary['atoms_min']}-{summary['atoms_max']}); device {device}, {args.dtype}, "
+          f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
+    notes: List[str] = []
+    info: Dict = {}
+    references = [t for spec in args.compare for t in make_targets(spec, structures, ["eager"], device, dtype,
+                                                                    notes, info)]
+    targets = references + [t for spec in model_specs for t in make_targets(spec, structures, modes, device,
+                                                                             dtype, notes, info)]
+    if not targets:
+        raise HessforgeError("nothing to run: every requested mode was skipped")
+    reference = targets[0]
+    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None
+    cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb else None
+
+    def progress(r: BenchResult) -> None:
+        t = r.model_nl or r.model
+        print(f"  {r.name} {r.mode} batch {r.batch_size}: {t.median_s * 1e3:.1f} ms/call, "
+              f"{t.ns_per_day:.3g} ns/day", file=sys.stderr)
+
+    fixed: List[BenchResult] = []
+    sweeps = {}
+    for t in targets:
+        print(f"{t.name} [{t.mode}] batch {args.batch_size}...", file=sys.stderr)
+        r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
+        progress(r)
+        fixed.append(r)
+        if args.sweep:
+            print(f"{t.name} [{t.mode}] sweep...", file=sys.stderr)
+            s = sweep(t, structures, sizes, args.max_batch, args.warmup, args.repeats, not args.no_neighbors,
+                      memory_cap_bytes=cap, max_call_s=args.max_call_s, progress=progress)
+            print(f"  stop: {s.stop_reason}", file=sys.stderr)
+            sweeps[(t.name, t.mode)] = s
+    ref_fixed = fixed[0]
+    print(f"\nbatch {args.batch_size} (speedup: ns/day over {reference.name} [{reference.mode}])")
+    print(format_table(fixed, reference=lambda r: ref_fixed, markdown=args.markdown))
+    best, ref_best = [], None
+    if args.sweep:
+        key = "model" if args.no_neighbors else "model_nl"
+        best = [s.best(key) for s in sweeps.values() if s.results]
+        ref_best = sweeps[(reference.name, reference.mode)].best(key)
+        print("\nbest batch size of each (speedup: best over the reference's best)")
+        print(format_table(best, reference=lambda r: ref_best, markdown=args.markdown))
+        for (name, mode), s in sweeps.items():
+            print(f"  {name} [{mode}]: sweep {[r.batch_size for r in s.results]}, stop: {s.stop_reason}")
+    for n in notes:
+        print(f"note: {n}")
+    if fixed:
+        print(f"memory: {fixed[0].memory_method}")
+    if args.json:
+        write_json(args.json, {
+            "command": "hessforge bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "machine": machine_info(device), "data": dict(summary, spec=data), "models": info,
+            "reference": [reference.name, reference.mode], "batch_size": args.batch_size,
+            "fixed": [r.to_dict() for r in fixed],
+            "sweeps": [{"name": n, "mode": m, "stop_reason": s.stop_reason,
+                        "results": [r.to_dict() for r in s.results]} for (n, m), s in sweeps.items()],
+            "best": [r.to_dict() for r in best],
+            "speedups": {"fixed": {f"{r.name} [{r.mode}]": speedup(r, ref_fixed) for r in fixed},
+                         "best": ({f"{r.name} [{r.mode}]": speedup(r, ref_best) for r in best} if ref_best else {})},
+            "notes": notes,
+        })
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,82 @@
+"""`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
+call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] (random weights, for timing); DATA as
+for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]), replicated to fill the batch.
+Writes the final frames (and every --interval steps with --trajectory) as extxyz and prints ns/day."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from engine.errors import HessforgeError
+from engine.md import INTEGRATORS, BatchedMD
+from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
+from training.bench import DTYPES, load_structures, make_targets
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="checkpoint, exported file or painn[:k=v,...]")
+    parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
+    parser.add_argument("--batch-size", type=int, default=64, help="systems integrated together (default 64)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin")
+    parser.add_argument("--temperature", type=float, default=300.0, help="K: Langevin target and initial velocities")
+    parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    parser.add_argument("--skin", type=float, default=0.0,
+                        help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
+    parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--interval", type=int, default=100, help="report (and trajectory) interval in steps")
+    parser.add_argument("--trajectory", default=None, help="extxyz file for frames every --interval steps")
+    parser.add_argument("-o", "--output", default=None, help="extxyz file for the final frames")
+
+
+def run(args) -> int:
+    import ase.io
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 0 or args.interval < 1 or args.batch_size < 1:
+        raise HessforgeError("--steps must be >= 0, --interval and --batch-size >= 1")
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    structures = load_structures(args.data)
+    atoms = fill_batch(structures, args.batch_size)
+    (target,) = make_targets(args.model, structures, ["eager"], device, dtype, [], {})
+    if not hasattr(target, "student"):
+        raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn)")
+    model = target.student
+    if args.mode != "eager":
+        model, _ = student_for_mode(model, args.mode, device)
+    md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
+                   friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.temperature,
+                   device=device, dtype=dtype, seed=args.seed)
+    if args.trajectory:
+        open(args.trajectory, "w").close()
+    start = time.perf_counter()
+
+    def report(s: BatchedMD) -> None:
+        elapsed = time.perf_counter() - start
+        t = s.temperature()
+        e = s.total_energy()
+        print(f"step {s.nsteps}: T mean {float(t.mean()):.1f} K (min {float(t.min()):.1f}, max {float(t.max()):.1f}), "
+              f"E_tot mean {float(e.mean()):.4f} eV, {ns_per_day(s.nsteps * s.nsystems / elapsed):.3g} ns/day at 1 fs "
+              f"({s.nsystems} systems), {s.neighbor_builds} neighbor-list builds", file=sys.stderr)
+        if args.trajectory:
+            ase.io.write(args.trajectory, s.to_atoms(atoms), format="extxyz", append=True)
+
+    md.step(args.steps, callback=report, interval=args.interval)
+    elapsed = time.perf_counter() - start
+    if args.steps:
+        rate = args.steps * md.nsystems / elapsed
+        print(f"{args.steps} steps x {md.nsystems} systems in {elapsed:.1f} s: {ns_per_day(rate):.3g} ns/day "
+              f"counted at 1 fs per step (DESIGN.md §6), {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
+              f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
+    if args.output:
+        ase.io.write(args.output, md.to_atoms(atoms), format="extxyz")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0

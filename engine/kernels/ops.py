@@ -99,18 +99,27 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
         raise HessforgeError(f"cell must be [B, 3, 3] and pbc [B, 3], got {tuple(cell.shape)}, {tuple(pbc.shape)}")
     if not sync_ok:  # checks below read values: done on CPU, or where the op synchronises anyway
         return
-    if positions.shape[0] and not bool(torch.isfinite(positions).all()):
-        raise HessforgeError("positions contain NaN or Inf")
-    if batch.shape[0] > 1 and not bool((batch[1:] >= batch[:-1]).all()):
-        raise HessforgeError("batch must be sorted: the atoms of each structure contiguous")
-    if batch.shape[0] and not (0 <= int(batch.min()) and int(batch.max()) < cell.shape[0]):
-        raise HessforgeError("batch holds structure indices outside [0, B)")
+    # all value checks in one device->host transfer
+    n = positions.shape[0]
     periodic = pbc.to(torch.bool).any(dim=1)
-    if bool(periodic.any()):
-        vol = torch.linalg.det(cell.double()).abs()
-        bad = (periodic & ~(vol > 1e-8)).nonzero().flatten().tolist()
-        if bad:
-            raise HessforgeError(f"structure {bad[0]}: periodic cell has zero volume (cell={cell[bad[0]].tolist()})")
+    volume = torch.linalg.det(cell.double()).abs() if cell.shape[0] else cell.new_zeros(0, dtype=torch.float64)
+    bad_cell = periodic & ~(volume > 1e-8)
+    true = torch.ones((), dtype=torch.bool, device=positions.device)
+    flags = torch.stack([
+        torch.isfinite(positions).all() if n else true,
+        (batch[1:] >= batch[:-1]).all() if n > 1 else true,
+        ((batch >= 0) & (batch < cell.shape[0])).all() if n else true,
+        ~bad_cell.any() if cell.shape[0] else true,
+    ]).tolist()
+    if not flags[0]:
+        raise HessforgeError("positions contain NaN or Inf")
+    if not flags[1]:
+        raise HessforgeError("batch must be sorted: the atoms of each structure contiguous")
+    if not flags[2]:
+        raise HessforgeError("batch holds structure indices outside [0, B)")
+    if not flags[3]:
+        k = int(bad_cell.nonzero()[0, 0])
+        raise HessforgeError(f"structure {k}: periodic cell has zero volume (cell={cell[k].tolist()})")
 
 
 def _block(default: int, device: torch.device) -> int:

@@ -14,11 +14,13 @@ inductor calls them as extern kernels. Two output-size modes, chosen by `capacit
   without recompiling. One device->host sync per call (to size the outputs).
 - `capacity=K` (padded, static): outputs have exactly K slots; the first `num_edges` are the edges, the
   rest are inert padding: edge (0, 0), shift 0, r = cutoff, unit = 0, rbf = 0, fcut = 0, zero gradient,
-  so sums over edges (PaiNN's index_add messages) are unchanged. Static shapes and no host sync: the
-  mode for CUDA graphs / `mode="reduce-overhead"` and for avoiding recompiles. `num_edges` always holds the
-  true count, also when it exceeds K, so nothing is dropped silently: in eager mode `radial_edges` grows the
-  capacity and recomputes (or raises with `grow=False`), under torch.compile it adds an
-  `_assert_async(num_edges <= capacity)`.
+  so sums over edges (PaiNN's index_add messages) are unchanged. Static shapes, and on the Triton path no
+  host sync inside the op: the mode for CUDA graphs / `mode="reduce-overhead"` (not yet measured on a GPU)
+  and for avoiding recompiles. `num_edges` always holds the true count, also when it exceeds K, so nothing
+  is dropped silently: in eager mode `radial_edges` reads it (one sync) and grows the capacity and
+  recomputes (or raises with `grow=False`); under torch.compile it adds an
+  `_assert_async(num_edges <= capacity)` instead. Call `torch.ops.hessforge.radial_edges` directly to skip
+  the check and read `num_edges` yourself.
 
 Gradients: `register_autograd` gives first derivatives of r, unit, rbf and fcut with respect to positions and
 cell (cell: for stress via strain) through a per-edge backward op (Triton or torch) plus index_add. The

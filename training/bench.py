@@ -105,7 +105,11 @@ def mace_off_large(elements: Sequence[int] = MACE_OFF23_ELEMENTS, dtype: torch.d
     residual interaction blocks (mace's defaults), the ten MACE-OFF23 elements by default.
     Parameter count with the ten elements: 2,446,032 (with this recipe the 89-element, 128-channel, L=1
     model has 4,688,400 parameters: exactly MACE-MP-0 medium's published count)."""
-    with warnings.catch_warnings():  # e3nn/TorchScript construction noise
+    import contextlib
+    import io
+
+    # e3nn/TorchScript construction warnings, and mace's stdout notice about cuequivariance
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return _build_mace_off_large(elements, dtype)
 

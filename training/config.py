@@ -43,6 +43,8 @@ class LossConfig:
     hessian_rows: int = 1  # s rows sampled per structure and step
     energy_gradient: float = 0.0
     force_distill: float = 0.0
+    n2n: float = 0.0  # baseline: teacher per-atom features (labels made with --features)
+    a2a: float = 0.0  # baseline: teacher per-element embeddings (labels made with --embeddings)
     halve_kd_when_better_than_teacher: bool = True
     kind: str = "l2mae"  # l2mae (norms, the paper's code) or mse (squared errors)
 
@@ -120,9 +122,32 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
         raise HessforgeError(f"{where}: loss.kind must be 'l2mae' or 'mse', got {config.loss.kind!r}")
     if config.train.dtype not in ("float32", "float64"):
         raise HessforgeError(f"{where}: train.dtype must be float32 or float64, got {config.train.dtype!r}")
+    lc = config.loss
+    for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a"):
+        value = getattr(lc, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise HessforgeError(f"{where}: loss.{key} must be a number >= 0, got {value!r}")
+    if not isinstance(lc.hessian_rows, int) or isinstance(lc.hessian_rows, bool) or lc.hessian_rows < 1:
+        raise HessforgeError(f"{where}: loss.hessian_rows must be an integer >= 1, got {lc.hessian_rows!r}")
     if config.loss.hessian > 0 and not config.data.labels:
         raise HessforgeError(f"{where}: loss.hessian > 0 needs teacher labels: set data.labels (hessforge label)")
+    for key, flag in (("force_distill", ""), ("n2n", " --features"), ("a2a", " --embeddings")):
+        if getattr(lc, key) > 0 and not config.data.labels:
+            raise HessforgeError(f"{where}: loss.{key} > 0 needs teacher labels: set data.labels "
+                                 f"(hessforge label{flag})")
     return config
+
+
+def check_labels_for_loss(config: Config, metadata: dict, where: str) -> None:
+    """The labels directory `where` (metadata = LabelStore.metadata) holds what the loss needs: per-atom
+    teacher features for loss.n2n > 0, per-element embeddings for loss.a2a > 0."""
+    if config.loss.n2n > 0 and not metadata.get("features"):
+        raise HessforgeError(f"{where}: loss.n2n > 0 needs teacher per-atom features, but these labels were made "
+                             "without them; label again with `hessforge label --features` (another -o directory)")
+    if config.loss.a2a > 0 and not metadata.get("element_embeddings"):
+        raise HessforgeError(f"{where}: loss.a2a > 0 needs teacher per-element embeddings, but these labels were "
+                             "made without them; label with `hessforge label --embeddings` (the teacher must have "
+                             "them: MACE does, ANI-1x does not)")
 
 
 def load_config(path: str) -> Config:

@@ -8,6 +8,12 @@ already present. `LabelStore(dir)` merges the shards for reading.
 
 Rows are chosen per structure by an RNG seeded with (seed, hash of the id): reruns, other ranks and other
 machines choose the same rows for the same structure.
+
+For the feature-distillation baselines, `--features` also stores the teacher's per-atom features [N, D]
+(float32) in every record (n2n) and `--embeddings` its per-element embeddings in the metadata (a2a). The
+metadata then says `features: {"dim": D, "dtype": "float32"}` (None without) and `element_embeddings:
+{"dim": D_e, "values": {"Z": [...]}}` (None without). Records and metadata written before these options
+existed read as "without".
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ LABELS_MAGIC = "hessforge-labels"
 LABELS_VERSION = 1
 SHARD_RE = re.compile(r"^labels\.rank(\d+)\.lmdb$")
 # Fields that must agree for a rerun to resume into an existing labels directory.
-COMPAT_KEYS = ("teacher", "teacher_spec", "mode", "k", "seed", "dtype", "source_count", "source_ids_sha256")
+COMPAT_KEYS = ("teacher", "teacher_spec", "mode", "k", "seed", "dtype", "source_count", "source_ids_sha256",
+               "features", "element_embeddings")
 
 
 def shard_path(directory: str, rank: int) -> str:
@@ -62,21 +69,26 @@ class LabelRecord:
     forces: np.ndarray  # [N, 3] float64 eV/Å
     rows: np.ndarray  # [k] int64, 3*atom + axis
     hessian_rows: np.ndarray  # [k, 3N] eV/Å², float32 or float64 (the directory's dtype)
+    features: Optional[np.ndarray] = None  # [N, D] float32 teacher per-atom features (labels made with --features)
 
     def to_bytes(self) -> bytes:
         return pack({"id": self.id, "energy": self.energy},
-                    {"forces": self.forces, "rows": self.rows, "hessian_rows": self.hessian_rows})
+                    {"forces": self.forces, "rows": self.rows, "hessian_rows": self.hessian_rows,
+                     "features": self.features})
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "LabelRecord":
         header, arrays = unpack(buf)
         try:
-            rec = cls(header["id"], float(header["energy"]), arrays["forces"], arrays["rows"], arrays["hessian_rows"])
+            rec = cls(header["id"], float(header["energy"]), arrays["forces"], arrays["rows"], arrays["hessian_rows"],
+                      arrays.get("features"))
         except KeyError as err:
             raise RecordError(f"label record lacks {err}") from None
         n = rec.forces.shape[0]
         if rec.forces.shape != (n, 3) or rec.hessian_rows.shape != (rec.rows.shape[0], 3 * n):
             raise RecordError("label record arrays have inconsistent shapes")
+        if rec.features is not None and (rec.features.ndim != 2 or rec.features.shape[0] != n):
+            raise RecordError(f"label record features have shape {rec.features.shape}, expected ({n}, D)")
         return rec
 
 
@@ -147,6 +159,19 @@ class LabelStore:
     def __len__(self) -> int:
         return len(self.ids())
 
+    @property
+    def feature_dim(self) -> Optional[int]:
+        """D of the stored per-atom teacher features; None when labelled without --features."""
+        info = self.metadata.get("features")
+        return int(info["dim"]) if info else None
+
+    def element_embeddings(self) -> Optional[Dict[int, np.ndarray]]:
+        """{Z: [D_e] float64} teacher per-element embeddings; None when labelled without --embeddings."""
+        info = self.metadata.get("element_embeddings")
+        if not info:
+            return None
+        return {int(z): np.asarray(v, dtype=np.float64) for z, v in info["values"].items()}
+
 
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
     """A shard's metadata; None for an empty shard (a run killed before its first write)."""
@@ -187,11 +212,50 @@ def _check_output(out, structure_id: str, n: int, rows: np.ndarray, teacher_name
     return float(out.energy), forces, h
 
 
+def _check_features(feats, structure_id: str, n: int, teacher_name: str, dim: Optional[int] = None) -> np.ndarray:
+    where = f"teacher {teacher_name} on structure {structure_id!r}"
+    f = np.asarray(feats)
+    if f.ndim != 2 or f.shape[0] != n or f.shape[1] < 1 or (dim is not None and f.shape[1] != dim):
+        raise HessforgeError(f"{where}: atomic_features returned shape {f.shape}, expected ({n}, "
+                             f"{'D' if dim is None else dim})")
+    if not np.all(np.isfinite(f)):
+        raise HessforgeError(f"{where}: atomic features contain NaN or Inf")
+    return f.astype(np.float32)
+
+
+def _teacher_method(teacher, attr: str, option: str):
+    fn = getattr(teacher, attr, None)
+    if not callable(fn):
+        raise HessforgeError(f"teacher {getattr(teacher, 'name', type(teacher).__name__)} has no {attr}() "
+                             f"({'per-atom features' if attr == 'atomic_features' else 'per-element embeddings'}), "
+                             f"so {option} cannot be stored; label without {option}")
+    return fn
+
+
+def _embeddings_meta(teacher) -> Dict[str, Any]:
+    table = _teacher_method(teacher, "element_embeddings", "--embeddings")()
+    if not table:
+        raise HessforgeError(f"teacher {getattr(teacher, 'name', '?')}: element_embeddings() returned nothing")
+    values, dims = {}, set()
+    for z, vec in sorted(table.items(), key=lambda kv: int(kv[0])):
+        vec = np.asarray(vec, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(vec)):
+            raise HessforgeError(f"teacher {getattr(teacher, 'name', '?')}: embedding of Z={z} contains NaN or Inf")
+        dims.add(vec.size)
+        values[str(int(z))] = [float(x) for x in vec]
+    if len(dims) != 1:
+        raise HessforgeError(f"teacher {getattr(teacher, 'name', '?')}: element embeddings of different sizes {dims}")
+    return {"dim": dims.pop(), "values": values}
+
+
 def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Union[int, str, None] = "full",
                   seed: int = 0, limit: Optional[int] = None, dtype: str = "float32", rank: int = 0,
-                  world_size: int = 1, teacher_spec: Optional[str] = None, progress: bool = False) -> Dict[str, int]:
+                  world_size: int = 1, teacher_spec: Optional[str] = None, progress: bool = False,
+                  features: bool = False, embeddings: bool = False) -> Dict[str, int]:
     """Label dataset indices i < limit with i % world_size == rank into `out_dir`/labels.rank{rank}.lmdb,
-    skipping ids already labelled. rows: "full" (all 3N rows) or k. Returns counts {labelled, skipped, todo}."""
+    skipping ids already labelled. rows: "full" (all 3N rows) or k. features: also store the teacher's
+    per-atom features (teacher.atomic_features) in each record; embeddings: store its per-element embeddings
+    (teacher.element_embeddings) in the metadata. Returns counts {labelled, skipped, todo}."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     k = _parse_rows(rows)
     if dtype not in ("float32", "float64"):
@@ -207,11 +271,21 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     # teacher call: an unsupported element should fail in a second, not after hours.
     for i in range(n_total):
         teacher.check_elements(elements[i], where=f"{ds.path}: structure {ids[i]!r}")
+    tname = getattr(teacher, "name", "?")
+    features_meta, feature_fn = None, None
+    if features:
+        feature_fn = _teacher_method(teacher, "atomic_features", "--features")
+        if n_total:  # D from the first structure, so every rank (and a rerun) records the same metadata
+            s0 = ds[0]
+            dim = _check_features(feature_fn(s0.to_atoms()), s0.id, s0.natoms, tname).shape[1]
+            features_meta = {"dim": int(dim), "dtype": "float32"}
+    embeddings_meta = _embeddings_meta(teacher) if embeddings else None
 
     meta = {"magic": LABELS_MAGIC, "format_version": LABELS_VERSION, "teacher": getattr(teacher, "name", None),
             "teacher_spec": teacher_spec, "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
+            "features": features_meta, "element_embeddings": embeddings_meta,
             "rank": rank, "world_size": world_size, "created": creation_info()}
     os.makedirs(out_dir, exist_ok=True)
     mine = shard_path(out_dir, rank)
@@ -251,7 +325,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             energy, forces, h = _check_output(out, s.id, s.natoms, want, getattr(teacher, "name", "?"))
             # float32 Hessian rows by default: half the storage of float64 (full Hessians grow as 9N²), and
             # their ~1e-7 relative rounding is far below any student's Hessian error.
-            rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype))
+            feats = None
+            if features_meta is not None:
+                feats = _check_features(feature_fn(s.to_atoms()), s.id, s.natoms, tname, features_meta["dim"])
+            rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype), feats)
             writer.put_many([(s.id.encode(), rec.to_bytes())], overwrite=False)  # one commit per structure
     finally:
         writer.close()
@@ -300,6 +377,10 @@ def add_arguments(parser) -> None:
                         help="storage dtype of Hessian rows (default float32)")
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK or 0)")
     parser.add_argument("--world-size", type=int, default=None, help="number of ranks (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--features", action="store_true",
+                        help="also store the teacher's per-atom features [N, D] (float32) for the n2n baseline")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also store the teacher's per-element embeddings (metadata) for the a2a baseline")
 
 
 def run(args) -> int:
@@ -311,7 +392,8 @@ def run(args) -> int:
     ds = Dataset(args.dataset)  # fail on a bad dataset before loading a heavy teacher
     teacher = load_teacher(args.teacher)
     stats = label_dataset(ds, teacher, args.output, args.rows, args.seed, args.limit, args.dtype, rank, world,
-                          teacher_spec=args.teacher, progress=sys.stderr.isatty())
+                          teacher_spec=args.teacher, progress=sys.stderr.isatty(), features=args.features,
+                          embeddings=args.embeddings)
     print(f"rank {rank}/{world}: labelled {stats['labelled']} structures, {stats['skipped']} already done "
           f"-> {shard_path(args.output, rank)}")
     return 0

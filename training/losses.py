@@ -5,14 +5,32 @@ row j_bt in every structure b; since atoms of different structures do not intera
 product with the one-hot sum over b of e_{j_bt} returns all B rows at once:
     d(Σ_b F[j_bt]) / dr  =  -Σ_b H_student[j_bt, :]   (rows of different structures do not overlap).
 The s samples are s such products, batched in one backward call with is_grads_batched (vmap).
+
+Feature-distillation baselines (Kelvinius et al. 2023, the paper's n2n and a2a), through learned linear
+projections that live in `DistillationHeads` (owned by the trainer: optimized with the student, saved in its
+checkpoints, never exported with the student):
+- n2n: λ_n2n · mean over atoms of ‖P(s_i) − f_i‖ with s_i the student's final scalar features [F]
+  (PaiNN's `node_features`), f_i the teacher's final per-atom features [D] stored with the labels
+  (`hessforge label --features`; ANI-1x: last hidden layer of its atomic networks, MACE: invariant channels of
+  its node features), P: Linear(F → D).
+- a2a: λ_a2a · mean over atoms of ‖Q(x(z_i)) − e(z_i)‖ with x(z) the student's initial per-element embedding
+  (PaiNN.embedding, [F]) and e(z) the teacher's learned per-element embedding [D_e] stored in the labels
+  metadata (`hessforge label --embeddings`; MACE: node_embedding of the element's one-hot; ANI-1x has none),
+  Q: Linear(F → D_e). Only the embedding table (and Q) receive gradients from this term: it pulls the
+  student's element embeddings toward a linear image of the teacher's, weighted by how often each element
+  occurs in the batch.
+With kind "mse" the norms become mean squared components, as for forces.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
+import numpy as np
 import torch
+from torch import nn
 
+from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
 
 
@@ -23,6 +41,8 @@ class LossWeights:
     hessian: float = 400.0  # λ_KD
     energy_gradient: float = 0.0  # direct-force students: ‖F_ref + ∇E‖²
     force_distill: float = 0.0  # baseline: teacher forces as extra targets
+    n2n: float = 0.0  # baseline: teacher per-atom features through a learned projection (DistillationHeads)
+    a2a: float = 0.0  # baseline: teacher per-element embeddings through a learned projection
     # "l2mae": norms, not squares, as in the paper's code (fairchem per_atom_mae / l2mae and block norms of
     # Hessian rows); with λ = 5/100/400 the squared form let the Hessian term swamp energies and forces
     # (quickstart: force MAE 590 vs 174 meV/Å undistilled). "mse": squared errors.
@@ -93,11 +113,70 @@ def hessian_error(rows, target, atom_mask=None, kind: str = "l2mae") -> torch.Te
     return _masked_mean(per_atom, weight.sum(0) > 0)
 
 
-def compute_loss(model, batch, weights: LossWeights, training: bool = True) -> Dict[str, torch.Tensor]:
+class DistillationHeads(nn.Module):
+    """The learned projections of the n2n and a2a baselines (see the module docstring).
+
+    n2n: Linear(node_features → teacher_features) when both sizes are given. a2a: Linear(embedding_features →
+    D_e) with the teacher's embeddings as buffers `a2a_table` [119, D_e] (row Z) and `a2a_known` [119] bool.
+    With neither, the module has no parameters and changes nothing.
+    """
+
+    def __init__(self, node_features: Optional[int] = None, teacher_features: Optional[int] = None,
+                 embedding_features: Optional[int] = None,
+                 teacher_embeddings: Optional[Mapping[int, np.ndarray]] = None):
+        super().__init__()
+        self.n2n = nn.Linear(node_features, teacher_features) if node_features and teacher_features else None
+        self.a2a = None
+        if embedding_features and teacher_embeddings:
+            dims = {np.asarray(v).reshape(-1).size for v in teacher_embeddings.values()}
+            if len(dims) != 1:
+                raise HessforgeError(f"teacher element embeddings have different sizes {sorted(dims)}")
+            dim = dims.pop()
+            table = torch.zeros(119, dim, dtype=torch.float64)
+            known = torch.zeros(119, dtype=torch.bool)
+            for z, vec in teacher_embeddings.items():
+                table[int(z)] = torch.as_tensor(np.asarray(vec, dtype=np.float64).reshape(-1))
+                known[int(z)] = True
+            self.register_buffer("a2a_table", table)
+            self.register_buffer("a2a_known", known)
+            self.a2a = nn.Linear(embedding_features, dim)
+
+    def n2n_error(self, node_features: torch.Tensor, teacher_features: torch.Tensor, kind: str = "l2mae"):
+        """mean over atoms of ‖P(s_i) − f_i‖ (l2mae) or of the squared components (mse)."""
+        if self.n2n is None:
+            raise HessforgeError("loss.n2n > 0 but the distillation heads have no n2n projection")
+        if teacher_features.shape[-1] != self.n2n.out_features:
+            raise HessforgeError(f"teacher features have {teacher_features.shape[-1]} channels, the n2n projection "
+                                 f"was built for {self.n2n.out_features}")
+        return vector_error(self.n2n(node_features), teacher_features, None, kind)
+
+    def a2a_error(self, model, numbers: torch.Tensor, kind: str = "l2mae"):
+        """mean over atoms of ‖Q(x(z_i)) − e(z_i)‖ (l2mae) or of the squared components (mse)."""
+        if self.a2a is None:
+            raise HessforgeError("loss.a2a > 0 but the distillation heads have no a2a projection")
+        student_embedding(model)  # clear error for a student without one
+        base = getattr(model, "module", model)
+        x = base.embedding(base.z_to_index[numbers])
+        return vector_error(self.a2a(x), self.a2a_table[numbers], None, kind)
+
+
+def student_embedding(model) -> nn.Embedding:
+    """The student's initial per-element embedding (PaiNN.embedding, indexed through z_to_index)."""
+    base = getattr(model, "module", model)
+    emb = getattr(base, "embedding", None)
+    if not isinstance(emb, nn.Embedding) or not hasattr(base, "z_to_index"):
+        raise HessforgeError(f"student {type(base).__name__} has no per-element embedding "
+                             "(embedding + z_to_index): the a2a baseline needs one")
+    return emb
+
+
+def compute_loss(model, batch, weights: LossWeights, training: bool = True,
+                 heads: Optional[DistillationHeads] = None) -> Dict[str, torch.Tensor]:
     """All loss terms for one batch, weighted and summed into 'total'. Unweighted terms are returned too.
 
     `batch` is a training.data.batch.Batch: graph, energy, forces and, when labelled by a teacher,
-    teacher_energy, teacher_forces, hessian_index [s, B], hessian_target [s, N, 3].
+    teacher_energy, teacher_forces, hessian_index [s, B], hessian_target [s, N, 3], teacher_features [N, D].
+    `heads`: the DistillationHeads holding the n2n/a2a projections (needed when weights.n2n / weights.a2a > 0).
     """
     graph: AtomicGraph = batch.graph
     kind = weights.kind
@@ -130,6 +209,22 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True) -> D
     if weights.force_distill > 0 and batch.teacher_forces is not None:
         terms["force_distill"] = vector_error(out["forces"], batch.teacher_forces, None, kind)
         total = total + weights.force_distill * terms["force_distill"]
+    if weights.n2n > 0:
+        if heads is None:
+            raise HessforgeError("loss.n2n > 0 needs the distillation heads (DistillationHeads)")
+        if getattr(batch, "teacher_features", None) is None:
+            raise HessforgeError("loss.n2n > 0 but the batch has no teacher features: label with "
+                                 "`hessforge label --features`")
+        if "node_features" not in out:
+            raise HessforgeError(f"student {type(getattr(model, 'module', model)).__name__} returns no "
+                                 "node_features: the n2n baseline needs them")
+        terms["n2n"] = heads.n2n_error(out["node_features"], batch.teacher_features, kind)
+        total = total + weights.n2n * terms["n2n"]
+    if weights.a2a > 0:
+        if heads is None:
+            raise HessforgeError("loss.a2a > 0 needs the distillation heads (DistillationHeads)")
+        terms["a2a"] = heads.a2a_error(model, graph.numbers, kind)
+        total = total + weights.a2a * terms["a2a"]
     terms["total"] = total
     terms["_energy_pred"] = out["energy"].detach()
     terms["_forces_pred"] = out["forces"].detach()

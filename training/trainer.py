@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from engine.errors import HessforgeError
 from engine.models import build_student
-from training.config import Config, load_config
+from training.config import Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
-from training.losses import LossWeights, compute_loss
+from training.losses import DistillationHeads, LossWeights, compute_loss, student_embedding
 from training.reference_energies import fit_energy_scale, fit_reference_energies
 
 
@@ -84,6 +84,8 @@ def _average_gradients(model: torch.nn.Module) -> None:
     if not dist.is_initialized():
         return
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -192,9 +194,12 @@ class Trainer:
         self.model.atom_ref.copy_(torch.as_tensor(refs))
         self.model.energy_scale.fill_(fit_energy_scale(structures))
         self.model.to(self.dtype)
+        # n2n/a2a projections: trained with the student, checkpointed beside it, never exported.
+        self.heads = self._build_heads(species).to(self.dtype)
 
         oc = config.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, weight_decay=oc.weight_decay,
+        params = list(self.model.parameters()) + list(self.heads.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay,
                                            eps=oc.eps, amsgrad=oc.amsgrad)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=oc.plateau_factor, patience=oc.plateau_patience, min_lr=oc.min_lr)
@@ -202,7 +207,7 @@ class Trainer:
         lc = config.loss
         self.weights = LossWeights(energy=lc.energy, forces=lc.forces, hessian=lc.hessian,
                                    energy_gradient=lc.energy_gradient, force_distill=lc.force_distill,
-                                   kind=lc.kind)
+                                   n2n=lc.n2n, a2a=lc.a2a, kind=lc.kind)
         self.epoch = 0
         self.step = 0
         self.best_val = float("inf")
@@ -220,6 +225,7 @@ class Trainer:
             from torch.utils.data.distributed import DistributedSampler
 
             _broadcast_from_rank0(self.model)
+            _broadcast_from_rank0(self.heads)
             sampler = DistributedSampler(range(len(self.train_idx)), num_replicas=self.world, rank=self.rank,
                                          shuffle=True, seed=tc.seed)
         self.sampler = sampler
@@ -232,6 +238,30 @@ class Trainer:
                                       shuffle=False, seed=tc.seed, dtype=self.dtype, s=0)
         self.log_path = os.path.join(self.out, "log.jsonl")
 
+    def _build_heads(self, species: List[int]) -> DistillationHeads:
+        """The learned projections of the n2n / a2a baselines (no parameters when neither is on)."""
+        lc, where = self.config.loss, self.config.data.labels
+        if lc.n2n <= 0 and lc.a2a <= 0:
+            return DistillationHeads()
+        if self.labels is None:
+            raise HessforgeError("loss.n2n / loss.a2a > 0 need teacher labels: set data.labels")
+        check_labels_for_loss(self.config, self.labels.metadata, where)
+        node_features = teacher_features = embedding_features = table = None
+        if lc.n2n > 0:
+            node_features = getattr(self.model, "hidden", None)
+            if not node_features:
+                raise HessforgeError(f"student {type(self.model).__name__} does not say its node feature size "
+                                     "(attribute 'hidden'): the n2n baseline needs it")
+            teacher_features = self.labels.feature_dim
+        if lc.a2a > 0:
+            embedding_features = student_embedding(self.model).embedding_dim
+            table = self.labels.element_embeddings()
+            missing = sorted(set(species) - set(table))
+            if missing:
+                raise HessforgeError(f"{where}: the teacher has no element embedding for Z={missing} (it has "
+                                     f"{sorted(table)}), which the training set holds: a2a cannot be used")
+        return DistillationHeads(node_features, teacher_features, embedding_features, table)
+
     # ------------------------------------------------------------------------------------------ state
     def _state(self) -> dict:
         with self.ema.average_parameters():
@@ -240,6 +270,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "model_hparams": self.model_hparams, "model_state": self.model.state_dict(),
             "ema_model_state": ema_model_state, "ema": self.ema.state_dict(),
+            "heads_state": self.heads.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "kd_halved": self.kd_halved,
             "lambda_kd": self.weights.hessian, "elapsed": self.elapsed, "history": self.history,
@@ -262,6 +293,17 @@ class Trainer:
                                  "use --restart or another train.out")
         self.model.load_state_dict(state["model_state"])
         self.model.to(self.dtype)
+        heads_state = state.get("heads_state") or {}
+        if set(heads_state) != set(self.heads.state_dict()):
+            raise HessforgeError(f"{path}: checkpoint was made with other n2n/a2a settings (distillation heads "
+                                 f"{sorted(heads_state)} vs {sorted(self.heads.state_dict())}); use --restart or "
+                                 "another train.out")
+        try:
+            self.heads.load_state_dict(heads_state)
+        except RuntimeError as err:
+            raise HessforgeError(f"{path}: distillation heads do not fit this config ({err}); use --restart or "
+                                 "another train.out") from None
+        self.heads.to(self.dtype)
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -319,11 +361,13 @@ class Trainer:
         sums: Dict[str, float] = {}
         count = 0
         for batch in self.train_loader:
-            terms = compute_loss(self.model, batch, self.weights, training=True)
+            terms = compute_loss(self.model, batch, self.weights, training=True, heads=self.heads)
             self.optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             _average_gradients(self.model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            _average_gradients(self.heads)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.heads.parameters()),
+                                                       self.config.optim.grad_clip)
             if not torch.isfinite(terms["total"]):
                 raise HessforgeError(f"loss became {terms['total'].item()} at step {self.step}: lower optim.lr or check the data")
             self.optimizer.step()

@@ -34,6 +34,7 @@ class Batch:
     hessian_index: Optional[torch.Tensor] = None  # [s, B] long, global coordinate index of each sampled row
     hessian_target: Optional[torch.Tensor] = None  # [s, N, 3] eV/Å², row t of structure b on b's atoms
     hessian_mask: Optional[torch.Tensor] = None  # [s, B] bool, False where b had fewer than s stored rows
+    teacher_features: Optional[torch.Tensor] = None  # [N, D] teacher per-atom features (labels with --features)
 
     @property
     def num_structures(self) -> int:
@@ -103,6 +104,12 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
     recs = [_label_for(labels, s, k) for k, s in enumerate(structures)]
     batch.teacher_energy = torch.tensor([r.energy for r in recs], dtype=torch.float64)
     batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
+    have = [getattr(r, "features", None) is not None for r in recs]
+    if any(have):
+        if not all(have) or len({r.features.shape[1] for r in recs}) != 1:
+            raise HessforgeError(f"structures {ids}: teacher features are stored for some records only, or with "
+                                 "different sizes (labels directories mixed?)")
+        batch.teacher_features = torch.from_numpy(np.concatenate([r.features for r in recs])).to(dtype)
     s_rows = int(hessian_rows_per_structure)
     if s_rows <= 0:
         return batch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +28,13 @@ class Teacher(ABC):
 
     name: str = "teacher"
     elements: Optional[frozenset] = None  # None: any element
+    # Optional, for the feature-distillation baselines (training.losses, `hessforge label --features /
+    # --embeddings`). A teacher that has them overrides these with methods:
+    #   atomic_features(atoms) -> np.ndarray [N, D]: the teacher's final per-atom features (n2n);
+    #   element_embeddings() -> {Z: np.ndarray [D_e]}: its learned per-element embedding (a2a).
+    # None means the teacher has no such thing; asking for it is then a clear error.
+    atomic_features: Optional[Callable[..., np.ndarray]] = None
+    element_embeddings: Optional[Callable[[], Dict[int, np.ndarray]]] = None
 
     def check_elements(self, numbers: Iterable[int], where: str = "") -> None:
         if self.elements is None:

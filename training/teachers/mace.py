@@ -78,3 +78,45 @@ class MACETeacher(Teacher):
 
         e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
         return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
+
+    # ------------------------------------------------------------------ feature-distillation baselines
+    def _invariant_columns(self, width: int):
+        """Columns of mace's `node_feats` output (the concatenated outputs of every product block) that hold
+        invariant (0e) channels. The student's scalar features cannot match l > 0 components, which rotate
+        with the molecule, through a linear map, so n2n distills the invariant channels only."""
+        irreps = [p.linear.irreps_out for p in getattr(self.model, "products", [])]
+        cols, offset = [], 0
+        for ir in irreps:
+            for mul, (l, parity) in ((m, (i.l, i.p)) for m, i in ir):
+                dim = mul * (2 * l + 1)
+                if l == 0 and parity == 1:
+                    cols.extend(range(offset, offset + dim))
+                offset += dim
+        if offset != width or not cols:
+            raise HessforgeError(f"{self.path}: cannot find the invariant channels of this model's node features "
+                                 f"(irreps {[str(i) for i in irreps]} vs {width} columns)")
+        return cols
+
+    def atomic_features(self, atoms) -> np.ndarray:
+        """Invariant (0e) channels of MACE's node features (`node_feats`, all layers), [N, D] float64."""
+        import torch
+
+        self.check_elements(atoms.numbers, f"teacher {self.name}")
+        check_finite_positions(atoms, f"teacher {self.name}")
+        batch = self._batch(atoms)
+        with torch.no_grad():
+            feats = self.model(batch, compute_force=False, training=False).get("node_feats")
+        if feats is None:
+            raise HessforgeError(f"{self.path}: this mace model returns no node_feats")
+        cols = self._invariant_columns(feats.shape[1])
+        return feats[:, cols].detach().cpu().numpy().astype(np.float64)
+
+    def element_embeddings(self):
+        """{Z: [D_e]}: MACE's learned per-element embedding (node_embedding applied to each element's one-hot:
+        the initial node features before any interaction)."""
+        import torch
+
+        z = [int(x) for x in self.model.atomic_numbers]
+        with torch.no_grad():
+            emb = self.model.node_embedding(torch.eye(len(z), dtype=torch.float64))
+        return {zi: emb[i].cpu().numpy().astype(np.float64) for i, zi in enumerate(z)}

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "quickstart": ("training.quickstart.run", "label, train and evaluate on the bundled dataset"),
     "export": ("engine.export", "export a checkpoint to one TorchScript file for the C++ core and LAMMPS"),
     "bench": ("training.bench", "batched energy+force speed (ns/day) of students and teachers, side by side"),
+    "sweep": ("training.baselines", "write (and --run) the baseline configs beside Hessian KD from one base config"),
     "md": ("training.md_cli", "batched MD: B systems at once, one model call per step (Verlet or Langevin)"),
 }
 

@@ -157,6 +157,7 @@ class Trainer:
             from training.labels import LabelStore
 
             self.labels = LabelStore(config.data.labels)
+            check_labels_for_loss(config, self.labels.metadata, config.data.labels)  # fail before any work
 
         # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
         split_path = os.path.join(self.out, "split.json")

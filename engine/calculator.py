@@ -23,7 +23,7 @@ from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.errors import HessforgeError
-from engine.graph import graph_from_atoms
+from engine.graph import graph_from_atoms, graph_to
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -119,10 +119,8 @@ class Calculator(_ASECalculator):
                 graph.positions, graph.numbers, graph.edge_index, self.model._edge_shifts(graph))
             dE_deps = -virial if want_stress else None
         else:
-            graph = graph._replace(**{k: getattr(graph, k).to(self.device) for k in graph._fields})
-            graph = graph._replace(positions=graph.positions.to(self.dtype), cell=graph.cell.to(self.dtype),
-                                   shifts=graph.shifts.to(self.dtype))
-            energy, node_energy, forces, dE_deps = self._evaluate(graph, want_stress)
+            energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype),
+                                                                  want_stress)
         e = float(energy.detach().sum())
         self.results["energy"] = e
         self.results["free_energy"] = e

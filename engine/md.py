@@ -61,7 +61,7 @@ class BatchedMD:
                 raise HessforgeError("langevin needs a target temperature (temperature_K)")
             if not friction_per_fs > 0:
                 raise HessforgeError(f"langevin friction must be > 0 (1/fs), got {friction_per_fs}")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.device = resolve_device(device)
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.dtype = dtype or (params[0].dtype if params else torch.float64)
         if isinstance(model, torch.nn.Module):

@@ -280,7 +280,7 @@ class StudentTarget(BenchTarget):
 
     def __init__(self, model, mode: str = "eager", device=None, dtype: Optional[torch.dtype] = None,
                  name: Optional[str] = None, neighbor_backend: str = "auto"):
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.device = resolve_device(device)
         if isinstance(model, nn.Module):
             params = list(model.parameters())
             self.dtype = dtype or (params[0].dtype if params else torch.float32)
@@ -338,9 +338,10 @@ class FunctionTarget(BenchTarget):
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _proc_status_kb(key: str) -> Optional[int]:
+def _proc_kb(key: str, path: str = "/proc/self/status") -> Optional[int]:
+    """A "key: value kB" line of a /proc file (status, meminfo), in kB; None where unavailable."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
@@ -364,7 +365,7 @@ class MemoryProbe:
         self.base = 0
         if device.type == "cuda":
             self.method = "cuda max_memory_allocated - allocated before"
-        elif _proc_status_kb("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK):
+        elif _proc_kb("VmHWM") is not None and os.access("/proc/self/clear_refs", os.W_OK):
             self.method = "cpu peak RSS - RSS before (VmHWM reset via /proc/self/clear_refs, heap trimmed)"
         else:
             self.method = "cpu ru_maxrss delta (process-lifetime peak; 0 if below an earlier peak)"
@@ -380,7 +381,7 @@ class MemoryProbe:
             _malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-            self.base = (_proc_status_kb("VmRSS") or 0) * 1024
+            self.base = (_proc_kb("VmRSS") or 0) * 1024
         else:
             self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -389,7 +390,7 @@ class MemoryProbe:
             synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device) - self.base)
         if self.method.startswith("cpu peak RSS"):
-            return max(0, (_proc_status_kb("VmHWM") or 0) * 1024 - self.base)
+            return max(0, (_proc_kb("VmHWM") or 0) * 1024 - self.base)
         return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base)
 
 
@@ -511,19 +512,8 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
 
 def default_memory_cap() -> int:
     """CPU sweep cap: half the available memory, at most 16 GiB."""
-    avail = _meminfo_kb("MemAvailable")
+    avail = _proc_kb("MemAvailable", "/proc/meminfo")
     return int(min(16 << 30, (avail * 1024) // 2)) if avail else 4 << 30
-
-
-def _meminfo_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def _is_oom(err: BaseException) -> bool:

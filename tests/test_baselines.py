@@ -269,7 +269,7 @@ def test_sweep_writes_every_baseline(toy, tmp_path):
     assert index["aliases"] == {"kd_lambda400": "kd_s1"} and index["skipped"] == []
     expect = {  # name: (hessian, rows, halve, force_distill, n2n, a2a)
         "undistilled": (0, 1, True, 0, 0, 0), "force_distill": (0, 1, True, 50, 0, 0),
-        "n2n": (0, 1, True, 0, 1, 0), "a2a": (0, 1, True, 0, 0, 1), "kd_s1": (400, 1, True, 0, 0, 0),
+        "n2n": (0, 1, True, 0, 100, 0), "a2a": (0, 1, True, 0, 0, 100), "kd_s1": (400, 1, True, 0, 0, 0),
         "kd_s4": (400, 4, True, 0, 0, 0), "kd_s1_nohalve": (400, 1, False, 0, 0, 0),
         "kd_lambda10": (10, 1, True, 0, 0, 0), "kd_lambda100": (100, 1, True, 0, 0, 0),
         "kd_lambda1000": (1000, 1, True, 0, 0, 0)}
@@ -305,6 +305,12 @@ def test_sweep_skips_what_the_labels_cannot_support_and_runs_resumably(toy, tmp_
     # bad input: one clear line
     assert main(["sweep", base, "-o", str(out), "--run", "--only", "nope"]) == 2
     assert "no run named ['nope']" in capsys.readouterr().err
+    # a started run's config is never silently rewritten with other settings
+    changed = yaml.safe_load(open(base))
+    changed["loss"]["energy"] = 8.0
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert main(["sweep", str(tmp_path / "changed.yaml"), "-o", str(out)]) == 2
+    assert "undistilled.yaml exists with other settings and its run has started" in capsys.readouterr().err
     nolabels = tmp_path / "nolabels.yaml"
     nolabels.write_text(yaml.safe_dump({"data": {"path": toy["path"]}, "loss": {"hessian": 0.0}}))
     assert main(["sweep", str(nolabels), "-o", str(tmp_path / "s2")]) == 2

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("training.bench", "batched energy+force speed (ns/day) of students and teachers, side by side"),
     "sweep": ("training.baselines", "write (and --run) the baseline configs beside Hessian KD from one base config"),
     "md": ("training.md_cli", "batched MD: B systems at once, one model call per step (Verlet or Langevin)"),
+    "md-eval": ("training.md_eval", "MD stability (NVT), NVE drift and FIRE optimization of a student through ASE"),
 }
 
 

@@ -1,0 +1,138 @@
+"""training.md_eval: bond-based stability detection, NVE drift, FIRE, the JSON of `hessforge md-eval`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.calculators.calculator import Calculator as ASECalculator
+from ase.calculators.calculator import all_changes
+
+from engine import Calculator
+from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from engine.models import PaiNN
+from training.data.records import Structure
+from training.data.store import write_dataset
+from training.md_eval import (bond_deviation, bonds, evaluate_md, first_failure, fraction_stable, nve_drift,
+                              nvt_stability, relax)
+
+torch.set_num_threads(1)
+
+
+class Springs(ASECalculator):
+    """E = sum over the reference bonds k/2 (r - r0)^2 (+ `push` * sum r: a constant outward force on every
+    bond, so the molecule flies apart when push > 0)."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, reference, k=20.0, push=0.0):
+        super().__init__()
+        self.pairs, self.r0 = bonds(reference)
+        self.k, self.push = k, push
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        pos = self.atoms.positions
+        d = pos[self.pairs[:, 1]] - pos[self.pairs[:, 0]]
+        r = np.linalg.norm(d, axis=1)
+        e = 0.5 * self.k * np.sum((r - self.r0) ** 2) - self.push * np.sum(r)
+        dEdr = self.k * (r - self.r0) - self.push
+        g = (dEdr / r)[:, None] * d
+        f = np.zeros_like(pos)
+        np.add.at(f, self.pairs[:, 0], g)
+        np.add.at(f, self.pairs[:, 1], -g)
+        self.results = {"energy": e, "free_energy": e, "forces": f}
+
+
+def test_bonds_are_covalent_pairs():
+    pairs, lengths = bonds(molecule("CH3OH"))
+    assert len(pairs) == 5  # 3 C-H, C-O, O-H
+    assert np.all(lengths < 1.5) and np.all(pairs[:, 0] < pairs[:, 1])
+
+
+def test_stretched_bond_flags_failure_at_the_right_time():
+    atoms = molecule("H2O")
+    pairs, ref = bonds(atoms)
+    times = np.arange(20) * 0.01  # ps
+    frames = []
+    for n, t in enumerate(times):
+        pos = atoms.positions.copy()
+        pos[1] += (pos[1] - pos[0]) / np.linalg.norm(pos[1] - pos[0]) * 0.06 * n  # O-H stretched 0.06 Å/frame
+        frames.append(pos)
+    # deviation 0.06 n > 0.5 first at n = 9
+    assert first_failure(frames, times, pairs, ref, 0.5) == pytest.approx(times[9])
+    assert bond_deviation(frames[8], pairs, ref) == pytest.approx(0.48)
+    stable = [atoms.positions + 0.01 * np.sin(n) for n in range(20)]
+    assert first_failure(stable, times, pairs, ref, 0.5) is None
+    assert fraction_stable([times[9], None], [0.0, 0.08, 0.09, 0.19]) == [1.0, 1.0, 0.5, 0.5]
+    assert bond_deviation(np.full((3, 3), np.nan), pairs, ref) == np.inf
+
+
+def test_nvt_stable_and_unstable():
+    atoms = molecule("CH3OH")
+    ok = nvt_stability(atoms, Springs(atoms), steps=200, check_interval=10)
+    assert ok["survived"] and ok["time_to_failure_ps"] is None and ok["steps_run"] == 200
+    assert ok["max_bond_deviation_A"] < 0.5
+    bad = nvt_stability(atoms, Springs(atoms, k=1.0, push=5.0), steps=500, check_interval=5)
+    assert not bad["survived"] and 0 < bad["time_to_failure_ps"] < 0.5
+    assert bad["steps_run"] == round(bad["time_to_failure_ps"] * 1000)  # 1 fs steps; stopped at the failure
+
+
+def test_nve_drift_of_harmonic_model_is_small():
+    atoms = molecule("H2O")
+    r = nve_drift(atoms, Springs(atoms, k=30.0), steps=400, timestep_fs=0.5, temperature_K=300)
+    assert r["stopped"] is None and r["simulated_ps"] == pytest.approx(0.2)
+    assert abs(r["drift_eV_per_atom_per_ps"]) < 1e-3
+    assert r["max_abs_energy_change_eV_per_atom"] < 5e-3
+
+
+def test_fire_reduces_fmax(rng):
+    atoms = molecule("CH3OH")
+    calc = Springs(atoms)
+    start = atoms.copy()
+    start.positions += rng.normal(scale=0.1, size=start.positions.shape)
+    start.calc = calc
+    f0 = np.linalg.norm(start.get_forces(), axis=1).max()
+    final, info = relax(start, calc, fmax=0.05, steps=500)
+    assert info["converged"] and info["fmax_eV_per_A"] < 0.05 < f0
+
+
+def test_evaluate_md_json_with_student_and_reference(tmp_path):
+    atoms = molecule("CH3OH")
+    model = PaiNN([1, 6, 8], cutoff=4.0, hidden=8, layers=1, num_basis=6).double()
+    with torch.no_grad():  # weights ~0: a nearly flat energy, so MD cannot explode in 30 steps
+        for p in model.parameters():
+            p.mul_(0.01)
+    calc = Calculator(model)
+    result = evaluate_md(calc, [("m0", atoms)], reference_calc=Springs(atoms), steps=30, check_interval=10,
+                         nve_steps=20, opt_steps=20)
+    json.dumps(result)  # serializable
+    assert result["nvt"]["time_ps"] == pytest.approx([0.0, 0.01, 0.02, 0.03])
+    assert len(result["nvt"]["fraction_stable"]) == 4
+    assert result["nve"]["runs"][0]["drift_eV_per_atom_per_ps"] is not None
+    opt = result["opt"]["runs"][0]
+    assert {"reference_start", "reference_final", "reference_relaxed"} <= set(opt)
+    assert opt["reference_relaxed"]["converged"]
+    assert result["opt"]["mean_energy_above_reference_minimum_eV"] >= -1e-9
+
+
+def test_cli_on_a_run_directory(tmp_path):
+    from training.cli import main
+
+    model = PaiNN([1, 6, 8], cutoff=4.0, hidden=8, layers=1, num_basis=6)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model_hparams": dict(model.hyperparameters(), name="painn"),
+                "model_state": model.state_dict(), "ema_model_state": model.state_dict()}, run / "best.pt")
+    mols = [molecule(n) for n in ("CH4", "H2O", "CH3OH")]
+    write_dataset(str(tmp_path / "d.lmdb"), [Structure(id=f"s{i}", group=f"g{i}", numbers=m.numbers,
+                                                       positions=m.positions, energy=0.0,
+                                                       forces=np.zeros((len(m), 3))) for i, m in enumerate(mols)])
+    (run / "split.json").write_text(json.dumps({"format": "hessforge-split", "version": 1, "count": 3,
+                                                "splits": {"train": [0], "val": [], "test": [1, 2]}}))
+    code = main(["md-eval", str(run), str(tmp_path / "d.lmdb"), "--steps", "20", "--skip", "nve,opt"])
+    assert code == 0
+    result = json.loads((run / "md.json").read_text())
+    assert [t["id"] for t in result["nvt"]["trajectories"]] == ["s1", "s2"]
+    assert result["tests"] == ["nvt"] and "nve" not in result

@@ -1,0 +1,442 @@
+"""`hessforge md-eval MODEL DATA`: MD stability, energy conservation and geometry optimization of a student,
+through ASE (one structure at a time, the student as an ASE calculator: engine.Calculator).
+
+MODEL is a run directory (its best.pt and split.json are used; the JSON goes to RUN/md.json unless --json
+says otherwise), a trainer checkpoint (split.json beside it) or an exported TorchScript student.
+DATA is a hessforge LMDB dataset; --structures held-out structures of --split are used, one per molecule
+(group) first, in split order.
+
+Three tests, each one can be skipped (--skip nvt,nve,opt):
+  nvt  Langevin MD (ASE's Langevin; default 300 K, 1 fs, friction 0.01/fs, --steps 1000) from each structure,
+       velocities drawn from Maxwell-Boltzmann at the temperature. Bonds are the atom pairs closer than
+       1.2 x the sum of their covalent radii (ase natural_cutoffs) in the starting structure; the trajectory
+       is unstable from the first checked step (every --check-interval steps) where any bond length
+       deviates more than --bond-tolerance (0.5 Å) from its starting length, or where the calculator fails
+       or returns non-finite numbers. Reported: time to failure per trajectory (null: survived all steps)
+       and the fraction of trajectories still stable at each checked time.
+  nve  VelocityVerlet (default 0.5 fs, --nve-steps 1000) from the same structures at the same initial
+       temperature, for gradient-force students only (a direct-force student conserves nothing). Drift:
+       slope of a least-squares line through the total energy per atom against time, eV/atom/ps.
+  opt  FIRE to --fmax 0.05 eV/Å (at most --opt-steps) from each structure; the final structure's energy and
+       forces under the --reference calculator (a teacher spec such as ani1x, ani1x:0, mace:FILE, or
+       `none`) beside those of the starting structure, and the largest bond deviation of the final
+       structure. With --reference-relax (default on) the starting structure is also relaxed under the
+       reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures how far the
+       student's minimum is from the reference's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.errors import HessforgeError
+
+DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
+                bond_tolerance_A=0.5, nve_steps=1000, nve_timestep_fs=0.5, nve_interval=10, fmax=0.05,
+                opt_steps=500)
+
+
+# ------------------------------------------------------------------------------------------ bonds
+def bonds(atoms, mult: float = 1.2) -> Tuple[np.ndarray, np.ndarray]:
+    """Bonded pairs [B, 2] (i < j) and their lengths [B] in `atoms`: pairs closer than the sum of their
+    ase.neighborlist.natural_cutoffs (covalent radii times `mult`; with mult 1, C-H at 1.09 Å is no bond:
+    0.76 + 0.31 = 1.07 Å, so 1.2, the usual allowance)."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    a = atoms.copy()
+    a.pbc = False
+    if len(a) < 2:
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
+    i, j, d = neighbor_list("ijd", a, natural_cutoffs(a, mult=mult))
+    keep = i < j
+    pairs = np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
+    return pairs, d[keep].astype(np.float64)
+
+
+def bond_deviation(positions: np.ndarray, pairs: np.ndarray, ref_lengths: np.ndarray) -> float:
+    """Largest |r_ij - r_ij(ref)| over the bonds (Å); inf for non-finite positions, 0 with no bonds."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if not np.all(np.isfinite(positions)):
+        return math.inf
+    if len(pairs) == 0:
+        return 0.0
+    r = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]], axis=1)
+    return float(np.max(np.abs(r - ref_lengths)))
+
+
+def first_failure(frames: Sequence[np.ndarray], times_ps: Sequence[float], pairs, ref_lengths,
+                  tolerance: float = 0.5) -> Optional[float]:
+    """Time of the first frame whose largest bond deviation exceeds `tolerance` (None: all frames stable)."""
+    for pos, t in zip(frames, times_ps):
+        if bond_deviation(pos, pairs, ref_lengths) > tolerance:
+            return float(t)
+    return None
+
+
+def fraction_stable(times_to_failure: Sequence[Optional[float]], times_ps: Sequence[float]) -> List[float]:
+    """Fraction of trajectories not failed at or before each time (failure time None = never failed)."""
+    n = len(times_to_failure)
+    if n == 0:
+        return [math.nan for _ in times_ps]
+    return [sum(1 for f in times_to_failure if f is None or f > t) / n for t in times_ps]
+
+
+# ------------------------------------------------------------------------------------------ tests
+def _init_velocities(atoms, temperature_K: float, seed: int) -> None:
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
+
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.RandomState(seed))
+    Stationary(atoms)
+    if len(atoms) > 2:
+        ZeroRotation(atoms)
+
+
+def _finite_step(dyn, atoms, n: int) -> Optional[str]:
+    """Run n steps; the reason if the calculator failed or produced non-finite numbers, else None."""
+    try:
+        dyn.run(n)
+        f = atoms.get_forces()
+        e = atoms.get_potential_energy()
+    except Exception as err:  # a student driven far out of distribution may fail anywhere: that is instability
+        return f"{type(err).__name__}: {err}"
+    if not (np.all(np.isfinite(f)) and math.isfinite(e) and np.all(np.isfinite(atoms.positions))):
+        return "non-finite energy, forces or positions"
+    return None
+
+
+def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temperature_K: float = 300.0,
+                  friction_per_fs: float = 0.01, check_interval: int = 10, tolerance: float = 0.5,
+                  seed: int = 0) -> Dict:
+    """One Langevin trajectory from `atoms`, stopped at the first unstable check (see the module docstring)."""
+    from ase import units
+    from ase.md.langevin import Langevin
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    pairs, ref = bonds(atoms)
+    _init_velocities(atoms, temperature_K, seed)
+    from ase.constraints import FixCom
+
+    atoms.set_constraint(FixCom())  # ASE's recommended replacement for Langevin(fixcm=True)
+    dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
+                   friction=friction_per_fs / units.fs, fixcm=False, rng=np.random.RandomState(seed + 1))
+    start, done, failure, reason, worst = time.perf_counter(), 0, None, None, 0.0
+    while done < steps:
+        n = min(check_interval, steps - done)
+        error = _finite_step(dyn, atoms, n)
+        done += n
+        dev = bond_deviation(atoms.positions, pairs, ref) if error is None else math.inf
+        worst = max(worst, dev)
+        if error is not None or dev > tolerance:
+            failure = done * timestep_fs / 1000.0
+            reason = error or f"bond deviation {dev:.2f} Å > {tolerance} Å"
+            break
+    wall = time.perf_counter() - start
+    return {"time_to_failure_ps": failure, "survived": failure is None, "reason": reason, "steps_run": done,
+            "simulated_ps": done * timestep_fs / 1000.0, "n_bonds": int(len(pairs)),
+            "max_bond_deviation_A": worst if math.isfinite(worst) else None, "wall_s": wall,
+            "steps_per_s": done / wall if wall > 0 else None}
+
+
+def nve_drift(atoms, calc, steps: int = 1000, timestep_fs: float = 0.5, temperature_K: float = 300.0,
+              interval: int = 10, tolerance: float = 0.5, seed: int = 0) -> Dict:
+    """VelocityVerlet from `atoms`: total energy per atom every `interval` steps and its linear drift."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    pairs, ref = bonds(atoms)
+    _init_velocities(atoms, temperature_K, seed)
+    dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    n_atoms = len(atoms)
+    times, energies = [0.0], [atoms.get_total_energy() / n_atoms]
+    done, reason = 0, None
+    start = time.perf_counter()
+    while done < steps:
+        n = min(interval, steps - done)
+        reason = _finite_step(dyn, atoms, n)
+        done += n
+        if reason is None and bond_deviation(atoms.positions, pairs, ref) > tolerance:
+            reason = f"bond deviation > {tolerance} Å"
+        if reason is not None:
+            break
+        times.append(done * timestep_fs / 1000.0)
+        energies.append(atoms.get_total_energy() / n_atoms)
+    t, e = np.asarray(times), np.asarray(energies)
+    slope = float(np.polyfit(t, e, 1)[0]) if len(t) >= 2 else None
+    return {"drift_eV_per_atom_per_ps": slope, "max_abs_energy_change_eV_per_atom": float(np.max(np.abs(e - e[0]))),
+            "energy_std_eV_per_atom": float(np.std(e)), "simulated_ps": float(t[-1]), "steps_run": done,
+            "stopped": reason, "wall_s": time.perf_counter() - start}
+
+
+def relax(atoms, calc, fmax: float = 0.05, steps: int = 500) -> Tuple[object, Dict]:
+    """FIRE from `atoms` to fmax (eV/Å): (final atoms, {converged, steps, fmax, energy})."""
+    from ase.optimize import FIRE
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    opt = FIRE(atoms, logfile=None)
+    error = None
+    try:
+        converged = bool(opt.run(fmax=fmax, steps=steps))
+        f = atoms.get_forces()
+        e = float(atoms.get_potential_energy())
+    except Exception as err:
+        converged, f, e, error = False, np.full((len(atoms), 3), np.nan), math.nan, f"{type(err).__name__}: {err}"
+    info = {"converged": converged, "steps": int(opt.nsteps), "fmax_eV_per_A": _fmax(f), "energy_eV": e}
+    if error:
+        info["error"] = error
+    return atoms, info
+
+
+def _fmax(forces) -> Optional[float]:
+    f = np.asarray(forces)
+    v = float(np.max(np.linalg.norm(f, axis=1))) if f.size else 0.0
+    return v if math.isfinite(v) else None
+
+
+def _reference_point(atoms, calc) -> Dict:
+    a = atoms.copy()
+    a.calc = calc
+    try:
+        f = a.get_forces()
+        e = float(a.get_potential_energy())
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    norms = np.linalg.norm(f, axis=1)
+    return {"energy_eV": e, "fmax_eV_per_A": float(norms.max()), "force_rms_eV_per_A": float(np.sqrt(np.mean(f**2))),
+            "force_norm_mean_eV_per_A": float(norms.mean())}
+
+
+def optimization(atoms, calc, reference_calc=None, fmax: float = 0.05, steps: int = 500,
+                 reference_relax: bool = True) -> Dict:
+    pairs, ref = bonds(atoms)
+    final, info = relax(atoms, calc, fmax, steps)
+    out = {"student": info, "max_bond_deviation_A": (bond_deviation(final.positions, pairs, ref)
+                                                     if np.all(np.isfinite(final.positions)) else None)}
+    if reference_calc is not None:
+        out["reference_start"] = _reference_point(atoms, reference_calc)
+        out["reference_final"] = _reference_point(final, reference_calc)
+        s, f = out["reference_start"], out["reference_final"]
+        if "energy_eV" in s and "energy_eV" in f:
+            out["reference_energy_change_eV"] = f["energy_eV"] - s["energy_eV"]
+        if reference_relax:
+            ref_final, ref_info = relax(atoms, reference_calc, fmax, steps)
+            out["reference_relaxed"] = ref_info
+            if "energy_eV" in f and math.isfinite(ref_info["energy_eV"]):
+                out["energy_above_reference_minimum_eV"] = f["energy_eV"] - ref_info["energy_eV"]
+                out["rmsd_to_reference_minimum_A"] = float(np.sqrt(np.mean(
+                    np.sum((final.positions - ref_final.positions) ** 2, axis=1))))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence[str] = ("nvt", "nve", "opt"),
+                seed: int = 0, log=None, **settings) -> Dict:
+    """All requested tests on `structures` (a list of (id, ase.Atoms)); settings override DEFAULTS."""
+    s = dict(DEFAULTS)
+    unknown = set(settings) - set(s) - {"reference_relax"}
+    if unknown:
+        raise HessforgeError(f"unknown md-eval settings: {sorted(unknown)}")
+    s.update({k: v for k, v in settings.items() if k in s})
+    log = log or (lambda msg: None)
+    result: Dict = {"settings": dict(s), "structures": [{"id": i, "formula": a.get_chemical_formula(),
+                                                         "natoms": len(a)} for i, a in structures]}
+    if "nvt" in tests:
+        trajs = []
+        for k, (sid, atoms) in enumerate(structures):
+            r = nvt_stability(atoms, calc, s["steps"], s["timestep_fs"], s["temperature_K"], s["friction_per_fs"],
+                              s["check_interval"], s["bond_tolerance_A"], seed + 1000 * k)
+            r["id"] = sid
+            trajs.append(r)
+            log(f"nvt {sid}: " + ("survived" if r["survived"] else f"failed at {r['time_to_failure_ps']:.3f} ps "
+                                  f"({r['reason']})") + f" [{r['steps_run']} steps, {r['wall_s']:.1f} s]")
+        grid = [n * s["timestep_fs"] / 1000.0 for n in range(0, s["steps"] + 1, s["check_interval"])]
+        if grid[-1] < s["steps"] * s["timestep_fs"] / 1000.0:
+            grid.append(s["steps"] * s["timestep_fs"] / 1000.0)
+        ttf = [t["time_to_failure_ps"] for t in trajs]
+        result["nvt"] = {"trajectories": trajs, "time_ps": grid, "fraction_stable": fraction_stable(ttf, grid),
+                         "fraction_survived": sum(t["survived"] for t in trajs) / len(trajs) if trajs else None,
+                         "mean_time_to_failure_ps_censored": _mean([t if t is not None else grid[-1] for t in ttf]),
+                         "simulated_ps_per_trajectory": grid[-1]}
+    if "nve" in tests:
+        if getattr(calc, "direct_forces", False):
+            result["nve"] = {"skipped": "direct-force student: its forces are not an energy gradient"}
+        else:
+            runs = []
+            for k, (sid, atoms) in enumerate(structures):
+                r = nve_drift(atoms, calc, s["nve_steps"], s["nve_timestep_fs"], s["temperature_K"],
+                              s["nve_interval"], s["bond_tolerance_A"], seed + 1000 * k)
+                r["id"] = sid
+                runs.append(r)
+                log(f"nve {sid}: drift {r['drift_eV_per_atom_per_ps']} eV/atom/ps over {r['simulated_ps']:.3f} ps"
+                    + (f" (stopped: {r['stopped']})" if r["stopped"] else ""))
+            drifts = [r["drift_eV_per_atom_per_ps"] for r in runs]
+            result["nve"] = {"runs": runs, "mean_abs_drift_eV_per_atom_per_ps": _mean([abs(d) for d in drifts
+                                                                                       if d is not None])}
+    if "opt" in tests:
+        runs = []
+        for sid, atoms in structures:
+            r = optimization(atoms, calc, reference_calc, s["fmax"], s["opt_steps"], settings.get("reference_relax", True))
+            r["id"] = sid
+            runs.append(r)
+            msg = f"opt {sid}: {'converged' if r['student']['converged'] else 'not converged'} in {r['student']['steps']} steps"
+            if "reference_final" in r and "fmax_eV_per_A" in r["reference_final"]:
+                msg += f", reference fmax at the student minimum {r['reference_final']['fmax_eV_per_A']:.3f} eV/Å"
+            if "energy_above_reference_minimum_eV" in r:
+                msg += f", {1000 * r['energy_above_reference_minimum_eV']:.1f} meV above the reference minimum"
+            log(msg)
+        summary = {"fraction_converged": sum(r["student"]["converged"] for r in runs) / len(runs) if runs else None}
+        if reference_calc is not None:
+            summary["mean_reference_fmax_eV_per_A"] = _mean([r["reference_final"].get("fmax_eV_per_A") for r in runs])
+            summary["mean_reference_force_rms_eV_per_A"] = _mean(
+                [r["reference_final"].get("force_rms_eV_per_A") for r in runs])
+            summary["mean_reference_energy_change_eV"] = _mean([r.get("reference_energy_change_eV") for r in runs])
+            summary["mean_energy_above_reference_minimum_eV"] = _mean(
+                [r.get("energy_above_reference_minimum_eV") for r in runs])
+        result["opt"] = dict(summary, runs=runs)
+    return result
+
+
+def pick_structures(structures: Sequence, n: int) -> list:
+    """Up to n structures, one per group (molecule) first, keeping their order."""
+    chosen, seen = [], set()
+    for s in structures:
+        if len(chosen) < n and s.group not in seen:
+            chosen.append(s)
+            seen.add(s.group)
+    for s in structures:
+        if len(chosen) >= n:
+            break
+        if all(s is not c for c in chosen):
+            chosen.append(s)
+    return chosen
+
+
+def resolve_model(path: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """(model file, split file or None, default JSON output or None) for a run dir / checkpoint / export."""
+    if os.path.isdir(path):
+        ckpt = os.path.join(path, "best.pt")
+        if not os.path.exists(ckpt):
+            raise HessforgeError(f"{path}: a run directory needs best.pt")
+        return ckpt, os.path.join(path, "split.json"), os.path.join(path, "md.json")
+    if not os.path.exists(path):
+        raise HessforgeError(f"model not found: {path}")
+    split = os.path.join(os.path.dirname(os.path.abspath(path)), "split.json")
+    return path, split if os.path.exists(split) else None, None
+
+
+def reference_calculator(spec: Optional[str]):
+    if spec in (None, "", "none"):
+        return None
+    from training.teachers import load_teacher
+    from training.teachers.base import teacher_calculator
+
+    return teacher_calculator(load_teacher(spec))
+
+
+def add_arguments(parser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.add_argument("model", help="run directory, checkpoint or exported student")
+    parser.add_argument("data", help="LMDB dataset")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    parser.add_argument("--split-file", help="split.json (default: the run's own)")
+    parser.add_argument("--structures", type=int, default=4, help="number of structures (default 4)")
+    parser.add_argument("--skip", default="", help="comma-separated tests to skip: nvt, nve, opt")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="NVT steps (default 1000)")
+    parser.add_argument("--timestep", type=float, default=DEFAULTS["timestep_fs"], help="NVT step, fs (default 1)")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature_K"], help="K (default 300)")
+    parser.add_argument("--friction", type=float, default=DEFAULTS["friction_per_fs"], help="1/fs (default 0.01)")
+    parser.add_argument("--check-interval", type=int, default=DEFAULTS["check_interval"],
+                        help="steps between bond checks (default 10)")
+    parser.add_argument("--bond-tolerance", type=float, default=DEFAULTS["bond_tolerance_A"],
+                        help="largest bond deviation, Å (default 0.5)")
+    parser.add_argument("--nve-steps", type=int, default=DEFAULTS["nve_steps"], help="default 1000")
+    parser.add_argument("--nve-timestep", type=float, default=DEFAULTS["nve_timestep_fs"], help="fs (default 0.5)")
+    parser.add_argument("--fmax", type=float, default=DEFAULTS["fmax"], help="FIRE target, eV/Å (default 0.05)")
+    parser.add_argument("--opt-steps", type=int, default=DEFAULTS["opt_steps"], help="FIRE step limit (default 500)")
+    parser.add_argument("--reference", default="none",
+                        help="reference calculator for the optimized structures: a teacher spec (ani1x, "
+                             "ani1x:0, mace:FILE) or none (default)")
+    parser.add_argument("--no-reference-relax", action="store_true",
+                        help="do not relax the structures under the reference itself")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", dest="json_out", help="output JSON (default RUN/md.json for a run directory)")
+
+
+def run(args) -> int:
+    import torch
+
+    from engine.calculator import Calculator
+    from training.data import Dataset
+    from training.evaluate import select_structures
+
+    torch.set_num_threads(max(1, args.threads))
+    tests = [t for t in ("nvt", "nve", "opt") if t not in {x.strip() for x in args.skip.split(",") if x.strip()}]
+    bad = {x.strip() for x in args.skip.split(",") if x.strip()} - {"nvt", "nve", "opt"}
+    if bad:
+        raise HessforgeError(f"--skip: unknown tests {sorted(bad)} (nvt, nve, opt)")
+    if args.structures < 1 or args.steps < 0 or args.check_interval < 1:
+        raise HessforgeError("--structures and --check-interval must be >= 1, --steps >= 0")
+    model_file, split_file, default_json = resolve_model(args.model)
+    split_file = args.split_file or split_file
+    if args.split != "all" and (split_file is None or not os.path.exists(split_file)):
+        raise HessforgeError(f"no split file for --split {args.split} (pass --split-file or --split all)")
+    calc = Calculator(model_file, dtype=args.dtype)
+    dataset = Dataset(args.data)
+    chosen = pick_structures(select_structures(dataset, split_file, args.split), args.structures)
+    if not chosen:
+        raise HessforgeError("no structures selected")
+    for s in chosen:
+        calc.model.check_species(s.numbers, f"structure {s.id}")
+    reference = reference_calculator(args.reference)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    result = evaluate_md(calc, [(s.id, s.to_atoms()) for s in chosen], reference, tests, args.seed, log,
+                         steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
+                         friction_per_fs=args.friction, check_interval=args.check_interval,
+                         bond_tolerance_A=args.bond_tolerance, nve_steps=args.nve_steps,
+                         nve_timestep_fs=args.nve_timestep, fmax=args.fmax, opt_steps=args.opt_steps,
+                         reference_relax=not args.no_reference_relax)
+    result.update({"model": os.path.abspath(model_file), "data": os.path.abspath(args.data), "split": args.split,
+                   "reference": args.reference, "tests": tests, "wall_s": time.perf_counter() - start,
+                   "command": "hessforge md-eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["md-eval"]
+                                                              else sys.argv[1:])})
+    nvt, nve, opt = result.get("nvt"), result.get("nve"), result.get("opt")
+    if nvt:
+        print(f"NVT {args.temperature:g} K: {nvt['fraction_survived']:.2f} of {len(nvt['trajectories'])} trajectories "
+              f"stable for {nvt['simulated_ps_per_trajectory']:.3f} ps; mean time to failure (censored at the end) "
+              f"{nvt['mean_time_to_failure_ps_censored']:.3f} ps")
+    if nve and "skipped" not in nve:
+        d = nve["mean_abs_drift_eV_per_atom_per_ps"]
+        print(f"NVE: mean |drift| {d:.3g} eV/atom/ps" if d is not None else "NVE: no drift measured")
+    if opt:
+        line = f"FIRE: {opt['fraction_converged']:.2f} converged to fmax {args.fmax} eV/Å"
+        if opt.get("mean_reference_fmax_eV_per_A") is not None:
+            line += f"; reference fmax at the student minima {opt['mean_reference_fmax_eV_per_A']:.3f} eV/Å (mean)"
+        if opt.get("mean_energy_above_reference_minimum_eV") is not None:
+            line += f", {1000 * opt['mean_energy_above_reference_minimum_eV']:.1f} meV above the reference minima"
+        print(line)
+    out = args.json_out or default_json
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(out + ".tmp", out)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0

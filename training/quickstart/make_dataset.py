@@ -14,8 +14,6 @@ retried unless --retry-failed.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import time
@@ -23,113 +21,23 @@ import warnings
 
 import numpy as np
 
+from training.dft import append_extxyz as _append_extxyz
+from training.dft import dft_label
+from training.dft import failed_keys as _failed_keys
+from training.dft import frame_key as _frame_key
+from training.dft import log_record as _log
+from training.dft import read_extxyz as _read_extxyz
+from training.dft import sample_conformers_md
+
 DEFAULT_MOLECULES = ("CH3OH", "HCOOH", "CH3CHO", "CH3NO2", "CH3CH2OH", "CH3CONH2")  # ase g2 names, 5-9 atoms
 
 
-def _connectivity(atoms):
-    from ase.neighborlist import natural_cutoffs, neighbor_list
-
-    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
-    return frozenset(zip(i.tolist(), j.tolist()))
-
-
 def sample_conformers(name, n, seed, temperature_k, equil_steps, stride, timestep_fs, teacher_spec):
-    """n snapshots of ANI-1x Langevin MD of molecule `name`, after `equil_steps`, one every `stride` steps.
-
-    Snapshots whose bond graph differs from the starting molecule (a reaction or dissociation in MD) are
-    skipped: they would not be conformers of the named molecule.
-    """
-    from ase import units
+    """n snapshots of ANI-1x Langevin MD of ase g2 molecule `name` (training.dft.sample_conformers_md)."""
     from ase.build import molecule
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
-    from training.teachers import load_teacher
-    from training.teachers.base import teacher_calculator
-
-    rng = np.random.default_rng(seed)
-    atoms = molecule(name)
-    bonds0 = _connectivity(atoms)
-    atoms.calc = teacher_calculator(load_teacher(teacher_spec))
-    thermalize_momenta(atoms, temperature_k, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
-    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature_k, friction=0.01 / units.fs,
-                   fixcm=False, rng=rng)  # fixcm=True is deprecated (biased NVT); momentum zeroed at start
-    dyn.run(equil_steps)
-    frames, rejected, step = [], 0, equil_steps
-    while len(frames) < n:
-        dyn.run(stride)
-        step += stride
-        if _connectivity(atoms) != bonds0:
-            rejected += 1
-            if rejected > n:
-                raise RuntimeError(f"{name}: MD keeps breaking bonds at {temperature_k} K")
-            continue
-        snap = atoms.copy()
-        snap.calc = None
-        snap.set_momenta(None)  # geometry only: keeps the file small
-        snap.info = {"mol_id": name, "conf_id": len(frames), "md_step": step}
-        frames.append(snap)
-    return frames, rejected
-
-
-def dft_label(atoms, basis, xc, threads):
-    """Energy (eV) and forces (eV/Å) by pyscf RKS with density fitting; raises RuntimeError if SCF fails."""
-    from ase.units import Bohr, Hartree
-    from pyscf import dft, gto, lib
-
-    lib.num_threads(threads)
-    mol = gto.M(atom=[(s, p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
-                basis=basis, unit="Angstrom", charge=0, spin=0, verbose=0)
-    mf = dft.RKS(mol).density_fit()
-    mf.xc = xc
-    energy = mf.kernel()
-    if not mf.converged:  # retry with the second-order solver from the DIIS result before giving up
-        mf = mf.newton()
-        energy = mf.kernel(mf.make_rdm1())
-        if not mf.converged:
-            raise RuntimeError(f"SCF not converged (DIIS, then Newton); last energy {energy} Ha")
-    grad = mf.nuc_grad_method().kernel()
-    return float(energy) * Hartree, -np.asarray(grad) * Hartree / Bohr
-
-
-def _frame_key(atoms):
-    return atoms.info["mol_id"], int(atoms.info["conf_id"])
-
-
-def _read_extxyz(path):
-    from ase.io import read
-
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return []
-    return read(path, index=":", format="extxyz")
-
-
-def _append_extxyz(path, atoms):
-    from ase.io import write
-
-    buf = io.StringIO()
-    write(buf, atoms, format="extxyz")
-    with open(path, "a") as f:  # one write + fsync: a kill leaves whole frames only
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _log(path, **record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _failed_keys(log_path):
-    failed = set()
-    if os.path.exists(log_path):
-        for line in open(log_path):
-            r = json.loads(line)
-            if r.get("stage") == "dft" and r.get("status") == "failed":
-                failed.add((r["mol_id"], int(r["conf_id"])))
-    return failed
+    return sample_conformers_md(molecule(name), name, n, seed, temperature_k, equil_steps, stride, timestep_fs,
+                                teacher_spec)
 
 
 def main(argv=None):

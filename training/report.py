@@ -1,0 +1,320 @@
+"""`hessforge report RUN_DIR... -o OUT_DIR`: the paper-style table and plots from run directories.
+
+Each RUN_DIR is a training run (trainer output) that may hold, beside best.pt / config.yaml / summary.json:
+  RUN/eval.json   `hessforge evaluate RUN/best.pt DATA --labels LABELS --json RUN/eval.json`
+                  (student_vs_reference: force and energy MAE; teacher_vs_reference: the teacher's row)
+  RUN/bench.json  `hessforge bench RUN/best.pt DATA --compare TEACHER --sweep --json RUN/bench.json`
+                  (ns/day at batch 64 and at the best batch size; the teacher's ns/day for the speedup)
+  RUN/md.json     `hessforge md-eval RUN DATA --reference TEACHER` (NVT stability, NVE drift, FIRE)
+A missing file or number is shown as '-'. The method name is the directory name unless --names is given.
+
+Writes OUT_DIR/report.md (tables), OUT_DIR/report.json (the collected numbers) and three PNG plots:
+mae_per_method.png, md_stability.png (fraction of NVT trajectories stable vs time), speed_vs_accuracy.png
+(force MAE against ns/day at batch 64, log x; hollow markers: the best batch size).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from engine.errors import HessforgeError
+
+EVAL, BENCH, MD = "eval.json", "bench.json", "md.json"
+PAPER_BATCH = 64
+
+
+def _load(path: str) -> Optional[Dict]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as err:
+        raise HessforgeError(f"{path}: not readable JSON ({err})") from None
+
+
+def _ns_per_day(entry: Dict) -> Optional[float]:
+    t = entry.get("model_nl") or entry.get("model")
+    return t.get("ns_per_day") if t else None
+
+
+def _key(entry: Dict) -> tuple:
+    return entry.get("name"), entry.get("mode")
+
+
+def bench_numbers(bench: Dict, batch: int = PAPER_BATCH) -> Dict:
+    """Student and teacher ns/day at `batch` and at their best batch from a `hessforge bench --json` file.
+    The teacher is the bench reference (--compare); the student is the first other entry (eager first)."""
+    entries = list(bench.get("fixed", [])) + [r for s in bench.get("sweeps", []) for r in s.get("results", [])]
+    reference = tuple(bench.get("reference") or ())
+    others = [e for e in entries if _key(e) != reference]
+    if not others:  # a bench of the student alone
+        others, reference = entries, ()
+    if not others:
+        return {}
+    modes = [e.get("mode") for e in others]
+    student_key = _key(next((e for e in others if e.get("mode") == "eager"), others[0])) if "eager" in modes \
+        else _key(others[0])
+
+    def at(key, b):
+        vals = [_ns_per_day(e) for e in entries if _key(e) == key and e.get("batch_size") == b]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None
+
+    def best(key):
+        cands = [e for e in entries if _key(e) == key and _ns_per_day(e) is not None]
+        if not cands:
+            return None, None
+        e = max(cands, key=_ns_per_day)
+        return _ns_per_day(e), e.get("batch_size")
+
+    out = {"student": f"{student_key[0]} [{student_key[1]}]", "ns_day_64": at(student_key, batch)}
+    out["ns_day_best"], out["best_batch"] = best(student_key)
+    if reference:
+        out["teacher"] = reference[0]
+        out["teacher_ns_day_64"] = at(reference, batch)
+        out["teacher_ns_day_best"], out["teacher_best_batch"] = best(reference)
+    out["machine"] = bench.get("machine", {})
+    return out
+
+
+def _ratio(a, b) -> Optional[float]:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def collect(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None, batch: int = PAPER_BATCH) -> Dict:
+    """{"methods": [row...], "teacher": row or None}: one row of numbers per run directory."""
+    if names is not None and len(names) != len(run_dirs):
+        raise HessforgeError(f"--names gives {len(names)} names for {len(run_dirs)} run directories")
+    rows, teacher = [], None
+    for k, run in enumerate(run_dirs):
+        if not os.path.isdir(run):
+            raise HessforgeError(f"run directory not found: {run}")
+        name = names[k] if names else os.path.basename(os.path.normpath(run))
+        ev, be, md = (_load(os.path.join(run, f)) for f in (EVAL, BENCH, MD))
+        row: Dict = {"method": name, "run_dir": os.path.abspath(run),
+                     "sources": {f: os.path.exists(os.path.join(run, f)) for f in (EVAL, BENCH, MD)}}
+        if ev:
+            ref = ev.get("student_vs_reference", {})
+            row["force_mae"] = ref.get("forces_mae_mev_per_A")
+            row["energy_mae"] = ref.get("energy_mae_mev_per_atom")
+            row["n_test"] = ev.get("n_structures")
+            if teacher is None and "teacher_vs_reference" in ev:
+                t = ev["teacher_vs_reference"]
+                teacher = {"method": "teacher", "force_mae": t.get("forces_mae_mev_per_A"),
+                           "energy_mae": t.get("energy_mae_mev_per_atom")}
+        if be:
+            b = bench_numbers(be, batch)
+            row.update({k2: b.get(k2) for k2 in ("ns_day_64", "ns_day_best", "best_batch")})
+            row["speedup_64"] = _ratio(b.get("ns_day_64"), b.get("teacher_ns_day_64"))
+            row["speedup_best"] = _ratio(b.get("ns_day_best"), b.get("teacher_ns_day_best"))
+            row["bench_machine"] = b.get("machine", {}).get("cpu")
+            if b.get("teacher"):
+                teacher = teacher or {"method": "teacher"}
+                if teacher.get("ns_day_64") is None:
+                    teacher.update({"method": f"teacher ({b['teacher']})", "ns_day_64": b.get("teacher_ns_day_64"),
+                                    "ns_day_best": b.get("teacher_ns_day_best"),
+                                    "best_batch": b.get("teacher_best_batch"), "speedup_64": 1.0,
+                                    "speedup_best": 1.0})
+        if md:
+            nvt, nve, opt = md.get("nvt"), md.get("nve"), md.get("opt")
+            if nvt:
+                row["md_fraction_stable"] = nvt.get("fraction_survived")
+                row["md_n"] = len(nvt.get("trajectories", []))
+                row["md_ps"] = nvt.get("simulated_ps_per_trajectory")
+                row["md_mean_ttf_ps"] = nvt.get("mean_time_to_failure_ps_censored")
+                row["md_curve"] = {"time_ps": nvt.get("time_ps", []), "fraction_stable": nvt.get("fraction_stable", [])}
+            if nve and "skipped" not in nve:
+                row["nve_drift"] = nve.get("mean_abs_drift_eV_per_atom_per_ps")
+            if opt:
+                row["opt_converged"] = opt.get("fraction_converged")
+                row["opt_ref_fmax"] = opt.get("mean_reference_fmax_eV_per_A")
+                e = opt.get("mean_energy_above_reference_minimum_eV")
+                row["opt_above_ref_min_mev"] = 1000 * e if e is not None else None
+            row["md_reference"] = md.get("reference")
+        rows.append(row)
+    if teacher is not None:
+        teacher["sources"] = {}
+    return {"methods": rows, "teacher": teacher, "batch": batch}
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def _speed(x) -> str:
+    """3 significant digits like the bench tables (10.0, 291, 1827)."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x == 0 or abs(x) >= 1000:
+        return f"{x:.0f}"
+    return f"{x:.{max(0, 2 - int(math.floor(math.log10(abs(x)))))}f}"
+
+
+def markdown(report: Dict) -> str:
+    batch = report.get("batch", PAPER_BATCH)
+    rows = ([report["teacher"]] if report.get("teacher") else []) + report["methods"]
+    lines = [f"| Method | Force MAE (meV/Å) | Energy MAE (meV/atom) | ns/day (batch {batch}) | ns/day (best batch) "
+             f"| Speedup (batch {batch}) | Speedup (best) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        best = _speed(r.get("ns_day_best"))
+        if best != "-" and r.get("best_batch"):
+            best += f" (batch {r['best_batch']})"
+        lines.append(f"| {r['method']} | {_f(r.get('force_mae'))} | {_f(r.get('energy_mae'))} | "
+                     f"{_speed(r.get('ns_day_64'))} | {best} | {_f(r.get('speedup_64'), '{:.1f}x')} | "
+                     f"{_f(r.get('speedup_best'), '{:.1f}x')} |")
+    lines += ["", "| Method | NVT stable (fraction, of n, for t ps) | mean time to failure (ps, censored) | "
+              "NVE drift (meV/atom/ps) | FIRE converged | reference fmax at student minima (eV/Å) | "
+              "E_ref above reference minima (meV) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report["methods"]:
+        stable = "-"
+        if r.get("md_fraction_stable") is not None:
+            stable = f"{r['md_fraction_stable']:.2f} of {r.get('md_n')}, {_f(r.get('md_ps'), '{:.3g}')} ps"
+        drift = r.get("nve_drift")
+        lines.append(f"| {r['method']} | {stable} | {_f(r.get('md_mean_ttf_ps'), '{:.3f}')} | "
+                     f"{_f(1000 * drift if drift is not None else None, '{:.3g}')} | "
+                     f"{_f(r.get('opt_converged'))} | {_f(r.get('opt_ref_fmax'), '{:.3f}')} | "
+                     f"{_f(r.get('opt_above_ref_min_mev'), '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_mae(report: Dict, path: str) -> None:
+    plt = _plt()
+    rows = ([report["teacher"]] if report.get("teacher") else []) + report["methods"]
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(rows) + 3), 3.6))
+    for ax, key, title in ((axes[0], "force_mae", "Force MAE (meV/Å)"), (axes[1], "energy_mae", "Energy MAE (meV/atom)")):
+        vals = [r.get(key) for r in rows]
+        x = range(len(rows))
+        ax.bar(x, [v if v is not None else 0 for v in vals],
+               color=["0.6" if r is report.get("teacher") else f"C{i}" for i, r in enumerate(rows)])
+        for i, v in enumerate(vals):
+            ax.text(i, v if v is not None else 0, _f(v, "{:.1f}") if v is not None else "n/a", ha="center",
+                    va="bottom", fontsize=8)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_stability(report: Dict, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    drawn = 0
+    for i, r in enumerate(report["methods"]):
+        curve = r.get("md_curve")
+        if curve and curve.get("time_ps"):
+            ax.step(curve["time_ps"], curve["fraction_stable"], where="post", label=f"{r['method']} (n={r.get('md_n')})",
+                    color=f"C{i}", lw=2 - 0.3 * (drawn % 3), alpha=0.85)
+            drawn += 1
+    if not drawn:
+        ax.text(0.5, 0.5, "no md.json in any run directory", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("fraction of NVT trajectories stable")
+    ax.set_ylim(-0.05, 1.05)
+    if drawn:
+        ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("MD stability (bond deviation ≤ 0.5 Å)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_speed_accuracy(report: Dict, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    rows = ([report["teacher"]] if report.get("teacher") else []) + report["methods"]
+    drawn = 0
+    for i, r in enumerate(rows):
+        y = r.get("force_mae")
+        color = "0.4" if r is report.get("teacher") else f"C{i}"
+        if y is None:
+            continue
+        if r.get("ns_day_64") is not None:
+            ax.scatter([r["ns_day_64"]], [y], color=color, s=40, label=r["method"], zorder=3)
+            ax.annotate(r["method"], (r["ns_day_64"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            drawn += 1
+        if r.get("ns_day_best") is not None:
+            ax.scatter([r["ns_day_best"]], [y], facecolors="none", edgecolors=color, s=40, zorder=3)
+            drawn += 1
+    if drawn:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "needs eval.json and bench.json", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(f"ns/day (filled: batch {report.get('batch', PAPER_BATCH)}, hollow: best batch)")
+    ax.set_ylabel("force MAE (meV/Å)")
+    ax.set_title("speed vs accuracy", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+PLOTS = {"mae_per_method.png": plot_mae, "md_stability.png": plot_stability,
+         "speed_vs_accuracy.png": plot_speed_accuracy}
+
+
+def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence[str]] = None,
+                 title: str = "hessforge report", notes: Sequence[str] = (), batch: int = PAPER_BATCH) -> Dict:
+    report = collect(run_dirs, names, batch)
+    os.makedirs(out_dir, exist_ok=True)
+    for fname, fn in PLOTS.items():
+        fn(report, os.path.join(out_dir, fname))
+    machines = sorted({r.get("bench_machine") for r in report["methods"] if r.get("bench_machine")})
+    refs = sorted({str(r.get("md_reference")) for r in report["methods"] if r.get("md_reference")})
+    text = [f"# {title}", "", markdown(report), "",
+            "Force and energy MAE: test split against the dataset's reference labels (`eval.json`); the teacher "
+            "row is the teacher against the same labels. ns/day counts one 1 fs step per structure of a batch "
+            "(DESIGN.md §6), neighbor list included; speedup = the student's ns/day over the teacher's from the "
+            "same `bench.json` (same machine)." + (f" Bench machine: {', '.join(machines)}." if machines else ""),
+            "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "
+            "> 0.5 Å from its starting length. NVE: mean |linear drift| of the total energy. FIRE to 0.05 eV/Å, "
+            "then the final structures under the reference" + (f" ({', '.join(refs)})" if refs else "") + ". "
+            "'-' = not measured (file missing from the run directory).", "",
+            "![MAE per method](mae_per_method.png)", "", "![MD stability](md_stability.png)", "",
+            "![speed vs accuracy](speed_vs_accuracy.png)", "", "Sources:", ""]
+    for r in report["methods"]:
+        have = ", ".join(f"{f} {'yes' if ok else 'missing'}" for f, ok in r["sources"].items())
+        text.append(f"- {r['method']}: `{r['run_dir']}` ({have})")
+    if notes:
+        text += [""] + list(notes)
+    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+        fh.write("\n".join(text) + "\n")
+    with open(os.path.join(out_dir, "report.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    return report
+
+
+def add_arguments(parser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories")
+    parser.add_argument("-o", "--out", required=True, help="output directory (report.md, report.json, PNGs)")
+    parser.add_argument("--names", help="comma-separated method names, one per RUN_DIR (default: directory names)")
+    parser.add_argument("--title", default="hessforge report")
+    parser.add_argument("--batch", type=int, default=PAPER_BATCH, help="the fixed batch size column (default 64)")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph appended to report.md")
+
+
+def run(args) -> int:
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    report = write_report(args.runs, args.out, names, args.title, args.note, args.batch)
+    print(markdown(report))
+    print(f"wrote {os.path.join(args.out, 'report.md')} and {len(PLOTS)} plots", file=sys.stderr)
+    return 0

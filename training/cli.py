@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "md": ("training.md_cli", "batched MD: B systems at once, one model call per step (Verlet or Langevin)"),
     "md-eval": ("training.md_eval", "MD stability (NVT), NVE drift and FIRE optimization of a student through ASE"),
     "report": ("training.report", "paper-style markdown table and PNG plots from run directories"),
+    "build-benchmark": ("training.benchmark_data", "build the QM9 benchmark slice: ANI-1x MD conformers, pyscf "
+                        "ωB97x/6-31G(d) labels, resumable"),
 }
 
 

@@ -114,6 +114,19 @@ def test_build_benchmark_end_to_end(tmp_path, monkeypatch):
     assert "**Labelled: 2**" in prov and f"hessforge build-benchmark --out {out}" in prov
 
 
+def test_one_builder_per_folder(tmp_path):
+    import fcntl
+
+    from training.cli import main as cli
+
+    out = str(tmp_path / "bench")
+    _write_selection(out)
+    with open(os.path.join(out, ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a build running on the folder
+        assert cli(["build-benchmark", "--out", out, *TINY, "--workers", "0"]) == 2
+    assert D.read_log(os.path.join(out, "build.log.jsonl")) == []  # refused before doing or logging anything
+
+
 def test_dft_forces_match_finite_differences():
     """eV and eV/Å: the analytic forces equal minus the central difference of the energy."""
     _needs_science()

@@ -187,6 +187,20 @@ class Builder:
             os.replace(tmp, p)
         return cfg
 
+    def _lock(self) -> None:
+        """One builder per folder: a second one would append the same frames twice."""
+        import fcntl
+
+        ignore = os.path.join(self.out, ".gitignore")
+        if not os.path.exists(ignore):
+            with open(ignore, "w") as f:
+                f.write("# build-benchmark's lock and temporary files\n.lock\n*.tmp\n")
+        self._lock_file = open(os.path.join(self.out, ".lock"), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise HessforgeError(f"{self.out}: another build-benchmark is running on this folder") from None
+
     def log(self, **rec) -> None:
         rec.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         with _log_lock:
@@ -283,22 +297,31 @@ class Builder:
             return 0
         t_start = time.time()
         argv = getattr(a, "_argv", None)
-        self.log(stage="run", status="start", argv=argv, workers=a.workers, threads=a.threads,
-                 max_molecules=a.max_molecules, max_cycle=a.max_cycle, host=platform.node(),
-                 cpus=os.cpu_count())
+        if not a.dry_run:
+            self._lock()
+            self.log(stage="run", status="start", argv=argv, workers=a.workers, threads=a.threads,
+                     max_molecules=a.max_molecules, max_cycle=a.max_cycle, host=platform.node(),
+                     cpus=os.cpu_count())
         mols, n_cand = self.select()
-        have_conf = D.group_frames(D.read_extxyz(self.path["conformers"], repair=True))
+        repair = not a.dry_run  # a dry run never writes the data files
+        have_conf = D.group_frames(D.read_extxyz(self.path["conformers"], repair=repair))
         for mid, fr in have_conf.items():
             if len(fr) < a.conformers:
                 raise HessforgeError(f"{self.path['conformers']}: {mid} has {len(fr)} conformers, fewer than "
                                      f"--conformers {a.conformers}")
-        done = {D.frame_key(f) for f in D.read_extxyz(self.path["labels"], repair=True)}
+        done = {D.frame_key(f) for f in D.read_extxyz(self.path["labels"], repair=repair)}
         failed = set() if a.retry_failed else D.failed_keys(self.path["log"])
         n_total = sum(a.conformers for m in mols)
         remaining = n_total - len({k for k in done | failed if k[0] in {m["mol_id"] for m in mols}})
         print(f"[build-benchmark] {len(mols)} of {n_cand} candidate molecules; {len(done)} labelled, "
               f"{len(failed)} failed before; up to {remaining} to label with {a.workers} worker(s) x "
               f"{a.threads} thread(s)", flush=True)
+        if a.dry_run:
+            ids = [m["mol_id"] for m in mols]
+            need_md = [i for i in ids if i not in have_conf]
+            print(f"[dry-run] conformers on disk for {len(ids) - len(need_md)} of {len(ids)} molecules; MD "
+                  f"needed for {len(need_md)}; {remaining} structures to label", flush=True)
+            return 0
         stats = {"md_failed": 0, "md_s": 0.0, "ok": 0, "failed": 0, "dft_s": 0.0}
         frames_by_key: Dict = {}
         import torch
@@ -592,6 +615,7 @@ def add_arguments(p) -> None:
                    help="train,val,test fractions of molecules (default 0.8,0.1,0.1)")
     p.add_argument("--retry-failed", action="store_true", help="try frames/molecules that failed before again")
     p.add_argument("--report-only", action="store_true", help="only rewrite PROVENANCE.md and split.json")
+    p.add_argument("--dry-run", action="store_true", help="say what a run would reuse and compute, then stop")
     p.add_argument("--report-every", type=float, default=120.0, help="s between PROVENANCE.md rewrites")
     p.add_argument("--no-progress", action="store_true")
 

@@ -172,8 +172,12 @@ def append_extxyz(path, atoms) -> None:
 def log_record(path, **record) -> None:
     """Append one JSON line to the attempt log (one write + flush)."""
     line = json.dumps(record) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        if f.tell() > 0:  # a torn last line (kill mid-write, copy taken mid-write): end it, don't extend it
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
         f.flush()
 
 

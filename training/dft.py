@@ -73,8 +73,8 @@ class SCFNotConverged(RuntimeError):
     pass
 
 
-def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton_fallback=True):
-    """Energy (eV) and forces (eV/Å) by pyscf RKS with density fitting (neutral singlet).
+def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton_fallback=True, forces=True):
+    """Energy (eV) and forces (eV/Å; None with forces=False) by pyscf RKS with density fitting (neutral singlet).
 
     If DIIS does not converge in `max_cycle` iterations, the second-order (Newton) solver is tried once from
     the DIIS density (also `max_cycle` iterations); if that fails too, SCFNotConverged is raised.
@@ -98,6 +98,8 @@ def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton
         if not mf.converged:
             raise SCFNotConverged(f"SCF not converged (DIIS, then Newton, {max_cycle} cycles each); "
                                   f"last energy {energy} Ha")
+    if not forces:
+        return float(energy) * Hartree, None
     grad = mf.nuc_grad_method().kernel()
     return float(energy) * Hartree, -np.asarray(grad) * Hartree / Bohr
 

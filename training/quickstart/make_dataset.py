@@ -9,7 +9,8 @@ Two resumable stages, so an interrupted run loses at most the structure being la
    labels exactly the same geometries even if MD were not bit-reproducible);
 2. labels: each finished frame is appended to `<out>` in one write; frames already there are skipped.
 Every labelling attempt (ok / failed with the reason) is a JSON line in `<out>.log`; failed frames are not
-retried unless --retry-failed.
+retried unless --retry-failed. The MD, DFT, extxyz and log helpers live in training/dft.py (shared with
+`hessforge build-benchmark`).
 """
 from __future__ import annotations
 

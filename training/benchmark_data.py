@@ -455,7 +455,6 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
             last_reason[(r["mol_id"], r.get("conf_id"))] = (r["stage"], r.get("reason"), r.get("time"))
     md = {r["mol_id"]: r for r in log if r.get("stage") == "md" and r.get("status") == "ok"}
     runs = [r for r in log if r.get("stage") == "run" and r.get("status") == "start"]
-    ends = [r for r in log if r.get("stage") == "run" and r.get("status") == "end"]
     secs = np.array([r["seconds"] for r in dft_ok], dtype=float)
     per_mol: Dict[str, List] = {}
     for fr in labels:
@@ -535,20 +534,19 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
     w("- `selection.json`, `config.json`: the selected molecules (id, QM9 index, SMILES, atoms) and the frozen "
       "settings.\n")
     w("## Commands run\n")
-    w("| start (UTC) | command | workers × threads | labelled | failed | wall (s) |")
-    w("|---|---|---|---|---|---|")
-    ends_iter = iter(ends)
-    for i, r in enumerate(runs):
-        # pair each start with the next end that follows it in the log (a killed run has none)
-        start_pos = log.index(r)
-        next_start = log.index(runs[i + 1]) if i + 1 < len(runs) else len(log)
-        end = next((e for e in log[start_pos:next_start] if e.get("stage") == "run" and e.get("status") == "end"),
-                   None)
+    w("| start (UTC) | command | workers × threads | labelled | failed | wall (s) | ended |")
+    w("|---|---|---|---|---|---|---|")
+    starts = [i for i, r in enumerate(log) if r.get("stage") == "run" and r.get("status") == "start"]
+    for n, i in enumerate(starts):
+        r = log[i]
+        span = log[i + 1: starts[n + 1] if n + 1 < len(starts) else len(log)]
+        end = next((e for e in span if e.get("stage") == "run" and e.get("status") == "end"), None)
+        ok = sum(1 for e in span if e.get("stage") == "dft" and e.get("status") == "ok")
+        bad = sum(1 for e in span if e.get("stage") == "dft" and e.get("status") == "failed")
         cmd = "hessforge build-benchmark " + shlex.join(r.get("argv") or []) if r.get("argv") is not None else "?"
-        w(f"| {r.get('time', '?')} | `{cmd}` | {r.get('workers')} × {r.get('threads')} | "
-          f"{end['labelled'] if end else 'interrupted'} | {end['failed'] if end else ''} | "
-          f"{end['wall_s'] if end else ''} |")
-    del ends_iter
+        last = span[-1].get("time", "") if span else ""
+        w(f"| {r.get('time', '?')} | `{cmd}` | {r.get('workers')} × {r.get('threads')} | {ok} | {bad} | "
+          f"{end['wall_s'] if end else ''} | {end.get('time', 'yes') if end else f'no end record: running, or killed (last record {last})'} |")
     w("")
     w("## Versions\n")
     w(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; machine: {platform.machine()}, "

@@ -545,8 +545,9 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
         bad = sum(1 for e in span if e.get("stage") == "dft" and e.get("status") == "failed")
         cmd = "hessforge build-benchmark " + shlex.join(r.get("argv") or []) if r.get("argv") is not None else "?"
         last = span[-1].get("time", "") if span else ""
+        ended = end.get("time", "yes") if end else f"no end record: running, or killed (last record {last})"
         w(f"| {r.get('time', '?')} | `{cmd}` | {r.get('workers')} × {r.get('threads')} | {ok} | {bad} | "
-          f"{end['wall_s'] if end else ''} | {end.get('time', 'yes') if end else f'no end record: running, or killed (last record {last})'} |")
+          f"{end['wall_s'] if end else ''} | {ended} |")
     w("")
     w("## Versions\n")
     w(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; machine: {platform.machine()}, "

@@ -26,7 +26,10 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hessforge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hessforge",
+        description="Distill a foundation force field into a small student with teacher Hessian rows, and run "
+                    "the student fast. `hessforge COMMAND --help` describes each command.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -38,9 +38,11 @@ def md_json(ttf):
                     "fraction_survived": sum(t is None for t in ttf) / len(ttf),
                     "mean_time_to_failure_ps_censored": sum(1.0 if t is None else t for t in ttf) / len(ttf),
                     "simulated_ps_per_trajectory": 1.0},
-            "nve": {"mean_abs_drift_eV_per_atom_per_ps": 0.002},
+            "nve": {"mean_abs_drift_eV_per_atom_per_ps": 0.002, "median_abs_drift_eV_per_atom_per_ps": 0.001,
+                    "n_completed": 3, "n_runs": 4},
             "opt": {"fraction_converged": 1.0, "mean_reference_fmax_eV_per_A": 0.5,
-                    "mean_energy_above_reference_minimum_eV": 0.03}}
+                    "median_reference_fmax_eV_per_A": 0.25, "mean_energy_above_reference_minimum_eV": 0.03,
+                    "median_energy_above_reference_minimum_eV": 0.01}}
 
 
 @pytest.fixture
@@ -72,8 +74,9 @@ def test_table_rows_and_missing_pieces(runs, tmp_path):
     kd = next(l for l in lines if l.startswith("| hessian_kd | 8.77"))
     assert kd == "| hessian_kd | 8.77 | 3.10 | - | - | - | - |"
     md_und = next(l for l in lines if l.startswith("| undistilled | 0.50 of 4"))
-    assert md_und == "| undistilled | 0.50 of 4, 1 ps | 0.688 | 2 | 1.00 | 0.500 | 30.0 |"
-    assert "| hessian_kd | - | - | - | - | - | - |" in lines
+    assert md_und == ("| undistilled | 0.50 of 4, 1 ps | 0.688 | 2 / 1 | 3 of 4 | 1.00 | 0.500 / 0.250 | "
+                      "30.0 / 10.0 |")
+    assert "| hessian_kd | - | - | - | - | - | - | - |" in lines
 
 
 def test_write_report_files_and_names(runs, tmp_path):

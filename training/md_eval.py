@@ -243,6 +243,38 @@ def _mean(xs) -> Optional[float]:
     return float(np.mean(xs)) if xs else None
 
 
+def _median(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.median(xs)) if xs else None
+
+
+def summarize_nve(runs: Sequence[Dict]) -> Dict:
+    """Mean and median |drift| over all runs, and over the runs that ran all their steps (a run stopped by a
+    broken bond fits its drift over a shorter, often violent, stretch)."""
+    drift = [abs(r["drift_eV_per_atom_per_ps"]) for r in runs if r.get("drift_eV_per_atom_per_ps") is not None]
+    full = [abs(r["drift_eV_per_atom_per_ps"]) for r in runs
+            if r.get("drift_eV_per_atom_per_ps") is not None and not r.get("stopped")]
+    return {"mean_abs_drift_eV_per_atom_per_ps": _mean(drift), "median_abs_drift_eV_per_atom_per_ps": _median(drift),
+            "n_completed": len(full), "n_runs": len(runs),
+            "mean_abs_drift_completed_eV_per_atom_per_ps": _mean(full)}
+
+
+def summarize_opt(runs: Sequence[Dict]) -> Dict:
+    """Fraction converged; mean and median of the reference numbers over the structures (one outlier, a
+    student minimum that broke the molecule, can dominate a mean)."""
+    out = {"fraction_converged": sum(r["student"]["converged"] for r in runs) / len(runs) if runs else None}
+    if any("reference_final" in r for r in runs):
+        series = {"reference_fmax_eV_per_A": [r.get("reference_final", {}).get("fmax_eV_per_A") for r in runs],
+                  "reference_force_rms_eV_per_A": [r.get("reference_final", {}).get("force_rms_eV_per_A")
+                                                   for r in runs],
+                  "reference_energy_change_eV": [r.get("reference_energy_change_eV") for r in runs],
+                  "energy_above_reference_minimum_eV": [r.get("energy_above_reference_minimum_eV") for r in runs]}
+        for name, xs in series.items():
+            out[f"mean_{name}"] = _mean(xs)
+            out[f"median_{name}"] = _median(xs)
+    return out
+
+
 def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence[str] = ("nvt", "nve", "opt"),
                 seed: int = 0, log=None, **settings) -> Dict:
     """All requested tests on `structures` (a list of (id, ase.Atoms)); settings override DEFAULTS."""
@@ -283,9 +315,7 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
                 runs.append(r)
                 log(f"nve {sid}: drift {r['drift_eV_per_atom_per_ps']} eV/atom/ps over {r['simulated_ps']:.3f} ps"
                     + (f" (stopped: {r['stopped']})" if r["stopped"] else ""))
-            drifts = [r["drift_eV_per_atom_per_ps"] for r in runs]
-            result["nve"] = {"runs": runs, "mean_abs_drift_eV_per_atom_per_ps": _mean([abs(d) for d in drifts
-                                                                                       if d is not None])}
+            result["nve"] = dict(summarize_nve(runs), runs=runs)
     if "opt" in tests:
         runs = []
         for sid, atoms in structures:
@@ -298,14 +328,7 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
             if "energy_above_reference_minimum_eV" in r:
                 msg += f", {1000 * r['energy_above_reference_minimum_eV']:.1f} meV above the reference minimum"
             log(msg)
-        summary = {"fraction_converged": sum(r["student"]["converged"] for r in runs) / len(runs) if runs else None}
-        if reference_calc is not None:
-            summary["mean_reference_fmax_eV_per_A"] = _mean([r["reference_final"].get("fmax_eV_per_A") for r in runs])
-            summary["mean_reference_force_rms_eV_per_A"] = _mean(
-                [r["reference_final"].get("force_rms_eV_per_A") for r in runs])
-            summary["mean_reference_energy_change_eV"] = _mean([r.get("reference_energy_change_eV") for r in runs])
-            summary["mean_energy_above_reference_minimum_eV"] = _mean(
-                [r.get("energy_above_reference_minimum_eV") for r in runs])
+        summary = summarize_opt(runs)
         result["opt"] = dict(summary, runs=runs)
     return result
 
@@ -424,13 +447,17 @@ def run(args) -> int:
               f"{nvt['mean_time_to_failure_ps_censored']:.3f} ps")
     if nve and "skipped" not in nve:
         d = nve["mean_abs_drift_eV_per_atom_per_ps"]
-        print(f"NVE: mean |drift| {d:.3g} eV/atom/ps" if d is not None else "NVE: no drift measured")
+        print(f"NVE: mean |drift| {d:.3g} eV/atom/ps, median {nve['median_abs_drift_eV_per_atom_per_ps']:.3g}; "
+              f"{nve['n_completed']} of {nve['n_runs']} runs completed without a broken bond"
+              if d is not None else "NVE: no drift measured")
     if opt:
         line = f"FIRE: {opt['fraction_converged']:.2f} converged to fmax {args.fmax} eV/Å"
         if opt.get("mean_reference_fmax_eV_per_A") is not None:
-            line += f"; reference fmax at the student minima {opt['mean_reference_fmax_eV_per_A']:.3f} eV/Å (mean)"
+            line += (f"; reference fmax at the student minima {opt['mean_reference_fmax_eV_per_A']:.3f} eV/Å mean, "
+                     f"{opt['median_reference_fmax_eV_per_A']:.3f} median")
         if opt.get("mean_energy_above_reference_minimum_eV") is not None:
-            line += f", {1000 * opt['mean_energy_above_reference_minimum_eV']:.1f} meV above the reference minima"
+            line += (f"; {1000 * opt['mean_energy_above_reference_minimum_eV']:.1f} meV mean, "
+                     f"{1000 * opt['median_energy_above_reference_minimum_eV']:.1f} median above the reference minima")
         print(line)
     out = args.json_out or default_json
     if out:

@@ -128,12 +128,17 @@ def collect(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None, batc
                 row["md_mean_ttf_ps"] = nvt.get("mean_time_to_failure_ps_censored")
                 row["md_curve"] = {"time_ps": nvt.get("time_ps", []), "fraction_stable": nvt.get("fraction_stable", [])}
             if nve and "skipped" not in nve:
-                row["nve_drift"] = nve.get("mean_abs_drift_eV_per_atom_per_ps")
+                for stat in ("mean", "median"):
+                    d = nve.get(f"{stat}_abs_drift_eV_per_atom_per_ps")
+                    row[f"nve_drift_{stat}"] = 1000 * d if d is not None else None  # meV/atom/ps
+                row["nve_completed"] = nve.get("n_completed")
+                row["nve_runs"] = nve.get("n_runs")
             if opt:
                 row["opt_converged"] = opt.get("fraction_converged")
-                row["opt_ref_fmax"] = opt.get("mean_reference_fmax_eV_per_A")
-                e = opt.get("mean_energy_above_reference_minimum_eV")
-                row["opt_above_ref_min_mev"] = 1000 * e if e is not None else None
+                for stat in ("mean", "median"):
+                    row[f"opt_ref_fmax_{stat}"] = opt.get(f"{stat}_reference_fmax_eV_per_A")
+                    e = opt.get(f"{stat}_energy_above_reference_minimum_eV")
+                    row[f"opt_above_ref_min_mev_{stat}"] = 1000 * e if e is not None else None
             row["md_reference"] = md.get("reference")
         rows.append(row)
     if teacher is not None:
@@ -169,17 +174,23 @@ def markdown(report: Dict) -> str:
                      f"{_speed(r.get('ns_day_64'))} | {best} | {_f(r.get('speedup_64'), '{:.1f}x')} | "
                      f"{_f(r.get('speedup_best'), '{:.1f}x')} |")
     lines += ["", "| Method | NVT stable (fraction, of n, for t ps) | mean time to failure (ps, censored) | "
-              "NVE drift (meV/atom/ps) | FIRE converged | reference fmax at student minima (eV/Å) | "
-              "E_ref above reference minima (meV) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "NVE \\|drift\\| mean / median (meV/atom/ps) | NVE runs without a broken bond | FIRE converged | "
+              "reference fmax at student minima, mean / median (eV/Å) | E_ref above reference minima, mean / median "
+              "(meV) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def pair(a, b, fmt):
+        return "-" if a is None and b is None else f"{_f(a, fmt)} / {_f(b, fmt)}"
+
     for r in report["methods"]:
         stable = "-"
         if r.get("md_fraction_stable") is not None:
             stable = f"{r['md_fraction_stable']:.2f} of {r.get('md_n')}, {_f(r.get('md_ps'), '{:.3g}')} ps"
-        drift = r.get("nve_drift")
+        done = f"{r['nve_completed']} of {r['nve_runs']}" if r.get("nve_runs") is not None else "-"
         lines.append(f"| {r['method']} | {stable} | {_f(r.get('md_mean_ttf_ps'), '{:.3f}')} | "
-                     f"{_f(1000 * drift if drift is not None else None, '{:.3g}')} | "
-                     f"{_f(r.get('opt_converged'))} | {_f(r.get('opt_ref_fmax'), '{:.3f}')} | "
-                     f"{_f(r.get('opt_above_ref_min_mev'), '{:.1f}')} |")
+                     f"{pair(r.get('nve_drift_mean'), r.get('nve_drift_median'), '{:.3g}')} | {done} | "
+                     f"{_f(r.get('opt_converged'))} | "
+                     f"{pair(r.get('opt_ref_fmax_mean'), r.get('opt_ref_fmax_median'), '{:.3f}')} | "
+                     f"{pair(r.get('opt_above_ref_min_mev_mean'), r.get('opt_above_ref_min_mev_median'), '{:.1f}')} |")
     return "\n".join(lines)
 
 
@@ -193,6 +204,13 @@ def _plt():
     return plt
 
 
+def _color(report: Dict, row: Dict) -> str:
+    """Gray for the teacher, C0, C1... for the methods in order (the same in every plot)."""
+    if row is report.get("teacher"):
+        return "0.5"
+    return f"C{next(i for i, r in enumerate(report['methods']) if r is row) % 10}"
+
+
 def plot_mae(report: Dict, path: str) -> None:
     plt = _plt()
     rows = ([report["teacher"]] if report.get("teacher") else []) + report["methods"]
@@ -202,7 +220,9 @@ def plot_mae(report: Dict, path: str) -> None:
         vals = [r.get(key) for r in rows]
         x = range(len(rows))
         ax.bar(x, [v if v is not None else 0 for v in vals],
-               color=["0.6" if r is report.get("teacher") else f"C{i}" for i, r in enumerate(rows)])
+               color=[_color(report, r) for r in rows])
+        top = max([v for v in vals if v is not None] or [1.0])
+        ax.set_ylim(0, 1.15 * top)
         for i, v in enumerate(vals):
             ax.text(i, v if v is not None else 0, _f(v, "{:.1f}") if v is not None else "n/a", ha="center",
                     va="bottom", fontsize=8)
@@ -222,7 +242,7 @@ def plot_stability(report: Dict, path: str) -> None:
         curve = r.get("md_curve")
         if curve and curve.get("time_ps"):
             ax.step(curve["time_ps"], curve["fraction_stable"], where="post", label=f"{r['method']} (n={r.get('md_n')})",
-                    color=f"C{i}", lw=2 - 0.3 * (drawn % 3), alpha=0.85)
+                    color=_color(report, r), lw=2 - 0.3 * (drawn % 3), alpha=0.85)
             drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no md.json in any run directory", ha="center", va="center", transform=ax.transAxes)
@@ -241,21 +261,30 @@ def plot_speed_accuracy(report: Dict, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     rows = ([report["teacher"]] if report.get("teacher") else []) + report["methods"]
-    drawn = 0
+    drawn, xs = 0, []
     for i, r in enumerate(rows):
         y = r.get("force_mae")
-        color = "0.4" if r is report.get("teacher") else f"C{i}"
+        color = _color(report, r)
         if y is None:
             continue
+        xs += [x for x in (r.get("ns_day_64"), r.get("ns_day_best")) if x is not None and x > 0]
         if r.get("ns_day_64") is not None:
             ax.scatter([r["ns_day_64"]], [y], color=color, s=40, label=r["method"], zorder=3)
-            ax.annotate(r["method"], (r["ns_day_64"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(r["method"], (r["ns_day_64"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
             drawn += 1
         if r.get("ns_day_best") is not None:
             ax.scatter([r["ns_day_best"]], [y], facecolors="none", edgecolors=color, s=40, zorder=3)
             drawn += 1
-    if drawn:
+    if drawn and xs:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        lo, hi = min(xs) / 2, max(xs) * 6  # room for the labels right of the points; at least a decade shown
+        if hi / lo < 10:
+            mid = math.sqrt(lo * hi)
+            lo, hi = mid / math.sqrt(10), mid * math.sqrt(10)
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.text(0.5, 0.5, "needs eval.json and bench.json", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(f"ns/day (filled: batch {report.get('batch', PAPER_BATCH)}, hollow: best batch)")
@@ -283,15 +312,16 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
             "row is the teacher against the same labels. ns/day counts one 1 fs step per structure of a batch "
             "(DESIGN.md §6), neighbor list included; speedup = the student's ns/day over the teacher's from the "
             "same `bench.json` (same machine)." + (f" Bench machine: {', '.join(machines)}." if machines else ""),
-            "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "
-            "> 0.5 Å from its starting length. NVE: mean |linear drift| of the total energy. FIRE to 0.05 eV/Å, "
+            "", "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "
+            "> 0.5 Å from its starting length (censored mean: a survivor counts as the full length). NVE: |slope| of a "
+            "line fit to the total energy per atom vs time, from the same structures at 300 K, 0.5 fs. FIRE to 0.05 eV/Å, "
             "then the final structures under the reference" + (f" ({', '.join(refs)})" if refs else "") + ". "
             "'-' = not measured (file missing from the run directory).", "",
             "![MAE per method](mae_per_method.png)", "", "![MD stability](md_stability.png)", "",
             "![speed vs accuracy](speed_vs_accuracy.png)", "", "Sources:", ""]
     for r in report["methods"]:
         have = ", ".join(f"{f} {'yes' if ok else 'missing'}" for f, ok in r["sources"].items())
-        text.append(f"- {r['method']}: `{r['run_dir']}` ({have})")
+        text.append(f"- {r['method']}: `{os.path.relpath(r['run_dir'], os.path.abspath(out_dir))}` ({have})")
     if notes:
         text += [""] + list(notes)
     with open(os.path.join(out_dir, "report.md"), "w") as fh:

@@ -46,8 +46,9 @@ def _key(entry: Dict) -> tuple:
 
 
 def bench_numbers(bench: Dict, batch: int = PAPER_BATCH) -> Dict:
-    """Student and teacher ns/day at `batch` and at their best batch from a `hessforge bench --json` file.
-    The teacher is the bench reference (--compare); the student is the first other entry (eager first)."""
+    """Student and teacher ns/day at `batch` and at their best batch from a `hessforge bench --json` file:
+    the fastest of the file's measurements at that batch size (the fixed-batch run and the sweep both time
+    it). The teacher is the bench reference (--compare); the student is the first other entry (eager first)."""
     entries = list(bench.get("fixed", [])) + [r for s in bench.get("sweeps", []) for r in s.get("results", [])]
     reference = tuple(bench.get("reference") or ())
     others = [e for e in entries if _key(e) != reference]
@@ -310,7 +311,8 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
     text = [f"# {title}", "", markdown(report), "",
             "Force and energy MAE: test split against the dataset's reference labels (`eval.json`); the teacher "
             "row is the teacher against the same labels. ns/day counts one 1 fs step per structure of a batch "
-            "(DESIGN.md §6), neighbor list included; speedup = the student's ns/day over the teacher's from the "
+            "(DESIGN.md §6), neighbor list included, the fastest of bench's measurements at that batch size (its "
+            "fixed-batch run and its sweep); speedup = the student's ns/day over the teacher's from the "
             "same `bench.json` (same machine)." + (f" Bench machine: {', '.join(machines)}." if machines else ""),
             "", "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "
             "> 0.5 Å from its starting length (censored mean: a survivor counts as the full length). NVE: |slope| of a "

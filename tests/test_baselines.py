@@ -321,20 +321,10 @@ def test_sweep_skips_what_the_labels_cannot_support_and_runs_resumably(toy, tmp_
 def test_mace_features_are_invariant_and_embeddings_per_element(tmp_path):
     pytest.importorskip("mace")
     from ase.build import molecule
-    from e3nn import o3
-    from mace import modules
-
+    from toy import small_mace_model
     from training.teachers.mace import MACETeacher
 
-    torch.manual_seed(0)
-    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
-        r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2, interaction_cls=interaction,
-        interaction_cls_first=interaction, num_interactions=2, num_elements=4,
-        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
-        atomic_energies=np.array([-13.6, -1029.8, -1485.3, -2042.6]), avg_num_neighbors=4.0,
-        atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu, atomic_inter_scale=1.3,
-        atomic_inter_shift=0.1)
+    model = small_mace_model(0)
     torch.save(model, tmp_path / "m.model")
     teacher = MACETeacher(str(tmp_path / "m.model"))
     atoms = molecule("CH3CONH2")

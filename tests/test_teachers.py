@@ -89,21 +89,11 @@ def check_rows_order_and_range(teacher, atoms, full):
 
 @pytest.fixture(scope="module")
 def mace_model_file(tmp_path_factory):
-    import mace  # noqa: F401  (before e3nn)
     import torch
-    from e3nn import o3
-    from mace import modules
 
-    torch.manual_seed(SEED)
-    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
-        r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2, interaction_cls=interaction,
-        interaction_cls_first=interaction, num_interactions=2, num_elements=4,
-        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
-        atomic_energies=np.array([-13.6, -1029.8, -1485.3, -2042.6]), avg_num_neighbors=4.0,
-        atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu,
-        atomic_inter_scale=1.3, atomic_inter_shift=0.1,
-    ).float()  # saved in float32 like released models: the adapter must cast to float64
+    from toy import small_mace_model
+
+    model = small_mace_model(SEED)  # float32 like released models: the adapter must cast to float64
     path = tmp_path_factory.mktemp("mace") / "small.model"
     torch.save(model, path)
     return str(path)

@@ -56,3 +56,23 @@ def conformer_dataset(path, rng, per_molecule=4, names=("CH4", "H2O", "NH3", "CH
                                         energy=e, forces=f))
     write_dataset(str(path), structures)
     return str(path), structures
+
+
+def small_mace_model(seed=0):
+    """A small ScaleShiftMACE for H, C, N, O (16 channels, L=1, 2 interactions), random weights, float32
+    like released model files."""
+    import mace  # noqa: F401  (imported before e3nn, as mace requires)
+    import torch
+    from e3nn import o3
+    from mace import modules
+
+    torch.manual_seed(seed)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    return modules.ScaleShiftMACE(
+        r_max=4.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2, interaction_cls=interaction,
+        interaction_cls_first=interaction, num_interactions=2, num_elements=4,
+        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("16x0e"),
+        atomic_energies=np.array([-13.6, -1029.8, -1485.3, -2042.6]), avg_num_neighbors=4.0,
+        atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu,
+        atomic_inter_scale=1.3, atomic_inter_shift=0.1,
+    ).float()

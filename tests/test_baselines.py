@@ -18,7 +18,7 @@ from training.data.store import Dataset
 from training.labels import LabelRecord, LabelStore, label_dataset
 from training.losses import DistillationHeads, LossWeights, compute_loss
 from training.trainer import Trainer
-from toy import HarmonicTeacher, conformer_dataset
+from toy import HarmonicTeacher, conformer_dataset, epoch_records
 
 torch.set_num_threads(1)
 D_FEAT = 5
@@ -197,11 +197,6 @@ def _config(toy, out, labels="feat", epochs=2, **loss):
     })
 
 
-def _epochs(out):
-    with open(os.path.join(out, "log.jsonl")) as fh:
-        return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]
-
-
 def test_trainer_keeps_heads_through_checkpoints_and_resume(toy, tmp_path):
     loss = dict(n2n=2.0, a2a=1.0)
     straight = Trainer(_config(toy, tmp_path / "a", epochs=3, **loss))
@@ -213,7 +208,7 @@ def test_trainer_keeps_heads_through_checkpoints_and_resume(toy, tmp_path):
     for k, v in state["heads_state"].items():  # restored, not re-initialized
         assert torch.equal(resumed.heads.state_dict()[k], v)
     resumed.fit()
-    a, b = _epochs(tmp_path / "a"), _epochs(tmp_path / "b")
+    a, b = epoch_records(tmp_path / "a"), epoch_records(tmp_path / "b")
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for x, y in zip(a, b):
         assert x["train_n2n"] == pytest.approx(y["train_n2n"], rel=1e-6)

@@ -13,7 +13,7 @@ from engine.errors import HessforgeError
 from training.config import config_from_dict, load_config
 from training.labels import label_dataset
 from training.trainer import Trainer
-from toy import HarmonicTeacher, conformer_dataset
+from toy import HarmonicTeacher, conformer_dataset, epoch_records
 
 
 @pytest.fixture
@@ -33,17 +33,12 @@ def _config(labelled, out, epochs=2, **loss):
     })
 
 
-def _epochs(out):
-    with open(os.path.join(out, "log.jsonl")) as fh:
-        return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]
-
-
 def test_resume_continues_exactly_and_seed_repeats(labelled, tmp_path):
     straight = Trainer(_config(labelled, tmp_path / "a", epochs=4)).fit()
     Trainer(_config(labelled, tmp_path / "b", epochs=2)).fit()
     resumed = Trainer(_config(labelled, tmp_path / "b", epochs=4)).fit()  # picks up last.pt
     assert resumed["epochs"] == 4 and resumed["steps"] == straight["steps"]
-    a, b = _epochs(tmp_path / "a"), _epochs(tmp_path / "b")
+    a, b = epoch_records(tmp_path / "a"), epoch_records(tmp_path / "b")
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x["train_total"] == pytest.approx(y["train_total"], rel=1e-6)

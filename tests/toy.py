@@ -76,3 +76,12 @@ def small_mace_model(seed=0):
         atomic_numbers=[1, 6, 7, 8], correlation=2, gate=torch.nn.functional.silu,
         atomic_inter_scale=1.3, atomic_inter_shift=0.1,
     ).float()
+
+
+def epoch_records(run_dir):
+    """The per-epoch records of a training run's log.jsonl."""
+    import json
+    import os
+
+    with open(os.path.join(run_dir, "log.jsonl")) as fh:
+        return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]

@@ -136,3 +136,30 @@ def test_cli_on_a_run_directory(tmp_path):
     result = json.loads((run / "md.json").read_text())
     assert [t["id"] for t in result["nvt"]["trajectories"]] == ["s1", "s2"]
     assert result["tests"] == ["nvt"] and "nve" not in result
+
+
+def test_dft_reference_judges_the_optimized_structure():
+    """--reference dft:sto-3g: the FIRE end point's reference energy/forces are pyscf's for that geometry; a
+    failed SCF becomes that structure's recorded error, not a crash; bad specs are one clear error."""
+    pytest.importorskip("pyscf")
+    from engine.errors import HessforgeError
+    from training.dft import dft_label
+    from training.md_eval import optimization, reference_calculator
+
+    water = molecule("H2O")
+    water.positions[1] += [0.0, 0.15, 0.05]  # strained start: the reference sees a real force
+    reference = reference_calculator("dft:sto-3g", threads=1)
+    out = optimization(water, Springs(molecule("H2O")), reference, fmax=0.05, steps=200, reference_relax=False)
+    assert out["student"]["converged"]
+    start_e, start_f = dft_label(water, basis="sto-3g", xc="wb97x", threads=1)
+    assert out["reference_start"]["energy_eV"] == pytest.approx(start_e, abs=1e-6)
+    assert out["reference_start"]["fmax_eV_per_A"] == pytest.approx(np.linalg.norm(start_f, axis=1).max(), abs=1e-5)
+    assert out["reference_start"]["fmax_eV_per_A"] > 0.5
+    assert out["reference_final"]["energy_eV"] != pytest.approx(start_e, abs=1e-4)  # a different geometry
+    failing = reference_calculator("dft:sto-3g", threads=1)
+    failing.calculate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("SCF not converged"))
+    bad = optimization(water, Springs(molecule("H2O")), failing, steps=50, reference_relax=False)
+    assert "SCF not converged" in bad["reference_final"]["error"]
+    for spec in ("dft:", "dft:a:b:c"):
+        with pytest.raises(HessforgeError, match="not a DFT reference spec"):
+            reference_calculator(spec)

@@ -104,6 +104,33 @@ def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton
     return float(energy) * Hartree, -np.asarray(grad) * Hartree / Bohr
 
 
+def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, max_cycle: int = 50):
+    """An ASE calculator over `dft_label` (energy eV, forces eV/Å): the labels' own method as a reference, e.g.
+    for the structures a student optimized (`hessforge md-eval --reference dft`). An SCF that does not
+    converge raises SCFNotConverged (md-eval records it as that structure's error). Molecules only."""
+    from ase.calculators.calculator import Calculator, all_changes
+
+    class DFT(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            if any(self.atoms.pbc):
+                raise ValueError("the DFT reference is molecular (pyscf gto): periodic structures are not supported")
+            energy, forces = dft_label(self.atoms, basis=basis, xc=xc, threads=threads, max_cycle=max_cycle)
+            self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+
+    return DFT()
+
+
+def parse_dft_spec(spec: str) -> Dict[str, str]:
+    """`dft`, `dft:BASIS` or `dft:BASIS:XC` -> {basis, xc} (defaults: the benchmark labels' 6-31g* / wb97x)."""
+    parts = spec.split(":")
+    if parts[0] != "dft" or len(parts) > 3 or any(not p for p in parts[1:]):
+        raise ValueError(f"not a DFT reference spec: {spec!r} (dft, dft:BASIS or dft:BASIS:XC)")
+    return {"basis": parts[1] if len(parts) > 1 else "6-31g*", "xc": parts[2] if len(parts) > 2 else "wb97x"}
+
+
 def frame_key(atoms) -> Tuple[str, int]:
     return str(atoms.info["mol_id"]), int(atoms.info["conf_id"])
 

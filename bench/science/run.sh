@@ -5,7 +5,7 @@
 # Every stage is resumable: rerun the same command and finished work is reused (labels are resumed, runs with
 # a summary.json are skipped, metric files that exist are kept). Knobs (environment):
 #   WORK      work directory (default runs/qm9_no9; runs/ is gitignored)
-#   EPOCHS    epochs of every student (default 50: equal epochs for all methods, not equal time)
+#   EPOCHS    epochs of every student (default 180: equal epochs for all methods, not equal time)
 #   MD_RUNS   runs that get md-eval (default: the main methods; "all" for every run)
 #   MD_N      md-eval structures (default 8: two per test molecule); MD_STEPS NVT and NVE steps (1000)
 #   DATA      the benchmark folder (default bench/data/qm9_no9)
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-bench/data/qm9_no9}
 WORK=${WORK:-runs/qm9_no9}
-EPOCHS=${EPOCHS:-50}
+EPOCHS=${EPOCHS:-180}
 MD_N=${MD_N:-8}
 MD_STEPS=${MD_STEPS:-1000}
 MD_RUNS=${MD_RUNS:-undistilled,force_distill,n2n,kd_s1,kd_s4}

@@ -97,9 +97,10 @@ for r in $RUNS; do
     run="$WORK/sweep/$r"
     [ -e "$run/eval.json" ] || continue
     mkdir -p "$REPORT/run_dirs/$r"
-    for f in config.yaml summary.json eval.json bench.json md.json log.jsonl; do
+    for f in config.yaml summary.json eval.json bench.json md.json; do
         [ -e "$run/$f" ] && cp "$run/$f" "$REPORT/run_dirs/$r/"
     done
+    grep '"kind": "epoch"' "$run/log.jsonl" > "$REPORT/run_dirs/$r/epochs.jsonl"   # the per-epoch records
     dirs+=("$REPORT/run_dirs/$r")
 done
 cp "$WORK/sweep/sweep.json" "$WORK/bench.txt" "$REPORT/" 2>/dev/null || true

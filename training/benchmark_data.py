@@ -487,7 +487,8 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
       f"molecules failed in MD: {len(failed_md)}; pending: {max(pending, 0)}.")
     if len(secs):
         w(f"- DFT time per structure: mean {secs.mean():.1f} s, median {np.median(secs):.1f} s, "
-          f"max {secs.max():.1f} s; total {secs.sum() / 3600:.2f} h (wall, {a.threads} OpenMP threads/worker).")
+          f"max {secs.max():.1f} s; total {secs.sum() / 3600:.2f} h (wall per structure; "
+          "workers x threads of each run: the table of commands below).")
     if md:
         ms = np.array([r["seconds"] for r in md.values()])
         w(f"- MD time per molecule: mean {ms.mean():.1f} s ({len(ms)} molecules).")

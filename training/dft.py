@@ -124,11 +124,12 @@ def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, m
 
 
 def parse_dft_spec(spec: str) -> Dict[str, str]:
-    """`dft`, `dft:BASIS` or `dft:BASIS:XC` -> {basis, xc} (defaults: the benchmark labels' 6-31g* / wb97x)."""
+    """`dft`, `dft:BASIS` or `dft:BASIS:XC` -> the options given ({}, {basis}, {basis, xc}); the rest take
+    dft_calculator's defaults (the benchmark labels' 6-31g* / wb97x)."""
     parts = spec.split(":")
     if parts[0] != "dft" or len(parts) > 3 or any(not p for p in parts[1:]):
         raise ValueError(f"not a DFT reference spec: {spec!r} (dft, dft:BASIS or dft:BASIS:XC)")
-    return {"basis": parts[1] if len(parts) > 1 else "6-31g*", "xc": parts[2] if len(parts) > 2 else "wb97x"}
+    return dict(zip(("basis", "xc"), parts[1:]))
 
 
 def frame_key(atoms) -> Tuple[str, int]:

@@ -91,7 +91,6 @@ wait
 
 # 7. the report: run directories' metric files and configs are copied beside it (runs/ is not committed)
 mkdir -p "$REPORT/run_dirs"
-names=()
 dirs=()
 for r in $RUNS; do
     run="$WORK/sweep/$r"

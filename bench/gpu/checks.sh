@@ -5,7 +5,9 @@
 #   gpu.txt            device, driver, torch/triton versions
 #   tests.txt          tests/test_triton_kernels.py + tests/test_compile.py with the Triton kernels compiled
 #                      for real (no interpreter) vs the torch reference, on cuda
-#   neighbors_gpu.*    bench/bench_neighbors.py (Triton vs torch path vs reference; torch-cluster if present)
+#   torch_cluster_build.log  torch-cluster's radius operator built from the carried sdist (in the background,
+#                      while the tests run), the peer of the >= 3x target
+#   neighbors_gpu.*    bench/bench_neighbors.py (Triton vs torch path vs reference vs torch-cluster radius_graph)
 #   students_gpu.*     bench/bench_students.py (eager / compiled / compiled+fused / compiled+triton PaiNN,
 #                      MACE-OFF23-L architecture, batch 16, 64 and each one's best batch)
 # Every step has its own time limit, so one slow step cannot take the others' results with it.
@@ -29,8 +31,14 @@ cat "$OUT/gpu.txt"
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
          echo "   rc=$rc, $((SECONDS - t0)) s"; tail -n 4 "$OUT/$name.log"; }
+TC_PID=
+if ls .whl/torch_cluster-*.tar.gz > /dev/null 2>&1; then
+    MAX_JOBS=8 timeout 240 python3 bench/torch_cluster_peer.py build > "$OUT/torch_cluster_build.log" 2>&1 &
+    TC_PID=$!
+fi
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_compile.py
 cp "$OUT/tests.log" "$OUT/tests.txt"
+if [ -n "$TC_PID" ]; then wait "$TC_PID"; echo "== torch-cluster build rc=$?"; tail -n 3 "$OUT/torch_cluster_build.log"; fi
 step neighbors 120 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovider \
     --benchmark-columns=min,median,mean,rounds --benchmark-json="$OUT/neighbors_gpu.json"
 [ -s "$OUT/neighbors_gpu.json" ] && python3 bench/bench_neighbors.py "$OUT/neighbors_gpu.json" > "$OUT/neighbors_gpu.md"

@@ -44,6 +44,13 @@ BACKENDS = ("auto", "torch", "triton")
 BLOCK_C = 64  # candidates per block in the forward kernels
 BLOCK_E = 64  # edges per program in the backward kernel
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
+# No a*b+c -> fma contraction in the forward kernels: Triton contracts by default (17 fma in the count
+# kernel's sm_90 PTX, none with this), which rounds distances differently from the torch reference's separate
+# multiply and add, so a pair within an ulp of the cutoff could differ from the reference, or between the
+# count and the fill kernel (their slots would then disagree). The backward only rounds gradients: default.
+# tests/test_triton_aot.py checks the compiled PTX (python -m engine.kernels.aot prints it per kernel).
+FORWARD_OPTIONS = dict(enable_fp_fusion=False)
+BACKWARD_OPTIONS: dict = {}
 
 _triton_module = None
 _triton_error: Optional[str] = None
@@ -137,7 +144,8 @@ def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geo
     batch = batch.contiguous()
     if n_atoms:
         tk._count_kernel[(n_atoms,)](
-            prep.pos_w, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, counts, BLOCK_C=block_c)
+            prep.pos_w, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, counts, BLOCK_C=block_c,
+            **FORWARD_OPTIONS)
     first = torch.cumsum(counts, 0) - counts
     num_edges = counts.sum()
     padded = capacity >= 0
@@ -150,7 +158,7 @@ def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geo
             prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, first, size,
             outs[0], outs[1], r, unit, rbf, fcut,
             NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)), WITH_GEOMETRY=with_geometry,
-            BLOCK_C=block_c,
+            BLOCK_C=block_c, **FORWARD_OPTIONS,
         )
     if with_geometry:
         return tuple(outs) + (num_edges,)
@@ -211,7 +219,7 @@ def _radial_edges_backward_op(
         NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)),
         HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
         HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None,
-        BLOCK_E=block_e,
+        BLOCK_E=block_e, **BACKWARD_OPTIONS,
     )
     return g_vec
 

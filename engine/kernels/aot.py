@@ -33,14 +33,16 @@ class KernelReport:
     kernel: str
     variant: str
     registers: int
-    spill_bytes: int  # cuobjdump's LOCAL: per-thread local memory (spills and stack arrays)
+    spill_bytes: int  # cuobjdump's LOCAL: per-thread local memory of spilled registers
+    stack_bytes: int  # cuobjdump's STACK: per-thread call stack (libdevice calls not inlined), local memory too
     shared_bytes: int
     fma_in_ptx: int  # contracted a*b+c, or libdevice's sin/cos (which use fma by design)
 
 
 def _variants(dtype: str, num_basis: int):
-    """(kernel name, variant label, signature, constexprs, options) for every launch ops.py makes."""
+    """(kernel name, variant label, signature, constexprs, options) for every launch ops.py makes on a GPU."""
     from engine.kernels import ops
+    from engine.kernels._triton_impl import BACKWARD_CONFIGS
 
     fp, nb_chunk = POINTER[dtype], min(32, ops._next_pow2(num_basis))
     forward = dict(pos_ptr=fp, batch_ptr="*i64", meta_ptr="*i32", cell_ptr=fp, inv_ptr=fp, params_ptr=fp)
@@ -57,12 +59,15 @@ def _variants(dtype: str, num_basis: int):
                     count_ptr="*i64", params_ptr=fp, g_vec_ptr=fp, num_slots="i32", NUM_BASIS="constexpr",
                     NB_CHUNK="constexpr", HAS_G_R="constexpr", HAS_G_UNIT="constexpr", HAS_G_RBF="constexpr",
                     HAS_G_FCUT="constexpr", BLOCK_E="constexpr")
-    yield ("_backward_kernel", f"{dtype}, all gradients", backward,
-           dict(NUM_BASIS=num_basis, NB_CHUNK=nb_chunk, HAS_G_R=True, HAS_G_UNIT=True, HAS_G_RBF=True,
-                HAS_G_FCUT=True, BLOCK_E=ops.BLOCK_E), ops.BACKWARD_OPTIONS)
+    flags = dict(NUM_BASIS=num_basis, HAS_G_R=True, HAS_G_UNIT=True, HAS_G_RBF=True, HAS_G_FCUT=True)
+    for config in BACKWARD_CONFIGS:  # every configuration the GPU's autotuning may pick
+        block_e, chunk = config.kwargs["BLOCK_E"], config.kwargs["NB_CHUNK"]
+        yield ("_backward_kernel", f"{dtype}, all gradients, BLOCK_E {block_e}, NB_CHUNK {chunk}, "
+               f"{config.num_warps} warps", backward, dict(flags, **config.kwargs),
+               dict(ops.BACKWARD_OPTIONS, num_warps=config.num_warps))
 
 
-def _resources(cubin: bytes, cuobjdump: Path, name: str) -> tuple[int, int, int]:
+def _resources(cubin: bytes, cuobjdump: Path, name: str) -> tuple[int, int, int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -74,7 +79,7 @@ def _resources(cubin: bytes, cuobjdump: Path, name: str) -> tuple[int, int, int]
     if line is None:
         raise HessforgeError(f"cuobjdump printed no resource usage for {name}:\n{text}")
     field = lambda key: int(re.search(rf"\b{key}:(\d+)", line).group(1))  # noqa: E731
-    return field("REG"), field("LOCAL"), field("SHARED")
+    return field("REG"), field("LOCAL"), field("STACK"), field("SHARED")
 
 
 def compile_kernels(arch: int = 90, dtypes=("float32", "float64"), num_basis: int = 32) -> list[KernelReport]:
@@ -96,9 +101,9 @@ def compile_kernels(arch: int = 90, dtypes=("float32", "float64"), num_basis: in
                 warnings.simplefilter("ignore")  # Triton 3.9's notice that its fp-fusion default will change
                 compiled = triton.compile(ASTSource(fn=getattr(_triton_impl, name), signature=signature,
                                                     constexprs=constexprs), target=target, options=dict(options))
-            regs, spill, shared = _resources(compiled.asm["cubin"], cuobjdump, name)
+            regs, spill, stack, shared = _resources(compiled.asm["cubin"], cuobjdump, name)
             fma = len(re.findall(r"\bfma\.rn(\.ftz)?\.f(32|64)\b", compiled.asm["ptx"]))
-            reports.append(KernelReport(name, variant, regs, spill, shared, fma))
+            reports.append(KernelReport(name, variant, regs, spill, stack, shared, fma))
     return reports
 
 
@@ -117,10 +122,10 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return 0
     print(f"sm_{args.arch}, {args.num_basis} radial basis functions, launch options from engine/kernels/ops.py\n")
-    print("| kernel | variant | registers | spill bytes | shared bytes | fma in PTX (sin/cos: libdevice) |\n"
-          "|---|---|---|---|---|---|")
+    print("| kernel | variant | registers | spill bytes | stack bytes | shared bytes | fma in PTX (sin/cos: libdevice) |\n"
+          "|---|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r.kernel} | {r.variant} | {r.registers} | {r.spill_bytes} | {r.shared_bytes} | {r.fma_in_ptx} |")
+        print(f"| {r.kernel} | {r.variant} | {r.registers} | {r.spill_bytes} | {r.stack_bytes} | {r.shared_bytes} | {r.fma_in_ptx} |")
     return 0
 
 

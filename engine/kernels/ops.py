@@ -42,7 +42,6 @@ from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forw
 
 BACKENDS = ("auto", "torch", "triton")
 BLOCK_C = 64  # candidates per block in the forward kernels
-BLOCK_E = 64  # edges per program in the backward kernel
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
 # No a*b+c -> fma contraction in the forward kernels: Triton contracts by default (17 fma in the count
 # kernel's sm_90 PTX, none with this), which rounds distances differently from the torch reference's separate
@@ -211,16 +210,17 @@ def _radial_edges_backward_op(
     if num_slots == 0:
         return g_vec
     grads = [None if g is None else g.contiguous() for g in (g_r, g_unit, g_rbf, g_fcut)]
-    dummy = r
-    block_e = _block(BLOCK_E, r.device)
-    tk._backward_kernel[(triton_cdiv(num_slots, block_e),)](
-        r.contiguous(), unit.contiguous(), *(g if g is not None else dummy for g in grads),
-        num_edges, params, g_vec, num_slots,
-        NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)),
-        HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
-        HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None,
-        BLOCK_E=block_e, **BACKWARD_OPTIONS,
-    )
+    args = (r.contiguous(), unit.contiguous(), *(g if g is not None else r for g in grads),
+            num_edges, params, g_vec, num_slots)
+    flags = dict(NUM_BASIS=num_basis, HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
+                 HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None)
+    if r.device.type == "cpu":  # the interpreter: one large block, no tuning (it would time numpy)
+        tk._backward_kernel[(triton_cdiv(num_slots, INTERPRETER_BLOCK),)](
+            *args, NB_CHUNK=min(32, _next_pow2(num_basis)), BLOCK_E=INTERPRETER_BLOCK, **flags,
+            **BACKWARD_OPTIONS)
+    else:  # GPU: the launch configuration is tuned at the first call per flags (_triton_impl.BACKWARD_CONFIGS)
+        tk.backward_kernel_tuned[lambda meta: (triton_cdiv(num_slots, meta["BLOCK_E"]),)](
+            *args, **flags, **BACKWARD_OPTIONS)
     return g_vec
 
 

@@ -49,6 +49,8 @@ def build(sdist: Path, build_dir: Path = BUILD_DIR, verbose: bool = False) -> Pa
     and returns the library's path. Rebuilds only when sources or flags change (ninja)."""
     from torch.utils.cpp_extension import load
 
+    # cpp_extension runs `ninja` from PATH: a venv's own ninja sits beside its python
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     build_dir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist) as tar:
         top = tar.getnames()[0].split("/")[0]

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one device call (at most ~9 min: the step limits 180 + 100 + 240 s): run it through the device tool as
+# The GPU checks of issue 3 in one device call (at most ~9 min: step limits 180 + 100 + 240 s); run it
+# through the device tool as
 #     run(command="bash bench/gpu/checks.sh", carry=[".whl"], timeout_s=540)
 # after `bash bench/gpu/fetch_wheels.sh` here. Writes under $OUT (copy to bench/results/ afterwards):
 #   gpu.txt            device, driver, torch/triton versions

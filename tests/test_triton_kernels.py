@@ -259,6 +259,35 @@ def test_gradients_match_reference(rng, backend, dtype):
     torch.testing.assert_close(g_rbf, g_rbf_ref, **tol)
 
 
+@needs_triton
+@pytest.mark.parametrize("num_basis", [NUM_BASIS, 37])
+def test_every_backward_launch_configuration_gives_the_same_gradients(rng, num_basis):
+    """On a GPU the backward kernel's tiling is autotuned (BACKWARD_CONFIGS): each one, launched directly, must
+    give the torch backward's dL/d(edge vector), and zeros on padding slots."""
+    from engine.kernels import ops
+    from engine.kernels._torch_impl import torch_backward
+    from engine.kernels._prepare import make_params
+    from engine.kernels._triton_impl import BACKWARD_CONFIGS, _backward_kernel
+
+    slots, gen = 150, torch.Generator().manual_seed(int(rng.integers(2**31)))
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    r = (torch.rand(slots, generator=gen, dtype=torch.float64) * 4 + 0.5).to(DEVICE)
+    unit = torch.nn.functional.normalize(rand(slots, 3), dim=1).to(DEVICE)
+    grads = [rand(slots).to(DEVICE), rand(slots, 3).to(DEVICE), rand(slots, num_basis).to(DEVICE),
+             rand(slots).to(DEVICE)]
+    num_edges = torch.tensor(131, device=DEVICE)
+    params = make_params(4.0, 0.0, torch.float64, DEVICE)
+    expected = torch_backward(r, unit, *grads, num_edges, params, num_basis)
+    for config in BACKWARD_CONFIGS:
+        got = torch.full((slots, 3), float("nan"), dtype=torch.float64, device=DEVICE)
+        block_e = config.kwargs["BLOCK_E"]
+        _backward_kernel[(ops.triton_cdiv(slots, block_e),)](
+            r, unit, *grads, num_edges, params, got, slots, NUM_BASIS=num_basis, HAS_G_R=True, HAS_G_UNIT=True,
+            HAS_G_RBF=True, HAS_G_FCUT=True, num_warps=config.num_warps, **config.kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{config}: {m}")
+        assert not got[131:].any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_derivatives_are_refused(backend):
     pos = torch.tensor([[0.0, 0, 0], [1.2, 0.3, 0]], device=DEVICE, requires_grad=True)

@@ -88,7 +88,8 @@ def case_data(name):
         counts = torch.tensor([len(s[0]) for s in structures], device=DEVICE)
         batch = torch.repeat_interleave(torch.arange(len(structures), device=DEVICE), counts)
         ref_edges = batched_neighbor_list(pos.cpu().double(), cell.cpu().double(), pbc.cpu(), batch.cpu(), CUTOFF)[0]
-        _cache[name] = dict(structures=structures, args=(pos, cell, pbc, batch), num_edges=ref_edges.shape[1])
+        _cache[name] = dict(structures=structures, args=(pos, cell, pbc, batch), num_edges=ref_edges.shape[1],
+                            max_atoms=max(len(s[0]) for s in structures))
     return _cache[name]
 
 
@@ -175,8 +176,7 @@ def _torch_cluster():
         pos, cell, pbc, batch = d["args"]
         # the smallest cap that drops nothing (every atom of the largest structure); a larger one only makes
         # torch-cluster allocate and scan more output slots
-        max_neighbors = max(len(s[0]) for s in d["structures"])
-        edge_index = run_radius_graph(pos, CUTOFF, batch, max_neighbors)
+        edge_index = run_radius_graph(pos, CUTOFF, batch, d["max_atoms"])
         _sync()
         return edge_index.shape[1]
     return run

@@ -3,8 +3,8 @@
 The numeric kernel tests run under TRITON_INTERPRET=1 (numpy), which accepts code the compiler refuses and
 never contracts a*b+c into fma; this compiles every variant the engine launches down to a cubin in a
 subprocess without the interpreter, and checks what the interpreter cannot: it compiles, nothing spills to
-local memory, the float32 kernels keep no large call stack, and the forward kernels' distance arithmetic is not fma-contracted (ops.FORWARD_OPTIONS), so
-the cutoff decisions round like the torch reference's.
+local memory, the float32 kernels keep no large call stack, and the forward kernels' distance arithmetic is
+not fma-contracted (ops.FORWARD_OPTIONS), so the cutoff decisions round like the torch reference's.
 """
 import importlib.util
 import json

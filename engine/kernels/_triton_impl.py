@@ -216,7 +216,7 @@ def _backward_kernel(r_ptr, unit_ptr, g_r_ptr, g_unit_ptr, g_rbf_ptr, g_fcut_ptr
 # one there). Registers per thread on sm_90, fp32, 128 basis functions (python -m engine.kernels.aot, ptxas
 # 12.9, no spills in any): the first, the original fixed choice, takes 255, the cap, so at most 2 programs of
 # 4 warps fit on a multiprocessor (8 of 64 warps) for a kernel that is mostly sin/cos over the basis and
-# memory traffic; the others hold fewer basis functions x edges per thread (111-168 registers).
+# memory traffic; the others hold fewer basis functions x edges per thread (122-168 registers).
 BACKWARD_CONFIGS = [
     triton.Config({"BLOCK_E": 64, "NB_CHUNK": 32}, num_warps=4),
     triton.Config({"BLOCK_E": 64, "NB_CHUNK": 8}, num_warps=4),

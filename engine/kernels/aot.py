@@ -44,7 +44,7 @@ def _variants(dtype: str, num_basis: int):
     from engine.kernels import ops
     from engine.kernels._triton_impl import BACKWARD_CONFIGS
 
-    fp, nb_chunk = POINTER[dtype], min(32, ops._next_pow2(num_basis))
+    fp, nb_chunk = POINTER[dtype], ops.nb_chunk(num_basis)
     forward = dict(pos_ptr=fp, batch_ptr="*i64", meta_ptr="*i32", cell_ptr=fp, inv_ptr=fp, params_ptr=fp)
     yield ("_count_kernel", dtype, dict(forward, counts_ptr="*i64", BLOCK_C="constexpr"),
            dict(BLOCK_C=ops.BLOCK_C), ops.FORWARD_OPTIONS)
@@ -122,10 +122,11 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return 0
     print(f"sm_{args.arch}, {args.num_basis} radial basis functions, launch options from engine/kernels/ops.py\n")
-    print("| kernel | variant | registers | spill bytes | stack bytes | shared bytes | fma in PTX (sin/cos: libdevice) |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| kernel | variant | registers | spill bytes | stack bytes | shared bytes "
+          "| fma in PTX (sin/cos: libdevice) |\n|---|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r.kernel} | {r.variant} | {r.registers} | {r.spill_bytes} | {r.stack_bytes} | {r.shared_bytes} | {r.fma_in_ptx} |")
+        print(f"| {r.kernel} | {r.variant} | {r.registers} | {r.spill_bytes} | {r.stack_bytes} "
+              f"| {r.shared_bytes} | {r.fma_in_ptx} |")
     return 0
 
 

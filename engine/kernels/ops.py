@@ -130,6 +130,11 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
         raise HessforgeError(f"structure {k}: periodic cell has zero volume (cell={cell[k].tolist()})")
 
 
+def nb_chunk(num_basis: int) -> int:
+    """Basis functions per inner block of the fixed-launch kernels: a power of two, at most 32."""
+    return min(32, _next_pow2(num_basis))
+
+
 def _block(default: int, device: torch.device) -> int:
     return INTERPRETER_BLOCK if device.type == "cpu" else default
 
@@ -156,7 +161,7 @@ def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geo
         tk._fill_kernel[(n_atoms,)](
             prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, first, size,
             outs[0], outs[1], r, unit, rbf, fcut,
-            NUM_BASIS=num_basis, NB_CHUNK=min(32, _next_pow2(num_basis)), WITH_GEOMETRY=with_geometry,
+            NUM_BASIS=num_basis, NB_CHUNK=nb_chunk(num_basis), WITH_GEOMETRY=with_geometry,
             BLOCK_C=block_c, **FORWARD_OPTIONS,
         )
     if with_geometry:
@@ -216,7 +221,7 @@ def _radial_edges_backward_op(
                  HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None)
     if r.device.type == "cpu":  # the interpreter: one large block, no tuning (it would time numpy)
         tk._backward_kernel[(triton_cdiv(num_slots, INTERPRETER_BLOCK),)](
-            *args, NB_CHUNK=min(32, _next_pow2(num_basis)), BLOCK_E=INTERPRETER_BLOCK, **flags,
+            *args, NB_CHUNK=nb_chunk(num_basis), BLOCK_E=INTERPRETER_BLOCK, **flags,
             **BACKWARD_OPTIONS)
     else:  # GPU: the launch configuration is tuned at the first call per flags (_triton_impl.BACKWARD_CONFIGS)
         tk.backward_kernel_tuned[lambda meta: (triton_cdiv(num_slots, meta["BLOCK_E"]),)](

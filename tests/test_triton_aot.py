@@ -38,14 +38,17 @@ def _compile_report(*args):
 @pytest.mark.parametrize("num_basis", [32, 20])
 def test_every_kernel_variant_compiles_for_sm90(num_basis):
     reports = _compile_report("--arch", "90", "--num-basis", str(num_basis))
-    from engine.kernels._triton_impl import BACKWARD_CONFIGS
+    from engine.kernels import _triton_impl as tk
 
-    variants = {(r["kernel"], r["variant"]) for r in reports}
+    expected = {"_count_kernel": len(tk.COUNT_CONFIGS), "features": len(tk.FILL_CONFIGS),
+                "edges only": len(tk.EDGES_CONFIGS), "_backward_kernel": len(tk.BACKWARD_CONFIGS)}
     for dtype in ("float32", "float64"):
-        assert {("_count_kernel", dtype), ("_fill_kernel", f"{dtype}, features"),
-                ("_fill_kernel", f"{dtype}, edges only")} <= variants
-        tuned = [v for k, v in variants if k == "_backward_kernel" and v.startswith(f"{dtype}, all gradients")]
-        assert len(tuned) == len(BACKWARD_CONFIGS)
+        found = dict.fromkeys(expected, 0)
+        for r in reports:
+            if r["variant"].startswith(dtype + ","):
+                kind = r["variant"].split(", ")[1] if r["kernel"] == "_fill_kernel" else r["kernel"]
+                found[kind] += 1
+        assert found == expected, (dtype, found)  # every launch configuration the autotuning may pick
     for r in reports:
         assert 0 < r["registers"] <= 255, r
         assert r["spill_bytes"] == 0, r
@@ -53,7 +56,7 @@ def test_every_kernel_variant_compiles_for_sm90(num_basis):
             # libdevice's sinf/cosf keep a small local array for large-argument range reduction (32-112 bytes
             # measured); a frame of kilobytes means calls were not inlined (seen for fp64 at NB_CHUNK 32)
             assert r["stack_bytes"] <= 128, r
-        if r["kernel"] == "_count_kernel" or r["variant"].endswith("edges only"):
+        if r["kernel"] == "_count_kernel" or ", edges only," in r["variant"]:
             # no sin/cos in these: any fma would be a contraction of the distance arithmetic
             assert r["fma_in_ptx"] == 0, r
 

@@ -288,6 +288,35 @@ def test_every_backward_launch_configuration_gives_the_same_gradients(rng, num_b
         assert not got[131:].any()
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_forward_launch_configuration_gives_the_reference(rng, dtype, monkeypatch):
+    """On a GPU the count and fill kernels' tilings are autotuned independently (_triton_impl.COUNT_CONFIGS,
+    FILL_CONFIGS, EDGES_CONFIGS): each fill tiling, paired with a count tiling of another candidate block and
+    launched directly, must give the reference's edges and features (the counts fix the slots the fill
+    writes, so the two kernels must agree on every pair)."""
+    from engine.kernels import _triton_impl as tk
+    from engine.kernels import ops
+
+    def launch(config):
+        return dict(config.kwargs, num_warps=config.num_warps)
+
+    pos, cell, pbc, batch, rc = random_batch(rng, dtype)
+    ref_edges, ref_shifts, ref_feats = reference(pos, cell, pbc, batch, rc, NUM_BASIS, 0.0)
+    for k, (fill, edges) in enumerate(zip(tk.FILL_CONFIGS, tk.EDGES_CONFIGS)):
+        others = [c for c in tk.COUNT_CONFIGS if c.kwargs["BLOCK_C"] != fill.kwargs["BLOCK_C"]]
+        count = others[k % len(others)]
+        monkeypatch.setattr(ops, "_forward_launches", lambda device, num_basis, geometry: (
+            tk._count_kernel, launch(count), tk._fill_kernel, launch(fill if geometry else edges)))
+        out = radial_edges(pos, cell, pbc, batch, rc, NUM_BASIS, backend="triton")
+        assert torch.equal(out.edge_index, ref_edges), (count, fill)
+        assert torch.equal(out.shifts, ref_shifts), (count, fill)
+        for got, want in zip((out.r, out.unit, out.rbf, out.fcut), ref_feats):
+            torch.testing.assert_close(got, want, **_tol(dtype), msg=lambda m: f"{count} / {fill}: {m}")
+        nl = neighbor_list(pos, cell, pbc, batch, rc, backend="triton")
+        assert torch.equal(nl.edge_index, ref_edges) and torch.equal(nl.shifts, ref_shifts), (count, edges)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_derivatives_are_refused(backend):
     pos = torch.tensor([[0.0, 0, 0], [1.2, 0.3, 0]], device=DEVICE, requires_grad=True)

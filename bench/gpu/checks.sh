@@ -25,7 +25,7 @@ else
 fi
 unset TRITON_INTERPRET
 export HESSFORGE_BENCH_DEVICE=cuda
-export TRITON_PRINT_AUTOTUNING=1  # the backward kernel's tuned launch configuration, in each step's log
+export TRITON_PRINT_AUTOTUNING=1  # the tuned launch configurations (count, fill, backward kernels), in each step's log
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   nproc; date -u; } > "$OUT/gpu.txt" 2>&1

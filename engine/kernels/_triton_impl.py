@@ -212,8 +212,38 @@ def _backward_kernel(r_ptr, unit_ptr, g_r_ptr, g_unit_ptr, g_rbf_ptr, g_fcut_ptr
     tl.store(g_vec_ptr + 3 * e + 2, tl.where(valid, gz, 0.0), mask=in_range)
 
 
-# The backward's launch configurations, tuned on the GPU at its first call per key (triton.autotune times each
-# one there). Registers per thread on sm_90, fp32, 128 basis functions (python -m engine.kernels.aot, ptxas
+# Launch configurations, tuned on the GPU at the first call per key (triton.autotune times each one there;
+# TRITON_PRINT_AUTOTUNING=1 prints the pick). Every one is compiled for sm_90 by tests/test_triton_aot.py and
+# checked against the torch reference in the interpreter (tests/test_triton_kernels.py). The interpreter
+# launches the kernels directly with one large block instead (ops.py).
+#
+# Forward: the candidate block and, for the fill kernel's features, the basis chunk. Count kernel and fill
+# kernel may run different blocks: a candidate's hit test is elementwise (no fma, FORWARD_OPTIONS), so the
+# counts and the fill agree on every pair whatever the tiling. 32-candidate blocks fit ~30-atom molecules in
+# one iteration (a 64 block leaves half its lanes idle there); 64-128 suit periodic cells with many images.
+COUNT_CONFIGS = [
+    triton.Config({"BLOCK_C": 64}, num_warps=4),  # the original fixed launch
+    triton.Config({"BLOCK_C": 32}, num_warps=1),
+    triton.Config({"BLOCK_C": 64}, num_warps=2),
+    triton.Config({"BLOCK_C": 128}, num_warps=4),
+]
+EDGES_CONFIGS = [triton.Config(dict(c.kwargs, NB_CHUNK=1), num_warps=c.num_warps) for c in COUNT_CONFIGS]
+# Registers per thread on sm_90 for the features variant (fp32 / fp64, 32 and 128 basis functions; Triton 3.6,
+# the lent H200's, then 3.9): the original 64x32 launch takes 215-221 / 255 under 3.6 (72-96 / 214-220 under
+# 3.9), the others 56-128 / 80-168 under both (bench/results/triton_aot_sm90.md).
+FILL_CONFIGS = [
+    triton.Config({"BLOCK_C": 64, "NB_CHUNK": 32}, num_warps=4),  # the original fixed launch
+    triton.Config({"BLOCK_C": 64, "NB_CHUNK": 8}, num_warps=4),
+    triton.Config({"BLOCK_C": 32, "NB_CHUNK": 16}, num_warps=4),
+    triton.Config({"BLOCK_C": 32, "NB_CHUNK": 8}, num_warps=4),
+]
+# The outputs are plain stores at slots fixed by the counts, so re-running a launch while tuning rewrites the
+# same values: no reset or restore is needed.
+count_kernel_tuned = triton.autotune(configs=COUNT_CONFIGS, key=[])(_count_kernel)
+fill_kernel_tuned = triton.autotune(configs=FILL_CONFIGS, key=["NUM_BASIS", "WITH_GEOMETRY"])(_fill_kernel)
+edges_kernel_tuned = triton.autotune(configs=EDGES_CONFIGS, key=["NUM_BASIS", "WITH_GEOMETRY"])(_fill_kernel)
+
+# Backward: registers per thread on sm_90, fp32, 128 basis functions (python -m engine.kernels.aot, ptxas
 # 12.9, no spills in any): the first, the original fixed choice, takes 255, the cap, so at most 2 programs of
 # 4 warps fit on a multiprocessor (8 of 64 warps) for a kernel that is mostly sin/cos over the basis and
 # memory traffic; the others hold fewer basis functions x edges per thread (122-168 registers).

@@ -39,32 +39,38 @@ class KernelReport:
     fma_in_ptx: int  # contracted a*b+c, or libdevice's sin/cos (which use fma by design)
 
 
-def _variants(dtype: str, num_basis: int):
-    """(kernel name, variant label, signature, constexprs, options) for every launch ops.py makes on a GPU."""
-    from engine.kernels import ops
-    from engine.kernels._triton_impl import BACKWARD_CONFIGS
+def _tiling(config) -> str:
+    return ", ".join([f"{k} {v}" for k, v in config.kwargs.items() if k != "NB_CHUNK" or v > 1]
+                     + [f"{config.num_warps} warp" + ("s" if config.num_warps > 1 else "")])
 
-    fp, nb_chunk = POINTER[dtype], ops.nb_chunk(num_basis)
+
+def _variants(dtype: str, num_basis: int):
+    """(kernel name, variant label, signature, constexprs, options) for every launch ops.py makes on a GPU:
+    each kernel with each launch configuration its autotuning may pick (_triton_impl.*_CONFIGS)."""
+    from engine.kernels import ops
+    from engine.kernels._triton_impl import BACKWARD_CONFIGS, COUNT_CONFIGS, EDGES_CONFIGS, FILL_CONFIGS
+
+    fp = POINTER[dtype]
     forward = dict(pos_ptr=fp, batch_ptr="*i64", meta_ptr="*i32", cell_ptr=fp, inv_ptr=fp, params_ptr=fp)
-    yield ("_count_kernel", dtype, dict(forward, counts_ptr="*i64", BLOCK_C="constexpr"),
-           dict(BLOCK_C=ops.BLOCK_C), ops.FORWARD_OPTIONS)
+    for config in COUNT_CONFIGS:
+        yield ("_count_kernel", f"{dtype}, {_tiling(config)}", dict(forward, counts_ptr="*i64", BLOCK_C="constexpr"),
+               dict(config.kwargs), dict(ops.FORWARD_OPTIONS, num_warps=config.num_warps))
     fill = dict(forward, off_ptr=fp, first_ptr="*i64", capacity="i32", edge_ptr="*i64", shift_ptr=fp,
                 r_ptr=fp, unit_ptr=fp, rbf_ptr=fp, fcut_ptr=fp, NUM_BASIS="constexpr", NB_CHUNK="constexpr",
                 WITH_GEOMETRY="constexpr", BLOCK_C="constexpr")
-    for geometry in (True, False):
-        yield ("_fill_kernel", f"{dtype}, {'features' if geometry else 'edges only'}", fill,
-               dict(NUM_BASIS=num_basis, NB_CHUNK=nb_chunk, WITH_GEOMETRY=geometry, BLOCK_C=ops.BLOCK_C),
-               ops.FORWARD_OPTIONS)
+    for geometry, configs in ((True, FILL_CONFIGS), (False, EDGES_CONFIGS)):
+        for config in configs:
+            yield ("_fill_kernel", f"{dtype}, {'features' if geometry else 'edges only'}, {_tiling(config)}", fill,
+                   dict(config.kwargs, NUM_BASIS=num_basis if geometry else 0, WITH_GEOMETRY=geometry),
+                   dict(ops.FORWARD_OPTIONS, num_warps=config.num_warps))
     backward = dict(r_ptr=fp, unit_ptr=fp, g_r_ptr=fp, g_unit_ptr=fp, g_rbf_ptr=fp, g_fcut_ptr=fp,
                     count_ptr="*i64", params_ptr=fp, g_vec_ptr=fp, num_slots="i32", NUM_BASIS="constexpr",
                     NB_CHUNK="constexpr", HAS_G_R="constexpr", HAS_G_UNIT="constexpr", HAS_G_RBF="constexpr",
                     HAS_G_FCUT="constexpr", BLOCK_E="constexpr")
     flags = dict(NUM_BASIS=num_basis, HAS_G_R=True, HAS_G_UNIT=True, HAS_G_RBF=True, HAS_G_FCUT=True)
-    for config in BACKWARD_CONFIGS:  # every configuration the GPU's autotuning may pick
-        block_e, chunk = config.kwargs["BLOCK_E"], config.kwargs["NB_CHUNK"]
-        yield ("_backward_kernel", f"{dtype}, all gradients, BLOCK_E {block_e}, NB_CHUNK {chunk}, "
-               f"{config.num_warps} warps", backward, dict(flags, **config.kwargs),
-               dict(ops.BACKWARD_OPTIONS, num_warps=config.num_warps))
+    for config in BACKWARD_CONFIGS:
+        yield ("_backward_kernel", f"{dtype}, all gradients, {_tiling(config)}", backward,
+               dict(flags, **config.kwargs), dict(ops.BACKWARD_OPTIONS, num_warps=config.num_warps))
 
 
 def _resources(cubin: bytes, cuobjdump: Path, name: str) -> tuple[int, int, int, int]:

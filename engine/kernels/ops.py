@@ -41,7 +41,6 @@ from engine.kernels._prepare import make_params, prepare
 from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
 
 BACKENDS = ("auto", "torch", "triton")
-BLOCK_C = 64  # candidates per block in the forward kernels
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
 # No a*b+c -> fma contraction in the forward kernels: Triton contracts by default (17 fma in the count
 # kernel's sm_90 PTX, none with this), which rounds distances differently from the torch reference's separate
@@ -131,24 +130,35 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
 
 
 def nb_chunk(num_basis: int) -> int:
-    """Basis functions per inner block of the fixed-launch kernels: a power of two, at most 32."""
+    """Basis functions per inner block of the interpreted kernels: a power of two, at most 32."""
     return min(32, _next_pow2(num_basis))
 
 
-def _block(default: int, device: torch.device) -> int:
-    return INTERPRETER_BLOCK if device.type == "cpu" else default
+def _interpreted(device: torch.device) -> bool:
+    """Triton on CPU tensors is the interpreter (use_triton allows nothing else): it launches the kernels
+    directly with one large block, untuned (tuning would time numpy); a GPU launches the autotuned kernels."""
+    return device.type == "cpu"
+
+
+def _forward_launches(device: torch.device, num_basis: int, with_geometry: bool):
+    """(count kernel, its tiling kwargs, fill kernel, its tiling kwargs); tuned kernels take none."""
+    tk = _load_triton()
+    if _interpreted(device):
+        return (tk._count_kernel, dict(BLOCK_C=INTERPRETER_BLOCK),
+                tk._fill_kernel, dict(BLOCK_C=INTERPRETER_BLOCK, NB_CHUNK=nb_chunk(num_basis)))
+    # _triton_impl.COUNT_CONFIGS / FILL_CONFIGS / EDGES_CONFIGS
+    return tk.count_kernel_tuned, {}, tk.fill_kernel_tuned if with_geometry else tk.edges_kernel_tuned, {}
 
 
 def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geometry: bool):
-    tk = _load_triton()
-    block_c = _block(BLOCK_C, prep.pos_w.device)
     n_atoms = prep.pos_w.shape[0]
     device = prep.pos_w.device
+    count_kernel, count_tiling, fill_kernel, fill_tiling = _forward_launches(device, num_basis, with_geometry)
     counts = torch.zeros(n_atoms, dtype=torch.int64, device=device)
     batch = batch.contiguous()
     if n_atoms:
-        tk._count_kernel[(n_atoms,)](
-            prep.pos_w, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, counts, BLOCK_C=block_c,
+        count_kernel[(n_atoms,)](
+            prep.pos_w, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, counts, **count_tiling,
             **FORWARD_OPTIONS)
     first = torch.cumsum(counts, 0) - counts
     num_edges = counts.sum()
@@ -158,11 +168,10 @@ def _triton_forward(prep, batch: Tensor, num_basis: int, capacity: int, with_geo
     if n_atoms and size:
         dummy = outs[1]
         r, unit, rbf, fcut = (t if t is not None else dummy for t in outs[2:6])
-        tk._fill_kernel[(n_atoms,)](
+        fill_kernel[(n_atoms,)](
             prep.pos_w, prep.offsets, batch, prep.meta, prep.cell, prep.inv_cell, prep.params, first, size,
             outs[0], outs[1], r, unit, rbf, fcut,
-            NUM_BASIS=num_basis, NB_CHUNK=nb_chunk(num_basis), WITH_GEOMETRY=with_geometry,
-            BLOCK_C=block_c, **FORWARD_OPTIONS,
+            NUM_BASIS=num_basis, WITH_GEOMETRY=with_geometry, **fill_tiling, **FORWARD_OPTIONS,
         )
     if with_geometry:
         return tuple(outs) + (num_edges,)
@@ -219,7 +228,7 @@ def _radial_edges_backward_op(
             num_edges, params, g_vec, num_slots)
     flags = dict(NUM_BASIS=num_basis, HAS_G_R=grads[0] is not None, HAS_G_UNIT=grads[1] is not None,
                  HAS_G_RBF=grads[2] is not None and num_basis > 0, HAS_G_FCUT=grads[3] is not None)
-    if r.device.type == "cpu":  # the interpreter: one large block, no tuning (it would time numpy)
+    if _interpreted(r.device):
         tk._backward_kernel[(triton_cdiv(num_slots, INTERPRETER_BLOCK),)](
             *args, NB_CHUNK=nb_chunk(num_basis), BLOCK_E=INTERPRETER_BLOCK, **flags,
             **BACKWARD_OPTIONS)

@@ -36,6 +36,18 @@ def num_atoms_per_structure(graph: AtomicGraph) -> torch.Tensor:
     return torch.bincount(graph.batch, minlength=graph.cell.shape[0])
 
 
+def sum_per_structure(values: torch.Tensor, batch: torch.Tensor, num_structures: int) -> torch.Tensor:
+    """Per-structure sums [B] of per-atom values [N] (batch: the structure of each atom).
+
+    One structure is summed directly: inductor's CPU code generator fails on a scatter-add into a
+    one-element buffer (AssertionError in cpp.py store, torch 2.13), so a compiled student could not evaluate
+    a single structure. The branch is on a shape, which torch.compile guards on and TorchScript keeps."""
+    if num_structures == 1:
+        return values.sum(dim=0, keepdim=True)
+    out = torch.zeros(num_structures, dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch, values)
+
+
 def with_positions(graph: AtomicGraph, positions: torch.Tensor) -> AtomicGraph:
     return graph._replace(positions=positions)
 

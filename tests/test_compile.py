@@ -73,3 +73,20 @@ def test_inductor_compiled_equals_eager(rng):
         torch.testing.assert_close(b["energy"], a["energy"], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(b["forces"], a["forces"], rtol=1e-8, atol=1e-10)
     assert _graphs_compiled() - before <= 2
+
+
+def test_inductor_compiles_a_single_structure(rng):
+    """One structure (an ASE calculator's case): inductor's CPU code generator failed on the per-structure
+    energy's scatter-add into a one-element buffer (engine.graph.sum_per_structure sums it directly)."""
+    torch._dynamo.reset()
+    model = _model("gradient", int(rng.integers(1000)))
+    compiled = CompiledStudent(model)
+    from ase.build import molecule
+
+    atoms = molecule("CH3CH2OH")
+    atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+    graph = graph_from_atoms([atoms], 4.0, torch.float64)
+    a, b = model(graph), compiled(graph)
+    torch.testing.assert_close(b["energy"], a["energy"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b["forces"], a["forces"], rtol=1e-8, atol=1e-10)
+    assert float(a["forces"].abs().max()) > 0

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engine.errors import UnknownElementError
-from engine.graph import AtomicGraph, edge_vectors
+from engine.graph import AtomicGraph, edge_vectors, sum_per_structure
 from engine.radial import cosine_cutoff, sinc_basis
 
 FORCE_MODES = ("gradient", "direct")
@@ -140,8 +140,7 @@ class PaiNN(nn.Module):
         s, v = self.representation(graph, positions)
         species = self.z_to_index[graph.numbers]
         node_energy = self.readout(s).squeeze(-1) * self.energy_scale + self.atom_ref[species]
-        energy = torch.zeros(graph.cell.shape[0], dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, graph.batch, node_energy)
+        energy = sum_per_structure(node_energy, graph.batch, graph.cell.shape[0])
         return energy, node_energy, s, v
 
     def direct_force_head(self, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

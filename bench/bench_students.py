@@ -1,7 +1,8 @@
-"""Student forward+forces (eager vs compiled vs compiled+fused, vs compiled+triton on CUDA) and teacher vs
-student (the MACE-OFF23-Large architecture vs the paper-size PaiNN student) at batch 64 and at each one's best
-batch, on ~26-atom molecules (s22 complexes with >= 24 atoms). Every timed call is an MD step's force work:
-the neighbor list rebuilt from the positions, then energy and forces (engine.runner's "model+NL" timing).
+"""Student forward+forces (eager vs compiled vs compiled+fused; on CUDA also compiled+triton and cudagraphs:
+the fused op's Triton kernels, compiled, replayed as CUDA graphs) and teacher vs student (the MACE-OFF23-Large
+architecture vs the paper-size PaiNN student) at batch 64 and at each one's best batch, on ~26-atom molecules
+(s22 complexes with >= 24 atoms). Every timed call is an MD step's force work: the neighbor list rebuilt from
+the positions, then energy and forces (engine.runner's "model+NL" timing).
 
     . .venv/bin/activate
     python -m pytest bench/bench_students.py -p no:cacheprovider -s \
@@ -17,7 +18,12 @@ Knobs (environment): HESSFORGE_BENCH_DEVICE (auto: cuda when available), HESSFOR
 HESSFORGE_BENCH_ROUNDS (5, students), HESSFORGE_BENCH_TEACHER_ROUNDS (1 on CPU, 5 on CUDA: one MACE-OFF-L
 call on 64 molecules takes about a minute on one CPU core), HESSFORGE_BENCH_BATCHES (16,64),
 HESSFORGE_BENCH_MAX_BATCH (sweep limit: 1024 on CPU, 8192 on CUDA), HESSFORGE_BENCH_DTYPE (float32),
-HESSFORGE_BENCH_MODES (eager,compiled,compiled+fused,compiled+triton), HESSFORGE_BENCH_FIXED (64).
+HESSFORGE_BENCH_MODES (CPU: eager,compiled,compiled+fused; CUDA: eager,compiled,compiled+triton,cudagraphs:
+on CUDA compiled+fused is compiled+triton), HESSFORGE_BENCH_SWEEP (the best-batch sweeps; CPU:
+teacher,eager,compiled; CUDA: teacher,eager,compiled+triton,cudagraphs), HESSFORGE_BENCH_SWEEP_FROM (the
+sweeps' first batch size, doubled up to the maximum: 1 on CPU, 16 on CUDA), HESSFORGE_BENCH_FIXED (64),
+HESSFORGE_BENCH_LOG (a JSONL file that gets each case's result as soon as it is measured, so a run stopped
+early keeps what it measured; `report` reads it like the --benchmark-json file).
 """
 from __future__ import annotations
 
@@ -49,7 +55,12 @@ MAX_BATCH = int(os.environ.get("HESSFORGE_BENCH_MAX_BATCH", "8192" if CUDA else 
 DTYPE = {"float32": torch.float32, "float64": torch.float64}[os.environ.get("HESSFORGE_BENCH_DTYPE", "float32")]
 DATA = "s22:24"
 STUDENT = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")  # the paper-size PaiNN
-MODES = os.environ.get("HESSFORGE_BENCH_MODES", "eager,compiled,compiled+fused,compiled+triton").split(",")
+MODES = os.environ.get("HESSFORGE_BENCH_MODES", "eager,compiled,compiled+triton,cudagraphs" if CUDA
+                       else "eager,compiled,compiled+fused").split(",")
+SWEEP = os.environ.get("HESSFORGE_BENCH_SWEEP", "teacher,eager,compiled+triton,cudagraphs" if CUDA
+                       else "teacher,eager,compiled").split(",")
+SWEEP_FROM = int(os.environ.get("HESSFORGE_BENCH_SWEEP_FROM", "16" if CUDA else "1"))
+LOG = os.environ.get("HESSFORGE_BENCH_LOG")
 FIXED = int(os.environ.get("HESSFORGE_BENCH_FIXED", "64"))  # the paper's fixed batch size
 PAPER = {"batch64": {"student": 291.5, "teacher": 38.0}, "best": {"student": 1827.0, "teacher": 38.1}}
 
@@ -95,6 +106,8 @@ def target(kind: str):
 
 
 def run(benchmark, t, structures, batch, rounds, **info):
+    """Time `rounds` MD steps' force work on `batch` structures; the result goes to the benchmark record
+    (extra_info) and, with HESSFORGE_BENCH_LOG, at once to that JSONL file."""
     graph = t.prepare(fill_batch(structures, batch))
     atoms = t.count(graph)[0]
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -109,6 +122,11 @@ def run(benchmark, t, structures, batch, rounds, **info):
         model=t.name, mode=t.mode, batch=batch, atoms=atoms, device=str(DEVICE), dtype=str(DTYPE)[6:],
         threads=torch.get_num_threads(), structures_per_s=batch / median,
         ns_per_day=ns_per_day(batch / median), **info)
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"name": benchmark.name, "stats": {"median": median, "min": benchmark.stats.stats.min,
+                                                                   "rounds": rounds},
+                                "extra_info": benchmark.extra_info}) + "\n")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -121,13 +139,14 @@ def test_teacher_step_fixed(benchmark, structures):
     run(benchmark, target("teacher"), structures, FIXED, TEACHER_ROUNDS)
 
 
-@pytest.mark.parametrize("kind", ["teacher", "eager", "compiled"])
+@pytest.mark.parametrize("kind", SWEEP)
 def test_best_batch(benchmark, structures, kind):
     """Sweep 1, 2, 4, ... (engine.runner.sweep: plateau / memory cap on CPU, out of memory on CUDA), then
     benchmark the best batch size found."""
     t = target(kind)
     fast = kind == "teacher" and not CUDA
-    s = sweep(t, structures, max_batch=MAX_BATCH, warmup=1, repeats=1 if fast else 3,
+    sizes = [2 ** k for k in range(SWEEP_FROM.bit_length() - 1, MAX_BATCH.bit_length())]
+    s = sweep(t, structures, batch_sizes=sizes, warmup=1, repeats=1 if fast else 3,
               with_neighbors=True, max_call_s=120.0,
               progress=lambda r: print(f"\n  sweep {t.name} [{t.mode}] batch {r.batch_size}: "
                                        f"{r.model_nl.ns_per_day:.3g} ns/day", end=""))
@@ -142,8 +161,11 @@ def test_best_batch(benchmark, structures, kind):
 # ---------------------------------------------------------------------------------------------- report
 def report(path: str) -> str:
     """Markdown tables and the paper ratios from a --benchmark-json file of this suite."""
-    data = json.load(open(path))
-    rows = {b["name"]: b for b in data["benchmarks"]}
+    with open(path) as f:
+        if path.endswith(".jsonl"):  # HESSFORGE_BENCH_LOG: one result per line, the last of a name wins
+            rows = {b["name"]: b for b in map(json.loads, filter(str.strip, f))}
+        else:
+            rows = {b["name"]: b for b in json.load(f)["benchmarks"]}
     lines = ["| case | model | mode | batch | median ms/call | structures/s | ns/day (1 fs) |", "|" + "---|" * 7]
     for name, b in rows.items():
         e = b["extra_info"]
@@ -170,8 +192,8 @@ def report(path: str) -> str:
                            f"{teacher['ns_per_day']:.3g} ns/day | {v / teacher['ns_per_day']:.1f}x | "
                            f"{paper64:.1f}x (291.5 / 38.0 at batch 64) |")
     tb = get("test_best_batch[teacher]")
-    for kind in ("eager", "compiled"):
-        e = get(f"test_best_batch[{kind}]")
+    for kind in [n[len("test_best_batch["):-1] for n in rows if n.startswith("test_best_batch[")]:
+        e = get(f"test_best_batch[{kind}]") if kind != "teacher" else None
         if e and tb:
             out.append(f"| {e['mode']}, best batch {e['batch']}: {e['ns_per_day']:.3g} ns/day | best batch "
                        f"{tb['batch']}: {tb['ns_per_day']:.3g} ns/day | {e['ns_per_day'] / tb['ns_per_day']:.1f}x | "

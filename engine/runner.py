@@ -33,7 +33,8 @@ taking longer than `max_call_s`.
 Any model can be timed through the `BenchTarget` protocol (prepare / model / model_with_neighbors);
 `StudentTarget` covers engine students (PaiNN, CompiledStudent, exported models) in the modes eager,
 compiled, fused (neighbor list + radial basis from the fused `engine.kernels.radial_edges` op: Triton on
-CUDA) and compiled+fused; teachers live in training/bench.py.
+CUDA), compiled+fused, compiled+triton and cudagraphs (CUDA graphs of the compiled fused student on padded
+edges); teachers live in training/bench.py.
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ import torch
 from torch import nn
 
 from engine.errors import HessforgeError
-from engine.graph import AtomicGraph, graph_from_atoms, graph_to
+from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
 
 NS_PER_DAY_PER_STEP_PER_S = 86400 * 1e-6  # ns/day at 1 fs per step, per step/s
-STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+triton")
+STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+triton", "cudagraphs")
 
 
 def ns_per_day(structures_per_s: float) -> float:
@@ -132,11 +133,18 @@ class FusedStudent(nn.Module):
     one pass over candidate pairs gives the edges, unit vectors, sinc basis and cosine envelope, with a
     first-derivative backward to positions, so forces need no second pass over the edge geometry. The graph's
     own edges are ignored: the neighbor list is built inside the call. Forces only (no Hessians: the fused op
-    has no double backward). backend: auto (Triton on CUDA, vectorised torch elsewhere) | torch | triton."""
+    has no double backward). backend: auto (Triton on CUDA, vectorised torch elsewhere) | torch | triton.
+
+    capacity: None, the exact number of edges (data-dependent shapes, one device->host sync inside the op);
+    or a number of edge slots, padded with inert edges (static shapes and no sync inside the call, what CUDA
+    graphs need), 0 to size it at the first call from an exact count. After each padded call the true edge
+    count is read (one sync, outside the model): if it exceeded the slots, the capacity is resized
+    (`edge_slots`) and the call redone, so no edge is ever dropped; if it fell below half the slots, the
+    capacity is resized for the next call, so padding never more than doubles the edge work."""
 
     fuses_neighbors = True  # callers (runner, engine.md) skip their own neighbor list
 
-    def __init__(self, model: nn.Module, backend: str = "auto"):
+    def __init__(self, model: nn.Module, backend: str = "auto", capacity: Optional[int] = None):
         super().__init__()
         k = _kernels()
         if k is None:
@@ -144,21 +152,27 @@ class FusedStudent(nn.Module):
         for attr in ("embedding", "messages", "updates", "readout", "z_to_index", "num_basis"):
             if not hasattr(model, attr):
                 raise HessforgeError(f"the fused path supports PaiNN students; {type(model).__name__} lacks {attr}")
+        if capacity is not None and capacity < 0:
+            raise HessforgeError(f"edge capacity must be >= 0 (0: sized at the first call), got {capacity}")
         self.model = model
         self.backend = backend
+        self.capacity = capacity
         self.cutoff = float(model.cutoff)
         self.species = list(model.species)
         self.direct_forces = bool(getattr(model, "direct_forces", False))
-        self._radial_edges = k.radial_edges
+        self._kernels = k
 
     def check_species(self, numbers, where: str = "") -> None:
         self.model.check_species(numbers, where)
 
-    def core(self, positions, numbers, cell, pbc, batch):
-        """energy [B], node_energy [N] and, for direct-force students, forces; autograd-free (compilable)."""
+    def core(self, positions, numbers, cell, pbc, batch, capacity: int):
+        """energy [B], node_energy [N], forces for direct-force students (else energy again) and the true
+        number of edges; autograd-free (compilable). capacity < 0: exact edges, else that many padded slots
+        (the op called directly: the overflow check is the caller's, outside compiled code)."""
         m = self.model
-        edges = self._radial_edges(positions, cell, pbc, batch, m.cutoff, m.num_basis, eps=1e-8,
-                                   backend=self.backend)  # eps: PaiNN's _norm, so r, unit and rbf match it
+        # eps: PaiNN's _norm, so r, unit and rbf match it
+        edges = self._kernels.RadialEdges(*torch.ops.hessforge.radial_edges(
+            positions, cell, pbc, batch, self.cutoff, int(m.num_basis), capacity, 1e-8, self.backend))
         s = m.embedding(m.z_to_index[numbers])
         v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=s.dtype, device=s.device)
         for message, update in zip(m.messages, m.updates):
@@ -166,25 +180,43 @@ class FusedStudent(nn.Module):
             s, v = update(s, v)
         species = m.z_to_index[numbers]
         node_energy = m.readout(s).squeeze(-1) * m.energy_scale + m.atom_ref[species]
-        energy = torch.zeros(cell.shape[0], dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, batch, node_energy)
+        energy = sum_per_structure(node_energy, batch, cell.shape[0])
         forces = m.direct_force_head(s, v) if self.direct_forces else energy
-        return energy, node_energy, forces
+        return energy, node_energy, forces, edges.num_edges
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False
                 ) -> Dict[str, torch.Tensor]:
-        return fused_forward(self.core, self.direct_forces, graph, compute_forces, create_graph)
+        return fused_forward(self.core, self, graph, compute_forces, create_graph)
 
 
-def fused_forward(core: Callable, direct_forces: bool, graph: AtomicGraph, compute_forces: bool,
-                  create_graph: bool) -> Dict[str, torch.Tensor]:
+def fused_forward(core: Callable, fused: FusedStudent, graph: AtomicGraph, compute_forces: bool,
+                  create_graph: bool, before_call: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
+    """Run a fused core (FusedStudent.core, compiled or not) with `fused`'s capacity policy, then take forces.
+    before_call: run before each core call (CUDA graphs: mark the start of a step)."""
     positions = graph.positions
-    if compute_forces and not direct_forces and not positions.requires_grad:
+    if compute_forces and not fused.direct_forces and not positions.requires_grad:
         positions = positions.detach().requires_grad_(True)
-    energy, node_energy, third = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch)
+    if fused.capacity == 0:  # size the padded slots from an exact count (no geometry, not differentiated)
+        nl = fused._kernels.neighbor_list(graph.positions.detach(), graph.cell.detach(), graph.pbc, graph.batch,
+                                          fused.cutoff, backend=fused.backend)
+        fused.capacity = edge_slots(int(nl.num_edges))
+    while True:
+        capacity = -1 if fused.capacity is None else fused.capacity
+        if before_call is not None:
+            before_call()
+        energy, node_energy, third, num_edges = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch,
+                                                     capacity)
+        if capacity < 0:
+            break
+        needed = int(num_edges)  # the padded call's one sync
+        if 2 * needed < capacity:  # mostly padding: fewer slots from the next call on
+            fused.capacity = edge_slots(needed)
+        if needed <= capacity:
+            break
+        fused.capacity = edge_slots(needed)  # overflow: resize and redo, never drop edges
     out = {"energy": energy, "node_energy": node_energy}
     if compute_forces:
-        if direct_forces:
+        if fused.direct_forces:
             out["forces"] = third
         else:
             (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph, allow_unused=True)
@@ -192,16 +224,29 @@ def fused_forward(core: Callable, direct_forces: bool, graph: AtomicGraph, compu
     return out
 
 
+def edge_slots(edges: int) -> int:
+    """Padded edge slots for `edges` edges: 1/8 headroom (an MD step moves the count by a few percent, so
+    resizing, which costs a new CUDA graph, is rare), rounded up to a multiple of 256."""
+    return max(256, -(-(edges + edges // 8) // 256) * 256)
+
+
 class CompiledFusedStudent(nn.Module):
-    """FusedStudent with its core under torch.compile (fullgraph, dynamic sizes); forces taken outside."""
+    """FusedStudent with its core under torch.compile (fullgraph, dynamic sizes); forces taken outside.
+
+    mode="reduce-overhead" (the cudagraphs student mode) replays CUDA graphs of the compiled forward and
+    backward: it needs a padded FusedStudent (static edge count, no sync inside the core). Replays reuse
+    their output memory, so the outputs are cloned before they are returned."""
 
     fuses_neighbors = True
 
     def __init__(self, fused: FusedStudent, dynamic: bool = True, mode: str = "default"):
         super().__init__()
+        if mode == "reduce-overhead" and fused.capacity is None:
+            raise HessforgeError("CUDA graphs (mode='reduce-overhead') need a padded FusedStudent (capacity=0 or N)")
         self.fused = fused
         self.cutoff, self.species, self.direct_forces = fused.cutoff, fused.species, fused.direct_forces
         self.dynamic = dynamic
+        self.graphs = mode == "reduce-overhead"
         self._core = torch.compile(fused.core, fullgraph=True, dynamic=dynamic, mode=mode)
 
     def check_species(self, numbers, where: str = "") -> None:
@@ -211,11 +256,16 @@ class CompiledFusedStudent(nn.Module):
         if self.dynamic:
             for t in (graph.positions, graph.numbers, graph.batch, graph.cell, graph.pbc):
                 torch._dynamo.mark_dynamic(t, 0)
-        return fused_forward(self._core, self.direct_forces, graph, compute_forces, create_graph)
+        if not self.graphs:
+            return fused_forward(self._core, self.fused, graph, compute_forces, create_graph)
+        out = fused_forward(self._core, self.fused, graph, compute_forces, create_graph,
+                            before_call=torch.compiler.cudagraph_mark_step_begin)
+        return {key: value.clone() for key, value in out.items()}
 
 
 def student_for_mode(model: nn.Module, mode: str, device: torch.device) -> Tuple[nn.Module, str]:
-    """(callable student, label) for a mode of STUDENT_MODES. compiled+triton requires the
+    """(callable student, label) for a mode of STUDENT_MODES. compiled+triton and cudagraphs (compiled+triton
+    on padded edges, replayed as CUDA graphs: CompiledFusedStudent with mode="reduce-overhead") require the
     Triton backend (CUDA); fused and compiled+fused use Triton where it runs (CUDA) and the fused op's
     vectorised torch path elsewhere. Raises HessforgeError (with the reason) where a mode cannot run."""
     if mode not in STUDENT_MODES:
@@ -231,13 +281,16 @@ def student_for_mode(model: nn.Module, mode: str, device: torch.device) -> Tuple
     k = _kernels()
     if k is None:
         raise HessforgeError("engine.kernels (the fused neighbor-list/radial-basis op) is not available")
-    if mode == "compiled+triton":
+    if mode in ("compiled+triton", "cudagraphs"):
         if device.type != "cuda" or not k.triton_available():
-            raise HessforgeError("compiled+triton needs CUDA and triton (the CPU Triton interpreter is for tests "
-                                 "only); the fused op's torch path is measured as compiled+fused")
+            raise HessforgeError(f"{mode} needs CUDA and triton (the CPU Triton interpreter is for tests only); "
+                                 "the fused op's torch path is measured as compiled+fused")
         backend = "triton"
     else:
         backend = "triton" if k.use_triton("auto", device) else "torch"
+    if mode == "cudagraphs":
+        return (CompiledFusedStudent(FusedStudent(model, backend=backend, capacity=0), mode="reduce-overhead"),
+                f"compiled+triton+cudagraphs[{backend}]")
     fused = FusedStudent(model, backend=backend)
     if mode == "fused":
         return fused, f"fused[{backend}]"

@@ -11,8 +11,8 @@ from ase.build import molecule
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
 from engine.models import PaiNN
-from engine.runner import (FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark, fill_batch,
-                           format_table, ns_per_day, rebuild_neighbors, sweep, write_json)
+from engine.runner import (CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark,
+                           edge_slots, fill_batch, format_table, ns_per_day, rebuild_neighbors, sweep, write_json)
 
 torch.set_num_threads(1)
 SPECIES = [1, 6, 7, 8]
@@ -134,6 +134,54 @@ def test_fused_student_equals_eager(rng, force_mode):
     assert float(eager["forces"].detach().abs().max()) > 1e-4
 
 
+@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
+def test_padded_fused_student_grows_and_never_drops_edges(rng, force_mode):
+    """capacity=N pads the edges to N slots (static shapes, for CUDA graphs); too few slots are detected after
+    the call and the call is redone with the capacity grown; capacity=0 sizes the slots at the first call."""
+    model = tiny(force_mode)
+    structures = small_molecules(rng, 4) + [periodic(rng)]
+    graph = graph_from_atoms(structures, model.cutoff, torch.float64)
+    edges = graph.edge_index.shape[1]
+    eager = model(graph)
+    start = int(rng.integers(1, edges // 2))
+    for capacity in (start, 0, int(1.5 * edges), 3 * edges):  # too few, sized at the first call, enough, mostly padding
+        fused = FusedStudent(model, backend="torch", capacity=capacity)
+        out = fused(graph)
+        assert torch.allclose(eager["energy"], out["energy"], atol=1e-10)
+        assert torch.allclose(eager["forces"], out["forces"], atol=1e-10)
+        assert fused.capacity == (capacity if edges <= capacity <= 2 * edges else edge_slots(edges))
+        assert edges <= edge_slots(edges) <= max(256, 1.125 * edges + 256) and edge_slots(edges) % 256 == 0
+    with pytest.raises(HessforgeError, match="capacity must be >= 0"):
+        FusedStudent(model, capacity=-3)
+
+
+def test_compiled_padded_student_for_cuda_graphs(rng):
+    """The cudagraphs mode's student (compiled with mode='reduce-overhead' on a padded fused student): on CPU
+    torch.compile runs it without graphs, so this checks its outputs and the one compilation for a stream of
+    calls; the graph replay itself needs CUDA (bench/gpu/checks.sh). Unpadded, it is refused."""
+    from torch._dynamo.utils import counters
+
+    from engine.compiled import compile_stats
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(dtype=torch.float32)
+    structures = small_molecules(rng, 5)
+    graph = graph_from_atoms(structures, model.cutoff, torch.float32)
+    student = CompiledFusedStudent(FusedStudent(model, backend="torch", capacity=0), mode="reduce-overhead")
+    eager = model(graph)
+    for _ in range(3):
+        moved = graph._replace(positions=graph.positions + 0.01 * torch.randn_like(graph.positions))
+        out = student(moved)
+        ref = model(moved)
+        torch.testing.assert_close(out["forces"], ref["forces"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out["energy"], ref["energy"], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out["forces"], eager["forces"])
+    assert compile_stats()["unique_graphs"] == 1 and compile_stats()["recompiles"] == 0
+    with pytest.raises(HessforgeError, match="padded"):
+        CompiledFusedStudent(FusedStudent(model, backend="torch"), mode="reduce-overhead")
+
+
 def test_student_target_modes_and_neighbor_rebuild(rng):
     model = tiny()
     structures = small_molecules(rng) + [periodic(rng)]
@@ -205,8 +253,9 @@ def test_bad_input(rng):
     with pytest.raises(HessforgeError, match="unknown student mode"):
         StudentTarget(model, "turbo")
     if not torch.cuda.is_available():
-        with pytest.raises(HessforgeError, match="needs CUDA"):
-            StudentTarget(model, "compiled+triton")
+        for mode in ("compiled+triton", "cudagraphs"):
+            with pytest.raises(HessforgeError, match="needs CUDA"):
+                StudentTarget(model, mode)
 
 
 # ---------------------------------------------------------------------------------------------- hessforge bench

@@ -317,6 +317,41 @@ def test_every_forward_launch_configuration_gives_the_reference(rng, dtype, monk
         assert torch.equal(nl.edge_index, ref_edges) and torch.equal(nl.shifts, ref_shifts), (count, edges)
 
 
+def test_preparation_is_cuda_graph_capturable(monkeypatch):
+    """The per-call preparation of the padded Triton path (prepare, make_params) neither reads device values
+    back (a sync: .item(), bincount's max) nor copies host data to the device: both are refused inside a CUDA
+    graph capture, which the cudagraphs student mode needs. Checked on the meta device, where a read-back
+    raises, recording any op fed a host tensor and any torch.tensor built on the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine.kernels._prepare import make_params, prepare
+
+    found = []
+
+    class HostTraffic(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if func is torch.ops.aten._local_scalar_dense.default or any(
+                    isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+                found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    real_tensor = torch.tensor
+
+    def watched_tensor(data, *args, device=None, **kwargs):
+        if device is not None and torch.device(device).type != "cpu":
+            found.append(f"torch.tensor(..., device={device})")
+        return real_tensor(data, *args, device=device, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", watched_tensor)
+    meta = dict(device="meta")
+    with HostTraffic():
+        prepare(torch.empty(10, 3, **meta), torch.empty(2, 3, 3, **meta), torch.empty(2, 3, dtype=torch.bool, **meta),
+                torch.empty(10, dtype=torch.long, **meta), 4.0, 1e-8)
+        make_params(4.0, 0.0, torch.float32, "meta")
+    assert found == []
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_derivatives_are_refused(backend):
     pos = torch.tensor([[0.0, 0, 0], [1.2, 0.3, 0]], device=DEVICE, requires_grad=True)

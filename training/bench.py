@@ -13,8 +13,9 @@ DATA is an extxyz (or any ASE-readable) file, a hessforge LMDB dataset, `quickst
 or `s22[:MIN_ATOMS]` (ase.collections.s22 molecular complexes, e.g. s22:24 for the ten with 24-30 atoms).
 Structures are replicated cyclically to fill each batch.
 
-Students run in every mode of --modes (eager, compiled, fused, compiled+fused, compiled+triton); a mode that
-cannot run here (no CUDA for Triton, no engine.kernels) is skipped with the reason printed. Teachers run eager.
+Students run in every mode of --modes (eager, compiled, fused, compiled+fused, compiled+triton, cudagraphs:
+compiled+triton with padded edges, replayed as CUDA graphs); a mode that cannot run here (no CUDA for Triton,
+no engine.kernels) is skipped with the reason printed. Teachers run eager.
 Speedups are ns/day over the reference: the first --compare teacher, else the first MODEL; at the fixed batch
 size, and with --sweep also best batch vs best batch.
 """

@@ -1,8 +1,9 @@
 """Per-batch preparation shared by the Triton kernel and the vectorised torch path.
 
-Everything here is O(N + B), sync-free and device-agnostic: wrapped positions (so that a fixed range of
-integer shifts finds every image within the cutoff), the integer wrap offsets (to report shifts relative to
-the caller's unwrapped positions), and per-structure metadata (first atom, atom count, shift ranges).
+Everything here is O(N + B), device-agnostic and sync-free (no device->host reads and no host->device copies,
+so a CUDA graph can capture it): wrapped positions (so that a fixed range of integer shifts finds every image
+within the cutoff), the integer wrap offsets (to report shifts relative to the caller's unwrapped positions),
+and per-structure metadata (first atom, atom count, shift ranges).
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def heights(cell: torch.Tensor) -> torch.Tensor:
 
 
 def make_params(cutoff: float, eps: float, dtype: torch.dtype, device) -> torch.Tensor:
-    # The same roundings as the torch reference: python doubles cast once to the working dtype.
-    return torch.tensor([cutoff, cutoff * cutoff, math.pi / cutoff, eps], dtype=dtype, device=device)
+    # The same roundings as the torch reference: python doubles cast once to the working dtype. Filled on the
+    # device rather than copied from host memory, which a CUDA graph capture would refuse.
+    values = (cutoff, cutoff * cutoff, math.pi / cutoff, eps)
+    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
 
 
 @torch.no_grad()
@@ -47,7 +50,8 @@ def prepare(
     num_graphs = cell.shape[0]
     device, dtype = positions.device, positions.dtype
     pbc = pbc.to(torch.bool)
-    natoms = torch.bincount(batch, minlength=num_graphs)
+    # not bincount: on CUDA it reads max(batch) back to the host (a sync; refused inside a CUDA graph capture)
+    natoms = torch.zeros(num_graphs, dtype=torch.int64, device=device).index_add_(0, batch, torch.ones_like(batch))
     start = torch.cumsum(natoms, 0) - natoms
     periodic = pbc.any(dim=1)
     eye = torch.eye(3, dtype=dtype, device=device).expand(num_graphs, 3, 3)
@@ -60,7 +64,8 @@ def prepare(
     nshift = torch.where(pbc & ~mic[:, None], torch.ceil(cutoff / h), torch.zeros((), dtype=dtype, device=device))
     nshift = nshift.to(torch.int64)
     m = 2 * nshift + 1
-    pbc_bits = (pbc.to(torch.int64) * torch.tensor([1, 2, 4], device=device)).sum(dim=1)
+    bits = pbc.to(torch.int64)
+    pbc_bits = bits[:, 0] + 2 * bits[:, 1] + 4 * bits[:, 2]
     meta = torch.stack(
         [start, natoms, nshift[:, 0], nshift[:, 1], nshift[:, 2], m.prod(dim=1), mic.to(torch.int64), pbc_bits],
         dim=1,

@@ -166,9 +166,10 @@ class FusedStudent(nn.Module):
         self.model.check_species(numbers, where)
 
     def core(self, positions, numbers, cell, pbc, batch, capacity: int):
-        """energy [B], node_energy [N], forces for direct-force students (else energy again) and the true
-        number of edges; autograd-free (compilable). capacity < 0: exact edges, else that many padded slots
-        (the op called directly: the overflow check is the caller's, outside compiled code)."""
+        """energy [B], node_energy [N], forces for direct-force students (else energy again) and a status
+        [2]: the true number of edges, and 1 if the positions are finite; autograd-free (compilable).
+        capacity < 0: exact edges, else that many padded slots (the op called directly: checking the status
+        is the caller's, outside compiled code; the padded op reads nothing back, so it cannot check)."""
         m = self.model
         # eps: PaiNN's _norm, so r, unit and rbf match it
         edges = self._kernels.RadialEdges(*torch.ops.hessforge.radial_edges(
@@ -182,7 +183,8 @@ class FusedStudent(nn.Module):
         node_energy = m.readout(s).squeeze(-1) * m.energy_scale + m.atom_ref[species]
         energy = sum_per_structure(node_energy, batch, cell.shape[0])
         forces = m.direct_force_head(s, v) if self.direct_forces else energy
-        return energy, node_energy, forces, edges.num_edges
+        status = torch.stack([edges.num_edges, torch.isfinite(positions).all().to(edges.num_edges.dtype)])
+        return energy, node_energy, forces, status
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False
                 ) -> Dict[str, torch.Tensor]:
@@ -204,14 +206,16 @@ def fused_forward(core: Callable, fused: FusedStudent, graph: AtomicGraph, compu
         capacity = -1 if fused.capacity is None else fused.capacity
         if before_call is not None:
             before_call()
-        energy, node_energy, third, num_edges = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch,
-                                                     capacity)
+        energy, node_energy, third, status = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch,
+                                                  capacity)
         if capacity < 0:
             break
-        needed = int(num_edges)  # the padded call's one sync
-        if 2 * needed < capacity:  # mostly padding: fewer slots from the next call on
-            fused.capacity = edge_slots(needed)
+        needed, finite = status.tolist()  # the padded call's one sync
+        if not finite:
+            raise HessforgeError("positions contain NaN or Inf")
         if needed <= capacity:
+            if 2 * needed < capacity:  # mostly padding: fewer slots from the next call on
+                fused.capacity = edge_slots(needed)
             break
         fused.capacity = edge_slots(needed)  # overflow: resize and redo, never drop edges
     out = {"energy": energy, "node_energy": node_energy}

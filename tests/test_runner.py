@@ -12,7 +12,8 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
 from engine.models import PaiNN
 from engine.runner import (CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark,
-                           edge_slots, fill_batch, format_table, ns_per_day, rebuild_neighbors, sweep, write_json)
+                           edge_slots, fill_batch, format_table, fused_forward, ns_per_day, rebuild_neighbors, sweep,
+                           write_json)
 
 torch.set_num_threads(1)
 SPECIES = [1, 6, 7, 8]
@@ -153,6 +154,17 @@ def test_padded_fused_student_grows_and_never_drops_edges(rng, force_mode):
         assert edges <= edge_slots(edges) <= max(256, 1.125 * edges + 256) and edge_slots(edges) % 256 == 0
     with pytest.raises(HessforgeError, match="capacity must be >= 0"):
         FusedStudent(model, capacity=-3)
+    # On a GPU the padded op reads nothing back (no sync inside a CUDA graph), so it cannot reject NaN
+    # positions itself (on CPU it does); the core's status says so and the call raises after it.
+    fused = FusedStudent(model, backend="torch", capacity=4 * edges)
+
+    def core_seeing_nan(*args):
+        energy, node_energy, forces, status = fused.core(*args)
+        assert status.tolist() == [edges, 1]
+        return energy, node_energy, forces, status * torch.tensor([1, 0])
+
+    with pytest.raises(HessforgeError, match="NaN or Inf"):
+        fused_forward(core_seeing_nan, fused, graph, True, False)
 
 
 def test_compiled_padded_student_for_cuda_graphs(rng):

@@ -141,8 +141,8 @@ def test_teacher_step_fixed(benchmark, structures):
 
 @pytest.mark.parametrize("kind", SWEEP)
 def test_best_batch(benchmark, structures, kind):
-    """Sweep 1, 2, 4, ... (engine.runner.sweep: plateau / memory cap on CPU, out of memory on CUDA), then
-    benchmark the best batch size found."""
+    """Sweep SWEEP_FROM, doubling (engine.runner.sweep: plateau / memory cap on CPU, out of memory on CUDA),
+    then benchmark the best batch size found."""
     t = target(kind)
     fast = kind == "teacher" and not CUDA
     sizes = [2 ** k for k in range(SWEEP_FROM.bit_length() - 1, MAX_BATCH.bit_length())]
@@ -192,8 +192,8 @@ def report(path: str) -> str:
                            f"{teacher['ns_per_day']:.3g} ns/day | {v / teacher['ns_per_day']:.1f}x | "
                            f"{paper64:.1f}x (291.5 / 38.0 at batch 64) |")
     tb = get("test_best_batch[teacher]")
-    for kind in [n[len("test_best_batch["):-1] for n in rows if n.startswith("test_best_batch[")]:
-        e = get(f"test_best_batch[{kind}]") if kind != "teacher" else None
+    for name in rows:
+        e = get(name) if name.startswith("test_best_batch[") and name != "test_best_batch[teacher]" else None
         if e and tb:
             out.append(f"| {e['mode']}, best batch {e['batch']}: {e['ns_per_day']:.3g} ns/day | best batch "
                        f"{tb['batch']}: {tb['ns_per_day']:.3g} ns/day | {e['ns_per_day'] / tb['ns_per_day']:.1f}x | "

@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
-from engine.graph import AtomicGraph
+from engine.graph import AtomicGraph, sum_per_structure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_NAME = "hessforgeplugin.so"
@@ -107,7 +107,7 @@ class ExportedModel:
         self.check_species(graph.numbers)
         _, node_energy, forces, _ = self.evaluate(graph.positions, graph.numbers, graph.edge_index,
                                                   self._edge_shifts(graph))
-        energy = torch.zeros(graph.cell.shape[0], dtype=node_energy.dtype).index_add(0, graph.batch, node_energy)
+        energy = sum_per_structure(node_energy, graph.batch, graph.cell.shape[0])
         out = {"energy": energy, "node_energy": node_energy}
         if compute_forces:
             out["forces"] = forces

@@ -42,8 +42,9 @@ if REPO not in sys.path:
 
 from engine.errors import HessforgeError  # noqa: E402
 from engine.models import PaiNN  # noqa: E402
-from engine.runner import (STUDENT_MODES, StudentTarget, fill_batch, machine_info, ns_per_day,  # noqa: E402
-                           resolve_device, sweep)
+from engine.compiled import compile_events, compile_stats  # noqa: E402
+from engine.runner import (STUDENT_MODES, StudentTarget, cuda_graphs_note, fill_batch, machine_info,  # noqa: E402
+                           ns_per_day, resolve_device, sweep)
 
 DEVICE = resolve_device(os.environ.get("HESSFORGE_BENCH_DEVICE", "auto"))
 CUDA = DEVICE.type == "cuda"
@@ -116,12 +117,18 @@ def run(benchmark, t, structures, batch, rounds, **info):
         t.model_with_neighbors(graph)
         sync()
 
+    before = compile_stats()
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)  # warm-up: compilation, allocator
+    events = compile_events(before, compile_stats())
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
         model=t.name, mode=t.mode, batch=batch, atoms=atoms, device=str(DEVICE), dtype=str(DTYPE)[6:],
         threads=torch.get_num_threads(), structures_per_s=batch / median,
-        ns_per_day=ns_per_day(batch / median), **info)
+        ns_per_day=ns_per_day(batch / median), compile_events=events, **info)
+    warning = cuda_graphs_note(t.mode, events)
+    if warning:
+        benchmark.extra_info["warning"] = warning
+        print(f"\n  {t.mode} batch {batch}: {warning}")
     if LOG:
         with open(LOG, "a") as f:
             f.write(json.dumps({"name": benchmark.name, "stats": {"median": median, "min": benchmark.stats.stats.min,
@@ -172,6 +179,7 @@ def report(path: str) -> str:
         lines.append(f"| `{name}` | {e['model']} | {e['mode']} | {e['batch']} | {b['stats']['median'] * 1e3:.1f} | "
                      f"{e['structures_per_s']:.2f} | {e['ns_per_day']:.3g} |")
     out = ["\n".join(lines), ""]
+    out += [f"**{name}: {b['extra_info']['warning']}**" for name, b in rows.items() if b["extra_info"].get("warning")]
 
     def get(name):
         return rows[name]["extra_info"] if name in rows else None

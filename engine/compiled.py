@@ -65,10 +65,18 @@ class CompiledStudent(nn.Module):
 
 
 def compile_stats() -> Dict[str, int]:
-    """Graphs compiled and recompilations so far in this process (torch._dynamo counters)."""
+    """Graphs compiled, recompilations, and graphs that mode="reduce-overhead" left without CUDA graphs
+    (inductor's cudagraph_skips: a CPU tensor, an input mutation, ...; TORCH_LOGS=cudagraphs says why) so far
+    in this process (torch._dynamo counters)."""
     from torch._dynamo.utils import counters
 
     stats = counters["stats"]
     return {"unique_graphs": int(stats.get("unique_graphs", 0)),
             "calls_captured": int(stats.get("calls_captured", 0)),
-            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0}
+            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+def compile_events(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    """What compile_stats() counted between two snapshots."""
+    return {key: after[key] - before.get(key, 0) for key in after}

@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from engine.compiled import compile_events, compile_stats
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
 
@@ -485,6 +486,7 @@ class BenchResult:
     peak_memory_bytes: int
     memory_method: str
     note: str = ""
+    compile_events: Dict[str, int] = field(default_factory=dict)  # compile_stats() counted during this run
 
     @property
     def atoms_per_structure(self) -> float:
@@ -548,6 +550,7 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
         atoms = sum(len(a) for a in atoms_list)
     probe = memory_probe or MemoryProbe(target.device)
     probe.start()
+    compiled_before = compile_stats()
     first, times = time_calls(lambda: target.model(inputs), target.device, warmup, repeats, timer)
     model_t = Timing.from_times(times, first, batch_size, atoms)
     nl_t = None
@@ -559,12 +562,27 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
                                       repeats, timer)
             nl_t = Timing.from_times(times, first, batch_size, atoms)
     peak = probe.peak_bytes()
+    events = compile_events(compiled_before, compile_stats())
     del inputs
     return BenchResult(
         name=target.name, mode=target.mode, device=str(target.device), dtype=_dtype_name(target.dtype),
         threads=torch.get_num_threads(), batch_size=batch_size, atoms=atoms, edges=edges, model=model_t,
-        model_nl=nl_t, peak_memory_bytes=peak, memory_method=probe.method, note=target.note,
+        model_nl=nl_t, peak_memory_bytes=peak, memory_method=probe.method,
+        note=_join_notes(target.note, cuda_graphs_note(target.mode, events)), compile_events=events,
     )
+
+
+def cuda_graphs_note(mode: str, events: Dict[str, int]) -> str:
+    """A warning for a result labelled cudagraphs whose graphs inductor did not capture (it then runs the
+    compiled code without CUDA graphs, and the label would claim more than was measured)."""
+    skips = events.get("cudagraph_skips", 0)
+    if "cudagraphs" not in mode or not skips:
+        return ""
+    return f"CUDA graphs NOT used: {skips} graph(s) skipped (TORCH_LOGS=cudagraphs gives the reason)"
+
+
+def _join_notes(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 def default_memory_cap() -> int:

@@ -194,6 +194,28 @@ def test_compiled_padded_student_for_cuda_graphs(rng):
         CompiledFusedStudent(FusedStudent(model, backend="torch"), mode="reduce-overhead")
 
 
+def test_benchmark_says_when_cuda_graphs_were_not_used(rng):
+    """A result labelled cudagraphs whose graphs inductor skipped (here: CPU tensors, so every graph) says
+    so in its note and counts the skips; a plain compiled student's result has no such warning."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny(dtype=torch.float32)
+    structures = small_molecules(rng, 3)
+    prepare = lambda atoms: graph_from_atoms(list(atoms), model.cutoff, torch.float32)  # noqa: E731
+    graphs = CompiledFusedStudent(FusedStudent(model, backend="torch", capacity=0), mode="reduce-overhead")
+    plain = CompiledFusedStudent(FusedStudent(model, backend="torch"))
+    skipped = benchmark(FunctionTarget("tiny", prepare, lambda g: graphs(g)["forces"], mode="cudagraphs[torch]"),
+                        structures, 3, warmup=1, repeats=1)
+    assert skipped.compile_events["unique_graphs"] == 1 and skipped.compile_events["cudagraph_skips"] >= 1
+    assert "CUDA graphs NOT used" in skipped.note and skipped.to_dict()["compile_events"] == skipped.compile_events
+    again = benchmark(FunctionTarget("tiny", prepare, lambda g: plain(g)["forces"], mode="compiled+fused[torch]"),
+                      structures, 3, warmup=1, repeats=1)
+    assert again.compile_events["unique_graphs"] == 1 and again.compile_events["cudagraph_skips"] == 0
+    assert "CUDA graphs" not in again.note
+
+
 def test_student_target_modes_and_neighbor_rebuild(rng):
     model = tiny()
     structures = small_molecules(rng) + [periodic(rng)]

@@ -31,8 +31,8 @@ import torch
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
-from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, format_table,
-                           machine_info, rebuild_neighbors, resolve_device, speedup, sweep, write_json)
+from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
+                           format_table, machine_info, rebuild_neighbors, resolve_device, speedup, sweep, write_json)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PAINN_DEFAULTS = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")
@@ -379,6 +379,10 @@ def run(args) -> int:
                       memory_cap_bytes=cap, max_call_s=args.max_call_s, progress=progress)
             print(f"  stop: {s.stop_reason}", file=sys.stderr)
             sweeps[(t.name, t.mode)] = s
+    for r in fixed + [r for s in sweeps.values() for r in s.results]:
+        warning = cuda_graphs_note(r.mode, r.compile_events)
+        if warning and f"{r.name} [{r.mode}]: {warning}" not in notes:
+            notes.append(f"{r.name} [{r.mode}]: {warning}")
     ref_fixed = fixed[0]
     print(f"\nbatch {args.batch_size} (speedup: ns/day over {reference.name} [{reference.mode}])")
     print(format_table(fixed, reference=lambda r: ref_fixed, markdown=args.markdown))

@@ -49,13 +49,15 @@ if ls .whl/torch_cluster-*.tar.gz > /dev/null 2>&1; then
     MAX_JOBS=6 timeout 240 python3 bench/torch_cluster_peer.py build > "$WORK/torch_cluster_build.log" 2>&1 &
     TC_PID=$!
 fi
-HESSFORGE_BENCH_LOG="$WORK/students_gpu.jsonl" step students 300 python3 -m pytest bench/bench_students.py -q -s \
+# TORCH_LOGS: why a graph recompiled or was left without CUDA graphs (the report also flags skipped graphs)
+TORCH_LOGS=recompiles,cudagraphs HESSFORGE_BENCH_LOG="$WORK/students_gpu.jsonl" step students 300 python3 -m pytest bench/bench_students.py -q -s \
     -p no:cacheprovider --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/students_gpu.json"
 if [ -s "$WORK/students_gpu.json" ]; then
     python3 bench/bench_students.py report "$WORK/students_gpu.json" > "$WORK/students_gpu.md"
 elif [ -s "$WORK/students_gpu.jsonl" ]; then  # stopped early: what was measured
     python3 bench/bench_students.py report "$WORK/students_gpu.jsonl" > "$WORK/students_gpu.md"
 fi
+grep -m 5 -i "skipping cudagraphs\|recompil" "$WORK/students.log"
 if [ -n "$TC_PID" ]; then wait "$TC_PID"; echo "== torch-cluster build rc=$?"; tail -n 3 "$WORK/torch_cluster_build.log"; fi
 step neighbors 80 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovider \
     --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/neighbors_gpu.json"

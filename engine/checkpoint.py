@@ -13,6 +13,8 @@ CHECKPOINT_VERSION = 1
 
 
 def read_checkpoint(path: str) -> dict:
+    if os.path.isdir(path):
+        raise HessforgeError(f"{path}: is a directory; give the checkpoint file (e.g. {os.path.join(path, 'best.pt')})")
     if not os.path.isfile(path):
         raise HessforgeError(f"checkpoint not found: {path}")
     try:

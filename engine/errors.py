@@ -9,7 +9,10 @@ class UnknownElementError(HessforgeError):
     def __init__(self, elements, known, where: str = ""):
         from ase.data import chemical_symbols
 
-        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in sorted(set(int(e) for e in elements)))
-        ok = ", ".join(chemical_symbols[z] for z in sorted(known))
+        def symbol(z: int) -> str:  # no element beyond 118 (or below 1): a corrupt input, still named
+            return chemical_symbols[z] if 0 < z < len(chemical_symbols) else "no element"
+
+        names = ", ".join(f"{symbol(z)} (Z={z})" for z in sorted(set(int(e) for e in elements)))
+        ok = ", ".join(symbol(z) for z in sorted(known))
         prefix = f"{where}: " if where else ""
         super().__init__(f"{prefix}unknown element(s) {names}; supported: {ok}")

@@ -42,6 +42,7 @@ from torch import nn
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
+from engine.paths import check_output_file
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -229,9 +230,7 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
             scripted = torch.jit.script(ExportWrapper(model))
     except Exception as err:
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise HessforgeError(f"output directory does not exist: {directory}")
+    check_output_file(path, "export output")
     tmp = path + ".tmp"
     with quiet_torchscript():
         torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
@@ -244,6 +243,7 @@ def export_checkpoint(checkpoint: str, path: str, dtype: Optional[torch.dtype] =
     """Export a trainer checkpoint (best.pt / last.pt)."""
     from engine.checkpoint import load_student, read_checkpoint
 
+    check_output_file(path, "export output", inputs=[checkpoint])
     state = read_checkpoint(checkpoint)
     if dtype is None:
         dtype = torch.float64

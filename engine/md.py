@@ -141,16 +141,22 @@ class BatchedMD:
         return self.energy + self.kinetic_energy()
 
     def to_atoms(self, atoms_list: Sequence) -> List:
-        """Copies of `atoms_list` with the current positions and momenta."""
+        """Copies of `atoms_list` with the current positions and momenta, and the model's results under keys
+        of their own (info md_step, md_system, md_potential_energy in eV; arrays md_forces in eV/Å), which do
+        not collide with labels the input carries."""
         out = []
         pos = self.positions.detach().double().cpu().numpy()
         vel = self.velocities.detach().double().cpu().numpy() / units.fs  # Å/ASE-time
+        energy = self.energy.detach().double().cpu().numpy()
+        forces = self.forces.detach().double().cpu().numpy()
         start = 0
-        for a in atoms_list:
+        for k, a in enumerate(atoms_list):
             b = a.copy()
             n = len(b)
             b.set_positions(pos[start:start + n])
             b.set_momenta(vel[start:start + n] * b.get_masses()[:, None])
+            b.info.update(md_step=self.nsteps, md_system=k, md_potential_energy=float(energy[k]))
+            b.arrays["md_forces"] = forces[start:start + n].copy()
             out.append(b)
             start += n
         return out

@@ -17,7 +17,8 @@ Every call computes energies and forces (an MD step's work). Two timings are rep
 Each timing is the median of `repeats` timed calls after `warmup` untimed ones (the first untimed call's time
 is kept: it includes compilation for compiled models). On CUDA the device is synchronised around every call.
 
-Peak memory, per batch size, over the warm-up and timed calls of both timings:
+Peak memory, per batch size, over the calls of both timings after the first call (whose one-time costs,
+compilation, caches, library code paged in by the first model a process runs, are not a call's working memory):
 - CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before (the inputs stay resident);
 - CPU: the peak resident set size minus the RSS before, with the kernel's high-water mark reset
   (/proc/self/clear_refs) and glibc's free heap returned to the OS (malloc_trim) first. This is the real
@@ -68,7 +69,12 @@ def ns_per_day(structures_per_s: float) -> float:
 def resolve_device(device: Optional[str] = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HessforgeError(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HessforgeError(f"device {device!r}: hessforge runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HessforgeError(f"device {device!r} requested but CUDA is not available")
     return dev
@@ -318,6 +324,10 @@ class BenchTarget:
     def prepare(self, atoms_list: Sequence) -> Any:
         raise NotImplementedError
 
+    def check_data(self, structures: Sequence, where: str = "") -> None:
+        """Raise HessforgeError if this target cannot run some of `structures` (checked once, up front, so a
+        sweep does not fail halfway; `prepare` still checks each batch)."""
+
     def model(self, inputs: Any) -> Any:
         raise NotImplementedError
 
@@ -360,6 +370,10 @@ class StudentTarget(BenchTarget):
         self.neighbor_backend = neighbor_backend
         self.note = ("neighbor list fused into the model call" if self.fuses_neighbors
                      else f"NL: {neighbor_backend_name(self.device) if neighbor_backend == 'auto' else neighbor_backend}")
+
+    def check_data(self, structures: Sequence, where: str = "") -> None:
+        self.student.check_species(sorted(set(int(z) for a in structures for z in a.numbers)),
+                                   f"{self.name}: {where}" if where else self.name)
 
     def prepare(self, atoms_list: Sequence) -> AtomicGraph:
         for a in atoms_list:  # fail early, with the structure's name
@@ -517,8 +531,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5,
-               timer: Callable[[], float] = time.perf_counter) -> Tuple[float, List[float]]:
-    """(time of the first call, [times of `repeats` calls after `warmup` calls]); device synchronised."""
+               timer: Callable[[], float] = time.perf_counter, after_first: Optional[Callable[[], None]] = None
+               ) -> Tuple[float, List[float]]:
+    """(time of the first call, [times of `repeats` calls after `warmup` calls]); device synchronised.
+    after_first: run (untimed) once the first call is done."""
     if repeats < 1:
         raise HessforgeError(f"repeats must be >= 1, got {repeats}")
     first = None
@@ -527,7 +543,10 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int = 2, rep
         t0 = timer()
         fn()
         synchronize(device)
-        first = timer() - t0 if first is None else first
+        if first is None:
+            first = timer() - t0
+            if after_first is not None:
+                after_first()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -549,9 +568,11 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
     if atoms < 0:
         atoms = sum(len(a) for a in atoms_list)
     probe = memory_probe or MemoryProbe(target.device)
-    probe.start()
     compiled_before = compile_stats()
-    first, times = time_calls(lambda: target.model(inputs), target.device, warmup, repeats, timer)
+    # the probe starts after the first call: one-time costs (compilation, library code paged in, caches of
+    # the first model measured in a process) are not the working memory of a call
+    first, times = time_calls(lambda: target.model(inputs), target.device, warmup, repeats, timer,
+                              after_first=probe.start)
     model_t = Timing.from_times(times, first, batch_size, atoms)
     nl_t = None
     if with_neighbors:
@@ -603,6 +624,8 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
           progress: Optional[Callable[[BenchResult], None]] = None) -> Sweep:
     """Batch sizes 1, 2, 4, ... (or `batch_sizes`) until the throughput maximum is passed; see module doc.
     `key` picks the timing the plateau test and `Sweep.best` use."""
+    if max_batch < 1 or (batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1)):
+        raise HessforgeError(f"sweep batch sizes must be >= 1 (max_batch {max_batch}, batch_sizes {batch_sizes})")
     sizes = list(batch_sizes) if batch_sizes else [2 ** k for k in range(int(math.log2(max_batch)) + 1)]
     cap = memory_cap_bytes if memory_cap_bytes is not None else (
         None if target.device.type == "cuda" else default_memory_cap())

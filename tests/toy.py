@@ -85,3 +85,15 @@ def epoch_records(run_dir):
 
     with open(os.path.join(run_dir, "log.jsonl")) as fh:
         return [r for r in map(json.loads, fh) if r["kind"] == "epoch"]
+
+
+def write_checkpoint(path, model, **extra):
+    """A minimal trainer-style checkpoint of `model` (the keys engine.checkpoint reads)."""
+    import torch
+
+    from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "model_hparams": dict(model.hyperparameters(), name="painn"),
+                "model_state": model.state_dict(), "ema_model_state": model.state_dict(), **extra}, path)
+    return str(path)

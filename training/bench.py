@@ -31,6 +31,7 @@ import torch
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
+from engine.paths import check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
                            format_table, machine_info, rebuild_neighbors, resolve_device, speedup, sweep, write_json)
 
@@ -63,6 +64,8 @@ def load_structures(spec: str, min_atoms: int = 0) -> list:
                 raise HessforgeError(f"data {spec!r}: expected s22 or s22:MIN_ATOMS") from None
     elif not os.path.exists(spec):
         raise HessforgeError(f"data not found: {spec} (a file, 'quickstart' or 's22[:MIN_ATOMS]')")
+    elif os.path.isdir(spec):
+        raise HessforgeError(f"data {spec}: is a directory; give a structure file or a hessforge LMDB dataset")
     elif _is_lmdb(spec):
         from training.data import Dataset
 
@@ -85,7 +88,8 @@ def _read_file(path: str) -> list:
     from training.data.ingest import _iter_atoms
 
     out = []
-    for a in _iter_atoms(path, None):
+    hint = "check the file; an extension ASE knows (.xyz, .extxyz, .traj) names its format"
+    for a in _iter_atoms(path, None, hint=hint):
         a.calc = None
         out.append(a)
     return out
@@ -160,11 +164,14 @@ class MaceTarget(BenchTarget):
         self.num_parameters = count_parameters(self.mace)
         self.note = f"{self.num_parameters / 1e6:.2f}M params"
 
+    def check_data(self, structures, where: str = "") -> None:
+        unknown = set(int(z) for a in structures for z in a.numbers) - set(self.species)
+        if unknown:
+            raise UnknownElementError(unknown, self.species, f"{self.name}: {where}" if where else self.name)
+
     def prepare(self, atoms_list) -> AtomicGraph:
         for a in atoms_list:
-            unknown = set(int(z) for z in a.numbers) - set(self.species)
-            if unknown:
-                raise UnknownElementError(unknown, self.species, f"{self.name}: {a.get_chemical_formula()}")
+            self.check_data([a], a.get_chemical_formula())
         return graph_to(graph_from_atoms(list(atoms_list), self.cutoff, torch.float64), self.device, self.dtype)
 
     def data(self, graph: AtomicGraph) -> Dict[str, torch.Tensor]:
@@ -203,9 +210,17 @@ class AniTarget(BenchTarget):
         self.converter = teacher.converter.to(self.device)
         self.note = "neighbor search inside the model (AEV)"
 
+    def check_data(self, structures, where: str = "") -> None:
+        self.teacher.check_elements(set(int(z) for a in structures for z in a.numbers),
+                                    f"{self.name}: {where}" if where else self.name)
+        periodic = sum(1 for a in structures if a.pbc.any())
+        if periodic:  # torchani's batched AEV takes one cell for a whole batch: times molecules only
+            raise HessforgeError(f"{self.name}: {where + ': ' if where else ''}{periodic} periodic structure(s); "
+                                 "hessforge bench times ANI-1x on molecules only")
+
     def prepare(self, atoms_list):
         for a in atoms_list:
-            self.teacher.check_elements(a.numbers, f"{self.name}: {a.get_chemical_formula()}")
+            self.check_data([a], a.get_chemical_formula())
             if not np.all(np.isfinite(a.positions)):
                 raise HessforgeError(f"{a.get_chemical_formula()}: positions contain NaN or Inf")
         n = max(len(a) for a in atoms_list)
@@ -242,16 +257,33 @@ def _parse_kv(text: str) -> Dict:
     return out
 
 
+def file_labels(specs: Sequence[str]) -> Dict[str, str]:
+    """Row labels for model files: the shortest path tails that tell them apart (runA/best.pt and
+    runB/best.pt rather than best.pt twice); a file given twice gets its label twice (made unique later)."""
+    paths = {spec: os.path.normpath(os.path.abspath(spec)).split(os.sep) for spec in dict.fromkeys(specs)
+             if os.path.exists(spec)}
+    labels = {}
+    for spec, parts in paths.items():
+        depth = 1
+        while depth < len(parts) and any(other[-depth:] == parts[-depth:] for s2, other in paths.items()
+                                         if s2 != spec):
+            depth += 1
+        labels[spec] = "/".join(parts[-depth:])
+    return labels
+
+
 def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: torch.device,
-                 dtype: torch.dtype, notes: List[str], info: Dict) -> List[BenchTarget]:
-    """Bench targets for one MODEL spec: one per student mode, or one teacher."""
+                 dtype: torch.dtype, notes: List[str], info: Dict, label: Optional[str] = None
+                 ) -> List[BenchTarget]:
+    """Bench targets for one MODEL spec: one per student mode, or one teacher. label: the row name of a
+    model file (default: its file name)."""
     name, _, arg = spec.partition(":")
     elements = sorted(set(int(z) for a in structures for z in a.numbers))
     if os.path.exists(spec):
         from engine.calculator import load_model
 
         model = load_model(spec, dtype=dtype)
-        return _student_targets(model, os.path.basename(spec), modes, device, dtype, notes, info)
+        return _student_targets(model, label or os.path.basename(spec), modes, device, dtype, notes, info)
     if name == "painn":
         from engine.models import PaiNN
 
@@ -288,6 +320,10 @@ def _student_targets(model, label, modes, device, dtype, notes, info) -> List[Be
         info[label] = {"parameters": count_parameters(model),
                        "hyperparameters": getattr(model, "hyperparameters", dict)()}
     else:  # exported TorchScript model
+        if any(m != "eager" for m in modes):
+            skipped = ", ".join(m for m in modes if m != "eager")
+            notes.append(f"{label}: an exported TorchScript model runs eager only; skipped {skipped}")
+            print(f"note: {notes[-1]}", file=sys.stderr)
         modes = ["eager"]
         info[label] = {"exported": True, "metadata_dtype": str(model.dtype)}
     targets = []
@@ -301,6 +337,25 @@ def _student_targets(model, label, modes, device, dtype, notes, info) -> List[Be
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def set_threads(threads: Optional[int]) -> None:
+    """--threads: None keeps torch's default; otherwise at least 1."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise HessforgeError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def parse_batch_sizes(text: str) -> List[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HessforgeError(f"--batch-sizes {text!r}: expected positive integers separated by commas") from None
+    if not sizes or min(sizes) < 1:
+        raise HessforgeError(f"--batch-sizes {text!r}: expected positive integers separated by commas")
+    return sizes
+
+
 def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
@@ -334,11 +389,14 @@ def run(args) -> int:
     if len(args.args) < 2 and not args.compare:
         raise HessforgeError("give at least one MODEL and the DATA (hessforge bench MODEL DATA)")
     *model_specs, data = args.args
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.json:
+        check_output_file(args.json, "--json", inputs=[data, *model_specs, *args.compare], create_parent=True)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     modes = list(STUDENT_MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes:
+        raise HessforgeError(f"--modes {args.modes!r}: no mode given; choose from {', '.join(STUDENT_MODES)} or all")
     for m in modes:
         if m not in STUDENT_MODES:
             raise HessforgeError(f"unknown mode {m!r}; choose from {', '.join(STUDENT_MODES)} or all")
@@ -351,14 +409,24 @@ def run(args) -> int:
           f"{torch.get_num_threads()} thread(s)", file=sys.stderr)
     notes: List[str] = []
     info: Dict = {}
+    labels = file_labels(args.compare + model_specs)
     references = [t for spec in args.compare for t in make_targets(spec, structures, ["eager"], device, dtype,
-                                                                    notes, info)]
+                                                                    notes, info, labels.get(spec))]
     targets = references + [t for spec in model_specs for t in make_targets(spec, structures, modes, device,
-                                                                             dtype, notes, info)]
+                                                                             dtype, notes, info, labels.get(spec))]
     if not targets:
         raise HessforgeError("nothing to run: every requested mode was skipped")
+    for t in targets:  # every structure may be used (batches cycle through the data): check them all now
+        t.check_data(structures, f"data {data}")
+    seen: Dict = {}
+    for t in targets:  # one row (and one sweep) per target, also for a model given twice
+        n = seen[(t.name, t.mode)] = seen.get((t.name, t.mode), 0) + 1
+        if n > 1:
+            t.name = f"{t.name} ({n})"
     reference = targets[0]
-    sizes = [int(x) for x in args.batch_sizes.split(",")] if args.batch_sizes else None
+    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
+    if args.max_batch < 1:
+        raise HessforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
     cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb else None
 
     def progress(r: BenchResult) -> None:

@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint import load_student, read_checkpoint
 from engine.errors import HessforgeError
 from engine.graph import build_graph
+from engine.paths import check_output_file
 from training.losses import student_hessian_rows
 
 
@@ -130,6 +131,8 @@ def run(args) -> int:
     from training.data import Dataset
 
     read_checkpoint(args.checkpoint)  # clear error for a missing or foreign file before anything else
+    if args.json_out:
+        check_output_file(args.json_out, "--json", inputs=[args.checkpoint, args.data, args.labels])
     model = load_student(args.checkpoint, use_ema=not args.no_ema)
     dataset = Dataset(args.data)
     split_file = args.split_file or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "split.json")

@@ -11,8 +11,9 @@ import torch
 
 from engine.errors import HessforgeError
 from engine.md import INTEGRATORS, BatchedMD
+from engine.paths import check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
-from training.bench import DTYPES, load_structures, make_targets
+from training.bench import DTYPES, load_structures, make_targets, set_threads
 
 
 def add_arguments(parser) -> None:
@@ -22,7 +23,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin")
-    parser.add_argument("--temperature", type=float, default=300.0, help="K: Langevin target and initial velocities")
+    parser.add_argument("--temperature", type=float, default=300.0,
+                        help="K: Langevin target; initial velocities too where DATA carries no momenta "
+                             "(default 300)")
+    parser.add_argument("--init-temperature", type=float, default=None,
+                        help="K: draw initial velocities at this temperature even where DATA carries momenta "
+                             "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
@@ -39,13 +45,26 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import ase.io
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.steps < 0 or args.interval < 1 or args.batch_size < 1:
         raise HessforgeError("--steps must be >= 0, --interval and --batch-size >= 1")
+    for option, path in (("--trajectory", args.trajectory), ("-o", args.output)):
+        if path:  # before the run: it must not end in a traceback, or overwrite its own inputs
+            check_output_file(path, option, inputs=(args.data, args.model))
+    check_distinct_outputs({"--trajectory": args.trajectory, "-o": args.output})
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     structures = load_structures(args.data)
     atoms = fill_batch(structures, args.batch_size)
+    if len(structures) != args.batch_size:
+        print(f"note: {args.data} has {len(structures)} structure(s); integrating "
+              + (f"the first {args.batch_size} (--batch-size)" if len(structures) > args.batch_size
+                 else f"{args.batch_size} systems, the structures repeated in turn"), file=sys.stderr)
+    has_momenta = any(a.get_momenta().any() for a in atoms)
+    init_temperature = args.init_temperature
+    if init_temperature is None and not has_momenta:
+        init_temperature = args.temperature
+    print("initial velocities: " + (f"drawn at {init_temperature:g} K" if init_temperature is not None
+                                    else f"the momenta in {args.data}"), file=sys.stderr)
     (target,) = make_targets(args.model, structures, ["eager"], device, dtype, [], {})
     if not hasattr(target, "student"):
         raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn)")
@@ -53,10 +72,10 @@ def run(args) -> int:
     if args.mode != "eager":
         model, _ = student_for_mode(model, args.mode, device)
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
-                   friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.temperature,
+                   friction_per_fs=args.friction, skin=args.skin, init_temperature_K=init_temperature,
                    device=device, dtype=dtype, seed=args.seed)
-    if args.trajectory:
-        open(args.trajectory, "w").close()
+    if args.trajectory:  # frame 0 first, then every --interval steps
+        ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()
 
     def report(s: BatchedMD) -> None:

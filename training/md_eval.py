@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.errors import HessforgeError
+from engine.paths import check_output_file
 
 DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
                 bond_tolerance_A=0.5, nve_steps=1000, nve_timestep_fs=0.5, nve_interval=10, fmax=0.05,
@@ -433,6 +434,8 @@ def run(args) -> int:
     if args.structures < 1 or args.steps < 0 or args.check_interval < 1:
         raise HessforgeError("--structures and --check-interval must be >= 1, --steps >= 0")
     model_file, split_file, default_json = resolve_model(args.model)
+    if args.json_out or default_json:
+        check_output_file(args.json_out or default_json, "--json", inputs=[model_file, args.data], create_parent=True)
     split_file = args.split_file or split_file
     if args.split != "all" and (split_file is None or not os.path.exists(split_file)):
         raise HessforgeError(f"no split file for --split {args.split} (pass --split-file or --split all)")

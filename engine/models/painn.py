@@ -7,12 +7,13 @@ module scripts with TorchScript and traces with torch.compile. Two force modes:
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from engine.errors import UnknownElementError
+from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, edge_vectors, sum_per_structure
 from engine.radial import cosine_cutoff, sinc_basis
 
@@ -76,6 +77,23 @@ class GatedEquivariantBlock(nn.Module):
         return self.W2(v) * gate.unsqueeze(1)
 
 
+def check_hyperparameters(species, cutoff, hidden, layers, num_basis) -> None:
+    """One clear error for a PaiNN that cannot be built (instead of one from deep inside torch)."""
+    problems = []
+    if not species or any(not 1 <= int(z) <= 118 for z in species):
+        problems.append(f"species must be atomic numbers 1..118, got {list(species)}")
+    if not (math.isfinite(float(cutoff)) and float(cutoff) > 0):
+        problems.append(f"cutoff must be > 0 Å, got {cutoff}")
+    if int(hidden) < 2:
+        problems.append(f"hidden must be >= 2, got {hidden}")
+    if int(layers) < 1:
+        problems.append(f"layers must be >= 1, got {layers}")
+    if int(num_basis) < 1:
+        problems.append(f"num_basis must be >= 1, got {num_basis}")
+    if problems:
+        raise HessforgeError("PaiNN: " + "; ".join(problems))
+
+
 class PaiNN(nn.Module):
     def __init__(
         self,
@@ -89,6 +107,7 @@ class PaiNN(nn.Module):
         super().__init__()
         if force_mode not in FORCE_MODES:
             raise ValueError(f"force_mode must be one of {FORCE_MODES}, got {force_mode!r}")
+        check_hyperparameters(species, cutoff, hidden, layers, num_basis)
         self.species: List[int] = sorted(int(z) for z in species)
         self.cutoff = float(cutoff)
         self.hidden = hidden

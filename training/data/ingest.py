@@ -12,18 +12,20 @@ from typing import Any, Dict, Iterator, Optional
 import numpy as np
 
 from engine.errors import HessforgeError
+from engine.paths import check_output_file
 from training.data.records import Structure
 from training.data.store import DatasetWriter
 
 
-def _iter_atoms(path: str, fmt: Optional[str]) -> Iterator:
+def _iter_atoms(path: str, fmt: Optional[str], hint: str = "pass --format") -> Iterator:
+    """The frames of `path`; hint: what the error for an unknown format tells the user to do."""
     import ase.io
     from ase.io.formats import filetype
 
     try:
         fmt = fmt or filetype(path, guess=True)
     except Exception as err:
-        raise HessforgeError(f"{path}: cannot tell the file format ({err}); pass --format") from None
+        raise HessforgeError(f"{path}: cannot tell the file format ({err}); {hint}") from None
     if fmt == "db":
         # ase.io.read drops a row's key_value_pairs and data; they carry group ids and custom labels.
         import ase.db
@@ -108,6 +110,7 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
         raise HessforgeError(f"{output_path}: already exists; pass --overwrite to replace it")
     if os.path.isdir(output_path):
         raise HessforgeError(f"{output_path}: is a directory")
+    check_output_file(output_path, "output", inputs=[input_path])
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
                         "id_key": id_key, "format": fmt}}

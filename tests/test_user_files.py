@@ -1,0 +1,163 @@
+"""The commands never destroy a user's files and check what they will write before working: an output that
+is an input (data, checkpoint), a directory or in a missing folder is refused up front with one clear line.
+Also the command-line input checks that used to end in tracebacks, and `hessforge md` restarts."""
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from engine.errors import HessforgeError, UnknownElementError
+from engine.models import PaiNN
+from engine.paths import check_distinct_outputs, check_output_file
+from toy import write_checkpoint
+from training.cli import main
+
+torch.set_num_threads(1)
+SPECIES = [1, 6, 7, 8]
+FAST = ["--repeats", "1", "--warmup", "1", "--threads", "1"]
+
+
+def tiny(seed=0, force_mode="gradient"):
+    torch.manual_seed(seed)
+    return PaiNN(SPECIES, cutoff=3.5, hidden=8, layers=1, num_basis=4, force_mode=force_mode).double().eval()
+
+
+@pytest.fixture
+def files(tmp_path, rng):
+    mols = []
+    for name in ("CH4", "H2O", "NH3"):
+        a = molecule(name)
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        mols.append(a)
+    ase.io.write(tmp_path / "mols.xyz", mols, format="extxyz")
+    write_checkpoint(tmp_path / "ckpt.pt", tiny())
+    (tmp_path / "adir").mkdir()
+    return tmp_path
+
+
+def fails(capsys, argv, message):
+    """The command exits with status 2 and one line naming the problem."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    return err
+
+
+def test_check_output_file(tmp_path):
+    data = tmp_path / "data.xyz"
+    data.write_text("x")
+    (tmp_path / "d").mkdir()
+    check_output_file(str(tmp_path / "new.json"), "--json", inputs=[str(data), "quickstart", None])
+    for path, message in ((data, "is the input"), (tmp_path / "d", "is a directory"),
+                          (tmp_path / "missing" / "x.json", "does not exist")):
+        with pytest.raises(HessforgeError, match=message):
+            check_output_file(str(path), "--json", inputs=[str(data)])
+    # the same file spelled differently is still the input
+    with pytest.raises(HessforgeError, match="is the input"):
+        check_output_file(str(tmp_path / "d" / ".." / "data.xyz"), "-o", inputs=[str(data)])
+    check_output_file(str(tmp_path / "missing" / "x.json"), "--json", create_parent=True)
+    with pytest.raises(HessforgeError, match="--trajectory and -o are the same file"):
+        check_distinct_outputs({"--trajectory": "t.xyz", "-o": "./t.xyz"})
+    check_distinct_outputs({"--trajectory": "t.xyz", "-o": None})
+
+
+def test_outputs_never_overwrite_inputs(files, capsys):
+    data, ckpt = files / "mols.xyz", files / "ckpt.pt"
+    data_bytes, ckpt_bytes = data.read_bytes(), ckpt.read_bytes()
+    fails(capsys, ["bench", ckpt, data, "--batch-size", "2", *FAST, "--json", data], "is the input")
+    fails(capsys, ["export", ckpt, "-o", ckpt], "is the input")
+    fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "2", "--trajectory", data], "is the input")
+    fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "2", "-o", data], "is the input")
+    fails(capsys, ["ingest", data, "-o", data, "--overwrite"], "is the input")
+    assert data.read_bytes() == data_bytes and ckpt.read_bytes() == ckpt_bytes
+    # outputs that cannot be written are refused before the work, and leave nothing behind
+    fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "2", "-o", files / "nodir" / "x.xyz"],
+          "does not exist")
+    fails(capsys, ["md", ckpt, data, "--steps", "2", "-o", files / "t.xyz", "--trajectory", files / "t.xyz"],
+          "same file")
+    fails(capsys, ["bench", ckpt, data, "--batch-size", "2", *FAST, "--json", files / "adir"], "is a directory")
+    fails(capsys, ["export", ckpt, "-o", files / "adir"], "is a directory")
+    assert not list(files.glob("*.tmp"))
+
+
+def test_bench_input_errors(files, capsys):
+    ckpt, data = files / "ckpt.pt", files / "mols.xyz"
+    base = ["bench", ckpt, data, "--batch-size", "2", *FAST[:4]]
+    fails(capsys, ["bench", ckpt, files / "adir"], "is a directory")
+    fails(capsys, ["bench", files / "adir", data], "is a directory; give the checkpoint file")
+    fails(capsys, base + ["--device", "gpu"], "unknown device 'gpu'")
+    fails(capsys, base + ["--sweep", "--batch-sizes", "2,x"], "--batch-sizes '2,x'")
+    fails(capsys, base + ["--sweep", "--max-batch", "0"], "--max-batch must be >= 1")
+    fails(capsys, base + ["--threads", "0"], "--threads must be >= 1")
+    fails(capsys, base + ["--modes", ","], "no mode given")
+    fails(capsys, ["bench", "painn:hidden=0", data], "hidden must be >= 2")
+    (files / "empty.xyz").write_text("")
+    err = fails(capsys, ["bench", ckpt, files / "empty.xyz"], "cannot tell the file format")
+    assert "--format" not in err  # bench has no such option
+    # an element the model lacks anywhere in the data: refused before anything is timed
+    ase.io.write(files / "si.xyz", [molecule("CH4"), molecule("SiH4")], format="extxyz")
+    assert main(["bench", str(ckpt), str(files / "si.xyz"), "--batch-size", "1", *FAST, "--sweep",
+                 "--batch-sizes", "1,2"]) == 2
+    captured = capsys.readouterr()
+    assert "unknown element(s) Si" in captured.err and "ms/call" not in captured.err + captured.out
+
+
+def test_bench_labels_models_apart(files, capsys):
+    """Two runs' best.pt (the README's use) get distinct rows, sweeps and speedups; a file given twice too."""
+    for run, seed in (("runA", 1), ("runB", 2)):
+        (files / run).mkdir()
+        write_checkpoint(files / run / "best.pt", tiny(seed))
+    out = files / "two.json"
+    assert main(["bench", str(files / "runA" / "best.pt"), str(files / "runB" / "best.pt"), str(files / "ckpt.pt"),
+                 str(files / "ckpt.pt"), str(files / "mols.xyz"), "--batch-size", "2", *FAST, "--sweep",
+                 "--batch-sizes", "1,2", "--json", str(out)]) == 0
+    capsys.readouterr()
+    data = json.loads(out.read_text())
+    names = ["runA/best.pt", "runB/best.pt", "ckpt.pt", "ckpt.pt (2)"]
+    assert [r["name"] for r in data["fixed"]] == names and [s["name"] for s in data["sweeps"]] == names
+    assert list(data["speedups"]["best"]) == [f"{n} [eager]" for n in names]
+
+
+def test_unknown_element_error_names_impossible_numbers():
+    err = UnknownElementError([200, 14], [1, 6])
+    assert "Si (Z=14)" in str(err) and "Z=200" in str(err)
+
+
+def test_md_restarts_from_its_output(files, capsys):
+    """-o keeps the momenta; rerunning from that file continues them (no new velocities) unless
+    --init-temperature asks; the trajectory starts at frame 0 and labels each frame; a data set larger than
+    the batch is announced."""
+    ckpt, data = files / "ckpt.pt", files / "mols.xyz"
+    first, traj = files / "first.xyz", files / "traj.xyz"
+    common = ["--integrator", "verlet", "--timestep", "0.25", "--threads", "1", "--dtype", "float64"]
+    assert main(["md", str(ckpt), str(data), "--batch-size", "2", "--steps", "6", "--interval", "3", "--seed", "1",
+                 "-o", str(first), "--trajectory", str(traj), *common]) == 0
+    err = capsys.readouterr().err
+    assert "has 3 structure(s); integrating the first 2" in err and "drawn at 300 K" in err
+    frames = ase.io.read(traj, ":")
+    assert [f.info["md_step"] for f in frames] == [0, 0, 3, 3, 6, 6]
+    assert [f.info["md_system"] for f in frames[:2]] == [0, 1] and frames[0].arrays["md_forces"].shape == (5, 3)
+    end = ase.io.read(first, ":")
+    again = files / "again.xyz"
+    assert main(["md", str(ckpt), str(first), "--batch-size", "2", "--steps", "0", "--seed", "7", "-o", str(again),
+                 *common]) == 0
+    assert "initial velocities: the momenta in" in capsys.readouterr().err
+    for a, b in zip(end, ase.io.read(again, ":")):
+        np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), atol=1e-12)
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-12)
+    redrawn = files / "redrawn.xyz"
+    assert main(["md", str(ckpt), str(first), "--batch-size", "2", "--steps", "0", "--seed", "7", "-o", str(redrawn),
+                 "--init-temperature", "50", *common]) == 0
+    assert "drawn at 50 K" in capsys.readouterr().err
+    assert not np.allclose(ase.io.read(redrawn, 0).get_momenta(), end[0].get_momenta())
+
+
+def test_ani_bench_refuses_periodic_data(files, capsys):
+    box = Atoms("CH4", positions=molecule("CH4").positions + 2.0, cell=[5.0, 5.0, 5.0], pbc=True)
+    ase.io.write(files / "box.xyz", box, format="extxyz")
+    fails(capsys, ["bench", "ani1x:0", str(files / "box.xyz"), "--batch-size", "1", *FAST],
+          "times ANI-1x on molecules only")

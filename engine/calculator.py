@@ -110,6 +110,9 @@ class Calculator(_ASECalculator):
         if want_stress and self.direct_forces:
             raise PropertyNotImplementedError("a direct-force student has no conservative stress")
         where = atoms.get_chemical_formula() or "empty structure"
+        if want_stress and not atoms.pbc.all() and not abs(np.linalg.det(atoms.cell[:])) > 1e-8:
+            raise PropertyNotImplementedError(f"{where}: stress needs a cell with a volume; this wire/slab has zero "
+                                              "vectors along its non-periodic directions (give them vacuum vectors)")
         if len(atoms) == 0:
             raise HessforgeError(f"{where}: no atoms to evaluate")
         self.model.check_species(atoms.numbers, where)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import HessforgeError
-from engine.neighbors import batched_neighbor_list, check_cell
+from engine.neighbors import batched_neighbor_list, check_cell, complete_cell
 
 
 class AtomicGraph(NamedTuple):
@@ -90,6 +90,7 @@ def build_graph(
     cell_t = torch.stack([torch.as_tensor(np.asarray(c, dtype=np.float64)).reshape(3, 3) for c in cells])
     pbc_t = torch.stack([torch.as_tensor(np.asarray(b, dtype=bool)).reshape(3) for b in pbcs])
     for k in range(cell_t.shape[0]):
+        cell_t[k] = complete_cell(cell_t[k], pbc_t[k])  # wires and slabs with zero non-periodic vectors
         check_cell(cell_t[k], pbc_t[k], where[k] if k < len(where) else f"structure {k}")
     batch_t = torch.repeat_interleave(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])

@@ -40,7 +40,27 @@ def _shift_vectors(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torc
     return torch.tensor(list(itertools.product(*reps)), dtype=cell.dtype, device=cell.device)
 
 
+def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """The cell with usable vectors along its non-periodic directions. ASE writes wires and slabs with zero
+    vectors there (nanotube: [[0,0,0],[0,0,0],[0,0,L]], pbc FFT); no image is ever taken along a non-periodic
+    direction, so any vectors that complete the periodic ones to a basis give the same edges: unit vectors
+    orthogonal to them. A cell that already has a volume, a molecule's cell, and a degenerate set of periodic
+    vectors (left for check_cell to report) are returned unchanged."""
+    periodic = [k for k in range(3) if bool(pbc[k])]
+    if not periodic or len(periodic) == 3 or float(torch.linalg.det(cell.double()).abs()) > 1e-8:
+        return cell
+    basis = cell[periodic].double()
+    if int(torch.linalg.matrix_rank(basis)) < len(periodic):
+        return cell
+    # orthonormal complement of the periodic vectors: the last rows of V in basis = U S V^T
+    complement = torch.linalg.svd(basis, full_matrices=True).Vh[len(periodic):]
+    out = cell.clone()
+    out[[k for k in range(3) if not bool(pbc[k])]] = complement.to(cell.dtype)
+    return out
+
+
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
+    """A periodic structure's cell (after complete_cell) must span a volume."""
     if bool(pbc.any()):
         volume = float(torch.linalg.det(cell.double()).abs())
         if not volume > 1e-8:

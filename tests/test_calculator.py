@@ -185,3 +185,24 @@ def test_bad_input(rng, tmp_path):
         Calculator(str(junk))
     with pytest.raises(HessforgeError, match="not a hessforge student"):
         Calculator(torch.nn.Linear(2, 2))
+
+
+def test_wire_with_zero_nonperiodic_vectors(rng):
+    """ase.build.nanotube's cell has zero vectors along x and y (pbc FFT): the same energy and forces as
+    with vacuum vectors there; stress, which needs a volume, is refused with the reason."""
+    from ase.build import nanotube
+
+    wire = nanotube(3, 3, length=2, symbol="C")
+    wire.positions += rng.normal(scale=0.05, size=wire.positions.shape)
+    boxed = wire.copy()
+    boxed.cell[0, 0] = boxed.cell[1, 1] = 30.0
+    model = tiny()
+    results = []
+    for atoms in (wire, boxed):
+        atoms.calc = Calculator(model)
+        results.append((atoms.get_potential_energy(), atoms.get_forces()))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-9)
+    np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-9)
+    np.testing.assert_allclose(boxed.get_stress(), calculate_numerical_stress(boxed), atol=1e-5)
+    with pytest.raises(PropertyNotImplementedError, match="stress needs a cell with a volume"):
+        wire.get_stress()

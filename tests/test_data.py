@@ -330,3 +330,20 @@ def test_collate_errors_name_the_structure(tmp_path, rng):
     structures[2].positions[0, 0] = np.nan
     with pytest.raises(HessforgeError, match="s2: positions contain NaN"):
         collate(structures, None, 2.0)
+
+
+def test_ingest_cells_of_wires_and_flat_boxes():
+    """A wire with zero vectors along its non-periodic directions is a valid structure; a periodic box
+    whose periodic vectors span no volume is refused."""
+    from ase.build import nanotube
+
+    from training.data.ingest import atoms_to_structure
+
+    wire = nanotube(3, 3, length=1, symbol="C")
+    wire.info["energy"], wire.arrays["forces"] = 1.0, np.zeros((len(wire), 3))
+    s = atoms_to_structure(wire, 0, "wire.xyz", "wire")
+    assert s.pbc.tolist() == [False, False, True] and not s.cell[:2].any()
+    flat = wire.copy()
+    flat.pbc = [False, True, True]
+    with pytest.raises(HessforgeError, match="zero-volume"):
+        atoms_to_structure(flat, 0, "flat.xyz", "flat")

@@ -74,6 +74,30 @@ def test_zero_volume_cell_is_rejected():
         build_graph([[1, 1]], [np.zeros((2, 3))], [np.zeros((3, 3))], [[True] * 3], 3.0)
 
 
+@pytest.mark.parametrize("periodic", [(False, False, True), (True, False, False), (True, True, False)])
+def test_wires_and_slabs_with_zero_nonperiodic_vectors(rng, periodic):
+    """ASE writes wires and slabs (ase.build.nanotube, graphene_nanoribbon) with zero cell vectors along
+    their non-periodic directions: the same edges as with a vacuum vector there, skewed periodic vectors
+    included; a cell whose periodic vectors are themselves degenerate is still refused."""
+    pbc = np.array(periodic)
+    cell = _random_cell(rng, "triclinic")
+    n = int(rng.integers(2, 12))
+    pos = rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell
+    cutoff = rng.uniform(2.5, 5.0)
+    zeroed = np.where(pbc[:, None], cell, 0.0)
+    numbers = rng.integers(1, 9, n)
+    g = build_graph([numbers], [pos], [zeroed], [pbc], cutoff, torch.float64)
+    i_ref, j_ref, D_ref = primitive_neighbor_list("ijD", pbc, cell, pos, cutoff, self_interaction=False)
+    got = sorted(map(tuple, np.round(edge_vectors(g).numpy(), 9).tolist()))
+    assert got == sorted(map(tuple, np.round(D_ref, 9).tolist())) and len(got) == len(i_ref)
+    np.testing.assert_allclose(g.cell[0].numpy()[pbc], cell[pbc])  # the periodic vectors are untouched
+    if pbc.sum() == 2:
+        flat = zeroed.copy()
+        flat[1] = 2.0 * flat[0]  # the two periodic vectors parallel
+        with pytest.raises(HessforgeError, match="zero volume"):
+            build_graph([numbers], [pos], [flat], [pbc], cutoff)
+
+
 def test_nan_positions_are_rejected():
     pos = np.zeros((2, 3))
     pos[1, 0] = np.nan

@@ -83,7 +83,9 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
             raise HessforgeError(f"{where}: {name} contain NaN or Inf")
     if n == 0:
         raise HessforgeError(f"{where}: structure has no atoms")
-    if np.any(atoms.pbc) and abs(np.linalg.det(cell)) < 1e-8:
+    periodic = np.asarray(atoms.pbc, dtype=bool)
+    # wires and slabs may have zero vectors along non-periodic directions (engine.neighbors.complete_cell)
+    if periodic.any() and np.linalg.matrix_rank(cell[periodic], tol=1e-6) < periodic.sum():
         raise HessforgeError(f"{where}: periodic structure with a zero-volume cell")
     numbers = np.asarray(atoms.numbers, dtype=np.int64)
     if numbers.min() < 1 or numbers.max() > 118:

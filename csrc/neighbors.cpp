@@ -50,6 +50,8 @@ NeighborList neighbor_list(const double* x, int64_t n, const double* cell, const
     cross(b, c, bc);
     cross(c, a, ca);
     cross(a, b, ab);
+    for (int k = 0; k < 9; ++k)
+      if (!std::isfinite(cell[k])) throw Error("neighbor list: periodic cell contains NaN or Inf");
     const double det = a[0] * bc[0] + a[1] * bc[1] + a[2] * bc[2];
     if (!(std::fabs(det) > 1e-8)) throw Error("neighbor list: periodic cell has zero volume");
     // inv(cell) columns are bc/det, ca/det, ab/det:  f = x @ inv(cell)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
 from engine.graph import AtomicGraph, sum_per_structure
+from engine.neighbors import complete_cell
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_NAME = "hessforgeplugin.so"
@@ -158,8 +159,7 @@ class CoreModel:
     def compute(self, positions, numbers, cell=None, pbc=(False, False, False)) -> Dict[str, Any]:
         positions = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
         numbers = np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1)
-        cell = np.zeros((3, 3)) if cell is None else np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
-        pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
+        cell, pbc = _core_cell(cell, pbc)
         return self.model.compute(positions, numbers, cell, pbc)
 
     def compute_atoms(self, atoms) -> Dict[str, Any]:
@@ -180,10 +180,19 @@ def neighbor_list(positions, cell, pbc, cutoff: float):
     """The C++ core's cell list: edge_index [2, E] (int64), integer shifts [E, 3] (int64), the convention of
     engine.neighbors (r_ij = x_j - x_i + S @ cell, strict cutoff, both directions)."""
     core = _core_module()
-    return core.neighbor_list(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
-                              np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3),
-                              np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))),
+    cell, pbc = _core_cell(cell, pbc)
+    return core.neighbor_list(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3), cell, pbc,
                               float(cutoff))
+
+
+def _core_cell(cell, pbc) -> Tuple[np.ndarray, np.ndarray]:
+    """(cell, pbc) as the core takes them, wires' and slabs' zero non-periodic vectors completed
+    (engine.neighbors.complete_cell; the core itself, like LAMMPS, expects a cell with a volume)."""
+    cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
+    if pbc.any() and np.all(np.isfinite(cell)):
+        cell = complete_cell(torch.tensor(cell), torch.tensor(pbc)).numpy()
+    return np.ascontiguousarray(cell), pbc
 
 
 def lammps_plugin_path(build_dir: Optional[str] = None) -> str:

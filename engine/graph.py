@@ -90,8 +90,11 @@ def build_graph(
     cell_t = torch.stack([torch.as_tensor(np.asarray(c, dtype=np.float64)).reshape(3, 3) for c in cells])
     pbc_t = torch.stack([torch.as_tensor(np.asarray(b, dtype=bool)).reshape(3) for b in pbcs])
     for k in range(cell_t.shape[0]):
+        name = where[k] if k < len(where) else f"structure {k}"
+        if not bool(torch.isfinite(cell_t[k]).all()):  # also for a molecule: its cell enters edge vectors
+            raise HessforgeError(f"{name}: cell contains NaN or Inf")
         cell_t[k] = complete_cell(cell_t[k], pbc_t[k])  # wires and slabs with zero non-periodic vectors
-        check_cell(cell_t[k], pbc_t[k], where[k] if k < len(where) else f"structure {k}")
+        check_cell(cell_t[k], pbc_t[k], name)
     batch_t = torch.repeat_interleave(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
     )

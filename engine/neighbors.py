@@ -60,8 +60,10 @@ def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
 
 
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
-    """A periodic structure's cell (after complete_cell) must span a volume."""
+    """A periodic structure's cell (after complete_cell) must be finite and span a volume."""
     if bool(pbc.any()):
+        if not bool(torch.isfinite(cell).all()):
+            raise HessforgeError(f"{where}: periodic cell contains NaN or Inf (cell={cell.tolist()})")
         volume = float(torch.linalg.det(cell.double()).abs())
         if not volume > 1e-8:
             raise HessforgeError(f"{where}: periodic cell has zero volume (cell={cell.tolist()})")
@@ -80,6 +82,7 @@ def structure_neighbor_list(
         pos = positions.detach()
         offsets = torch.zeros_like(pos)  # integer offsets o with wrapped = pos + o @ cell
         if bool(pbc.any()):
+            cell = complete_cell(cell, pbc)
             check_cell(cell, pbc)
             frac = torch.linalg.solve(cell.T, pos.T).T
             offsets = torch.where(pbc, -torch.floor(frac), torch.zeros_like(frac))

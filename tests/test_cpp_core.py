@@ -36,6 +36,11 @@ def random_cases(rng):
     yield "one atom", rng.uniform(0, 2, (1, 3)), tric, [True] * 3  # only self images
     yield "slab", rng.uniform(0, 6, (20, 3)), np.array([[6.0, 0, 0], [2.0, 5.5, 0], [0, 0, 30.0]]), [True, True, False]
     yield "wire", rng.uniform(0, 3, (6, 3)), np.array([[2.6, 0, 0], [0, 9, 0], [0.4, 0, 9]]), [True, False, False]
+    # as ASE writes them (ase.build.nanotube, graphene): zero vectors along the non-periodic directions
+    yield "wire, zero vectors", rng.uniform(0, 3, (6, 3)), np.array([[0, 0, 0], [0, 0, 0], [0.3, 0.2, 2.6]]), \
+        [False, False, True]
+    yield "slab, zero vector", rng.uniform(0, 6, (12, 3)), np.array([[6.0, 0, 0], [2.0, 5.5, 0.5], [0, 0, 0]]), \
+        [True, True, False]
 
 
 @pytest.mark.parametrize("cutoff", [2.5, 4.0])
@@ -125,6 +130,8 @@ def test_core_errors(tmp_path):
         core.compute_atoms(Atoms("NH3", positions=np.random.default_rng(0).uniform(0, 2, (4, 3))))
     with pytest.raises(HessforgeError, match="zero volume"):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.zeros((3, 3)), [True] * 3)
+    with pytest.raises(HessforgeError, match="NaN or Inf"):
+        core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.diag([np.inf, 4.0, 4.0]), [True] * 3)
 
 
 def test_core_float32_model(tmp_path, rng):

@@ -45,14 +45,17 @@ def write_checkpoint(path, model, labels_dir=None):
 
 
 def structures(rng):
-    """A molecule in vacuum, an orthorhombic box smaller than the cutoff in one direction, a triclinic cell."""
+    """A molecule in vacuum, an orthorhombic box smaller than the cutoff in one direction, a triclinic cell, a
+    wire with zero cell vectors along its non-periodic directions (as ase.build.nanotube writes it)."""
     mol = Atoms(numbers=rng.choice(SPECIES, 7), positions=rng.uniform(-1.5, 1.5, (7, 3)))
     ortho = Atoms(numbers=rng.choice(SPECIES, 5), positions=rng.uniform(0, 3, (5, 3)),
                   cell=np.diag([3.0, 4.0, 4.5]), pbc=True)
     tric = np.array([[4.2, 0.0, 0.0], [1.1, 3.9, 0.0], [-0.7, 0.8, 4.4]])
     triclinic = Atoms(numbers=rng.choice(SPECIES, 6), positions=rng.uniform(0, 4, (6, 3)) @ (tric / 4.0),
                       cell=tric, pbc=True)
-    return {"molecule": mol, "small-cell": ortho, "triclinic": triclinic}
+    wire = Atoms(numbers=rng.choice(SPECIES, 5), positions=rng.uniform(-1.5, 1.5, (5, 3)),
+                 cell=[[0, 0, 0], [0, 0, 0], [0.2, -0.1, 2.7]], pbc=[False, False, True])
+    return {"molecule": mol, "small-cell": ortho, "triclinic": triclinic, "wire": wire}
 
 
 def strain_virial(model, graph):
@@ -86,7 +89,7 @@ def test_exported_matches_python_student(tmp_path, rng, force_mode):
         assert rel(out["forces"], ref["forces"].detach()) < 1e-10, name
         if force_mode == "gradient" and atoms.pbc.any():
             assert rel(exported.virial(graph), strain_virial(model, graph)) < 1e-10, name
-    # a batch of all three at once
+    # a batch of all of them at once
     graph = graph_from_atoms(list(systems.values()), CUTOFF, torch.float64)
     ref, out = model(graph), exported(graph)
     assert rel(out["energy"], ref["energy"].detach()) < 1e-10

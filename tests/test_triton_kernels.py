@@ -52,10 +52,16 @@ def _structure(rng, kind):
     if kind == "single_periodic":
         n = 1
     pbc = np.array([True, False, True]) if kind == "mixed_pbc" else np.array([True] * 3)
+    if kind in ("wire", "slab"):  # as ASE writes them: zero vectors along the non-periodic directions
+        pbc = np.zeros(3, dtype=bool)
+        pbc[rng.choice(3, 1 if kind == "wire" else 2, replace=False)] = True
+        positions = rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell
+        return positions, np.where(pbc[:, None], cell, 0.0), pbc
     return rng.uniform(-0.5, 1.5, size=(n, 3)) @ cell, cell, pbc
 
 
-KINDS = ["molecule", "triclinic", "small", "large", "mixed_pbc", "single_molecule", "single_periodic", "empty"]
+KINDS = ["molecule", "triclinic", "small", "large", "mixed_pbc", "single_molecule", "single_periodic", "empty",
+         "wire", "slab"]
 
 
 def _batch(structures, dtype):
@@ -324,7 +330,7 @@ def test_preparation_is_cuda_graph_capturable(monkeypatch):
     raises, recording any op fed a host tensor and any torch.tensor built on the device."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from engine.kernels._prepare import make_params, prepare
+    from engine.kernels._prepare import complete_cells, make_params, prepare
 
     found = []
 
@@ -349,6 +355,7 @@ def test_preparation_is_cuda_graph_capturable(monkeypatch):
         prepare(torch.empty(10, 3, **meta), torch.empty(2, 3, 3, **meta), torch.empty(2, 3, dtype=torch.bool, **meta),
                 torch.empty(10, dtype=torch.long, **meta), 4.0, 1e-8)
         make_params(4.0, 0.0, torch.float32, "meta")
+        complete_cells(torch.empty(2, 3, 3, **meta), torch.empty(2, 3, dtype=torch.bool, **meta))
     assert found == []
 
 
@@ -410,6 +417,40 @@ def test_bad_input_is_reported():
         radial_edges(torch.zeros(2, 3), cell.expand(2, 3, 3), pbc.expand(2, 3), torch.tensor([1, 0]), 3.0, 4)
     with pytest.raises(HessforgeError, match="cutoff"):
         radial_edges(torch.zeros(2, 3), cell, pbc, batch, -1.0, 4)
+    with pytest.raises(HessforgeError, match="NaN or Inf"):
+        radial_edges(torch.zeros(2, 3), cell * torch.tensor(float("inf")), pbc, batch, 3.0, 4)
+    with pytest.raises(HessforgeError, match="int64"):
+        radial_edges(torch.zeros(2, 3), cell, pbc, batch.int(), 3.0, 4)
+    slab = torch.tensor([[[3.0, 0, 0], [3.0, 0, 0], [0, 0, 0]]])  # parallel periodic vectors
+    with pytest.raises(HessforgeError, match="zero volume"):
+        radial_edges(torch.zeros(2, 3), slab, torch.tensor([[True, True, False]]), batch, 3.0, 4)
+
+
+def test_cell_completion_matches_the_reference(rng):
+    """complete_cells (branch-free, for the kernels) and engine.neighbors.complete_cell (SVD): both keep the
+    periodic vectors, give unit vectors orthogonal to them along the non-periodic directions of wires and
+    slabs with zero vectors there, and leave every other cell alone."""
+    from engine.kernels._prepare import complete_cells
+    from engine.neighbors import complete_cell
+
+    cells, pbcs = [], []
+    for kind in ("wire", "wire", "slab", "slab", "triclinic", "mixed_pbc", "molecule"):
+        _, cell, pbc = _structure(rng, kind)
+        cells.append(cell)
+        pbcs.append(pbc)
+    cell, pbc = torch.tensor(np.stack(cells)), torch.tensor(np.stack(pbcs))
+    fast = complete_cells(cell, pbc)
+    for k in range(cell.shape[0]):
+        slow = complete_cell(cell[k], pbc[k])
+        p = pbc[k]
+        if 0 < int(p.sum()) < 3 and abs(float(torch.linalg.det(cell[k]))) < 1e-8:
+            for done in (fast[k], slow):
+                assert torch.equal(done[p], cell[k][p])
+                torch.testing.assert_close(done[~p] @ done[~p].T, torch.eye(int((~p).sum()), dtype=torch.float64))
+                torch.testing.assert_close(done[~p] @ cell[k][p].T, torch.zeros(int((~p).sum()), int(p.sum()),
+                                                                              dtype=torch.float64))
+        else:
+            assert torch.equal(fast[k], cell[k]) and torch.equal(slow, cell[k])
 
 
 # ------------------------------------------------------------------------------------------------ compile

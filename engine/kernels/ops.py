@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from engine.errors import HessforgeError
-from engine.kernels._prepare import make_params, prepare
+from engine.kernels._prepare import complete_cells, make_params, prepare
 from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
 
 BACKENDS = ("auto", "torch", "triton")
@@ -104,18 +104,22 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
         raise HessforgeError(f"batch must be [N] = [{positions.shape[0]}], got {tuple(batch.shape)}")
     if cell.dim() != 3 or cell.shape[1:] != (3, 3) or pbc.shape != (cell.shape[0], 3):
         raise HessforgeError(f"cell must be [B, 3, 3] and pbc [B, 3], got {tuple(cell.shape)}, {tuple(pbc.shape)}")
+    if batch.dtype != torch.int64:
+        raise HessforgeError(f"batch must be int64 (torch.long), got {batch.dtype}")
     if not sync_ok:  # checks below read values: done on CPU, or where the op synchronises anyway
         return
     # all value checks in one device->host transfer
     n = positions.shape[0]
     periodic = pbc.to(torch.bool).any(dim=1)
     volume = torch.linalg.det(cell.double()).abs() if cell.shape[0] else cell.new_zeros(0, dtype=torch.float64)
+    infinite = periodic & ~torch.isfinite(cell).flatten(1).all(dim=1)
     bad_cell = periodic & ~(volume > 1e-8)
     true = torch.ones((), dtype=torch.bool, device=positions.device)
     flags = torch.stack([
         torch.isfinite(positions).all() if n else true,
         (batch[1:] >= batch[:-1]).all() if n > 1 else true,
         ((batch >= 0) & (batch < cell.shape[0])).all() if n else true,
+        ~infinite.any() if cell.shape[0] else true,
         ~bad_cell.any() if cell.shape[0] else true,
     ]).tolist()
     if not flags[0]:
@@ -125,6 +129,9 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
     if not flags[2]:
         raise HessforgeError("batch holds structure indices outside [0, B)")
     if not flags[3]:
+        k = int(infinite.nonzero()[0, 0])
+        raise HessforgeError(f"structure {k}: periodic cell contains NaN or Inf (cell={cell[k].tolist()})")
+    if not flags[4]:
         k = int(bad_cell.nonzero()[0, 0])
         raise HessforgeError(f"structure {k}: periodic cell has zero volume (cell={cell[k].tolist()})")
 
@@ -187,6 +194,7 @@ def _radial_edges_op(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, num_basis: int,
     capacity: int, eps: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cell = complete_cells(cell.detach(), pbc)  # wires and slabs with zero non-periodic vectors
     _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
     prep = prepare(positions, cell, pbc, batch, cutoff, eps)
     if use_triton(backend, positions.device):
@@ -303,6 +311,7 @@ torch.library.register_autograd("hessforge::radial_edges", _backward, setup_cont
 def _neighbor_list_op(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, capacity: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    cell = complete_cells(cell.detach(), pbc)
     _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
     prep = prepare(positions, cell, pbc, batch, cutoff, 0.0)
     if use_triton(backend, positions.device):

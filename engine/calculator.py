@@ -13,6 +13,7 @@ Direct-force students have no energy whose derivative matches their forces: aski
 """
 from __future__ import annotations
 
+import copy
 import os
 import zipfile
 from typing import Optional, Union
@@ -23,7 +24,7 @@ from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.errors import HessforgeError
-from engine.graph import graph_from_atoms, graph_to
+from engine.graph import graph_from_atoms, graph_to, recentred
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -62,9 +63,9 @@ def _is_exported(model) -> bool:
 class Calculator(_ASECalculator):
     """ASE calculator on a hessforge student (see the module docstring).
 
-    model: path (checkpoint or exported file) or student object. dtype: for checkpoints and model objects
-    (default float64, what MD energy conservation wants; exported models keep their own). device: "cpu",
-    "cuda"... (exported models: CPU only).
+    model: path (checkpoint or exported file) or student object (the calculator works on its own copy).
+    dtype: for checkpoints and model objects (default float64, what MD energy conservation wants; exported
+    models keep their own). device: "cpu", "cuda"... (exported models: CPU only).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -81,6 +82,9 @@ class Calculator(_ASECalculator):
             raise HessforgeError(f"device {device!r} requested but CUDA is not available")
         if isinstance(model, (str, os.PathLike)):
             model = load_model(os.fspath(model), dtype=dtype)
+        elif isinstance(model, torch.nn.Module) and not _is_exported(model):
+            # a copy: casting and freezing below must not change the caller's model (or another Calculator's)
+            model = copy.deepcopy(model)
         for attr in ("cutoff", "species", "check_species"):
             if not hasattr(model, attr):
                 raise HessforgeError(f"{type(model).__name__} is not a hessforge student (no {attr})")
@@ -116,7 +120,8 @@ class Calculator(_ASECalculator):
         if len(atoms) == 0:
             raise HessforgeError(f"{where}: no atoms to evaluate")
         self.model.check_species(atoms.numbers, where)
-        graph = graph_from_atoms([atoms], self.cutoff, dtype=torch.float64)  # NaN / zero-volume checks
+        # NaN / zero-volume checks; small coordinates before a float32 cast (unwrapped MD, far molecules)
+        graph = recentred(graph_from_atoms([atoms], self.cutoff, dtype=torch.float64))
         if self.exported:
             energy, node_energy, forces, virial = self.model.evaluate(
                 graph.positions, graph.numbers, graph.edge_index, self.model._edge_shifts(graph))

@@ -52,6 +52,27 @@ def with_positions(graph: AtomicGraph, positions: torch.Tensor) -> AtomicGraph:
     return graph._replace(positions=positions)
 
 
+def recentred(graph: AtomicGraph) -> AtomicGraph:
+    """The same structures with small coordinates: each translated so that its first atom sits at the origin,
+    then its atoms wrapped into the cell along periodic directions (shifts adjusted, so every edge vector is
+    unchanged). Energies, forces and stress do not change; float32 edge vectors then keep their precision
+    for unwrapped MD coordinates or molecules far from the origin. Call in float64, before casting."""
+    pos, batch = graph.positions, graph.batch
+    if pos.shape[0] == 0:
+        return graph
+    counts = torch.bincount(batch, minlength=graph.cell.shape[0])
+    first = torch.cumsum(counts, 0) - counts
+    x = pos - pos[first[batch]]
+    periodic = graph.pbc.any(dim=1)
+    eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand_as(graph.cell)
+    cell = torch.where(periodic[:, None, None], graph.cell, eye)
+    frac = torch.einsum("na,nab->nb", x, torch.linalg.inv(cell)[batch])
+    offsets = torch.where(graph.pbc[batch], -torch.floor(frac), torch.zeros_like(frac))
+    x = x + torch.einsum("na,nab->nb", offsets, cell[batch])
+    i, j = graph.edge_index[0], graph.edge_index[1]
+    return graph._replace(positions=x, shifts=graph.shifts - offsets[j] + offsets[i])
+
+
 def graph_to(graph: AtomicGraph, device=None, dtype=None) -> AtomicGraph:
     """Move to a device and cast the floating tensors to `dtype`."""
 

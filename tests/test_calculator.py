@@ -206,3 +206,30 @@ def test_wire_with_zero_nonperiodic_vectors(rng):
     np.testing.assert_allclose(boxed.get_stress(), calculate_numerical_stress(boxed), atol=1e-5)
     with pytest.raises(PropertyNotImplementedError, match="stress needs a cell with a volume"):
         wire.get_stress()
+
+
+def test_float32_keeps_its_precision_far_from_the_origin(rng):
+    """ASE MD never wraps positions: a periodic structure unwrapped by up to 1000 lattice vectors, and a
+    molecule 10^4 Å from the origin, give float32 forces and stress as close to float64 as at the origin
+    (they used to lose two digits in the float32 edge vectors: ~2e-4 eV/Å)."""
+    model = tiny()
+    base = periodic(rng)
+    far = base.copy()
+    far.positions += rng.integers(-1000, 1000, (len(far), 3)) @ far.cell[:]
+    mol = molecule_perturbed("CH3OH", rng)
+    distant = mol.copy()
+    distant.positions += 1.0e4
+    for near, moved in ((base, far), (mol, distant)):
+        want = Calculator(model, dtype=torch.float64)
+        got = Calculator(model, dtype=torch.float32)
+        props = ["energy", "forces"] + (["stress"] if near.pbc.any() else [])
+        want.calculate(near, props)
+        got.calculate(moved, props)
+        # totals of ~-3000 eV (atom_ref): float32 rounds them to ~2e-4 eV wherever the atoms are
+        assert got.results["energy"] == pytest.approx(want.results["energy"], abs=1e-3)
+        np.testing.assert_allclose(got.results["forces"], want.results["forces"], atol=3e-6)
+        np.testing.assert_allclose(got.results["energies"], want.results["energies"], atol=5e-4)
+        if near.pbc.any():
+            np.testing.assert_allclose(got.results["stress"], want.results["stress"], atol=1e-6)
+    # each calculator cast its own copy: the caller's model (shared by both) is untouched
+    assert all(p.dtype == torch.float64 and p.requires_grad for p in model.parameters())

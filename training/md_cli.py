@@ -1,7 +1,10 @@
 """`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
 call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] (random weights, for timing); DATA as
-for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]), replicated to fill the batch.
-Writes the final frames (and every --interval steps with --trajectory) as extxyz and prints ns/day."""
+for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
+repeated in turn when there are fewer. Initial velocities: DATA's momenta where it has them (so a previous
+run's -o file continues that run), else drawn at --temperature (--init-temperature forces a draw).
+Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
+with info md_step, md_system, md_potential_energy (eV) and arrays md_forces (eV/Å); prints ns/day."""
 from __future__ import annotations
 
 import sys

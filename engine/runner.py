@@ -129,6 +129,7 @@ def rebuild_neighbors(graph: AtomicGraph, cutoff: float, backend: str = "auto") 
                                                    graph.batch, cutoff)
     else:
         out = k.neighbor_list(graph.positions.detach(), graph.cell.detach(), graph.pbc, graph.batch, cutoff,
+                              complete=False,  # build_graph's cells are complete
                               backend=backend)
         edge_index, shifts = out.edge_index, out.shifts
     return graph._replace(edge_index=edge_index, shifts=shifts.to(graph.positions.dtype))
@@ -207,7 +208,7 @@ def fused_forward(core: Callable, fused: FusedStudent, graph: AtomicGraph, compu
         positions = positions.detach().requires_grad_(True)
     if fused.capacity == 0:  # size the padded slots from an exact count (no geometry, not differentiated)
         nl = fused._kernels.neighbor_list(graph.positions.detach(), graph.cell.detach(), graph.pbc, graph.batch,
-                                          fused.cutoff, backend=fused.backend)
+                                          fused.cutoff, backend=fused.backend, complete=False)
         fused.capacity = edge_slots(int(nl.num_edges))
     while True:
         capacity = -1 if fused.capacity is None else fused.capacity

@@ -424,6 +424,10 @@ def test_bad_input_is_reported():
     slab = torch.tensor([[[3.0, 0, 0], [3.0, 0, 0], [0, 0, 0]]])  # parallel periodic vectors
     with pytest.raises(HessforgeError, match="zero volume"):
         radial_edges(torch.zeros(2, 3), slab, torch.tensor([[True, True, False]]), batch, 3.0, 4)
+    wire, wire_pbc = torch.tensor([[[0.0, 0, 0], [0, 0, 0], [0, 0, 3.0]]]), torch.tensor([[False, False, True]])
+    assert int(neighbor_list(torch.eye(2, 3), wire, wire_pbc, batch, 3.5).num_edges) == 10  # as ASE
+    with pytest.raises(HessforgeError, match="zero volume"):  # the cell as given, not completed
+        neighbor_list(torch.eye(2, 3), wire, wire_pbc, batch, 3.5, complete=False)
 
 
 def test_cell_completion_matches_the_reference(rng):

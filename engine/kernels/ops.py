@@ -194,7 +194,6 @@ def _radial_edges_op(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, num_basis: int,
     capacity: int, eps: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    cell = complete_cells(cell.detach(), pbc)  # wires and slabs with zero non-periodic vectors
     _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
     prep = prepare(positions, cell, pbc, batch, cutoff, eps)
     if use_triton(backend, positions.device):
@@ -311,7 +310,6 @@ torch.library.register_autograd("hessforge::radial_edges", _backward, setup_cont
 def _neighbor_list_op(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, capacity: int, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    cell = complete_cells(cell.detach(), pbc)
     _validate(positions, cell, pbc, batch, cutoff, sync_ok=positions.device.type == "cpu" or capacity < 0)
     prep = prepare(positions, cell, pbc, batch, cutoff, 0.0)
     if use_triton(backend, positions.device):
@@ -369,9 +367,16 @@ def _check_capacity(out, capacity: int, grow: bool, rerun):
     return rerun(_grow(capacity, needed))
 
 
+def _completed(cell: Tensor, pbc: Tensor) -> Tensor:
+    if cell.dim() != 3 or pbc.shape != cell.shape[:1] + (3,):
+        return cell  # the op reports the shapes
+    return complete_cells(cell, pbc)
+
+
 def radial_edges(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, num_basis: int, *,
     capacity: Optional[int] = None, eps: float = 0.0, backend: str = "auto", grow: bool = True,
+    complete: bool = True,
 ) -> RadialEdges:
     """Neighbor list within `cutoff` (strict) fused with the edge geometry and PaiNN's radial features.
 
@@ -380,8 +385,15 @@ def radial_edges(
     `engine.neighbors.batched_neighbor_list`; `eps` as in PaiNN's `_norm` (1e-8 there) for bitwise-equal
     semantics. Differentiable once in positions and cell. `capacity`: see the module docstring; in eager mode
     an overflow grows the output to the next power of two ≥ E (keep passing `out.edge_index.shape[1]` to
-    stay there) or raises with grow=False.
+    stay there) or raises with grow=False. `complete`: fill the zero cell vectors ASE writes along the
+    non-periodic directions of wires and slabs (`_prepare.complete_cells`, ~35 small ops; differentiable, and
+    they get no gradient); False for cells that already span a volume, as engine.graph.build_graph's do (the
+    ops themselves refuse a periodic cell without volume). Not done under torch.compile: dynamo traces an
+    exact-size op without a graph break only when its inputs are the graph's own, not computed cells.
     """
+    if complete and not _compiling():
+        cell = _completed(cell, pbc)
+
     def run(cap: int) -> RadialEdges:
         return RadialEdges(*torch.ops.hessforge.radial_edges(
             positions, cell, pbc, batch, float(cutoff), int(num_basis), cap, float(eps), backend))
@@ -393,10 +405,14 @@ def radial_edges(
 
 def neighbor_list(
     positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutoff: float, *,
-    capacity: Optional[int] = None, backend: str = "auto", grow: bool = True,
+    capacity: Optional[int] = None, backend: str = "auto", grow: bool = True, complete: bool = True,
 ) -> NeighborList:
     """(edge_index [2, E], shifts [E, 3], num_edges []) — the edges of `radial_edges` without geometry.
-    Not differentiable (integer outputs); compute edge vectors with engine.graph.edge_vectors."""
+    Not differentiable (integer outputs); compute edge vectors with engine.graph.edge_vectors (on the
+    completed cell: `complete` as in radial_edges)."""
+    if complete and not _compiling():
+        cell = _completed(cell, pbc)
+
     def run(cap: int) -> NeighborList:
         return NeighborList(*torch.ops.hessforge.neighbor_list(
             positions, cell, pbc, batch, float(cutoff), cap, backend))

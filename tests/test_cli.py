@@ -90,3 +90,29 @@ def test_errors_are_one_clear_line(tmp_path):
     assert code == 2 and "not a readable checkpoint" in err
     code, out, err = hessforge("label", tmp_path / "nothing.lmdb", "--teacher", "ani1x", "--rows", "2", "-o", tmp_path / "l")
     assert code == 2 and "Traceback" not in err
+
+
+def test_evaluate_refuses_another_datasets_split_and_labels(tmp_path, rng):
+    """A run's split.json applied to a dataset of another size, or labels made for another dataset, are one
+    clear error (they used to evaluate an arbitrary subset, or crash with an IndexError)."""
+    from engine.models import PaiNN
+    from toy import write_checkpoint
+    from training.data.subsets import save_split
+
+    small, _ = conformer_dataset(tmp_path / "small.lmdb", rng, per_molecule=2)
+    big, _ = conformer_dataset(tmp_path / "big.lmdb", rng, per_molecule=3)
+    label_dataset(big, HarmonicTeacher(), str(tmp_path / "labels"), rows=2)
+    (tmp_path / "run").mkdir()
+    ckpt = write_checkpoint(tmp_path / "run" / "best.pt", PaiNN([1, 6, 7, 8], cutoff=4.0, hidden=8, layers=1,
+                                                                 num_basis=4).double())
+    n_big = len(Dataset(big))
+    save_split(str(tmp_path / "run" / "split.json"), {"train": list(range(n_big - 2)), "val": [n_big - 2],
+                                                      "test": [n_big - 1]}, seed=0, count=n_big, dataset=big)
+    code, out, err = hessforge("evaluate", ckpt, small)
+    assert code == 2 and "split made for a dataset of" in err and "Traceback" not in err
+    code, out, err = hessforge("evaluate", ckpt, small, "--split", "all", "--labels", tmp_path / "labels")
+    assert code == 2 and "labels were made for another dataset" in err
+    code, out, err = hessforge("evaluate", ckpt, big, "--labels", tmp_path / "labels", "--batch-size", "0")
+    assert code == 2 and "--batch-size must be >= 1" in err
+    code, out, err = hessforge("evaluate", ckpt, big, "--labels", tmp_path / "labels")
+    assert code == 0, err

@@ -111,3 +111,97 @@ def test_example_config_lists_every_key_with_its_default():
     for section in ("model", "loss", "optim", "train"):
         assert example[section] == defaults[section], section
     assert set(example["data"]) == set(defaults["data"])
+
+
+def test_config_types_and_ranges_are_checked():
+    """Wrong types and values give one error naming the key (they used to give tracebacks from deep inside,
+    or ran: epochs 0, epochs 1.5, ema_decay 2, an empty validation split that then validated on the test set);
+    PyYAML's string '1e-3' is read as the number it is."""
+    from training.config import config_from_dict
+
+    base = {"data": {"path": "x.lmdb"}, "loss": {"hessian": 0.0}}
+    assert config_from_dict({**base, "optim": {"lr": "1e-3"}}).optim.lr == 1e-3
+    for section, values, pattern in (
+            ("optim", {"lr": -1}, "optim.lr must be > 0"), ("train", {"epochs": "two"}, "train.epochs must be an integer"),
+            ("train", {"epochs": 0}, "train.epochs must be >= 1"), ("train", {"epochs": 1.5}, "must be an integer"),
+            ("data", {"val": 0}, "data.val must be in"), ("optim", {"ema_decay": 2.0}, "ema_decay must be in"),
+            ("train", {"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
+            ("loss", {"hessian": 0.0, "halve_kd_when_better_than_teacher": "no"}, "must be true or false"),
+            ("data", {"train_limit": -2}, "train_limit must be >= 1"), ("model", {"hidden": "8"}, "model.hidden"),
+            ("train", {"threads": -1}, "train.threads"), ("data", {"elements": [1, "C"]}, "list of integers")):
+        values = {**base, section: {**base.get(section, {}), **values}}
+        with pytest.raises(HessforgeError, match=pattern):
+            config_from_dict(values, where="c.yaml")
+
+
+def _interrupting_loss(monkeypatch, at_call, action):
+    """training.trainer.compute_loss that runs `action` on its `at_call`-th call (1-based)."""
+    import training.trainer as trainer_module
+
+    real, calls = trainer_module.compute_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", loss)
+    return lambda: monkeypatch.setattr(trainer_module, "compute_loss", real)
+
+
+def test_interrupted_runs_resume_exactly(labelled, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch keeps the last epoch-end checkpoint (it used to save the half-trained weights as that
+    epoch, and the rerun replayed the epoch on top of them); SIGTERM finishes the epoch, checkpoints and exits
+    as interrupted without the summary.json of a finished run. Both resume to the uninterrupted result,
+    with each step logged once."""
+    import signal
+
+    straight = Trainer(_config(labelled, tmp_path / "a", epochs=3)).fit()
+    steps_per_epoch = straight["steps"] // 3
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    undo = _interrupting_loss(monkeypatch, steps_per_epoch + 2, ctrl_c)  # in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(labelled, tmp_path / "b", epochs=3)).fit()
+    undo()
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == steps_per_epoch
+    resumed = Trainer(_config(labelled, tmp_path / "b", epochs=3)).fit()
+
+    undo = _interrupting_loss(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM after epoch 1 of 3"):
+        Trainer(_config(labelled, tmp_path / "c", epochs=3)).fit()
+    undo()
+    assert not (tmp_path / "c" / "summary.json").exists()
+    terminated = Trainer(_config(labelled, tmp_path / "c", epochs=3)).fit()
+    for run, summary in (("b", resumed), ("c", terminated)):
+        assert summary["steps"] == straight["steps"] and summary["finished"]
+        assert summary["best_val_loss_ef"] == pytest.approx(straight["best_val_loss_ef"], rel=1e-6)
+        steps = [json.loads(line)["step"] for line in open(tmp_path / run / "log.jsonl")
+                 if json.loads(line)["kind"] == "step"]
+        assert steps == list(range(1, straight["steps"] + 1))
+
+
+def test_resume_refuses_another_config_and_other_labels(labelled, tmp_path, rng):
+    Trainer(_config(labelled, tmp_path / "r", epochs=1)).fit()
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(HessforgeError, match=r"started with another config \(loss.hessian: 400.0 -> 10.0"):
+        Trainer(_config(labelled, tmp_path / "r", epochs=2, hessian=10.0))
+    assert (tmp_path / "r" / "config.yaml").read_text() == saved  # not rewritten before the check
+    Trainer(_config(labelled, tmp_path / "r", epochs=2)).fit()  # more epochs: allowed
+    # labels made for another dataset are refused before training
+    other, _ = conformer_dataset(tmp_path / "other.lmdb", rng, per_molecule=3)
+    with pytest.raises(HessforgeError, match="labels were made for another dataset"):
+        Trainer(_config((other, labelled[1]), tmp_path / "o", epochs=1))
+
+
+def test_one_trainer_per_run_directory(tmp_path):
+    from training.trainer import _RunLock
+
+    lock = _RunLock(str(tmp_path))
+    with pytest.raises(HessforgeError, match="another hessforge train is using"):
+        _RunLock(str(tmp_path))
+    lock.release()
+    _RunLock(str(tmp_path)).release()

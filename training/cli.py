@@ -51,9 +51,13 @@ def main(argv=None) -> int:
         except HessforgeError as err:
             print(f"hessforge {argv[0]}: error: {err}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"hessforge {argv[0]}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as err:
+            print(f"hessforge {argv[0]}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
             return 130
+        except OSError as err:  # an output that cannot be written (read-only, disk full): one line, the path
+            print(f"hessforge {argv[0]}: error: {err.strerror or err}"
+                  + (f": {err.filename}" if getattr(err, "filename", None) else ""), file=sys.stderr)
+            return 2
     parser.parse_args(argv)  # prints help / usage errors
     return 0
 

@@ -104,8 +104,66 @@ def _build(cls, values, where: str, prefix: str):
         if isinstance(sub, str) and sub in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[sub], value, where, f"{prefix}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, sub, f"{prefix}{key}", where)
     return cls(**kwargs)
+
+
+def _typed(value, annotation: str, key: str, where: str):
+    """`value` as the field's declared type (int, float, bool, str, Optional[...], List[int]), or one error
+    naming the key. A number YAML read as a string (PyYAML reads 1e-3 as '1e-3') becomes a float."""
+    if annotation.startswith("Optional["):
+        if value is None:
+            return None
+        annotation = annotation[len("Optional["):-1]
+
+    def bad(kind: str):
+        return HessforgeError(f"{where}: {key} must be {kind}, got {value!r}")
+
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if annotation == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad("a number")
+        return float(value)
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if annotation == "List[int]":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise bad("a list of integers")
+        return value
+    return value
+
+
+# (section, key, test, what it must be): value ranges, checked after the types
+_RANGES = [
+    ("data", "train", lambda v: 0 <= v <= 1, "in [0, 1]"), ("data", "val", lambda v: 0 < v <= 1, "in (0, 1]: "
+     "best.pt, the learning-rate schedule and λ_KD halving are decided on it"),
+    ("data", "test", lambda v: 0 <= v <= 1, "in [0, 1]"), ("data", "max_atoms", lambda v: v is None or v >= 1, ">= 1"),
+    ("data", "train_limit", lambda v: v is None or v >= 1, ">= 1 (or null)"),
+    ("model", "cutoff", lambda v: 0 < v < float("inf"), "> 0 Å"),
+    ("optim", "lr", lambda v: v > 0, "> 0"), ("optim", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim", "eps", lambda v: v > 0, "> 0"), ("optim", "plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("optim", "plateau_patience", lambda v: v >= 0, ">= 0"), ("optim", "min_lr", lambda v: v >= 0, ">= 0"),
+    ("optim", "ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"), ("optim", "grad_clip", lambda v: v > 0, "> 0"),
+    ("train", "epochs", lambda v: v >= 1, ">= 1"), ("train", "batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "val_batch_size", lambda v: v >= 1, ">= 1"), ("train", "checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train", "max_time_s", lambda v: v is None or v > 0, "> 0 (or null)"),
+    ("train", "num_workers", lambda v: v >= 0, ">= 0"), ("train", "threads", lambda v: v is None or v >= 1,
+                                                         ">= 1 (or null)"),
+]
 
 
 _SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig": LossConfig,
@@ -114,6 +172,12 @@ _SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig":
 
 def config_from_dict(values: dict, where: str = "config") -> Config:
     config = _build(Config, values, where, "")
+    for section, key, ok, what in _RANGES:
+        value = getattr(getattr(config, section), key)
+        if not ok(value):
+            raise HessforgeError(f"{where}: {section}.{key} must be {what}, got {value!r}")
+    if not config.data.split_file and not config.data.train > 0:
+        raise HessforgeError(f"{where}: data.train must be > 0, got {config.data.train!r}")
     if not config.data.path:
         raise HessforgeError(f"{where}: 'data.path' (the LMDB dataset) is required")
     if config.model.force_mode not in ("gradient", "direct"):

@@ -3,6 +3,8 @@ Hessian-row error against the teacher's stored rows, and the teacher's own error
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -121,16 +123,21 @@ def select_structures(dataset, split_file: Optional[str], split: str) -> list:
 
     if split == "all" or split_file is None:
         return [dataset[i] for i in range(len(dataset))]
-    indices = load_split(split_file)[split]
+    indices = load_split(split_file, count=len(dataset))[split]  # a split of another dataset: clear error
+    with open(split_file) as fh:
+        made_for = json.load(fh).get("dataset")
+    if made_for and os.path.abspath(made_for) != os.path.abspath(dataset.path):
+        print(f"note: {split_file} was made for {made_for}; applying it to {dataset.path} (same size)",
+              file=sys.stderr)
     return [dataset[i] for i in indices]
 
 
 def run(args) -> int:
-    import os
-
     from training.data import Dataset
 
     read_checkpoint(args.checkpoint)  # clear error for a missing or foreign file before anything else
+    if args.batch_size < 1:
+        raise HessforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.json_out:
         check_output_file(args.json_out, "--json", inputs=[args.checkpoint, args.data, args.labels])
     model = load_student(args.checkpoint, use_ema=not args.no_ema)
@@ -144,6 +151,9 @@ def run(args) -> int:
         from training.labels import LabelStore
 
         labels = LabelStore(args.labels)
+        from training.labels import check_labels_match
+
+        check_labels_match(labels, dataset, [s.id for s in structures])
     result = evaluate(model, structures, labels, args.batch_size)
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     result["split"] = args.split

@@ -194,6 +194,23 @@ def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     return ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys)
 
 
+def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) -> None:
+    """The labels in `store` were made for `dataset` (same structure count and ids, in order), and every
+    structure of `ids` is labelled: fail before training or evaluating, not at the batch that misses one."""
+    meta = store.metadata
+    count, digest = meta.get("source_count"), meta.get("source_ids_sha256")
+    if count is not None and (count != len(dataset) or digest != _ids_digest(dataset.ids())):
+        raise HessforgeError(
+            f"{store.directory}: labels were made for another dataset ({meta.get('source')}, {count} structures; "
+            f"this is {dataset.path}, {len(dataset)} structures, or the same count with other ids); label this "
+            "dataset with `hessforge label`")
+    labelled = set(store.ids())
+    missing = [i for i in ids if i not in labelled]
+    if missing:
+        raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "
+                             f"(e.g. {missing[0]!r}): labelling is unfinished; rerun `hessforge label` to resume it")
+
+
 def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 

@@ -433,6 +433,12 @@ def run(args) -> int:
         raise HessforgeError(f"--skip: unknown tests {sorted(bad)} (nvt, nve, opt)")
     if args.structures < 1 or args.steps < 0 or args.check_interval < 1:
         raise HessforgeError("--structures and --check-interval must be >= 1, --steps >= 0")
+    for option, value, ok in (("--timestep", args.timestep, args.timestep > 0),
+                              ("--nve-timestep", args.nve_timestep, args.nve_timestep > 0),
+                              ("--temperature", args.temperature, args.temperature >= 0),
+                              ("--friction", args.friction, args.friction > 0)):
+        if not ok:  # also NaN
+            raise HessforgeError(f"{option} must be {'>= 0' if option == '--temperature' else '> 0'}, got {value}")
     model_file, split_file, default_json = resolve_model(args.model)
     if args.json_out or default_json:
         check_output_file(args.json_out or default_json, "--json", inputs=[model_file, args.data], create_parent=True)

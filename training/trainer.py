@@ -146,6 +146,64 @@ class _Accumulator:
         }
 
 
+# Settings a resumed run may change: how long and how it runs, not what it computes.
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "max_time_s"), ("train", "threads"), ("train", "num_workers"),
+                  ("train", "checkpoint_every"), ("train", "out"), ("train", "val_batch_size"),
+                  ("data", "path"), ("data", "labels"), ("data", "split_file")}
+
+
+def _check_resume_config(path: str, old: Optional[dict], new: dict) -> None:
+    """A run resumes only under the config it was started with (apart from RESUMABLE_KEYS): resuming with,
+    say, another λ_KD or learning rate would silently keep the checkpoint's, and config.yaml would lie."""
+    if not old:
+        return
+    changed = [f"{section}.{key}: {old[section].get(key)!r} -> {value!r}"
+               for section, values in new.items() for key, value in values.items()
+               if (section, key) not in RESUMABLE_KEYS and old.get(section, {}).get(key) != value]
+    if changed:
+        raise HessforgeError(f"{path}: this run was started with another config ({'; '.join(changed)}); resume "
+                             "with the original config, or start over with --restart or another train.out")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Drop log records after `step` (written by a run killed after its last checkpoint), so the log of a
+    resumed run has each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+class _RunLock:
+    """An exclusive lock on a run directory for the life of a trainer: a second `hessforge train` on the same
+    train.out fails at once instead of interleaving logs and racing on checkpoints."""
+
+    def __init__(self, directory: str):
+        import fcntl
+
+        self._fh = open(os.path.join(directory, ".lock"), "w")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise HessforgeError(f"{directory}: another hessforge train is using this run directory") from None
+
+    def release(self) -> None:
+        self._fh.close()  # closing the file drops the lock
+
+
 # ----------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, config: Config, restart: bool = False):
@@ -170,6 +228,11 @@ class Trainer:
             self.labels = LabelStore(config.data.labels)
             check_labels_for_loss(config, self.labels.metadata, config.data.labels)  # fail before any work
 
+        last = os.path.join(self.out, "last.pt")
+        resume_state = read_checkpoint(last) if os.path.exists(last) and not restart else None
+        if resume_state is not None:  # before config.yaml and split.json are rewritten
+            _check_resume_config(last, resume_state.get("config"), config.to_dict())
+
         # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
         split_path = os.path.join(self.out, "split.json")
         count = len(self.dataset)
@@ -187,11 +250,20 @@ class Trainer:
             with open(os.path.join(self.out, "config.yaml"), "w") as fh:
                 yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         self.train_idx = list(split["train"])
-        if config.data.train_limit:
-            self.train_idx = self.train_idx[: config.data.train_limit]
-        self.val_idx = list(split["val"]) or list(split["test"])
+        if config.data.train_limit and config.data.train_limit < len(self.train_idx):
+            # a random subset (seeded), not the first indices: those are whole molecules in dataset order
+            pick = np.random.default_rng(config.data.split_seed).permutation(len(self.train_idx))
+            self.train_idx = sorted(self.train_idx[k] for k in pick[: config.data.train_limit])
+        self.val_idx = list(split["val"])
         if not self.train_idx or not self.val_idx:
-            raise HessforgeError(f"{config.data.path}: the split left no training or no validation structures")
+            raise HessforgeError(f"{config.data.path}: the split left no training or no validation structures "
+                                 "(validation picks best.pt, the learning-rate schedule and λ_KD halving; the test "
+                                 "split is never used for that)")
+        if self.labels is not None:
+            from training.labels import check_labels_match
+
+            ids = self.dataset.ids()
+            check_labels_match(self.labels, self.dataset, [ids[i] for i in self.train_idx + self.val_idx])
 
         structures = [self.dataset[i] for i in self.train_idx]
         species = sorted({int(z) for s in structures for z in s.numbers})
@@ -228,9 +300,8 @@ class Trainer:
         self.history: List[dict] = []
         self.teacher_val: Optional[Dict[str, float]] = None
 
-        last = os.path.join(self.out, "last.pt")
-        if os.path.exists(last) and not restart:
-            self._load(last)
+        if resume_state is not None:
+            self._load(last, resume_state)
 
         sampler = None
         if self.world > 1:
@@ -294,12 +365,11 @@ class Trainer:
         if self.rank != 0:
             return
         path = os.path.join(self.out, name)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"
         torch.save(state or self._state(), tmp)
         os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
 
-    def _load(self, path: str) -> None:
-        state = read_checkpoint(path)
+    def _load(self, path: str, state: dict) -> None:
         if state["model_hparams"] != self.model_hparams:
             raise HessforgeError(f"{path}: checkpoint was made with a different model ({state['model_hparams']}); "
                                  "use --restart or another train.out")
@@ -331,6 +401,7 @@ class Trainer:
         random.setstate(rng["python"])
         if self.rank == 0:
             print(f"resuming from {path} at epoch {self.epoch} (step {self.step})")
+            _truncate_log(os.path.join(self.out, "log.jsonl"), self.step)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
@@ -405,12 +476,16 @@ class Trainer:
         def on_term(signum, frame):  # SIGTERM (e.g. a batch scheduler): finish the step, checkpoint, exit
             interrupted["flag"] = True
 
+        lock = _RunLock(self.out) if self.rank == 0 else None  # one trainer per run directory at a time
         previous = signal.signal(signal.SIGTERM, on_term) if self.rank == 0 else None
         start = time.time() - self.elapsed
         total_steps = max(tc.epochs - self.epoch, 0) * len(self.train_loader)
         bar = tqdm(total=total_steps, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        stopped = None
+        at_epoch_end = True  # last.pt holds epoch-end states only: a resumed run then continues exactly
         try:
             while self.epoch < tc.epochs and not interrupted["flag"]:
+                at_epoch_end = False
                 train_metrics = self.train_epoch(bar)
                 self.epoch += 1
                 val = self.validate()
@@ -429,19 +504,29 @@ class Trainer:
                     self.save("best.pt", state)
                 if self.epoch % tc.checkpoint_every == 0:
                     self.save("last.pt", state)
+                at_epoch_end = True
                 if tc.max_time_s is not None and self.elapsed > tc.max_time_s:
                     if self.rank == 0:
                         print(f"stopping after {self.elapsed:.0f} s (train.max_time_s)")
+                    stopped = "max_time_s"
                     break
         finally:
             bar.close()
             self.elapsed = time.time() - start
-            self.save("last.pt")  # on every exit, also KeyboardInterrupt
+            if at_epoch_end:  # mid-epoch (Ctrl-C, an error): keep the last epoch-end checkpoint
+                self.save("last.pt")
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if lock is not None:
+                lock.release()
+        if interrupted["flag"] and self.epoch < tc.epochs:
+            # not finished: no summary.json (which says a run is done); a rerun resumes from last.pt
+            raise KeyboardInterrupt(f"SIGTERM after epoch {self.epoch} of {tc.epochs}; checkpointed in "
+                                    f"{self.out}/last.pt, rerun the same command to resume")
         summary = {"epochs": self.epoch, "steps": self.step, "best_val_loss_ef": self.best_val,
                    "elapsed_s": self.elapsed, "lambda_kd": self.weights.hessian, "kd_halved": self.kd_halved,
-                   "teacher_val": self.teacher_val}
+                   "teacher_val": self.teacher_val, "finished": self.epoch >= tc.epochs,
+                   "stopped": stopped}
         if self.rank == 0:
             with open(os.path.join(self.out, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)

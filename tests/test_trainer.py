@@ -205,3 +205,38 @@ def test_one_trainer_per_run_directory(tmp_path):
         _RunLock(str(tmp_path))
     lock.release()
     _RunLock(str(tmp_path)).release()
+
+
+@pytest.mark.parametrize("unlabelled", ["some", "all"])
+def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelled):
+    """Structures ingested with --allow-missing-labels: the losses mask them, reference energies are fitted
+    on what has labels (on the teacher's energies when nothing has), validation is against the reference
+    where it exists and against the teacher otherwise; evaluate reports errors over the labelled ones.
+    (This used to end in a NaN loss, a TypeError or a ValueError.)"""
+    import dataclasses
+
+    from training.data.store import write_dataset
+    from training.evaluate import evaluate
+
+    _, structures = conformer_dataset(tmp_path / "full.lmdb", rng)
+    drop = (lambda k: k % 2 == 0) if unlabelled == "some" else (lambda k: True)
+    structures = [dataclasses.replace(s, energy=None, forces=None) if drop(k) else s
+                  for k, s in enumerate(structures)]
+    path = str(tmp_path / "data.lmdb")
+    write_dataset(path, structures)
+    label_dataset(path, HarmonicTeacher(), str(tmp_path / "labels"), rows=3)
+    trainer = Trainer(_config((path, str(tmp_path / "labels")), tmp_path / "run", epochs=2))
+    assert trainer.val_against_teacher == (unlabelled == "all")
+    summary = trainer.fit()
+    assert np.isfinite(summary["best_val_loss_ef"]) and (tmp_path / "run" / "best.pt").exists()
+    assert torch.isfinite(trainer.model.atom_ref).all() and trainer.model.atom_ref.abs().sum() > 0
+    from training.labels import LabelStore
+
+    result = evaluate(load_student(str(tmp_path / "run" / "best.pt")), structures, LabelStore(str(tmp_path / "labels")))
+    ref = result["student_vs_reference"]
+    assert ref["n_energy"] == sum(s.energy is not None for s in structures)
+    if unlabelled == "some":
+        assert np.isfinite(ref["forces_mae_mev_per_A"])
+    else:
+        assert np.isnan(ref["forces_mae_mev_per_A"])
+    assert np.isfinite(result["student_vs_teacher"]["forces_mae_mev_per_A"])

@@ -197,8 +197,11 @@ def run_sweep(index: dict, only: Optional[Sequence[str]] = None, log=print) -> L
         summary_path = os.path.join(run["out"], "summary.json")
         if os.path.exists(summary_path):
             with open(summary_path) as fh:
-                results.append({"name": run["name"], "status": "skipped", "summary": json.load(fh)})
-            log(f"{run['name']}: already done ({summary_path})")
+                summary = json.load(fh)
+            results.append({"name": run["name"], "status": "skipped", "summary": summary})
+            early = "" if summary.get("finished", True) else (f"; stopped early by train.{summary.get('stopped')} "
+                                                               f"after {summary.get('epochs')} epochs")
+            log(f"{run['name']}: already done ({summary_path}{early})")
             continue
         log(f"{run['name']}: training ({run['description']}) -> {run['out']}")
         try:

@@ -7,6 +7,7 @@ split.json, log.jsonl, last.pt (resumable) and best.pt (best EMA validation loss
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -115,7 +116,12 @@ class _Accumulator:
         self.sums = {"e_abs": 0.0, "e_abs_per_atom": 0.0, "e_sq": 0.0, "f_abs": 0.0, "f_sq": 0.0,
                      "f_norm": 0.0, "n_struct": 0.0, "n_atoms": 0.0}
 
-    def add(self, e_pred, e_ref, natoms, f_pred, f_ref):
+    def add(self, e_pred, e_ref, natoms, f_pred, f_ref, e_mask=None, f_mask=None):
+        """Masks: structures / atoms that have reference labels (the others are left out)."""
+        if e_mask is not None:
+            e_pred, e_ref, natoms = e_pred[e_mask], e_ref[e_mask], natoms[e_mask]
+        if f_mask is not None:
+            f_pred, f_ref = f_pred[f_mask], f_ref[f_mask]
         de = (e_pred - e_ref).double()
         df = (f_pred - f_ref).double()
         self.sums["e_abs"] += de.abs().sum().item()
@@ -130,12 +136,16 @@ class _Accumulator:
     def result(self, weights: LossWeights) -> Dict[str, float]:
         keys = list(self.sums)
         s = dict(zip(keys, _all_reduce_sum([self.sums[k] for k in keys])))
-        n, a = max(s["n_struct"], 1), max(s["n_atoms"], 1)
+        # no reference energies / forces at all (teacher-only training): those errors are NaN and leave the
+        # loss, so best.pt follows what there is
+        n = s["n_struct"] if s["n_struct"] else float("nan")
+        a = s["n_atoms"] if s["n_atoms"] else float("nan")
         e_mse, f_mse = s["e_sq"] / n, s["f_sq"] / (3 * a)
         if weights.kind == "mse":  # the same terms as the training loss (training.losses)
-            loss = weights.energy * e_mse + weights.forces * f_mse
+            terms = (weights.energy * e_mse, weights.forces * f_mse)
         else:
-            loss = weights.energy * s["e_abs_per_atom"] / n + weights.forces * s["f_norm"] / a
+            terms = (weights.energy * s["e_abs_per_atom"] / n, weights.forces * s["f_norm"] / a)
+        loss = sum(t for t in terms if t == t)
         return {
             "loss_ef": loss,
             "energy_mae_mev_per_atom": 1000 * s["e_abs_per_atom"] / n,
@@ -259,6 +269,14 @@ class Trainer:
             raise HessforgeError(f"{config.data.path}: the split left no training or no validation structures "
                                  "(validation picks best.pt, the learning-rate schedule and λ_KD halving; the test "
                                  "split is never used for that)")
+        # validation against the reference labels; with none in the validation set (teacher-only training,
+        # ingest --allow-missing-labels), against the teacher's
+        labelled = any(self.dataset[i].energy is not None or self.dataset[i].forces is not None
+                       for i in self.val_idx)
+        self.val_against_teacher = not labelled
+        if self.val_against_teacher and self.labels is None:
+            raise HessforgeError(f"{config.data.path}: the validation structures have no reference energies or "
+                                 "forces, and there are no teacher labels (data.labels) to validate against")
         if self.labels is not None:
             from training.labels import check_labels_match
 
@@ -274,6 +292,8 @@ class Trainer:
         self.model = build_student(hp.pop("name"), **hp)
         for i in self.val_idx:  # the validation set may hold elements the training set lacks
             self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
+        if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training
+            structures = [dataclasses.replace(s, energy=self.labels.get(s.id).energy) for s in structures]
         refs = fit_reference_energies(structures, species)
         self.model.atom_ref.copy_(torch.as_tensor(refs))
         self.model.energy_scale.fill_(fit_energy_scale(structures))
@@ -416,19 +436,25 @@ class Trainer:
         with self.ema.average_parameters():
             for batch in self.val_loader:
                 out = self.model(batch.graph, compute_forces=True, create_graph=False)
-                acc.add(out["energy"].detach(), batch.energy, batch.natoms, out["forces"].detach(), batch.forces)
+                if self.val_against_teacher:
+                    acc.add(out["energy"].detach(), batch.teacher_energy, batch.natoms, out["forces"].detach(),
+                            batch.teacher_forces)
+                else:
+                    acc.add(out["energy"].detach(), batch.energy, batch.natoms, out["forces"].detach(),
+                            batch.forces, batch.energy_mask, batch.forces_mask)
         self.model.train()
         return acc.result(self.weights)
 
     def teacher_validation(self) -> Optional[Dict[str, float]]:
         """The teacher's own energy/force loss against the reference labels on the validation set."""
-        if self.labels is None:
+        if self.labels is None or self.val_against_teacher:
             return None
         acc = _Accumulator()
         for batch in self.val_loader:
             if batch.teacher_energy is None:
                 return None
-            acc.add(batch.teacher_energy, batch.energy, batch.natoms, batch.teacher_forces, batch.forces)
+            acc.add(batch.teacher_energy, batch.energy, batch.natoms, batch.teacher_forces, batch.forces,
+                    batch.energy_mask, batch.forces_mask)
         return acc.result(self.weights)
 
     def train_epoch(self, bar) -> Dict[str, float]:

@@ -195,6 +195,10 @@ def test_resume_refuses_another_config_and_other_labels(labelled, tmp_path, rng)
     other, _ = conformer_dataset(tmp_path / "other.lmdb", rng, per_molecule=3)
     with pytest.raises(HessforgeError, match="labels were made for another dataset"):
         Trainer(_config((other, labelled[1]), tmp_path / "o", epochs=1))
+    # the same ids and count (same file stem and size), other geometries: refused too
+    twin, _ = conformer_dataset(tmp_path / "twin.lmdb", rng)
+    with pytest.raises(HessforgeError, match="labels were made for another dataset"):
+        Trainer(_config((twin, labelled[1]), tmp_path / "t", epochs=1))
 
 
 def test_one_trainer_per_run_directory(tmp_path):

@@ -199,16 +199,28 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     structure of `ids` is labelled: fail before training or evaluating, not at the batch that misses one."""
     meta = store.metadata
     count, digest = meta.get("source_count"), meta.get("source_ids_sha256")
-    if count is not None and (count != len(dataset) or digest != _ids_digest(dataset.ids())):
+    geometry = meta.get("source_geometry_sha256")  # labels made before it was recorded: not checked
+    if count is not None and (count != len(dataset) or digest != _ids_digest(dataset.ids())
+                              or (geometry is not None and geometry != geometry_digest(dataset))):
         raise HessforgeError(
             f"{store.directory}: labels were made for another dataset ({meta.get('source')}, {count} structures; "
-            f"this is {dataset.path}, {len(dataset)} structures, or the same count with other ids); label this "
-            "dataset with `hessforge label`")
+            f"this is {dataset.path}, {len(dataset)} structures, or the same count with other ids or geometries); "
+            "label this dataset with `hessforge label`")
     labelled = set(store.ids())
     missing = [i for i in ids if i not in labelled]
     if missing:
         raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "
                              f"(e.g. {missing[0]!r}): labelling is unfinished; rerun `hessforge label` to resume it")
+
+
+def geometry_digest(dataset) -> str:
+    """SHA-256 of every structure's atomic numbers and positions (rounded to 1e-5 Å): labels are checked
+    against the dataset they are used with, also when two datasets share ids (same file stem, same count)."""
+    h = hashlib.sha256()
+    for s in dataset:
+        h.update(np.ascontiguousarray(s.numbers, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(np.round(np.asarray(s.positions, dtype=np.float64), 5)).tobytes())
+    return h.hexdigest()
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
@@ -302,6 +314,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "teacher_spec": teacher_spec, "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
+            "source_geometry_sha256": geometry_digest(ds),
             "features": features_meta, "element_embeddings": embeddings_meta,
             "rank": rank, "world_size": world_size, "created": creation_info()}
     os.makedirs(out_dir, exist_ok=True)

@@ -6,6 +6,7 @@
 #include <torch/script.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -173,6 +174,12 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   out.forces.assign(forces.data_ptr<double>(), forces.data_ptr<double>() + 3 * n);
   std::memcpy(out.virial, virial.data_ptr<double>(), 9 * sizeof(double));
   out.num_edges = num_edges;
+  // a damaged weights file (or a blown-up geometry) gives NaN: an error, not a run that carries on with it
+  bool finite = std::isfinite(out.energy);
+  for (int64_t k = 0; finite && k < 3 * n; ++k) finite = std::isfinite(out.forces[k]);
+  if (!finite)
+    throw Error(impl_->path + ": the model returned NaN or Inf energy/forces (a damaged model file, or "
+                "atoms on top of each other)");
 }
 
 void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,

@@ -130,6 +130,9 @@ class Calculator(_ASECalculator):
             energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype),
                                                                   want_stress)
         e = float(energy.detach().sum())
+        if not (np.isfinite(e) and bool(torch.isfinite(forces).all())):
+            raise HessforgeError(f"{where}: the model returned NaN or Inf energy/forces (damaged weights, or "
+                                 "atoms on top of each other)")
         self.results["energy"] = e
         self.results["free_energy"] = e
         self.results["energies"] = node_energy.detach().double().cpu().numpy()

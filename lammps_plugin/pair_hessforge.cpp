@@ -65,9 +65,16 @@ void PairHessforge::allocate()
 /* pair_style hessforge [mode auto|fold|ghost] [threads N] */
 void PairHessforge::settings(int narg, char **arg)
 {
+  // re-issuing pair_style on the same style calls settings() again: start from the defaults
+  mode_setting = AUTO;
+  const int threads_before = num_threads;
+  num_threads = 0;
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
+    if (key != "mode" && key != "threads")
+      error->all(FLERR, "pair_style hessforge: unknown keyword '{}' (expected mode or threads; the cutoff "
+                        "comes from the model file)", key);
     if (iarg + 1 >= narg) error->all(FLERR, "pair_style hessforge: keyword '{}' needs a value", key);
     const std::string value = arg[iarg + 1];
     if (key == "mode") {
@@ -78,11 +85,12 @@ void PairHessforge::settings(int narg, char **arg)
     } else if (key == "threads") {
       num_threads = utils::inumeric(FLERR, value, false, lmp);
       if (num_threads < 0) error->all(FLERR, "pair_style hessforge: threads must be >= 0");
-    } else {
-      error->all(FLERR, "pair_style hessforge: unknown keyword '{}' (expected mode or threads)", key);
     }
     iarg += 2;
   }
+  if (model && num_threads != threads_before && comm->me == 0)
+    error->warning(FLERR, "pair_style hessforge: threads {} takes effect at the next pair_coeff (the model "
+                          "is loaded with its threads)", num_threads);
 }
 
 /* pair_coeff * * model.pt El1 El2 ... (one element per atom type) */
@@ -192,16 +200,17 @@ void PairHessforge::build_fold_graph()
   if (nlocal == 0) return;
   if (neighbor->ago == 0 || static_cast<int>(owner.size()) != nall) {
     tagint *tag = atom->tag;
-    tagint maxtag = 0;
-    for (int i = 0; i < nlocal; i++) maxtag = tag[i] > maxtag ? tag[i] : maxtag;
-    tag_to_local.assign(maxtag + 1, -1);
-    for (int i = 0; i < nlocal; i++) tag_to_local[tag[i]] = i;
+    // a hash map: atom IDs may be sparse up to 2^31 (delete_atoms, fix deposit), an array by ID would not fit
+    tag_to_local.clear();
+    tag_to_local.reserve(nlocal);
+    for (int i = 0; i < nlocal; i++) tag_to_local.emplace(tag[i], i);
     owner.resize(nall);
     for (int j = 0; j < nall; j++) {
       const tagint t = tag[j];
-      const int o = (t >= 0 && t <= maxtag) ? tag_to_local[t] : -1;
-      if (o < 0) error->one(FLERR, "pair_style hessforge mode fold: ghost atom {} has no local owner", t);
-      owner[j] = o;
+      const auto found = tag_to_local.find(t);
+      if (found == tag_to_local.end())
+        error->one(FLERR, "pair_style hessforge mode fold: ghost atom {} has no local owner", t);
+      owner[j] = found->second;
     }
   }
   const int inum = list->inum;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "pair.h"
@@ -49,7 +50,7 @@ class PairHessforge : public Pair {
   std::vector<double> pos, shifts;
   std::vector<int64_t> numbers, recv, send;
   std::vector<int> owner;         // FOLD: local owner of each ghost
-  std::vector<int> tag_to_local;  // FOLD: scratch for building `owner`
+  std::unordered_map<tagint, int> tag_to_local;  // FOLD: scratch for building `owner`
   std::vector<int> hop, node_of, atom_of_node, frontier, next_frontier;  // GHOST: pruning
   std::vector<int64_t> edge_begin, edge_end;
 

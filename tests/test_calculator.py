@@ -233,3 +233,14 @@ def test_float32_keeps_its_precision_far_from_the_origin(rng):
             np.testing.assert_allclose(got.results["stress"], want.results["stress"], atol=1e-6)
     # each calculator cast its own copy: the caller's model (shared by both) is untouched
     assert all(p.dtype == torch.float64 and p.requires_grad for p in model.parameters())
+
+
+def test_nan_from_the_model_is_an_error(rng):
+    """Damaged weights make NaN energies: an error naming it, not numbers an MD run carries on with."""
+    model = tiny()
+    with torch.no_grad():
+        model.readout[0].weight.fill_(float("nan"))
+    atoms = molecule_perturbed("CH3OH", rng)
+    atoms.calc = Calculator(model)
+    with pytest.raises(HessforgeError, match="returned NaN or Inf"):
+        atoms.get_potential_energy()

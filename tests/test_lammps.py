@@ -60,8 +60,9 @@ def write_data(path, atoms, elements):
         fh.write("\n".join(lines) + "\n")
 
 
-def run_lammps(workdir, script, nprocs=1, autoload=False, check=True):
-    """Run `lmp` (under mpirun if nprocs > 1) on an input script; returns (returncode, combined output)."""
+def run_lammps(workdir, script, nprocs=1, autoload=False, check=True, address_space=None):
+    """Run `lmp` (under mpirun if nprocs > 1) on an input script; returns (returncode, combined output).
+    address_space: a limit in bytes on lmp's virtual memory (ulimit -v)."""
     with open(os.path.join(workdir, "in.lmp"), "w") as fh:
         fh.write(script)
     cmd = [LMP, "-in", "in.lmp", "-log", "log.lammps", "-nocite"]
@@ -70,7 +71,13 @@ def run_lammps(workdir, script, nprocs=1, autoload=False, check=True):
     env = lammps_env()
     if autoload:
         env["LAMMPS_PLUGIN_PATH"] = BUILD_DIR
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit if address_space else None)
     out = proc.stdout + proc.stderr
     if check:
         assert proc.returncode == 0, out[-3000:]
@@ -300,6 +307,44 @@ run {steps}
 
 
 # ------------------------------------------------------------------------------------- bad input
+def _damaged_copy(path, tmp_path):
+    """The exported file with one weight tensor overwritten by NaN: it loads, and evaluates to NaN."""
+    import zipfile
+
+    out = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        names = src.namelist()
+        victim = max((n for n in names if "/data/" in n), key=lambda n: src.getinfo(n).file_size)
+        for name in names:
+            data = src.read(name)
+            if name == victim:
+                data = np.full(len(data) // 8, np.nan).tobytes() + data[len(data) // 8 * 8:]
+            dst.writestr(src.getinfo(name), data)
+    return out
+
+
+def test_sparse_atom_ids_and_reissued_pair_style(tmp_path, models):
+    """Atom IDs near 2^31 (left by delete_atoms, fix deposit, other tools) cost what 1..N cost (fold mode
+    used an array indexed by ID: 8 GB here, std::bad_alloc under a memory limit); re-issuing pair_style
+    resets its options (a second `pair_style hessforge` kept mode ghost)."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(5))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    text = (tmp_path / "data.lmp").read_text().split("Atoms # atomic\n\n")
+    rows = [line.split(maxsplit=1) for line in text[1].splitlines() if line.strip()]
+    text[1] = "".join(f"{2_000_000_000 + 7919 * int(k)} {rest}\n" for k, rest in rows)
+    (tmp_path / "data.lmp").write_text("Atoms # atomic\n\n".join(text))
+    script = (header(path, ["H", "C", "O"], pair_style="hessforge mode ghost")
+              + "run 0\npair_style hessforge\n" + SINGLE_POINT)
+    _, out = run_lammps(tmp_path, script, address_space=4 << 30)  # an array by ID would need 8 GB
+    assert "ghost mode on 1 MPI rank(s)" in out and "fold mode on 1 MPI rank(s)" in out
+    got = read_single_point(tmp_path)
+    order = np.argsort([2_000_000_000 + 7919 * (k + 1) for k in range(len(atoms))])
+    ref = python_reference(model, atoms)
+    assert_close(dict(got, forces=got["forces"]), dict(ref, forces=ref["forces"][order],
+                                                        node_energy=ref["node_energy"][order]), "sparse ids")
+
+
 def test_bad_input_errors(tmp_path, models):
     _, path = models["gradient"]
     atoms = systems(np.random.default_rng(1))["small-box"]
@@ -323,6 +368,8 @@ def test_bad_input_errors(tmp_path, models):
         ("units real", header(path, ["H", "C", "O"], units="real"), "requires 'units metal'"),
         ("fold on 2 ranks", header(path, ["H", "C", "O"], pair_style="hessforge mode fold"), "one MPI rank only"),
         ("bad keyword", header(path, ["H", "C", "O"], pair_style="hessforge speed fast"), "unknown keyword 'speed'"),
+        ("a cutoff", header(path, ["H", "C", "O"], pair_style="hessforge 5.0"), "unknown keyword '5.0'"),
+        ("damaged weights", header(_damaged_copy(path, tmp_path), ["H", "C", "O"]), "returned NaN or Inf"),
     ]
     for what, script, message in cases:
         work = tmp_path / what.replace(" ", "_")

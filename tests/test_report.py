@@ -102,3 +102,14 @@ def test_cli_and_errors(runs, tmp_path):
     empty.mkdir()
     assert main(["report", str(empty), "-o", str(tmp_path / "o4")]) == 0  # everything '-', plots still drawn
     assert "| empty | - | - | - | - | - | - |" in (tmp_path / "o4" / "report.md").read_text()
+
+
+def test_malformed_run_files_are_one_clear_error(tmp_path):
+    from engine.errors import HessforgeError
+
+    for name, content in (("eval.json", {"student_vs_reference": None}), ("md.json", {"nvt": {"trajectories": 3}})):
+        run = tmp_path / name.split(".")[0]
+        run.mkdir()
+        (run / name).write_text(json.dumps(content))
+        with pytest.raises(HessforgeError, match=f"{run}: unexpected content"):
+            collect([str(run)])

@@ -95,56 +95,66 @@ def collect(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None, batc
         if not os.path.isdir(run):
             raise HessforgeError(f"run directory not found: {run}")
         name = names[k] if names else os.path.basename(os.path.normpath(run))
-        ev, be, md = (_load(os.path.join(run, f)) for f in (EVAL, BENCH, MD))
-        row: Dict = {"method": name, "run_dir": os.path.abspath(run),
-                     "sources": {f: os.path.exists(os.path.join(run, f)) for f in (EVAL, BENCH, MD)}}
-        if ev:
-            ref = ev.get("student_vs_reference", {})
-            row["force_mae"] = ref.get("forces_mae_mev_per_A")
-            row["energy_mae"] = ref.get("energy_mae_mev_per_atom")
-            row["n_test"] = ev.get("n_structures")
-            if teacher is None and "teacher_vs_reference" in ev:
-                t = ev["teacher_vs_reference"]
-                teacher = {"method": "teacher", "force_mae": t.get("forces_mae_mev_per_A"),
-                           "energy_mae": t.get("energy_mae_mev_per_atom")}
-        if be:
-            b = bench_numbers(be, batch)
-            row.update({k2: b.get(k2) for k2 in ("ns_day_64", "ns_day_best", "best_batch")})
-            row["speedup_64"] = _ratio(b.get("ns_day_64"), b.get("teacher_ns_day_64"))
-            row["speedup_best"] = _ratio(b.get("ns_day_best"), b.get("teacher_ns_day_best"))
-            row["bench_machine"] = b.get("machine", {}).get("cpu")
-            if b.get("teacher"):
-                teacher = teacher or {"method": "teacher"}
-                if teacher.get("ns_day_64") is None:
-                    teacher.update({"method": f"teacher ({b['teacher']})", "ns_day_64": b.get("teacher_ns_day_64"),
-                                    "ns_day_best": b.get("teacher_ns_day_best"),
-                                    "best_batch": b.get("teacher_best_batch"), "speedup_64": 1.0,
-                                    "speedup_best": 1.0})
-        if md:
-            nvt, nve, opt = md.get("nvt"), md.get("nve"), md.get("opt")
-            if nvt:
-                row["md_fraction_stable"] = nvt.get("fraction_survived")
-                row["md_n"] = len(nvt.get("trajectories", []))
-                row["md_ps"] = nvt.get("simulated_ps_per_trajectory")
-                row["md_mean_ttf_ps"] = nvt.get("mean_time_to_failure_ps_censored")
-                row["md_curve"] = {"time_ps": nvt.get("time_ps", []), "fraction_stable": nvt.get("fraction_stable", [])}
-            if nve and "skipped" not in nve:
-                for stat in ("mean", "median"):
-                    d = nve.get(f"{stat}_abs_drift_eV_per_atom_per_ps")
-                    row[f"nve_drift_{stat}"] = 1000 * d if d is not None else None  # meV/atom/ps
-                row["nve_completed"] = nve.get("n_completed")
-                row["nve_runs"] = nve.get("n_runs")
-            if opt:
-                row["opt_converged"] = opt.get("fraction_converged")
-                for stat in ("mean", "median"):
-                    row[f"opt_ref_fmax_{stat}"] = opt.get(f"{stat}_reference_fmax_eV_per_A")
-                    e = opt.get(f"{stat}_energy_above_reference_minimum_eV")
-                    row[f"opt_above_ref_min_mev_{stat}"] = 1000 * e if e is not None else None
-            row["md_reference"] = md.get("reference")
+        try:
+            row, teacher = _collect_run(run, name, batch, teacher)
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as err:  # e.g. a hand-edited JSON
+            raise HessforgeError(f"{run}: unexpected content in {EVAL}, {BENCH} or {MD} "
+                                 f"({type(err).__name__}: {err}); regenerate it") from None
         rows.append(row)
     if teacher is not None:
         teacher["sources"] = {}
     return {"methods": rows, "teacher": teacher, "batch": batch}
+
+
+def _collect_run(run: str, name: str, batch: int, teacher: Optional[Dict]):
+    """(the run's row, the teacher row so far) from the JSON files of one run directory."""
+    ev, be, md = (_load(os.path.join(run, f)) for f in (EVAL, BENCH, MD))
+    row: Dict = {"method": name, "run_dir": os.path.abspath(run),
+                 "sources": {f: os.path.exists(os.path.join(run, f)) for f in (EVAL, BENCH, MD)}}
+    if ev:
+        ref = ev.get("student_vs_reference", {})
+        row["force_mae"] = ref.get("forces_mae_mev_per_A")
+        row["energy_mae"] = ref.get("energy_mae_mev_per_atom")
+        row["n_test"] = ev.get("n_structures")
+        if teacher is None and "teacher_vs_reference" in ev:
+            t = ev["teacher_vs_reference"]
+            teacher = {"method": "teacher", "force_mae": t.get("forces_mae_mev_per_A"),
+                       "energy_mae": t.get("energy_mae_mev_per_atom")}
+    if be:
+        b = bench_numbers(be, batch)
+        row.update({k2: b.get(k2) for k2 in ("ns_day_64", "ns_day_best", "best_batch")})
+        row["speedup_64"] = _ratio(b.get("ns_day_64"), b.get("teacher_ns_day_64"))
+        row["speedup_best"] = _ratio(b.get("ns_day_best"), b.get("teacher_ns_day_best"))
+        row["bench_machine"] = b.get("machine", {}).get("cpu")
+        if b.get("teacher"):
+            teacher = teacher or {"method": "teacher"}
+            if teacher.get("ns_day_64") is None:
+                teacher.update({"method": f"teacher ({b['teacher']})", "ns_day_64": b.get("teacher_ns_day_64"),
+                                "ns_day_best": b.get("teacher_ns_day_best"),
+                                "best_batch": b.get("teacher_best_batch"), "speedup_64": 1.0,
+                                "speedup_best": 1.0})
+    if md:
+        nvt, nve, opt = md.get("nvt"), md.get("nve"), md.get("opt")
+        if nvt:
+            row["md_fraction_stable"] = nvt.get("fraction_survived")
+            row["md_n"] = len(nvt.get("trajectories", []))
+            row["md_ps"] = nvt.get("simulated_ps_per_trajectory")
+            row["md_mean_ttf_ps"] = nvt.get("mean_time_to_failure_ps_censored")
+            row["md_curve"] = {"time_ps": nvt.get("time_ps", []), "fraction_stable": nvt.get("fraction_stable", [])}
+        if nve and "skipped" not in nve:
+            for stat in ("mean", "median"):
+                d = nve.get(f"{stat}_abs_drift_eV_per_atom_per_ps")
+                row[f"nve_drift_{stat}"] = 1000 * d if d is not None else None  # meV/atom/ps
+            row["nve_completed"] = nve.get("n_completed")
+            row["nve_runs"] = nve.get("n_runs")
+        if opt:
+            row["opt_converged"] = opt.get("fraction_converged")
+            for stat in ("mean", "median"):
+                row[f"opt_ref_fmax_{stat}"] = opt.get(f"{stat}_reference_fmax_eV_per_A")
+                e = opt.get(f"{stat}_energy_above_reference_minimum_eV")
+                row[f"opt_above_ref_min_mev_{stat}"] = 1000 * e if e is not None else None
+        row["md_reference"] = md.get("reference")
+    return row, teacher
 
 
 def _f(x, fmt="{:.2f}") -> str:

@@ -13,7 +13,6 @@ Direct-force students have no energy whose derivative matches their forces: aski
 """
 from __future__ import annotations
 
-import copy
 import os
 import zipfile
 from typing import Optional, Union
@@ -25,6 +24,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.errors import HessforgeError
 from engine.graph import graph_from_atoms, graph_to, recentred
+from engine.models import for_inference
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -82,9 +82,6 @@ class Calculator(_ASECalculator):
             raise HessforgeError(f"device {device!r} requested but CUDA is not available")
         if isinstance(model, (str, os.PathLike)):
             model = load_model(os.fspath(model), dtype=dtype)
-        elif isinstance(model, torch.nn.Module) and not _is_exported(model):
-            # a copy: casting and freezing below must not change the caller's model (or another Calculator's)
-            model = copy.deepcopy(model)
         for attr in ("cutoff", "species", "check_species"):
             if not hasattr(model, attr):
                 raise HessforgeError(f"{type(model).__name__} is not a hessforge student (no {attr})")
@@ -97,9 +94,7 @@ class Calculator(_ASECalculator):
         else:
             params = list(model.parameters())
             self.dtype = dtype or (params[0].dtype if params else torch.float64)
-            model = model.to(device=self.device, dtype=self.dtype).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
+            model = for_inference(model, self.device, self.dtype)  # a copy: the caller's model is untouched
             self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.model = model
         self.cutoff = float(model.cutoff)

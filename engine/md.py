@@ -29,6 +29,7 @@ from ase import units
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, edge_vectors, graph_from_atoms, graph_to
+from engine.models import for_inference
 from engine.runner import rebuild_neighbors, resolve_device
 
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
@@ -64,10 +65,7 @@ class BatchedMD:
         self.device = resolve_device(device)
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         self.dtype = dtype or (params[0].dtype if params else torch.float64)
-        if isinstance(model, torch.nn.Module):
-            model = model.to(device=self.device, dtype=self.dtype).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
+        model = for_inference(model, self.device, self.dtype)
         self.model = model
         self.cutoff = float(model.cutoff)
         for a in atoms_list:

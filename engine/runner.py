@@ -57,6 +57,7 @@ from torch import nn
 from engine.compiled import compile_events, compile_stats
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
+from engine.models import for_inference
 
 NS_PER_DAY_PER_STEP_PER_S = 86400 * 1e-6  # ns/day at 1 fs per step, per step/s
 STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+triton", "cudagraphs")
@@ -353,9 +354,7 @@ class StudentTarget(BenchTarget):
         if isinstance(model, nn.Module):
             params = list(model.parameters())
             self.dtype = dtype or (params[0].dtype if params else torch.float32)
-            model = model.to(device=self.device, dtype=self.dtype).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
+            model = for_inference(model, self.device, self.dtype)
             self.student, self.mode = student_for_mode(model, mode, self.device)
         else:  # an exported TorchScript student (engine.exported.ExportedModel): eager, CPU, its own dtype
             if mode != "eager":

@@ -179,3 +179,19 @@ def test_verlet_matches_ase_velocity_verlet(rng):
         assert np.allclose(md.positions[start:start + n].numpy(), b.positions, atol=1e-8)
         assert np.allclose(md.velocities[start:start + n].numpy(), b.get_velocities() * units.fs, atol=1e-8)
         start += n
+
+
+def test_tools_leave_the_callers_model_alone(rng):
+    """BatchedMD, a bench target and the Calculator cast and freeze a copy of a student they are given: the
+    caller's model (say, one still training, in float64 with gradients) is unchanged."""
+    from engine import Calculator
+    from engine.runner import StudentTarget
+
+    model = PaiNN([1, 6, 7, 8], cutoff=3.5, hidden=8, layers=1, num_basis=4).double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    atoms = [molecule("CH4")]
+    BatchedMD(model, atoms, 0.5, dtype=torch.float32)
+    StudentTarget(model, "eager", dtype=torch.float32)
+    Calculator(model, dtype="float32")
+    assert model.training and all(p.dtype == torch.float64 and p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

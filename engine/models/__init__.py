@@ -12,4 +12,25 @@ def build_student(name: str, **kwargs):
     return STUDENTS[name.lower()](**kwargs)
 
 
-__all__ = ["PaiNN", "STUDENTS", "build_student"]
+def for_inference(model, device, dtype):
+    """`model` on `device` in `dtype`, in eval mode with frozen parameters, for an inference tool (ASE
+    calculator, batched MD, bench target). A student architecture is copied first, so the caller's model
+    (one still being trained, or shared with another tool in another dtype) is left as it was; a wrapper
+    (compiled or fused student, whose compiled code is bound to the model inside it) is converted in place."""
+    import copy
+
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return model
+    params = list(model.parameters())
+    ready = all(p.device == torch.device(device) and p.dtype == dtype and not p.requires_grad for p in params)
+    if not ready and isinstance(model, tuple(STUDENTS.values())):
+        model = copy.deepcopy(model)
+    model = model.to(device=device, dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+__all__ = ["PaiNN", "STUDENTS", "build_student", "for_inference"]

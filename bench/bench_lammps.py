@@ -17,8 +17,9 @@ The core and LAMMPS cases also run a "tiny" student (hidden 4, 1 layer) whose mo
 lammps_step[tiny] - core_model_call[tiny] is the pair style's own per-step cost (edge list from LAMMPS's
 neighbor list, ghost folding, force scatter, Verlet, neighbor-list rebuilds), free of the machine's noise.
 Everything runs in this process on one thread (torch intra-op and LAMMPS/OpenMP), the LAMMPS library
-through its Python module with the plugin loaded. ns/day at a 1 fs step = steps/s x 0.0864 (DESIGN.md §6).
+through its Python module with the plugin loaded. ns/day at a 1 fs step = steps/s x 0.0864 (bench/README.md).
 Knobs (environment): HESSFORGE_BENCH_DTYPE (float32 default | float64), HESSFORGE_BENCH_ROUNDS (5),
+HESSFORGE_BENCH_TINY_ROUNDS (30: rounds of the tiny-student cases),
 HESSFORGE_JIT_OPTIMIZE=1 (TorchScript profiling executor on, for the core and the plugin alike).
 """
 from __future__ import annotations

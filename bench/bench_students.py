@@ -10,7 +10,7 @@ the positions, then energy and forces (engine.runner's "model+NL" timing).
     python bench/bench_students.py report bench/results/students_cpu.json   # markdown tables + paper ratios
     python bench/bench_students.py profile                                  # top ops of the student step
 
-ns/day at 1 fs = structures/s x 0.0864 (DESIGN.md §6), from the median of the rounds. Paper anchors (A6000,
+ns/day at 1 fs = structures/s x 0.0864 (bench/README.md), from the median of the rounds. Paper anchors (A6000,
 eager PyTorch, SPICE monomers): PaiNN 291.5 vs MACE-OFF-L 38.0 ns/day at batch 64 (7.7x); 1827 vs 38.1 at
 the best batch (48x).
 

@@ -1,6 +1,6 @@
 """Batched inference timing: how many MD steps per second a model gives when it evaluates B structures per call.
 
-Speed units (DESIGN.md §6): one call on a batch of B structures taking t seconds advances B independent
+Speed units (bench/README.md): one call on a batch of B structures taking t seconds advances B independent
 replicas by one step each, so steps/s = B / t and, at a 1 fs step,
 
     ns/day = (B / t) x 86400 x 1e-6          atoms·steps/s = (atoms in the batch) / t

@@ -1,5 +1,5 @@
 """`hessforge bench MODEL [MODEL ...] DATA`: batched energy+force inference speed, teachers and students side by
-side (engine.runner does the timing; speed units in DESIGN.md §6: ns/day = structures/s x 0.0864).
+side (engine.runner does the timing; speed units as in bench/README.md: ns/day = structures/s x 0.0864).
 
 MODEL is one of
   PATH                  a trainer checkpoint or an exported TorchScript student (`hessforge export`)

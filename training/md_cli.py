@@ -96,7 +96,7 @@ def run(args) -> int:
     if args.steps:
         rate = args.steps * md.nsystems / elapsed
         print(f"{args.steps} steps x {md.nsystems} systems in {elapsed:.1f} s: {ns_per_day(rate):.3g} ns/day "
-              f"counted at 1 fs per step (DESIGN.md §6), {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
+              f"counted at 1 fs per step, {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
               f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
     if args.output:
         ase.io.write(args.output, md.to_atoms(atoms), format="extxyz")

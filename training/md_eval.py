@@ -20,8 +20,8 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
   opt  FIRE to --fmax 0.05 eV/Å (at most --opt-steps) from each structure; the final structure's energy and
        forces under the --reference calculator (a teacher spec such as ani1x, ani1x:0, mace:FILE; the
        labels' DFT method, dft[:BASIS[:XC]]; or `none`) beside those of the starting structure, and the
-       largest bond deviation of the final structure. With --reference-relax (default on) the starting structure is also relaxed under the
-       reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures how far the
+       largest bond deviation of the final structure. Unless --no-reference-relax, the starting structure is
+       also relaxed under the reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures how far the
        student's minimum is from the reference's.
 """
 from __future__ import annotations

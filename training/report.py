@@ -321,7 +321,7 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
     text = [f"# {title}", "", markdown(report), "",
             "Force and energy MAE: test split against the dataset's reference labels (`eval.json`); the teacher "
             "row is the teacher against the same labels. ns/day counts one 1 fs step per structure of a batch "
-            "(DESIGN.md §6), neighbor list included, the fastest of bench's measurements at that batch size (its "
+            "(1 fs per step, bench/README.md), neighbor list included, the fastest of bench's measurements at that batch size (its "
             "fixed-batch run and its sweep); speedup = the student's ns/day over the teacher's from the "
             "same `bench.json` (same machine)." + (f" Bench machine: {', '.join(machines)}." if machines else ""),
             "", "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "

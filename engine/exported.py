@@ -20,7 +20,7 @@ import torch
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
 from engine.graph import AtomicGraph, sum_per_structure
-from engine.neighbors import complete_cell
+from engine.neighbors import complete_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_NAME = "hessforgeplugin.so"
@@ -187,11 +187,11 @@ def neighbor_list(positions, cell, pbc, cutoff: float):
 
 def _core_cell(cell, pbc) -> Tuple[np.ndarray, np.ndarray]:
     """(cell, pbc) as the core takes them, wires' and slabs' zero non-periodic vectors completed
-    (engine.neighbors.complete_cell; the core itself, like LAMMPS, expects a cell with a volume)."""
+    (engine.neighbors.complete_cells; the core itself, like LAMMPS, expects a cell with a volume)."""
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
     if pbc.any() and np.all(np.isfinite(cell)):
-        cell = complete_cell(torch.tensor(cell), torch.tensor(pbc)).numpy()
+        cell = complete_cells(torch.tensor(cell)[None], torch.tensor(pbc)[None])[0].numpy()
     return np.ascontiguousarray(cell), pbc
 
 

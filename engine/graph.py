@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import HessforgeError
-from engine.neighbors import batched_neighbor_list, check_cell, complete_cell
+from engine.neighbors import batched_neighbor_list, check_cell, complete_cells
 
 
 class AtomicGraph(NamedTuple):
@@ -110,11 +110,12 @@ def build_graph(
     numbers_t = torch.cat([torch.as_tensor(np.asarray(z), dtype=torch.long).reshape(-1) for z in numbers])
     cell_t = torch.stack([torch.as_tensor(np.asarray(c, dtype=np.float64)).reshape(3, 3) for c in cells])
     pbc_t = torch.stack([torch.as_tensor(np.asarray(b, dtype=bool)).reshape(3) for b in pbcs])
-    for k in range(cell_t.shape[0]):
-        name = where[k] if k < len(where) else f"structure {k}"
+    names = [where[k] if k < len(where) else f"structure {k}" for k in range(cell_t.shape[0])]
+    for k, name in enumerate(names):
         if not bool(torch.isfinite(cell_t[k]).all()):  # also for a molecule: its cell enters edge vectors
             raise HessforgeError(f"{name}: cell contains NaN or Inf")
-        cell_t[k] = complete_cell(cell_t[k], pbc_t[k])  # wires and slabs with zero non-periodic vectors
+    cell_t = complete_cells(cell_t, pbc_t)  # wires and slabs with zero non-periodic vectors
+    for k, name in enumerate(names):
         check_cell(cell_t[k], pbc_t[k], name)
     batch_t = torch.repeat_interleave(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])

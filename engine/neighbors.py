@@ -40,27 +40,41 @@ def _shift_vectors(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torc
     return torch.tensor(list(itertools.product(*reps)), dtype=cell.dtype, device=cell.device)
 
 
-def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
-    """The cell with usable vectors along its non-periodic directions. ASE writes wires and slabs with zero
-    vectors there (nanotube: [[0,0,0],[0,0,0],[0,0,L]], pbc FFT); no image is ever taken along a non-periodic
-    direction, so any vectors that complete the periodic ones to a basis give the same edges: unit vectors
-    orthogonal to them. A cell that already has a volume, a molecule's cell, and a degenerate set of periodic
-    vectors (left for check_cell to report) are returned unchanged."""
-    periodic = [k for k in range(3) if bool(pbc[k])]
-    if not periodic or len(periodic) == 3 or float(torch.linalg.det(cell.double()).abs()) > 1e-8:
-        return cell
-    basis = cell[periodic].double()
-    if int(torch.linalg.matrix_rank(basis)) < len(periodic):
-        return cell
-    # orthonormal complement of the periodic vectors: the last rows of V in basis = U S V^T
-    complement = torch.linalg.svd(basis, full_matrices=True).Vh[len(periodic):]
-    out = cell.clone()
-    out[[k for k in range(3) if not bool(pbc[k])]] = complement.to(cell.dtype)
-    return out
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    # a zero vector stays zero (degenerate periodic vectors: the cell keeps no volume, which is reported)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def complete_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 3] cells with usable vectors along the non-periodic directions of wires (1 periodic direction)
+    and slabs (2) whose cell has no volume: ASE writes zero vectors there (ase.build.nanotube, graphene).
+    Images are never taken along a non-periodic direction, so unit vectors orthogonal to the periodic ones
+    give the same edges. A cell that already has a volume, a molecule's cell, and degenerate periodic vectors
+    (whose completion keeps no volume, for check_cell to report) come back as they were or without volume.
+    Branch-free and sync-free: the kernels' op preparation calls it inside CUDA graph capture."""
+    pbc = pbc.to(torch.bool)
+    count = pbc.sum(dim=1)
+    rows = torch.arange(3, device=cell.device)
+    # slabs: the non-periodic row k gets the unit normal cell[k+1] x cell[k+2] (the two periodic rows)
+    normals = _unit(torch.linalg.cross(cell[:, (rows + 1) % 3], cell[:, (rows + 2) % 3], dim=-1))
+    slab = torch.where(pbc[:, :, None], cell, normals)
+    # wires: the periodic row a (index m), then u ⊥ a and w ⊥ a, u in rows m+1 and m+2 (cyclically)
+    a = (cell * pbc[:, :, None]).sum(dim=1)
+    m = pbc.to(torch.int64).argmax(dim=1)
+    helper = (rows[None, :] == a.abs().argmin(dim=1)[:, None]).to(cell.dtype)  # the axis least along a
+    # (not one_hot: on CUDA it reads its input's range back to the host)
+    u = _unit(torch.linalg.cross(a, helper, dim=-1))
+    w = _unit(torch.linalg.cross(a, u, dim=-1))
+    frame = torch.stack([a, u, w], dim=1)  # rows in the order m, m+1, m+2
+    order = (rows[None, :] - m[:, None]) % 3
+    wire = torch.gather(frame, 1, order[:, :, None].expand(-1, -1, 3))
+    volume = torch.linalg.det(cell).abs()
+    need = ((count == 1) | (count == 2)) & ~(volume > 1e-8)  # NaN volume (a NaN non-periodic row) included
+    return torch.where(need[:, None, None], torch.where((count == 1)[:, None, None], wire, slab), cell)
 
 
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
-    """A periodic structure's cell (after complete_cell) must be finite and span a volume."""
+    """A periodic structure's cell (after complete_cells) must be finite and span a volume."""
     if bool(pbc.any()):
         if not bool(torch.isfinite(cell).all()):
             raise HessforgeError(f"{where}: periodic cell contains NaN or Inf (cell={cell.tolist()})")
@@ -82,7 +96,7 @@ def structure_neighbor_list(
         pos = positions.detach()
         offsets = torch.zeros_like(pos)  # integer offsets o with wrapped = pos + o @ cell
         if bool(pbc.any()):
-            cell = complete_cell(cell, pbc)
+            cell = complete_cells(cell[None], pbc[None])[0]
             check_cell(cell, pbc)
             frac = torch.linalg.solve(cell.T, pos.T).T
             offsets = torch.where(pbc, -torch.floor(frac), torch.zeros_like(frac))

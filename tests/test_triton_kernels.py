@@ -330,7 +330,8 @@ def test_preparation_is_cuda_graph_capturable(monkeypatch):
     raises, recording any op fed a host tensor and any torch.tensor built on the device."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from engine.kernels._prepare import complete_cells, make_params, prepare
+    from engine.kernels._prepare import make_params, prepare
+    from engine.neighbors import complete_cells
 
     found = []
 
@@ -430,12 +431,11 @@ def test_bad_input_is_reported():
         neighbor_list(torch.eye(2, 3), wire, wire_pbc, batch, 3.5, complete=False)
 
 
-def test_cell_completion_matches_the_reference(rng):
-    """complete_cells (branch-free, for the kernels) and engine.neighbors.complete_cell (SVD): both keep the
-    periodic vectors, give unit vectors orthogonal to them along the non-periodic directions of wires and
-    slabs with zero vectors there, and leave every other cell alone."""
-    from engine.kernels._prepare import complete_cells
-    from engine.neighbors import complete_cell
+def test_cell_completion(rng):
+    """engine.neighbors.complete_cells (branch-free, also inside the op's capture-safe preparation) keeps the
+    periodic vectors, gives unit vectors orthogonal to them along the non-periodic directions of wires and
+    slabs with zero vectors there, and leaves every other cell alone; one structure at a time as in a batch."""
+    from engine.neighbors import complete_cells
 
     cells, pbcs = [], []
     for kind in ("wire", "wire", "slab", "slab", "triclinic", "mixed_pbc", "molecule"):
@@ -443,18 +443,18 @@ def test_cell_completion_matches_the_reference(rng):
         cells.append(cell)
         pbcs.append(pbc)
     cell, pbc = torch.tensor(np.stack(cells)), torch.tensor(np.stack(pbcs))
-    fast = complete_cells(cell, pbc)
+    batched = complete_cells(cell, pbc)
     for k in range(cell.shape[0]):
-        slow = complete_cell(cell[k], pbc[k])
+        single = complete_cells(cell[k][None], pbc[k][None])[0]
         p = pbc[k]
         if 0 < int(p.sum()) < 3 and abs(float(torch.linalg.det(cell[k]))) < 1e-8:
-            for done in (fast[k], slow):
+            for done in (batched[k], single):
                 assert torch.equal(done[p], cell[k][p])
                 torch.testing.assert_close(done[~p] @ done[~p].T, torch.eye(int((~p).sum()), dtype=torch.float64))
                 torch.testing.assert_close(done[~p] @ cell[k][p].T, torch.zeros(int((~p).sum()), int(p.sum()),
                                                                               dtype=torch.float64))
         else:
-            assert torch.equal(fast[k], cell[k]) and torch.equal(slow, cell[k])
+            assert torch.equal(batched[k], cell[k]) and torch.equal(single, cell[k])
 
 
 # ------------------------------------------------------------------------------------------------ compile

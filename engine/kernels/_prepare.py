@@ -34,38 +34,6 @@ def heights(cell: torch.Tensor) -> torch.Tensor:
     return volume.unsqueeze(1) / cross.norm(dim=2)
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    # a zero vector stays zero (degenerate periodic vectors: the cell then has no volume, which _validate reports)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-
-
-def complete_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
-    """[B, 3, 3] cells with usable vectors along the non-periodic directions of wires (1 periodic direction)
-    and slabs (2) whose cell has no volume: ASE writes zero vectors there (ase.build.nanotube, graphene).
-    Images are never taken along a non-periodic direction, so unit vectors orthogonal to the periodic ones
-    give the same edges. Branch-free and sync-free (capturable), unlike engine.neighbors.complete_cell (the
-    reference, by SVD); every other cell is returned as it is."""
-    pbc = pbc.to(torch.bool)
-    count = pbc.sum(dim=1)
-    rows = torch.arange(3, device=cell.device)
-    # slabs: the non-periodic row k gets the unit normal cell[k+1] x cell[k+2] (the two periodic rows)
-    normals = _unit(torch.linalg.cross(cell[:, (rows + 1) % 3], cell[:, (rows + 2) % 3], dim=-1))
-    slab = torch.where(pbc[:, :, None], cell, normals)
-    # wires: the periodic row a (index m), then u ⊥ a and w ⊥ a, u in rows m+1 and m+2 (cyclically)
-    a = (cell * pbc[:, :, None]).sum(dim=1)
-    m = pbc.to(torch.int64).argmax(dim=1)
-    helper = (rows[None, :] == a.abs().argmin(dim=1)[:, None]).to(cell.dtype)  # the axis least along a
-    # (not one_hot: on CUDA it reads its input's range back to the host)
-    u = _unit(torch.linalg.cross(a, helper, dim=-1))
-    w = _unit(torch.linalg.cross(a, u, dim=-1))
-    frame = torch.stack([a, u, w], dim=1)  # rows in the order m, m+1, m+2
-    order = (rows[None, :] - m[:, None]) % 3
-    wire = torch.gather(frame, 1, order[:, :, None].expand(-1, -1, 3))
-    volume = torch.linalg.det(cell).abs()
-    need = ((count == 1) | (count == 2)) & ~(volume > 1e-8)  # NaN volume (a NaN non-periodic row) included
-    return torch.where(need[:, None, None], torch.where((count == 1)[:, None, None], wire, slab), cell)
-
-
 def make_params(cutoff: float, eps: float, dtype: torch.dtype, device) -> torch.Tensor:
     # The same roundings as the torch reference: python doubles cast once to the working dtype. Filled on the
     # device rather than copied from host memory, which a CUDA graph capture would refuse.

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 
 from engine.errors import HessforgeError
-from engine.kernels._prepare import complete_cells, make_params, prepare
+from engine.kernels._prepare import make_params, prepare
 from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
+from engine.neighbors import complete_cells
 
 BACKENDS = ("auto", "torch", "triton")
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there

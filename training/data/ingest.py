@@ -10,8 +10,10 @@ import os
 from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
+import torch
 
 from engine.errors import HessforgeError
+from engine.neighbors import complete_cells
 from engine.paths import check_output_file
 from training.data.records import Structure
 from training.data.store import DatasetWriter
@@ -84,8 +86,9 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
     if n == 0:
         raise HessforgeError(f"{where}: structure has no atoms")
     periodic = np.asarray(atoms.pbc, dtype=bool)
-    # wires and slabs may have zero vectors along non-periodic directions (engine.neighbors.complete_cell)
-    if periodic.any() and np.linalg.matrix_rank(cell[periodic], tol=1e-6) < periodic.sum():
+    # the criterion build_graph applies: wires and slabs may have zero vectors along non-periodic directions
+    if periodic.any() and not abs(np.linalg.det(complete_cells(torch.tensor(cell)[None],
+                                                               torch.tensor(periodic)[None])[0].numpy())) > 1e-8:
         raise HessforgeError(f"{where}: periodic structure with a zero-volume cell")
     numbers = np.asarray(atoms.numbers, dtype=np.int64)
     if numbers.min() < 1 or numbers.max() > 118:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import HessforgeError
-from engine.neighbors import batched_neighbor_list, check_cell, complete_cells
+from engine.neighbors import batched_neighbor_list, check_cell, complete_cells, wrap_into_cells
 
 
 class AtomicGraph(NamedTuple):
@@ -62,13 +62,7 @@ def recentred(graph: AtomicGraph) -> AtomicGraph:
         return graph
     counts = torch.bincount(batch, minlength=graph.cell.shape[0])
     first = torch.cumsum(counts, 0) - counts
-    x = pos - pos[first[batch]]
-    periodic = graph.pbc.any(dim=1)
-    eye = torch.eye(3, dtype=pos.dtype, device=pos.device).expand_as(graph.cell)
-    cell = torch.where(periodic[:, None, None], graph.cell, eye)
-    frac = torch.einsum("na,nab->nb", x, torch.linalg.inv(cell)[batch])
-    offsets = torch.where(graph.pbc[batch], -torch.floor(frac), torch.zeros_like(frac))
-    x = x + torch.einsum("na,nab->nb", offsets, cell[batch])
+    x, offsets, _, _ = wrap_into_cells(pos - pos[first[batch]], graph.cell, graph.pbc, batch)
     i, j = graph.edge_index[0], graph.edge_index[1]
     return graph._replace(positions=x, shifts=graph.shifts - offsets[j] + offsets[i])
 

@@ -73,6 +73,21 @@ def complete_cells(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
     return torch.where(need[:, None, None], torch.where((count == 1)[:, None, None], wire, slab), cell)
 
 
+def wrap_into_cells(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, batch: torch.Tensor):
+    """(wrapped positions, integer offsets, cell_safe, its inverse) for a batch: wrapped = positions +
+    offsets @ cell_safe[batch], fractional coordinates in [0, 1) along periodic directions; cell_safe is the
+    cell, the identity for a structure without periodic direction. Sync-free (capture-safe)."""
+    pbc = pbc.to(torch.bool)
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+    cell_safe = torch.where(pbc.any(dim=1)[:, None, None], cell, eye)
+    inv = torch.linalg.inv_ex(cell_safe).inverse
+    if positions.shape[0] == 0:
+        return positions, torch.zeros_like(positions), cell_safe, inv
+    frac = torch.einsum("na,nab->nb", positions, inv[batch])
+    offsets = torch.where(pbc[batch], -torch.floor(frac), torch.zeros((), dtype=frac.dtype, device=frac.device))
+    return positions + torch.einsum("na,nab->nb", offsets, cell_safe[batch]), offsets, cell_safe, inv
+
+
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
     """A periodic structure's cell (after complete_cells) must be finite and span a volume."""
     if bool(pbc.any()):

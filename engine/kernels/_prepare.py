@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from engine.neighbors import wrap_into_cells
+
 # Columns of the int32 per-structure metadata table [B, META_COLS].
 META_START, META_NATOMS, META_N0, META_N1, META_N2, META_NSHIFT, META_MIC, META_PBC = range(8)
 META_COLS = 8
@@ -54,8 +56,7 @@ def prepare(
     natoms = torch.zeros(num_graphs, dtype=torch.int64, device=device).index_add_(0, batch, torch.ones_like(batch))
     start = torch.cumsum(natoms, 0) - natoms
     periodic = pbc.any(dim=1)
-    eye = torch.eye(3, dtype=dtype, device=device).expand(num_graphs, 3, 3)
-    cell_safe = torch.where(periodic[:, None, None], cell, eye)
+    pos_w, offsets, cell_safe, inv = wrap_into_cells(positions, cell, pbc, batch)
     h = heights(cell_safe)
     # Minimum-image mode: when every periodic height is >= 2 cutoff, a vector shorter than the cutoff has
     # |fractional coordinate| < 1/2 along each periodic axis, so the only image of j that can be a neighbor of
@@ -70,13 +71,5 @@ def prepare(
         [start, natoms, nshift[:, 0], nshift[:, 1], nshift[:, 2], m.prod(dim=1), mic.to(torch.int64), pbc_bits],
         dim=1,
     ).to(torch.int32)
-    inv = torch.linalg.inv_ex(cell_safe).inverse
-    if positions.shape[0] > 0:
-        frac = torch.einsum("na,nab->nb", positions, inv[batch])
-        offsets = torch.where(pbc[batch], -torch.floor(frac), torch.zeros((), dtype=dtype, device=device))
-        pos_w = positions + torch.einsum("na,nab->nb", offsets, cell_safe[batch])
-    else:
-        offsets = torch.zeros_like(positions)
-        pos_w = positions
     return Prepared(pos_w.contiguous(), offsets.contiguous(), cell_safe.contiguous(), inv.contiguous(),
                     meta.contiguous(), make_params(cutoff, eps, dtype, device))

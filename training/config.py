@@ -163,7 +163,9 @@ _RANGES = [
     ("train", "max_time_s", lambda v: v is None or v > 0, "> 0 (or null)"),
     ("train", "num_workers", lambda v: v >= 0, ">= 0"), ("train", "threads", lambda v: v is None or v >= 1,
                                                          ">= 1 (or null)"),
-]
+    ("loss", "hessian_rows", lambda v: v >= 1, "an integer >= 1"),
+] + [("loss", key, lambda v: v >= 0, "a number >= 0")
+     for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a")]
 
 
 _SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig": LossConfig,
@@ -187,12 +189,6 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
     if config.train.dtype not in ("float32", "float64"):
         raise HessforgeError(f"{where}: train.dtype must be float32 or float64, got {config.train.dtype!r}")
     lc = config.loss
-    for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a"):
-        value = getattr(lc, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise HessforgeError(f"{where}: loss.{key} must be a number >= 0, got {value!r}")
-    if not isinstance(lc.hessian_rows, int) or isinstance(lc.hessian_rows, bool) or lc.hessian_rows < 1:
-        raise HessforgeError(f"{where}: loss.hessian_rows must be an integer >= 1, got {lc.hessian_rows!r}")
     if config.loss.hessian > 0 and not config.data.labels:
         raise HessforgeError(f"{where}: loss.hessian > 0 needs teacher labels: set data.labels (hessforge label)")
     for key, flag in (("force_distill", ""), ("n2n", " --features"), ("a2a", " --embeddings")):

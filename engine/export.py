@@ -42,7 +42,7 @@ from torch import nn
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
-from engine.paths import check_output_file
+from engine.paths import atomic_path, check_output_file
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -231,10 +231,8 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
     except Exception as err:
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
     check_output_file(path, "export output")
-    tmp = path + ".tmp"
-    with quiet_torchscript():
+    with atomic_path(path) as tmp, quiet_torchscript():
         torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
-    os.replace(tmp, path)
     return metadata
 
 

@@ -1,10 +1,14 @@
-"""Checks on the files a command will write, made before it does any work: a long run should not end in a
+"""The files a command writes. Checks made before it does any work: a long run should not end in a
 traceback because its output path is a directory, and an output path must never be one of the inputs (the
-input would be overwritten: a dataset, a trained checkpoint)."""
+input would be overwritten: a dataset, a trained checkpoint). And atomic writes: every file the project
+writes in one piece goes through atomic_path / atomic_open, so a kill or a full disk never leaves half a file
+where a complete one was."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Dict, Iterable, Optional
+from typing import IO, Any, Dict, Iterable, Iterator, Optional
 
 from engine.errors import HessforgeError
 
@@ -39,3 +43,36 @@ def check_distinct_outputs(outputs: Dict[str, Optional[str]]) -> None:
         if key in seen:
             raise HessforgeError(f"{seen[key]} and {option} are the same file ({path}); give different names")
         seen[key] = option
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary file name beside `path` for a writer that takes a path (torch.save, ase.io.write);
+    when the block ends normally the temporary file replaces `path` in one step, so readers (and a later
+    resume) see the old file or the complete new one, never half of one. If the block raises (a full disk,
+    Ctrl-C), the temporary file is removed and `path` is untouched. The name is per process: two writers do
+    not share a temporary file."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """open() for writing through atomic_path: the file appears complete when the block ends, or not at all."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
+
+
+def write_json(path: str, payload: Any, **dump_kwargs) -> None:
+    """json.dump to `path` through atomic_open (indent 1 unless given)."""
+    dump_kwargs.setdefault("indent", 1)
+    with atomic_open(path) as fh:
+        json.dump(payload, fh, **dump_kwargs)

@@ -1,6 +1,7 @@
 """Datasets: ingest round trips, clear errors on bad input, subsets, group splits and training batches."""
 import json
 import os
+import struct
 
 import lmdb
 import numpy as np
@@ -74,6 +75,24 @@ def test_ingest_ase_db_round_trip_exact(tmp_path, rng):
     assert ds.ids() == [f"n{k}" for k in range(len(frames))]
     for i, a in enumerate(frames):  # sqlite keeps float64: bit-exact against the original frames
         assert_same(ds[i], a, a.info["mol_id"])
+
+
+def test_geometry_digest_recorded_at_ingest_equals_a_read_through(tmp_path, rng):
+    frames = random_frames(rng)
+    src = tmp_path / "mols.extxyz"
+    ase.io.write(src, frames)
+    ingest(src, tmp_path / "a.lmdb")
+    ds = Dataset(tmp_path / "a.lmdb")
+    recorded = ds.metadata["geometry_sha256"]
+    del ds.metadata["geometry_sha256"]  # a dataset written before the digest was recorded: read through
+    assert ds.geometry_digest() == recorded and ds.metadata["geometry_sha256"] == recorded
+    # one atom moved by 1e-3 Å (ids, count and elements unchanged) gives another digest
+    i = int(rng.integers(len(frames)))
+    frames[i].positions[int(rng.integers(len(frames[i])))] += 1e-3
+    ase.io.write(src, frames)
+    ingest(src, tmp_path / "b.lmdb")
+    other = Dataset(tmp_path / "b.lmdb")
+    assert other.ids() == ds.ids() and other.geometry_digest() != recorded
 
 
 def test_group_falls_back_to_formula_and_keys_are_configurable(tmp_path, rng):
@@ -203,7 +222,7 @@ def test_corrupt_and_truncated_records(tmp_path, rng):
         txn.put(index_key(bad), raw[: int(rng.integers(9, len(raw) - 1))])  # truncated record
     env.close()
     ds = Dataset(path)
-    with pytest.raises(HessforgeError, match=rf"s\.lmdb: record {bad} \(s{bad}\) is corrupt: record truncated"):
+    with pytest.raises(HessforgeError, match=rf"s\.lmdb: record {bad} \(s{bad}\) is corrupt: record checksum"):
         ds[bad]
     ok = (bad + 1) % len(structures)
     assert np.array_equal(ds[ok].positions, structures[ok].positions)
@@ -214,6 +233,34 @@ def test_corrupt_and_truncated_records(tmp_path, rng):
         f.truncate(size // 2)
     with pytest.raises(HessforgeError, match="t.lmdb"):
         Dataset(path2)[0]
+
+
+def test_flipped_bit_in_a_record_is_found(tmp_path, rng):
+    """LMDB checks nothing: one flipped bit inside a force array must not reach training as a wrong force."""
+    path, structures = small_dataset(tmp_path, rng)
+    bad = int(rng.integers(len(structures)))
+    env = lmdb.open(path, subdir=False)
+    with env.begin(write=True) as txn:
+        raw = bytearray(txn.get(index_key(bad)))
+        k = len(raw) - 1 - int(rng.integers(8 * len(structures[bad].forces.ravel())))  # inside the last arrays
+        raw[k] ^= 1 << int(rng.integers(8))
+        txn.put(index_key(bad), bytes(raw))
+    env.close()
+    ds = Dataset(path)
+    with pytest.raises(HessforgeError, match=rf"record {bad} \(s{bad}\) is corrupt: record checksum does not match"):
+        ds[bad]
+
+
+def test_records_of_the_first_format_are_still_read(rng):
+    """Version-1 records (b"HFR1", no checksum) in datasets and labels written before the checksum."""
+    s = Structure("old", "g", rng.integers(1, 9, size=5), rng.normal(size=(5, 3)), energy=float(rng.normal()),
+                  forces=rng.normal(size=(5, 3)))
+    new = s.to_bytes()
+    (n, _crc) = struct.unpack("<II", new[4:12])
+    old = b"HFR1" + struct.pack("<I", n) + new[12:]
+    back = Structure.from_bytes(old)
+    assert np.array_equal(back.positions, s.positions) and np.array_equal(back.forces, s.forces)
+    assert back.energy == s.energy and back.id == "old"
 
 
 def test_dataset_works_in_worker_processes(tmp_path, rng):

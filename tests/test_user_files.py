@@ -12,7 +12,7 @@ from ase.build import molecule
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.models import PaiNN
-from engine.paths import check_distinct_outputs, check_output_file
+from engine.paths import atomic_open, atomic_path, check_distinct_outputs, check_output_file, write_json
 from toy import write_checkpoint
 from training.cli import main
 
@@ -65,6 +65,27 @@ def test_check_output_file(tmp_path):
     check_distinct_outputs({"--trajectory": "t.xyz", "-o": None})
 
 
+def test_atomic_writes_leave_old_file_or_new_one(tmp_path):
+    target = tmp_path / "summary.json"
+    write_json(str(target), {"epochs": 1})
+    assert json.loads(target.read_text()) == {"epochs": 1}
+    # a write that fails half-way (a kill, a full disk) keeps the old file whole and leaves no temporary file
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(target)) as fh:
+            fh.write('{"epochs": 2, "finis')
+            fh.flush()
+            raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"epochs": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    # writers that take a path (torch.save) write a temporary file beside the target, which is not the target
+    with atomic_path(str(target)) as tmp:
+        assert tmp != str(target) and tmp.startswith(str(tmp_path))
+        assert json.loads(target.read_text()) == {"epochs": 1}  # the target is untouched until the end
+        torch.save({"w": torch.ones(2)}, tmp)
+    assert torch.load(str(target))["w"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
 def test_outputs_never_overwrite_inputs(files, capsys):
     data, ckpt = files / "mols.xyz", files / "ckpt.pt"
     data_bytes, ckpt_bytes = data.read_bytes(), ckpt.read_bytes()
@@ -81,7 +102,7 @@ def test_outputs_never_overwrite_inputs(files, capsys):
           "same file")
     fails(capsys, ["bench", ckpt, data, "--batch-size", "2", *FAST, "--json", files / "adir"], "is a directory")
     fails(capsys, ["export", ckpt, "-o", files / "adir"], "is a directory")
-    assert not list(files.glob("*.tmp"))
+    assert not list(files.glob("*.tmp*"))
 
 
 def test_bench_input_errors(files, capsys):

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from engine.errors import HessforgeError
+from engine.paths import atomic_open, write_json
 from training.config import Config, config_from_dict, load_config
 
 DEFAULT_LAMBDAS = (10.0, 100.0, 400.0, 1000.0)
@@ -164,16 +165,13 @@ def write_sweep(base_path: str, out_dir: str, **options) -> dict:
         planned.append((run, values, path))
     entries = []
     for run, values, path in planned:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
+        with atomic_open(path) as fh:
             fh.write(f"# hessforge sweep: {run['name']}: {run['description']}\n# base: {os.path.abspath(base_path)}\n")
             yaml.safe_dump(values, fh, sort_keys=False, allow_unicode=True)
-        os.replace(tmp, path)
         entries.append({"name": run["name"], "description": run["description"], "config": path,
                         "out": values["train"]["out"]})
     index = {"base": os.path.abspath(base_path), "runs": entries, "skipped": skipped, "aliases": aliases}
-    with open(os.path.join(out_dir, INDEX), "w") as fh:
-        json.dump(index, fh, indent=1, ensure_ascii=False)
+    write_json(os.path.join(out_dir, INDEX), index, ensure_ascii=False)
     return index
 
 

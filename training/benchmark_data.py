@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from engine.errors import HessforgeError
+from engine.paths import atomic_open, write_json
 from training import dft as D
 
 LABELS, CONFORMERS, LOG, SELECTION, SPLIT, PROVENANCE, CONFIG = (
@@ -181,10 +182,7 @@ class Builder:
                     ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
                     "; rerun with the same settings to resume, or use another --out")
         else:
-            tmp = p + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(cfg, f, indent=1)
-            os.replace(tmp, p)
+            write_json(p, cfg)
         return cfg
 
     def _lock(self) -> None:
@@ -223,11 +221,10 @@ class Builder:
                                   a.max_molecules)
         for m in mols:
             m["n_atoms"] = len(m["symbols"])
-        with open(p + ".tmp", "w") as f:
+        with atomic_open(p) as f:
             f.write(json.dumps({"n_candidates": n_cand, "filter": filt, "seed": a.seed,
                                 "source": "qm9pack data/qm9_part{1,2,3}.csv (XYZ_Ang, Å)"}, indent=1)[:-2])
             f.write(',\n "molecules": [\n' + ",\n".join(json.dumps(m) for m in mols) + "\n ]\n}\n")
-        os.replace(p + ".tmp", p)
         return mols, n_cand
 
     def tasks(self, mols, have_conf, done, failed, frames_by_key, stats, slots=None, stop=None):
@@ -444,7 +441,6 @@ def resume_command(b: Builder) -> str:
 
 def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
     a = b.args
-    cfg = b.config()
     mols = sel["molecules"]
     dft_ok = [r for r in log if r.get("stage") == "dft" and r.get("status") == "ok"]
     failed_dft = D.failed_keys(b.path["log"])
@@ -494,7 +490,7 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
         w(f"- MD time per molecule: mean {ms.mean():.1f} s ({len(ms)} molecules).")
     if rate_line:
         w(f"- {rate_line}")
-    w(f"- Split (by molecule): " + ", ".join(f"{s} {len(mol_split[s])} molecules / {len(idx[s])} structures"
+    w("- Split (by molecule): " + ", ".join(f"{s} {len(mol_split[s])} molecules / {len(idx[s])} structures"
                                              for s in mol_split) + ".\n")
     w("## Resume / extend\n")
     w("From a fresh clone (`pip install -e '.[science]'`, which brings pyscf, torchani and qm9pack), run from the "
@@ -582,10 +578,8 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
             t = f"{t} (MD failed)"
         w(f"| {mid} | `{m['smiles']}` | {m['n_atoms']} | {where.get(mid, '')} | {t} | {len(frs)} | {extra} |")
     text = "\n".join(L) + "\n"
-    tmp = b.path["provenance"] + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(b.path["provenance"]) as f:
         f.write(text)
-    os.replace(tmp, b.path["provenance"])
 
 
 # ----------------------------------------------------------------------------------------------- CLI

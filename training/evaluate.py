@@ -13,7 +13,7 @@ import torch
 from engine.checkpoint import load_student, read_checkpoint
 from engine.errors import HessforgeError
 from engine.graph import build_graph
-from engine.paths import check_output_file
+from engine.paths import check_output_file, write_json
 from training.losses import student_hessian_rows
 
 
@@ -167,6 +167,5 @@ def run(args) -> int:
     result["split"] = args.split
     print(format_table(table_rows(result)))
     if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(args.json_out, result, indent=2)
     return 0

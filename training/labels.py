@@ -28,12 +28,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from engine.errors import HessforgeError
+from engine.paths import write_json
 from training.data.records import RecordError, pack, unpack
 from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, file_key,
                                  open_readonly, read_json_key, release_reader, shared_reader)
 
 LABELS_MAGIC = "hessforge-labels"
-LABELS_VERSION = 1
+LABELS_VERSION = 2  # 2: records carry a CRC-32 (records.py); version 1 labels are still read
 SHARD_RE = re.compile(r"^labels\.rank(\d+)\.lmdb$")
 # Fields that must agree for a rerun to resume into an existing labels directory.
 COMPAT_KEYS = ("teacher", "teacher_spec", "mode", "k", "seed", "dtype", "source_count", "source_ids_sha256",
@@ -201,7 +202,7 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     count, digest = meta.get("source_count"), meta.get("source_ids_sha256")
     geometry = meta.get("source_geometry_sha256")  # labels made before it was recorded: not checked
     if count is not None and (count != len(dataset) or digest != _ids_digest(dataset.ids())
-                              or (geometry is not None and geometry != geometry_digest(dataset))):
+                              or (geometry is not None and geometry != dataset.geometry_digest())):
         raise HessforgeError(
             f"{store.directory}: labels were made for another dataset ({meta.get('source')}, {count} structures; "
             f"this is {dataset.path}, {len(dataset)} structures, or the same count with other ids or geometries); "
@@ -211,16 +212,6 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     if missing:
         raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "
                              f"(e.g. {missing[0]!r}): labelling is unfinished; rerun `hessforge label` to resume it")
-
-
-def geometry_digest(dataset) -> str:
-    """SHA-256 of every structure's atomic numbers and positions (rounded to 1e-5 Å): labels are checked
-    against the dataset they are used with, also when two datasets share ids (same file stem, same count)."""
-    h = hashlib.sha256()
-    for s in dataset:
-        h.update(np.ascontiguousarray(s.numbers, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(np.round(np.asarray(s.positions, dtype=np.float64), 5)).tobytes())
-    return h.hexdigest()
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
@@ -314,7 +305,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "teacher_spec": teacher_spec, "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
-            "source_geometry_sha256": geometry_digest(ds),
+            "source_geometry_sha256": ds.geometry_digest(),
             "features": features_meta, "element_embeddings": embeddings_meta,
             "rank": rank, "world_size": world_size, "created": creation_info()}
     os.makedirs(out_dir, exist_ok=True)
@@ -368,10 +359,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
 def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:
     """labels.json: a human-readable copy of the metadata (the shards hold the authoritative one)."""
     info = {k: v for k, v in meta.items() if k not in ("rank", "world_size", "created")}
-    tmp = os.path.join(out_dir, f".labels.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, os.path.join(out_dir, "labels.json"))
+    write_json(os.path.join(out_dir, "labels.json"), info, ensure_ascii=False)
 
 
 def _parse_rows(rows) -> Optional[int]:

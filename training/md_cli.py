@@ -10,11 +10,10 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
 
 from engine.errors import HessforgeError
 from engine.md import INTEGRATORS, BatchedMD
-from engine.paths import check_distinct_outputs, check_output_file
+from engine.paths import atomic_path, check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
 from training.bench import DTYPES, load_structures, make_targets, set_threads
 
@@ -99,6 +98,7 @@ def run(args) -> int:
               f"counted at 1 fs per step, {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
               f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
     if args.output:
-        ase.io.write(args.output, md.to_atoms(atoms), format="extxyz")
+        with atomic_path(args.output) as tmp:  # -o may be a restart file: never half-written
+            ase.io.write(tmp, md.to_atoms(atoms), format="extxyz")
         print(f"wrote {args.output}", file=sys.stderr)
     return 0

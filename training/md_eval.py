@@ -26,7 +26,6 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.errors import HessforgeError
-from engine.paths import check_output_file
+from engine.paths import check_output_file, write_json
 
 DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
                 bond_tolerance_A=0.5, nve_steps=1000, nve_timestep_fs=0.5, nve_interval=10, fmax=0.05,
@@ -487,8 +486,6 @@ def run(args) -> int:
     out = args.json_out or default_json
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".tmp", "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(out + ".tmp", out)
+        write_json(out, result)
         print(f"wrote {out}", file=sys.stderr)
     return 0

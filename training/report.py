@@ -18,9 +18,10 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from engine.errors import HessforgeError
+from engine.paths import atomic_open, write_json
 
 EVAL, BENCH, MD = "eval.json", "bench.json", "md.json"
 PAPER_BATCH = 64
@@ -336,10 +337,9 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
         text.append(f"- {r['method']}: `{os.path.relpath(r['run_dir'], os.path.abspath(out_dir))}` ({have})")
     if notes:
         text += [""] + list(notes)
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+    with atomic_open(os.path.join(out_dir, "report.md")) as fh:
         fh.write("\n".join(text) + "\n")
-    with open(os.path.join(out_dir, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report
 
 

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from engine.errors import HessforgeError
 from engine.models import build_student
+from engine.paths import atomic_open, atomic_path, write_json
 from training.config import Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
 from training.losses import DistillationHeads, LossWeights, compute_loss, student_embedding
@@ -191,9 +191,8 @@ def _truncate_log(path: str, step: int) -> None:
         if record.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        with open(path + ".tmp", "w") as fh:
+        with atomic_open(path) as fh:
             fh.writelines(keep)
-        os.replace(path + ".tmp", path)
 
 
 class _RunLock:
@@ -257,7 +256,7 @@ class Trainer:
         if self.rank == 0:
             save_split(split_path, split, seed=config.data.split_seed, count=count,
                        dataset=os.path.abspath(config.data.path))
-            with open(os.path.join(self.out, "config.yaml"), "w") as fh:
+            with atomic_open(os.path.join(self.out, "config.yaml")) as fh:
                 yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         self.train_idx = list(split["train"])
         if config.data.train_limit and config.data.train_limit < len(self.train_idx):
@@ -385,9 +384,8 @@ class Trainer:
         if self.rank != 0:
             return
         path = os.path.join(self.out, name)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(state or self._state(), tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+        with atomic_path(path) as tmp:  # an interrupted save never leaves a broken checkpoint
+            torch.save(state or self._state(), tmp)
 
     def _load(self, path: str, state: dict) -> None:
         if state["model_hparams"] != self.model_hparams:
@@ -554,8 +552,7 @@ class Trainer:
                    "teacher_val": self.teacher_val, "finished": self.epoch >= tc.epochs,
                    "stopped": stopped}
         if self.rank == 0:
-            with open(os.path.join(self.out, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
+            write_json(os.path.join(self.out, "summary.json"), summary, indent=2)
         return summary
 
     def _maybe_halve_kd(self, val: Dict[str, float]) -> None:

@@ -205,7 +205,6 @@ def _radial_edges_op(
 @_radial_edges_op.register_fake
 def _radial_edges_fake(positions, cell, pbc, batch, cutoff, num_basis, capacity, eps, backend):
     size = capacity if capacity >= 0 else torch.library.get_ctx().new_dynamic_size()
-    dtype = positions.dtype
     return (
         positions.new_empty(2, size, dtype=torch.int64),
         positions.new_empty(size, 3),

@@ -8,7 +8,7 @@ module scripts with TorchScript and traces with torch.compile. Two force modes:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn

@@ -1,20 +1,25 @@
 """One structure and its compact, pickle-free binary form.
 
-Records are packed as: magic b"HFR1", a uint32 header length, a JSON header (scalars and the dtype/shape of
-each array), then the raw little-endian array bytes. Pickle is avoided on purpose: a dataset file passed
-between people must not be able to run code when it is opened, and a truncated or damaged record must be
-detected (every length is checked) rather than half-decoded.
+Records are packed as: magic b"HFR2", a uint32 header length, the uint32 CRC-32 of everything after it, a
+JSON header (scalars and the dtype/shape of each array), then the raw little-endian array bytes. Pickle is
+avoided on purpose: a dataset file passed between people must not be able to run code when it is opened.
+A truncated or damaged record is detected rather than half-decoded: every length is checked, and the
+checksum finds flipped bits inside the arrays (LMDB itself checks nothing), which would otherwise train a
+student on a wrong force or Hessian row without a word. Records of the first format (b"HFR1", no checksum)
+are still read.
 """
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-MAGIC = b"HFR1"
+MAGIC = b"HFR2"
+MAGIC_V1 = b"HFR1"  # no checksum
 # Only plain numeric dtypes may appear in a record (no object arrays, so no code paths through pickle).
 _DTYPES = {"<f8": np.float64, "<f4": np.float32, "<i8": np.int64, "|b1": np.bool_}
 
@@ -36,22 +41,32 @@ def pack(header: Dict[str, Any], arrays: Dict[str, Optional[np.ndarray]]) -> byt
         specs.append([name, key, list(arr.shape)])
         chunks.append(arr.tobytes())
     head = json.dumps({**header, "_arrays": specs}, separators=(",", ":"), allow_nan=False).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *chunks])
+    crc = zlib.crc32(head)
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return b"".join([MAGIC, struct.pack("<II", len(head), crc), head, *chunks])
 
 
 def unpack(buf: bytes) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     buf = bytes(buf)
-    if len(buf) < 8 or buf[:4] != MAGIC:
+    if len(buf) >= 12 and buf[:4] == MAGIC:
+        n, crc = struct.unpack("<II", buf[4:12])
+        start = 12
+        if zlib.crc32(memoryview(buf)[start:]) != crc:
+            raise RecordError("record checksum does not match its bytes (damaged)")
+    elif len(buf) >= 8 and buf[:4] == MAGIC_V1:
+        (n,) = struct.unpack("<I", buf[4:8])
+        start = 8
+    else:
         raise RecordError("bad record magic (not a hessforge record, or damaged)")
-    (n,) = struct.unpack("<I", buf[4:8])
-    if 8 + n > len(buf):
+    if start + n > len(buf):
         raise RecordError("record truncated inside its header")
     try:
-        header = json.loads(buf[8 : 8 + n])
+        header = json.loads(buf[start : start + n])
         specs = header.pop("_arrays")
     except (ValueError, KeyError, UnicodeDecodeError) as err:
         raise RecordError(f"record header is not valid: {err}") from None
-    arrays, pos = {}, 8 + n
+    arrays, pos = {}, start + n
     for name, key, shape in specs:
         if key not in _DTYPES:
             raise RecordError(f"record array {name!r} has unsupported dtype {key!r}")

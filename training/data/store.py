@@ -1,7 +1,8 @@
 """LMDB dataset of `Structure` records: one file (subdir=False), O(1) access by integer index.
 
 Layout (all keys bytes):
-  b"__hessforge_meta__"   JSON: magic, format version, count, source, units, creation info
+  b"__hessforge_meta__"   JSON: magic, format version, count, source, units, creation info, and
+                          geometry_sha256 (GeometryDigest of all structures, computed once while writing)
   b"__hessforge_index__"  JSON: ids, groups, natoms, elements of every structure (splits and subsets read
                           this alone instead of decoding every record)
   b"i" + uint64 BE index  packed Structure record (records.py)
@@ -13,6 +14,7 @@ shards in training/labels.py.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import os
 import platform
@@ -22,12 +24,13 @@ import time
 from typing import Any, Dict, Iterable, List, Optional
 
 import lmdb
+import numpy as np
 
 from engine.errors import HessforgeError
 from training.data.records import RecordError, Structure
 
 DATASET_MAGIC = "hessforge-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry a CRC-32 (records.py); version 1 files are still read
 META_KEY = b"__hessforge_meta__"
 INDEX_KEY = b"__hessforge_index__"
 INITIAL_MAP_SIZE = 64 << 20  # grows by doubling on MapFullError; LMDB files stay as small as their data
@@ -149,6 +152,21 @@ def release_reader(path: str) -> None:
         entry[1].close()
 
 
+class GeometryDigest:
+    """SHA-256 over structures' atomic numbers and positions (rounded to 1e-5 Å), in order: what labels are
+    checked against, so that labels of another dataset with the same ids and count are refused."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, s: Structure) -> None:
+        self._hash.update(np.ascontiguousarray(s.numbers, dtype=np.int64).tobytes())
+        self._hash.update(np.ascontiguousarray(np.round(np.asarray(s.positions, dtype=np.float64), 5)).tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 class Dataset:
     """Read-only structures, usable as a torch Dataset: `ds[i]` -> Structure. Safe across DataLoader workers:
     no environment is pickled, and each process opens its own on first access."""
@@ -208,6 +226,17 @@ class Dataset:
     def elements(self) -> List[List[int]]:
         """Sorted distinct atomic numbers of each structure."""
         return [list(e) for e in self._elements]
+
+    def geometry_digest(self) -> str:
+        """GeometryDigest of all structures: recorded by the writer (datasets written before it was recorded
+        are read through once, and the result kept for this object)."""
+        digest = self.metadata.get("geometry_sha256")
+        if not isinstance(digest, str):
+            d = GeometryDigest()
+            for s in self:
+                d.update(s)
+            digest = self.metadata["geometry_sha256"] = d.hexdigest()
+        return digest
 
     def index_of(self, structure_id: str) -> int:
         if self._id_to_index is None:
@@ -284,6 +313,7 @@ class DatasetWriter:
         self.elements: List[List[int]] = []
         self._seen = set()
         self._pending: List[tuple] = []
+        self._geometry = GeometryDigest()
 
     def add(self, s: Structure) -> None:
         # Ids are LMDB keys of the label shards: non-empty, at most 511 bytes, not a reserved key.
@@ -297,6 +327,7 @@ class DatasetWriter:
         self.groups.append(s.group)
         self.natoms.append(s.natoms)
         self.elements.append(sorted(set(int(z) for z in s.numbers)))
+        self._geometry.update(s)
         if len(self._pending) >= self.BATCH:
             self._flush()
 
@@ -309,7 +340,7 @@ class DatasetWriter:
         self._flush()
         meta = {"magic": DATASET_MAGIC, "format_version": FORMAT_VERSION, "count": len(self.ids),
                 "source": self.source, "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
-                "created": creation_info(), **self.extra_meta}
+                "created": creation_info(), "geometry_sha256": self._geometry.hexdigest(), **self.extra_meta}
         index = {"ids": self.ids, "groups": self.groups, "natoms": self.natoms, "elements": self.elements}
         self.writer.put_many([(INDEX_KEY, json.dumps(index).encode()), (META_KEY, json.dumps(meta).encode())])
         self.writer.env.sync(True)

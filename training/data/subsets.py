@@ -6,12 +6,12 @@ is seen in training and scored in validation. Same dataset + fractions + seed ->
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engine.errors import HessforgeError
+from engine.paths import write_json
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -110,10 +110,7 @@ def split_by_group(groups: Sequence[str], fractions: Sequence[float] = (0.8, 0.1
 def save_split(path: str, split: Dict[str, List[int]], **info) -> None:
     """JSON: {"splits": {...}, plus info such as seed, fractions, dataset path and count}."""
     data = {"format": "hessforge-split", "version": 1, **info, "splits": {k: list(map(int, v)) for k, v in split.items()}}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_json(path, data, indent=None)
 
 
 def load_split(path: str, count: Optional[int] = None) -> Dict[str, List[int]]:

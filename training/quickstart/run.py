@@ -7,7 +7,6 @@ and seed, evaluates both and the teacher on held-out conformers, and prints one 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from importlib import resources
 
 from engine.checkpoint import load_student
 from engine.errors import HessforgeError
+from engine.paths import atomic_open, write_json
 
 BUNDLED = "quickstart.extxyz"
 
@@ -114,9 +114,8 @@ def run(args) -> int:
     print(header)
     print(text)
     print(f"wall time {wall / 60:.1f} min; results in {out}/results.json")
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"results": results, "wall_s": wall, "teacher": args.teacher, "rows": args.rows,
-                   "student": STUDENT, "n_test": len(test)}, fh, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as fh:
+    write_json(os.path.join(out, "results.json"), {"results": results, "wall_s": wall, "teacher": args.teacher,
+               "rows": args.rows, "student": STUDENT, "n_test": len(test)}, indent=2)
+    with atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write(f"{header}\n\n```\n{text}\n```\n\nwall time {wall / 60:.1f} min\n")
     return 0

@@ -8,7 +8,7 @@ the positions, then energy and forces (engine.runner's "model+NL" timing).
     python -m pytest bench/bench_students.py -p no:cacheprovider -s \
         --benchmark-columns=min,median,mean,rounds --benchmark-json=bench/results/students_cpu.json
     python bench/bench_students.py report bench/results/students_cpu.json   # markdown tables + paper ratios
-    python bench/bench_students.py profile                                  # top ops of the student step
+    python bench/bench_students.py profile [BATCH [MODES]]                  # wall vs kernel time, top ops
 
 ns/day at 1 fs = structures/s x 0.0864 (bench/README.md), from the median of the rounds. Paper anchors (A6000,
 eager PyTorch, SPICE monomers): PaiNN 291.5 vs MACE-OFF-L 38.0 ns/day at batch 64 (7.7x); 1827 vs 38.1 at
@@ -43,7 +43,7 @@ if REPO not in sys.path:
 from engine.errors import HessforgeError  # noqa: E402
 from engine.models import PaiNN  # noqa: E402
 from engine.compiled import compile_events, compile_stats  # noqa: E402
-from engine.runner import (STUDENT_MODES, StudentTarget, cuda_graphs_note, fill_batch, machine_info,  # noqa: E402
+from engine.runner import (StudentTarget, cuda_graphs_note, fill_batch, machine_info,  # noqa: E402
                            ns_per_day, resolve_device, sweep)
 
 DEVICE = resolve_device(os.environ.get("HESSFORGE_BENCH_DEVICE", "auto"))
@@ -216,31 +216,69 @@ def report(path: str) -> str:
     return "\n".join(out)
 
 
-def profile(batch: int = 64, top: int = 15) -> None:
-    """torch.profiler top ops (self CPU time) of one student step, eager and compiled."""
+def profile(batch: int = 64, modes=None, top: int = 12) -> None:
+    """Where a step's time goes, per mode: the wall time of one step (median of 5, synchronised) against the
+    time the device spends in kernels and the number of kernels run (torch.profiler); on CUDA a wall
+    time far above the kernel time means the step is bound by launches and Python, not by arithmetic (what
+    compiling and CUDA graphs remove). Then the top operators by self time. Modes: targets of this suite
+    (default: eager and compiled on CPU; eager, compiled+triton, cudagraphs and the teacher on CUDA)."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile as prof
 
-    from training.bench import load_structures
-
-    structures = load_structures(DATA)
-    for mode in ("eager", "compiled"):
-        torch.manual_seed(0)
-        t = StudentTarget(PaiNN([1, 6, 7, 8], **STUDENT), mode, DEVICE, DTYPE, name="painn")
+    structures = load_structures_for_profile()
+    modes = modes or (["eager", "compiled+triton", "cudagraphs", "teacher"] if CUDA else ["eager", "compiled"])
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    for mode in modes:
+        t = target(mode)
         graph = t.prepare(fill_batch(structures, batch))
-        for _ in range(2):
+        for _ in range(t.min_warmup + 1):
             t.model_with_neighbors(graph)
+        sync()
+        walls = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            t.model_with_neighbors(graph)
+            sync()
+            walls.append(time.perf_counter() - t0)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
         with prof(activities=acts) as p:
             t.model_with_neighbors(graph)
-        print(f"\n## {mode}, batch {batch}, {graph.positions.shape[0]} atoms, {graph.edge_index.shape[1]} edges")
-        print(p.key_averages().table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total",
-                                     row_limit=top))
+            sync()
+        averages = p.key_averages()
+        wall_ms = 1e3 * statistics.median(walls)
+        atoms, edges = t.count(graph)
+        size = f"{atoms} atoms, {edges} edges" if atoms >= 0 else "atoms and edges not counted"
+        line = f"\n## {t.name} [{t.mode}], batch {batch}, {size}: wall {wall_ms:.2f} ms per step"
+        if CUDA:
+            try:
+                kernels = [a for a in averages if _device_time_us(a) > 0 and "cuda" in str(a.device_type).lower()]
+                kernel_ms = sum(_device_time_us(a) for a in kernels) / 1e3
+                runs = sum(a.count for a in kernels)
+                line += (f"; device busy {kernel_ms:.2f} ms ({100 * kernel_ms / wall_ms:.0f}% of the wall time) "
+                         f"in {runs} kernels")
+            except AttributeError as err:  # another torch's profiler API: the table below still tells
+                line += f"; device time not summed ({err})"
+        print(line)
+        print(averages.table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total", row_limit=top))
+
+
+def _device_time_us(avg) -> float:
+    """Self device time of a profiler average (the attribute was renamed in torch 2.4)."""
+    value = getattr(avg, "self_device_time_total", None)
+    return float(value if value is not None else getattr(avg, "self_cuda_time_total", 0.0))
+
+
+def load_structures_for_profile():
+    from training.bench import load_structures
+
+    return load_structures(DATA)
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "report":
         print(report(sys.argv[2]))
-    elif len(sys.argv) >= 2 and sys.argv[1] == "profile":
-        profile(int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+    elif len(sys.argv) >= 2 and sys.argv[1] == "profile":  # profile [BATCH [MODE,MODE,...]]
+        profile(int(sys.argv[2]) if len(sys.argv) > 2 else 64, sys.argv[3].split(",") if len(sys.argv) > 3 else None)
     else:
         print(__doc__)

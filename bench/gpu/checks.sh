@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one device call (at most ~9 min: step limits 300 + 80 + 150 s, the torch-cluster
-# build in the background during the first); run it through the device tool as
+# The GPU checks of issue 3 in one device call (~9 min: step limits 300 + 80 + 150 s, then a profile that the
+# call's limit may cut short; the torch-cluster build in the background during the first); run it through the
+# device tool as
 #     run(command="bash bench/gpu/checks.sh", carry=[".whl"], timeout_s=570)
 # after `bash bench/gpu/fetch_wheels.sh` here. The device returns at most 8 files from $OUT, so everything is
 # written to a work folder and packed into $OUT/results.tar.gz after every step (a call stopped at its limit
@@ -15,6 +16,8 @@
 #   neighbors_gpu.*    bench/bench_neighbors.py (Triton vs torch path vs reference vs torch-cluster radius_graph)
 #   tests.log          tests/test_triton_kernels.py + tests/test_compile.py with the Triton kernels compiled
 #                      for real (no interpreter) vs the torch reference, on cuda
+#   profile.log        bench_students.py profile: per mode, wall ms per step vs device-busy ms and kernels run
+#                      (launch-bound or compute-bound), and the top operators
 # Measurements first (the targets), the compiled-kernel tests last; every step has its own time limit, so one
 # slow step cannot take the others' results with it.
 set -u
@@ -64,6 +67,10 @@ step neighbors 80 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovi
 [ -s "$WORK/neighbors_gpu.json" ] && python3 bench/bench_neighbors.py "$WORK/neighbors_gpu.json" > "$WORK/neighbors_gpu.md"
 pack
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_compile.py
+# last, and cut short if the call runs out of time: wall time vs device-busy time and kernels per step at batch
+# 64 (eager, teacher, compiled+triton, cudagraphs): the measurement behind any missed target
+step profile 90 python3 bench/bench_students.py profile 64 eager,teacher,compiled+triton,cudagraphs
+grep "^## " "$WORK/profile.log"
 echo "== summary"
 for f in students_gpu.md neighbors_gpu.md; do [ -s "$WORK/$f" ] && { echo "-- $f"; tail -n 25 "$WORK/$f"; }; done
 pack

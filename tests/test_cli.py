@@ -48,6 +48,7 @@ def test_ingest_train_evaluate_cli(tmp_path, rng):
     metrics = json.loads((tmp_path / "m.json").read_text())
     split = json.loads((tmp_path / "run" / "split.json").read_text())["splits"]
     assert metrics["n_structures"] == len(split["test"])
+    assert metrics["teacher"] == HarmonicTeacher().name  # the report names its teacher row by it
     # the reported numbers are the plain mean absolute errors of the model's predictions
     ds = Dataset(str(tmp_path / "data.lmdb"))
     model = load_student(str(tmp_path / "run" / "best.pt"))

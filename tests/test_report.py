@@ -23,10 +23,13 @@ def bench(student_64, student_best, best_batch, teacher_64=10.0, teacher_best=20
             "best": []}
 
 
-def eval_json(f, e):
-    return {"student_vs_reference": {"forces_mae_mev_per_A": f, "energy_mae_mev_per_atom": e},
-            "teacher_vs_reference": {"forces_mae_mev_per_A": 75.8, "energy_mae_mev_per_atom": 10.3},
-            "n_structures": 18}
+def eval_json(f, e, teacher=None):
+    out = {"student_vs_reference": {"forces_mae_mev_per_A": f, "energy_mae_mev_per_atom": e},
+           "teacher_vs_reference": {"forces_mae_mev_per_A": 75.8, "energy_mae_mev_per_atom": 10.3},
+           "n_structures": 18}
+    if teacher:  # evaluate records the labels' teacher
+        out["teacher"] = teacher
+    return out
 
 
 def md_json(ttf):
@@ -113,3 +116,27 @@ def test_malformed_run_files_are_one_clear_error(tmp_path):
         (run / name).write_text(json.dumps(content))
         with pytest.raises(HessforgeError, match=f"{run}: unexpected content"):
             collect([str(run)])
+
+
+def test_teacher_row_names_whose_numbers_it_holds(tmp_path):
+    """The teacher row's MAE comes from the labels' teacher, its ns/day from bench's --compare model: when
+    they are different models the row and a note say so; runs against different teachers get a note."""
+    def run(name, teacher, bench_teacher):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "eval.json").write_text(json.dumps(eval_json(20.0, 3.0, teacher)))
+        b = bench(300.0, 1800.0, 1024)
+        b = json.loads(json.dumps(b).replace('"ani1x"', json.dumps(bench_teacher)))
+        (d / "bench.json").write_text(json.dumps(b))
+        return str(d)
+
+    same = collect([run("a", "ani1x", "ani1x")])
+    assert same["teacher"]["method"] == "teacher (ani1x)" and same["notes"] == []
+    other = collect([run("b", "ani1x", "mace-off-l-arch")])
+    assert other["teacher"]["method"] == "teacher (ani1x; ns/day: mace-off-l-arch)"
+    assert len(other["notes"]) == 1 and "another model" in other["notes"][0]
+    mixed = collect([run("c", "ani1x", "ani1x"), run("d", "mace:x.model", "ani1x")])
+    assert mixed["teacher"]["method"] == "teacher (ani1x)"
+    assert len(mixed["notes"]) == 1 and "ani1x: c; mace:x.model: d" in mixed["notes"][0]
+    write_report([str(tmp_path / "b")], str(tmp_path / "out"))
+    assert "another model" in (tmp_path / "out" / "report.md").read_text()

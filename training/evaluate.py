@@ -163,6 +163,8 @@ def run(args) -> int:
 
         check_labels_match(labels, dataset, [s.id for s in structures])
     result = evaluate(model, structures, labels, args.batch_size)
+    if labels is not None:
+        result["teacher"] = labels.metadata.get("teacher")  # the report names the teacher row by it
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     result["split"] = args.split
     print(format_table(table_rows(result)))

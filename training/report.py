@@ -92,6 +92,7 @@ def collect(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None, batc
     if names is not None and len(names) != len(run_dirs):
         raise HessforgeError(f"--names gives {len(names)} names for {len(run_dirs)} run directories")
     rows, teacher = [], None
+    accuracy_of, speed_of = {}, {}  # teacher name -> runs whose eval.json labels / bench.json reference it is
     for k, run in enumerate(run_dirs):
         if not os.path.isdir(run):
             raise HessforgeError(f"run directory not found: {run}")
@@ -102,9 +103,25 @@ def collect(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None, batc
             raise HessforgeError(f"{run}: unexpected content in {EVAL}, {BENCH} or {MD} "
                                  f"({type(err).__name__}: {err}); regenerate it") from None
         rows.append(row)
+        for key, seen in (("labels_teacher", accuracy_of), ("bench_teacher", speed_of)):
+            if row.get(key):
+                seen.setdefault(row[key], []).append(name)
+    notes = []
     if teacher is not None:
         teacher["sources"] = {}
-    return {"methods": rows, "teacher": teacher, "batch": batch}
+        acc, speed = teacher.get("accuracy_name"), teacher.get("speed_name")
+        if acc and speed and acc != speed:
+            teacher["method"] = f"teacher ({acc}; ns/day: {speed})"
+            notes.append(f"The teacher row's MAE is {acc}'s (the labels the runs were evaluated with); its ns/day "
+                         f"is {speed}'s (the `hessforge bench --compare` model), another model.")
+        else:
+            teacher["method"] = f"teacher ({acc or speed})" if (acc or speed) else "teacher"
+    for what, seen, key in (("MAE", accuracy_of, "accuracy_name"), ("ns/day", speed_of, "speed_name")):
+        if len(seen) > 1:
+            notes.append(f"The runs were measured against different teachers ({what}: " +
+                         "; ".join(f"{t}: {', '.join(runs)}" for t, runs in seen.items()) +
+                         f"); the teacher row shows {teacher.get(key)}, each run's speedup is over its own.")
+    return {"methods": rows, "teacher": teacher, "batch": batch, "notes": notes}
 
 
 def _collect_run(run: str, name: str, batch: int, teacher: Optional[Dict]):
@@ -117,20 +134,22 @@ def _collect_run(run: str, name: str, batch: int, teacher: Optional[Dict]):
         row["force_mae"] = ref.get("forces_mae_mev_per_A")
         row["energy_mae"] = ref.get("energy_mae_mev_per_atom")
         row["n_test"] = ev.get("n_structures")
+        row["labels_teacher"] = ev.get("teacher")  # recorded by evaluate since labels name their teacher
         if teacher is None and "teacher_vs_reference" in ev:
             t = ev["teacher_vs_reference"]
             teacher = {"method": "teacher", "force_mae": t.get("forces_mae_mev_per_A"),
-                       "energy_mae": t.get("energy_mae_mev_per_atom")}
+                       "energy_mae": t.get("energy_mae_mev_per_atom"), "accuracy_name": ev.get("teacher")}
     if be:
         b = bench_numbers(be, batch)
         row.update({k2: b.get(k2) for k2 in ("ns_day_64", "ns_day_best", "best_batch")})
         row["speedup_64"] = _ratio(b.get("ns_day_64"), b.get("teacher_ns_day_64"))
         row["speedup_best"] = _ratio(b.get("ns_day_best"), b.get("teacher_ns_day_best"))
         row["bench_machine"] = b.get("machine", {}).get("cpu")
+        row["bench_teacher"] = b.get("teacher")
         if b.get("teacher"):
             teacher = teacher or {"method": "teacher"}
             if teacher.get("ns_day_64") is None:
-                teacher.update({"method": f"teacher ({b['teacher']})", "ns_day_64": b.get("teacher_ns_day_64"),
+                teacher.update({"speed_name": b["teacher"], "ns_day_64": b.get("teacher_ns_day_64"),
                                 "ns_day_best": b.get("teacher_ns_day_best"),
                                 "best_batch": b.get("teacher_best_batch"), "speedup_64": 1.0,
                                 "speedup_best": 1.0})
@@ -335,8 +354,9 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
     for r in report["methods"]:
         have = ", ".join(f"{f} {'yes' if ok else 'missing'}" for f, ok in r["sources"].items())
         text.append(f"- {r['method']}: `{os.path.relpath(r['run_dir'], os.path.abspath(out_dir))}` ({have})")
+    notes = list(report["notes"]) + list(notes)
     if notes:
-        text += [""] + list(notes)
+        text += [""] + notes
     with atomic_open(os.path.join(out_dir, "report.md")) as fh:
         fh.write("\n".join(text) + "\n")
     write_json(os.path.join(out_dir, "report.json"), report)

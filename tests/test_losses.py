@@ -115,6 +115,11 @@ def test_kd_loss_backpropagates_and_matches_definition(rng, mode):
     if mode == "direct":
         assert "energy_gradient" in terms
     assert "force_distill" in terms
+    # evaluating (training=False) gives the training values, all terms together (KD and energy gradient
+    # differentiate the same force graph)
+    evaluated = compute_loss(model, batch, weights, training=False)
+    for key in ("total", "hessian", "energy", "forces"):
+        torch.testing.assert_close(evaluated[key], terms[key].detach(), rtol=1e-12, atol=0)
 
 
 def test_loss_without_labels_has_no_kd_term(rng):

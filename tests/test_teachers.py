@@ -259,6 +259,14 @@ def test_fd_teacher_on_lennard_jones():
     exact = lj_hessian(pos, eps, sigma)
     assert np.array_equal(out.rows, rows)
     assert rel_err(out.hessian_rows, exact[rows]) < 1e-5, f"seed {SEED}"
+    # constraints are for dynamics, not for the potential's Hessian: a fixed atom's rows are still its rows
+    from ase.constraints import FixAtoms
+
+    fixed = atoms.copy()
+    fixed.set_constraint(FixAtoms(indices=[int(rows[0]) // 3]))
+    pinned = teacher.compute(fixed, rows=rows)
+    np.testing.assert_array_equal(pinned.hessian_rows, out.hessian_rows)
+    np.testing.assert_array_equal(pinned.forces, out.forces)
     with pytest.raises(HessforgeError, match="out of range"):
         teacher.compute(atoms, rows=[18])
     with pytest.raises(HessforgeError, match="step"):

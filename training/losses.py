@@ -64,16 +64,18 @@ def onehot_rows(hessian_index: torch.Tensor, num_atoms: int, dtype: torch.dtype,
 
 def student_hessian_rows(
     forces: torch.Tensor, positions: torch.Tensor, hessian_index: torch.Tensor, create_graph: bool = True,
-    mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None, retain_graph: Optional[bool] = None,
 ) -> torch.Tensor:
     """Rows of the student's Hessian -dF/dr for the sampled indices, packed like the targets: [s, N, 3].
 
     `forces` must have been computed from `positions` with a graph (create_graph=True for gradient-force
-    students, positions.requires_grad for direct-force students).
+    students, positions.requires_grad for direct-force students). retain_graph (default: create_graph):
+    keep the forces' graph for a later gradient through it.
     """
     selectors = onehot_rows(hessian_index, positions.shape[0], forces.dtype, mask)
     (rows,) = torch.autograd.grad(
-        forces, positions, grad_outputs=selectors, create_graph=create_graph, is_grads_batched=True
+        forces, positions, grad_outputs=selectors, create_graph=create_graph, is_grads_batched=True,
+        retain_graph=create_graph if retain_graph is None else retain_graph,
     )
     return -rows
 
@@ -197,8 +199,9 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
     total = weights.energy * terms["energy"] + weights.forces * terms["forces"]
     if use_kd:
         hessian_mask = getattr(batch, "hessian_mask", None)
+        # the energy-gradient term below differentiates the same graph again: keep it (also when evaluating)
         rows = student_hessian_rows(out["forces"], positions, batch.hessian_index, create_graph=training,
-                                    mask=hessian_mask)
+                                    mask=hessian_mask, retain_graph=training or use_egrad)
         atom_mask = None if hessian_mask is None or bool(hessian_mask.all()) else hessian_mask[:, graph.batch]
         terms["hessian"] = hessian_error(rows, batch.hessian_target, atom_mask, kind)
         total = total + weights.hessian * terms["hessian"]

@@ -27,6 +27,7 @@ class FiniteDifferenceTeacher(Teacher):
 
     def _forces_energy(self, atoms, positions):
         a = atoms.copy()
+        a.set_constraint()  # H = -dF/dr of the bare potential: FixAtoms would pin a displaced atom and zero its force
         a.set_positions(positions)
         a.calc = self.calc
         return np.asarray(a.get_forces(), dtype=np.float64), float(a.get_potential_energy())

@@ -14,9 +14,10 @@ import ase.db
 import ase.io
 from engine.errors import HessforgeError
 from training.data.batch import Batch, batch_to, collate, hessian_grad_outputs, make_loader
-from training.data.ingest import ingest
+from training.data.ingest import closest_pair, ingest
 from training.data.records import Structure
 from training.data.store import META_KEY, Dataset, index_key, write_dataset
+from training.cli import main
 from training.data.subsets import load_split, save_split, select, split_by_group
 from training.labels import LabelRecord
 
@@ -25,10 +26,13 @@ def random_frames(rng, n=7, periodic_every=3):
     frames = []
     for i in range(n):
         natoms = int(rng.integers(1, 9))
-        a = Atoms(numbers=rng.choice([1, 6, 7, 8], size=natoms), positions=rng.normal(scale=2.0, size=(natoms, 3)))
-        if i % periodic_every == 1:
-            a.cell = np.diag(rng.uniform(6, 9, size=3)) + rng.normal(scale=0.3, size=(3, 3))
-            a.pbc = [True, True, bool(rng.integers(2))]
+        while True:  # ingest refuses atoms closer than 0.3 Å (images included)
+            a = Atoms(numbers=rng.choice([1, 6, 7, 8], size=natoms), positions=rng.normal(scale=2.0, size=(natoms, 3)))
+            if i % periodic_every == 1:
+                a.cell = np.diag(rng.uniform(6, 9, size=3)) + rng.normal(scale=0.3, size=(3, 3))
+                a.pbc = [True, True, bool(rng.integers(2))]
+            if closest_pair(a.numbers, a.positions, a.cell[:], a.pbc, 0.5) is None:
+                break
         a.info["mol_id"] = f"mol{int(rng.integers(3))}"
         a.calc = SinglePointCalculator(a, energy=float(rng.normal(-1000, 50)), forces=rng.normal(size=(natoms, 3)))
         frames.append(a)
@@ -93,6 +97,107 @@ def test_geometry_digest_recorded_at_ingest_equals_a_read_through(tmp_path, rng)
     ingest(src, tmp_path / "b.lmdb")
     other = Dataset(tmp_path / "b.lmdb")
     assert other.ids() == ds.ids() and other.geometry_digest() != recorded
+
+
+def brute_force_closest(positions, cell, pbc, reach=2):
+    """Smallest distance between two atoms or an atom and an image (lattice translations up to `reach`)."""
+    best = (None, None, np.inf)
+    ranges = [range(-reach, reach + 1) if p else range(1) for p in pbc]
+    for a in ranges[0]:
+        for b in ranges[1]:
+            for c in ranges[2]:
+                shift = np.array([a, b, c]) @ cell
+                for i in range(len(positions)):
+                    for j in range(len(positions)):
+                        if i == j and not (a or b or c):
+                            continue
+                        d = np.linalg.norm(positions[j] + shift - positions[i])
+                        if d < best[2]:
+                            best = (min(i, j), max(i, j), d)
+    return best
+
+
+def test_closest_pair_matches_brute_force(rng):
+    for trial in range(12):
+        n = int(rng.integers(1, 7))
+        pbc = rng.integers(2, size=3).astype(bool) if trial % 2 else np.zeros(3, bool)
+        cell = np.diag(rng.uniform(3.0, 5.0, size=3)) + rng.normal(scale=0.4, size=(3, 3))
+        pos = rng.uniform(0, 4.0, size=(n, 3))
+        i, j, d = brute_force_closest(pos, cell, pbc)
+        found = closest_pair(np.ones(n, dtype=np.int64), pos, cell, pbc, cutoff=d + 1e-6 if np.isfinite(d) else 1.0)
+        if not np.isfinite(d):
+            assert found is None
+            continue
+        assert found is not None and found[2] == pytest.approx(d, abs=1e-9) and sorted(found[:2]) == [i, j]
+        assert closest_pair(np.ones(n, dtype=np.int64), pos, cell, pbc, cutoff=d - 1e-6) is None
+
+
+def test_ingest_converts_units(tmp_path, rng):
+    """A file in Hartree and Bohr (forces Hartree/Bohr) ingested with --energy-unit/--length-unit gives the
+    dataset of the same frames written in eV and Å."""
+    import ase.units
+
+    frames = random_frames(rng)
+    ase.io.write(tmp_path / "ev.extxyz", frames)
+    au = []
+    for a in frames:
+        b = a.copy()
+        b.positions = a.positions / ase.units.Bohr
+        b.cell = a.cell[:] / ase.units.Bohr
+        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy() / ase.units.Hartree,
+                                       forces=a.get_forces() / (ase.units.Hartree / ase.units.Bohr))
+        au.append(b)
+    ase.io.write(tmp_path / "au.extxyz", au)
+    ingest(tmp_path / "ev.extxyz", tmp_path / "ev.lmdb")
+    main(["ingest", str(tmp_path / "au.extxyz"), "-o", str(tmp_path / "au.lmdb"), "--energy-unit", "Hartree",
+          "--length-unit", "bohr"])
+    ev, au = Dataset(tmp_path / "ev.lmdb"), Dataset(tmp_path / "au.lmdb")
+    assert au.metadata["ingest"]["input_units"] == {"energy": "Hartree", "length": "bohr"}
+    read_back = ase.io.read(tmp_path / "au.extxyz", index=":")  # extxyz keeps 8 decimals: the exact inputs
+    hartree, bohr = ase.units.Hartree, ase.units.Bohr
+    for x, y, b in zip(ev, au, read_back):
+        np.testing.assert_allclose(y.positions, b.positions * bohr, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(y.cell, b.cell[:] * bohr, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(y.forces, b.get_forces() * hartree / bohr, rtol=1e-14, atol=0)
+        assert y.energy == pytest.approx(b.get_potential_energy() * hartree, rel=1e-14)
+        # and the same frames as the eV/Å file, to the file's 8 decimals
+        np.testing.assert_allclose(y.positions, x.positions, atol=1e-7)
+        np.testing.assert_allclose(y.forces, x.forces, atol=1e-6)
+        assert y.energy == pytest.approx(x.energy, rel=1e-9)
+    with pytest.raises(HessforgeError, match="unknown energy unit 'kcal'.*kcal/mol"):
+        ingest(tmp_path / "ev.extxyz", tmp_path / "x.lmdb", energy_unit="kcal")
+
+
+def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsys):
+    from ase.build import molecule
+
+    water = molecule("H2O")
+    for a in (water,):
+        a.calc = SinglePointCalculator(a, energy=-1.0, forces=np.zeros((3, 3)))
+    # lengths in nm: every bond is shorter than 0.3 "Å"
+    nm = water.copy()
+    nm.positions = water.positions / 10
+    nm.calc = SinglePointCalculator(nm, energy=-1.0, forces=np.zeros((3, 3)))
+    ase.io.write(tmp_path / "nm.extxyz", [water, nm])
+    with pytest.raises(HessforgeError, match=r"nm\.extxyz: frame 1: atoms 0 \(O\) and 1 \(H\) are 0\.0\d+ Å apart.*--length-unit nm"):
+        ingest(tmp_path / "nm.extxyz", tmp_path / "nm.lmdb")
+    assert not os.path.exists(tmp_path / "nm.lmdb")
+    # an atom on top of another one's periodic image
+    box = Atoms("H2", positions=[[0.05, 1, 1], [4.9, 1, 1]], cell=[5, 5, 5], pbc=True)
+    box.calc = SinglePointCalculator(box, energy=-1.0, forces=np.zeros((2, 3)))
+    ase.io.write(tmp_path / "box.extxyz", box)
+    with pytest.raises(HessforgeError, match=r"atoms 0 \(H\) and 1 \(H\) are 0\.15 Å apart"):
+        ingest(tmp_path / "box.extxyz", tmp_path / "box.lmdb")
+    # lengths in Bohr: ingested (nothing overlaps) with a warning; with --length-unit bohr, none
+    bohr = water.copy()
+    bohr.positions = water.positions / 0.5291772105638411
+    bohr.calc = SinglePointCalculator(bohr, energy=-1.0, forces=np.zeros((3, 3)))
+    ase.io.write(tmp_path / "bohr.extxyz", [bohr])
+    assert main(["ingest", str(tmp_path / "bohr.extxyz"), "-o", str(tmp_path / "b1.lmdb")]) == 0
+    assert "warning:" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "bohr.extxyz"), "-o", str(tmp_path / "b2.lmdb"), "--length-unit", "bohr"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    np.testing.assert_allclose(Dataset(tmp_path / "b2.lmdb")[0].positions, water.positions, atol=1e-9)
 
 
 def test_group_falls_back_to_formula_and_keys_are_configurable(tmp_path, rng):

@@ -1,13 +1,17 @@
 """`hessforge ingest`: any ASE-readable file (extxyz, ASE .db, ...) -> an LMDB dataset (store.py).
 
 Energies/forces come from info/arrays keys when present, else from the calculator results ASE attaches
-(SinglePointCalculator). Every frame is validated (labels present, all numbers finite, ids unique) and the
-file is written atomically, so a dataset on disk is always complete and clean.
+(SinglePointCalculator). Every frame is validated (labels present, all numbers finite, ids unique, no two
+atoms closer than 0.3 Å) and the file is written atomically, so a dataset on disk is always complete and
+clean. Datasets hold eV and Å: files in other units (Hartree, Bohr, kcal/mol, nm, ...) are converted with
+--energy-unit / --length-unit (forces in energy unit per length unit), and hydrogen atoms whose nearest
+neighbours sit at Bohr-like distances get a warning.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterator, Optional
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +21,62 @@ from engine.neighbors import complete_cells
 from engine.paths import check_output_file
 from training.data.records import Structure
 from training.data.store import DatasetWriter
+
+# Factors to eV and Å (values of ase.units, CODATA 2014); keys are matched case-insensitively.
+ENERGY_UNITS = {"ev": 1.0, "mev": 1e-3, "hartree": 27.211386024367243, "ha": 27.211386024367243,
+                "ry": 13.605693012183622, "kcal/mol": 0.04336410390059322, "kj/mol": 0.010364269574711572}
+LENGTH_UNITS = {"å": 1.0, "a": 1.0, "angstrom": 1.0, "bohr": 0.5291772105638411, "nm": 10.0, "pm": 0.01}
+CLOSEST_ALLOWED = 0.3  # Å: no two nuclei are closer in a real structure; in nm, every bond would be
+BOHR_LIKE_H_DISTANCE = 1.5  # Å: a bonded H's nearest neighbour is 0.7-1.2 Å away; in Bohr it reads ~1.8-2.1
+
+
+def unit_factor(unit: str, table: Dict[str, float], what: str) -> float:
+    try:
+        return table[unit.strip().lower()]
+    except KeyError:
+        names = sorted({k for k in table if k not in ("a", "ha")})
+        raise HessforgeError(f"unknown {what} unit {unit!r}; known: {', '.join(names)}") from None
+
+
+def closest_pair(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+                 cutoff: float = CLOSEST_ALLOWED) -> Optional[Tuple[int, int, float]]:
+    """(i, j, distance) of the closest two atoms (periodic images included) if closer than `cutoff` Å."""
+    from engine.graph import build_graph
+
+    if not np.any(pbc):  # molecules: plain distances (a fraction of build_graph's cost per frame)
+        if len(numbers) < 2:
+            return None
+        if len(numbers) > 2000:
+            from scipy.spatial import cKDTree
+
+            pairs = cKDTree(positions).query_pairs(cutoff, output_type="ndarray")
+            if len(pairs) == 0:
+                return None
+            d = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]], axis=1)
+            k = int(np.argmin(d))
+            return int(pairs[k, 0]), int(pairs[k, 1]), float(d[k])
+        d = np.linalg.norm(positions[:, None, :] - positions[None, :, :], axis=-1)
+        d[np.diag_indices(len(numbers))] = np.inf
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        return (int(min(i, j)), int(max(i, j)), float(d[i, j])) if d[i, j] < cutoff else None
+    g = build_graph([numbers], [positions], [cell], [pbc], cutoff, torch.float64)
+    if g.edge_index.shape[1] == 0:
+        return None
+    i, j = g.edge_index
+    d = torch.linalg.vector_norm(g.positions[j] - g.positions[i] + g.shifts @ g.cell[0], dim=1)
+    k = int(torch.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
+
+
+def hydrogen_neighbour_distance(numbers: np.ndarray, positions: np.ndarray) -> Optional[float]:
+    """Median over the hydrogen atoms of a molecule of the distance to the nearest other atom (None
+    without hydrogen or without a second atom)."""
+    h = np.flatnonzero(numbers == 1)
+    if h.size == 0 or len(numbers) < 2:
+        return None
+    d = np.linalg.norm(positions[h, None, :] - positions[None, :, :], axis=-1)
+    d[np.arange(h.size), h] = np.inf
+    return float(np.median(d.min(axis=1)))
 
 
 def _iter_atoms(path: str, fmt: Optional[str], hint: str = "pass --format") -> Iterator:
@@ -64,7 +124,9 @@ def _lookup(atoms, key: str, per_atom: bool):
 
 def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str = "energy",
                        forces_key: str = "forces", group_key: str = "mol_id", id_key: Optional[str] = None,
-                       allow_missing_labels: bool = False) -> Structure:
+                       allow_missing_labels: bool = False, energy_factor: float = 1.0,
+                       length_factor: float = 1.0) -> Structure:
+    """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those)."""
     where = f"{path}: frame {index}"
     n = len(atoms)
     energy = _lookup(atoms, energy_key, per_atom=False)
@@ -83,6 +145,11 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
     for name, value in (("positions", pos), ("cell", cell), ("energy", energy), ("forces", forces)):
         if value is not None and not np.all(np.isfinite(value)):
             raise HessforgeError(f"{where}: {name} contain NaN or Inf")
+    if length_factor != 1.0:
+        pos, cell = pos * length_factor, cell * length_factor
+    if energy_factor != 1.0 or length_factor != 1.0:
+        energy = None if energy is None else energy * energy_factor
+        forces = None if forces is None else forces * (energy_factor / length_factor)
     if n == 0:
         raise HessforgeError(f"{where}: structure has no atoms")
     periodic = np.asarray(atoms.pbc, dtype=bool)
@@ -93,6 +160,14 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
     numbers = np.asarray(atoms.numbers, dtype=np.int64)
     if numbers.min() < 1 or numbers.max() > 118:
         raise HessforgeError(f"{where}: atomic numbers outside 1..118")
+    close = closest_pair(numbers, pos, cell, periodic)
+    if close is not None:
+        i, j, d = close
+        symbols = atoms.get_chemical_symbols()
+        raise HessforgeError(
+            f"{where}: atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are {d:.3g} Å apart"
+            + (" (an atom and its own periodic image)" if i == j else "") +
+            ": overlapping atoms, or lengths in another unit than the one given (nm? pass --length-unit nm)")
     sid = atoms.info.get(id_key) if id_key else None
     sid = str(sid) if sid is not None else f"{stem}-{index}"
     group = atoms.info.get(group_key) if group_key else None
@@ -106,9 +181,14 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
 
 def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces_key: str = "forces",
            group_key: str = "mol_id", id_key: Optional[str] = None, fmt: Optional[str] = None,
-           allow_missing_labels: bool = False, overwrite: bool = False, progress: bool = False) -> int:
-    """Read every frame of `input_path` into a new dataset at `output_path`. Returns the number of structures."""
+           allow_missing_labels: bool = False, overwrite: bool = False, progress: bool = False,
+           energy_unit: str = "eV", length_unit: str = "Å") -> int:
+    """Read every frame of `input_path` into a new dataset at `output_path`, converting energies, forces,
+    positions and cells from `energy_unit` / `length_unit` to eV and Å. Returns the number of structures.
+    Warns (UserWarning) when the molecules' hydrogen atoms sit at Bohr-like distances from their neighbours."""
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    energy_factor = unit_factor(energy_unit, ENERGY_UNITS, "energy")
+    length_factor = unit_factor(length_unit, LENGTH_UNITS, "length")
     if not os.path.isfile(input_path):
         raise HessforgeError(f"{input_path}: no such input file")
     if os.path.exists(output_path) and not overwrite:
@@ -118,20 +198,31 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     check_output_file(output_path, "output", inputs=[input_path])
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
-                        "id_key": id_key, "format": fmt}}
+                        "id_key": id_key, "format": fmt,
+                        "input_units": {"energy": energy_unit, "length": length_unit}}}
+    h_distances: List[float] = []
     from tqdm import tqdm
 
     with DatasetWriter(output_path, source=os.path.abspath(input_path), extra_meta=extra) as writer:
         frames = tqdm(_iter_atoms(input_path, fmt), desc="ingest", unit="frame", disable=not progress)
         for index, atoms in enumerate(frames):
             s = atoms_to_structure(atoms, index, input_path, stem, energy_key, forces_key, group_key, id_key,
-                                   allow_missing_labels)
+                                   allow_missing_labels, energy_factor, length_factor)
+            if not s.pbc.any():
+                d = hydrogen_neighbour_distance(s.numbers, s.positions)
+                if d is not None:
+                    h_distances.append(d)
             try:
                 writer.add(s)
             except HessforgeError as err:
                 raise HessforgeError(f"{input_path}: frame {index}: {err}") from None
         if not writer.ids:
             raise HessforgeError(f"{input_path}: no frames found")
+    if h_distances and np.median(h_distances) > BOHR_LIKE_H_DISTANCE:
+        warnings.warn(f"{input_path}: hydrogen atoms are {np.median(h_distances):.2f} Å from their nearest "
+                      "neighbours (median over the molecules; bonded hydrogens: 0.7-1.2 Å): are the lengths in "
+                      "Bohr? If so, ingest again with --length-unit bohr (and --energy-unit hartree if the "
+                      "energies are atomic units too)", UserWarning, stacklevel=2)
     return len(writer.ids)
 
 
@@ -148,12 +239,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-missing-labels", action="store_true",
                         help="keep frames without energy/forces (teacher-only training)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--energy-unit", default="eV",
+                        help="unit of the file's energies: eV (default), meV, hartree, Ry, kcal/mol, kJ/mol; "
+                             "forces are read in this unit per --length-unit")
+    parser.add_argument("--length-unit", default="Å", help="unit of the file's positions and cell: Å (default), "
+                                                           "bohr, nm, pm")
 
 
 def run(args) -> int:
     import sys
 
-    n = ingest(args.input, args.output, args.energy_key, args.forces_key, args.group_key, args.id_key,
-               args.format, args.allow_missing_labels, args.overwrite, progress=sys.stderr.isatty())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        n = ingest(args.input, args.output, args.energy_key, args.forces_key, args.group_key, args.id_key,
+                   args.format, args.allow_missing_labels, args.overwrite, progress=sys.stderr.isatty(),
+                   energy_unit=args.energy_unit, length_unit=args.length_unit)
     print(f"wrote {n} structures to {args.output}")
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
     return 0

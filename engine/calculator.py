@@ -77,6 +77,8 @@ class Calculator(_ASECalculator):
             if dtype not in DTYPES:
                 raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
+        if dtype is not None and dtype not in DTYPES.values():
+            raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HessforgeError(f"device {device!r} requested but CUDA is not available")
@@ -94,6 +96,9 @@ class Calculator(_ASECalculator):
         else:
             params = list(model.parameters())
             self.dtype = dtype or (params[0].dtype if params else torch.float64)
+            if self.dtype not in DTYPES.values():  # dtype=None takes the model's: a half-precision model
+                raise HessforgeError(f"the model's dtype {self.dtype} is not supported; pass dtype='float32' "
+                                     "or 'float64'")
             model = for_inference(model, self.device, self.dtype)  # a copy: the caller's model is untouched
             self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.model = model

@@ -185,6 +185,11 @@ def test_bad_input(rng, tmp_path):
         Calculator(str(junk))
     with pytest.raises(HessforgeError, match="not a hessforge student"):
         Calculator(torch.nn.Linear(2, 2))
+    for dtype in ("float16", torch.float16, torch.bfloat16, torch.int64):
+        with pytest.raises(HessforgeError, match="dtype must be one of float32, float64"):
+            Calculator(tiny(), dtype=dtype)
+    with pytest.raises(HessforgeError, match="dtype torch.float16 is not supported"):
+        Calculator(tiny().half(), dtype=None)
 
 
 def test_wire_with_zero_nonperiodic_vectors(rng):

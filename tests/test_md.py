@@ -195,3 +195,12 @@ def test_tools_leave_the_callers_model_alone(rng):
     Calculator(model, dtype="float32")
     assert model.training and all(p.dtype == torch.float64 and p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # a model already frozen in the tool's dtype is copied too: its owner may edit or cast it later
+    frozen = PaiNN([1, 6], cutoff=3.5, hidden=8, layers=1, num_basis=4).double().eval().requires_grad_(False)
+    calc = Calculator(frozen)
+    energy = calc.get_potential_energy(molecule("CH4"))
+    with torch.no_grad():
+        next(frozen.parameters()).add_(1.0)
+    frozen.float()
+    calc.reset()  # computed again, not ASE's cached result
+    assert calc.get_potential_energy(molecule("CH4")) == energy

@@ -187,8 +187,10 @@ void Model::compute(const double* positions, const int64_t* numbers, int64_t n, 
   for (int64_t k = 0; k < n; ++k) {
     if (!knows(static_cast<int>(numbers[k]))) {
       std::ostringstream msg;
-      msg << impl_->path << ": unknown element " << element_symbol(static_cast<int>(numbers[k])) << " (Z="
-          << numbers[k] << ") at atom " << k << "; the model knows:";
+      const std::string symbol = element_symbol(static_cast<int>(numbers[k]));
+      msg << impl_->path << ": unknown element " << symbol;
+      if (symbol.rfind("Z=", 0) != 0) msg << " (Z=" << numbers[k] << ")";  // "Z=0", not "Z=0 (Z=0)"
+      msg << " at atom " << k << "; the model knows:";
       for (int z : impl_->meta.species) msg << " " << element_symbol(z);
       throw Error(msg.str());
     }

@@ -128,6 +128,8 @@ def test_core_errors(tmp_path):
     core = load_core(path)
     with pytest.raises(HessforgeError, match=r"unknown element N \(Z=7\)"):
         core.compute_atoms(Atoms("NH3", positions=np.random.default_rng(0).uniform(0, 2, (4, 3))))
+    with pytest.raises(HessforgeError, match=r"unknown element Z=0 at atom 1; the model knows"):
+        core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 0], np.eye(3) * 4, [False] * 3)
     with pytest.raises(HessforgeError, match="zero volume"):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.zeros((3, 3)), [True] * 3)
     with pytest.raises(HessforgeError, match="NaN or Inf"):

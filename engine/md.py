@@ -40,9 +40,14 @@ INTEGRATORS = ("verlet", "langevin")
 class BatchedMD:
     """Integrate `atoms_list` (B systems) with `model`; see the module docstring.
 
-    temperature_K: Langevin target (scalar or one per system); also used to draw initial velocities when
-    `init_temperature_K` is not given and the atoms carry no momenta. seed: the random stream (velocities,
-    Langevin noise).
+    Initial velocities, per system: drawn at `init_temperature_K` when it is given; else the system's own
+    momenta (a restart continues); else, for a system without momenta, drawn at `temperature_K` (zero when
+    that is None). temperature_K: Langevin target (scalar or one per system; finite, >= 0 K). seed: the
+    random stream (velocities, Langevin noise).
+
+    Reported temperatures count 3N degrees of freedom per system, or 3N - 3 under Verlet for a system that
+    starts with zero total momentum (drawn velocities have their centre-of-mass motion removed, and Verlet
+    keeps it zero), so a Verlet run drawn at T reads T, as in LAMMPS.
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",
@@ -86,31 +91,53 @@ class BatchedMD:
                                       dtype=self.dtype, device=self.device)
         self.batch = self._graph.batch
         self.natoms = torch.bincount(self.batch, minlength=self.nsystems)
-        temps = None if temperature_K is None else torch.as_tensor(temperature_K, dtype=self.dtype).to(self.device)
-        if temps is not None:
-            temps = temps.expand(self.nsystems).clone() if temps.dim() == 0 else temps
-            if temps.shape != (self.nsystems,) or not bool((temps >= 0).all()):
-                raise HessforgeError(f"temperature_K must be >= 0, a scalar or one per system ({self.nsystems})")
+        temps = None if temperature_K is None else self._per_system(temperature_K, "temperature_K")
         self.temperature_K = temps
 
-        momenta = np.concatenate([a.get_momenta() for a in atoms_list])  # amu·Å/ASE-time
         if init_temperature_K is not None:
-            self.set_velocities(init_temperature_K)
-        elif np.any(momenta) or temps is None:
+            self.set_velocities(self._per_system(init_temperature_K, "init_temperature_K"))
+        else:  # each system its own momenta; one without momenta is drawn at temperature_K
+            momenta = np.concatenate([a.get_momenta() for a in atoms_list])  # amu·Å/ASE-time
             v = momenta / np.concatenate([a.get_masses() for a in atoms_list])[:, None] * units.fs  # Å/fs
-            self.velocities = torch.as_tensor(v, dtype=self.dtype, device=self.device)
-        else:
-            self.set_velocities(temps)
+            given = torch.as_tensor(v, dtype=self.dtype, device=self.device)
+            has = torch.tensor([bool(a.get_momenta().any()) for a in atoms_list], device=self.device)
+            if temps is not None and not bool(has.all()):
+                self.set_velocities(temps)
+                given = torch.where(has[self.batch][:, None], given, self.velocities)
+            self.velocities = given
+            self._find_frozen_centres()
         self._ref_positions = None  # positions at the last neighbor-list build (skin > 0)
         self.nsteps = 0
         self.neighbor_builds = 0
         self.energy, self.forces = self._evaluate(self.positions)
 
     # ---------------------------------------------------------------------------------- state
+    def _per_system(self, value, name: str) -> torch.Tensor:
+        """[B] temperatures from a scalar or one value per system: finite and >= 0 K, else HessforgeError."""
+        try:
+            t = torch.as_tensor(value, dtype=self.dtype).to(self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise HessforgeError(f"{name} must be a number of K or one per system: {err}") from None
+        if t.dim() == 0:
+            t = t.expand(self.nsystems).clone()
+        if t.shape != (self.nsystems,) or not bool((torch.isfinite(t) & (t >= 0)).all()):
+            raise HessforgeError(f"{name} must be finite and >= 0 K, a scalar or one per system "
+                                 f"({self.nsystems}), got {value}")
+        return t
+
+    def _find_frozen_centres(self) -> None:
+        """Which systems' centre-of-mass degrees of freedom are frozen: zero total momentum (relative to the
+        atoms' momenta), which Verlet conserves; the Langevin thermostat moves every atom."""
+        p = torch.zeros(self.nsystems, 3, dtype=self.dtype, device=self.device).index_add(
+            0, self.batch, self.velocities * self.masses[:, None])
+        scale = torch.zeros(self.nsystems, dtype=self.dtype, device=self.device).index_add(
+            0, self.batch, self.masses * self.velocities.norm(dim=1))
+        self._com_frozen = (p.norm(dim=1) <= 1e-6 * scale) & (self.natoms > 1) & (self.integrator == "verlet")
+
     def set_velocities(self, temperature_K, zero_momentum: bool = True) -> None:
         """Maxwell-Boltzmann velocities at `temperature_K` (scalar or per system), with the centre-of-mass
         momentum of each system removed (which takes 3 of its 3N degrees of freedom)."""
-        t = torch.as_tensor(temperature_K, dtype=self.dtype).to(self.device).expand(self.nsystems)
+        t = self._per_system(temperature_K, "temperature")
         kT = (KB * t)[self.batch]
         sigma = torch.sqrt(kT / self.masses) * units.fs  # Å/fs
         noise = torch.randn(self.positions.shape, generator=self.generator, dtype=self.dtype, device=self.device)
@@ -122,6 +149,7 @@ class BatchedMD:
                 0, self.batch, self.masses)
             v = v - (p / mtot[:, None])[self.batch]
         self.velocities = v
+        self._find_frozen_centres()
 
     def kinetic_energy(self) -> torch.Tensor:
         """[B] eV."""
@@ -129,8 +157,10 @@ class BatchedMD:
         return torch.zeros(self.nsystems, dtype=self.dtype, device=self.device).index_add(0, self.batch, ke)
 
     def temperature(self) -> torch.Tensor:
-        """[B] K, from 3N degrees of freedom per system."""
-        return 2.0 * self.kinetic_energy() / (3.0 * self.natoms.to(self.dtype) * KB)
+        """[B] K over 3N degrees of freedom per system, 3N - 3 where the centre of mass is frozen (class
+        docstring)."""
+        dof = 3.0 * self.natoms.to(self.dtype) - 3.0 * self._com_frozen.to(self.dtype)
+        return 2.0 * self.kinetic_energy() / (dof * KB)
 
     def potential_energy(self) -> torch.Tensor:
         return self.energy

@@ -4,7 +4,7 @@ temperature, and bad input fails clearly."""
 import numpy as np
 import pytest
 import torch
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import molecule
 
 from engine.errors import HessforgeError, UnknownElementError
@@ -156,6 +156,39 @@ def test_bad_input(rng):
         BatchedMD(model, good, 0.5, integrator="langevin")
     with pytest.raises(HessforgeError, match="timestep"):
         BatchedMD(model, good, -1.0)
+    two = perturbed(["CH4", "H2O"], rng)
+    for bad_t in (-5.0, float("nan"), float("inf"), [100.0, 200.0, 300.0]):
+        with pytest.raises(HessforgeError, match="init_temperature_K must be finite and >= 0 K"):
+            BatchedMD(model, two, 0.5, init_temperature_K=bad_t)
+        with pytest.raises(HessforgeError, match="temperature_K must be finite and >= 0 K"):
+            BatchedMD(model, two, 0.5, integrator="langevin", temperature_K=bad_t)
+
+
+def test_each_system_keeps_its_momenta_or_gets_drawn_ones(rng):
+    """A restart file mixed with new structures: the systems with momenta continue from them, the others
+    are drawn at temperature_K (they used to start at 0 K when any system of the batch had momenta)."""
+    moving, still = perturbed(["CH3OH"], rng, momenta=0.5)[0], perturbed(["H2O"], rng)[0]
+    md = BatchedMD(student(), [moving, still], 0.5, temperature_K=300.0, seed=int(rng.integers(1 << 30)))
+    v_moving = moving.get_momenta() / moving.get_masses()[:, None] * units.fs  # Å/fs
+    np.testing.assert_allclose(md.velocities[: len(moving)].numpy(), v_moving, rtol=1e-12)
+    assert float(md.temperature()[1]) > 1.0
+    alone = BatchedMD(student(), [still], 0.5, temperature_K=None)  # no temperature: stays at rest
+    assert float(alone.temperature()[0]) == 0.0
+
+
+def test_reported_temperature_of_drawn_velocities(rng):
+    """Velocities drawn at T with the centre-of-mass motion removed read T under Verlet (3N - 3 degrees of
+    freedom: water would read 2/3 T over 3N) and under Langevin, which thermostats all 3N, count 3N."""
+    waters = [molecule("H2O") for _ in range(300)]
+    seed = int(rng.integers(1 << 30))
+    verlet = BatchedMD(Harmonic(), [Atoms("C3", positions=w.positions) for w in waters], 0.5,
+                       init_temperature_K=300.0, seed=seed)
+    t = verlet.temperature()
+    # 3N - 3 = 6 degrees of freedom per system: per-system std 300 * sqrt(2 / 6) = 173 K, mean of 300: +- 10 K
+    assert abs(float(t.mean()) - 300.0) < 45.0, float(t.mean())
+    langevin = BatchedMD(Harmonic(), [Atoms("C3", positions=w.positions) for w in waters], 0.5,
+                         integrator="langevin", temperature_K=300.0, init_temperature_K=300.0, seed=seed)
+    torch.testing.assert_close(langevin.temperature(), t * 6.0 / 9.0)
 
 
 def test_verlet_matches_ase_velocity_verlet(rng):

@@ -1,12 +1,14 @@
 """`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
 call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] (random weights, for timing); DATA as
 for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
-repeated in turn when there are fewer. Initial velocities: DATA's momenta where it has them (so a previous
-run's -o file continues that run), else drawn at --temperature (--init-temperature forces a draw).
+repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
+(so a previous run's -o file continues that run), else drawn at --temperature (--init-temperature forces a
+draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
 with info md_step, md_system, md_potential_energy (eV) and arrays md_forces (eV/Å); prints ns/day."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -50,6 +52,9 @@ def run(args) -> int:
     set_threads(args.threads)
     if args.steps < 0 or args.interval < 1 or args.batch_size < 1:
         raise HessforgeError("--steps must be >= 0, --interval and --batch-size >= 1")
+    for option, value in (("--temperature", args.temperature), ("--init-temperature", args.init_temperature)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise HessforgeError(f"{option} must be a finite number of K >= 0, got {value}")
     for option, path in (("--trajectory", args.trajectory), ("-o", args.output)):
         if path:  # before the run: it must not end in a traceback, or overwrite its own inputs
             check_output_file(path, option, inputs=(args.data, args.model))
@@ -61,12 +66,17 @@ def run(args) -> int:
         print(f"note: {args.data} has {len(structures)} structure(s); integrating "
               + (f"the first {args.batch_size} (--batch-size)" if len(structures) > args.batch_size
                  else f"{args.batch_size} systems, the structures repeated in turn"), file=sys.stderr)
-    has_momenta = any(a.get_momenta().any() for a in atoms)
-    init_temperature = args.init_temperature
-    if init_temperature is None and not has_momenta:
-        init_temperature = args.temperature
-    print("initial velocities: " + (f"drawn at {init_temperature:g} K" if init_temperature is not None
-                                    else f"the momenta in {args.data}"), file=sys.stderr)
+    moving = sum(1 for a in atoms if a.get_momenta().any())
+    if args.init_temperature is not None:
+        start_from = f"drawn at {args.init_temperature:g} K"
+    elif moving == len(atoms):
+        start_from = f"the momenta in {args.data}"
+    elif moving == 0:
+        start_from = f"drawn at {args.temperature:g} K"
+    else:
+        start_from = (f"the momenta in {args.data} for the {moving} systems that have them, drawn at "
+                      f"{args.temperature:g} K for the other {len(atoms) - moving}")
+    print(f"initial velocities: {start_from}", file=sys.stderr)
     (target,) = make_targets(args.model, structures, ["eager"], device, dtype, [], {})
     if not hasattr(target, "student"):
         raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn)")
@@ -74,7 +84,7 @@ def run(args) -> int:
     if args.mode != "eager":
         model, _ = student_for_mode(model, args.mode, device)
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
-                   friction_per_fs=args.friction, skin=args.skin, init_temperature_K=init_temperature,
+                   friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,
                    device=device, dtype=dtype, seed=args.seed)
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")

@@ -82,9 +82,18 @@ def test_config_errors_name_key_and_file(tmp_path):
         config_from_dict({"data": {"path": "x"}, "loss": {"hessian": 1.0}})
 
 
-def test_two_process_data_parallel(labelled, tmp_path):
-    """torchrun with 2 CPU processes (gloo): trains to the end and writes one finite checkpoint."""
-    cfg = _config(labelled, tmp_path / "ddp", epochs=2)
+def test_two_process_data_parallel(labelled, tmp_path, rng):
+    """torchrun with 2 CPU processes (gloo) on shards of unequal length (9 training structures, batch 4: 2
+    batches on one rank, 1 on the other) and one validation structure (nothing on one rank): trains, stops
+    both ranks together at the time limit, writes one finite checkpoint, and logs losses over both ranks."""
+    from training.data.subsets import save_split
+
+    order = rng.permutation(20).tolist()
+    split_path = tmp_path / "split.json"
+    save_split(str(split_path), {"train": order[:9], "val": order[9:10], "test": order[10:]}, count=20)
+    cfg = _config(labelled, tmp_path / "ddp", epochs=3)
+    cfg.data.split_file = str(split_path)
+    cfg.train.max_time_s = 1e-6  # both ranks stop after the first epoch, together
     cfg_path = tmp_path / "ddp.yaml"
     import yaml
 
@@ -95,9 +104,32 @@ def test_two_process_data_parallel(labelled, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["epochs"] == 2
+    assert summary["epochs"] == 1 and summary["stopped"] == "max_time_s" and summary["steps"] == 2
     state = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model_state"].values() if v.is_floating_point())
+    steps = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl") if '"kind": "step"' in line]
+    assert len(steps) == 2 and all(np.isfinite(s["total"]) and s["hessian"] > 0 for s in steps)
+
+
+def test_shard_sampler_sees_every_structure_once_per_epoch():
+    """The data-parallel shards of an epoch: every structure exactly once over the ranks (DistributedSampler
+    repeated some to pad), lengths within one, a new order each epoch, and every rank agrees on the steps."""
+    from training.trainer import _ShardSampler
+
+    for n, world, batch in ((21, 2, 4), (9, 2, 4), (10, 3, 3), (7, 7, 2), (100, 4, 8)):
+        orders = []
+        for epoch in range(3):
+            shards = []
+            for rank in range(world):
+                sampler = _ShardSampler(n, rank, world, seed=5)
+                sampler.set_epoch(epoch)
+                shards.append(list(sampler))
+                assert len(shards[-1]) == len(sampler)
+                assert sampler.steps(batch) == max(-(-len(range(r, n, world)) // batch) for r in range(world))
+            assert sorted(i for shard in shards for i in shard) == list(range(n))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+            orders.append(shards[0])
+        assert orders[0] != orders[1] or n <= world
 
 
 def test_example_config_lists_every_key_with_its_default():

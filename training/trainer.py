@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -89,24 +90,60 @@ def _broadcast_from_rank0(model: torch.nn.Module) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def _average_gradients(model: torch.nn.Module) -> None:
-    """Data parallelism by one all-reduce of the flattened gradients after backward. Done by hand instead
-    of DistributedDataParallel: the loss differentiates the forces (a double backward through
-    autograd.grad inside forward), which DDP's bucketed reducer does not support."""
+def _average_gradients(model: torch.nn.Module, weight: float = 1.0) -> None:
+    """Data parallelism by one all-reduce of the flattened gradients after backward: the ranks' gradients
+    averaged with weights (a rank's structures in this step; 0 for a rank whose shard has run out), so an
+    uneven last batch counts as in one process. Done by hand instead of DistributedDataParallel: the loss
+    differentiates the forces (a double backward through autograd.grad inside forward), which DDP's
+    bucketed reducer does not support."""
     if not dist.is_initialized():
         return
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], dtype=grads[0].dtype)])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = flat[:-1] / flat[-1]
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """This rank's share of a seeded permutation of range(n) per epoch: rank r takes positions r, r + world,
+    ... Every structure is seen exactly once per epoch across the ranks (DistributedSampler pads the shards
+    to equal length by repeating structures); shards differ in length by at most one."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(order[self.rank :: self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+    def steps(self, batch_size: int) -> int:
+        """Optimizer steps per epoch, the same on every rank: the largest shard's (rank 0's) batches."""
+        return -(-len(range(0, self.n, self.world)) // batch_size)
+
+
+# Loss terms a step may log; each is averaged over the ranks that have it, weighted by their structures.
+_TERMS = ("total", "energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a")
+
+
+def _reduce_terms(record: Dict[str, float], weight: float) -> Dict[str, float]:
+    if not dist.is_initialized():
+        return record
+    sums = _all_reduce_sum([v for k in _TERMS for v in ((weight * record[k], weight) if k in record else (0.0, 0.0))])
+    return {k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(_TERMS) if sums[2 * i + 1] > 0}
 
 
 class _Accumulator:
@@ -324,20 +361,20 @@ class Trainer:
 
         sampler = None
         if self.world > 1:
-            from torch.utils.data.distributed import DistributedSampler
-
             _broadcast_from_rank0(self.model)
             _broadcast_from_rank0(self.heads)
-            sampler = DistributedSampler(range(len(self.train_idx)), num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=tc.seed)
+            if len(self.train_idx) < self.world:
+                raise HessforgeError(f"{len(self.train_idx)} training structure(s) for {self.world} ranks: "
+                                     "every rank needs at least one")
+            sampler = _ShardSampler(len(self.train_idx), self.rank, self.world, tc.seed)
         self.sampler = sampler
         s = lc.hessian_rows if (lc.hessian > 0 or lc.force_distill > 0) else 0
         self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
                                         shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
                                         num_workers=tc.num_workers, sampler=sampler)
-        val_shard = self.val_idx[self.rank :: self.world]
+        val_shard = self.val_idx[self.rank :: self.world]  # may be empty on some ranks: they add zeros
         self.val_loader = make_loader(self.dataset, val_shard, self.labels, mc.cutoff, tc.val_batch_size,
-                                      shuffle=False, seed=tc.seed, dtype=self.dtype, s=0)
+                                      shuffle=False, seed=tc.seed, dtype=self.dtype, s=0) if val_shard else []
         self.log_path = os.path.join(self.out, "log.jsonl")
 
     def _build_heads(self, species: List[int]) -> DistillationHeads:
@@ -448,12 +485,15 @@ class Trainer:
         if self.labels is None or self.val_against_teacher:
             return None
         acc = _Accumulator()
+        unlabelled = 0
         for batch in self.val_loader:
             if batch.teacher_energy is None:
-                return None
+                unlabelled += 1
+                continue
             acc.add(batch.teacher_energy, batch.energy, batch.natoms, batch.teacher_forces, batch.forces,
                     batch.energy_mask, batch.forces_mask)
-        return acc.result(self.weights)
+        result = acc.result(self.weights)  # collective: every rank takes part, whatever its shard held
+        return None if _all_reduce_sum([float(unlabelled)])[0] > 0 else result
 
     def train_epoch(self, bar) -> Dict[str, float]:
         self.model.train()
@@ -467,21 +507,31 @@ class Trainer:
         self.train_loader.collate_fn.seed = seed + 7919 * (self.epoch + 1)
         sums: Dict[str, float] = {}
         count = 0
-        for batch in self.train_loader:
-            terms = compute_loss(self.model, batch, self.weights, training=True, heads=self.heads)
+        batches = iter(self.train_loader)
+        # every rank takes the same number of steps: a rank whose shard has run out (shards differ by at
+        # most one structure) takes part in the gradient average with weight 0
+        steps = self.sampler.steps(self.config.train.batch_size) if self.sampler is not None else len(self.train_loader)
+        for _ in range(steps):
+            batch = next(batches, None)
             self.optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            _average_gradients(self.model)
-            _average_gradients(self.heads)
+            if batch is not None:
+                terms = compute_loss(self.model, batch, self.weights, training=True, heads=self.heads)
+                terms["total"].backward()
+                weight = float(batch.graph.cell.shape[0])
+                record = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
+            else:
+                weight, record = 0.0, {}
+            _average_gradients(self.model, weight)
+            _average_gradients(self.heads, weight)
+            record = _reduce_terms(record, weight)  # the step's losses over all ranks' structures
             grad_norm = torch.nn.utils.clip_grad_norm_(list(self.model.parameters()) + list(self.heads.parameters()),
                                                        self.config.optim.grad_clip)
-            if not torch.isfinite(terms["total"]):
-                raise HessforgeError(f"loss became {terms['total'].item()} at step {self.step}: lower optim.lr or check the data")
+            if not math.isfinite(record["total"]):
+                raise HessforgeError(f"loss became {record['total']} at step {self.step}: lower optim.lr or check the data")
             self.optimizer.step()
             self.ema.update()
             self.step += 1
             count += 1
-            record = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v
             record.update(kind="step", epoch=self.epoch, step=self.step, grad_norm=float(grad_norm),
@@ -497,18 +547,18 @@ class Trainer:
             self.teacher_val = self.teacher_validation()
         interrupted = {"flag": False}
 
-        def on_term(signum, frame):  # SIGTERM (e.g. a batch scheduler): finish the step, checkpoint, exit
-            interrupted["flag"] = True
+        def on_term(signum, frame):  # SIGTERM (a batch scheduler; torchrun passes it to every rank): finish
+            interrupted["flag"] = True  # the epoch, checkpoint, exit
 
         lock = _RunLock(self.out) if self.rank == 0 else None  # one trainer per run directory at a time
-        previous = signal.signal(signal.SIGTERM, on_term) if self.rank == 0 else None
+        previous = signal.signal(signal.SIGTERM, on_term)
         start = time.time() - self.elapsed
         total_steps = max(tc.epochs - self.epoch, 0) * len(self.train_loader)
         bar = tqdm(total=total_steps, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         stopped = None
         at_epoch_end = True  # last.pt holds epoch-end states only: a resumed run then continues exactly
         try:
-            while self.epoch < tc.epochs and not interrupted["flag"]:
+            while self.epoch < tc.epochs:
                 at_epoch_end = False
                 train_metrics = self.train_epoch(bar)
                 self.epoch += 1
@@ -529,7 +579,13 @@ class Trainer:
                 if self.epoch % tc.checkpoint_every == 0:
                     self.save("last.pt", state)
                 at_epoch_end = True
-                if tc.max_time_s is not None and self.elapsed > tc.max_time_s:
+                # the ranks stop together: a SIGTERM that reached any rank, or any rank's clock past the limit
+                term, late = _all_reduce_sum([float(interrupted["flag"]),
+                                              float(tc.max_time_s is not None and self.elapsed > tc.max_time_s)])
+                if term > 0:
+                    interrupted["flag"] = True
+                    break
+                if late > 0:
                     if self.rank == 0:
                         print(f"stopping after {self.elapsed:.0f} s (train.max_time_s)")
                     stopped = "max_time_s"
@@ -539,8 +595,7 @@ class Trainer:
             self.elapsed = time.time() - start
             if at_epoch_end:  # mid-epoch (Ctrl-C, an error): keep the last epoch-end checkpoint
                 self.save("last.pt")
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous)
             if lock is not None:
                 lock.release()
         if interrupted["flag"] and self.epoch < tc.epochs:

@@ -619,8 +619,19 @@ def default_memory_cap() -> int:
     return int(min(16 << 30, (avail * 1024) // 2)) if avail else 4 << 30
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+def is_out_of_memory(err: BaseException) -> bool:
+    """An allocation failure on any device: torch's OutOfMemoryError (CUDA), the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), Python's MemoryError."""
+    text = str(err).lower()
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def release_memory(device: torch.device) -> None:
+    """After an out-of-memory error: drop what the failed call held."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Sequence[int]] = None,
@@ -643,13 +654,11 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
             r = benchmark(target, structures, b, warmup, repeats, with_neighbors, timer,
                           memory_probe() if memory_probe else None)
         except (RuntimeError, MemoryError) as err:
-            if target.device.type == "cuda" and _is_oom(err) or isinstance(err, MemoryError):
-                gc.collect()
-                if target.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                out.stop_reason = f"out of memory at batch {b}"
-                return out
-            raise
+            if not is_out_of_memory(err):
+                raise
+            release_memory(target.device)
+            out.stop_reason = f"out of memory at batch {b}"
+            return out
         out.results.append(r)
         if progress:
             progress(r)
@@ -671,7 +680,7 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
                                f"{r.peak_memory_bytes * nxt / b / 2**30:.2f} GiB)")
             return out
         if t.median_s > max_call_s:
-            out.stop_reason = f"call time {t.median_s:.1f} s > {max_call_s:.0f} s at batch {b}"
+            out.stop_reason = f"call time {t.median_s:.3g} s > {max_call_s:g} s at batch {b}"
             return out
     return out
 
@@ -713,7 +722,7 @@ def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[B
     """A table, one row per result. `reference(r)` gives the result to compute speedups against (by ns/day,
     model+NL where both have it, else model)."""
     head = ["model", "mode", "batch", "atoms/str", "ms/call model", "ms/call +NL", "structures/s",
-            "atom-steps/s", "ns/day model", "ns/day +NL", "peak MB"]
+            "atom-steps/s", "ns/day model", "ns/day +NL", "peak MiB"]
     if reference:
         head.append("speedup")
     rows = []

@@ -66,6 +66,18 @@ def test_bench_numbers_picks_student_teacher_and_best():
     assert b["teacher"] == "ani1x" and b["teacher_ns_day_64"] == 10.0 and b["teacher_ns_day_best"] == 20.0
 
 
+def test_bench_without_compare_has_no_teacher():
+    """A bench of students alone (no --compare): its first model is the reference, not a teacher."""
+    b = bench(300.0, 1800.0, 1024)  # as if `--modes fused,eager` without --compare: ani1x rows become fused
+    for entry in b["fixed"] + [r for sw in b["sweeps"] for r in sw["results"]]:
+        if entry["name"] == "ani1x":
+            entry.update(name="best.pt", mode="fused")
+    b.update(compare=[], reference=["best.pt", "fused"])
+    numbers = bench_numbers(b)
+    assert "teacher" not in numbers and numbers["student"] == "best.pt [eager]" and numbers["ns_day_64"] == 300.0
+    assert bench_numbers(dict(bench(300.0, 1800.0, 1024), compare=[["ani1x", "eager"]]))["teacher"] == "ani1x"
+
+
 def test_table_rows_and_missing_pieces(runs, tmp_path):
     report = collect(runs)
     text = markdown(report)

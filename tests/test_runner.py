@@ -29,12 +29,13 @@ class FakeClock:
         return self.now
 
 
-def fake_target(clock, seconds, fail_at=None):
-    """A model whose call on B structures takes seconds(B) on the fake clock."""
+def fake_target(clock, seconds, fail_at=None, error=MemoryError("cannot allocate")):
+    """A model whose call on B structures takes seconds(B) on the fake clock, and raises `error` from
+    `fail_at` structures on."""
 
     def run(atoms_list):
         if fail_at is not None and len(atoms_list) >= fail_at:
-            raise MemoryError("cannot allocate")
+            raise error
         clock.now += seconds(len(atoms_list))
 
     return FunctionTarget("fake", prepare=lambda atoms_list: atoms_list, run=run)
@@ -120,6 +121,15 @@ def test_sweep_stops_at_memory_cap_and_out_of_memory():
               repeats=1, timer=clock, memory_probe=lambda: FakeProbe(0, 1))
     assert s.stop_reason == "out of memory at batch 16"
     assert s.results[-1].batch_size == 8
+    # torch's CPU allocator fails with a RuntimeError, CUDA with OutOfMemoryError: the same clean stop
+    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 8589934592 bytes"), torch.OutOfMemoryError("CUDA out of memory")):
+        s = sweep(fake_target(clock, lambda b: 1.0, fail_at=4, error=error), [molecule("H2O")], max_batch=1024,
+                  warmup=1, repeats=1, timer=clock, memory_probe=lambda: FakeProbe(0, 1))
+        assert s.stop_reason == "out of memory at batch 4" and [r.batch_size for r in s.results] == [1, 2]
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not swallowed
+        sweep(fake_target(clock, lambda b: 1.0, fail_at=4, error=RuntimeError("shape mismatch")),
+              [molecule("H2O")], max_batch=1024, warmup=1, repeats=1, timer=clock)
 
 
 @pytest.mark.parametrize("force_mode", ["gradient", "direct"])
@@ -379,6 +389,29 @@ def test_bench_cli(tmp_path, capsys):
     assert "data not found" in capsys.readouterr().err
     assert main(["bench", "nonsense-model", "quickstart"]) == 2
     assert "not a file and not one of" in capsys.readouterr().err
+
+
+def test_bench_cli_keeps_results_when_a_model_runs_out_of_memory(tmp_path, capsys, monkeypatch):
+    """An allocation failure of one model at the fixed batch: a note, and the other models' table and JSON
+    (it used to end the run with a traceback and no output)."""
+    import training.bench
+    from training.cli import main
+
+    real = training.bench.benchmark
+
+    def failing(target, *args, **kwargs):
+        if target.mode.startswith("fused"):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes")
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(training.bench, "benchmark", failing)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "painn:hidden=8,layers=1,num_basis=4", "quickstart", "--batch-size", "2", "--repeats",
+                 "1", "--warmup", "1", "--threads", "1", "--modes", "eager,fused", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["fixed"]] == ["eager"] and data["compare"] == []
+    assert any("out of memory at batch 2" in n for n in data["notes"])
+    assert "out of memory at batch 2" in capsys.readouterr().out
 
 
 def test_bench_data_sources(tmp_path):

@@ -116,6 +116,11 @@ def test_bench_input_errors(files, capsys):
     fails(capsys, base + ["--threads", "0"], "--threads must be >= 1")
     fails(capsys, base + ["--modes", ","], "no mode given")
     fails(capsys, ["bench", "painn:hidden=0", data], "hidden must be >= 2")
+    fails(capsys, ["bench", "painn:hidden=abc", data], "painn:hidden=abc: ")
+    fails(capsys, ["bench", "painn:force_mode=bad", data], "painn:force_mode=bad: ")
+    fails(capsys, base + ["--sweep", "--memory-cap-gb", "0"], "--memory-cap-gb must be > 0")
+    fails(capsys, base + ["--batch-sizes", "1,2"], "add --sweep")
+    fails(capsys, base + ["--sweep", "--batch-sizes", "8,64", "--max-batch", "16"], "goes above --max-batch 16")
     (files / "empty.xyz").write_text("")
     err = fails(capsys, ["bench", ckpt, files / "empty.xyz"], "cannot tell the file format")
     assert "--format" not in err  # bench has no such option

@@ -33,7 +33,8 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
 from engine.paths import check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
-                           format_table, machine_info, rebuild_neighbors, resolve_device, speedup, sweep, write_json)
+                           format_table, is_out_of_memory, machine_info, rebuild_neighbors, release_memory,
+                           resolve_device, speedup, sweep, write_json)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PAINN_DEFAULTS = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")
@@ -290,7 +291,7 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
         hp = dict(PAINN_DEFAULTS, **_parse_kv(arg))
         try:
             model = PaiNN(elements, **hp)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:  # an unknown key, hidden=abc, force_mode=bad
             raise HessforgeError(f"{spec}: {err}") from None
         label = "painn(" + ",".join(f"{k}={v}" for k, v in hp.items() if k != "force_mode") + ")"
         return _student_targets(model, label, modes, device, dtype, notes, info)
@@ -346,14 +347,19 @@ def set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads)
 
 
-def parse_batch_sizes(text: str) -> List[int]:
+def parse_batch_sizes(text: str, max_batch: Optional[int] = None) -> List[int]:
+    """--batch-sizes: positive integers, returned sorted and without repeats (the sweep's plateau rule
+    compares each size with the smaller ones); none above `max_batch`."""
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise HessforgeError(f"--batch-sizes {text!r}: expected positive integers separated by commas") from None
     if not sizes or min(sizes) < 1:
         raise HessforgeError(f"--batch-sizes {text!r}: expected positive integers separated by commas")
-    return sizes
+    if max_batch is not None and max(sizes) > max_batch:
+        raise HessforgeError(f"--batch-sizes {text!r} goes above --max-batch {max_batch}: raise --max-batch or "
+                             "leave those sizes out")
+    return sorted(set(sizes))
 
 
 def add_arguments(parser) -> None:
@@ -424,10 +430,14 @@ def run(args) -> int:
         if n > 1:
             t.name = f"{t.name} ({n})"
     reference = targets[0]
-    sizes = parse_batch_sizes(args.batch_sizes) if args.batch_sizes else None
     if args.max_batch < 1:
         raise HessforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
-    cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb else None
+    if args.batch_sizes and not args.sweep:
+        raise HessforgeError("--batch-sizes lists the sweep's batch sizes: add --sweep")
+    sizes = parse_batch_sizes(args.batch_sizes, args.max_batch) if args.batch_sizes else None
+    if args.memory_cap_gb is not None and not args.memory_cap_gb > 0:
+        raise HessforgeError(f"--memory-cap-gb must be > 0, got {args.memory_cap_gb}")
+    cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb is not None else None
 
     def progress(r: BenchResult) -> None:
         t = r.model_nl or r.model
@@ -436,11 +446,24 @@ def run(args) -> int:
 
     fixed: List[BenchResult] = []
     sweeps = {}
+    ref_fixed = None
     for t in targets:
         print(f"{t.name} [{t.mode}] batch {args.batch_size}...", file=sys.stderr)
-        r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
-        progress(r)
-        fixed.append(r)
+        try:
+            r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
+        except (RuntimeError, MemoryError) as err:  # the other models' results are kept
+            if not is_out_of_memory(err):
+                raise
+            release_memory(t.device)
+            notes.append(f"{t.name} [{t.mode}]: out of memory at batch {args.batch_size} (try a smaller "
+                         "--batch-size)")
+            print(f"  {notes[-1]}", file=sys.stderr)
+            r = None
+        if r is not None:
+            progress(r)
+            fixed.append(r)
+            if t is reference:
+                ref_fixed = r
         if args.sweep:
             print(f"{t.name} [{t.mode}] sweep...", file=sys.stderr)
             s = sweep(t, structures, sizes, args.max_batch, args.warmup, args.repeats, not args.no_neighbors,
@@ -451,14 +474,14 @@ def run(args) -> int:
         warning = cuda_graphs_note(r.mode, r.compile_events)
         if warning and f"{r.name} [{r.mode}]: {warning}" not in notes:
             notes.append(f"{r.name} [{r.mode}]: {warning}")
-    ref_fixed = fixed[0]
     print(f"\nbatch {args.batch_size} (speedup: ns/day over {reference.name} [{reference.mode}])")
     print(format_table(fixed, reference=lambda r: ref_fixed, markdown=args.markdown))
     best, ref_best = [], None
     if args.sweep:
         key = "model" if args.no_neighbors else "model_nl"
         best = [s.best(key) for s in sweeps.values() if s.results]
-        ref_best = sweeps[(reference.name, reference.mode)].best(key)
+        ref_best = sweeps[(reference.name, reference.mode)].best(key) if (reference.name, reference.mode) in sweeps \
+            else None
         print("\nbest batch size of each (speedup: best over the reference's best)")
         print(format_table(best, reference=lambda r: ref_best, markdown=args.markdown))
         for (name, mode), s in sweeps.items():
@@ -472,11 +495,12 @@ def run(args) -> int:
             "command": "hessforge bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
             "machine": machine_info(device), "data": dict(summary, spec=data), "models": info,
             "reference": [reference.name, reference.mode], "batch_size": args.batch_size,
+            "compare": [[t.name, t.mode] for t in references],  # the teachers (--compare); [] = none
             "fixed": [r.to_dict() for r in fixed],
             "sweeps": [{"name": n, "mode": m, "stop_reason": s.stop_reason,
                         "results": [r.to_dict() for r in s.results]} for (n, m), s in sweeps.items()],
             "best": [r.to_dict() for r in best],
-            "speedups": {"fixed": {f"{r.name} [{r.mode}]": speedup(r, ref_fixed) for r in fixed},
+            "speedups": {"fixed": ({f"{r.name} [{r.mode}]": speedup(r, ref_fixed) for r in fixed} if ref_fixed else {}),
                          "best": ({f"{r.name} [{r.mode}]": speedup(r, ref_best) for r in best} if ref_best else {})},
             "notes": notes,
         })

@@ -49,9 +49,12 @@ def _key(entry: Dict) -> tuple:
 def bench_numbers(bench: Dict, batch: int = PAPER_BATCH) -> Dict:
     """Student and teacher ns/day at `batch` and at their best batch from a `hessforge bench --json` file:
     the fastest of the file's measurements at that batch size (the fixed-batch run and the sweep both time
-    it). The teacher is the bench reference (--compare); the student is the first other entry (eager first)."""
+    it). The teacher is the bench reference when it was given with --compare (files from before the
+    "compare" field: the reference); the student is the first other entry (eager first)."""
     entries = list(bench.get("fixed", [])) + [r for s in bench.get("sweeps", []) for r in s.get("results", [])]
     reference = tuple(bench.get("reference") or ())
+    if bench.get("compare") == []:  # no teacher: the reference is the first MODEL, a student
+        reference = ()
     others = [e for e in entries if _key(e) != reference]
     if not others:  # a bench of the student alone
         others, reference = entries, ()

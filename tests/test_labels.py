@@ -165,7 +165,49 @@ def test_refuses_to_resume_with_other_settings(tmp_path, rng):
     other, _ = make_dataset(tmp_path / "e.lmdb", rng)
     with pytest.raises(HessforgeError, match="source_ids_sha256"):
         label_dataset(other, Harmonic(), tmp_path / "lab", rows=3, seed=0)
+    # the same ids with moved atoms (a file ingested again to the same path): refused, never mixed
+    moved = [Structure(id=s.id, group=s.group, numbers=s.numbers, positions=s.positions + 0.01, energy=0.0,
+                       forces=np.zeros_like(s.positions)) for s in Dataset(path)]
+    write_dataset(str(tmp_path / "moved.lmdb"), moved)
+    with pytest.raises(HessforgeError, match="source_geometry_sha256"):
+        label_dataset(str(tmp_path / "moved.lmdb"), Harmonic(), tmp_path / "lab", rows=3, seed=0)
+    with pytest.raises(HessforgeError, match="limit must be a positive number"):
+        label_dataset(path, Harmonic(), tmp_path / "lab", rows=3, seed=0, limit=0)
     assert len(LabelStore(tmp_path / "lab")) == 4
+
+
+def test_a_teacher_file_replaced_at_the_same_path_is_another_teacher(tmp_path, rng):
+    """mace:FILE names a file: the labels record its SHA-256, and a resume with other contents is refused."""
+    path, _ = make_dataset(tmp_path / "d.lmdb", rng)
+    model_file = tmp_path / "teacher.model"
+    model_file.write_bytes(b"weights one")
+    teacher = Harmonic()
+    teacher.path = str(model_file)
+    label_dataset(path, teacher, tmp_path / "lab", rows=2, limit=3)
+    assert LabelStore(tmp_path / "lab").metadata["teacher_file_sha256"] is not None
+    label_dataset(path, teacher, tmp_path / "lab", rows=2, limit=5)  # the same file: resumes
+    model_file.write_bytes(b"weights two")
+    with pytest.raises(HessforgeError, match="teacher_file_sha256"):
+        label_dataset(path, teacher, tmp_path / "lab", rows=2)
+    assert len(LabelStore(tmp_path / "lab")) == 5
+
+
+def test_damaged_shard_is_one_clear_error(tmp_path, rng):
+    """A bad page inside a shard (LMDB has no checksums; here both meta pages point the main tree at a
+    page past the end) is a HessforgeError naming the file, not an lmdb traceback."""
+    import struct
+
+    path, _ = make_dataset(tmp_path / "d.lmdb", rng)
+    label_dataset(path, Harmonic(), tmp_path / "lab", rows=2)
+    shard = tmp_path / "lab" / "labels.rank0.lmdb"
+    with open(shard, "r+b") as fh:
+        for meta_page in (0, 4096):  # MDB_meta: the main database's root page number at byte 128
+            fh.seek(meta_page + 128)
+            fh.write(struct.pack("<Q", 10**6))
+    with pytest.raises(HessforgeError, match=r"labels.rank0.lmdb: labels file is damaged \(PageNotFound"):
+        LabelStore(tmp_path / "lab")
+    with pytest.raises(HessforgeError, match="file is damaged"):
+        label_dataset(path, Harmonic(), tmp_path / "lab", rows=2)
 
 
 def test_unknown_element_fails_before_any_teacher_call(tmp_path, rng):

@@ -174,6 +174,30 @@ def test_ani_derivatives_rows_and_units(which, ani_single, ani_ensemble):
     assert abs(full.energy - ref * Hartree) < 2e-3, f"seed {SEED}: energy not torchani Hartree * {Hartree}"
 
 
+def test_ani_periodic_structures_use_their_cell(ani_single):
+    """ANI labels of periodic structures: an atom moved by a lattice vector gives the molecule's own
+    numbers (it used to be read as a broken molecule: 0.1 eV and 1.5 eV/Å off); a cell small enough for the
+    atoms to see their images gives other numbers, and a 2x1x1 supercell twice the energy, the same forces."""
+    water = perturbed("H2O", seed_offset=3)
+    water.positions += 5.0
+    alone = ani_single.compute(water, rows=[0, 4, 8])
+    boxed = water.copy()
+    boxed.cell, boxed.pbc = np.eye(3) * 10.0, True
+    boxed.positions[1] += [10.0, 0.0, -10.0]
+    wrapped = ani_single.compute(boxed, rows=[0, 4, 8])
+    assert abs(wrapped.energy - alone.energy) < 1e-9
+    np.testing.assert_allclose(wrapped.forces, alone.forces, atol=1e-9)
+    np.testing.assert_allclose(wrapped.hessian_rows, alone.hessian_rows, atol=1e-8)
+    np.testing.assert_allclose(ani_single.atomic_features(boxed), ani_single.atomic_features(water), atol=1e-9)
+    small = water.copy()
+    small.cell, small.pbc = np.diag([3.1, 3.3, 3.6]), True
+    cell = ani_single.compute(small)
+    assert abs(cell.energy - alone.energy) > 1e-3
+    double = ani_single.compute(small.repeat((2, 1, 1)))
+    assert abs(double.energy - 2 * cell.energy) < 1e-6
+    np.testing.assert_allclose(double.forces, np.tile(cell.forces, (2, 1)), atol=1e-6)
+
+
 def test_ani_matches_its_level_of_theory(ani_ensemble):
     # ωB97x/6-31G(d) (pyscf 2.14, RKS density fitting) energy of ase's g2 ethanol: -154.98787 Ha.
     # ANI-1x was fitted to this level: a wrong SAE table or unit would miss by far more than 5 mHa.

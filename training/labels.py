@@ -30,15 +30,17 @@ import numpy as np
 from engine.errors import HessforgeError
 from engine.paths import write_json
 from training.data.records import RecordError, pack, unpack
-from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, file_key,
-                                 open_readonly, read_json_key, release_reader, shared_reader)
+from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, damaged_file_errors,
+                                 file_key, open_readonly, read_json_key, release_reader, shared_reader)
 
 LABELS_MAGIC = "hessforge-labels"
 LABELS_VERSION = 2  # 2: records carry a CRC-32 (records.py); version 1 labels are still read
 SHARD_RE = re.compile(r"^labels\.rank(\d+)\.lmdb$")
 # Fields that must agree for a rerun to resume into an existing labels directory.
-COMPAT_KEYS = ("teacher", "teacher_spec", "mode", "k", "seed", "dtype", "source_count", "source_ids_sha256",
-               "features", "element_embeddings")
+COMPAT_KEYS = ("teacher", "teacher_spec", "teacher_file_sha256", "mode", "k", "seed", "dtype", "source_count",
+               "source_ids_sha256", "source_geometry_sha256", "features", "element_embeddings")
+# Keys that labels written by older versions lack: a missing value is not a difference.
+RECORDED_LATER = ("teacher_spec", "teacher_file_sha256", "source_geometry_sha256")
 
 
 def shard_path(directory: str, rank: int) -> str:
@@ -125,7 +127,7 @@ class LabelStore:
     def _raw(self, structure_id: str):
         key = structure_id.encode()
         for path, env in zip(self.shards, self._open()):
-            with env.begin(buffers=False) as txn:
+            with damaged_file_errors(path, "label shard"), env.begin(buffers=False) as txn:
                 raw = txn.get(key)
             if raw is not None:
                 return path, raw
@@ -147,8 +149,8 @@ class LabelStore:
     def ids(self) -> List[str]:
         if self._ids is None:
             seen, out = set(), []
-            for env in self._open():
-                with env.begin() as txn:
+            for path, env in zip(self.shards, self._open()):
+                with damaged_file_errors(path, "label shard"), env.begin() as txn:
                     for key in txn.cursor().iternext(keys=True, values=False):
                         key = bytes(key)
                         if key != META_KEY and key not in seen:
@@ -191,7 +193,7 @@ def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
 def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     # A spec is only recorded by the CLI; labels made through the API (spec None) may be resumed by either.
     keys = [k for k in COMPAT_KEYS if a.get(k) != b.get(k)
-            and not (k == "teacher_spec" and None in (a.get(k), b.get(k)))]
+            and not (k in RECORDED_LATER and None in (a.get(k), b.get(k)))]
     return ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys)
 
 
@@ -212,6 +214,18 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     if missing:
         raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "
                              f"(e.g. {missing[0]!r}): labelling is unfinished; rerun `hessforge label` to resume it")
+
+
+def _teacher_file_digest(teacher) -> Optional[str]:
+    """SHA-256 of the teacher's model file (mace:FILE): a file replaced at the same path is another teacher."""
+    path = getattr(teacher, "path", None)
+    if not path or not os.path.isfile(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
@@ -284,6 +298,8 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
         raise HessforgeError(f"seed must be a non-negative integer, got {seed!r}")
     if not (0 <= rank < world_size):
         raise HessforgeError(f"rank {rank} out of range for world size {world_size}")
+    if limit is not None and not (isinstance(limit, (int, np.integer)) and limit >= 1):
+        raise HessforgeError(f"limit must be a positive number of structures, got {limit!r}")
     n_total = len(ds) if limit is None else min(int(limit), len(ds))
     ids, elements = ds.ids(), ds.elements()
 
@@ -302,7 +318,8 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     embeddings_meta = _embeddings_meta(teacher) if embeddings else None
 
     meta = {"magic": LABELS_MAGIC, "format_version": LABELS_VERSION, "teacher": getattr(teacher, "name", None),
-            "teacher_spec": teacher_spec, "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
+            "teacher_spec": teacher_spec, "teacher_file_sha256": _teacher_file_digest(teacher),
+            "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
             "source_geometry_sha256": ds.geometry_digest(),
@@ -323,7 +340,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
                                  "another output directory (or delete it) to label with these settings")
         if path != mine:  # ids labelled by an earlier run with another world size
             env = open_readonly(path, "label shard", lock=True)
-            with env.begin() as txn:
+            with damaged_file_errors(path, "label shard"), env.begin() as txn:
                 done.update(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
             env.close()
     _write_summary(out_dir, meta)
@@ -331,9 +348,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     release_reader(mine)
     writer = LmdbWriter(mine, lock=True)
     try:
-        if writer.get(META_KEY) is None:
-            writer.put_many([(META_KEY, json.dumps(meta).encode())])
-        done.update(writer.keys())
+        with damaged_file_errors(mine, "label shard"):
+            if writer.get(META_KEY) is None:
+                writer.put_many([(META_KEY, json.dumps(meta).encode())])
+            done.update(writer.keys())
         todo = [i for i in range(n_total) if i % world_size == rank and ids[i].encode() not in done]
         skipped = sum(1 for i in range(n_total) if i % world_size == rank) - len(todo)
         from tqdm import tqdm

@@ -13,6 +13,7 @@ shards in training/labels.py.
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -83,8 +84,19 @@ def _short(err: Exception) -> str:
     return text.split(": ", 1)[-1] if text.startswith("/") else text
 
 
+@contextlib.contextmanager
+def damaged_file_errors(path: str, what: str):
+    """LMDB reads of a damaged file (a bad page: MDB_PAGE_NOTFOUND, MDB_CORRUPTED) as one HessforgeError
+    naming the file, not a traceback from inside lmdb."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise HessforgeError(f"{path}: {what} file is damaged ({type(err).__name__}: {_short(err)}); "
+                             "recreate it") from None
+
+
 def read_json_key(env: lmdb.Environment, key: bytes, path: str, what: str) -> Optional[Dict[str, Any]]:
-    with env.begin(buffers=False) as txn:
+    with damaged_file_errors(path, what), env.begin(buffers=False) as txn:
         raw = txn.get(key)
     if raw is None:
         return None
@@ -202,7 +214,7 @@ class Dataset:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"{self.path}: index {i} out of range for {len(self)} structures")
-        with self._open().begin(buffers=False) as txn:
+        with damaged_file_errors(self.path, "dataset"), self._open().begin(buffers=False) as txn:
             raw = txn.get(index_key(i))
         if raw is None:
             raise HessforgeError(f"{self.path}: record {i} ({self._ids[i]}) is missing (damaged dataset)")

@@ -81,13 +81,34 @@ class ANI1xTeacher(Teacher):
         check_finite_positions(atoms, f"teacher {self.name}")
         return self.converter((torch.as_tensor(np.asarray(atoms.numbers), dtype=torch.long)[None], None)).species
 
+    @staticmethod
+    def _periodicity(atoms):
+        """(cell, pbc, offset) for torchani's periodic AEVs, or Nones for a molecule. torchani wants atoms
+        inside the cell: `offset` [N, 3] (a constant: lattice vectors) wraps them; the energy and its
+        derivatives do not change. Zero vectors along non-periodic directions (ASE's slabs) are completed."""
+        import torch
+
+        from engine.neighbors import check_cell, complete_cells, wrap_into_cells
+
+        pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool))
+        if not bool(pbc.any()):
+            return None, None, None
+        pos = torch.as_tensor(atoms.get_positions(), dtype=torch.float64)
+        cell = complete_cells(torch.as_tensor(atoms.cell[:], dtype=torch.float64)[None], pbc[None])[0]
+        check_cell(cell, pbc, f"teacher ani1x: {atoms.get_chemical_formula()}")
+        wrapped = wrap_into_cells(pos, cell[None], pbc[None], torch.zeros(len(pos), dtype=torch.long))[0]
+        return cell, pbc, wrapped - pos
+
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
         from ase.units import Hartree
 
         species = self._species(atoms)
+        cell, pbc, offset = self._periodicity(atoms)
 
         def energy_fn(pos):
-            return self.model((species, pos[None])).energies.sum() * Hartree
+            if cell is None:
+                return self.model((species, pos[None])).energies.sum() * Hartree
+            return self.model((species, (pos + offset)[None]), cell=cell, pbc=pbc).energies.sum() * Hartree
 
         e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
         return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
@@ -101,10 +122,12 @@ class ANI1xTeacher(Teacher):
 
         species = self._species(atoms)
         pos = torch.as_tensor(atoms.get_positions(), dtype=torch.float64)[None]
+        cell, pbc, offset = self._periodicity(atoms)
         members = [self.nets] if self.model_index is not None else (
             list(self.nets) if member is None else [self.nets[member]])
         with torch.no_grad():
-            sp, aev = self.aev((species, pos))
+            sp, aev = self.aev((species, pos)) if cell is None else self.aev((species, pos + offset), cell=cell,
+                                                                             pbc=pbc)
             sp, aev = sp[0], aev[0]
             feats = []
             for ani_model in members:

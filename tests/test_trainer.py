@@ -208,7 +208,17 @@ def test_interrupted_runs_resume_exactly(labelled, tmp_path, monkeypatch):
     undo()
     assert not (tmp_path / "c" / "summary.json").exists()
     terminated = Trainer(_config(labelled, tmp_path / "c", epochs=3)).fit()
-    for run, summary in (("b", resumed), ("c", terminated)):
+
+    # between checkpoints (every 10 epochs): Ctrl-C in the third epoch keeps the second, not nothing
+    sparse = _config(labelled, tmp_path / "d", epochs=3)
+    sparse.train.checkpoint_every = 10
+    undo = _interrupting_loss(monkeypatch, 2 * steps_per_epoch + 1, ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match=r"after epoch 2 of 3: saved in .*last.pt; rerun the same command"):
+        Trainer(sparse).fit()
+    undo()
+    assert torch.load(tmp_path / "d" / "last.pt", weights_only=False)["step"] == 2 * steps_per_epoch
+    sparse_resumed = Trainer(sparse).fit()
+    for run, summary in (("b", resumed), ("c", terminated), ("d", sparse_resumed)):
         assert summary["steps"] == straight["steps"] and summary["finished"]
         assert summary["best_val_loss_ef"] == pytest.approx(straight["best_val_loss_ef"], rel=1e-6)
         steps = [json.loads(line)["step"] for line in open(tmp_path / run / "log.jsonl")
@@ -276,3 +286,9 @@ def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelle
     else:
         assert np.isnan(ref["forces_mae_mev_per_A"])
     assert np.isfinite(result["student_vs_teacher"]["forces_mae_mev_per_A"])
+
+
+def test_more_hessian_rows_than_labelled_is_refused(labelled, tmp_path):
+    """loss.hessian_rows above the labels' k rows per structure: refused before training (it trained on k)."""
+    with pytest.raises(HessforgeError, match="loss.hessian_rows is 4, but these labels hold 3 Hessian rows"):
+        Trainer(_config(labelled, tmp_path / "r", epochs=1, hessian_rows=4))

@@ -200,7 +200,12 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
 
 def check_labels_for_loss(config: Config, metadata: dict, where: str) -> None:
     """The labels directory `where` (metadata = LabelStore.metadata) holds what the loss needs: per-atom
-    teacher features for loss.n2n > 0, per-element embeddings for loss.a2a > 0."""
+    teacher features for loss.n2n > 0, per-element embeddings for loss.a2a > 0, and at least
+    loss.hessian_rows stored Hessian rows per structure for the KD term."""
+    k = metadata.get("k")
+    if config.loss.hessian > 0 and k is not None and config.loss.hessian_rows > k:
+        raise HessforgeError(f"{where}: loss.hessian_rows is {config.loss.hessian_rows}, but these labels hold {k} "
+                             "Hessian rows per structure; lower loss.hessian_rows, or label with more --rows")
     if config.loss.n2n > 0 and not metadata.get("features"):
         raise HessforgeError(f"{where}: loss.n2n > 0 needs teacher per-atom features, but these labels were made "
                              "without them; label again with `hessforge label --features` (another -o directory)")

@@ -7,12 +7,14 @@ split.json, log.jsonl, last.pt (resumable) and best.pt (best EMA validation loss
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import signal
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -45,7 +47,13 @@ def run(args) -> int:
         config.train.epochs = args.epochs
     if args.out:
         config.train.out = args.out
-    Trainer(config, restart=args.restart).fit()
+    trainer = Trainer(config, restart=args.restart)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        state = "finished" if summary["finished"] else f"stopped ({summary['stopped']})"
+        print(f"{state} after {summary['epochs']} of {config.train.epochs} epochs ({summary['steps']} steps, "
+              f"{summary['elapsed_s']:.0f} s); best validation E+F loss {summary['best_val_loss_ef']:.4g}; "
+              f"checkpoints {trainer.out}/best.pt (best, EMA weights) and last.pt")
     _finish_distributed()
     return 0
 
@@ -554,9 +562,16 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, on_term)
         start = time.time() - self.elapsed
         total_steps = max(tc.epochs - self.epoch, 0) * len(self.train_loader)
-        bar = tqdm(total=total_steps, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        if self.epoch >= tc.epochs and self.rank == 0:
+            print(f"{self.out}: already trained {self.epoch} epochs (train.epochs {tc.epochs}); nothing to do "
+                  "(raise --epochs to train on)")
+        # a progress bar only on a terminal: in a log file it is thousands of redrawn lines
+        bar = tqdm(total=total_steps, disable=self.rank != 0 or not sys.stderr.isatty(), desc="train",
+                   dynamic_ncols=True)
         stopped = None
         at_epoch_end = True  # last.pt holds epoch-end states only: a resumed run then continues exactly
+        saved_epoch = self.epoch  # the epoch last.pt holds (or will hold: resumed from it, or nothing yet)
+        finished = None  # the last finished epoch's state between checkpoints, for an interrupt mid-epoch
         try:
             while self.epoch < tc.epochs:
                 at_epoch_end = False
@@ -578,6 +593,9 @@ class Trainer:
                     self.save("best.pt", state)
                 if self.epoch % tc.checkpoint_every == 0:
                     self.save("last.pt", state)
+                    saved_epoch, finished = self.epoch, None
+                elif self.rank == 0:
+                    finished = copy.deepcopy(state or self._state())
                 at_epoch_end = True
                 # the ranks stop together: a SIGTERM that reached any rank, or any rank's clock past the limit
                 term, late = _all_reduce_sum([float(interrupted["flag"]),
@@ -590,6 +608,15 @@ class Trainer:
                         print(f"stopping after {self.elapsed:.0f} s (train.max_time_s)")
                     stopped = "max_time_s"
                     break
+        except KeyboardInterrupt:  # Ctrl-C: keep the last finished epoch (not the last checkpoint) and say so
+            if not at_epoch_end and finished is not None:
+                self.save("last.pt", finished)
+                saved_epoch = finished["epoch"]
+            elif at_epoch_end:
+                saved_epoch = self.epoch  # saved below
+            raise KeyboardInterrupt(
+                f"after epoch {saved_epoch} of {tc.epochs}: saved in {self.out}/last.pt; rerun the same command "
+                "to resume" if saved_epoch else "in the first epoch: nothing saved; rerun to start again") from None
         finally:
             bar.close()
             self.elapsed = time.time() - start

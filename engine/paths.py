@@ -6,6 +6,7 @@ where a complete one was."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from typing import IO, Any, Dict, Iterable, Iterator, Optional
@@ -76,3 +77,13 @@ def write_json(path: str, payload: Any, **dump_kwargs) -> None:
     dump_kwargs.setdefault("indent", 1)
     with atomic_open(path) as fh:
         json.dump(payload, fh, **dump_kwargs)
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes: a later run tells an edited or replaced file (an ingested source, a teacher
+    model) from the one it used."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

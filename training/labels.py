@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from engine.errors import HessforgeError
-from engine.paths import write_json
+from engine.paths import file_sha256, write_json
 from training.data.records import RecordError, pack, unpack
 from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, damaged_file_errors,
                                  file_key, open_readonly, read_json_key, release_reader, shared_reader)
@@ -219,13 +219,7 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
 def _teacher_file_digest(teacher) -> Optional[str]:
     """SHA-256 of the teacher's model file (mace:FILE): a file replaced at the same path is another teacher."""
     path = getattr(teacher, "path", None)
-    if not path or not os.path.isfile(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path) if path and os.path.isfile(path) else None
 
 
 def _ids_digest(ids: Sequence[str]) -> str:

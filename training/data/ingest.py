@@ -18,7 +18,7 @@ import torch
 
 from engine.errors import HessforgeError
 from engine.neighbors import complete_cells
-from engine.paths import check_output_file
+from engine.paths import check_output_file, file_sha256
 from training.data.records import Structure
 from training.data.store import DatasetWriter
 
@@ -122,11 +122,15 @@ def _lookup(atoms, key: str, per_atom: bool):
     return None
 
 
+MISSING_LABELS_HINT = "pass --energy-key/--forces-key, or --allow-missing-labels"
+
+
 def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str = "energy",
                        forces_key: str = "forces", group_key: str = "mol_id", id_key: Optional[str] = None,
                        allow_missing_labels: bool = False, energy_factor: float = 1.0,
-                       length_factor: float = 1.0) -> Structure:
-    """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those)."""
+                       length_factor: float = 1.0, missing_hint: str = MISSING_LABELS_HINT) -> Structure:
+    """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those).
+    missing_hint: what the error for a frame without energy or forces tells the user to do."""
     where = f"{path}: frame {index}"
     n = len(atoms)
     energy = _lookup(atoms, energy_key, per_atom=False)
@@ -135,7 +139,7 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
     if missing and not allow_missing_labels:
         raise HessforgeError(f"{where}: no {' and no '.join(missing)} (looked for "
                              f"{energy_key!r}/{forces_key!r} in info, arrays and calculator results); "
-                             "pass --energy-key/--forces-key, or --allow-missing-labels")
+                             f"{missing_hint}")
     try:
         energy = None if energy is None else float(np.asarray(energy, dtype=np.float64).reshape(()))
         forces = None if forces is None else np.asarray(forces, dtype=np.float64).reshape(n, 3)
@@ -182,7 +186,7 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
 def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces_key: str = "forces",
            group_key: str = "mol_id", id_key: Optional[str] = None, fmt: Optional[str] = None,
            allow_missing_labels: bool = False, overwrite: bool = False, progress: bool = False,
-           energy_unit: str = "eV", length_unit: str = "Å") -> int:
+           energy_unit: str = "eV", length_unit: str = "Å", missing_hint: str = MISSING_LABELS_HINT) -> int:
     """Read every frame of `input_path` into a new dataset at `output_path`, converting energies, forces,
     positions and cells from `energy_unit` / `length_unit` to eV and Å. Returns the number of structures.
     Warns (UserWarning) when the molecules' hydrogen atoms sit at Bohr-like distances from their neighbours."""
@@ -199,7 +203,8 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
                         "id_key": id_key, "format": fmt,
-                        "input_units": {"energy": energy_unit, "length": length_unit}}}
+                        "input_units": {"energy": energy_unit, "length": length_unit},
+                        "source_sha256": file_sha256(input_path)}}
     h_distances: List[float] = []
     from tqdm import tqdm
 
@@ -207,7 +212,7 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
         frames = tqdm(_iter_atoms(input_path, fmt), desc="ingest", unit="frame", disable=not progress)
         for index, atoms in enumerate(frames):
             s = atoms_to_structure(atoms, index, input_path, stem, energy_key, forces_key, group_key, id_key,
-                                   allow_missing_labels, energy_factor, length_factor)
+                                   allow_missing_labels, energy_factor, length_factor, missing_hint)
             if not s.pbc.any():
                 d = hydrogen_neighbour_distance(s.numbers, s.positions)
                 if d is not None:

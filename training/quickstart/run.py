@@ -63,21 +63,44 @@ def run(args) -> int:
     from training.teachers import load_teacher
     from training.trainer import Trainer
 
+    from engine.paths import file_sha256
+
     start = time.time()
+    # the options first, named as the user typed them, before minutes of ingest and labelling
+    for option, value, ok, rule in (("--epochs", args.epochs, args.epochs >= 1, ">= 1"),
+                                    ("--threads", args.threads, args.threads >= 1, ">= 1"),
+                                    ("--minutes-per-student", args.minutes_per_student,
+                                     args.minutes_per_student > 0, "> 0"),
+                                    ("--seed", args.seed, args.seed >= 0, ">= 0")):
+        if not ok:
+            raise HessforgeError(f"{option} must be {rule}, got {value}")
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise HessforgeError(f"--out {args.out}: is a file; give a directory")
     source = os.path.abspath(args.data or bundled_data())
     if not os.path.isfile(source):
         raise HessforgeError(f"quickstart data not found: {source}")
+    teacher = load_teacher(args.teacher)
+    os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data.lmdb")
-    if not os.path.exists(data):
-        n = ingest(source, data, group_key="mol_id")
+    if os.path.exists(data):  # a rerun continues the same quickstart: the same data, or another --out
+        previous = Dataset(data).metadata
+        digest = previous.get("ingest", {}).get("source_sha256")
+        if previous.get("source") != source or (digest is not None and digest != file_sha256(source)):
+            same = previous.get("source") == source
+            raise HessforgeError(f"--out {args.out} holds the quickstart of {previous.get('source')}"
+                                 + (" as it was before an edit" if same else "") +
+                                 f"; give another --out for {source}")
+    else:
+        n = ingest(source, data, group_key="mol_id", missing_hint=(
+            "the quickstart needs reference energies and forces in every frame (an ASE calculator's results, or "
+            "info/arrays keys 'energy'/'forces'); for other data use the step-by-step pipeline (README)"))
         print(f"[1/4] ingested {n} structures from {source}")
     dataset = Dataset(data)
 
     labels = os.path.join(out, "labels")
     t0 = time.time()
-    stats = label_dataset(dataset, load_teacher(args.teacher), labels, rows=args.rows, seed=args.seed,
+    stats = label_dataset(dataset, teacher, labels, rows=args.rows, seed=args.seed,
                           teacher_spec=args.teacher, progress=sys.stderr.isatty())
     print(f"[2/4] teacher {args.teacher}: labelled {stats['labelled']} structures ({stats['skipped']} already "
           f"done), Hessian rows: {args.rows}, {time.time() - t0:.0f} s")
@@ -91,12 +114,16 @@ def run(args) -> int:
     split = load_split(split_file, count=len(dataset))
 
     runs = {"PaiNN undistilled": 0.0, "PaiNN Hessian-distilled": 400.0}
+    training = {}
     for k, (name, lam) in enumerate(runs.items()):
         run_dir = os.path.join(out, "undistilled" if lam == 0 else "hessian_kd")
         config = config_from_dict(student_config(data, labels, split_file, run_dir, lam, args), where="quickstart")
         t0 = time.time()
         summary = Trainer(config).fit()
-        print(f"[3/4] {name}: {summary['epochs']} epochs, {summary['steps']} steps, {time.time() - t0:.0f} s")
+        training[name] = {"epochs": summary["epochs"], "epochs_asked": args.epochs, "steps": summary["steps"],
+                          "stopped": summary["stopped"], "elapsed_s": summary["elapsed_s"]}
+        print(f"[3/4] {name}: {summary['epochs']} epochs, {summary['steps']} steps, {time.time() - t0:.0f} s"
+              + (f" (stopped: {summary['stopped']}, --minutes-per-student)" if summary["stopped"] else ""))
 
     test = [dataset[i] for i in split["test"]]
     store = LabelStore(labels)
@@ -109,13 +136,23 @@ def run(args) -> int:
     table[f"teacher {args.teacher}"] = {"vs_reference": metrics["teacher_vs_reference"], "vs_teacher": {}}
     wall = time.time() - start
     text = format_table(table)
+    reference = "ωB97x/6-31G(d) DFT (the bundled data)" if args.data is None else f"the energies and forces in {args.data}"
     header = (f"[4/4] held-out conformers: {len(test)} (train {len(split['train'])}, val {len(split['val'])}); "
-              f"reference: ωB97x/6-31G(d) DFT")
+              f"reference: {reference}")
+    epochs = {name: t["epochs"] for name, t in training.items()}
+    note = "" if len(set(epochs.values())) == 1 else (
+        "note: the students trained different numbers of epochs (" + ", ".join(f"{n}: {e}" for n, e in epochs.items())
+        + f", of {args.epochs} asked: the --minutes-per-student cap); their errors are not an equal comparison")
     print(header)
     print(text)
+    if note:
+        print(note)
     print(f"wall time {wall / 60:.1f} min; results in {out}/results.json")
-    write_json(os.path.join(out, "results.json"), {"results": results, "wall_s": wall, "teacher": args.teacher,
-               "rows": args.rows, "student": STUDENT, "n_test": len(test)}, indent=2)
+    write_json(os.path.join(out, "results.json"), {
+        "results": results, "training": training, "wall_s_this_run": wall, "teacher": args.teacher,
+        "rows": args.rows, "seed": args.seed, "data": source, "reference": reference, "student": STUDENT,
+        "n_test": len(test)}, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as fh:
-        fh.write(f"{header}\n\n```\n{text}\n```\n\nwall time {wall / 60:.1f} min\n")
+        fh.write(f"{header}\n\n```\n{text}\n```\n\n" + (f"{note}\n\n" if note else "") +
+                 f"wall time {wall / 60:.1f} min\n")
     return 0

@@ -306,6 +306,19 @@ def test_sweep_skips_what_the_labels_cannot_support_and_runs_resumably(toy, tmp_
     (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
     assert main(["sweep", str(tmp_path / "changed.yaml"), "-o", str(out)]) == 2
     assert "undistilled.yaml exists with other settings and its run has started" in capsys.readouterr().err
+    # more epochs for a started sweep: accepted, and the finished runs train on
+    longer = yaml.safe_load(open(base))
+    longer["train"]["epochs"] += 1
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(longer))
+    assert main(["sweep", str(tmp_path / "longer.yaml"), "-o", str(out), "--run", "--only", "undistilled"]) == 0
+    assert "already done" not in capsys.readouterr().err
+    summary = json.loads((out / "undistilled" / "summary.json").read_text())
+    assert summary["epochs"] == longer["train"]["epochs"] and summary["finished"]
+    # --only without --run, and an unknown --only name: refused before anything is written
+    assert main(["sweep", base, "-o", str(tmp_path / "s3"), "--only", "undistilled"]) == 2
+    assert "add --run" in capsys.readouterr().err
+    assert main(["sweep", base, "-o", str(tmp_path / "s3"), "--run", "--only", "nope"]) == 2
+    assert not (tmp_path / "s3").exists()
     nolabels = tmp_path / "nolabels.yaml"
     nolabels.write_text(yaml.safe_dump({"data": {"path": toy["path"]}, "loss": {"hessian": 0.0}}))
     assert main(["sweep", str(nolabels), "-o", str(tmp_path / "s2")]) == 2

@@ -200,6 +200,17 @@ def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsy
     np.testing.assert_allclose(Dataset(tmp_path / "b2.lmdb")[0].positions, water.positions, atol=1e-9)
 
 
+def test_an_explicit_group_key_must_be_in_every_frame(tmp_path, rng, capsys):
+    """--group-key given: a frame without it is an error (a typo used to fall back to formulas silently,
+    which changes the by-molecule split); not given: mol_id where present, else the formula."""
+    frames = random_frames(rng, n=4)
+    ase.io.write(tmp_path / "m.extxyz", frames)
+    assert main(["ingest", str(tmp_path / "m.extxyz"), "-o", str(tmp_path / "a.lmdb"), "--group-key", "molid"]) == 2
+    assert "frame 0: no info key 'molid' (--group-key); its info keys: mol_id" in capsys.readouterr().err
+    assert main(["ingest", str(tmp_path / "m.extxyz"), "-o", str(tmp_path / "b.lmdb"), "--group-key", "mol_id"]) == 0
+    assert Dataset(tmp_path / "b.lmdb").groups() == [a.info["mol_id"] for a in frames]
+
+
 def test_group_falls_back_to_formula_and_keys_are_configurable(tmp_path, rng):
     frames = random_frames(rng, n=3)
     for a in frames:

@@ -106,7 +106,7 @@ def test_write_report_files_and_names(runs, tmp_path):
     assert json.loads((out / "report.json").read_text())["methods"][0]["speedup_64"] == pytest.approx(30.0)
 
 
-def test_cli_and_errors(runs, tmp_path):
+def test_cli_and_errors(runs, tmp_path, capsys):
     from training.cli import main
 
     assert main(["report", *runs, "-o", str(tmp_path / "o")]) == 0
@@ -115,7 +115,9 @@ def test_cli_and_errors(runs, tmp_path):
     assert main(["report", *runs, "--names", "one", "-o", str(tmp_path / "o3")]) == 2
     empty = tmp_path / "empty"
     empty.mkdir()
+    capsys.readouterr()
     assert main(["report", str(empty), "-o", str(tmp_path / "o4")]) == 0  # everything '-', plots still drawn
+    assert "has none of eval.json, bench.json, md.json" in capsys.readouterr().err
     assert "| empty | - | - | - | - | - | - |" in (tmp_path / "o4" / "report.md").read_text()
 
 

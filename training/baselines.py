@@ -43,7 +43,7 @@ import yaml
 
 from engine.errors import HessforgeError
 from engine.paths import atomic_open, write_json
-from training.config import Config, config_from_dict, load_config
+from training.config import Config, config_from_dict, load_config, without_resumable
 
 DEFAULT_LAMBDAS = (10.0, 100.0, 400.0, 1000.0)
 DEFAULT_KD_LAMBDA = 400.0
@@ -137,32 +137,53 @@ def baseline_configs(base: Config, out_dir: str, labels_metadata: Optional[dict]
     return runs, skipped, aliases
 
 
-def _same_config(path: str, values: dict) -> bool:
+def _resumable_as(path: str, values: dict) -> bool:
+    """The run configured in `path` may resume under `values` (they differ at most in RESUMABLE_KEYS, such
+    as more epochs)."""
     try:
         with open(path) as fh:
-            return yaml.safe_load(fh) == values
-    except (OSError, yaml.YAMLError):
+            old = yaml.safe_load(fh)
+        return isinstance(old, dict) and without_resumable(old) == without_resumable(values)
+    except (OSError, yaml.YAMLError, AttributeError):
         return False
 
 
-def write_sweep(base_path: str, out_dir: str, **options) -> dict:
+def _wanted(names: Sequence[str], aliases: Dict[str, str], only: Optional[Sequence[str]]) -> set:
+    """The run names --only asks for (aliases resolved); every name must exist."""
+    if not only:
+        return set(names)
+    unknown = sorted(set(only) - set(names) - set(aliases))
+    if unknown:
+        raise HessforgeError(f"--only: no run named {unknown} in this sweep; runs: {', '.join(names)}")
+    return {aliases.get(n, n) for n in only}
+
+
+def write_sweep(base_path: str, out_dir: str, only: Optional[Sequence[str]] = None, **options) -> dict:
     """Write DIR/NAME.yaml for every run and DIR/sweep.json (the index); returns the index. A config that
     already exists with other content is an error once its run has started (it would resume under changed
-    settings); otherwise it is rewritten."""
+    settings, apart from RESUMABLE_KEYS); otherwise it is rewritten. `only`: run names that will be trained,
+    checked here. The labels are checked against the base's dataset once, not in every run."""
     base = load_config(base_path)
+    if base.data.labels:
+        from training.data import Dataset
+        from training.labels import LabelStore, check_labels_match
+
+        check_labels_match(LabelStore(base.data.labels), Dataset(base.data.path))
     runs, skipped, aliases = baseline_configs(base, out_dir, **options)
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     planned = []
     for run in runs:  # every check before the first write: a refused sweep changes nothing
         values = run["config"].to_dict()
         config_from_dict(values, where=run["name"])  # every written config passes the strict checks
         path = os.path.join(out_dir, f"{run['name']}.yaml")
         started = os.path.exists(os.path.join(values["train"]["out"], "last.pt"))
-        if os.path.exists(path) and started and not _same_config(path, values):
+        if os.path.exists(path) and started and not _resumable_as(path, values):
             raise HessforgeError(f"{path} exists with other settings and its run has started "
-                                 f"({values['train']['out']}); use another -o directory or delete that run")
+                                 f"({values['train']['out']}); use another -o directory or delete that run "
+                                 "(more epochs, time and threads may change)")
         planned.append((run, values, path))
+    _wanted([r["name"] for r in runs], aliases, only)  # an unknown --only name before anything is written
+    os.makedirs(out_dir, exist_ok=True)
     entries = []
     for run, values, path in planned:
         with atomic_open(path) as fh:
@@ -180,22 +201,20 @@ def run_sweep(index: dict, only: Optional[Sequence[str]] = None, log=print) -> L
     {name, status (done|skipped|failed), summary or error} per run."""
     from training.trainer import Trainer
 
-    names = [r["name"] for r in index["runs"]]
-    if only:
-        unknown = sorted(set(only) - set(names) - set(index.get("aliases", {})))
-        if unknown:
-            raise HessforgeError(f"--only: no run named {unknown} in this sweep; runs: {', '.join(names)}")
-        wanted = {index.get("aliases", {}).get(n, n) for n in only}
-    else:
-        wanted = set(names)
+    wanted = _wanted([r["name"] for r in index["runs"]], index.get("aliases", {}), only)
     results = []
     for run in index["runs"]:
         if run["name"] not in wanted:
             continue
         summary_path = os.path.join(run["out"], "summary.json")
+        config = load_config(run["config"])
+        summary = None
         if os.path.exists(summary_path):
             with open(summary_path) as fh:
                 summary = json.load(fh)
+            if summary.get("finished", True) and summary.get("epochs", 0) < config.train.epochs:
+                summary = None  # finished its epochs, and the sweep now asks for more: train on
+        if summary is not None:
             results.append({"name": run["name"], "status": "skipped", "summary": summary})
             early = "" if summary.get("finished", True) else (f"; stopped early by train.{summary.get('stopped')} "
                                                                f"after {summary.get('epochs')} epochs")
@@ -203,7 +222,7 @@ def run_sweep(index: dict, only: Optional[Sequence[str]] = None, log=print) -> L
             continue
         log(f"{run['name']}: training ({run['description']}) -> {run['out']}")
         try:
-            summary = Trainer(load_config(run["config"])).fit()
+            summary = Trainer(config).fit()
         except HessforgeError as err:
             log(f"{run['name']}: failed: {err}")
             results.append({"name": run["name"], "status": "failed", "error": str(err)})
@@ -234,7 +253,10 @@ def _floats(text: str, option: str) -> List[float]:
 
 
 def run(args) -> int:
-    index = write_sweep(args.base, args.output, lambdas=_floats(args.lambdas, "--lambdas"),
+    if args.only and not args.run:
+        raise HessforgeError("--only picks the runs to train: add --run")
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    index = write_sweep(args.base, args.output, only=only, lambdas=_floats(args.lambdas, "--lambdas"),
                         force_distill_weight=args.force_distill_weight,
                         n2n_weights=_floats(args.n2n_weight, "--n2n-weight"),
                         a2a_weights=_floats(args.a2a_weight, "--a2a-weight"))
@@ -247,7 +269,6 @@ def run(args) -> int:
     print(f"wrote {len(index['runs'])} configs and {os.path.join(os.path.abspath(args.output), INDEX)}")
     if not args.run:
         return 0
-    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     results = run_sweep(index, only=only, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     failed = [r for r in results if r["status"] == "failed"]
     for r in results:

@@ -198,6 +198,18 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
     return config
 
 
+# Settings a resumed run may change: how long and how it runs, not what it computes.
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "max_time_s"), ("train", "threads"), ("train", "num_workers"),
+                  ("train", "checkpoint_every"), ("train", "out"), ("train", "val_batch_size"),
+                  ("data", "path"), ("data", "labels"), ("data", "split_file")}
+
+
+def without_resumable(values: dict) -> dict:
+    """A config dict without RESUMABLE_KEYS: what must stay the same for a run to resume."""
+    return {section: {k: v for k, v in keys.items() if (section, k) not in RESUMABLE_KEYS}
+            for section, keys in values.items()}
+
+
 def check_labels_for_loss(config: Config, metadata: dict, where: str) -> None:
     """The labels directory `where` (metadata = LabelStore.metadata) holds what the loss needs: per-atom
     teacher features for loss.n2n > 0, per-element embeddings for loss.a2a > 0, and at least

@@ -380,6 +380,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     report = write_report(args.runs, args.out, names, args.title, args.note, args.batch)
+    for row in report["methods"]:
+        if not any(row["sources"].values()):
+            print(f"warning: {row['run_dir']} has none of {', '.join(row['sources'])}: its row is empty (run "
+                  "`hessforge evaluate ... --json RUN/eval.json`, bench --json RUN/bench.json and md-eval in "
+                  "the run directory first)", file=sys.stderr)
     print(markdown(report))
     print(f"wrote {os.path.join(args.out, 'report.md')} and {len(PLOTS)} plots", file=sys.stderr)
     return 0

@@ -28,7 +28,7 @@ from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkp
 from engine.errors import HessforgeError
 from engine.models import build_student
 from engine.paths import atomic_open, atomic_path, write_json
-from training.config import Config, check_labels_for_loss, load_config
+from training.config import RESUMABLE_KEYS, Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
 from training.losses import DistillationHeads, LossWeights, compute_loss, student_embedding
 from training.reference_energies import fit_energy_scale, fit_reference_energies
@@ -200,11 +200,6 @@ class _Accumulator:
             "forces_rmse_mev_per_A": 1000 * f_mse**0.5,
         }
 
-
-# Settings a resumed run may change: how long and how it runs, not what it computes.
-RESUMABLE_KEYS = {("train", "epochs"), ("train", "max_time_s"), ("train", "threads"), ("train", "num_workers"),
-                  ("train", "checkpoint_every"), ("train", "out"), ("train", "val_batch_size"),
-                  ("data", "path"), ("data", "labels"), ("data", "split_file")}
 
 
 def _check_resume_config(path: str, old: Optional[dict], new: dict) -> None:

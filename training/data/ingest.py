@@ -128,7 +128,8 @@ MISSING_LABELS_HINT = "pass --energy-key/--forces-key, or --allow-missing-labels
 def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str = "energy",
                        forces_key: str = "forces", group_key: str = "mol_id", id_key: Optional[str] = None,
                        allow_missing_labels: bool = False, energy_factor: float = 1.0,
-                       length_factor: float = 1.0, missing_hint: str = MISSING_LABELS_HINT) -> Structure:
+                       length_factor: float = 1.0, missing_hint: str = MISSING_LABELS_HINT,
+                       require_group: bool = False) -> Structure:
     """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those).
     missing_hint: what the error for a frame without energy or forces tells the user to do."""
     where = f"{path}: frame {index}"
@@ -175,6 +176,9 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
     sid = atoms.info.get(id_key) if id_key else None
     sid = str(sid) if sid is not None else f"{stem}-{index}"
     group = atoms.info.get(group_key) if group_key else None
+    if group is None and require_group:
+        raise HessforgeError(f"{where}: no info key {group_key!r} (--group-key); its info keys: "
+                             f"{', '.join(sorted(atoms.info)) or 'none'}")
     group = str(group) if group is not None else atoms.get_chemical_formula()
     skip = {energy_key, forces_key, group_key, id_key}
     info: Dict[str, Any] = {k: v for k, v in atoms.info.items() if k not in skip}
@@ -186,7 +190,8 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
 def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces_key: str = "forces",
            group_key: str = "mol_id", id_key: Optional[str] = None, fmt: Optional[str] = None,
            allow_missing_labels: bool = False, overwrite: bool = False, progress: bool = False,
-           energy_unit: str = "eV", length_unit: str = "Å", missing_hint: str = MISSING_LABELS_HINT) -> int:
+           energy_unit: str = "eV", length_unit: str = "Å", missing_hint: str = MISSING_LABELS_HINT,
+           require_group: bool = False) -> int:
     """Read every frame of `input_path` into a new dataset at `output_path`, converting energies, forces,
     positions and cells from `energy_unit` / `length_unit` to eV and Å. Returns the number of structures.
     Warns (UserWarning) when the molecules' hydrogen atoms sit at Bohr-like distances from their neighbours."""
@@ -212,7 +217,7 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
         frames = tqdm(_iter_atoms(input_path, fmt), desc="ingest", unit="frame", disable=not progress)
         for index, atoms in enumerate(frames):
             s = atoms_to_structure(atoms, index, input_path, stem, energy_key, forces_key, group_key, id_key,
-                                   allow_missing_labels, energy_factor, length_factor, missing_hint)
+                                   allow_missing_labels, energy_factor, length_factor, missing_hint, require_group)
             if not s.pbc.any():
                 d = hydrogen_neighbour_distance(s.numbers, s.positions)
                 if d is not None:
@@ -234,9 +239,9 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
 def add_arguments(parser) -> None:
     parser.add_argument("input", help="any file ase.io.read can read (extxyz, ASE .db, ...)")
     parser.add_argument("-o", "--output", required=True, help="output dataset file (.lmdb)")
-    parser.add_argument("--group-key", default="mol_id",
-                        help="info key naming the group (molecule) of a frame; default mol_id, falling back "
-                             "to the chemical formula")
+    parser.add_argument("--group-key", default=None,
+                        help="info key naming the group (molecule) of a frame, required in every frame (default: "
+                             "mol_id where a frame has it, else the chemical formula)")
     parser.add_argument("--id-key", default=None, help="info key holding a unique id (default: <stem>-<index>)")
     parser.add_argument("--energy-key", default="energy", help="info key or calculator result (default energy)")
     parser.add_argument("--forces-key", default="forces", help="arrays key or calculator result (default forces)")
@@ -256,9 +261,10 @@ def run(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        n = ingest(args.input, args.output, args.energy_key, args.forces_key, args.group_key, args.id_key,
-                   args.format, args.allow_missing_labels, args.overwrite, progress=sys.stderr.isatty(),
-                   energy_unit=args.energy_unit, length_unit=args.length_unit)
+        n = ingest(args.input, args.output, args.energy_key, args.forces_key, args.group_key or "mol_id",
+                   args.id_key, args.format, args.allow_missing_labels, args.overwrite, progress=sys.stderr.isatty(),
+                   energy_unit=args.energy_unit, length_unit=args.length_unit,
+                   require_group=args.group_key is not None)
     print(f"wrote {n} structures to {args.output}")
     for w in caught:
         if issubclass(w.category, UserWarning):

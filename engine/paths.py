@@ -87,3 +87,10 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """Raise HessforgeError, naming `what` (e.g. "-o"), if `path` exists and is not a directory (makedirs
+    would fail with a bare 'File exists')."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise HessforgeError(f"{what} {path}: is a file; give a directory")

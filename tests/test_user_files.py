@@ -47,6 +47,23 @@ def fails(capsys, argv, message):
     return err
 
 
+def test_directory_outputs_that_are_files(tmp_path, capsys):
+    """Outputs that are directories (labels, report, sweep, quickstart, train.out) given as an existing file:
+    one line naming the option (it was a bare 'File exists')."""
+    from engine.paths import check_output_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    check_output_dir(str(tmp_path), "-o")
+    check_output_dir(str(tmp_path / "new"), "-o")
+    with pytest.raises(HessforgeError, match="-o .*afile: is a file; give a directory"):
+        check_output_dir(str(afile), "-o")
+    assert main(["report", str(tmp_path), "-o", str(afile)]) == 2
+    assert "report -o" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(afile)]) == 2
+    assert "--out" in capsys.readouterr().err and afile.read_text() == "x"
+
+
 def test_check_output_file(tmp_path):
     data = tmp_path / "data.xyz"
     data.write_text("x")

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from engine.errors import HessforgeError
-from engine.paths import atomic_open, write_json
+from engine.paths import atomic_open, check_output_dir, write_json
 from training.config import Config, config_from_dict, load_config, without_resumable
 
 DEFAULT_LAMBDAS = (10.0, 100.0, 400.0, 1000.0)
@@ -163,6 +163,7 @@ def write_sweep(base_path: str, out_dir: str, only: Optional[Sequence[str]] = No
     already exists with other content is an error once its run has started (it would resume under changed
     settings, apart from RESUMABLE_KEYS); otherwise it is rewritten. `only`: run names that will be trained,
     checked here. The labels are checked against the base's dataset once, not in every run."""
+    check_output_dir(out_dir, "sweep -o")
     base = load_config(base_path)
     if base.data.labels:
         from training.data import Dataset

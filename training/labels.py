@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from engine.errors import HessforgeError
-from engine.paths import file_sha256, write_json
+from engine.paths import check_output_dir, file_sha256, write_json
 from training.data.records import RecordError, pack, unpack
 from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, damaged_file_errors,
                                  file_key, open_readonly, read_json_key, release_reader, shared_reader)
@@ -319,6 +319,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "source_geometry_sha256": ds.geometry_digest(),
             "features": features_meta, "element_embeddings": embeddings_meta,
             "rank": rank, "world_size": world_size, "created": creation_info()}
+    check_output_dir(out_dir, "labels -o")
     os.makedirs(out_dir, exist_ok=True)
     mine = shard_path(out_dir, rank)
     done = set()

@@ -21,7 +21,7 @@ import sys
 from typing import Dict, Optional, Sequence
 
 from engine.errors import HessforgeError
-from engine.paths import atomic_open, write_json
+from engine.paths import atomic_open, check_output_dir, write_json
 
 EVAL, BENCH, MD = "eval.json", "bench.json", "md.json"
 PAPER_BATCH = 64
@@ -336,6 +336,7 @@ PLOTS = {"mae_per_method.png": plot_mae, "md_stability.png": plot_stability,
 def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence[str]] = None,
                  title: str = "hessforge report", notes: Sequence[str] = (), batch: int = PAPER_BATCH) -> Dict:
     report = collect(run_dirs, names, batch)
+    check_output_dir(out_dir, "report -o")
     os.makedirs(out_dir, exist_ok=True)
     for fname, fn in PLOTS.items():
         fn(report, os.path.join(out_dir, fname))

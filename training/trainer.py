@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from engine.errors import HessforgeError
 from engine.models import build_student
-from engine.paths import atomic_open, atomic_path, write_json
+from engine.paths import atomic_open, atomic_path, check_output_dir, write_json
 from training.config import RESUMABLE_KEYS, Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
 from training.losses import DistillationHeads, LossWeights, compute_loss, student_embedding
@@ -268,6 +268,7 @@ class Trainer:
         _seed_everything(tc.seed)
         self.dtype = getattr(torch, tc.dtype)
         self.out = tc.out
+        check_output_dir(self.out, "train.out")
         os.makedirs(self.out, exist_ok=True)
         self.dataset = Dataset(config.data.path)
         self.labels = None

@@ -14,7 +14,7 @@ from importlib import resources
 
 from engine.checkpoint import load_student
 from engine.errors import HessforgeError
-from engine.paths import atomic_open, write_json
+from engine.paths import atomic_open, check_output_dir, write_json
 
 BUNDLED = "quickstart.extxyz"
 
@@ -75,8 +75,7 @@ def run(args) -> int:
         if not ok:
             raise HessforgeError(f"{option} must be {rule}, got {value}")
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise HessforgeError(f"--out {args.out}: is a file; give a directory")
+    check_output_dir(out, "--out")
     source = os.path.abspath(args.data or bundled_data())
     if not os.path.isfile(source):
         raise HessforgeError(f"quickstart data not found: {source}")

@@ -3,16 +3,47 @@ and gradient forces are taken outside it, so AOTAutograd compiles the backward a
 
 Varying atom/edge counts: by default every size dimension is marked dynamic, so a stream of batches of
 different sizes reuses one compiled graph instead of recompiling per shape. `compile_stats()` reports how
-many graphs were compiled.
+many graphs were compiled and how many of them were recompilations.
+
+Each compiled student compiles its own copy of the core function (own_code): torch caches graphs per code
+object and caps them per code object (torch._dynamo.config.recompile_limit, 8), so with one shared function
+the ninth model configuration in a process (a bench of several models, a sweep of widths) hit the cap, a
+hard error under fullgraph=True.
 """
 from __future__ import annotations
 
-from typing import Dict
+import types
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
+from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
+
+
+def own_code(method: Callable) -> Callable:
+    """A bound method re-bound to a fresh copy of its function's code object: what torch.compile then
+    compiles has a graph cache (and recompile cap) of its own, not shared with other instances."""
+    func = method.__func__
+    fresh = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                               func.__closure__)
+    fresh.__kwdefaults__, fresh.__qualname__ = func.__kwdefaults__, func.__qualname__
+    return types.MethodType(fresh, method.__self__)
+
+
+def call_compiled(core: Callable, *args):
+    """core(*args), with torch's recompile cap as one clear error (the batches took more graph shapes than
+    torch allows one function: eager or a fixed batch composition avoids it)."""
+    try:
+        return core(*args)
+    except (torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported) as err:
+        if not isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit) and "recompile limit" not in str(err):
+            raise
+        raise HessforgeError(
+            "the compiled student needed more graphs than torch allows one function "
+            f"(torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}): the batches "
+            f"took too many shapes or dtypes; run eager, or raise that limit ({str(err).splitlines()[0]})") from None
 
 
 def _mark_dynamic(graph: AtomicGraph) -> None:
@@ -34,7 +65,8 @@ class CompiledStudent(nn.Module):
         self.direct_forces = bool(model.direct_forces)
         self.cutoff = model.cutoff
         self.species = model.species
-        self._core = torch.compile(self._core_impl, fullgraph=True, dynamic=dynamic, mode=mode, backend=backend)
+        self._core = torch.compile(own_code(self._core_impl), fullgraph=True, dynamic=dynamic, mode=mode,
+                                   backend=backend)
 
     def _core_impl(self, graph: AtomicGraph, positions: torch.Tensor):
         energy, node_energy, s, v = self.model.energies(graph, positions)
@@ -47,13 +79,16 @@ class CompiledStudent(nn.Module):
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True, create_graph: bool = False
                 ) -> Dict[str, torch.Tensor]:
+        if create_graph:  # the compiled backward is not differentiable again (torch: "donated buffers")
+            raise HessforgeError("CompiledStudent is for inference: create_graph (training, Hessian rows) needs the "
+                                 "eager student")
         if self.dynamic:
             _mark_dynamic(graph)
         positions = graph.positions
         need_grad = compute_forces and not self.direct_forces
         if need_grad and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
-        energy, node_energy, third = self._core(graph, positions)
+        energy, node_energy, third = call_compiled(self._core, graph, positions)
         out = {"energy": energy, "node_energy": node_energy}
         if compute_forces:
             if self.direct_forces:
@@ -73,8 +108,27 @@ def compile_stats() -> Dict[str, int]:
     stats = counters["stats"]
     return {"unique_graphs": int(stats.get("unique_graphs", 0)),
             "calls_captured": int(stats.get("calls_captured", 0)),
-            "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+            "recompiles": _recompiles(),
             "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+def _recompiles() -> int:
+    """Compilations of a function that had been compiled before: dynamo's compile ids are frame/attempt,
+    and attempt > 0 is a recompilation (torch keeps no counter of them)."""
+    from torch._dynamo import utils
+
+    count = 0
+    for metrics in utils.get_compilation_metrics():
+        parts = str(getattr(metrics, "compile_id", "")).lstrip("!").split("/")
+        if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) > 0:
+            count += 1
+    return count
+
+
+try:  # the metrics are kept in a deque of 64 by default: enough for every compilation of a process
+    torch._dynamo.utils.set_compilation_metrics_limit(1 << 20)
+except AttributeError:  # another torch: the count covers the last 64 compilations
+    pass
 
 
 def compile_events(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:

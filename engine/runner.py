@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from engine.compiled import compile_events, compile_stats
+from engine.compiled import call_compiled, compile_events, compile_stats, own_code
 from engine.errors import HessforgeError
 from engine import paths
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
@@ -215,8 +215,8 @@ def fused_forward(core: Callable, fused: FusedStudent, graph: AtomicGraph, compu
         capacity = -1 if fused.capacity is None else fused.capacity
         if before_call is not None:
             before_call()
-        energy, node_energy, third, status = core(positions, graph.numbers, graph.cell, graph.pbc, graph.batch,
-                                                  capacity)
+        energy, node_energy, third, status = call_compiled(core, positions, graph.numbers, graph.cell, graph.pbc,
+                                                           graph.batch, capacity)
         if capacity < 0:
             break
         needed, finite = status.tolist()  # the padded call's one sync
@@ -260,7 +260,7 @@ class CompiledFusedStudent(nn.Module):
         self.cutoff, self.species, self.direct_forces = fused.cutoff, fused.species, fused.direct_forces
         self.dynamic = dynamic
         self.graphs = mode == "reduce-overhead"
-        self._core = torch.compile(fused.core, fullgraph=True, dynamic=dynamic, mode=mode)
+        self._core = torch.compile(own_code(fused.core), fullgraph=True, dynamic=dynamic, mode=mode)
 
     def check_species(self, numbers, where: str = "") -> None:
         self.fused.check_species(numbers, where)

@@ -92,7 +92,7 @@ def test_inductor_compiles_a_single_structure(rng):
     assert float(a["forces"].abs().max()) > 0
 
 
-def test_compiled_students_have_their_own_graph_caches_and_count_recompiles(rng, monkeypatch):
+def test_compiled_students_have_their_own_graph_caches_and_count_recompiles(rng):
     """torch caps the graphs of one function (recompile_limit): compiled students of different widths each
     compile their own copy of the core, so models do not use up each other's graphs (the ninth model
     configuration of a process failed); one model past the cap is one HessforgeError; compile_stats counts
@@ -101,21 +101,20 @@ def test_compiled_students_have_their_own_graph_caches_and_count_recompiles(rng,
     from engine.errors import HessforgeError
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     graph = next(_stream(rng, [3]))
-    for hidden in (8, 10, 12):  # one shared function would hit the cap of 1 at the second width
-        torch.manual_seed(hidden)
-        model = PaiNN(SPECIES, cutoff=4.0, hidden=hidden, layers=1, num_basis=4).double().eval()
-        out = CompiledStudent(model, backend="eager")(graph)
-        torch.testing.assert_close(out["forces"], model(graph)["forces"], rtol=1e-10, atol=1e-12)
-    before = compile_stats()
-    compiled = CompiledStudent(_model("gradient"), backend="eager")
-    compiled(graph)
     single = next(_stream(rng, [1]))  # one structure: a graph of its own (sum_per_structure's B = 1 branch)
-    with pytest.raises(HessforgeError, match="needed more graphs than torch allows one function"):
-        compiled(single)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for hidden in (8, 10, 12):  # one shared function would hit the cap of 1 at the second width
+            torch.manual_seed(hidden)
+            model = PaiNN(SPECIES, cutoff=4.0, hidden=hidden, layers=1, num_basis=4).double().eval()
+            out = CompiledStudent(model, backend="eager")(graph)
+            torch.testing.assert_close(out["forces"], model(graph)["forces"], rtol=1e-10, atol=1e-12)
+        before = compile_stats()
+        compiled = CompiledStudent(_model("gradient"), backend="eager")
+        compiled(graph)
+        with pytest.raises(HessforgeError, match="needed more graphs than torch allows one function"):
+            compiled(single)
     compiled(single)
     events = compile_events(before, compile_stats())
-    # recompiles: the attempt the cap refused and the one after it was raised
+    # recompiles: the attempt the cap refused and the one after it was lifted
     assert events["unique_graphs"] == 2 and events["recompiles"] == 2, events

@@ -65,6 +65,7 @@ class CompiledStudent(nn.Module):
         self.direct_forces = bool(model.direct_forces)
         self.cutoff = model.cutoff
         self.species = model.species
+        keep_compilation_metrics()
         self._core = torch.compile(own_code(self._core_impl), fullgraph=True, dynamic=dynamic, mode=mode,
                                    backend=backend)
 
@@ -117,6 +118,7 @@ def _recompiles() -> int:
     and attempt > 0 is a recompilation (torch keeps no counter of them)."""
     from torch._dynamo import utils
 
+    keep_compilation_metrics()
     count = 0
     for metrics in utils.get_compilation_metrics():
         parts = str(getattr(metrics, "compile_id", "")).lstrip("!").split("/")
@@ -125,10 +127,20 @@ def _recompiles() -> int:
     return count
 
 
-try:  # the metrics are kept in a deque of 64 by default: enough for every compilation of a process
-    torch._dynamo.utils.set_compilation_metrics_limit(1 << 20)
-except AttributeError:  # another torch: the count covers the last 64 compilations
-    pass
+_metrics_kept = False
+
+
+def keep_compilation_metrics() -> None:
+    """Dynamo keeps the metrics of its last 64 compilations: keep all, so _recompiles counts every one.
+    Called before compiling, not at import: importing torch._dynamo imports triton, which must not happen
+    before TRITON_INTERPRET is set (the test suite's interpreter runs)."""
+    global _metrics_kept
+    if not _metrics_kept:
+        try:
+            torch._dynamo.utils.set_compilation_metrics_limit(1 << 20)
+        except AttributeError:  # another torch: the count covers the last 64 compilations
+            pass
+        _metrics_kept = True
 
 
 def compile_events(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:

@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from engine.compiled import call_compiled, compile_events, compile_stats, own_code
+from engine.compiled import call_compiled, compile_events, compile_stats, keep_compilation_metrics, own_code
 from engine.errors import HessforgeError
 from engine import paths
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
@@ -260,6 +260,7 @@ class CompiledFusedStudent(nn.Module):
         self.cutoff, self.species, self.direct_forces = fused.cutoff, fused.species, fused.direct_forces
         self.dynamic = dynamic
         self.graphs = mode == "reduce-overhead"
+        keep_compilation_metrics()
         self._core = torch.compile(own_code(fused.core), fullgraph=True, dynamic=dynamic, mode=mode)
 
     def check_species(self, numbers, where: str = "") -> None:

@@ -1,6 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# The Triton kernels run in the interpreter on CPU. Set it before any module imports triton (importing
+# torch._dynamo does, so any test module could): kernels decorated before it is set are compiled functions.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ the positions, then energy and forces (engine.runner's "model+NL" timing).
         --benchmark-columns=min,median,mean,rounds --benchmark-json=bench/results/students_cpu.json
     python bench/bench_students.py report bench/results/students_cpu.json   # markdown tables + paper ratios
     python bench/bench_students.py profile [BATCH [MODES]]                  # wall vs kernel time, top ops
+    python bench/bench_students.py stream [MODES]                           # recompiles over varying batches
 
 ns/day at 1 fs = structures/s x 0.0864 (bench/README.md), from the median of the rounds. Paper anchors (A6000,
 eager PyTorch, SPICE monomers): PaiNN 291.5 vs MACE-OFF-L 38.0 ns/day at batch 64 (7.7x); 1827 vs 38.1 at
@@ -263,6 +264,41 @@ def profile(batch: int = 64, modes=None, top: int = 12) -> None:
         print(averages.table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total", row_limit=top))
 
 
+def stream(modes=None, batches: int = 16, seed: int = 0) -> str:
+    """Recompiles over a stream of batches of varying size (the issue's "does not recompile on every batch"):
+    for each mode, `batches` batches of 1-64 s22:24 molecules in a seeded random order of sizes (so atom and
+    edge counts vary), the graphs compiled and the recompilations at each batch (engine.compiled.compile_stats)
+    and the call time. Markdown."""
+    import random
+    import time
+
+    from engine.compiled import compile_events, compile_stats
+
+    structures = load_structures_for_profile()
+    sizes = [1, 64] + random.Random(seed).sample(range(2, 64), batches - 2)
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    lines = []
+    for mode in modes or (["compiled+triton", "cudagraphs"] if CUDA else ["compiled", "compiled+fused"]):
+        t = target(mode)
+        lines += [f"\n### {t.name} [{t.mode}], {DEVICE}, {str(DTYPE)[6:]}", "",
+                  "| call | structures | atoms | ms | new graphs | recompiles |", "|---|---|---|---|---|---|"]
+        total = compile_stats()
+        for k, b in enumerate(sizes):
+            graph = t.prepare(fill_batch(structures[k % len(structures):] + structures, b))
+            before = compile_stats()
+            t0 = time.perf_counter()
+            t.model_with_neighbors(graph)
+            sync()
+            ms = 1e3 * (time.perf_counter() - t0)
+            ev = compile_events(before, compile_stats())
+            lines.append(f"| {k + 1} | {b} | {t.count(graph)[0]} | {ms:.1f} | {ev['unique_graphs']} | "
+                         f"{ev['recompiles']} |")
+        ev = compile_events(total, compile_stats())
+        lines.append(f"\n{len(sizes)} batches: {ev['unique_graphs']} graphs compiled, {ev['recompiles']} "
+                     "recompilations.")
+    return "\n".join(lines)
+
+
 def _device_time_us(avg) -> float:
     """Self device time of a profiler average (the attribute was renamed in torch 2.4)."""
     value = getattr(avg, "self_device_time_total", None)
@@ -278,6 +314,8 @@ def load_structures_for_profile():
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "report":
         print(report(sys.argv[2]))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "stream":  # stream [MODE,MODE,...]
+        print(stream(sys.argv[2].split(",") if len(sys.argv) > 2 else None))
     elif len(sys.argv) >= 2 and sys.argv[1] == "profile":  # profile [BATCH [MODE,MODE,...]]
         profile(int(sys.argv[2]) if len(sys.argv) > 2 else 64, sys.argv[3].split(",") if len(sys.argv) > 3 else None)
     else:

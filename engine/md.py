@@ -125,13 +125,16 @@ class BatchedMD:
                                  f"({self.nsystems}), got {value}")
         return t
 
+    def _per_system_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, ...] sums over each system's atoms of per-atom values [N, ...]."""
+        out = torch.zeros((self.nsystems, *values.shape[1:]), dtype=values.dtype, device=values.device)
+        return out.index_add(0, self.batch, values)
+
     def _find_frozen_centres(self) -> None:
         """Which systems' centre-of-mass degrees of freedom are frozen: zero total momentum (relative to the
         atoms' momenta), which Verlet conserves; the Langevin thermostat moves every atom."""
-        p = torch.zeros(self.nsystems, 3, dtype=self.dtype, device=self.device).index_add(
-            0, self.batch, self.velocities * self.masses[:, None])
-        scale = torch.zeros(self.nsystems, dtype=self.dtype, device=self.device).index_add(
-            0, self.batch, self.masses * self.velocities.norm(dim=1))
+        p = self._per_system_sum(self.velocities * self.masses[:, None])
+        scale = self._per_system_sum(self.masses * self.velocities.norm(dim=1))
         self._com_frozen = (p.norm(dim=1) <= 1e-6 * scale) & (self.natoms > 1) & (self.integrator == "verlet")
 
     def set_velocities(self, temperature_K, zero_momentum: bool = True) -> None:
@@ -143,10 +146,7 @@ class BatchedMD:
         noise = torch.randn(self.positions.shape, generator=self.generator, dtype=self.dtype, device=self.device)
         v = noise * sigma[:, None]
         if zero_momentum:
-            p = torch.zeros(self.nsystems, 3, dtype=self.dtype, device=self.device).index_add(
-                0, self.batch, v * self.masses[:, None])
-            mtot = torch.zeros(self.nsystems, dtype=self.dtype, device=self.device).index_add(
-                0, self.batch, self.masses)
+            p, mtot = self._per_system_sum(v * self.masses[:, None]), self._per_system_sum(self.masses)
             v = v - (p / mtot[:, None])[self.batch]
         self.velocities = v
         self._find_frozen_centres()
@@ -154,7 +154,7 @@ class BatchedMD:
     def kinetic_energy(self) -> torch.Tensor:
         """[B] eV."""
         ke = 0.5 * self.masses * self.velocities.square().sum(dim=1) / ACCEL
-        return torch.zeros(self.nsystems, dtype=self.dtype, device=self.device).index_add(0, self.batch, ke)
+        return self._per_system_sum(ke)
 
     def temperature(self) -> torch.Tensor:
         """[B] K over 3N degrees of freedom per system, 3N - 3 where the centre of mass is frozen (class

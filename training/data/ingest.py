@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+from ase import units
 
 from engine.errors import HessforgeError
 from engine.neighbors import complete_cells
@@ -22,10 +23,10 @@ from engine.paths import check_output_file, file_sha256
 from training.data.records import Structure
 from training.data.store import DatasetWriter
 
-# Factors to eV and Å (values of ase.units, CODATA 2014); keys are matched case-insensitively.
-ENERGY_UNITS = {"ev": 1.0, "mev": 1e-3, "hartree": 27.211386024367243, "ha": 27.211386024367243,
-                "ry": 13.605693012183622, "kcal/mol": 0.04336410390059322, "kj/mol": 0.010364269574711572}
-LENGTH_UNITS = {"å": 1.0, "a": 1.0, "angstrom": 1.0, "bohr": 0.5291772105638411, "nm": 10.0, "pm": 0.01}
+# Factors to eV and Å, from ase.units; keys are matched case-insensitively.
+ENERGY_UNITS = {"ev": 1.0, "mev": 1e-3, "hartree": units.Hartree, "ha": units.Hartree, "ry": units.Ry,
+                "kcal/mol": units.kcal / units.mol, "kj/mol": units.kJ / units.mol}
+LENGTH_UNITS = {"å": 1.0, "a": 1.0, "angstrom": 1.0, "bohr": units.Bohr, "nm": 10.0, "pm": 0.01}
 CLOSEST_ALLOWED = 0.3  # Å: no two nuclei are closer in a real structure; in nm, every bond would be
 BOHR_LIKE_H_DISTANCE = 1.5  # Å: a bonded H's nearest neighbour is 0.7-1.2 Å away; in Bohr it reads ~1.8-2.1
 

@@ -204,3 +204,16 @@ def test_ani_bench_refuses_periodic_data(files, capsys):
     ase.io.write(files / "box.xyz", box, format="extxyz")
     fails(capsys, ["bench", "ani1x:0", str(files / "box.xyz"), "--batch-size", "1", *FAST],
           "times ANI-1x on molecules only")
+
+
+def test_ani_bench_target_leaves_the_teacher_alone():
+    """A float32 ANI-1x bench target works on a copy: the teacher's networks are cached per process, and
+    casting them in place broke every later float64 ANI-1x teacher (labels, md-eval) of the process."""
+    from training.bench import AniTarget
+    from training.teachers import load_teacher
+
+    water = molecule("H2O")
+    before = load_teacher("ani1x:0").compute(water, rows=[0, 4])
+    AniTarget(load_teacher("ani1x:0"), "cpu", torch.float32)
+    after = load_teacher("ani1x:0").compute(water, rows=[0, 4])
+    assert after.energy == before.energy and np.array_equal(after.hessian_rows, before.hessian_rows)

@@ -21,6 +21,7 @@ size, and with --sweep also best batch vs best batch.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import warnings
@@ -207,7 +208,9 @@ class AniTarget(BenchTarget):
         self.dtype = dtype
         self.name, self.mode = teacher.name, "eager"
         self.teacher = teacher
-        self.ani = teacher.model.to(device=self.device, dtype=dtype)
+        # a copy: the teacher's networks are cached and shared (training.teachers.ani._load_parts), and casting
+        # them in place left every later ANI-1x teacher of the process in this dtype
+        self.ani = copy.deepcopy(teacher.model).to(device=self.device, dtype=dtype)
         self.converter = teacher.converter.to(self.device)
         self.note = "neighbor search inside the model (AEV)"
 

@@ -56,7 +56,7 @@ def _mark_dynamic(graph: AtomicGraph) -> None:
 
 
 class CompiledStudent(nn.Module):
-    """Wraps a student (PaiNN interface: energies(graph, positions), direct_force_head(s, v)) for inference."""
+    """Wraps an engine student (energies(graph, positions), direct_force_head(s, v)) for inference."""
 
     def __init__(self, model: nn.Module, dynamic: bool = True, mode: str = "default", backend: str = "inductor"):
         super().__init__()

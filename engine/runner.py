@@ -56,8 +56,9 @@ from torch import nn
 from engine.compiled import call_compiled, compile_events, compile_stats, keep_compilation_metrics, own_code
 from engine.errors import HessforgeError
 from engine import paths
-from engine.graph import AtomicGraph, graph_from_atoms, graph_to, sum_per_structure
+from engine.graph import AtomicGraph, graph_from_atoms, graph_to
 from engine.models import for_inference
+from engine.models.base import NORM_EPS
 
 NS_PER_DAY_PER_STEP_PER_S = 86400 * 1e-6  # ns/day at 1 fs per step, per step/s
 STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+triton", "cudagraphs")
@@ -138,7 +139,7 @@ def rebuild_neighbors(graph: AtomicGraph, cutoff: float, backend: str = "auto") 
 
 # ------------------------------------------------------------------------------------------ fused students
 class FusedStudent(nn.Module):
-    """A PaiNN student evaluated on the fused neighbor-list + radial-basis op (`engine.kernels.radial_edges`):
+    """A student (PaiNN, SchNet) evaluated on the fused neighbor-list + radial-basis op (`engine.kernels.radial_edges`):
     one pass over candidate pairs gives the edges, unit vectors, sinc basis and cosine envelope, with a
     first-derivative backward to positions, so forces need no second pass over the edge geometry. The graph's
     own edges are ignored: the neighbor list is built inside the call. Forces only (no Hessians: the fused op
@@ -158,9 +159,9 @@ class FusedStudent(nn.Module):
         k = _kernels()
         if k is None:
             raise HessforgeError("the fused student needs engine.kernels, which cannot be imported")
-        for attr in ("embedding", "messages", "updates", "readout", "z_to_index", "num_basis"):
-            if not hasattr(model, attr):
-                raise HessforgeError(f"the fused path supports PaiNN students; {type(model).__name__} lacks {attr}")
+        if not hasattr(model, "energies_from_edges"):
+            raise HessforgeError(f"the fused path runs engine students (PaiNN, SchNet); {type(model).__name__} "
+                                 "has no energies_from_edges")
         if capacity is not None and capacity < 0:
             raise HessforgeError(f"edge capacity must be >= 0 (0: sized at the first call), got {capacity}")
         self.model = model
@@ -180,17 +181,11 @@ class FusedStudent(nn.Module):
         capacity < 0: exact edges, else that many padded slots (the op called directly: checking the status
         is the caller's, outside compiled code; the padded op reads nothing back, so it cannot check)."""
         m = self.model
-        # eps: PaiNN's _norm, so r, unit and rbf match it
+        # eps: the students' safe_norm, so r, unit and rbf match their graph path
         edges = self._kernels.RadialEdges(*torch.ops.hessforge.radial_edges(
-            positions, cell, pbc, batch, self.cutoff, int(m.num_basis), capacity, 1e-8, self.backend))
-        s = m.embedding(m.z_to_index[numbers])
-        v = torch.zeros(s.shape[0], 3, s.shape[1], dtype=s.dtype, device=s.device)
-        for message, update in zip(m.messages, m.updates):
-            s, v = message(s, v, edges.edge_index, edges.rbf, edges.fcut, edges.unit)
-            s, v = update(s, v)
-        species = m.z_to_index[numbers]
-        node_energy = m.readout(s).squeeze(-1) * m.energy_scale + m.atom_ref[species]
-        energy = sum_per_structure(node_energy, batch, cell.shape[0])
+            positions, cell, pbc, batch, self.cutoff, int(m.num_basis), capacity, NORM_EPS, self.backend))
+        energy, node_energy, s, v = m.energies_from_edges(numbers, batch, cell.shape[0], edges.edge_index,
+                                                          edges.rbf, edges.fcut, edges.unit)
         forces = m.direct_force_head(s, v) if self.direct_forces else energy
         status = torch.stack([edges.num_edges, torch.isfinite(positions).all().to(edges.num_edges.dtype)])
         return energy, node_energy, forces, status

@@ -6,7 +6,7 @@ from ase import Atoms
 
 from engine.compiled import CompiledStudent
 from engine.graph import graph_from_atoms
-from engine.models import PaiNN
+from engine.models import STUDENTS, PaiNN
 
 SPECIES = [1, 6, 7, 8]
 
@@ -26,14 +26,17 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _model(mode, seed=0):
+def _model(mode, seed=0, arch="painn"):
     torch.manual_seed(seed)
-    return PaiNN(SPECIES, cutoff=4.0, hidden=8, layers=2, num_basis=6, force_mode=mode).double().eval()
+    return STUDENTS[arch](SPECIES, cutoff=4.0, hidden=8, layers=2, num_basis=6, force_mode=mode).double().eval()
 
 
-@pytest.mark.parametrize("mode", ["gradient", "direct"])
-def test_no_graph_breaks(rng, mode):
-    model = _model(mode)
+VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+
+
+@pytest.mark.parametrize("arch,mode", VARIANTS)
+def test_no_graph_breaks(rng, arch, mode):
+    model = _model(mode, arch=arch)
     graph = next(_stream(rng, [3]))
 
     def core(graph, positions):
@@ -44,10 +47,10 @@ def test_no_graph_breaks(rng, mode):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("mode", ["gradient", "direct"])
-def test_compiled_equals_eager_without_recompiling(rng, mode):
+@pytest.mark.parametrize("arch,mode", VARIANTS)
+def test_compiled_equals_eager_without_recompiling(rng, arch, mode):
     torch._dynamo.reset()
-    model = _model(mode, int(rng.integers(1000)))
+    model = _model(mode, int(rng.integers(1000)), arch)
     # aot_eager runs dynamo + AOTAutograd (the graph capture and dynamic shapes) without the C++ codegen
     compiled = CompiledStudent(model, backend="aot_eager")
     frames = []

@@ -13,7 +13,7 @@ from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_tor
 from engine.exported import core_available, load_core, neighbor_list
 from engine.graph import graph_from_atoms
 from engine.neighbors import structure_neighbor_list
-from test_export import CUTOFF, SPECIES, rel, strain_virial, structures, tiny_painn
+from test_export import CUTOFF, SPECIES, VARIANTS, rel, strain_virial, structures, tiny_painn
 
 pytestmark = pytest.mark.skipif(not core_available(), reason="C++ core not built (make build)")
 
@@ -71,9 +71,9 @@ def test_neighbor_list_large_system_matches_ase(rng):
     assert elapsed < 2.0, f"cell list took {elapsed:.2f} s for 3000 atoms"
 
 
-@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
-def test_core_matches_python_engine(tmp_path, rng, force_mode):
-    model = tiny_painn(force_mode, seed=int(rng.integers(1000)))
+@pytest.mark.parametrize("arch,force_mode", VARIANTS)
+def test_core_matches_python_engine(tmp_path, rng, arch, force_mode):
+    model = tiny_painn(force_mode, seed=int(rng.integers(1000)), arch=arch)
     path = str(tmp_path / "model.pt")
     export_model(model, path)
     core = load_core(path, num_threads=1)

@@ -14,15 +14,19 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_VERSION, METADATA_NAME, ExportWrapper, export_model, quiet_torchscript
 from engine.exported import load_exported, read_metadata
 from engine.graph import graph_from_atoms
-from engine.models import PaiNN
+from engine.models import STUDENTS
 
 SPECIES = [1, 6, 8]
 CUTOFF = 3.5
 
 
-def tiny_painn(force_mode="gradient", seed=0, dtype=torch.float64):
+# (architecture, force mode) of every exported student variant
+VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+
+
+def tiny_painn(force_mode="gradient", seed=0, dtype=torch.float64, arch="painn"):
     torch.manual_seed(seed)
-    model = PaiNN(SPECIES, cutoff=CUTOFF, hidden=16, layers=2, num_basis=8, force_mode=force_mode)
+    model = STUDENTS[arch](SPECIES, cutoff=CUTOFF, hidden=16, layers=2, num_basis=8, force_mode=force_mode)
     with torch.no_grad():  # non-trivial reference energies and scale, as after training
         model.atom_ref.copy_(torch.tensor([-13.6, -1029.0, -2041.0]))
         model.energy_scale.fill_(0.7)
@@ -72,9 +76,9 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
-@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
-def test_exported_matches_python_student(tmp_path, rng, force_mode):
-    model = tiny_painn(force_mode, seed=int(rng.integers(1000)))
+@pytest.mark.parametrize("arch,force_mode", VARIANTS)
+def test_exported_matches_python_student(tmp_path, rng, arch, force_mode):
+    model = tiny_painn(force_mode, seed=int(rng.integers(1000)), arch=arch)
     path = str(tmp_path / "model.pt")
     meta = export_model(model, path)
     exported = load_exported(path)

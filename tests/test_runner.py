@@ -10,7 +10,7 @@ from ase.build import molecule
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
-from engine.models import PaiNN
+from engine.models import STUDENTS
 from engine.runner import (CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark,
                            edge_slots, fill_batch, format_table, fused_forward, ns_per_day, rebuild_neighbors, sweep,
                            write_json)
@@ -68,8 +68,8 @@ def periodic(rng, n=6):
     return Atoms(numbers=rng.choice(SPECIES, n), positions=rng.uniform(0, 1, (n, 3)) @ cell, cell=cell, pbc=True)
 
 
-def tiny(force_mode="gradient", dtype=torch.float64):
-    return PaiNN(SPECIES, cutoff=3.5, hidden=16, layers=2, num_basis=8, force_mode=force_mode).to(dtype)
+def tiny(force_mode="gradient", dtype=torch.float64, arch="painn"):
+    return STUDENTS[arch](SPECIES, cutoff=3.5, hidden=16, layers=2, num_basis=8, force_mode=force_mode).to(dtype)
 
 
 def test_speed_arithmetic_and_median(rng):
@@ -132,9 +132,9 @@ def test_sweep_stops_at_memory_cap_and_out_of_memory():
               [molecule("H2O")], max_batch=1024, warmup=1, repeats=1, timer=clock)
 
 
-@pytest.mark.parametrize("force_mode", ["gradient", "direct"])
-def test_fused_student_equals_eager(rng, force_mode):
-    model = tiny(force_mode)
+@pytest.mark.parametrize("arch,force_mode", [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")])
+def test_fused_student_equals_eager(rng, arch, force_mode):
+    model = tiny(force_mode, arch=arch)
     structures = small_molecules(rng, 3) + [periodic(rng)]
     graph = graph_from_atoms(structures, model.cutoff, torch.float64)
     eager = model(graph)

@@ -5,6 +5,7 @@ MODEL is one of
   PATH                  a trainer checkpoint or an exported TorchScript student (`hessforge export`)
   painn[:k=v,...]       a PaiNN student with random weights (speed does not depend on weights); default
                         hidden=128, layers=4, num_basis=128, cutoff=5 (the paper-size student), species of DATA
+  schnet[:k=v,...]      a SchNet student with random weights; default hidden=128, layers=3, num_basis=32, cutoff=5
   ani1x | ani1x:K       the ANI-1x teacher (8-model ensemble, or member K)
   mace:FILE[@HEAD]      a mace-torch .model file
   mace-off-l-arch       the MACE-OFF23-Large architecture built in code with random weights (see
@@ -39,6 +40,8 @@ from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarge
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PAINN_DEFAULTS = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")
+SCHNET_DEFAULTS = dict(hidden=128, layers=3, num_basis=32, cutoff=5.0, force_mode="gradient")
+STUDENT_SPECS = {"painn": PAINN_DEFAULTS, "schnet": SCHNET_DEFAULTS}  # random-weight students by name
 
 # MACE-OFF23 (Kovács et al. 2023): elements of the released models and the Large model's hyperparameters
 MACE_OFF23_ELEMENTS = (1, 6, 7, 8, 9, 15, 16, 17, 35, 53)  # H C N O F P S Cl Br I
@@ -288,15 +291,15 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
 
         model = load_model(spec, dtype=dtype)
         return _student_targets(model, label or os.path.basename(spec), modes, device, dtype, notes, info)
-    if name == "painn":
-        from engine.models import PaiNN
+    if name in STUDENT_SPECS:
+        from engine.models import STUDENTS
 
-        hp = dict(PAINN_DEFAULTS, **_parse_kv(arg))
+        hp = dict(STUDENT_SPECS[name], **_parse_kv(arg))
         try:
-            model = PaiNN(elements, **hp)
+            model = STUDENTS[name](elements, **hp)
         except (TypeError, ValueError) as err:  # an unknown key, hidden=abc, force_mode=bad
             raise HessforgeError(f"{spec}: {err}") from None
-        label = "painn(" + ",".join(f"{k}={v}" for k, v in hp.items() if k != "force_mode") + ")"
+        label = name + "(" + ",".join(f"{k}={v}" for k, v in hp.items() if k != "force_mode") + ")"
         return _student_targets(model, label, modes, device, dtype, notes, info)
     if spec == "mace-off-l-arch":
         model = mace_off_large(dtype=dtype)
@@ -315,7 +318,7 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
         from training.teachers import load_teacher
 
         return [AniTarget(load_teacher(spec), device, dtype)]
-    raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], ani1x[:K], mace:FILE, "
+    raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], schnet[:k=v,...], ani1x[:K], mace:FILE, "
                          "mace-off-l-arch")
 
 
@@ -369,7 +372,7 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
     parser.add_argument("args", nargs="+", metavar="MODEL [MODEL ...] DATA",
-                        help="models (checkpoint/exported file, painn[:k=v], ani1x, mace:FILE, mace-off-l-arch) "
+                        help="models (checkpoint/exported file, painn[:k=v], schnet[:k=v], ani1x, mace:FILE, mace-off-l-arch) "
                              "then the data (file, quickstart, s22[:MIN_ATOMS])")
     parser.add_argument("--compare", action="append", default=[], metavar="TEACHER",
                         help="reference model(s) for the speedup column (repeatable); the first is the reference")

@@ -27,7 +27,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "painn"
+    name: str = "painn"  # or "schnet" (smaller and faster; gradient forces only)
     hidden: int = 128
     layers: int = 4
     num_basis: int = 128
@@ -182,8 +182,14 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
         raise HessforgeError(f"{where}: data.train must be > 0, got {config.data.train!r}")
     if not config.data.path:
         raise HessforgeError(f"{where}: 'data.path' (the LMDB dataset) is required")
-    if config.model.force_mode not in ("gradient", "direct"):
-        raise HessforgeError(f"{where}: model.force_mode must be 'gradient' or 'direct', got {config.model.force_mode!r}")
+    from engine.models import STUDENTS
+
+    student = STUDENTS.get(str(config.model.name).lower())
+    if student is None:
+        raise HessforgeError(f"{where}: model.name must be one of {', '.join(STUDENTS)}, got {config.model.name!r}")
+    if config.model.force_mode not in student.force_modes:
+        raise HessforgeError(f"{where}: model.force_mode of {config.model.name} must be "
+                             f"{' or '.join(repr(m) for m in student.force_modes)}, got {config.model.force_mode!r}")
     if config.loss.kind not in ("l2mae", "mse"):
         raise HessforgeError(f"{where}: loss.kind must be 'l2mae' or 'mse', got {config.loss.kind!r}")
     if config.train.dtype not in ("float32", "float64"):

@@ -1,5 +1,5 @@
 """`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
-call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] (random weights, for timing); DATA as
+call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as
 for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
 (so a previous run's -o file continues that run), else drawn at --temperature (--init-temperature forces a
@@ -21,7 +21,7 @@ from training.bench import DTYPES, load_structures, make_targets, set_threads
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="checkpoint, exported file or painn[:k=v,...]")
+    parser.add_argument("model", help="checkpoint, exported file, painn[:k=v,...] or schnet[:k=v,...]")
     parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
     parser.add_argument("--batch-size", type=int, default=64, help="systems integrated together (default 64)")
     parser.add_argument("--steps", type=int, default=1000)
@@ -79,7 +79,7 @@ def run(args) -> int:
     print(f"initial velocities: {start_from}", file=sys.stderr)
     (target,) = make_targets(args.model, structures, ["eager"], device, dtype, [], {})
     if not hasattr(target, "student"):
-        raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn)")
+        raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn, schnet)")
     model = target.student
     if args.mode != "eager":
         model, _ = student_for_mode(model, args.mode, device)

@@ -382,7 +382,7 @@ def radial_edges(
 
     positions [N, 3], cell [B, 3, 3] (rows are lattice vectors; ignored for non-periodic structures), pbc
     [B, 3] bool, batch [N] sorted structure index. Same edges, shifts and order as
-    `engine.neighbors.batched_neighbor_list`; `eps` as in PaiNN's `_norm` (1e-8 there) for bitwise-equal
+    `engine.neighbors.batched_neighbor_list`; `eps` as in the students' `safe_norm` (1e-8 there) for bitwise-equal
     semantics. Differentiable once in positions and cell. `capacity`: see the module docstring; in eager mode
     an overflow grows the output to the next power of two ≥ E (keep passing `out.edge_index.shape[1]` to
     stay there) or raises with grow=False. `complete`: fill the zero cell vectors ASE writes along the

@@ -1,7 +1,10 @@
-"""Student architectures, one file each, sharing one interface: forward(graph) -> energy, forces, features."""
+"""Student architectures, one file each, on one base (engine.models.base.Student) and one interface:
+forward(graph) -> energy, forces, features."""
+from engine.models.base import Student
 from engine.models.painn import PaiNN
+from engine.models.schnet import SchNet
 
-STUDENTS = {"painn": PaiNN}
+STUDENTS = {"painn": PaiNN, "schnet": SchNet}
 
 
 def build_student(name: str, **kwargs):
@@ -23,7 +26,7 @@ def for_inference(model, device, dtype):
 
     if not isinstance(model, torch.nn.Module):
         return model
-    if isinstance(model, tuple(STUDENTS.values())):  # always: even a ready model may be edited by its owner
+    if isinstance(model, Student):  # always: even a ready model may be edited by its owner
         model = copy.deepcopy(model)
     model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
@@ -31,4 +34,4 @@ def for_inference(model, device, dtype):
     return model
 
 
-__all__ = ["PaiNN", "STUDENTS", "build_student", "for_inference"]
+__all__ = ["PaiNN", "SchNet", "Student", "STUDENTS", "build_student", "for_inference"]

@@ -1,0 +1,141 @@
+"""Student architectures (PaiNN in both force modes, SchNet): forces, Hessians, symmetries, species checks and
+TorchScript, in float64 against references."""
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from scipy.spatial.transform import Rotation
+
+from engine.errors import HessforgeError, UnknownElementError
+from engine.graph import graph_from_atoms
+from engine.models import STUDENTS, PaiNN, SchNet
+from training.config import config_from_dict
+from training.losses import student_hessian_rows
+
+SPECIES = [1, 6, 7, 8]
+
+
+def _molecule(rng, n=6):
+    return Atoms(numbers=rng.choice(SPECIES, size=n), positions=rng.uniform(-1.6, 1.6, size=(n, 3)))
+
+
+# (architecture, force mode): every student variant the engine has
+VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+GRADIENT = [v for v in VARIANTS if v[1] == "gradient"]
+
+
+def _model(force_mode, seed=0, arch="painn"):
+    torch.manual_seed(seed)
+    model = STUDENTS[arch](SPECIES, cutoff=4.0, hidden=16, layers=2, num_basis=8, force_mode=force_mode).double()
+    with torch.no_grad():  # a non-trivial energy scale, as after training (reference energies would only
+        model.energy_scale.fill_(0.8)  # add float64 rounding to the finite differences below)
+    return model
+
+
+def _periodic(rng):
+    cell = np.diag(rng.uniform(3.0, 4.0, 3))
+    cell[1, 0] = 0.7
+    return Atoms(numbers=rng.choice(SPECIES, 4), positions=rng.uniform(0, 3, (4, 3)), cell=cell, pbc=True)
+
+
+@pytest.mark.parametrize("arch", ["painn", "schnet"])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_gradient_forces_match_finite_differences(rng, periodic, arch):
+    atoms = _periodic(rng) if periodic else _molecule(rng)
+    model = _model("gradient", int(rng.integers(1000)), arch)
+    forces = model(graph_from_atoms([atoms], 4.0, torch.float64))["forces"].detach().numpy()
+    h = 1e-5
+    fd = np.zeros_like(forces)
+    for a in range(len(atoms)):
+        for x in range(3):
+            e = []
+            for sign in (1, -1):
+                moved = atoms.copy()
+                moved.positions[a, x] += sign * h
+                e.append(model(graph_from_atoms([moved], 4.0, torch.float64), compute_forces=False)["energy"].item())
+            fd[a, x] = -(e[0] - e[1]) / (2 * h)
+    np.testing.assert_allclose(forces, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch,force_mode", VARIANTS)
+def test_rotation_translation_permutation(rng, arch, force_mode):
+    atoms = _molecule(rng)
+    model = _model(force_mode, int(rng.integers(1000)), arch)
+    out = model(graph_from_atoms([atoms], 4.0, torch.float64))
+    R = Rotation.random(random_state=int(rng.integers(2**31))).as_matrix()
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ R.T + rng.normal(size=3)
+    perm = rng.permutation(len(atoms))
+    moved = moved[perm]
+    out2 = model(graph_from_atoms([moved], 4.0, torch.float64))
+    np.testing.assert_allclose(out2["energy"].item(), out["energy"].item(), rtol=1e-10)
+    f_expected = out["forces"].detach().numpy() @ R.T
+    np.testing.assert_allclose(out2["forces"].detach().numpy(), f_expected[perm], atol=1e-10)
+    assert out["forces"].abs().max() > 1e-6  # the check above is not vacuous
+
+
+@pytest.mark.parametrize("arch,force_mode", VARIANTS)
+def test_batch_equals_separate_structures(rng, arch, force_mode):
+    model = _model(force_mode, int(rng.integers(1000)), arch)
+    structures = [_molecule(rng, 5), _periodic(rng), _molecule(rng, 3)]
+    batched = model(graph_from_atoms(structures, 4.0, torch.float64))
+    forces, energies = [], []
+    for s in structures:
+        o = model(graph_from_atoms([s], 4.0, torch.float64))
+        energies.append(o["energy"].item())
+        forces.append(o["forces"].detach())
+    np.testing.assert_allclose(batched["energy"].detach().numpy(), energies, rtol=1e-12)
+    np.testing.assert_allclose(batched["forces"].detach().numpy(), torch.cat(forces).numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["painn", "schnet"])
+def test_torchscript_matches_eager(rng, arch):
+    atoms = [_molecule(rng), _periodic(rng)]
+    for mode in STUDENTS[arch].force_modes:
+        model = _model(mode, arch=arch)
+        graph = graph_from_atoms(atoms, 4.0, torch.float64)
+        scripted = torch.jit.script(model)
+        a, b = model(graph), scripted(graph)
+        torch.testing.assert_close(a["energy"], b["energy"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(a["forces"], b["forces"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("arch", ["painn", "schnet"])
+def test_unknown_element_is_named(arch):
+    model = _model("gradient", arch=arch)
+    with pytest.raises(UnknownElementError, match=r"S \(Z=16\)"):
+        model.check_species([1, 6, 16])
+
+
+@pytest.mark.parametrize("arch,force_mode", GRADIENT)
+def test_hessian_rows_match_finite_differences_of_forces(rng, arch, force_mode):
+    """The training loss's Hessian rows (one vector-Jacobian product per row) against central differences of
+    the student's own forces: H[k] = -dF/dx_k."""
+    atoms = _molecule(rng, 5)
+    model = _model(force_mode, int(rng.integers(1000)), arch)
+    graph = graph_from_atoms([atoms], 4.0, torch.float64)
+    rows = [int(k) for k in rng.choice(3 * len(atoms), size=3, replace=False)]
+    positions = graph.positions.detach().requires_grad_(True)
+    forces = model(graph._replace(positions=positions), create_graph=True)["forces"]
+    index = torch.tensor(rows).unsqueeze(1)  # [s, B = 1]
+    got = student_hessian_rows(forces, positions, index).detach().reshape(len(rows), -1).numpy()
+    h = 1e-5
+    for r, k in enumerate(rows):
+        f = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[k // 3, k % 3] += sign * h
+            f.append(model(graph_from_atoms([moved], 4.0, torch.float64))["forces"].detach().numpy().reshape(-1))
+        np.testing.assert_allclose(got[r], -(f[0] - f[1]) / (2 * h), rtol=1e-5, atol=1e-7)
+    assert np.abs(got).max() > 1e-3
+
+
+def test_schnet_has_gradient_forces_only(tmp_path):
+    with pytest.raises(ValueError, match="force_mode"):
+        SchNet(SPECIES, force_mode="direct")
+    with pytest.raises(HessforgeError, match="force_mode of schnet must be 'gradient'"):
+        config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "schnet", "force_mode": "direct"}})
+    with pytest.raises(HessforgeError, match="model.name must be one of painn, schnet"):
+        config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "gemnet"}})
+    with pytest.raises(HessforgeError, match="SchNet: .*hidden must be >= 2"):
+        SchNet(SPECIES, hidden=1)

@@ -50,6 +50,20 @@ def test_quickstart_on_own_data_and_rerun(tmp_path, rng, capsys):
     assert "as it was before an edit" in capsys.readouterr().err
 
 
+def test_quickstart_with_a_schnet_student(tmp_path, rng, capsys):
+    data = tmp_path / "mine.extxyz"
+    write_frames(data, rng, n=9)
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--data", str(data), "--student", "schnet", *FAST]) == 0
+    assert "SchNet Hessian-distilled" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["student"]["name"] == "schnet"
+    assert set(results["results"]) == {"SchNet undistilled", "SchNet Hessian-distilled"}
+    # a PaiNN quickstart into the same --out would resume SchNet checkpoints: refused, naming the model
+    assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST]) == 2
+    assert "holds a schnet quickstart; give another --out for --student painn" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be >= 1"),
                                                     ("--minutes-per-student", "0", "--minutes-per-student must be > 0"),
                                                     ("--teacher", "ani2x", "ani2x")])

@@ -2,7 +2,7 @@
 
 Bundled data: conformers of small HCNO molecules from ANI-1x Langevin MD, labelled with pyscf at
 ωB97x/6-31G(d), ANI-1x's own level of theory (see data/PROVENANCE.md and make_dataset.py). The quickstart
-labels Hessian rows with ANI-1x, trains an undistilled and a Hessian-distilled PaiNN with identical settings
+labels Hessian rows with ANI-1x, trains an undistilled and a Hessian-distilled PaiNN (or SchNet) with identical settings
 and seed, evaluates both and the teacher on held-out conformers, and prints one table.
 """
 from __future__ import annotations
@@ -18,8 +18,13 @@ from engine.paths import atomic_open, check_output_dir, write_json
 
 BUNDLED = "quickstart.extxyz"
 
-# Small enough for a 2-core CPU; the paper-size default is hidden 128, 4 layers, 128 basis functions.
-STUDENT = {"name": "painn", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"}
+# Small enough for a 2-core CPU; the paper-size PaiNN is hidden 128, 4 layers, 128 basis functions.
+STUDENTS = {
+    "painn": {"name": "painn", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"},
+    "schnet": {"name": "schnet", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"},
+}
+STUDENT_NAMES = {"painn": "PaiNN", "schnet": "SchNet"}
+RUN_DIRS = {0.0: "undistilled", 400.0: "hessian_kd"}  # λ_KD -> run directory under --out
 
 
 def add_arguments(parser) -> None:
@@ -30,6 +35,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=500, help="epochs of each student (default 500)")
     parser.add_argument("--minutes-per-student", type=float, default=7.0,
                         help="safety cap on each training run's wall time (default 7)")
+    parser.add_argument("--student", default="painn", choices=sorted(STUDENTS),
+                        help="student architecture (default painn; schnet: smaller and faster)")
     parser.add_argument("--seed", type=int, default=0)
     # One thread: these graphs are tiny, and with 2 threads a step was 10-25x slower whenever anything else
     # ran on the 2 cores (measured 0.69 s vs 0.028 s per step), from OpenMP threads waiting on each other.
@@ -43,7 +50,7 @@ def bundled_data() -> str:
 def student_config(data: str, labels: str, split_file: str, out: str, hessian: float, args) -> dict:
     return {
         "data": {"path": data, "labels": labels, "split_file": split_file},
-        "model": dict(STUDENT),
+        "model": dict(STUDENTS[getattr(args, "student", "painn")]),
         # λ_F=100, λ_KD=400 as in the paper. λ_U=50: the paper's code divides per-atom energy errors by an
         # energy normalizer (std 0.0876 eV in its SPICE config), i.e. an effective weight of ~57 on errors
         # in eV; with a plain 5 these students never learned energies (90 meV/atom after 600 epochs).
@@ -52,6 +59,21 @@ def student_config(data: str, labels: str, split_file: str, out: str, hessian: f
         "train": {"out": out, "epochs": args.epochs, "batch_size": 8, "seed": args.seed,
                   "checkpoint_every": 25, "max_time_s": 60 * args.minutes_per_student, "threads": args.threads},
     }
+
+
+def _check_same_student(out: str, args) -> None:
+    """A rerun into an existing --out continues its students: refuse another --student before any work."""
+    import yaml
+
+    for sub in RUN_DIRS.values():
+        path = os.path.join(out, sub, "config.yaml")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            name = str(((yaml.safe_load(fh) or {}).get("model") or {}).get("name", "painn"))
+        if name != args.student:
+            raise HessforgeError(f"--out {args.out} holds a {name} quickstart; give another --out for "
+                                 f"--student {args.student}, or --student {name} to continue it")
 
 
 def run(args) -> int:
@@ -76,6 +98,7 @@ def run(args) -> int:
             raise HessforgeError(f"{option} must be {rule}, got {value}")
     out = os.path.abspath(args.out)
     check_output_dir(out, "--out")
+    _check_same_student(out, args)
     source = os.path.abspath(args.data or bundled_data())
     if not os.path.isfile(source):
         raise HessforgeError(f"quickstart data not found: {source}")
@@ -112,10 +135,11 @@ def run(args) -> int:
         save_split(split_file, split, seed=args.seed, count=len(dataset), dataset=data)
     split = load_split(split_file, count=len(dataset))
 
-    runs = {"PaiNN undistilled": 0.0, "PaiNN Hessian-distilled": 400.0}
+    student = STUDENT_NAMES[args.student]
+    runs = {f"{student} undistilled": 0.0, f"{student} Hessian-distilled": 400.0}
     training = {}
     for k, (name, lam) in enumerate(runs.items()):
-        run_dir = os.path.join(out, "undistilled" if lam == 0 else "hessian_kd")
+        run_dir = os.path.join(out, RUN_DIRS[lam])
         config = config_from_dict(student_config(data, labels, split_file, run_dir, lam, args), where="quickstart")
         t0 = time.time()
         summary = Trainer(config).fit()
@@ -128,7 +152,7 @@ def run(args) -> int:
     store = LabelStore(labels)
     results, table = {}, {}
     for name, lam in runs.items():
-        run_dir = os.path.join(out, "undistilled" if lam == 0 else "hessian_kd")
+        run_dir = os.path.join(out, RUN_DIRS[lam])
         metrics = evaluate(load_student(os.path.join(run_dir, "best.pt")), test, store)
         results[name] = metrics
         table[name] = {"vs_reference": metrics["student_vs_reference"], "vs_teacher": metrics["student_vs_teacher"]}
@@ -149,7 +173,7 @@ def run(args) -> int:
     print(f"wall time {wall / 60:.1f} min; results in {out}/results.json")
     write_json(os.path.join(out, "results.json"), {
         "results": results, "training": training, "wall_s_this_run": wall, "teacher": args.teacher,
-        "rows": args.rows, "seed": args.seed, "data": source, "reference": reference, "student": STUDENT,
+        "rows": args.rows, "seed": args.seed, "data": source, "reference": reference, "student": STUDENTS[args.student],
         "n_test": len(test)}, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write(f"{header}\n\n```\n{text}\n```\n\n" + (f"{note}\n\n" if note else "") +

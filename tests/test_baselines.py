@@ -325,6 +325,34 @@ def test_sweep_skips_what_the_labels_cannot_support_and_runs_resumably(toy, tmp_
     assert "needs teacher labels" in capsys.readouterr().err
 
 
+def test_sweep_energy_weights_and_unweighted_validation_errors(toy, tmp_path, capsys):
+    """--energy-weights adds undistilled and kd_s1 at each λ_U (the base's own value is an alias); their
+    results are printed with unweighted validation errors, which compare across loss weights."""
+    from training.cli import main
+
+    base = _base(toy, tmp_path, "plain", hessian=100.0)
+    out = tmp_path / "sweep"
+    assert main(["sweep", base, "-o", str(out), "--lambdas", "100", "--energy-weights", "7,70"]) == 0
+    index = json.loads((out / "sweep.json").read_text())
+    assert {"undistilled_u70", "kd_s1_u70"} <= {r["name"] for r in index["runs"]}
+    assert index["aliases"]["undistilled_u7"] == "undistilled" and index["aliases"]["kd_s1_u7"] == "kd_s1"
+    und, kd = load_config(str(out / "undistilled_u70.yaml")), load_config(str(out / "kd_s1_u70.yaml"))
+    assert (und.loss.energy, und.loss.hessian) == (70.0, 0.0)
+    assert (kd.loss.energy, kd.loss.hessian, kd.loss.hessian_rows, kd.loss.forces) == (70.0, 100.0, 1, 50.0)
+    capsys.readouterr()
+    assert main(["sweep", base, "-o", str(out), "--lambdas", "100", "--energy-weights", "7,70", "--run",
+                 "--only", "kd_s1_u70"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "kd_s1_u70" / "summary.json").read_text())
+    epochs = [json.loads(line) for line in open(out / "kd_s1_u70" / "log.jsonl") if '"kind": "epoch"' in line]
+    best = [r for r in epochs if r["val_loss_ef"] == summary["best_val_loss_ef"]][-1]
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["best_val"]["forces_mae_mev_per_A"] == best["val_forces_mae_mev_per_A"]
+    assert f"F {best['val_forces_mae_mev_per_A']:.1f} meV/Å (epoch {best['epoch']})" in printed
+    assert main(["sweep", base, "-o", str(tmp_path / "s4"), "--energy-weights", "0"]) == 2
+    assert "--energy-weights must be positive" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- real teachers
 def test_mace_features_are_invariant_and_embeddings_per_element(tmp_path):
     pytest.importorskip("mace")

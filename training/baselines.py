@@ -12,6 +12,11 @@ training config per run, differing from the base only in the distillation terms:
     kd_s4            the same with s = 4
     kd_s1_nohalve    s = 1 without the λ_KD halving
     kd_lambda{λ}     s = 1, halving on, λ_KD in --lambdas (default 10, 100, 400, 1000)
+    undistilled_u{w}, kd_s1_u{w}
+                     with --energy-weights w1,w2,...: undistilled and kd_s1 at energy weight λ_U = w (the
+                     right λ_U depends on the data: bench/results/quickstart_cpu.md). Compare these runs by
+                     their unweighted validation errors (summary.json best_val, printed at the end of --run),
+                     not by their weighted losses.
 
 λ_KD of the kd_* runs is the base's loss.hessian (400 when the base is undistilled). A λ-sweep entry equal to
 kd_s1 is not trained twice: DIR/sweep.json lists it as an alias. Baselines the labels cannot support (n2n
@@ -76,7 +81,8 @@ def _weights(name: str, values) -> List[float]:
 
 def baseline_configs(base: Config, out_dir: str, labels_metadata: Optional[dict] = None,
                      lambdas: Sequence[float] = DEFAULT_LAMBDAS, force_distill_weight: Optional[float] = None,
-                     n2n_weights=(100.0,), a2a_weights=(100.0,)) -> Tuple[List[dict], List[dict], Dict[str, str]]:
+                     n2n_weights=(100.0,), a2a_weights=(100.0,), energy_weights: Sequence[float] = ()
+                     ) -> Tuple[List[dict], List[dict], Dict[str, str]]:
     """(runs, skipped, aliases): runs are {name, description, config (a Config)}; skipped {name, reason};
     aliases {λ-sweep name: the run it equals}. `labels_metadata` (LabelStore.metadata of base.data.labels)
     decides which baselines the labels support; None: read it from base.data.labels."""
@@ -89,6 +95,7 @@ def baseline_configs(base: Config, out_dir: str, labels_metadata: Optional[dict]
         labels_metadata = LabelStore(base.data.labels).metadata
     out_dir = os.path.abspath(out_dir)
     lambdas = _weights("λ_KD values (--lambdas)", list(lambdas))
+    energy_weights = _weights("--energy-weights", list(energy_weights)) if len(energy_weights) else []
     lam = float(base.loss.hessian) if base.loss.hessian > 0 else DEFAULT_KD_LAMBDA
     fd = float(base.loss.forces) if force_distill_weight is None else _weights("--force-distill-weight",
                                                                              force_distill_weight)[0]
@@ -134,6 +141,13 @@ def baseline_configs(base: Config, out_dir: str, labels_metadata: Optional[dict]
             continue
         add(name, f"Hessian KD, s = 1, λ_KD = {_fmt(value)}, halving on", hessian=value, hessian_rows=1,
             halve_kd_when_better_than_teacher=True)
+    for w in energy_weights:
+        if w == float(base.loss.energy):
+            aliases[f"undistilled_u{_fmt(w)}"], aliases[f"kd_s1_u{_fmt(w)}"] = "undistilled", "kd_s1"
+            continue
+        add(f"undistilled_u{_fmt(w)}", f"no teacher term, λ_U = {_fmt(w)}", energy=w)
+        add(f"kd_s1_u{_fmt(w)}", f"Hessian KD, s = 1, λ_KD = {_fmt(lam)}, halving on, λ_U = {_fmt(w)}",
+            energy=w, hessian_rows=1, **halve)
     return runs, skipped, aliases
 
 
@@ -242,6 +256,8 @@ def add_arguments(parser) -> None:
                         help="λ_KD values of the sweep (default 10,100,400,1000)")
     parser.add_argument("--force-distill-weight", type=float, default=None,
                         help="weight of the teacher-force targets (default: the base's loss.forces)")
+    parser.add_argument("--energy-weights", default="",
+                        help="λ_U values: also undistilled and kd_s1 at each (comma-separated; default none)")
     parser.add_argument("--n2n-weight", default="100", help="n2n weight(s), comma-separated (default 100)")
     parser.add_argument("--a2a-weight", default="100", help="a2a weight(s), comma-separated (default 100)")
 
@@ -260,7 +276,8 @@ def run(args) -> int:
     index = write_sweep(args.base, args.output, only=only, lambdas=_floats(args.lambdas, "--lambdas"),
                         force_distill_weight=args.force_distill_weight,
                         n2n_weights=_floats(args.n2n_weight, "--n2n-weight"),
-                        a2a_weights=_floats(args.a2a_weight, "--a2a-weight"))
+                        a2a_weights=_floats(args.a2a_weight, "--a2a-weight"),
+                        energy_weights=_floats(args.energy_weights, "--energy-weights"))
     for r in index["runs"]:
         print(f"{r['name']:<16} {r['config']}")
     for s in index["skipped"]:
@@ -273,7 +290,13 @@ def run(args) -> int:
     results = run_sweep(index, only=only, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     failed = [r for r in results if r["status"] == "failed"]
     for r in results:
-        best = r.get("summary", {}).get("best_val_loss_ef")
-        print(f"{r['name']:<16} {r['status']:<8} " + (f"best val loss_ef {best:.6g}" if best is not None
-                                                          else r.get("error", "")))
+        summary = r.get("summary", {})
+        best, errors = summary.get("best_val_loss_ef"), summary.get("best_val") or {}
+        if best is None:
+            print(f"{r['name']:<16} {r['status']:<8} {r.get('error', '')}")
+            continue
+        unweighted = (f"; val E {errors['energy_mae_mev_per_atom']:.2f} meV/atom, F "
+                      f"{errors['forces_mae_mev_per_A']:.1f} meV/Å (epoch {summary['best_epoch']})"
+                      if {"energy_mae_mev_per_atom", "forces_mae_mev_per_A"} <= set(errors) else "")
+        print(f"{r['name']:<16} {r['status']:<8} best val loss_ef {best:.6g}{unweighted}")
     return 1 if failed else 0

@@ -626,12 +626,23 @@ class Trainer:
             raise KeyboardInterrupt(f"SIGTERM after epoch {self.epoch} of {tc.epochs}; checkpointed in "
                                     f"{self.out}/last.pt, rerun the same command to resume")
         summary = {"epochs": self.epoch, "steps": self.step, "best_val_loss_ef": self.best_val,
+                   **self._best_epoch_metrics(),
                    "elapsed_s": self.elapsed, "lambda_kd": self.weights.hessian, "kd_halved": self.kd_halved,
                    "teacher_val": self.teacher_val, "finished": self.epoch >= tc.epochs,
                    "stopped": stopped}
         if self.rank == 0:
             write_json(os.path.join(self.out, "summary.json"), summary, indent=2)
         return summary
+
+    def _best_epoch_metrics(self) -> dict:
+        """The epoch of best.pt and its unweighted validation errors: what runs with different loss weights
+        (whose weighted losses do not compare) are compared by."""
+        best = [r for r in self.history if r.get("kind") == "epoch" and r.get("val_loss_ef") == self.best_val]
+        if not best:
+            return {}
+        keys = ("energy_mae_mev_per_atom", "forces_mae_mev_per_A")
+        return {"best_epoch": best[-1]["epoch"],
+                "best_val": {k: best[-1][f"val_{k}"] for k in keys if f"val_{k}" in best[-1]}}
 
     def _maybe_halve_kd(self, val: Dict[str, float]) -> None:
         lc = self.config.loss

@@ -14,7 +14,6 @@ from engine.models import build_student
 from training.config import config_from_dict, load_config
 from training.data.batch import collate
 from training.data.records import pack
-from training.data.store import Dataset
 from training.labels import LabelRecord, LabelStore, label_dataset
 from training.losses import DistillationHeads, LossWeights, compute_loss
 from training.trainer import Trainer

@@ -68,7 +68,7 @@ def test_hessian_error_matches_brute_force(tmp_path, rng):
     torch.manual_seed(0)
     model = PaiNN([1, 6, 8], cutoff=4.0, hidden=8, layers=1, num_basis=6).double()
     metrics = evaluate(model, structures, store)
-    errs, refs = [], []
+    errs = []
     for s in structures:
         g = graph_from_atoms([s.to_atoms()], 4.0, torch.float64)
 

@@ -1,5 +1,4 @@
 """torch.compile of students: no graph breaks, compiled equals eager, no recompiling per batch shape."""
-import numpy as np
 import pytest
 import torch
 from ase import Atoms

@@ -465,7 +465,6 @@ def test_collate_hessian_rows_are_consistent(tmp_path, rng):
         for t in range(s):
             g = int(b.hessian_index[t, bi])
             assert 3 * o <= g < 3 * (o + n)  # index lies on this structure's own atoms
-            rest = torch.cat([b.hessian_target[t, :o], b.hessian_target[t, o + n:]])
             if t < m:
                 local = g - 3 * o
                 j = int(np.flatnonzero(rec.rows == local)[0])  # the stored row it was drawn from

@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
-from engine.models import STUDENTS, PaiNN, SchNet
+from engine.models import STUDENTS, SchNet
 from training.config import config_from_dict
 from training.losses import student_hessian_rows
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from engine.models.base import FORCE_MODES, MLP, Student, safe_norm
+from engine.models.base import MLP, Student, safe_norm
 
 
 class PaiNNMessage(nn.Module):
@@ -90,4 +90,4 @@ class PaiNN(Student):
         return s, v
 
 
-__all__ = ["PaiNN", "FORCE_MODES"]
+__all__ = ["PaiNN"]

@@ -14,18 +14,17 @@ from importlib import resources
 
 from engine.checkpoint import load_student
 from engine.errors import HessforgeError
+from engine.models import STUDENTS as ARCHITECTURES
 from engine.paths import atomic_open, check_output_dir, write_json
 
 BUNDLED = "quickstart.extxyz"
 
 # Small enough for a 2-core CPU; the paper-size PaiNN is hidden 128, 4 layers, 128 basis functions.
-STUDENTS = {
-    "painn": {"name": "painn", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"},
-    "schnet": {"name": "schnet", "hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"},
-}
-STUDENT_NAMES = {"painn": "PaiNN", "schnet": "SchNet"}
-RUN_DIRS = {0.0: "undistilled", 400.0: "hessian_kd"}
-ENERGY_WEIGHT = 3200.0  # λ_U of both students (see student_config)  # λ_KD -> run directory under --out
+# The same size for either architecture (--student).
+STUDENT_SIZE = {"hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"}
+KD_WEIGHT = 400.0  # λ_KD of the distilled student
+RUN_DIRS = {0.0: "undistilled", KD_WEIGHT: "hessian_kd"}  # λ_KD -> run directory under --out
+ENERGY_WEIGHT = 3200.0  # λ_U of both students (see student_config)
 
 
 def add_arguments(parser) -> None:
@@ -36,7 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=500, help="epochs of each student (default 500)")
     parser.add_argument("--minutes-per-student", type=float, default=7.0,
                         help="safety cap on each training run's wall time (default 7)")
-    parser.add_argument("--student", default="painn", choices=sorted(STUDENTS),
+    parser.add_argument("--student", default="painn", choices=sorted(ARCHITECTURES),
                         help="student architecture (default painn; schnet: smaller and faster)")
     parser.add_argument("--seed", type=int, default=0)
     # One thread: these graphs are tiny, and with 2 threads a step was 10-25x slower whenever anything else
@@ -48,10 +47,15 @@ def bundled_data() -> str:
     return str(resources.files("training.quickstart").joinpath("data", BUNDLED))
 
 
+def student_model(architecture: str) -> dict:
+    """The model section of both students' configs."""
+    return {"name": architecture, **STUDENT_SIZE}
+
+
 def student_config(data: str, labels: str, split_file: str, out: str, hessian: float, args) -> dict:
     return {
         "data": {"path": data, "labels": labels, "split_file": split_file},
-        "model": dict(STUDENTS[getattr(args, "student", "painn")]),
+        "model": student_model(args.student),
         # λ_F=100, λ_KD=400 as in the paper; λ_U=3200 from a study on this data (bench/results/quickstart_cpu.md,
         # 50 to 12800, 1-3 seeds): below it the KD term starves the energy term and the distilled student's
         # energies are off by a constant per molecule (78-86 meV/atom at 50), at it the distilled student is
@@ -138,8 +142,8 @@ def run(args) -> int:
         save_split(split_file, split, seed=args.seed, count=len(dataset), dataset=data)
     split = load_split(split_file, count=len(dataset))
 
-    student = STUDENT_NAMES[args.student]
-    runs = {f"{student} undistilled": 0.0, f"{student} Hessian-distilled": 400.0}
+    student = ARCHITECTURES[args.student].__name__  # PaiNN, SchNet
+    runs = {f"{student} undistilled": 0.0, f"{student} Hessian-distilled": KD_WEIGHT}
     training = {}
     for k, (name, lam) in enumerate(runs.items()):
         run_dir = os.path.join(out, RUN_DIRS[lam])
@@ -176,7 +180,7 @@ def run(args) -> int:
     print(f"wall time {wall / 60:.1f} min; results in {out}/results.json")
     write_json(os.path.join(out, "results.json"), {
         "results": results, "training": training, "wall_s_this_run": wall, "teacher": args.teacher,
-        "rows": args.rows, "seed": args.seed, "data": source, "reference": reference, "student": STUDENTS[args.student],
+        "rows": args.rows, "seed": args.seed, "data": source, "reference": reference, "student": student_model(args.student),
         "n_test": len(test)}, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as fh:
         fh.write(f"{header}\n\n```\n{text}\n```\n\n" + (f"{note}\n\n" if note else "") +

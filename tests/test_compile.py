@@ -6,6 +6,7 @@ from ase import Atoms
 from engine.compiled import CompiledStudent
 from engine.graph import graph_from_atoms
 from engine.models import STUDENTS, PaiNN
+from toy import STUDENT_VARIANTS
 
 SPECIES = [1, 6, 7, 8]
 
@@ -30,7 +31,7 @@ def _model(mode, seed=0, arch="painn"):
     return STUDENTS[arch](SPECIES, cutoff=4.0, hidden=8, layers=2, num_basis=6, force_mode=mode).double().eval()
 
 
-VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+VARIANTS = STUDENT_VARIANTS
 
 
 @pytest.mark.parametrize("arch,mode", VARIANTS)

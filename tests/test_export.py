@@ -15,13 +15,13 @@ from engine.export import EXPORT_VERSION, METADATA_NAME, ExportWrapper, export_m
 from engine.exported import load_exported, read_metadata
 from engine.graph import graph_from_atoms
 from engine.models import STUDENTS
+from toy import STUDENT_VARIANTS
 
 SPECIES = [1, 6, 8]
 CUTOFF = 3.5
 
 
-# (architecture, force mode) of every exported student variant
-VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+VARIANTS = STUDENT_VARIANTS
 
 
 def tiny_painn(force_mode="gradient", seed=0, dtype=torch.float64, arch="painn"):

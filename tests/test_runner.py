@@ -14,6 +14,7 @@ from engine.models import STUDENTS
 from engine.runner import (CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark,
                            edge_slots, fill_batch, format_table, fused_forward, ns_per_day, rebuild_neighbors, sweep,
                            write_json)
+from toy import STUDENT_VARIANTS
 
 torch.set_num_threads(1)
 SPECIES = [1, 6, 7, 8]
@@ -132,7 +133,7 @@ def test_sweep_stops_at_memory_cap_and_out_of_memory():
               [molecule("H2O")], max_batch=1024, warmup=1, repeats=1, timer=clock)
 
 
-@pytest.mark.parametrize("arch,force_mode", [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")])
+@pytest.mark.parametrize("arch,force_mode", STUDENT_VARIANTS)
 def test_fused_student_equals_eager(rng, arch, force_mode):
     model = tiny(force_mode, arch=arch)
     structures = small_molecules(rng, 3) + [periodic(rng)]

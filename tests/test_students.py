@@ -11,6 +11,7 @@ from engine.graph import graph_from_atoms
 from engine.models import STUDENTS, SchNet
 from training.config import config_from_dict
 from training.losses import student_hessian_rows
+from toy import STUDENT_VARIANTS
 
 SPECIES = [1, 6, 7, 8]
 
@@ -19,8 +20,7 @@ def _molecule(rng, n=6):
     return Atoms(numbers=rng.choice(SPECIES, size=n), positions=rng.uniform(-1.6, 1.6, size=(n, 3)))
 
 
-# (architecture, force mode): every student variant the engine has
-VARIANTS = [("painn", "gradient"), ("painn", "direct"), ("schnet", "gradient")]
+VARIANTS = STUDENT_VARIANTS
 GRADIENT = [v for v in VARIANTS if v[1] == "gradient"]
 
 

@@ -2,9 +2,14 @@
 import numpy as np
 from ase.build import molecule
 
+from engine.models import STUDENTS
 from training.data.records import Structure
 from training.data.store import write_dataset
 from training.teachers.base import Teacher, TeacherOutput
+
+# (architecture, force mode) of every student variant the engine has, from the registry: the tests
+# parametrised over it cover a new architecture without being edited
+STUDENT_VARIANTS = [(name, mode) for name, cls in STUDENTS.items() for mode in cls.force_modes]
 
 
 def harmonic(positions, k=2.0, r0=1.2, cutoff=None):

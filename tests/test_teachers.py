@@ -3,6 +3,7 @@
 Geometries are perturbed with a fresh random seed each run (printed in assertion messages) so the checks do
 not pass by accident on one lucky structure.
 """
+import contextlib
 import os
 import warnings
 
@@ -337,3 +338,150 @@ def test_rows_use_one_batched_backward_and_fallback_agrees(ani_single, mace_teac
         looped = [t.compute(atoms, rows=rows).hessian_rows for t in (ani_single, mace_teacher)]
     for b, l in zip(batched, looped):
         np.testing.assert_allclose(b, l, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- SO3LR (weights bundled in so3krates-torch)
+
+
+@pytest.fixture(scope="module")
+def so3lr_teacher():
+    return load_teacher("so3lr")
+
+
+def test_so3lr_derivatives_and_rows(so3lr_teacher):
+    atoms = perturbed("CH3CONH2", seed_offset=21)
+    full = check_teacher_derivatives(so3lr_teacher, atoms)
+    check_rows_order_and_range(so3lr_teacher, atoms, full)
+    assert so3lr_teacher.relative_energies  # its absolute energies carry no per-element reference
+
+
+@contextlib.contextmanager
+def so3lr_reference_calculator(teacher, r_max_lr):
+    """so3krates-torch's own ASE calculator, in float64. It works only while torch's global default dtype is
+    the model's (it sets it itself); restored afterwards, since other tests expect float32."""
+    import torch
+    from so3krates_torch.calculator.so3 import TorchkratesCalculator
+
+    default = torch.get_default_dtype()
+    try:
+        yield TorchkratesCalculator(model_paths=teacher.path, r_max_lr=r_max_lr,
+                                    dispersion_energy_cutoff_lr_damping=2.0, default_dtype="float64")
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_so3lr_matches_the_packages_own_calculator(so3lr_teacher, periodic):
+    """Energy, forces and Hessian rows equal so3krates-torch's ASE calculator at the authors' long-range
+    settings: 1000 Å in vacuum, 12 Å in a (here triclinic) periodic cell. The water sits 9 Å from the ethanol,
+    where the two cutoffs give different electrostatics."""
+    atoms = perturbed("CH3CH2OH", seed_offset=22)
+    if not periodic:
+        water = perturbed("H2O", seed_offset=25)
+        water.positions += [9.0, 0.0, 0.0]
+        atoms += water
+    if periodic:
+        atoms.set_cell([[7.0, 0, 0], [1.0, 7.5, 0], [0.5, 0.3, 8.0]])
+        atoms.pbc = True
+        atoms.wrap()
+    n3 = 3 * len(atoms)
+    rows = np.random.default_rng(SEED + 4).permutation(n3)[:5]
+    out = so3lr_teacher.compute(atoms, rows=rows)
+    with so3lr_reference_calculator(so3lr_teacher, 12.0 if periodic else 1000.0) as calc:
+        ref = atoms.copy()
+        ref.calc = calc
+        energy, forces = ref.get_potential_energy(), ref.get_forces()
+        hess = calc.get_hessian(ref).reshape(n3, n3)
+    assert abs(out.energy - energy) < 1e-6
+    np.testing.assert_allclose(out.forces, forces, atol=1e-6)
+    np.testing.assert_allclose(out.hessian_rows, hess[rows], atol=1e-6)
+
+
+def test_so3lr_periodic_images_and_charge(so3lr_teacher):
+    atoms = perturbed("CH3OH", seed_offset=23)
+    atoms.set_cell([6.0, 6.5, 7.0])
+    atoms.pbc = True
+    e = so3lr_teacher.compute(atoms).energy
+    shifted = atoms.copy()
+    shifted.positions[2] += shifted.cell[1]  # the same crystal: one atom moved to a periodic image
+    assert abs(so3lr_teacher.compute(shifted).energy - e) < 1e-8
+    vacuum = atoms.copy()
+    vacuum.pbc = False
+    assert abs(so3lr_teacher.compute(vacuum).energy - e) > 1e-4  # the images interact
+    cation = vacuum.copy()
+    cation.info["charge"] = 1
+    assert abs(so3lr_teacher.compute(cation).energy - so3lr_teacher.compute(vacuum).energy) > 1e-3
+    cation.info["charge"] = 0.5
+    with pytest.raises(HessforgeError, match="charge must be an integer"):
+        so3lr_teacher.compute(cation)
+
+
+def test_so3lr_features_elements_and_bad_files(so3lr_teacher, tmp_path):
+    import torch
+
+    atoms = perturbed("CH3CHO", seed_offset=24)
+    feats = so3lr_teacher.atomic_features(atoms)
+    assert feats.shape == (len(atoms), 128) and np.all(np.isfinite(feats))
+    table = so3lr_teacher.element_embeddings()
+    assert set(table) == set(so3lr_teacher.elements) and {1, 6, 7, 8, 16, 17} <= set(table)
+    one_hot = torch.zeros(1, 118, dtype=torch.float64)
+    one_hot[0, 7] = 1.0  # oxygen
+    expected = so3lr_teacher.model.inv_feature_embedding(one_hot)[0].detach().numpy()
+    np.testing.assert_allclose(table[8], expected, rtol=1e-12)
+    with pytest.raises(UnknownElementError, match=r"Si \(Z=14\)"):
+        so3lr_teacher.compute(molecule("SiH4"))
+    with pytest.raises(HessforgeError, match="not found"):
+        load_teacher(f"so3lr:{tmp_path / 'missing.model'}")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(HessforgeError, match="cannot load"):
+        load_teacher(f"so3lr:{junk}")
+
+
+# ---------------------------------------------------------------- CHGNet (weights bundled in chgnet)
+
+
+@pytest.fixture(scope="module")
+def chgnet_teacher():
+    return load_teacher("chgnet")
+
+
+def rattled_crystal(seed_offset=0):
+    from ase.build import bulk
+
+    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    atoms.rattle(0.03, seed=(SEED + seed_offset) % 2**31)
+    return atoms
+
+
+def test_chgnet_energy_is_total_and_rows_are_physical(chgnet_teacher):
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = rattled_crystal()
+    n3 = 3 * len(atoms)
+    out = chgnet_teacher.compute(atoms, rows=np.arange(n3))
+    # CHGNet predicts energy per atom; the teacher protocol is the total energy in eV
+    per_atom = chgnet_teacher.model.predict_structure(AseAtomsAdaptor.get_structure(atoms), task="e")["e"]
+    assert abs(out.energy - float(per_atom) * len(atoms)) < 1e-3 * len(atoms)
+    h = out.hessian_rows
+    scale = np.abs(h).max()
+    assert np.abs(h - h.T).max() < 0.1 * scale  # symmetric up to float32 CHGNet's own roughness (module docstring)
+    # translating the whole crystal changes nothing: every row sums to zero over the atoms, per axis
+    sums = h.reshape(n3, len(atoms), 3).sum(axis=1)
+    assert np.abs(sums).max() < 0.05 * scale, f"seed {SEED}"
+    rows = np.random.default_rng(SEED + 5).permutation(n3)[:3]
+    np.testing.assert_allclose(chgnet_teacher.compute(atoms, rows=rows).hessian_rows, h[rows], atol=1e-9)
+
+
+def test_chgnet_refuses_what_it_cannot_label(chgnet_teacher):
+    with pytest.raises(HessforgeError, match="crystal model"):
+        chgnet_teacher.compute(molecule("H2O"))
+    lonely = Atoms("Si2", positions=[[0, 0, 0], [6, 6, 6]], cell=[12, 12, 12], pbc=True)
+    with pytest.raises(HessforgeError, match="isolated"):
+        chgnet_teacher.compute(lonely)
+    with pytest.raises(HessforgeError, match="unknown CHGNet model"):
+        load_teacher("chgnet:9.9")
+    feats = chgnet_teacher.atomic_features(rattled_crystal(1))
+    assert feats.shape == (8, 64) and np.all(np.isfinite(feats))
+    emb = chgnet_teacher.element_embeddings()
+    assert len(emb) == 94 and emb[11].shape == (64,)

@@ -1,8 +1,10 @@
 """Teacher adapters. Each one implements `training.teachers.base.Teacher`.
 
 `load_teacher(spec)` builds one from a short string: "ani1x" (8-model ensemble), "ani1x:3" (one member),
-"mace:/path/file.model" (optionally "mace:/path/file.model@HEAD"). Heavy packages (torchani, mace) are
-imported only when their teacher is requested.
+"mace:/path/file.model" (optionally "mace:/path/file.model@HEAD"), "so3lr" (the SO3LR weights bundled in
+so3krates-torch; "so3lr:/path/file.model" for another so3krates-torch SO3LR file), "chgnet" (CHGNet 0.3.0,
+bundled in chgnet; "chgnet:0.2.0" for the older weights). Heavy packages (torchani, mace, so3krates-torch,
+chgnet) are imported only when their teacher is requested.
 """
 from __future__ import annotations
 
@@ -42,8 +44,22 @@ def _mace(arg: Optional[str]) -> Teacher:
     return MACETeacher(arg, head=head)
 
 
+def _so3lr(arg: Optional[str]) -> Teacher:
+    from training.teachers.so3lr import SO3LRTeacher
+
+    return SO3LRTeacher(arg or None)
+
+
+def _chgnet(arg: Optional[str]) -> Teacher:
+    from training.teachers.chgnet import CHGNetTeacher
+
+    return CHGNetTeacher(arg or None)
+
+
 register_teacher("ani1x", _ani1x)
 register_teacher("mace", _mace)
+register_teacher("so3lr", _so3lr)
+register_teacher("chgnet", _chgnet)
 
 
 def load_teacher(spec: str) -> Teacher:
@@ -52,7 +68,7 @@ def load_teacher(spec: str) -> Teacher:
     factory = TEACHERS.get(name.lower())
     if factory is None:
         raise HessforgeError(f"unknown teacher {spec!r}; known: {', '.join(sorted(TEACHERS))} "
-                             "(e.g. 'ani1x', 'ani1x:0', 'mace:/path/file.model')")
+                             "(e.g. 'ani1x', 'ani1x:0', 'mace:/path/file.model', 'so3lr', 'chgnet')")
     return factory(arg or None)
 
 

@@ -1,0 +1,138 @@
+"""SO3LR (Kabylda et al., JACS 2025) as a teacher: a pretrained organic/biomolecular foundation model whose
+weights ship inside the `so3krates-torch` wheel, so it works offline. Float64, autograd Hessian rows.
+
+SO3LR = a SO3krates message-passing network (4.5 Å) + universal pair terms: ZBL repulsion, electrostatics
+of predicted partial charges and MBD-style dispersion, within a long-range cutoff. Following the authors:
+molecules in vacuum use a long-range cutoff of 1000 Å (every pair), periodic cells 12 Å; the dispersion
+switches off over the last 2 Å before the cutoff.
+
+Its absolute energies carry no per-element reference (the authors: "not trained on energies, only relative
+energies are meaningful"), so `relative_energies = True`: its energies are compared with others only after
+removing a per-element offset (training.evaluate), and students fit their own per-element references anyway.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from engine.errors import HessforgeError
+from training.teachers.base import Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions
+
+# The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
+# I). The network embeds all 118 elements, so nothing in the file says which ones it has seen: outside this
+# set a structure is refused instead of labelled with an untrained embedding.
+SO3LR_ELEMENTS = frozenset({1, 3, 6, 7, 8, 9, 11, 12, 15, 16, 17, 19, 20, 35, 53})
+VACUUM_LR_CUTOFF = 1000.0  # Å, molecules: every pair (the authors' gas-phase setting)
+PERIODIC_LR_CUTOFF = 12.0  # Å, as the model was trained
+DISPERSION_DAMPING = 2.0  # Å: width of the dispersion's switching function below the cutoff
+
+
+def bundled_so3lr_path() -> str:
+    """The SO3LR weights inside the installed so3krates-torch wheel."""
+    try:
+        import importlib.resources as resources
+
+        path = str(resources.files("so3krates_torch") / "pretrained" / "so3lr" / "so3lr.model")
+    except ModuleNotFoundError:
+        raise HessforgeError("teacher 'so3lr' needs the so3krates-torch package: "
+                             "pip install 'hessforge[so3lr]' (so3krates-torch==0.2.1)") from None
+    if not os.path.isfile(path):
+        raise HessforgeError(f"SO3LR weights not found at {path} (a so3krates-torch install without pretrained/?)")
+    return path
+
+
+def load_so3lr_model(path: str):
+    """torch.load a pickled so3krates-torch model, cast to float64, eval mode, frozen parameters."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise HessforgeError(f"SO3LR model file not found: {path}")
+    import so3krates_torch.modules.models  # noqa: F401  (the classes the pickle names)
+
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt file, a state_dict, another package's pickle...
+        raise HessforgeError(f"{path}: cannot load as a so3krates-torch model ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "r_max") or not hasattr(model, "use_lr"):
+        raise HessforgeError(f"{path}: not a so3krates-torch SO3LR model (expected a pickled nn.Module with r_max)")
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class SO3LRTeacher(Teacher):
+    relative_energies = True
+
+    def __init__(self, path: Optional[str] = None, elements=SO3LR_ELEMENTS):
+        self.path = path or bundled_so3lr_path()
+        self.name = "so3lr" if path is None else f"so3lr:{path}"
+        self.model = load_so3lr_model(self.path)
+        self.r_max = float(self.model.r_max)
+        self.elements = None if elements is None else frozenset(int(z) for z in elements)
+
+    def _long_range(self, atoms) -> Optional[float]:
+        """The long-range cutoff for this structure (None: the model has no long-range terms)."""
+        if not getattr(self.model, "use_lr", False):
+            return None
+        periodic = bool(np.any(atoms.get_pbc()))
+        self.model.r_max_lr = PERIODIC_LR_CUTOFF if periodic else VACUUM_LR_CUTOFF
+        self.model.dispersion_energy_cutoff_lr_damping = DISPERSION_DAMPING
+        return float(self.model.r_max_lr)
+
+    def _batch(self, atoms) -> dict:
+        import torch
+        from so3krates_torch.data.atomic_data import AtomicData
+        from so3krates_torch.data.utils import KeySpecification, config_from_atoms
+        from so3krates_torch.tools import torch_geometric, torch_tools, utils
+
+        atoms = atoms.copy()  # config_from_atoms would read labels from an attached calculator
+        atoms.calc = None
+        charge = float(atoms.info.get("charge", 0.0))
+        if not np.isfinite(charge) or charge != round(charge):
+            raise HessforgeError(f"teacher {self.name}: total charge must be an integer, got {charge!r} "
+                                 "(atoms.info['charge'])")
+        spec = KeySpecification(info_keys={"total_charge": "charge"}, arrays_keys={})
+        cutoff_lr = self._long_range(atoms)
+        with torch_tools.default_dtype(torch.float64):  # geometry built in float64, not rounded to float32
+            config = config_from_atoms(atoms, key_specification=spec)
+            graph = AtomicData.from_config(config, z_table=utils.AtomicNumberTable(list(range(1, 119))),
+                                           cutoff=self.r_max, cutoff_lr=cutoff_lr)
+            batch = torch_geometric.batch.Batch.from_data_list([graph]).to_dict()
+        return batch
+
+    def _check(self, atoms):
+        self.check_elements(atoms.numbers, f"teacher {self.name}")
+        check_finite_positions(atoms, f"teacher {self.name}")
+        if np.any(atoms.get_pbc()) and abs(atoms.cell.volume) < 1e-9:
+            raise HessforgeError(f"teacher {self.name}: periodic structure with a zero-volume cell")
+
+    def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
+        self._check(atoms)
+        batch = self._batch(atoms)
+
+        def energy_fn(pos):
+            # The neighbour lists (short and long range) stay fixed at the input geometry; positions move.
+            return self.model(dict(batch, positions=pos), compute_force=False, training=False)["energy"].sum()
+
+        e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
+        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
+
+    # ------------------------------------------------------------------ feature-distillation baselines
+    def atomic_features(self, atoms) -> np.ndarray:
+        """SO3LR's final invariant per-atom features (the input of its energy head), [N, 128] float64."""
+        import torch
+
+        self._check(atoms)
+        batch = self._batch(atoms)
+        with torch.enable_grad():  # its forward differentiates internally even when forces are not asked for
+            out = self.model(batch, compute_force=False, training=False, return_descriptors=True)
+        return out["inv_features"].detach().cpu().numpy().astype(np.float64)
+
+    def element_embeddings(self):
+        """{Z: [D]}: SO3LR's learned element embedding (the bias-free linear map of the one-hot element)."""
+        weight = self.model.inv_feature_embedding.embedding.weight.detach()  # [D, 118], column Z-1
+        zs = sorted(self.elements) if self.elements is not None else range(1, weight.shape[1] + 1)
+        return {int(z): weight[:, int(z) - 1].cpu().numpy().astype(np.float64) for z in zs}

@@ -316,3 +316,63 @@ def test_more_hessian_rows_than_labelled_is_refused(labelled, tmp_path):
     """loss.hessian_rows above the labels' k rows per structure: refused before training (it trained on k)."""
     with pytest.raises(HessforgeError, match="loss.hessian_rows is 4, but these labels hold 3 Hessian rows"):
         Trainer(_config(labelled, tmp_path / "r", epochs=1, hessian_rows=4))
+
+
+class ShiftedHarmonic(HarmonicTeacher):
+    """The harmonic teacher with relative energies, as SO3LR has: an arbitrary per-element offset added."""
+
+    relative_energies = True
+
+    def __init__(self, offsets):
+        super().__init__()
+        self.offsets = offsets
+
+    def compute(self, atoms, rows=None):
+        out = super().compute(atoms, rows)
+        out.energy += sum(self.offsets[int(z)] for z in atoms.numbers)
+        return out
+
+
+def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng):
+    """A teacher whose energies are relative (SO3LR) is compared on the reference's scale: any per-element
+    offset added to its energies changes neither its validation loss (λ_KD halving) nor its evaluation."""
+    from training.data import Dataset
+    from training.evaluate import evaluate
+    from training.labels import LabelStore
+    from training.reference_energies import fit_element_offsets
+
+    path, structures = conformer_dataset(tmp_path / "data.lmdb", rng)
+    offsets = {z: float(rng.uniform(-500, 500)) for z in (1, 6, 7, 8)}
+    results = {}
+    for name, teacher in (("plain", ShiftedHarmonic({z: 0.0 for z in offsets})), ("shifted", ShiftedHarmonic(offsets))):
+        label_dataset(path, teacher, str(tmp_path / name), rows=3)
+        store = LabelStore(str(tmp_path / name))
+        assert store.relative_energies
+        trainer = Trainer(_config((path, str(tmp_path / name)), tmp_path / f"run_{name}", epochs=1))
+        summary = trainer.fit()
+        fitted = summary["teacher_energy_offsets_eV"]
+        results[name] = (summary["teacher_val"], fitted,
+                         evaluate(load_student(str(tmp_path / f"run_{name}" / "best.pt")), list(Dataset(path)), store))
+    (tv0, off0, ev0), (tv1, off1, ev1) = results["plain"], results["shifted"]
+    for key in ("loss_ef", "energy_mae_per_atom"):
+        if key in tv0:
+            assert tv1[key] == pytest.approx(tv0[key], rel=1e-6, abs=1e-9)
+    assert tv0["loss_ef"] < 1e3  # an offset of hundreds of eV per atom would dominate an unaligned loss
+    assert set(off0) == set(off1) and off0 != off1  # fitted per run, on the validation split
+    for part in ("teacher_vs_reference", "student_vs_teacher"):
+        for key, value in ev0[part].items():
+            assert ev1[part][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (part, key)
+    # the fit itself, on fresh random compositions: exact offsets back
+    numbers = [rng.choice([1, 6, 7, 8], size=rng.integers(2, 9)) for _ in range(20)]
+    ref = rng.normal(size=20)
+    shifted = [r + sum(offsets[int(z)] for z in n) for r, n in zip(ref, numbers)]
+    fit = fit_element_offsets(numbers, shifted, ref)
+    assert all(fit[z] == pytest.approx(offsets[z], abs=1e-6) for z in offsets)
+
+
+def test_absolute_energy_teacher_is_not_aligned(labelled, tmp_path):
+    from training.labels import LabelStore
+
+    assert not LabelStore(labelled[1]).relative_energies
+    summary = Trainer(_config(labelled, tmp_path / "abs", epochs=1)).fit()
+    assert summary["teacher_energy_offsets_eV"] is None

@@ -14,7 +14,9 @@ from engine.checkpoint import load_student, read_checkpoint
 from engine.errors import HessforgeError
 from engine.graph import build_graph
 from engine.paths import check_output_file, write_json
+from training.labels import teacher_energy_offsets
 from training.losses import student_hessian_rows
+from training.reference_energies import offset_energy
 
 
 def add_arguments(parser) -> None:
@@ -90,7 +92,12 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16) -> 
     f_ref = [None if s.forces is None else np.asarray(s.forces) for s in structures]
     result = {"student_vs_reference": _errors(e, e_ref, natoms, f, f_ref), "n_structures": len(structures)}
     if teacher is not None:
-        te = [t.energy for t in teacher]
+        # a teacher with relative energies (SO3LR) is compared after per-element offsets, fitted on these
+        # structures' reference energies, put it on the reference's scale (energy differences survive it)
+        offsets = teacher_energy_offsets(labels, structures)
+        te = [t.energy - offset_energy(s.numbers, offsets or {}) for t, s in zip(teacher, structures)]
+        if offsets is not None:
+            result["teacher_energy_offsets_eV"] = {str(z): o for z, o in offsets.items()}
         tf = [np.asarray(t.forces) for t in teacher]
         result["student_vs_teacher"] = _errors(e, te, natoms, f, tf)
         result["teacher_vs_reference"] = _errors(te, e_ref, natoms, tf, f_ref)
@@ -156,11 +163,9 @@ def run(args) -> int:
     structures = select_structures(dataset, split_file, args.split)
     labels = None
     if args.labels:
-        from training.labels import LabelStore
+        from training.labels import LabelStore, check_labels_match
 
         labels = LabelStore(args.labels)
-        from training.labels import check_labels_match
-
         check_labels_match(labels, dataset, [s.id for s in structures])
     result = evaluate(model, structures, labels, args.batch_size)
     if labels is not None:
@@ -168,6 +173,9 @@ def run(args) -> int:
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     result["split"] = args.split
     print(format_table(table_rows(result)))
+    if "teacher_energy_offsets_eV" in result:
+        print(f"(teacher {result.get('teacher')}: relative energies, compared after per-element offsets fitted on "
+              f"these {len(structures)} structures; teacher_energy_offsets_eV in the JSON)")
     if args.json_out:
         write_json(args.json_out, result, indent=2)
     return 0

@@ -175,6 +175,28 @@ class LabelStore:
             return None
         return {int(z): np.asarray(v, dtype=np.float64) for z, v in info["values"].items()}
 
+    @property
+    def relative_energies(self) -> bool:
+        """True when the teacher's absolute energies carry no per-element reference (SO3LR): compare them with
+        other energies only through teacher_energy_offsets. Labels written before this was recorded: False."""
+        return bool(self.metadata.get("relative_energies", False))
+
+
+def teacher_energy_offsets(labels, structures) -> Optional[Dict[int, float]]:
+    """Per-element offsets {Z: eV} between the teacher's energies and the reference energies of `structures`
+    (least squares over those that have a reference energy), for labels whose teacher has relative energies;
+    None when the teacher's energies are absolute or no structure has a reference energy (nothing to align
+    to). Subtract Σ_atoms o_Z from a teacher energy to put it on the reference's scale."""
+    from training.reference_energies import fit_element_offsets
+
+    if not getattr(labels, "relative_energies", False):
+        return None
+    with_ref = [s for s in structures if s.energy is not None]
+    if not with_ref:
+        return None
+    return fit_element_offsets([s.numbers for s in with_ref], [labels.get(s.id).energy for s in with_ref],
+                               [s.energy for s in with_ref])
+
 
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
     """A shard's metadata; None for an empty shard (a run killed before its first write)."""
@@ -313,6 +335,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
 
     meta = {"magic": LABELS_MAGIC, "format_version": LABELS_VERSION, "teacher": getattr(teacher, "name", None),
             "teacher_spec": teacher_spec, "teacher_file_sha256": _teacher_file_digest(teacher),
+            "relative_energies": bool(getattr(teacher, "relative_energies", False)),
             "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),

@@ -1,7 +1,7 @@
 """Per-element reference energies and the energy scale of a student, fitted on the training set."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -11,15 +11,35 @@ def fit_reference_energies(structures: Sequence, species: Sequence[int], ridge: 
     (e.g. conformers of one molecule only) well posed. Structures without a reference energy (ingested with
     --allow-missing-labels) take no part; none at all gives zeros."""
     structures = [s for s in structures if s.energy is not None]
+    return _per_element_least_squares([s.numbers for s in structures], [s.energy for s in structures], species,
+                                      ridge)
+
+
+def _per_element_least_squares(numbers_list, values, species, ridge: float = 1e-8) -> np.ndarray:
+    """e_z minimising Σ_structures (value - Σ_z n_z e_z)² (+ a tiny ridge)."""
     index = {z: k for k, z in enumerate(species)}
-    counts = np.zeros((len(structures), len(species)))
-    energies = np.zeros(len(structures))
-    for row, s in enumerate(structures):
-        for z in s.numbers:
+    counts = np.zeros((len(numbers_list), len(species)))
+    for row, numbers in enumerate(numbers_list):
+        for z in numbers:
             counts[row, index[int(z)]] += 1
-        energies[row] = s.energy
     a = counts.T @ counts + ridge * np.eye(len(species))
-    return np.linalg.solve(a, counts.T @ energies)
+    return np.linalg.solve(a, counts.T @ np.asarray(values, dtype=np.float64).reshape(-1))
+
+
+def fit_element_offsets(numbers_list, energies, reference_energies) -> Dict[int, float]:
+    """{Z: o_Z} with energies ≈ reference_energies + Σ_Z n_Z o_Z, least squares: the per-element offset
+    between two energy conventions (a teacher whose absolute energies carry no per-element reference, such
+    as SO3LR, against DFT). Only energy differences survive the alignment, which is all such a teacher means."""
+    species = sorted({int(z) for numbers in numbers_list for z in numbers})
+    diffs = np.asarray(energies, dtype=np.float64) - np.asarray(reference_energies, dtype=np.float64)
+    offsets = _per_element_least_squares(numbers_list, diffs, species)
+    return {z: float(o) for z, o in zip(species, offsets)}
+
+
+def offset_energy(numbers, offsets: Dict[int, float]) -> float:
+    """Σ_atoms o_Z: what fit_element_offsets' offsets add to one structure's energy (0 for elements without
+    an offset)."""
+    return float(sum(offsets.get(int(z), 0.0) for z in numbers))
 
 
 def fit_energy_scale(structures: Sequence) -> float:

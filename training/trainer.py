@@ -373,12 +373,21 @@ class Trainer:
             sampler = _ShardSampler(len(self.train_idx), self.rank, self.world, tc.seed)
         self.sampler = sampler
         s = lc.hessian_rows if (lc.hessian > 0 or lc.force_distill > 0) else 0
+        # A teacher with relative energies (SO3LR) is put on the reference energies' scale by per-element
+        # offsets fitted on the validation split, where its loss is measured (λ_KD halving): fitted on the
+        # compared structures, the result does not depend on the teacher's arbitrary offsets even when those
+        # structures' compositions cannot pin down every element's offset.
+        from training.labels import teacher_energy_offsets
+
+        self.teacher_energy_offsets = teacher_energy_offsets(self.labels, [self.dataset[i] for i in self.val_idx])
         self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
                                         shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
-                                        num_workers=tc.num_workers, sampler=sampler)
+                                        num_workers=tc.num_workers, sampler=sampler,
+                                        teacher_energy_offsets=self.teacher_energy_offsets)
         val_shard = self.val_idx[self.rank :: self.world]  # may be empty on some ranks: they add zeros
         self.val_loader = make_loader(self.dataset, val_shard, self.labels, mc.cutoff, tc.val_batch_size,
-                                      shuffle=False, seed=tc.seed, dtype=self.dtype, s=0) if val_shard else []
+                                      shuffle=False, seed=tc.seed, dtype=self.dtype, s=0,
+                                      teacher_energy_offsets=self.teacher_energy_offsets) if val_shard else []
         self.log_path = os.path.join(self.out, "log.jsonl")
 
     def _build_heads(self, species: List[int]) -> DistillationHeads:
@@ -628,7 +637,8 @@ class Trainer:
         summary = {"epochs": self.epoch, "steps": self.step, "best_val_loss_ef": self.best_val,
                    **self._best_epoch_metrics(),
                    "elapsed_s": self.elapsed, "lambda_kd": self.weights.hessian, "kd_halved": self.kd_halved,
-                   "teacher_val": self.teacher_val, "finished": self.epoch >= tc.epochs,
+                   "teacher_val": self.teacher_val, "teacher_energy_offsets_eV": self.teacher_energy_offsets,
+                   "finished": self.epoch >= tc.epochs,
                    "stopped": stopped}
         if self.rank == 0:
             write_json(os.path.join(self.out, "summary.json"), summary, indent=2)

@@ -9,13 +9,14 @@ is that [N, 3] result, built from the stored rows (see `hessian_grad_outputs`).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, build_graph, graph_to
+from training.reference_energies import offset_energy
 
 
 @dataclass
@@ -77,10 +78,13 @@ def _label_for(labels, structure, k: int):
 
 
 def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch.dtype = torch.float32,
-            hessian_rows_per_structure: int = 0, generator: Optional[torch.Generator] = None) -> Batch:
+            hessian_rows_per_structure: int = 0, generator: Optional[torch.Generator] = None,
+            teacher_energy_offsets: Optional[Dict[int, float]] = None) -> Batch:
     """Batch `structures` (training.data.records.Structure). `labels`: None, a LabelStore (looked up by id) or
     a list of LabelRecord aligned with `structures`. With labels and s = hessian_rows_per_structure > 0, s of
-    each structure's stored rows are drawn uniformly without replacement using `generator`."""
+    each structure's stored rows are drawn uniformly without replacement using `generator`.
+    `teacher_energy_offsets` {Z: eV}: subtracted per atom from the teacher's energies, for teachers whose
+    energies are relative (training.labels.teacher_energy_offsets)."""
     structures = list(structures)
     ids = [s.id for s in structures]
     graph = build_graph([s.numbers for s in structures], [s.positions for s in structures],
@@ -102,7 +106,9 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
         return batch
 
     recs = [_label_for(labels, s, k) for k, s in enumerate(structures)]
-    batch.teacher_energy = torch.tensor([r.energy for r in recs], dtype=torch.float64)
+    offsets = teacher_energy_offsets or {}
+    batch.teacher_energy = torch.tensor([r.energy - offset_energy(s.numbers, offsets)
+                                         for r, s in zip(recs, structures)], dtype=torch.float64)
     batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
     have = [getattr(r, "features", None) is not None for r in recs]
     if any(have):
@@ -138,8 +144,10 @@ class Collater:
     (seed, epoch) only, with or without workers; left unchanged, rows in the main process keep advancing while
     each worker replays its stream (on differently shuffled structures)."""
 
-    def __init__(self, labels, cutoff: float, dtype: torch.dtype, hessian_rows_per_structure: int, seed: int):
+    def __init__(self, labels, cutoff: float, dtype: torch.dtype, hessian_rows_per_structure: int, seed: int,
+                 teacher_energy_offsets: Optional[Dict[int, float]] = None):
         self.labels, self.cutoff, self.dtype = labels, cutoff, dtype
+        self.teacher_energy_offsets = teacher_energy_offsets
         self.s, self.seed = hessian_rows_per_structure, seed
         self._gen, self._gen_key = None, None
 
@@ -156,12 +164,14 @@ class Collater:
         return self._gen
 
     def __call__(self, structures) -> Batch:
-        return collate(structures, self.labels, self.cutoff, self.dtype, self.s, self._generator())
+        return collate(structures, self.labels, self.cutoff, self.dtype, self.s, self._generator(),
+                       self.teacher_energy_offsets)
 
 
 def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float, batch_size: int,
                 shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, s: int = 0,
-                num_workers: int = 0, sampler=None, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                num_workers: int = 0, sampler=None, drop_last: bool = False,
+                teacher_energy_offsets: Optional[Dict[int, float]] = None) -> torch.utils.data.DataLoader:
     """A DataLoader of Batch over dataset[indices] (all when None). A `sampler` (e.g. DistributedSampler)
     yields positions into `indices`: build it over range(len(indices)); `shuffle` is then the sampler's job."""
     from torch.utils.data import DataLoader, Subset
@@ -172,4 +182,5 @@ def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float
     gen = torch.Generator().manual_seed(int(seed))  # shuffling order and worker seeds
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=num_workers, generator=gen, drop_last=drop_last,
-                      collate_fn=Collater(labels, cutoff, dtype, s, seed), persistent_workers=False)
+                      collate_fn=Collater(labels, cutoff, dtype, s, seed, teacher_energy_offsets),
+                      persistent_workers=False)

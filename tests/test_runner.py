@@ -358,6 +358,32 @@ def test_mace_target_matches_mace_pipeline(tmp_path, rng):
         target.prepare([molecule("SiH4")])
 
 
+def test_so3lr_target_batches_like_the_teacher(rng):
+    """hessforge bench's SO3LR target: forces of a batch (float64) equal the teacher's one structure at a time,
+    for molecules and for periodic cells; a batch mixing both is refused (different long-range cutoffs)."""
+    pytest.importorskip("so3krates_torch")
+    from training.bench import So3lrTarget
+    from training.teachers import load_teacher
+
+    teacher = load_teacher("so3lr")
+    target = So3lrTarget(teacher, "cpu", torch.float64)
+    for structures in (small_molecules(rng, 4), [periodic(rng, 5), periodic(rng, 4)]):
+        inputs = target.prepare(structures)
+        forces = target.model(inputs).detach().numpy()
+        again = target.model_with_neighbors(inputs).detach().numpy()
+        start = 0
+        for a in structures:
+            ref = teacher.compute(a).forces
+            assert np.allclose(forces[start:start + len(a)], ref, atol=1e-8), np.abs(forces[start:start + len(a)] - ref).max()
+            start += len(a)
+        assert np.abs(forces).max() > 1e-3
+        np.testing.assert_allclose(forces, again, atol=1e-10)
+    with pytest.raises(HessforgeError, match="mixes molecules and periodic"):
+        target.prepare(small_molecules(rng, 1) + [periodic(rng, 3)])
+    with pytest.raises(UnknownElementError, match="Si"):
+        target.prepare([molecule("SiH4")])
+
+
 def test_mace_off_large_architecture():
     pytest.importorskip("mace")
     from training.bench import MACE_OFF23_ELEMENTS, count_parameters, mace_off_large

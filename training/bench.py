@@ -7,6 +7,8 @@ MODEL is one of
                         hidden=128, layers=4, num_basis=128, cutoff=5 (the paper-size student), species of DATA
   schnet[:k=v,...]      a SchNet student with random weights; default hidden=128, layers=3, num_basis=32, cutoff=5
   ani1x | ani1x:K       the ANI-1x teacher (8-model ensemble, or member K)
+  so3lr                 the SO3LR foundation model (weights bundled in so3krates-torch), batched through its own
+                        data pipeline; its neighbour lists (4.5 Å and the long-range ones) are built on the CPU
   mace:FILE[@HEAD]      a mace-torch .model file
   mace-off-l-arch       the MACE-OFF23-Large architecture built in code with random weights (see
                         `mace_off_large`): timing a teacher of that size without its weights
@@ -247,6 +249,46 @@ class AniTarget(BenchTarget):
         return -grad
 
 
+class So3lrTarget(BenchTarget):
+    """SO3LR on so3krates-torch's own batched input (built untimed by `prepare`); `model_with_neighbors`
+    rebuilds that input from the positions the way its calculator does (neighbour lists on the CPU, then
+    copied to the device)."""
+
+    def __init__(self, teacher, device=None, dtype=torch.float32):
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.name, self.mode = teacher.name, "eager"
+        self.teacher = teacher
+        self.so3 = copy.deepcopy(teacher.model).to(device=self.device, dtype=dtype).eval()  # the teacher stays float64
+        self.num_parameters = count_parameters(self.so3)
+        self.note = f"{self.num_parameters / 1e6:.2f}M params; neighbour lists built on the CPU"
+
+    def check_data(self, structures, where: str = "") -> None:
+        self.teacher.check_elements(set(int(z) for a in structures for z in a.numbers),
+                                    f"{self.name}: {where}" if where else self.name)
+
+    def _inputs(self, atoms_list):
+        from training.teachers.so3lr import so3lr_batch
+
+        batch = so3lr_batch(self.so3, atoms_list, dtype=self.dtype, where=self.name)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def prepare(self, atoms_list):
+        for a in atoms_list:
+            self.check_data([a], a.get_chemical_formula())
+            if not np.all(np.isfinite(a.positions)):
+                raise HessforgeError(f"{a.get_chemical_formula()}: positions contain NaN or Inf")
+        return list(atoms_list), self._inputs(atoms_list)
+
+    def model(self, inputs):
+        _, batch = inputs
+        return self.so3(dict(batch), compute_force=True, training=False)["forces"]
+
+    def model_with_neighbors(self, inputs):
+        atoms_list, _ = inputs
+        return self.model((atoms_list, self._inputs(atoms_list)))
+
+
 def _parse_kv(text: str) -> Dict:
     out = {}
     for item in filter(None, text.split(",")):
@@ -318,8 +360,14 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
         from training.teachers import load_teacher
 
         return [AniTarget(load_teacher(spec), device, dtype)]
-    raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], schnet[:k=v,...], ani1x[:K], mace:FILE, "
-                         "mace-off-l-arch")
+    if name == "so3lr":
+        from training.teachers import load_teacher
+
+        target = So3lrTarget(load_teacher(spec), device, dtype)
+        info[spec] = {"parameters": target.num_parameters}
+        return [target]
+    raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], schnet[:k=v,...], ani1x[:K], "
+                         "so3lr, mace:FILE, mace-off-l-arch")
 
 
 def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
@@ -372,7 +420,7 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
     parser.add_argument("args", nargs="+", metavar="MODEL [MODEL ...] DATA",
-                        help="models (checkpoint/exported file, painn[:k=v], schnet[:k=v], ani1x, mace:FILE, mace-off-l-arch) "
+                        help="models (checkpoint/exported file, painn[:k=v], schnet[:k=v], ani1x, so3lr, mace:FILE, mace-off-l-arch) "
                              "then the data (file, quickstart, s22[:MIN_ATOMS])")
     parser.add_argument("--compare", action="append", default=[], metavar="TEACHER",
                         help="reference model(s) for the speedup column (repeatable); the first is the reference")

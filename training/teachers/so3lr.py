@@ -63,6 +63,42 @@ def load_so3lr_model(path: str):
     return model
 
 
+def so3lr_batch(model, atoms_list, dtype=None, where: str = "SO3LR") -> dict:
+    """so3krates-torch's input dict for a batch of structures, built the way its own calculator does
+    (config_from_atoms -> AtomicData -> Batch; neighbour lists on the CPU), in float64 unless `dtype`.
+    Sets the model's long-range cutoff for the batch: 1000 Å for molecules, 12 Å for periodic cells, so a
+    batch holds one kind only. Total charges from atoms.info["charge"] (default 0)."""
+    import torch
+    from so3krates_torch.data.atomic_data import AtomicData
+    from so3krates_torch.data.utils import KeySpecification, config_from_atoms
+    from so3krates_torch.tools import torch_geometric, torch_tools, utils
+
+    periodic = {bool(np.any(a.get_pbc())) for a in atoms_list}
+    if len(periodic) != 1:
+        raise HessforgeError(f"{where}: a batch mixes molecules and periodic cells (different long-range cutoffs)")
+    cutoff_lr = None
+    if getattr(model, "use_lr", False):
+        model.r_max_lr = cutoff_lr = PERIODIC_LR_CUTOFF if periodic.pop() else VACUUM_LR_CUTOFF
+        model.dispersion_energy_cutoff_lr_damping = DISPERSION_DAMPING
+    spec = KeySpecification(info_keys={"total_charge": "charge"}, arrays_keys={})
+    z_table = utils.AtomicNumberTable(list(range(1, 119)))
+    graphs = []
+    with torch_tools.default_dtype(torch.float64):  # geometry built in float64, not rounded to float32
+        for atoms in atoms_list:
+            charge = atoms.info.get("charge", 0.0)
+            if not (isinstance(charge, (int, float, np.integer, np.floating)) and np.isfinite(charge)
+                    and float(charge) == round(float(charge))):
+                raise HessforgeError(f"{where}: total charge must be an integer, got {charge!r} (atoms.info['charge'])")
+            atoms = atoms.copy()  # config_from_atoms would read labels from an attached calculator
+            atoms.calc = None
+            graphs.append(AtomicData.from_config(config_from_atoms(atoms, key_specification=spec), z_table=z_table,
+                                                 cutoff=float(model.r_max), cutoff_lr=cutoff_lr))
+        batch = torch_geometric.batch.Batch.from_data_list(graphs).to_dict()
+    if dtype is not None:
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+    return batch
+
+
 class SO3LRTeacher(Teacher):
     relative_energies = True
 
@@ -73,35 +109,8 @@ class SO3LRTeacher(Teacher):
         self.r_max = float(self.model.r_max)
         self.elements = None if elements is None else frozenset(int(z) for z in elements)
 
-    def _long_range(self, atoms) -> Optional[float]:
-        """The long-range cutoff for this structure (None: the model has no long-range terms)."""
-        if not getattr(self.model, "use_lr", False):
-            return None
-        periodic = bool(np.any(atoms.get_pbc()))
-        self.model.r_max_lr = PERIODIC_LR_CUTOFF if periodic else VACUUM_LR_CUTOFF
-        self.model.dispersion_energy_cutoff_lr_damping = DISPERSION_DAMPING
-        return float(self.model.r_max_lr)
-
     def _batch(self, atoms) -> dict:
-        import torch
-        from so3krates_torch.data.atomic_data import AtomicData
-        from so3krates_torch.data.utils import KeySpecification, config_from_atoms
-        from so3krates_torch.tools import torch_geometric, torch_tools, utils
-
-        atoms = atoms.copy()  # config_from_atoms would read labels from an attached calculator
-        atoms.calc = None
-        charge = float(atoms.info.get("charge", 0.0))
-        if not np.isfinite(charge) or charge != round(charge):
-            raise HessforgeError(f"teacher {self.name}: total charge must be an integer, got {charge!r} "
-                                 "(atoms.info['charge'])")
-        spec = KeySpecification(info_keys={"total_charge": "charge"}, arrays_keys={})
-        cutoff_lr = self._long_range(atoms)
-        with torch_tools.default_dtype(torch.float64):  # geometry built in float64, not rounded to float32
-            config = config_from_atoms(atoms, key_specification=spec)
-            graph = AtomicData.from_config(config, z_table=utils.AtomicNumberTable(list(range(1, 119))),
-                                           cutoff=self.r_max, cutoff_lr=cutoff_lr)
-            batch = torch_geometric.batch.Batch.from_data_list([graph]).to_dict()
-        return batch
+        return so3lr_batch(self.model, [atoms], where=f"teacher {self.name}")
 
     def _check(self, atoms):
         self.check_elements(atoms.numbers, f"teacher {self.name}")

@@ -106,8 +106,8 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
         return batch
 
     recs = [_label_for(labels, s, k) for k, s in enumerate(structures)]
-    offsets = teacher_energy_offsets or {}
-    batch.teacher_energy = torch.tensor([r.energy - offset_energy(s.numbers, offsets)
+    energy_offsets = teacher_energy_offsets or {}
+    batch.teacher_energy = torch.tensor([r.energy - offset_energy(s.numbers, energy_offsets)
                                          for r, s in zip(recs, structures)], dtype=torch.float64)
     batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
     have = [getattr(r, "features", None) is not None for r in recs]

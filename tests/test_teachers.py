@@ -85,6 +85,22 @@ def check_rows_order_and_range(teacher, atoms, full):
     assert empty.hessian_rows.shape == (0, n3)
 
 
+def check_bad_model_files(teacher_name, tmp_path):
+    """A missing file and a file that is not a model: one clear error each, naming the problem."""
+    with pytest.raises(HessforgeError, match="not found"):
+        load_teacher(f"{teacher_name}:{tmp_path / 'missing.model'}")
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(HessforgeError, match="cannot load"):
+        load_teacher(f"{teacher_name}:{junk}")
+    import torch
+
+    not_a_model = tmp_path / "tensor.model"
+    torch.save(torch.zeros(3), not_a_model)
+    with pytest.raises(HessforgeError, match="not a .* model"):
+        load_teacher(f"{teacher_name}:{not_a_model}")
+
+
 # ---------------------------------------------------------------- MACE
 
 
@@ -116,12 +132,7 @@ def test_mace_derivatives_and_rows(mace_teacher):
 def test_mace_unknown_element_and_bad_files(mace_teacher, tmp_path):
     with pytest.raises(UnknownElementError, match=r"S \(Z=16\)"):
         mace_teacher.compute(molecule("CH3SH"))
-    with pytest.raises(HessforgeError, match="not found"):
-        load_teacher(f"mace:{tmp_path / 'missing.model'}")
-    junk = tmp_path / "junk.model"
-    junk.write_bytes(b"not a model")
-    with pytest.raises(HessforgeError, match="cannot load"):
-        load_teacher(f"mace:{junk}")
+    check_bad_model_files("mace", tmp_path)
 
 
 # ---------------------------------------------------------------- ANI-1x
@@ -430,12 +441,7 @@ def test_so3lr_features_elements_and_bad_files(so3lr_teacher, tmp_path):
     np.testing.assert_allclose(table[8], expected, rtol=1e-12)
     with pytest.raises(UnknownElementError, match=r"Si \(Z=14\)"):
         so3lr_teacher.compute(molecule("SiH4"))
-    with pytest.raises(HessforgeError, match="not found"):
-        load_teacher(f"so3lr:{tmp_path / 'missing.model'}")
-    junk = tmp_path / "junk.model"
-    junk.write_bytes(b"not a model")
-    with pytest.raises(HessforgeError, match="cannot load"):
-        load_teacher(f"so3lr:{junk}")
+    check_bad_model_files("so3lr", tmp_path)
 
 
 # ---------------------------------------------------------------- CHGNet (weights bundled in chgnet)

@@ -52,6 +52,30 @@ class Teacher(ABC):
         return [self.compute(a, r) for a, r in zip(atoms_list, rows_list)]
 
 
+def load_pickled_model(path: str, kind: str, required: Sequence[str]):
+    """torch.load a whole pickled nn.Module (weights_only=False: these files pickle classes), checked to have
+    the `required` attributes, cast to float64, eval mode, parameters frozen (teachers differentiate w.r.t.
+    positions only). kind names the format in errors ("mace-torch", ...). The caller imports the package
+    whose classes the pickle names first."""
+    import os
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise HessforgeError(f"{kind} model file not found: {path}")
+    try:
+        model = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt file, a state_dict, a TorchScript archive, another package's pickle...
+        raise HessforgeError(f"{path}: cannot load as a {kind} model ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, torch.nn.Module) or not all(hasattr(model, a) for a in required):
+        raise HessforgeError(f"{path}: not a {kind} model (expected a pickled nn.Module with "
+                             f"{', '.join(required)})")
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 def validate_rows(rows, n_atoms: int) -> Optional[np.ndarray]:
     if rows is None:
         return None

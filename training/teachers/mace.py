@@ -5,32 +5,20 @@ the way mace's own `MACECalculator._atoms_to_batch` does (config_from_atoms -> A
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
 from engine.errors import HessforgeError
-from training.teachers.base import Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions
+from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
+                                    load_pickled_model)
 
 
 def load_mace_model(path: str):
-    """torch.load a whole pickled MACE model (needs weights_only=False) and cast it to float64, eval mode."""
+    """A whole pickled MACE model, float64, eval mode, frozen."""
     import mace  # noqa: F401  (must come before e3nn: registers safe globals / constants)
-    import torch
 
-    if not os.path.isfile(path):
-        raise HessforgeError(f"MACE model file not found: {path}")
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt file, a state_dict, a TorchScript archive...
-        raise HessforgeError(f"{path}: cannot load as a mace-torch model ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers") or not hasattr(model, "r_max"):
-        raise HessforgeError(f"{path}: not a mace-torch model (expected a pickled nn.Module with atomic_numbers)")
-    model = model.double().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return load_pickled_model(path, "mace-torch", ("atomic_numbers", "r_max"))
 
 
 class MACETeacher(Teacher):

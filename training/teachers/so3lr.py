@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from engine.errors import HessforgeError
-from training.teachers.base import Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions
+from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
+                                    load_pickled_model)
 
 # The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
 # I). The network embeds all 118 elements, so nothing in the file says which ones it has seen: outside this
@@ -44,23 +45,10 @@ def bundled_so3lr_path() -> str:
 
 
 def load_so3lr_model(path: str):
-    """torch.load a pickled so3krates-torch model, cast to float64, eval mode, frozen parameters."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise HessforgeError(f"SO3LR model file not found: {path}")
+    """A pickled so3krates-torch SO3LR model, float64, eval mode, frozen."""
     import so3krates_torch.modules.models  # noqa: F401  (the classes the pickle names)
 
-    try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt file, a state_dict, another package's pickle...
-        raise HessforgeError(f"{path}: cannot load as a so3krates-torch model ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "r_max") or not hasattr(model, "use_lr"):
-        raise HessforgeError(f"{path}: not a so3krates-torch SO3LR model (expected a pickled nn.Module with r_max)")
-    model = model.double().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return load_pickled_model(path, "so3krates-torch SO3LR", ("r_max", "use_lr"))
 
 
 def so3lr_batch(model, atoms_list, dtype=None, where: str = "SO3LR") -> dict:

@@ -376,3 +376,37 @@ def test_absolute_energy_teacher_is_not_aligned(labelled, tmp_path):
     assert not LabelStore(labelled[1]).relative_energies
     summary = Trainer(_config(labelled, tmp_path / "abs", epochs=1)).fit()
     assert summary["teacher_energy_offsets_eV"] is None
+
+
+def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng):
+    """The materials path end to end with a bundled foundation model: rattled and strained NaCl cells without
+    reference labels, CHGNet energies/forces/Hessian rows, teacher-only Hessian-KD training, and the student
+    in ASE with stress."""
+    pytest.importorskip("chgnet")
+    from ase.build import bulk
+
+    from engine import Calculator
+    from training.data.records import Structure
+    from training.data.store import write_dataset
+    from training.teachers import load_teacher
+
+    structures = []
+    for k in range(6):
+        atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+        strain = np.eye(3) + rng.uniform(-0.02, 0.02, (3, 3))
+        atoms.set_cell(atoms.cell @ strain, scale_atoms=True)
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        structures.append(Structure(id=f"nacl-{k}", group=f"nacl-{k}", numbers=atoms.numbers.copy(),
+                                    positions=atoms.positions.copy(), cell=np.array(atoms.cell), pbc=np.ones(3, bool)))
+    path = str(tmp_path / "crystals.lmdb")
+    write_dataset(path, structures)
+    label_dataset(path, load_teacher("chgnet"), str(tmp_path / "labels"), rows=2)
+    trainer = Trainer(_config((path, str(tmp_path / "labels")), tmp_path / "run", epochs=2))
+    assert trainer.val_against_teacher
+    summary = trainer.fit()
+    assert np.isfinite(summary["best_val_loss_ef"])
+    assert all(np.isfinite(r["train_hessian"]) and r["train_hessian"] > 0 for r in epoch_records(tmp_path / "run"))
+    crystal = structures[0].to_atoms()
+    crystal.calc = Calculator(str(tmp_path / "run" / "best.pt"))
+    stress = crystal.get_stress()
+    assert stress.shape == (6,) and np.all(np.isfinite(stress)) and np.isfinite(crystal.get_potential_energy())

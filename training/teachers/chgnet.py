@@ -3,9 +3,9 @@ bundled in the `chgnet` wheel (0.3.0 by default; "0.2.0" and "r2scan" also ship)
 
 CHGNet runs in float32 and builds its graphs from pymatgen structures, so Hessian rows are central
 differences of its forces (training.teachers.finite_difference) with a 0.01 Å step. Measured on rattled
-diamond Si (8 atoms): the slope dF/dx of CHGNet's own forces oscillates by about ±15 % with a period of about 0.01 Å, so rows
-at a 1e-3 Å step differ from rows at 1e-2 Å by up to 1.2 eV/Å² (on entries up to 9.8 eV/Å²); the 0.01 Å
-step gives that wiggle's average over ±0.01 Å, not its value at one point.
+diamond Si (8 atoms): the slope dF/dx of CHGNet's own forces oscillates by about ±15 % with a period of
+about 0.01 Å, so rows at a 1e-3 Å step differ from rows at 1e-2 Å by up to 1.2 eV/Å² (on entries up to
+9.8 eV/Å²); the 0.01 Å step gives that wiggle's average over ±0.01 Å, not its value at one point.
 """
 from __future__ import annotations
 

@@ -493,3 +493,29 @@ def test_chgnet_refuses_what_it_cannot_label(chgnet_teacher):
     assert feats.shape == (8, 64) and np.all(np.isfinite(feats))
     emb = chgnet_teacher.element_embeddings()
     assert len(emb) == 94 and emb[11].shape == (64,)
+
+
+def test_so3lr_labels_with_features_for_the_baselines(so3lr_teacher, tmp_path):
+    """`hessforge label --teacher so3lr --features --embeddings`: the stored labels say the teacher's energies
+    are relative, and hold its per-atom features and element embeddings for the n2n / a2a baselines."""
+    from training.data.records import Structure
+    from training.data.store import write_dataset
+    from training.labels import LabelStore, label_dataset
+
+    structures = []
+    for k, name in enumerate(("CH3OH", "HCOOH")):
+        a = perturbed(name, seed_offset=30 + k)
+        structures.append(Structure(id=name, group=name, numbers=a.numbers.copy(), positions=a.positions.copy()))
+    path = str(tmp_path / "data.lmdb")
+    write_dataset(path, structures)
+    label_dataset(path, so3lr_teacher, str(tmp_path / "labels"), rows=2, features=True, embeddings=True,
+                  teacher_spec="so3lr")
+    store = LabelStore(str(tmp_path / "labels"))
+    assert store.relative_energies and store.metadata["teacher"] == "so3lr"
+    assert store.metadata["teacher_file_sha256"]  # the bundled weights file, hashed
+    assert store.feature_dim == 128
+    assert set(store.element_embeddings()) == set(so3lr_teacher.elements)
+    rec = store.get("HCOOH")
+    direct = so3lr_teacher.compute(structures[1].to_atoms(), rows=rec.rows)
+    np.testing.assert_allclose(rec.hessian_rows, direct.hessian_rows, rtol=1e-5, atol=1e-5)  # float32 storage
+    assert rec.features.shape == (5, 128)

@@ -519,3 +519,16 @@ def test_so3lr_labels_with_features_for_the_baselines(so3lr_teacher, tmp_path):
     direct = so3lr_teacher.compute(structures[1].to_atoms(), rows=rec.rows)
     np.testing.assert_allclose(rec.hessian_rows, direct.hessian_rows, rtol=1e-5, atol=1e-5)  # float32 storage
     assert rec.features.shape == (5, 128)
+
+
+def test_foundation_teachers_check_cells_like_the_engine(so3lr_teacher, chgnet_teacher):
+    """A periodic cell without volume is refused by the engine's criterion, which completes the zero vectors
+    of a slab's non-periodic direction: a slab is accepted."""
+    flat = molecule("H2O")
+    flat.cell, flat.pbc = [[1.0, 0, 0], [2.0, 0, 0], [0, 0, 3.0]], True
+    for teacher in (so3lr_teacher, chgnet_teacher):
+        with pytest.raises(HessforgeError, match="zero volume"):
+            teacher.compute(flat)
+    slab = perturbed("H2O", seed_offset=40)
+    slab.cell, slab.pbc = [[6.0, 0, 0], [0, 6.0, 0], [0, 0, 0]], [True, True, False]
+    assert np.isfinite(so3lr_teacher.compute(slab).energy)

@@ -39,6 +39,7 @@ from engine.paths import check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
                            format_table, is_out_of_memory, machine_info, rebuild_neighbors, release_memory,
                            resolve_device, speedup, sweep, write_json)
+from training.teachers.base import check_finite_positions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PAINN_DEFAULTS = dict(hidden=128, layers=4, num_basis=128, cutoff=5.0, force_mode="gradient")
@@ -230,8 +231,7 @@ class AniTarget(BenchTarget):
     def prepare(self, atoms_list):
         for a in atoms_list:
             self.check_data([a], a.get_chemical_formula())
-            if not np.all(np.isfinite(a.positions)):
-                raise HessforgeError(f"{a.get_chemical_formula()}: positions contain NaN or Inf")
+            check_finite_positions(a, a.get_chemical_formula())
         n = max(len(a) for a in atoms_list)
         species = torch.full((len(atoms_list), n), -1, dtype=torch.long)
         coords = torch.zeros(len(atoms_list), n, 3, dtype=torch.float64)
@@ -276,8 +276,7 @@ class So3lrTarget(BenchTarget):
     def prepare(self, atoms_list):
         for a in atoms_list:
             self.check_data([a], a.get_chemical_formula())
-            if not np.all(np.isfinite(a.positions)):
-                raise HessforgeError(f"{a.get_chemical_formula()}: positions contain NaN or Inf")
+            check_finite_positions(a, a.get_chemical_formula())
         return list(atoms_list), self._inputs(atoms_list)
 
     def model(self, inputs):

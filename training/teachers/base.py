@@ -91,6 +91,19 @@ def check_finite_positions(atoms, where: str = "") -> None:
         raise HessforgeError(f"{where or 'structure'}: positions contain NaN or Inf")
 
 
+def check_periodic_cell(atoms, where: str = "") -> None:
+    """A periodic structure's cell must span a volume, by the engine's criterion (engine.neighbors: wires
+    and slabs may have zero vectors along their non-periodic directions)."""
+    import torch
+
+    from engine.neighbors import check_cell, complete_cells
+
+    pbc = torch.as_tensor(np.asarray(atoms.get_pbc(), dtype=bool))
+    if bool(pbc.any()):
+        cell = complete_cells(torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)[None], pbc[None])[0]
+        check_cell(cell, pbc, where or "structure")
+
+
 def one_hot_rows(rows: np.ndarray, n_coords: int, dtype=None):
     """[k, n_coords] one-hot torch matrix: the grad_outputs that pick Hessian rows `rows` in one backward."""
     import torch

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from engine.errors import HessforgeError
-from training.teachers.base import TeacherOutput
+from training.teachers.base import TeacherOutput, check_periodic_cell
 from training.teachers.finite_difference import FiniteDifferenceTeacher
 
 CHGNET_MODELS = ("0.3.0", "0.2.0", "r2scan")
@@ -57,8 +57,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
             raise HessforgeError(f"teacher {self.name}: CHGNet is a crystal model and needs a periodic cell in "
                                  f"all 3 directions (pbc is {atoms.get_pbc().tolist()}); for molecules use "
                                  "ani1x, so3lr or a MACE-OFF file")
-        if abs(atoms.cell.volume) < 1e-9:
-            raise HessforgeError(f"teacher {self.name}: periodic structure with a zero-volume cell")
+        check_periodic_cell(atoms, f"teacher {self.name}")
 
     def _forces_energy(self, atoms, positions):
         try:

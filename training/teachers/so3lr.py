@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    load_pickled_model)
+                                    check_periodic_cell, load_pickled_model)
 
 # The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
 # I). The network embeds all 118 elements, so nothing in the file says which ones it has seen: outside this
@@ -94,7 +94,6 @@ class SO3LRTeacher(Teacher):
         self.path = path or bundled_so3lr_path()
         self.name = "so3lr" if path is None else f"so3lr:{path}"
         self.model = load_so3lr_model(self.path)
-        self.r_max = float(self.model.r_max)
         self.elements = None if elements is None else frozenset(int(z) for z in elements)
 
     def _batch(self, atoms) -> dict:
@@ -103,8 +102,7 @@ class SO3LRTeacher(Teacher):
     def _check(self, atoms):
         self.check_elements(atoms.numbers, f"teacher {self.name}")
         check_finite_positions(atoms, f"teacher {self.name}")
-        if np.any(atoms.get_pbc()) and abs(atoms.cell.volume) < 1e-9:
-            raise HessforgeError(f"teacher {self.name}: periodic structure with a zero-volume cell")
+        check_periodic_cell(atoms, f"teacher {self.name}")
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
         self._check(atoms)

@@ -135,7 +135,7 @@ def test_schnet_has_gradient_forces_only(tmp_path):
         SchNet(SPECIES, force_mode="direct")
     with pytest.raises(HessforgeError, match="force_mode of schnet must be 'gradient'"):
         config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "schnet", "force_mode": "direct"}})
-    with pytest.raises(HessforgeError, match="model.name must be one of painn, schnet"):
+    with pytest.raises(HessforgeError, match="model.name: unknown student architecture .gemnet.; available: painn, schnet"):
         config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "gemnet"}})
     with pytest.raises(HessforgeError, match="SchNet: .*hidden must be >= 2"):
         SchNet(SPECIES, hidden=1)

@@ -333,11 +333,11 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
         model = load_model(spec, dtype=dtype)
         return _student_targets(model, label or os.path.basename(spec), modes, device, dtype, notes, info)
     if name in STUDENT_SPECS:
-        from engine.models import STUDENTS
+        from engine.models import student_class
 
         hp = dict(STUDENT_SPECS[name], **_parse_kv(arg))
         try:
-            model = STUDENTS[name](elements, **hp)
+            model = student_class(name)(elements, **hp)
         except (TypeError, ValueError) as err:  # an unknown key, hidden=abc, force_mode=bad
             raise HessforgeError(f"{spec}: {err}") from None
         label = name + "(" + ",".join(f"{k}={v}" for k, v in hp.items() if k != "force_mode") + ")"

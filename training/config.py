@@ -182,11 +182,9 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
         raise HessforgeError(f"{where}: data.train must be > 0, got {config.data.train!r}")
     if not config.data.path:
         raise HessforgeError(f"{where}: 'data.path' (the LMDB dataset) is required")
-    from engine.models import STUDENTS
+    from engine.models import student_class
 
-    student = STUDENTS.get(str(config.model.name).lower())
-    if student is None:
-        raise HessforgeError(f"{where}: model.name must be one of {', '.join(STUDENTS)}, got {config.model.name!r}")
+    student = student_class(config.model.name, where=f"{where}: model.name")
     if config.model.force_mode not in student.force_modes:
         raise HessforgeError(f"{where}: model.force_mode of {config.model.name} must be "
                              f"{' or '.join(repr(m) for m in student.force_modes)}, got {config.model.force_mode!r}")

@@ -94,7 +94,7 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16) -> 
     if teacher is not None:
         # a teacher with relative energies (SO3LR) is compared after per-element offsets, fitted on these
         # structures' reference energies, put it on the reference's scale (energy differences survive it)
-        offsets = teacher_energy_offsets(labels, structures)
+        offsets = teacher_energy_offsets(labels, structures, teacher)
         te = [t.energy - offset_energy(s.numbers, offsets or {}) for t, s in zip(teacher, structures)]
         if offsets is not None:
             result["teacher_energy_offsets_eV"] = {str(z): o for z, o in offsets.items()}

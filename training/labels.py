@@ -182,20 +182,23 @@ class LabelStore:
         return bool(self.metadata.get("relative_energies", False))
 
 
-def teacher_energy_offsets(labels, structures) -> Optional[Dict[int, float]]:
+def teacher_energy_offsets(labels, structures, records: Optional[Sequence] = None) -> Optional[Dict[int, float]]:
     """Per-element offsets {Z: eV} between the teacher's energies and the reference energies of `structures`
     (least squares over those that have a reference energy), for labels whose teacher has relative energies;
     None when the teacher's energies are absolute or no structure has a reference energy (nothing to align
-    to). Subtract Σ_atoms o_Z from a teacher energy to put it on the reference's scale."""
+    to). Subtract Σ_atoms o_Z from a teacher energy to put it on the reference's scale. `records`: the
+    structures' label records, in order, when the caller has read them already (else read from `labels`)."""
     from training.reference_energies import fit_element_offsets
 
     if not getattr(labels, "relative_energies", False):
         return None
-    with_ref = [s for s in structures if s.energy is not None]
-    if not with_ref:
+    if records is None:
+        records = [labels.get(s.id) if s.energy is not None else None for s in structures]
+    pairs = [(s, r) for s, r in zip(structures, records) if s.energy is not None]
+    if not pairs:
         return None
-    return fit_element_offsets([s.numbers for s in with_ref], [labels.get(s.id).energy for s in with_ref],
-                               [s.energy for s in with_ref])
+    return fit_element_offsets([s.numbers for s, _ in pairs], [r.energy for _, r in pairs],
+                               [s.energy for s, _ in pairs])
 
 
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:

@@ -7,12 +7,18 @@ from engine.models.schnet import SchNet
 STUDENTS = {"painn": PaiNN, "schnet": SchNet}
 
 
-def build_student(name: str, **kwargs):
+def student_class(name, where: str = "student") -> type:
+    """The architecture called `name` (case-insensitive); an unknown name is one clear error naming `where`."""
     from engine.errors import HessforgeError
 
-    if name.lower() not in STUDENTS:
-        raise HessforgeError(f"unknown student architecture {name!r}; available: {', '.join(STUDENTS)}")
-    return STUDENTS[name.lower()](**kwargs)
+    cls = STUDENTS.get(str(name).lower())
+    if cls is None:
+        raise HessforgeError(f"{where}: unknown student architecture {name!r}; available: {', '.join(STUDENTS)}")
+    return cls
+
+
+def build_student(name: str, **kwargs):
+    return student_class(name)(**kwargs)
 
 
 def for_inference(model, device, dtype):
@@ -34,4 +40,4 @@ def for_inference(model, device, dtype):
     return model
 
 
-__all__ = ["PaiNN", "SchNet", "Student", "STUDENTS", "build_student", "for_inference"]
+__all__ = ["PaiNN", "SchNet", "Student", "STUDENTS", "build_student", "for_inference", "student_class"]

@@ -382,6 +382,29 @@ def test_so3lr_target_batches_like_the_teacher(rng):
         target.prepare([molecule("SiH4")])
 
 
+def test_chgnet_target_batches_like_the_teacher(rng):
+    """hessforge bench's CHGNet target: forces of a batch of crystals of different sizes and elements equal the
+    teacher's one structure at a time; molecules and float64 are refused with clear errors."""
+    pytest.importorskip("chgnet")
+    from ase.build import bulk
+
+    from training.bench import ChgnetTarget, make_targets
+    from training.teachers import load_teacher
+
+    teacher = load_teacher("chgnet")
+    crystals = [bulk("Si", "diamond", a=5.43, cubic=True), bulk("NaCl", "rocksalt", a=5.64),
+                bulk("Si", "diamond", a=5.5).repeat((2, 1, 1))]
+    for a in crystals:
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+    (target,) = make_targets("chgnet", crystals, ["eager"], torch.device("cpu"), torch.float32, {}, {})
+    assert isinstance(target, ChgnetTarget)
+    assert_batched_forces_match(target, teacher, crystals, atol=2e-4, min_force=0.1)
+    with pytest.raises(HessforgeError, match="crystal model"):
+        target.prepare([molecule("H2O")])
+    with pytest.raises(HessforgeError, match="float32 only"):
+        ChgnetTarget(teacher, "cpu", torch.float64)
+
+
 def test_mace_off_large_architecture():
     pytest.importorskip("mace")
     from training.bench import MACE_OFF23_ELEMENTS, count_parameters, mace_off_large

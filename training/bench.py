@@ -9,6 +9,8 @@ MODEL is one of
   ani1x | ani1x:K       the ANI-1x teacher (8-model ensemble, or member K)
   so3lr                 the SO3LR foundation model (weights bundled in so3krates-torch), batched through its own
                         data pipeline; its neighbour lists (4.5 Å and the long-range ones) are built on the CPU
+  chgnet[:MODEL]        CHGNet (weights bundled in the chgnet package; crystals only), batched through its own
+                        crystal graphs, which are built on the CPU
   mace:FILE[@HEAD]      a mace-torch .model file
   mace-off-l-arch       the MACE-OFF23-Large architecture built in code with random weights (see
                         `mace_off_large`): timing a teacher of that size without its weights
@@ -288,6 +290,48 @@ class So3lrTarget(BenchTarget):
         return self.model((atoms_list, self._inputs(atoms_list)))
 
 
+class ChgnetTarget(BenchTarget):
+    """CHGNet on its own batched input: crystal graphs (atom graph 6 Å, bond graph 3 Å) built untimed by
+    `prepare`; `model_with_neighbors` rebuilds them from the positions the way its calculator does (pymatgen
+    structure and graph converter on the CPU, then copied to the device). Crystals only."""
+
+    def __init__(self, teacher, device=None, dtype=torch.float32):
+        if dtype != torch.float32:
+            raise HessforgeError(f"{teacher.name}: CHGNet runs in float32 only (asked for {dtype})")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.name, self.mode = teacher.name, "eager"
+        self.teacher = teacher
+        self.chgnet = copy.deepcopy(teacher.model).to(self.device).eval()
+        self.num_parameters = count_parameters(self.chgnet)
+        self.note = f"{self.num_parameters / 1e6:.2f}M params; graphs built on the CPU"
+
+    def check_data(self, structures, where: str = "") -> None:
+        for a in structures:
+            self.teacher.check_periodic(a)  # molecules and flat cells: its clear error
+        self.teacher.check_elements(set(int(z) for a in structures for z in a.numbers),
+                                    f"{self.name}: {where}" if where else self.name)
+
+    def _graphs(self, atoms_list):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return [self.chgnet.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a in atoms_list]
+
+    def prepare(self, atoms_list):
+        for a in atoms_list:
+            self.check_data([a], a.get_chemical_formula())
+            check_finite_positions(a, a.get_chemical_formula())
+        return list(atoms_list), self._graphs(atoms_list)
+
+    def model(self, inputs):
+        _, graphs = inputs
+        return torch.cat(self.chgnet(graphs, task="ef")["f"])
+
+    def model_with_neighbors(self, inputs):
+        atoms_list, _ = inputs
+        return self.model((atoms_list, self._graphs(atoms_list)))
+
+
 def _parse_kv(text: str) -> Dict:
     out = {}
     for item in filter(None, text.split(",")):
@@ -365,8 +409,14 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
         target = So3lrTarget(load_teacher(spec), device, dtype)
         info[spec] = {"parameters": target.num_parameters}
         return [target]
+    if name == "chgnet":
+        from training.teachers import load_teacher
+
+        target = ChgnetTarget(load_teacher(spec), device, dtype)
+        info[spec] = {"parameters": target.num_parameters}
+        return [target]
     raise HessforgeError(f"model {spec!r}: not a file and not one of painn[:k=v,...], schnet[:k=v,...], ani1x[:K], "
-                         "so3lr, mace:FILE, mace-off-l-arch")
+                         "so3lr, chgnet[:MODEL], mace:FILE, mace-off-l-arch")
 
 
 def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
@@ -419,7 +469,7 @@ def add_arguments(parser) -> None:
     parser.description = __doc__
     parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
     parser.add_argument("args", nargs="+", metavar="MODEL [MODEL ...] DATA",
-                        help="models (checkpoint/exported file, painn[:k=v], schnet[:k=v], ani1x, so3lr, mace:FILE, mace-off-l-arch) "
+                        help="models (checkpoint/exported file, painn[:k=v], schnet[:k=v], ani1x, so3lr, chgnet, mace:FILE, mace-off-l-arch) "
                              "then the data (file, quickstart, s22[:MIN_ATOMS])")
     parser.add_argument("--compare", action="append", default=[], metavar="TEACHER",
                         help="reference model(s) for the speedup column (repeatable); the first is the reference")

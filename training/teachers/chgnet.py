@@ -52,7 +52,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
                          elements=CHGNET_ELEMENTS)
         self.model_name = model_name
 
-    def _check_periodic(self, atoms):
+    def check_periodic(self, atoms):
         if not np.all(atoms.get_pbc()):
             raise HessforgeError(f"teacher {self.name}: CHGNet is a crystal model and needs a periodic cell in "
                                  f"all 3 directions (pbc is {atoms.get_pbc().tolist()}); for molecules use "
@@ -68,7 +68,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
             raise HessforgeError(f"teacher {self.name}: {exc}") from None
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
-        self._check_periodic(atoms)
+        self.check_periodic(atoms)
         return super().compute(atoms, rows)
 
     # ------------------------------------------------------------------ feature-distillation baselines
@@ -77,7 +77,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
         from pymatgen.io.ase import AseAtomsAdaptor
 
         self.check_elements(atoms.numbers, f"teacher {self.name}")
-        self._check_periodic(atoms)
+        self.check_periodic(atoms)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             pred = self.model.predict_structure(AseAtomsAdaptor.get_structure(atoms), task="e",

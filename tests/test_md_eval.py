@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.build import molecule
 from ase.calculators.calculator import Calculator as ASECalculator
 from ase.calculators.calculator import all_changes
@@ -27,7 +28,8 @@ class Springs(ASECalculator):
 
     def __init__(self, reference, k=20.0, push=0.0):
         super().__init__()
-        self.pairs, self.r0 = bonds(reference)
+        b = bonds(reference)
+        self.pairs, self.r0 = b.pairs, b.lengths
         self.k, self.push = k, push
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -45,14 +47,39 @@ class Springs(ASECalculator):
 
 
 def test_bonds_are_covalent_pairs():
-    pairs, lengths = bonds(molecule("CH3OH"))
+    pairs, lengths, offsets = bonds(molecule("CH3OH"))
     assert len(pairs) == 5  # 3 C-H, C-O, O-H
-    assert np.all(lengths < 1.5) and np.all(pairs[:, 0] < pairs[:, 1])
+    assert np.all(lengths < 1.5) and np.all(pairs[:, 0] < pairs[:, 1]) and not offsets.any()
+
+
+def test_crystal_bonds_cross_the_cell_faces():
+    """Diamond Si: every atom has 4 bonds, most of them to periodic images; each bond counted once (also an
+    atom's bond to its own image); moving an atom along a bond that crosses a cell face stretches exactly that
+    bond; translating the whole unwrapped crystal changes nothing."""
+    from ase.build import bulk
+
+    a = 5.43
+    cubic = bulk("Si", "diamond", a=a, cubic=True)
+    b = bonds(cubic)
+    assert len(b.pairs) == 16
+    np.testing.assert_allclose(b.lengths, a * np.sqrt(3) / 4, rtol=1e-12)
+    assert len(bonds(bulk("Si", "diamond", a=a)).pairs) == 4  # primitive cell: 2 atoms, 4 bonds
+    chain = Atoms("H", positions=[[0, 0, 0]], cell=[0.74, 6, 6], pbc=[True, False, False])
+    assert len(bonds(chain).pairs) == 1  # H bonded to its own image, once
+    across = np.flatnonzero(np.abs(b.offsets).sum(axis=1) > 0)
+    assert len(across) > 0
+    k = across[0]
+    i, j = b.pairs[k]
+    unit = (cubic.positions[j] + b.offsets[k] - cubic.positions[i]) / b.lengths[k]
+    pos = cubic.positions.copy()
+    pos[i] -= 0.3 * unit  # i moves away from j's image: that bond is 0.3 Å longer, i's others change less
+    assert bond_deviation(pos, b) == pytest.approx(0.3, abs=1e-12)
+    assert bond_deviation(cubic.positions + 0.37 * cubic.cell.sum(axis=0), b) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_stretched_bond_flags_failure_at_the_right_time():
     atoms = molecule("H2O")
-    pairs, ref = bonds(atoms)
+    b = bonds(atoms)
     times = np.arange(20) * 0.01  # ps
     frames = []
     for n, t in enumerate(times):
@@ -60,12 +87,12 @@ def test_stretched_bond_flags_failure_at_the_right_time():
         pos[1] += (pos[1] - pos[0]) / np.linalg.norm(pos[1] - pos[0]) * 0.06 * n  # O-H stretched 0.06 Å/frame
         frames.append(pos)
     # deviation 0.06 n > 0.5 first at n = 9
-    assert first_failure(frames, times, pairs, ref, 0.5) == pytest.approx(times[9])
-    assert bond_deviation(frames[8], pairs, ref) == pytest.approx(0.48)
+    assert first_failure(frames, times, b, 0.5) == pytest.approx(times[9])
+    assert bond_deviation(frames[8], b) == pytest.approx(0.48)
     stable = [atoms.positions + 0.01 * np.sin(n) for n in range(20)]
-    assert first_failure(stable, times, pairs, ref, 0.5) is None
+    assert first_failure(stable, times, b, 0.5) is None
     assert fraction_stable([times[9], None], [0.0, 0.08, 0.09, 0.19]) == [1.0, 1.0, 0.5, 0.5]
-    assert bond_deviation(np.full((3, 3), np.nan), pairs, ref) == np.inf
+    assert bond_deviation(np.full((3, 3), np.nan), b) == np.inf
 
 
 def test_nvt_stable_and_unstable():

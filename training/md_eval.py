@@ -9,7 +9,8 @@ DATA is a hessforge LMDB dataset; --structures held-out structures of --split ar
 Three tests, each one can be skipped (--skip nvt,nve,opt):
   nvt  Langevin MD (ASE's Langevin; default 300 K, 1 fs, friction 0.01/fs, --steps 1000) from each structure,
        velocities drawn from Maxwell-Boltzmann at the temperature. Bonds are the atom pairs closer than
-       1.2 x the sum of their covalent radii (ase natural_cutoffs) in the starting structure; the trajectory
+       1.2 x the sum of their covalent radii (ase natural_cutoffs) in the starting structure (in a periodic
+       cell also across the cell faces, to periodic images); the trajectory
        is unstable from the first checked step (every --check-interval steps) where any bond length
        deviates more than --bond-tolerance (0.5 Å) from its starting length, or where the calculator fails
        or returns non-finite numbers. Reported: time to failure per trajectory (null: survived all steps)
@@ -30,7 +31,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,38 +44,50 @@ DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_f
 
 
 # ------------------------------------------------------------------------------------------ bonds
-def bonds(atoms, mult: float = 1.2) -> Tuple[np.ndarray, np.ndarray]:
-    """Bonded pairs [B, 2] (i < j) and their lengths [B] in `atoms`: pairs closer than the sum of their
-    ase.neighborlist.natural_cutoffs (covalent radii times `mult`; with mult 1, C-H at 1.09 Å is no bond:
-    0.76 + 0.31 = 1.07 Å, so 1.2, the usual allowance)."""
+class Bonds(NamedTuple):
+    """Bonded pairs [B, 2] (i, j), their lengths [B] (Å) and the Cartesian offset [B, 3] of j's periodic image
+    (zero in molecules): the bond vector is x_j - x_i + offset as long as positions are not wrapped back into
+    the cell (ASE's integrators and optimizers never wrap them)."""
+    pairs: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+
+
+def bonds(atoms, mult: float = 1.2) -> Bonds:
+    """The bonds of `atoms`: pairs closer than the sum of their ase.neighborlist.natural_cutoffs (covalent
+    radii times `mult`; with mult 1, C-H at 1.09 Å is no bond: 0.76 + 0.31 = 1.07 Å, so 1.2, the usual
+    allowance). In a periodic cell, bonds to periodic images count too (each once, i < j or, between an atom
+    and its own image, one of the two directions), so a crystal's bonds across the cell faces are checked."""
     from ase.neighborlist import natural_cutoffs, neighbor_list
 
-    a = atoms.copy()
-    a.pbc = False
-    if len(a) < 2:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0)
-    i, j, d = neighbor_list("ijd", a, natural_cutoffs(a, mult=mult))
-    keep = i < j
+    if len(atoms) < 2 and not atoms.pbc.any():
+        return Bonds(np.zeros((0, 2), dtype=np.int64), np.zeros(0), np.zeros((0, 3)))
+    i, j, d, shift = neighbor_list("ijdS", atoms, natural_cutoffs(atoms, mult=mult))
+    # each bond appears as (i, j, S) and (j, i, -S): keep i < j, and for i == j the first nonzero component of S > 0
+    first = np.array([s[np.flatnonzero(s)[0]] if s.any() else 0 for s in shift]) if len(shift) else np.zeros(0)
+    keep = (i < j) | ((i == j) & (first > 0))
+    offsets = shift[keep] @ np.asarray(atoms.cell) if keep.any() else np.zeros((0, 3))
     pairs = np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
-    return pairs, d[keep].astype(np.float64)
+    return Bonds(pairs, d[keep].astype(np.float64), np.asarray(offsets, dtype=np.float64).reshape(-1, 3))
 
 
-def bond_deviation(positions: np.ndarray, pairs: np.ndarray, ref_lengths: np.ndarray) -> float:
+def bond_deviation(positions: np.ndarray, bond_set: Bonds) -> float:
     """Largest |r_ij - r_ij(ref)| over the bonds (Å); inf for non-finite positions, 0 with no bonds."""
     positions = np.asarray(positions, dtype=np.float64)
     if not np.all(np.isfinite(positions)):
         return math.inf
+    pairs = bond_set.pairs
     if len(pairs) == 0:
         return 0.0
-    r = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]], axis=1)
-    return float(np.max(np.abs(r - ref_lengths)))
+    r = np.linalg.norm(positions[pairs[:, 1]] - positions[pairs[:, 0]] + bond_set.offsets, axis=1)
+    return float(np.max(np.abs(r - bond_set.lengths)))
 
 
-def first_failure(frames: Sequence[np.ndarray], times_ps: Sequence[float], pairs, ref_lengths,
+def first_failure(frames: Sequence[np.ndarray], times_ps: Sequence[float], bond_set: Bonds,
                   tolerance: float = 0.5) -> Optional[float]:
     """Time of the first frame whose largest bond deviation exceeds `tolerance` (None: all frames stable)."""
     for pos, t in zip(frames, times_ps):
-        if bond_deviation(pos, pairs, ref_lengths) > tolerance:
+        if bond_deviation(pos, bond_set) > tolerance:
             return float(t)
     return None
 
@@ -119,7 +132,7 @@ def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temp
 
     atoms = atoms.copy()
     atoms.calc = calc
-    pairs, ref = bonds(atoms)
+    bond_set = bonds(atoms)
     _init_velocities(atoms, temperature_K, seed)
     from ase.constraints import FixCom
 
@@ -131,7 +144,7 @@ def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temp
         n = min(check_interval, steps - done)
         error = _finite_step(dyn, atoms, n)
         done += n
-        dev = bond_deviation(atoms.positions, pairs, ref) if error is None else math.inf
+        dev = bond_deviation(atoms.positions, bond_set) if error is None else math.inf
         worst = max(worst, dev)
         if error is not None or dev > tolerance:
             failure = done * timestep_fs / 1000.0
@@ -139,7 +152,7 @@ def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temp
             break
     wall = time.perf_counter() - start
     return {"time_to_failure_ps": failure, "survived": failure is None, "reason": reason, "steps_run": done,
-            "simulated_ps": done * timestep_fs / 1000.0, "n_bonds": int(len(pairs)),
+            "simulated_ps": done * timestep_fs / 1000.0, "n_bonds": int(len(bond_set.pairs)),
             "max_bond_deviation_A": worst if math.isfinite(worst) else None, "wall_s": wall,
             "steps_per_s": done / wall if wall > 0 else None}
 
@@ -152,7 +165,7 @@ def nve_drift(atoms, calc, steps: int = 1000, timestep_fs: float = 0.5, temperat
 
     atoms = atoms.copy()
     atoms.calc = calc
-    pairs, ref = bonds(atoms)
+    bond_set = bonds(atoms)
     _init_velocities(atoms, temperature_K, seed)
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
     n_atoms = len(atoms)
@@ -163,7 +176,7 @@ def nve_drift(atoms, calc, steps: int = 1000, timestep_fs: float = 0.5, temperat
         n = min(interval, steps - done)
         reason = _finite_step(dyn, atoms, n)
         done += n
-        if reason is None and bond_deviation(atoms.positions, pairs, ref) > tolerance:
+        if reason is None and bond_deviation(atoms.positions, bond_set) > tolerance:
             reason = f"bond deviation > {tolerance} Å"
         if reason is not None:
             break
@@ -217,9 +230,9 @@ def _reference_point(atoms, calc) -> Dict:
 
 def optimization(atoms, calc, reference_calc=None, fmax: float = 0.05, steps: int = 500,
                  reference_relax: bool = True) -> Dict:
-    pairs, ref = bonds(atoms)
+    bond_set = bonds(atoms)
     final, info = relax(atoms, calc, fmax, steps)
-    out = {"student": info, "max_bond_deviation_A": (bond_deviation(final.positions, pairs, ref)
+    out = {"student": info, "max_bond_deviation_A": (bond_deviation(final.positions, bond_set)
                                                      if np.all(np.isfinite(final.positions)) else None)}
     if reference_calc is not None:
         out["reference_start"] = _reference_point(atoms, reference_calc)

@@ -483,6 +483,27 @@ def test_collate_hessian_rows_are_consistent(tmp_path, rng):
     assert isinstance(moved, Batch) and moved.graph.positions.shape == (sum(natoms), 3)
 
 
+def test_collate_teacher_fills_missing_targets(tmp_path, rng):
+    """Training batches (teacher_fills_missing): a structure without a reference energy / forces gets the
+    teacher's (offset-corrected) values as targets, a structure with references keeps them; validation batches
+    (default) keep the masks."""
+    _, structures = small_dataset(tmp_path, rng, n=4)
+    structures[1].energy, structures[1].forces = None, None
+    structures[2].forces = None
+    recs = random_labels(rng, structures, k_max=3)
+    offsets = {z: float(rng.normal()) for z in {int(z) for st in structures for z in st.numbers}}
+    kept = collate(structures, recs, 2.5, torch.float64, teacher_energy_offsets=offsets)
+    assert kept.energy_mask.tolist() == [True, False, True, True] and not kept.forces_mask.all()
+    b = collate(structures, recs, 2.5, torch.float64, teacher_energy_offsets=offsets, teacher_fills_missing=True)
+    assert b.energy_mask.all() and b.forces_mask.all()
+    off = np.concatenate([[0], np.cumsum([st.natoms for st in structures])])
+    for k, (st, rec) in enumerate(zip(structures, recs)):
+        teacher_e = rec.energy - sum(offsets[int(z)] for z in st.numbers)
+        assert float(b.energy[k]) == pytest.approx(st.energy if st.energy is not None else teacher_e, abs=1e-12)
+        want_f = st.forces if st.forces is not None else rec.forces
+        np.testing.assert_array_equal(b.forces[off[k]:off[k + 1]].numpy(), want_f)
+
+
 def test_collate_errors_name_the_structure(tmp_path, rng):
     _, structures = small_dataset(tmp_path, rng, n=3)
     recs = random_labels(rng, structures, 3)

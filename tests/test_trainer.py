@@ -300,6 +300,10 @@ def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelle
     summary = trainer.fit()
     assert np.isfinite(summary["best_val_loss_ef"]) and (tmp_path / "run" / "best.pt").exists()
     assert torch.isfinite(trainer.model.atom_ref).all() and trainer.model.atom_ref.abs().sum() > 0
+    # the unlabelled structures are trained on the teacher's energies and forces (they used to train nothing
+    # but the Hessian term: energy and force losses of exactly 0 when nothing had references)
+    records = epoch_records(tmp_path / "run")
+    assert all(r["train_energy"] > 0 and r["train_forces"] > 0 for r in records)
     from training.labels import LabelStore
 
     result = evaluate(load_student(str(tmp_path / "run" / "best.pt")), structures, LabelStore(str(tmp_path / "labels")))
@@ -405,7 +409,8 @@ def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng):
     assert trainer.val_against_teacher
     summary = trainer.fit()
     assert np.isfinite(summary["best_val_loss_ef"])
-    assert all(np.isfinite(r["train_hessian"]) and r["train_hessian"] > 0 for r in epoch_records(tmp_path / "run"))
+    assert all(np.isfinite(r["train_hessian"]) and r["train_hessian"] > 0 and r["train_forces"] > 0
+               for r in epoch_records(tmp_path / "run"))
     crystal = structures[0].to_atoms()
     crystal.calc = Calculator(str(tmp_path / "run" / "best.pt"))
     stress = crystal.get_stress()

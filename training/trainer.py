@@ -383,7 +383,8 @@ class Trainer:
         self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
                                         shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
                                         num_workers=tc.num_workers, sampler=sampler,
-                                        teacher_energy_offsets=self.teacher_energy_offsets)
+                                        teacher_energy_offsets=self.teacher_energy_offsets,
+                                        teacher_fills_missing=True)  # teacher-only structures: its E/F as targets
         val_shard = self.val_idx[self.rank :: self.world]  # may be empty on some ranks: they add zeros
         self.val_loader = make_loader(self.dataset, val_shard, self.labels, mc.cutoff, tc.val_batch_size,
                                       shuffle=False, seed=tc.seed, dtype=self.dtype, s=0,

@@ -26,10 +26,10 @@ class Batch:
     natoms: torch.Tensor  # [B] long
     # Energies stay float64 whatever the working dtype: absolute molecular energies reach 1e4 eV, where
     # float32 would round off ~1 meV. Cast after subtracting references if you need float32.
-    energy: torch.Tensor  # [B] float64 eV, reference labels (0 where missing)
-    energy_mask: torch.Tensor  # [B] bool, True where the structure has a reference energy
-    forces: torch.Tensor  # [N, 3] eV/Å, reference labels (0 where missing)
-    forces_mask: torch.Tensor  # [N] bool, True on atoms of structures with reference forces
+    energy: torch.Tensor  # [B] float64 eV, reference labels (0 where missing; collate(teacher_fills_missing): the teacher's)
+    energy_mask: torch.Tensor  # [B] bool, True where the structure has an energy target
+    forces: torch.Tensor  # [N, 3] eV/Å, reference labels (0 where missing; as energy)
+    forces_mask: torch.Tensor  # [N] bool, True on atoms of structures with force targets
     teacher_energy: Optional[torch.Tensor] = None  # [B] float64 eV
     teacher_forces: Optional[torch.Tensor] = None  # [N, 3] eV/Å
     hessian_index: Optional[torch.Tensor] = None  # [s, B] long, global coordinate index of each sampled row
@@ -79,12 +79,15 @@ def _label_for(labels, structure, k: int):
 
 def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch.dtype = torch.float32,
             hessian_rows_per_structure: int = 0, generator: Optional[torch.Generator] = None,
-            teacher_energy_offsets: Optional[Dict[int, float]] = None) -> Batch:
+            teacher_energy_offsets: Optional[Dict[int, float]] = None, teacher_fills_missing: bool = False) -> Batch:
     """Batch `structures` (training.data.records.Structure). `labels`: None, a LabelStore (looked up by id) or
     a list of LabelRecord aligned with `structures`. With labels and s = hessian_rows_per_structure > 0, s of
     each structure's stored rows are drawn uniformly without replacement using `generator`.
     `teacher_energy_offsets` {Z: eV}: subtracted per atom from the teacher's energies, for teachers whose
-    energies are relative (training.labels.teacher_energy_offsets)."""
+    energies are relative (training.labels.teacher_energy_offsets). `teacher_fills_missing` (training batches):
+    a structure without a reference energy or forces (ingest --allow-missing-labels) gets the teacher's as its
+    energy/force targets, masks set: teacher-only training fits the teacher's energies and forces, not only its
+    Hessian rows."""
     structures = list(structures)
     ids = [s.id for s in structures]
     graph = build_graph([s.numbers for s in structures], [s.positions for s in structures],
@@ -110,6 +113,11 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
     batch.teacher_energy = torch.tensor([r.energy - offset_energy(s.numbers, energy_offsets)
                                          for r, s in zip(recs, structures)], dtype=torch.float64)
     batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
+    if teacher_fills_missing:
+        batch.energy = torch.where(energy_mask, energy, batch.teacher_energy)
+        batch.forces = torch.where(forces_mask[:, None], forces, batch.teacher_forces)
+        batch.energy_mask = torch.ones_like(energy_mask)
+        batch.forces_mask = torch.ones_like(forces_mask)
     have = [getattr(r, "features", None) is not None for r in recs]
     if any(have):
         if not all(have) or len({r.features.shape[1] for r in recs}) != 1:
@@ -145,9 +153,10 @@ class Collater:
     each worker replays its stream (on differently shuffled structures)."""
 
     def __init__(self, labels, cutoff: float, dtype: torch.dtype, hessian_rows_per_structure: int, seed: int,
-                 teacher_energy_offsets: Optional[Dict[int, float]] = None):
+                 teacher_energy_offsets: Optional[Dict[int, float]] = None, teacher_fills_missing: bool = False):
         self.labels, self.cutoff, self.dtype = labels, cutoff, dtype
         self.teacher_energy_offsets = teacher_energy_offsets
+        self.teacher_fills_missing = teacher_fills_missing
         self.s, self.seed = hessian_rows_per_structure, seed
         self._gen, self._gen_key = None, None
 
@@ -165,15 +174,17 @@ class Collater:
 
     def __call__(self, structures) -> Batch:
         return collate(structures, self.labels, self.cutoff, self.dtype, self.s, self._generator(),
-                       self.teacher_energy_offsets)
+                       self.teacher_energy_offsets, self.teacher_fills_missing)
 
 
 def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float, batch_size: int,
                 shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32, s: int = 0,
                 num_workers: int = 0, sampler=None, drop_last: bool = False,
-                teacher_energy_offsets: Optional[Dict[int, float]] = None) -> torch.utils.data.DataLoader:
+                teacher_energy_offsets: Optional[Dict[int, float]] = None,
+                teacher_fills_missing: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader of Batch over dataset[indices] (all when None). A `sampler` (e.g. DistributedSampler)
-    yields positions into `indices`: build it over range(len(indices)); `shuffle` is then the sampler's job."""
+    yields positions into `indices`: build it over range(len(indices)); `shuffle` is then the sampler's job.
+    `teacher_energy_offsets`, `teacher_fills_missing`: as in collate."""
     from torch.utils.data import DataLoader, Subset
 
     indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
@@ -182,5 +193,6 @@ def make_loader(dataset, indices: Optional[Sequence[int]], labels, cutoff: float
     gen = torch.Generator().manual_seed(int(seed))  # shuffling order and worker seeds
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=num_workers, generator=gen, drop_last=drop_last,
-                      collate_fn=Collater(labels, cutoff, dtype, s, seed, teacher_energy_offsets),
+                      collate_fn=Collater(labels, cutoff, dtype, s, seed, teacher_energy_offsets,
+                                         teacher_fills_missing),
                       persistent_workers=False)

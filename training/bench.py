@@ -251,85 +251,84 @@ class AniTarget(BenchTarget):
         return -grad
 
 
-class So3lrTarget(BenchTarget):
-    """SO3LR on so3krates-torch's own batched input (built untimed by `prepare`); `model_with_neighbors`
-    rebuilds that input from the positions the way its calculator does (neighbour lists on the CPU, then
-    copied to the device)."""
+class OwnPipelineTarget(BenchTarget):
+    """A foundation-model teacher timed on its own batched input, which `inputs(atoms_list)` builds from
+    ase.Atoms: untimed in `prepare`, timed in `model_with_neighbors` (rebuilt from the positions the way the
+    teacher's calculator does it). Subclasses set `built` (where that input is made, for the note) and
+    implement `inputs` and `model`."""
 
-    def __init__(self, teacher, device=None, dtype=torch.float32):
+    built = "on the CPU"
+
+    def __init__(self, teacher, net: torch.nn.Module, device=None, dtype=torch.float32):
         self.device = resolve_device(device)
         self.dtype = dtype
         self.name, self.mode = teacher.name, "eager"
         self.teacher = teacher
-        self.so3 = copy.deepcopy(teacher.model).to(device=self.device, dtype=dtype).eval()  # the teacher stays float64
-        self.num_parameters = count_parameters(self.so3)
-        self.note = f"{self.num_parameters / 1e6:.2f}M params; neighbour lists built on the CPU"
+        self.net = copy.deepcopy(net).to(device=self.device, dtype=dtype).eval()  # the teacher's stays as it is
+        self.num_parameters = count_parameters(self.net)
+        self.note = f"{self.num_parameters / 1e6:.2f}M params; {self.built}"
 
     def check_data(self, structures, where: str = "") -> None:
         self.teacher.check_elements(set(int(z) for a in structures for z in a.numbers),
                                     f"{self.name}: {where}" if where else self.name)
 
-    def _inputs(self, atoms_list):
-        from training.teachers.so3lr import so3lr_batch
-
-        batch = so3lr_batch(self.so3, atoms_list, dtype=self.dtype, where=self.name)
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def inputs(self, atoms_list):
+        raise NotImplementedError
 
     def prepare(self, atoms_list):
         for a in atoms_list:
             self.check_data([a], a.get_chemical_formula())
             check_finite_positions(a, a.get_chemical_formula())
-        return list(atoms_list), self._inputs(atoms_list)
-
-    def model(self, inputs):
-        _, batch = inputs
-        return self.so3(dict(batch), compute_force=True, training=False)["forces"]
+        return list(atoms_list), self.inputs(atoms_list)
 
     def model_with_neighbors(self, inputs):
         atoms_list, _ = inputs
-        return self.model((atoms_list, self._inputs(atoms_list)))
+        return self.model((atoms_list, self.inputs(atoms_list)))
 
 
-class ChgnetTarget(BenchTarget):
-    """CHGNet on its own batched input: crystal graphs (atom graph 6 Å, bond graph 3 Å) built untimed by
-    `prepare`; `model_with_neighbors` rebuilds them from the positions the way its calculator does (pymatgen
-    structure and graph converter on the CPU, then copied to the device). Crystals only."""
+class So3lrTarget(OwnPipelineTarget):
+    """SO3LR on so3krates-torch's own batched input (neighbour lists on the CPU, then copied to the device)."""
+
+    built = "neighbour lists built on the CPU"
+
+    def __init__(self, teacher, device=None, dtype=torch.float32):
+        super().__init__(teacher, teacher.model, device, dtype)  # the teacher itself stays float64
+
+    def inputs(self, atoms_list):
+        from training.teachers.so3lr import so3lr_batch
+
+        batch = so3lr_batch(self.net, atoms_list, dtype=self.dtype, where=self.name)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def model(self, inputs):
+        _, batch = inputs
+        return self.net(dict(batch), compute_force=True, training=False)["forces"]
+
+
+class ChgnetTarget(OwnPipelineTarget):
+    """CHGNet on its own batched input: crystal graphs (atom graph 6 Å, bond graph 3 Å) from pymatgen
+    structures, built on the CPU and copied to the device. Crystals only, float32 only."""
+
+    built = "graphs built on the CPU"
 
     def __init__(self, teacher, device=None, dtype=torch.float32):
         if dtype != torch.float32:
             raise HessforgeError(f"{teacher.name}: CHGNet runs in float32 only (asked for {dtype})")
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.name, self.mode = teacher.name, "eager"
-        self.teacher = teacher
-        self.chgnet = copy.deepcopy(teacher.model).to(self.device).eval()
-        self.num_parameters = count_parameters(self.chgnet)
-        self.note = f"{self.num_parameters / 1e6:.2f}M params; graphs built on the CPU"
+        super().__init__(teacher, teacher.model, device, dtype)
 
     def check_data(self, structures, where: str = "") -> None:
         for a in structures:
             self.teacher.check_periodic(a)  # molecules and flat cells: its clear error
-        self.teacher.check_elements(set(int(z) for a in structures for z in a.numbers),
-                                    f"{self.name}: {where}" if where else self.name)
+        super().check_data(structures, where)
 
-    def _graphs(self, atoms_list):
+    def inputs(self, atoms_list):
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        return [self.chgnet.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a in atoms_list]
-
-    def prepare(self, atoms_list):
-        for a in atoms_list:
-            self.check_data([a], a.get_chemical_formula())
-            check_finite_positions(a, a.get_chemical_formula())
-        return list(atoms_list), self._graphs(atoms_list)
+        return [self.net.graph_converter(AseAtomsAdaptor.get_structure(a)).to(self.device) for a in atoms_list]
 
     def model(self, inputs):
         _, graphs = inputs
-        return torch.cat(self.chgnet(graphs, task="ef")["f"])
-
-    def model_with_neighbors(self, inputs):
-        atoms_list, _ = inputs
-        return self.model((atoms_list, self._graphs(atoms_list)))
+        return torch.cat(self.net(graphs, task="ef")["f"])
 
 
 def _parse_kv(text: str) -> Dict:

@@ -1,0 +1,254 @@
+"""A materials distillation study with a bundled foundation model and no DFT: crystalline silicon, CHGNet as
+the only source of labels (teacher-only training), PaiNN students with and without CHGNet's Hessian rows.
+bench/science/materials.sh runs it end to end; this file holds its two steps that are not hessforge commands:
+
+  frames OUT_DIR   CHGNet Langevin MD of a 64-atom diamond Si cell at several temperatures and lattice
+                   constants -> OUT_DIR/frames.extxyz (positions and cells only: the labels come from
+                   `hessforge label --teacher chgnet`) and OUT_DIR/split.json (train/val from the training
+                   trajectories, test = a separate trajectory at a temperature and lattice constant between them)
+  phonons OUT.json RUN_DIR...
+                   Lattice dynamics of each model against CHGNet's: the full Hessian of the ideal 64-atom cell (at
+                   CHGNet's lattice constant) by central differences of forces, its frequencies (the phonons at the
+                   q-points of the 2x2x2 supercell), and each model's equilibrium lattice constant and bulk
+                   modulus from an E(V) fit. Students are loaded through engine.Calculator, as a user would.
+  report DIR       the study's table (DIR/table.md) from the eval.json and phonons.json copied into DIR
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+# MD of the training data: (temperature K, lattice constant Å) per trajectory; the test trajectory sits between
+TRAIN_RUNS = [(300, 5.40), (300, 5.47), (800, 5.42), (800, 5.49), (1300, 5.44), (1300, 5.51)]
+TEST_RUN = (1000, 5.455)
+EQUILIBRATION_STEPS = 100
+FRAMES_PER_RUN = 50
+STEPS_BETWEEN_FRAMES = 6  # 2 fs steps: 12 fs between frames
+TIMESTEP_FS = 2.0
+VAL_PER_RUN = 5
+FD_STEP = 0.01  # Å, CHGNet's own roughness scale (training/teachers/chgnet.py)
+THZ = 1e12
+
+
+def chgnet_calculator():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+
+        model = CHGNet.load(use_device="cpu", verbose=False)
+        return CHGNetCalculator(model=model, use_device="cpu")
+
+
+def diamond_si(a: float):
+    from ase.build import bulk
+
+    return bulk("Si", "diamond", a=a, cubic=True).repeat(2)
+
+
+def trajectory(calc, temperature: float, a: float, frames: int, seed: int, group: str):
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    atoms = diamond_si(a)
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    dyn = Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=temperature, friction=0.02 / units.fs, rng=rng)
+    dyn.run(EQUILIBRATION_STEPS)
+    out = []
+    for k in range(frames):
+        dyn.run(STEPS_BETWEEN_FRAMES)
+        frame = diamond_si(a)
+        frame.positions = atoms.get_positions(wrap=True)
+        frame.info.update(group=group, temperature_K=temperature, lattice_A=a, frame=k)
+        out.append(frame)
+    return out
+
+
+def make_frames(out_dir: str) -> None:
+    import ase.io
+
+    os.makedirs(out_dir, exist_ok=True)
+    calc = chgnet_calculator()
+    frames, groups = [], []
+    for seed, (t, a) in enumerate(TRAIN_RUNS + [TEST_RUN]):
+        t0 = time.time()
+        group = "test" if (t, a) == TEST_RUN else f"md-{t}K-{a:.2f}"
+        run = trajectory(calc, t, a, FRAMES_PER_RUN, seed, group)
+        frames += run
+        groups += [group] * len(run)
+        print(f"{group}: {len(run)} frames, {time.time() - t0:.0f} s", flush=True)
+    ase.io.write(os.path.join(out_dir, "frames.extxyz"), frames, format="extxyz")
+    # val: the last frames of each training trajectory (least correlated with the frames trained on); test: the
+    # whole test trajectory
+    split = {"train": [], "val": [], "test": []}
+    for i, g in enumerate(groups):
+        if g == "test":
+            split["test"].append(i)
+        elif frames[i].info["frame"] >= FRAMES_PER_RUN - VAL_PER_RUN:
+            split["val"].append(i)
+        else:
+            split["train"].append(i)
+    with open(os.path.join(out_dir, "split.json"), "w") as fh:
+        json.dump({"format": "hessforge-split", "version": 1, "dataset": "frames.extxyz", "count": len(frames),
+                   "group_key": "group", "note": "written by bench/science/si_chgnet.py frames",
+                   "splits": split}, fh, indent=1)
+    print({k: len(v) for k, v in split.items()})
+
+
+def full_hessian(calc, atoms, h: float = FD_STEP) -> np.ndarray:
+    """(3N, 3N) Hessian in eV/Å² by central differences of the forces, symmetrized."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    n3 = 3 * len(atoms)
+    x0 = atoms.get_positions()
+    hess = np.zeros((n3, n3))
+    for i in range(n3):
+        f = []
+        for sign in (1, -1):
+            x = x0.copy()
+            x.reshape(-1)[i] += sign * h
+            atoms.set_positions(x)
+            f.append(atoms.get_forces().reshape(-1))
+        hess[i] = -(f[0] - f[1]) / (2 * h)
+    return 0.5 * (hess + hess.T)
+
+
+def frequencies_thz(hess: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Harmonic frequencies in THz (imaginary ones negative), sorted, from a Hessian in eV/Å²."""
+    from ase import units
+
+    m = np.repeat(masses, 3)
+    eig = np.linalg.eigvalsh(hess / np.sqrt(np.outer(m, m)))  # eV / (Å² amu)
+    omega = np.sign(eig) * np.sqrt(np.abs(eig)) * np.sqrt(units._e / units._amu) * 1e10  # rad/s
+    return np.sort(omega / (2 * np.pi * THZ))
+
+
+def equation_of_state(calc, a0: float):
+    """Equilibrium lattice constant (Å) and bulk modulus (GPa) from a Birch-Murnaghan fit over +-3 % in a."""
+    from ase.eos import EquationOfState
+    from ase.units import GPa
+
+    volumes, energies = [], []
+    for a in a0 * np.linspace(0.97, 1.03, 9):
+        atoms = diamond_si(a)
+        atoms.calc = calc
+        volumes.append(atoms.get_volume())
+        energies.append(atoms.get_potential_energy())
+    v0, _, b = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+    return (v0 / 8) ** (1 / 3), b / GPa  # 8 conventional cells in the 2x2x2 supercell
+
+
+def lattice_dynamics(calc, a_ref: float) -> dict:
+    a, bulk_modulus = equation_of_state(calc, a_ref)
+    atoms = diamond_si(a_ref)  # the same geometry for every model: forces vanish there by symmetry
+    t0 = time.time()
+    hess = full_hessian(calc, atoms)
+    freqs = frequencies_thz(hess, atoms.get_masses())
+    return {"lattice_constant_A": a, "bulk_modulus_GPa": bulk_modulus, "frequencies_THz": freqs.tolist(),
+            "hessian_seconds": time.time() - t0, "hessian": hess}
+
+
+def compare_phonons(out_json: str, run_dirs) -> None:
+    from engine import Calculator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        teacher = chgnet_calculator()
+        a_ref, _ = equation_of_state(teacher, 5.47)
+        ref = lattice_dynamics(teacher, a_ref)
+    ref_f = np.asarray(ref["frequencies_THz"])[3:]  # without the three zero-frequency translations
+    results = {"geometry": f"diamond Si 2x2x2 conventional (64 atoms) at CHGNet's a = {a_ref:.4f} Å",
+               "fd_step_A": FD_STEP, "chgnet": {k: v for k, v in ref.items() if k != "hessian"}}
+    print(f"chgnet: a = {ref['lattice_constant_A']:.4f} Å, B = {ref['bulk_modulus_GPa']:.1f} GPa, "
+          f"max frequency {ref_f.max():.2f} THz")
+    for run in run_dirs:
+        name = os.path.basename(os.path.normpath(run))
+        calc = Calculator(os.path.join(run, "best.pt"), dtype="float64")
+        got = lattice_dynamics(calc, a_ref)
+        f = np.asarray(got["frequencies_THz"])[3:]
+        dh = got.pop("hessian") - ref["hessian"]
+        entry = dict(got, frequency_mae_THz=float(np.mean(np.abs(f - ref_f))),
+                     frequency_max_error_THz=float(np.max(np.abs(f - ref_f))),
+                     max_frequency_THz=float(f.max()), imaginary_modes=int(np.sum(f < -0.1)),
+                     hessian_mae_eV_per_A2=float(np.mean(np.abs(dh))),
+                     hessian_rel_rmse=float(np.sqrt(np.mean(dh**2) / np.mean(ref["hessian"] ** 2))))
+        results[name] = entry
+        print(f"{name}: a = {entry['lattice_constant_A']:.4f} Å, B = {entry['bulk_modulus_GPa']:.1f} GPa, "
+              f"frequency MAE {entry['frequency_mae_THz']:.3f} THz (max {entry['frequency_max_error_THz']:.2f}), "
+              f"Hessian MAE {entry['hessian_mae_eV_per_A2']:.4f} eV/Å², imaginary {entry['imaginary_modes']}")
+    with open(out_json, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+METHODS = {"ef": "CHGNet energies + forces", "kd": "+ CHGNet Hessian rows (λ_KD 400, s=1)"}
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+
+
+def write_report(report_dir: str) -> None:
+    """A markdown table (mean ± sample std over seeds) from the copied eval.json files and phonons.json."""
+    phonons = json.load(open(os.path.join(report_dir, "phonons.json")))
+    runs = sorted(d for d in os.listdir(report_dir) if os.path.exists(os.path.join(report_dir, d, "eval.json")))
+    groups = {}
+    for run in runs:
+        method, limit, _seed = run.split("_")
+        groups.setdefault((int(limit[1:]), method), []).append(run)
+    ref = phonons["chgnet"]
+    lines = [f"| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
+             f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; CHGNet "
+             f"{max(ref['frequencies_THz']):.2f}) | a (Å; CHGNet {ref['lattice_constant_A']:.4f}) | B (GPa; CHGNet "
+             f"{ref['bulk_modulus_GPa']:.1f}) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (limit, method), names in sorted(groups.items()):
+        ev = [json.load(open(os.path.join(report_dir, n, "eval.json")))["student_vs_teacher"] for n in names]
+        ph = [phonons.get(n) for n in names]
+        col = lambda key, src: _mean_std([e[key] if e else None for e in src])  # noqa: E731
+        lines.append(f"| {limit} | {METHODS[method]} | {len(names)} | {col('energy_mae_mev_per_atom', ev)} | "
+                     f"{col('forces_mae_mev_per_A', ev)} | {col('hessian_mae_eV_per_A2', ev)} | "
+                     f"{col('frequency_mae_THz', ph)} | {col('max_frequency_THz', ph)} | "
+                     f"{col('lattice_constant_A', ph)} | {col('bulk_modulus_GPa', ph)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(report_dir, "table.md"), "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("frames")
+    p.add_argument("out_dir")
+    p = sub.add_parser("phonons")
+    p.add_argument("out_json")
+    p.add_argument("runs", nargs="+")
+    p = sub.add_parser("report")
+    p.add_argument("report_dir")
+    args = parser.parse_args(argv)
+    if args.command == "frames":
+        make_frames(args.out_dir)
+    elif args.command == "phonons":
+        compare_phonons(args.out_json, args.runs)
+    else:
+        write_report(args.report_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
-from engine.models import STUDENTS, SchNet
+from engine.models import STUDENTS, PaiNN, SchNet
 from training.config import config_from_dict
 from training.losses import student_hessian_rows
 from toy import STUDENT_VARIANTS
@@ -130,11 +130,56 @@ def test_hessian_rows_match_finite_differences_of_forces(rng, arch, force_mode):
     assert np.abs(got).max() > 1e-3
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_painn_norm_eps_gives_smooth_hessians_at_symmetric_sites(rng, seed):
+    """CH4 at its tetrahedral geometry: the carbon's vector features vanish by symmetry. With the published
+    epsilon (1e-8) PaiNN's energy is cone-shaped there, so second differences along a carbon coordinate depend
+    on the step; with norm_eps=1 they converge to the autograd Hessian entry."""
+    from ase.build import molecule
+
+    atoms = molecule("CH4")
+    carbon = int(np.flatnonzero(atoms.numbers == 6)[0])
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+
+    def second_difference(model, h):
+        e = []
+        for step in (h, 0.0, -h):
+            moved = atoms.copy()
+            moved.positions[carbon] += step * axis
+            e.append(float(model(graph_from_atoms([moved], 4.0, torch.float64))["energy"].sum()))
+        return (e[0] - 2 * e[1] + e[2]) / h**2
+
+    def make(**kw):
+        torch.manual_seed(seed)
+        return PaiNN([1, 6], cutoff=4.0, hidden=16, layers=2, num_basis=8, **kw).double()
+
+    # the published epsilon: second differences change several-fold from a 1e-2 to a 1e-4 Å step (the cone,
+    # rounded off only where |v| < 1e-4): the "Hessian" there is whatever step one picks
+    cone = [second_difference(make(), h) for h in (1e-2, 1e-4)]
+    assert abs(cone[1] - cone[0]) > 2 * abs(cone[0]), cone
+    smooth = make(norm_eps=1.0)
+    fd = [second_difference(smooth, h) for h in (1e-2, 1e-3)]
+    graph = graph_from_atoms([atoms], 4.0, torch.float64)
+    positions = graph.positions.detach().requires_grad_(True)
+    energy = smooth(graph._replace(positions=positions), compute_forces=False)["energy"].sum()
+    (grad,) = torch.autograd.grad(energy, positions, create_graph=True)
+    (hess_row,) = torch.autograd.grad((grad[carbon] * torch.from_numpy(axis)).sum(), positions)
+    exact = float((hess_row[carbon] * torch.from_numpy(axis)).sum())
+    assert fd[1] == pytest.approx(exact, rel=1e-4, abs=1e-6) and fd[0] == pytest.approx(exact, rel=1e-2, abs=1e-4)
+    with pytest.raises(ValueError, match="norm_eps must be a finite number > 0"):
+        make(norm_eps=0.0)
+
+
 def test_schnet_has_gradient_forces_only(tmp_path):
     with pytest.raises(ValueError, match="force_mode"):
         SchNet(SPECIES, force_mode="direct")
     with pytest.raises(HessforgeError, match="force_mode of schnet must be 'gradient'"):
         config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "schnet", "force_mode": "direct"}})
+    with pytest.raises(HessforgeError, match="model.norm_eps is a PaiNN setting; schnet has no vector features"):
+        config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "schnet", "norm_eps": 1.0}})
+    with pytest.raises(HessforgeError, match="model.norm_eps must be a number > 0"):
+        config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "painn", "norm_eps": -1.0}})
     with pytest.raises(HessforgeError, match="model.name: unknown student architecture .gemnet.; available: painn, schnet"):
         config_from_dict({"data": {"path": "x.lmdb"}, "model": {"name": "gemnet"}})
     with pytest.raises(HessforgeError, match="SchNet: .*hidden must be >= 2"):

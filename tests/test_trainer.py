@@ -267,6 +267,32 @@ def test_resume_refuses_another_config_and_other_labels(labelled, tmp_path, rng)
         Trainer(_config((twin, labelled[1]), tmp_path / "t", epochs=1))
 
 
+def test_painn_norm_eps_travels_with_the_checkpoint_and_export(labelled, tmp_path):
+    """model.norm_eps reaches the trained student, its checkpoint, the ASE calculator's model and the exported
+    TorchScript file (same energies as the checkpoint's student); without it the checkpoint's hyperparameters
+    are the ones older runs have (so they still resume)."""
+    from engine.export import export_checkpoint
+    from engine.exported import load_exported, read_metadata
+    from engine.graph import graph_from_atoms
+
+    config = _config(labelled, tmp_path / "smooth", epochs=1)
+    config.model.norm_eps = 1.0
+    trainer = Trainer(config)
+    assert trainer.model_hparams["norm_eps"] == 1.0
+    trainer.fit()
+    model = load_student(str(tmp_path / "smooth" / "best.pt"))
+    assert model.norm_eps == 1.0 and all(u.norm_eps == 1.0 for u in model.updates)
+    export_checkpoint(str(tmp_path / "smooth" / "best.pt"), str(tmp_path / "smooth.pt"))
+    assert read_metadata(str(tmp_path / "smooth.pt"))["hyperparameters"]["norm_eps"] == 1.0
+    exported = load_exported(str(tmp_path / "smooth.pt"))
+    from training.data import Dataset
+
+    atoms = Dataset(labelled[0])[0].to_atoms()
+    graph = graph_from_atoms([atoms], model.cutoff, torch.float64)
+    assert float(exported(graph)["energy"].sum()) == pytest.approx(float(model(graph)["energy"].sum()), abs=1e-8)
+    assert "norm_eps" not in Trainer(_config(labelled, tmp_path / "plain", epochs=1)).model_hparams
+
+
 def test_one_trainer_per_run_directory(tmp_path):
     from training.trainer import _RunLock
 

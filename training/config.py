@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -33,6 +34,7 @@ class ModelConfig:
     num_basis: int = 128
     cutoff: float = 5.0
     force_mode: str = "gradient"  # or "direct"
+    norm_eps: Optional[float] = None  # PaiNN only: 1.0 for well-defined Hessians at symmetric sites (crystals)
 
 
 @dataclass
@@ -185,6 +187,12 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
     from engine.models import student_class
 
     student = student_class(config.model.name, where=f"{where}: model.name")
+    if config.model.norm_eps is not None:
+        if "norm_eps" not in inspect.signature(student).parameters:
+            raise HessforgeError(f"{where}: model.norm_eps is a PaiNN setting; {config.model.name} has no vector "
+                                 "features (leave it out)")
+        if not (isinstance(config.model.norm_eps, (int, float)) and 0 < config.model.norm_eps < float("inf")):
+            raise HessforgeError(f"{where}: model.norm_eps must be a number > 0, got {config.model.norm_eps!r}")
     if config.model.force_mode not in student.force_modes:
         raise HessforgeError(f"{where}: model.force_mode of {config.model.name} must be "
                              f"{' or '.join(repr(m) for m in student.force_modes)}, got {config.model.force_mode!r}")

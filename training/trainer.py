@@ -328,6 +328,8 @@ class Trainer:
         mc = config.model
         self.model_hparams = dict(name=mc.name, species=species, cutoff=mc.cutoff, hidden=mc.hidden,
                                   layers=mc.layers, num_basis=mc.num_basis, force_mode=mc.force_mode)
+        if mc.norm_eps is not None:  # only when set: checkpoints of runs without it stay as they were
+            self.model_hparams["norm_eps"] = float(mc.norm_eps)
         hp = dict(self.model_hparams)
         self.model = build_student(hp.pop("name"), **hp)
         for i in self.val_idx:  # the validation set may hold elements the training set lacks

@@ -1,13 +1,14 @@
 """A materials distillation study with a bundled foundation model and no DFT: crystalline silicon, CHGNet as
 the only source of labels (teacher-only training), PaiNN students with and without CHGNet's Hessian rows.
-bench/science/materials.sh runs it end to end; this file holds its two steps that are not hessforge commands:
+bench/science/materials.sh runs it end to end; this file holds its steps that are not hessforge commands:
 
   frames OUT_DIR   CHGNet Langevin MD of a 64-atom diamond Si cell at several temperatures and lattice
                    constants -> OUT_DIR/frames.extxyz (positions and cells only: the labels come from
                    `hessforge label --teacher chgnet`) and OUT_DIR/split.json (train/val from the training
                    trajectories, test = a separate trajectory at a temperature and lattice constant between them)
-  phonons OUT.json RUN_DIR...
-                   Lattice dynamics of each model against CHGNet's: the full Hessian of the ideal 64-atom cell (at
+  phonons WORK RUN_DIR...
+                   Lattice dynamics of each run's student (RUN_DIR/phonons.json) against CHGNet's (computed once,
+                   WORK/chgnet_phonons.json): the full Hessian of the ideal 64-atom cell (at
                    CHGNet's lattice constant) by central differences of forces, its frequencies (the phonons at the
                    q-points of the 2x2x2 supercell), and each model's equilibrium lattice constant and bulk
                    modulus from an E(V) fit. Students are loaded through engine.Calculator, as a user would.
@@ -159,39 +160,61 @@ def lattice_dynamics(calc, a_ref: float) -> dict:
             "hessian_seconds": time.time() - t0, "hessian": hess}
 
 
-def compare_phonons(out_json: str, run_dirs) -> None:
+def chgnet_reference(work: str):
+    """CHGNet's lattice dynamics, computed once per work directory (chgnet_phonons.json + its Hessian .npy)."""
+    path = os.path.join(work, "chgnet_phonons.json")
+    if not os.path.exists(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            teacher = chgnet_calculator()
+            a_ref, _ = equation_of_state(teacher, 5.47)
+            ref = lattice_dynamics(teacher, a_ref)
+        np.save(os.path.join(work, "chgnet_hessian.npy"), ref.pop("hessian"))
+        ref.update(geometry=f"diamond Si 2x2x2 conventional (64 atoms) at CHGNet's a = {a_ref:.4f} Å",
+                   reference_lattice_constant_A=a_ref, fd_step_A=FD_STEP)
+        with open(path, "w") as fh:
+            json.dump(ref, fh, indent=1)
+        print(f"chgnet: a = {ref['lattice_constant_A']:.4f} Å, B = {ref['bulk_modulus_GPa']:.1f} GPa, "
+              f"highest frequency {max(ref['frequencies_THz']):.2f} THz")
+    ref = json.load(open(path))
+    return ref, np.load(os.path.join(work, "chgnet_hessian.npy"))
+
+
+def compare_phonons(work: str, run_dirs) -> None:
+    """RUN/phonons.json for each run that has none: its lattice dynamics against CHGNet's."""
     from engine import Calculator
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        teacher = chgnet_calculator()
-        a_ref, _ = equation_of_state(teacher, 5.47)
-        ref = lattice_dynamics(teacher, a_ref)
+    ref, ref_hess = chgnet_reference(work)
     ref_f = np.asarray(ref["frequencies_THz"])[3:]  # without the three zero-frequency translations
-    results = {"geometry": f"diamond Si 2x2x2 conventional (64 atoms) at CHGNet's a = {a_ref:.4f} Å",
-               "fd_step_A": FD_STEP, "chgnet": {k: v for k, v in ref.items() if k != "hessian"}}
-    print(f"chgnet: a = {ref['lattice_constant_A']:.4f} Å, B = {ref['bulk_modulus_GPa']:.1f} GPa, "
-          f"max frequency {ref_f.max():.2f} THz")
     for run in run_dirs:
-        name = os.path.basename(os.path.normpath(run))
+        out = os.path.join(run, "phonons.json")
+        if os.path.exists(out):
+            continue
         calc = Calculator(os.path.join(run, "best.pt"), dtype="float64")
-        got = lattice_dynamics(calc, a_ref)
+        got = lattice_dynamics(calc, ref["reference_lattice_constant_A"])
         f = np.asarray(got["frequencies_THz"])[3:]
-        dh = got.pop("hessian") - ref["hessian"]
+        dh = got.pop("hessian") - ref_hess
         entry = dict(got, frequency_mae_THz=float(np.mean(np.abs(f - ref_f))),
                      frequency_max_error_THz=float(np.max(np.abs(f - ref_f))),
                      max_frequency_THz=float(f.max()), imaginary_modes=int(np.sum(f < -0.1)),
                      hessian_mae_eV_per_A2=float(np.mean(np.abs(dh))),
-                     hessian_rel_rmse=float(np.sqrt(np.mean(dh**2) / np.mean(ref["hessian"] ** 2))))
-        results[name] = entry
-        print(f"{name}: a = {entry['lattice_constant_A']:.4f} Å, B = {entry['bulk_modulus_GPa']:.1f} GPa, "
-              f"frequency MAE {entry['frequency_mae_THz']:.3f} THz (max {entry['frequency_max_error_THz']:.2f}), "
-              f"Hessian MAE {entry['hessian_mae_eV_per_A2']:.4f} eV/Å², imaginary {entry['imaginary_modes']}")
-    with open(out_json, "w") as fh:
-        json.dump(results, fh, indent=1)
+                     hessian_rel_rmse=float(np.sqrt(np.mean(dh**2) / np.mean(ref_hess**2))))
+        with open(out, "w") as fh:
+            json.dump(entry, fh, indent=1)
+        print(f"{os.path.basename(os.path.normpath(run))}: a = {entry['lattice_constant_A']:.4f} Å, "
+              f"B = {entry['bulk_modulus_GPa']:.1f} GPa, frequency MAE {entry['frequency_mae_THz']:.3f} THz "
+              f"(max {entry['frequency_max_error_THz']:.2f}), Hessian MAE {entry['hessian_mae_eV_per_A2']:.4f} "
+              f"eV/Å², imaginary modes {entry['imaginary_modes']}")
 
 
-METHODS = {"ef": "CHGNet energies + forces", "kd": "+ CHGNet Hessian rows (λ_KD 400, s=1)"}
+def method_label(method: str) -> str:
+    """ef: energies + forces only; kd: + Hessian rows at λ_KD 400; kdNNN: at λ_KD NNN; "-smooth": PaiNN with
+    norm_eps 1 (else the published 1e-8)."""
+    base = method.removesuffix("-smooth")
+    painn = "PaiNN norm_eps 1" if base != method else "PaiNN norm_eps 1e-8"
+    if base == "ef":
+        return f"{painn}: CHGNet energies + forces"
+    return f"{painn}: + CHGNet Hessian rows (λ_KD {base[2:] or '400'}, s=1)"
 
 
 def _mean_std(values):
@@ -204,23 +227,25 @@ def _mean_std(values):
 
 
 def write_report(report_dir: str) -> None:
-    """A markdown table (mean ± sample std over seeds) from the copied eval.json files and phonons.json."""
-    phonons = json.load(open(os.path.join(report_dir, "phonons.json")))
-    runs = sorted(d for d in os.listdir(report_dir) if os.path.exists(os.path.join(report_dir, d, "eval.json")))
+    """A markdown table (mean ± sample std over seeds) from the eval.json and phonons.json of each run
+    directory copied into `report_dir` (RUN = METHOD_nLIMIT_seedSEED) and chgnet_phonons.json."""
+    ref = json.load(open(os.path.join(report_dir, "chgnet_phonons.json")))
     groups = {}
-    for run in runs:
-        method, limit, _seed = run.split("_")
-        groups.setdefault((int(limit[1:]), method), []).append(run)
-    ref = phonons["chgnet"]
+    for run in sorted(os.listdir(report_dir)):
+        if os.path.exists(os.path.join(report_dir, run, "eval.json")):
+            method, limit, _seed = run.split("_")
+            groups.setdefault((int(limit[1:]), method), []).append(run)
     lines = [f"| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
              f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; CHGNet "
              f"{max(ref['frequencies_THz']):.2f}) | a (Å; CHGNet {ref['lattice_constant_A']:.4f}) | B (GPa; CHGNet "
              f"{ref['bulk_modulus_GPa']:.1f}) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for (limit, method), names in sorted(groups.items()):
+    order = {"ef": 0, "kd": 1, "ef-smooth": 2, "kd-smooth": 3}
+    for (limit, method), names in sorted(groups.items(), key=lambda g: (g[0][0], order.get(g[0][1], 4), g[0][1])):
         ev = [json.load(open(os.path.join(report_dir, n, "eval.json")))["student_vs_teacher"] for n in names]
-        ph = [phonons.get(n) for n in names]
+        ph = [json.load(open(p)) if os.path.exists(p) else None
+              for p in (os.path.join(report_dir, n, "phonons.json") for n in names)]
         col = lambda key, src: _mean_std([e[key] if e else None for e in src])  # noqa: E731
-        lines.append(f"| {limit} | {METHODS[method]} | {len(names)} | {col('energy_mae_mev_per_atom', ev)} | "
+        lines.append(f"| {limit} | {method_label(method)} | {len(names)} | {col('energy_mae_mev_per_atom', ev)} | "
                      f"{col('forces_mae_mev_per_A', ev)} | {col('hessian_mae_eV_per_A2', ev)} | "
                      f"{col('frequency_mae_THz', ph)} | {col('max_frequency_THz', ph)} | "
                      f"{col('lattice_constant_A', ph)} | {col('bulk_modulus_GPa', ph)} |")
@@ -236,7 +261,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("frames")
     p.add_argument("out_dir")
     p = sub.add_parser("phonons")
-    p.add_argument("out_json")
+    p.add_argument("work")
     p.add_argument("runs", nargs="+")
     p = sub.add_parser("report")
     p.add_argument("report_dir")
@@ -244,7 +269,7 @@ def main(argv=None) -> int:
     if args.command == "frames":
         make_frames(args.out_dir)
     elif args.command == "phonons":
-        compare_phonons(args.out_json, args.runs)
+        compare_phonons(args.work, args.runs)
     else:
         write_report(args.report_dir)
     return 0

@@ -304,7 +304,7 @@ def test_one_trainer_per_run_directory(tmp_path):
 
 
 @pytest.mark.parametrize("unlabelled", ["some", "all"])
-def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelled):
+def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelled, capsys):
     """Structures ingested with --allow-missing-labels: the losses mask them, reference energies are fitted
     on what has labels (on the teacher's energies when nothing has), validation is against the reference
     where it exists and against the teacher otherwise; evaluate reports errors over the labelled ones.
@@ -340,6 +340,22 @@ def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelle
     else:
         assert np.isnan(ref["forces_mae_mev_per_A"])
     assert np.isfinite(result["student_vs_teacher"]["forces_mae_mev_per_A"])
+    # the command prints errors against the teacher when nothing has a reference (not a row of NaNs)
+    import argparse
+
+    from training import evaluate as evaluate_cli
+
+    parser = argparse.ArgumentParser()
+    evaluate_cli.add_arguments(parser)
+    evaluate_cli.run(parser.parse_args([str(tmp_path / "run" / "best.pt"), path, "--labels",
+                                        str(tmp_path / "labels"), "--split", "all"]))
+    out = capsys.readouterr().out
+    tea = result["student_vs_teacher"]
+    if unlabelled == "all":
+        assert "E MAE vs teacher" in out and "nan" not in out and "errors against the teacher" in out
+        assert f"{tea['energy_mae_mev_per_atom']:.2f}" in out and f"{tea['forces_mae_mev_per_A']:.2f}" in out
+    else:
+        assert "E MAE (meV/atom)" in out and "teacher " in out
 
 
 def test_more_hessian_rows_than_labelled_is_refused(labelled, tmp_path):

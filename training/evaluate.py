@@ -126,6 +126,17 @@ def format_table(rows: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_teacher_only_table(result: Dict, name: str = "student") -> str:
+    """The table for structures without reference labels (ingest --allow-missing-labels): the student against
+    the teacher, whose labels are the only reference there is."""
+    tea = result["student_vs_teacher"]
+    header = (f"{'model':<28} {'E MAE vs teacher (meV/atom)':>28} {'F MAE vs teacher (meV/Å)':>25} "
+              f"{'Hess MAE (eV/Å²)':>17}")
+    return "\n".join([header, "-" * len(header),
+                      f"{name:<28} {tea['energy_mae_mev_per_atom']:>28.2f} {tea['forces_mae_mev_per_A']:>25.2f} "
+                      f"{tea['hessian_mae_eV_per_A2']:>17.2f}"])
+
+
 def table_rows(result: Dict, name: str = "student") -> Dict[str, Dict]:
     rows = {name: {"vs_reference": result["student_vs_reference"], "vs_teacher": result.get("student_vs_teacher", {})}}
     if "teacher_vs_reference" in result:
@@ -172,7 +183,13 @@ def run(args) -> int:
         result["teacher"] = labels.metadata.get("teacher")  # the report names the teacher row by it
     result["checkpoint"] = os.path.abspath(args.checkpoint)
     result["split"] = args.split
-    print(format_table(table_rows(result)))
+    ref = result["student_vs_reference"]
+    if "student_vs_teacher" in result and ref["n_energy"] == 0 and ref["n_forces"] == 0:
+        print(format_teacher_only_table(result))
+        print(f"(no reference energies or forces in these {len(structures)} structures: errors against the teacher "
+              f"{result.get('teacher')})")
+    else:
+        print(format_table(table_rows(result)))
     if "teacher_energy_offsets_eV" in result:
         print(f"(teacher {result.get('teacher')}: relative energies, compared after per-element offsets fitted on "
               f"these {len(structures)} structures; teacher_energy_offsets_eV in the JSON)")

@@ -217,13 +217,13 @@ def method_label(method: str) -> str:
     return f"{painn}: + CHGNet Hessian rows (λ_KD {base[2:] or '400'}, s=1)"
 
 
-def _mean_std(values):
+def _mean_std(values, fmt: str = ".3g"):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+        return f"{values[0]:{fmt}}"
+    return f"{np.mean(values):{fmt}} ± {np.std(values, ddof=1):{fmt}}"
 
 
 def write_report(report_dir: str) -> None:
@@ -244,11 +244,11 @@ def write_report(report_dir: str) -> None:
         ev = [json.load(open(os.path.join(report_dir, n, "eval.json")))["student_vs_teacher"] for n in names]
         ph = [json.load(open(p)) if os.path.exists(p) else None
               for p in (os.path.join(report_dir, n, "phonons.json") for n in names)]
-        col = lambda key, src: _mean_std([e[key] if e else None for e in src])  # noqa: E731
-        lines.append(f"| {limit} | {method_label(method)} | {len(names)} | {col('energy_mae_mev_per_atom', ev)} | "
-                     f"{col('forces_mae_mev_per_A', ev)} | {col('hessian_mae_eV_per_A2', ev)} | "
-                     f"{col('frequency_mae_THz', ph)} | {col('max_frequency_THz', ph)} | "
-                     f"{col('lattice_constant_A', ph)} | {col('bulk_modulus_GPa', ph)} |")
+        col = lambda key, src, fmt=".3g": _mean_std([e[key] if e else None for e in src], fmt)  # noqa: E731
+        lines.append(f"| {limit} | {method_label(method)} | {len(names)} | {col('energy_mae_mev_per_atom', ev, '.2f')} | "
+                     f"{col('forces_mae_mev_per_A', ev, '.1f')} | {col('hessian_mae_eV_per_A2', ev, '.4f')} | "
+                     f"{col('frequency_mae_THz', ph, '.2f')} | {col('max_frequency_THz', ph, '.1f')} | "
+                     f"{col('lattice_constant_A', ph, '.4f')} | {col('bulk_modulus_GPa', ph, '.1f')} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(report_dir, "table.md"), "w") as fh:
         fh.write(text)

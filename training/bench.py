@@ -205,6 +205,14 @@ class MaceTarget(BenchTarget):
         return self.model(rebuild_neighbors(graph, self.cutoff, self.neighbor_backend))
 
 
+def check_each(target: BenchTarget, atoms_list) -> None:
+    """A teacher target's per-structure checks before it builds a batch: what it can run (`check_data`) and
+    finite positions, each error naming the structure's formula."""
+    for a in atoms_list:
+        target.check_data([a], a.get_chemical_formula())
+        check_finite_positions(a, a.get_chemical_formula())
+
+
 class AniTarget(BenchTarget):
     """ANI-1x on padded [B, max atoms] inputs; its AEV computer finds neighbors inside the call (all pairs of
     each molecule), so both timings are the same call."""
@@ -231,9 +239,7 @@ class AniTarget(BenchTarget):
                                  "hessforge bench times ANI-1x on molecules only")
 
     def prepare(self, atoms_list):
-        for a in atoms_list:
-            self.check_data([a], a.get_chemical_formula())
-            check_finite_positions(a, a.get_chemical_formula())
+        check_each(self, atoms_list)
         n = max(len(a) for a in atoms_list)
         species = torch.full((len(atoms_list), n), -1, dtype=torch.long)
         coords = torch.zeros(len(atoms_list), n, 3, dtype=torch.float64)
@@ -276,9 +282,7 @@ class OwnPipelineTarget(BenchTarget):
         raise NotImplementedError
 
     def prepare(self, atoms_list):
-        for a in atoms_list:
-            self.check_data([a], a.get_chemical_formula())
-            check_finite_positions(a, a.get_chemical_formula())
+        check_each(self, atoms_list)
         return list(atoms_list), self.inputs(atoms_list)
 
     def model_with_neighbors(self, inputs):

@@ -191,7 +191,7 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
         if "norm_eps" not in inspect.signature(student).parameters:
             raise HessforgeError(f"{where}: model.norm_eps is a PaiNN setting; {config.model.name} has no vector "
                                  "features (leave it out)")
-        if not (isinstance(config.model.norm_eps, (int, float)) and 0 < config.model.norm_eps < float("inf")):
+        if not 0 < config.model.norm_eps < float("inf"):  # a number already (_typed)
             raise HessforgeError(f"{where}: model.norm_eps must be a number > 0, got {config.model.norm_eps!r}")
     if config.model.force_mode not in student.force_modes:
         raise HessforgeError(f"{where}: model.force_mode of {config.model.name} must be "

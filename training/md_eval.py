@@ -66,11 +66,10 @@ def bonds(atoms, mult: float = 1.2) -> Bonds:
         return Bonds(np.zeros((0, 2), dtype=np.int64), np.zeros(0), np.zeros((0, 3)))
     i, j, d, shift = neighbor_list("ijdS", atoms, natural_cutoffs(atoms, mult=mult))
     # each bond appears as (i, j, S) and (j, i, -S): keep i < j, and for i == j the first nonzero component of S > 0
-    first = np.array([s[np.flatnonzero(s)[0]] if s.any() else 0 for s in shift]) if len(shift) else np.zeros(0)
+    first = shift[np.arange(len(shift)), np.argmax(shift != 0, axis=1)]
     keep = (i < j) | ((i == j) & (first > 0))
-    offsets = shift[keep] @ np.asarray(atoms.cell) if keep.any() else np.zeros((0, 3))
     pairs = np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
-    return Bonds(pairs, d[keep].astype(np.float64), np.asarray(offsets, dtype=np.float64).reshape(-1, 3))
+    return Bonds(pairs, d[keep].astype(np.float64), shift[keep] @ np.asarray(atoms.cell, dtype=np.float64))
 
 
 def bond_deviation(positions: np.ndarray, bond_set: Bonds) -> float:

@@ -108,20 +108,11 @@ def make_frames(out_dir: str) -> None:
 
 
 def full_hessian(calc, atoms, h: float = FD_STEP) -> np.ndarray:
-    """(3N, 3N) Hessian in eV/Å² by central differences of the forces, symmetrized."""
-    atoms = atoms.copy()
-    atoms.calc = calc
-    n3 = 3 * len(atoms)
-    x0 = atoms.get_positions()
-    hess = np.zeros((n3, n3))
-    for i in range(n3):
-        f = []
-        for sign in (1, -1):
-            x = x0.copy()
-            x.reshape(-1)[i] += sign * h
-            atoms.set_positions(x)
-            f.append(atoms.get_forces().reshape(-1))
-        hess[i] = -(f[0] - f[1]) / (2 * h)
+    """(3N, 3N) Hessian in eV/Å² by central differences of the forces (the project's finite-difference
+    teacher around `calc`), symmetrized."""
+    from training.teachers.finite_difference import FiniteDifferenceTeacher
+
+    hess = FiniteDifferenceTeacher(calc, h=h).compute(atoms, rows=np.arange(3 * len(atoms))).hessian_rows
     return 0.5 * (hess + hess.T)
 
 

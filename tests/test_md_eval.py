@@ -14,8 +14,10 @@ from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from engine.models import PaiNN
 from training.data.records import Structure
 from training.data.store import write_dataset
-from training.md_eval import (bond_deviation, bonds, evaluate_md, first_failure, fraction_stable, nve_drift,
-                              nvt_stability, relax)
+from engine.errors import HessforgeError
+from training.md_eval import (BondCriterion, RdfCriterion, bond_deviation, bonds, evaluate_md, first_failure,
+                              fraction_stable, nve_drift, nvt_stability, radial_distribution, relax,
+                              stability_criterion)
 
 torch.set_num_threads(1)
 
@@ -93,6 +95,84 @@ def test_stretched_bond_flags_failure_at_the_right_time():
     assert first_failure(stable, times, b, 0.5) is None
     assert fraction_stable([times[9], None], [0.0, 0.08, 0.09, 0.19]) == [1.0, 1.0, 0.5, 0.5]
     assert bond_deviation(np.full((3, 3), np.nan), b) == np.inf
+
+
+def _brute_force_rdf(atoms, r, sigma):
+    """Every pair distance to every periodic image within reach, each smeared by an exact Gaussian."""
+    cell = np.asarray(atoms.cell)
+    reach = r[-1] + 5 * sigma
+    heights = np.abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    n_images = np.ceil(reach / heights).astype(int) + 1
+    shifts = np.array([[a, b, c] for a in range(-n_images[0], n_images[0] + 1)
+                       for b in range(-n_images[1], n_images[1] + 1)
+                       for c in range(-n_images[2], n_images[2] + 1)]) @ cell
+    pos = atoms.positions
+    d = np.linalg.norm(pos[None, :, None] - pos[:, None, None] + shifts[None, None], axis=-1).ravel()
+    d = d[(d > 1e-9) & (d < reach)]
+    n = len(atoms)
+    rho = n / abs(np.linalg.det(cell))
+    smeared = np.exp(-0.5 * ((r[:, None] - d[None]) / sigma) ** 2).sum(axis=1) / (np.sqrt(2 * np.pi) * sigma)
+    return smeared / (n * rho * 4 * np.pi * r**2)
+
+
+def test_radial_distribution_matches_brute_force(rng):
+    """Triclinic random cell (smaller than the RDF range: images of images count), random atoms: the histogram
+    + smearing g(r) equals the exact sum of Gaussians over all periodic pairs; diamond's first shell holds 4."""
+    from ase.build import bulk
+
+    cell = 4.5 * (np.eye(3) + rng.uniform(-0.25, 0.25, size=(3, 3)))
+    atoms = Atoms("Si12", scaled_positions=rng.uniform(size=(12, 3)), cell=cell, pbc=True)
+    r, g = radial_distribution(atoms, r_max=6.0, sigma=0.2)
+    ref = _brute_force_rdf(atoms, r, 0.2)
+    inner = r > 0.5  # below, a pair at 0.3 Å would be smeared partly to r < 0 (cut by the histogram)
+    np.testing.assert_allclose(g[inner], ref[inner], atol=0.01 * ref.max(), rtol=0.02)
+    diamond = bulk("Si", "diamond", a=5.43, cubic=True)
+    r, g = radial_distribution(diamond, r_max=6.0, sigma=0.1)
+    rho = len(diamond) / diamond.get_volume()
+    first_shell = r < 3.0  # neighbours at 2.35 Å, the next shell at 3.84 Å
+    assert np.sum(4 * np.pi * r[first_shell] ** 2 * rho * g[first_shell]) * (r[1] - r[0]) == pytest.approx(4, rel=1e-3)
+    with pytest.raises(HessforgeError, match="periodic in 3 dimensions"):
+        radial_distribution(molecule("CH4"))
+
+
+def test_criterion_choice():
+    from ase.build import bulk
+
+    assert isinstance(stability_criterion(molecule("CH4")), BondCriterion)
+    assert isinstance(stability_criterion(bulk("Si", "diamond", a=5.43)), RdfCriterion)
+    assert isinstance(stability_criterion(bulk("Si", "diamond", a=5.43), "bonds"), BondCriterion)
+    slab = bulk("Si", "diamond", a=5.43, cubic=True)
+    slab.pbc = [True, True, False]
+    assert isinstance(stability_criterion(slab), BondCriterion)
+    with pytest.raises(HessforgeError, match="periodic in 3 dimensions"):
+        stability_criterion(molecule("CH4"), "rdf")
+    with pytest.raises(HessforgeError, match="structure m0: the RDF criterion"):
+        evaluate_md(Springs(molecule("CH4")), [("m0", molecule("CH4"))], tests=("nvt",), criterion="rdf")
+
+
+def test_rdf_criterion_keeps_a_crystal_and_flags_a_structure_change():
+    """EMT copper at 300 K stays fcc (survives, small RDF change); diamond held by a Lennard-Jones pair
+    potential is not a stable structure and rearranges within a picosecond: flagged by the RDF change (the
+    bond criterion would flag both hot crystals alike); a fused pair fails at the first check."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.lj import LennardJones
+
+    copper = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    ok = nvt_stability(copper, EMT(), steps=600, temperature_K=300)
+    assert ok["survived"] and ok["criterion"] == "rdf" and 0 < ok["max_rdf_change"] < 0.1
+    drift = nve_drift(copper, EMT(), steps=400, timestep_fs=1.0, temperature_K=300)
+    assert drift["stopped"] is None
+    diamond = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    lj = LennardJones(sigma=2.35 / 2 ** (1 / 6), epsilon=0.2, rc=5.0, smooth=True)
+    bad = nvt_stability(diamond, lj, steps=1000, temperature_K=300)
+    assert not bad["survived"] and "RDF changed" in bad["reason"] and 0.3 < bad["time_to_failure_ps"] < 1.0
+    fused = copper.copy()
+    fused.positions[1] = fused.positions[0] + [0.3, 0.0, 0.0]
+    flat = Springs(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), k=0.0)
+    flat.pairs, flat.r0 = np.zeros((0, 2), dtype=int), np.zeros(0)
+    out = nvt_stability(fused, flat, steps=100)
+    assert out["time_to_failure_ps"] == pytest.approx(0.01) and "closer than" in out["reason"]
 
 
 def test_nvt_stable_and_unstable():

@@ -326,6 +326,12 @@ def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelle
     summary = trainer.fit()
     assert np.isfinite(summary["best_val_loss_ef"]) and (tmp_path / "run" / "best.pt").exists()
     assert torch.isfinite(trainer.model.atom_ref).all() and trainer.model.atom_ref.abs().sum() > 0
+    if unlabelled == "all":  # the energy scale is the RMS of the forces trained on: the teacher's
+        from training.labels import LabelStore as _Labels
+
+        store = _Labels(str(tmp_path / "labels"))
+        teacher_f = np.concatenate([store.get(structures[i].id).forces.reshape(-1) for i in trainer.train_idx])
+        assert float(trainer.model.energy_scale) == pytest.approx(float(np.sqrt(np.mean(teacher_f**2))), rel=1e-6)
     # the unlabelled structures are trained on the teacher's energies and forces (they used to train nothing
     # but the Hessian term: energy and force losses of exactly 0 when nothing had references)
     records = epoch_records(tmp_path / "run")

@@ -334,8 +334,11 @@ class Trainer:
         self.model = build_student(hp.pop("name"), **hp)
         for i in self.val_idx:  # the validation set may hold elements the training set lacks
             self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
-        if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training
-            structures = [dataclasses.replace(s, energy=self.labels.get(s.id).energy) for s in structures]
+        if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:
+            # the teacher's energies and forces set the reference energies and the energy scale, as they are
+            # the targets (collate's teacher_fills_missing)
+            teacher = [self.labels.get(s.id) for s in structures]
+            structures = [dataclasses.replace(s, energy=t.energy, forces=t.forces) for s, t in zip(structures, teacher)]
         refs = fit_reference_energies(structures, species)
         self.model.atom_ref.copy_(torch.as_tensor(refs))
         self.model.energy_scale.fill_(fit_energy_scale(structures))

@@ -1,4 +1,5 @@
 """Trainer: runs, logs, checkpoints, resumes exactly, repeats with a seed, halves λ_KD, rejects bad configs."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -430,10 +431,10 @@ def test_absolute_energy_teacher_is_not_aligned(labelled, tmp_path):
     assert summary["teacher_energy_offsets_eV"] is None
 
 
-def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng):
+def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng, capsys):
     """The materials path end to end with a bundled foundation model: rattled and strained NaCl cells without
     reference labels, CHGNet energies/forces/Hessian rows, teacher-only Hessian-KD training, and the student
-    in ASE with stress."""
+    in ASE with stress. Periodic data with PaiNN's published norm_eps print a note naming model.norm_eps."""
     pytest.importorskip("chgnet")
     from ase.build import bulk
 
@@ -453,7 +454,11 @@ def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng):
     path = str(tmp_path / "crystals.lmdb")
     write_dataset(path, structures)
     label_dataset(path, load_teacher("chgnet"), str(tmp_path / "labels"), rows=2)
+    config = _config((path, str(tmp_path / "labels")), tmp_path / "smooth", epochs=1)
+    Trainer(dataclasses.replace(config, model=dataclasses.replace(config.model, norm_eps=1.0)))
+    assert "norm_eps" not in capsys.readouterr().err
     trainer = Trainer(_config((path, str(tmp_path / "labels")), tmp_path / "run", epochs=2))
+    assert "model.norm_eps: 1.0" in capsys.readouterr().err
     assert trainer.val_against_teacher
     summary = trainer.fit()
     assert np.isfinite(summary["best_val_loss_ef"])

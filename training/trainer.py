@@ -332,6 +332,11 @@ class Trainer:
             self.model_hparams["norm_eps"] = float(mc.norm_eps)
         hp = dict(self.model_hparams)
         self.model = build_student(hp.pop("name"), **hp)
+        if mc.name == "painn" and mc.norm_eps is None and self.rank == 0 and any(s.pbc.all() for s in structures):
+            print("note: periodic training data with PaiNN's published norm_eps (1e-8): its energy is cone-shaped "
+                  "where vector features vanish by symmetry (every atom of an ideal crystal), so Hessians and "
+                  "phonons there are ill-defined; model.norm_eps: 1.0 is smooth at the same force accuracy "
+                  "(bench/results/materials_si_chgnet_cpu.md)", file=sys.stderr)
         for i in self.val_idx:  # the validation set may hold elements the training set lacks
             self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
         if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:

@@ -53,6 +53,7 @@ DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_f
                 bond_tolerance_A=0.5, criterion="auto", rdf_tolerance=0.25, rdf_window_fs=200.0,
                 nve_steps=1000, nve_timestep_fs=0.5, nve_interval=10, fmax=0.05,
                 opt_steps=500)
+CRITERIA = ("auto", "bonds", "rdf")
 
 
 # ------------------------------------------------------------------------------------------ bonds
@@ -109,7 +110,7 @@ def is_bulk(atoms) -> bool:
     return bool(np.all(atoms.pbc)) and abs(float(np.linalg.det(np.asarray(atoms.cell)))) > 1e-9
 
 
-def radial_distribution(atoms, r_max: float = 6.0, sigma: float = 0.1, spacing: float = 0.02
+def radial_distribution(atoms, r_max: float = 6.0, sigma: float = 0.2, spacing: float = 0.02
                         ) -> Tuple[np.ndarray, np.ndarray]:
     """(r, g(r)): the total radial distribution function of a 3D-periodic structure on bin centres up to r_max,
     the pair distances histogrammed and smeared by a Gaussian of width `sigma` (Å), so that one frame of a
@@ -217,7 +218,7 @@ def stability_criterion(atoms, criterion: str = "auto", bond_tolerance: float = 
         return BondCriterion(atoms, bond_tolerance)
     if criterion == "rdf":
         return RdfCriterion(atoms, rdf_tolerance, max(1, round(rdf_window_fs / check_every_fs)))
-    raise HessforgeError(f"unknown stability criterion {criterion!r} (auto, bonds, rdf)")
+    raise HessforgeError(f"unknown stability criterion {criterion!r} ({', '.join(CRITERIA)})")
 
 
 def fraction_stable(times_to_failure: Sequence[Optional[float]], times_ps: Sequence[float]) -> List[float]:
@@ -427,8 +428,8 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
     if unknown:
         raise HessforgeError(f"unknown md-eval settings: {sorted(unknown)}")
     s.update({k: v for k, v in settings.items() if k in s})
-    if s["criterion"] not in ("auto", "bonds", "rdf"):
-        raise HessforgeError(f"unknown stability criterion {s['criterion']!r} (auto, bonds, rdf)")
+    if s["criterion"] not in CRITERIA:
+        raise HessforgeError(f"unknown stability criterion {s['criterion']!r} ({', '.join(CRITERIA)})")
     if s["criterion"] == "rdf" and ("nvt" in tests or "nve" in tests):
         for sid, atoms in structures:
             if not is_bulk(atoms):
@@ -554,7 +555,7 @@ def add_arguments(parser) -> None:
                         help="steps between stability checks (default 10)")
     parser.add_argument("--bond-tolerance", type=float, default=DEFAULTS["bond_tolerance_A"],
                         help="largest bond deviation, Å (default 0.5)")
-    parser.add_argument("--criterion", choices=["auto", "bonds", "rdf"], default=DEFAULTS["criterion"],
+    parser.add_argument("--criterion", choices=CRITERIA, default=DEFAULTS["criterion"],
                         help="stability criterion: bonds, rdf (3D-periodic structures only) or auto (default: rdf "
                              "for 3D-periodic structures, bonds otherwise)")
     parser.add_argument("--rdf-tolerance", type=float, default=DEFAULTS["rdf_tolerance"],

@@ -16,8 +16,8 @@ from training.data.records import Structure
 from training.data.store import write_dataset
 from engine.errors import HessforgeError
 from training.md_eval import (BondCriterion, RdfCriterion, bond_deviation, bonds, evaluate_md, first_failure,
-                              fraction_stable, nve_drift, nvt_stability, radial_distribution, relax,
-                              stability_criterion)
+                              fraction_stable, nve_drift, nvt_stability, optimization, radial_distribution,
+                              relax, stability_criterion)
 
 torch.set_num_threads(1)
 
@@ -270,3 +270,49 @@ def test_dft_reference_judges_the_optimized_structure():
     for spec in ("dft:", "dft:a:b:c"):
         with pytest.raises(HessforgeError, match="not a DFT reference spec"):
             reference_calculator(spec)
+
+
+def test_bulk_minimum_relaxes_the_cell_and_is_compared_with_the_reference(rng):
+    """EMT copper from an expanded, rattled cell: FIRE with the cell filter ends at EMT's own lattice constant
+    (found independently by a scan of E(a)), the volume change is reported, the reference (EMT again) agrees
+    to 0 %; --fixed-cell keeps the cell; a reference without stress is refused up front."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    start = bulk("Cu", "fcc", a=3.61 * 1.03, cubic=True)
+    start.positions += rng.normal(scale=0.03, size=start.positions.shape)
+    out = optimization(start, EMT(), EMT(), fmax=1e-3, steps=2000)
+    assert out["student"]["converged"]
+    grid = np.linspace(3.55, 3.65, 201)
+    energies = []
+    for a in grid:
+        cell = bulk("Cu", "fcc", a=a, cubic=True)
+        cell.calc = EMT()
+        energies.append(cell.get_potential_energy())
+    a_min = grid[int(np.argmin(energies))]
+    a_relaxed = out["student"]["volume_A3"] ** (1 / 3)  # the cubic 4-atom cell
+    assert a_relaxed == pytest.approx(a_min, abs=1e-3)
+    assert out["volume_change_percent"] == pytest.approx(100 * ((a_relaxed / (3.61 * 1.03)) ** 3 - 1), abs=1e-6)
+    assert abs(out["volume_vs_reference_minimum_percent"]) < 0.05
+    fixed = optimization(start, EMT(), EMT(), fmax=0.05, steps=200, relax_cell=False)
+    assert "volume_change_percent" not in fixed and "volume_A3" not in fixed["student"]
+    with pytest.raises(HessforgeError, match="gives no stress.*--fixed-cell"):
+        evaluate_md(EMT(), [("cu", start)], reference_calc=Springs(start), tests=("opt",))
+    result = evaluate_md(EMT(), [("cu", start)], reference_calc=EMT(), tests=("opt",), opt_steps=300)
+    assert result["opt"]["mean_abs_volume_error_vs_reference_minimum_percent"] < 0.1
+
+
+def test_teacher_calculator_lends_its_calculators_stress():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from training.teachers.base import teacher_calculator
+    from training.teachers.finite_difference import FiniteDifferenceTeacher
+
+    crystal = bulk("Cu", "fcc", a=3.7, cubic=True)
+    wrapped = crystal.copy()
+    wrapped.calc = teacher_calculator(FiniteDifferenceTeacher(EMT()))
+    crystal.calc = EMT()
+    np.testing.assert_allclose(wrapped.get_stress(), crystal.get_stress(), rtol=1e-12)
+    assert np.abs(crystal.get_stress()).max() > 1e-3  # strained: a real stress
+    assert "stress" not in teacher_calculator(FiniteDifferenceTeacher(Springs(molecule("H2O")))).implemented_properties

@@ -33,8 +33,11 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
        forces under the --reference calculator (a teacher spec such as ani1x, ani1x:0, mace:FILE; the
        labels' DFT method, dft[:BASIS[:XC]]; or `none`) beside those of the starting structure, and the
        largest bond deviation of the final structure. Unless --no-reference-relax, the starting structure is
-       also relaxed under the reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures how far the
-       student's minimum is from the reference's.
+       also relaxed under the reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures
+       how far the student's minimum is from the reference's. Bulk (3D-periodic) structures relax their cell
+       too (ASE's FrechetCellFilter; --fixed-cell: positions only): reported are the volume change and the
+       volume against the reference's own minimum (the reference must give stress: CHGNet does, MACE/ANI
+       teachers through hessforge do not).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ from engine.paths import check_output_file, write_json
 DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
                 bond_tolerance_A=0.5, criterion="auto", rdf_tolerance=0.25, rdf_window_fs=200.0,
                 nve_steps=1000, nve_timestep_fs=0.5, nve_interval=10, fmax=0.05,
-                opt_steps=500)
+                opt_steps=500, fixed_cell=False)
 CRITERIA = ("auto", "bonds", "rdf")
 
 
@@ -321,13 +324,16 @@ def nve_drift(atoms, calc, steps: int = 1000, timestep_fs: float = 0.5, temperat
             "stopped": reason, "wall_s": time.perf_counter() - start}
 
 
-def relax(atoms, calc, fmax: float = 0.05, steps: int = 500) -> Tuple[object, Dict]:
-    """FIRE from `atoms` to fmax (eV/Å): (final atoms, {converged, steps, fmax, energy})."""
+def relax(atoms, calc, fmax: float = 0.05, steps: int = 500, cell: bool = False) -> Tuple[object, Dict]:
+    """FIRE from `atoms` to fmax (eV/Å): (final atoms, {converged, steps, fmax, energy}). cell=True relaxes
+    the cell too (ASE's FrechetCellFilter: fmax then also bounds the stress times the volume, and the calculator
+    must give stress); the info then holds the final volume and cell lengths."""
+    from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
 
     atoms = atoms.copy()
     atoms.calc = calc
-    opt = FIRE(atoms, logfile=None)
+    opt = FIRE(FrechetCellFilter(atoms) if cell else atoms, logfile=None)
     error = None
     try:
         converged = bool(opt.run(fmax=fmax, steps=steps))
@@ -336,6 +342,8 @@ def relax(atoms, calc, fmax: float = 0.05, steps: int = 500) -> Tuple[object, Di
     except Exception as err:
         converged, f, e, error = False, np.full((len(atoms), 3), np.nan), math.nan, f"{type(err).__name__}: {err}"
     info = {"converged": converged, "steps": int(opt.nsteps), "fmax_eV_per_A": _fmax(f), "energy_eV": e}
+    if cell:
+        info.update(volume_A3=float(atoms.get_volume()), cell_lengths_A=[float(x) for x in atoms.cell.lengths()])
     if error:
         info["error"] = error
     return atoms, info
@@ -361,9 +369,12 @@ def _reference_point(atoms, calc) -> Dict:
 
 
 def optimization(atoms, calc, reference_calc=None, fmax: float = 0.05, steps: int = 500,
-                 reference_relax: bool = True) -> Dict:
+                 reference_relax: bool = True, relax_cell: Optional[bool] = None) -> Dict:
+    """The student's minimum from `atoms` (positions, and the cell where relax_cell; None: the cell of bulk
+    structures) judged by the reference calculator and against the reference's own minimum."""
+    relax_cell = is_bulk(atoms) if relax_cell is None else relax_cell
     bond_set = bonds(atoms)
-    final, info = relax(atoms, calc, fmax, steps)
+    final, info = relax(atoms, calc, fmax, steps, cell=relax_cell)
     out = {"student": info, "max_bond_deviation_A": (bond_deviation(final.positions, bond_set)
                                                      if np.all(np.isfinite(final.positions)) else None)}
     if reference_calc is not None:
@@ -373,12 +384,16 @@ def optimization(atoms, calc, reference_calc=None, fmax: float = 0.05, steps: in
         if "energy_eV" in s and "energy_eV" in f:
             out["reference_energy_change_eV"] = f["energy_eV"] - s["energy_eV"]
         if reference_relax:
-            ref_final, ref_info = relax(atoms, reference_calc, fmax, steps)
+            ref_final, ref_info = relax(atoms, reference_calc, fmax, steps, cell=relax_cell)
             out["reference_relaxed"] = ref_info
             if "energy_eV" in f and math.isfinite(ref_info["energy_eV"]):
                 out["energy_above_reference_minimum_eV"] = f["energy_eV"] - ref_info["energy_eV"]
                 out["rmsd_to_reference_minimum_A"] = float(np.sqrt(np.mean(
                     np.sum((final.positions - ref_final.positions) ** 2, axis=1))))
+            if relax_cell and "error" not in info and "error" not in ref_info:
+                out["volume_vs_reference_minimum_percent"] = 100.0 * (info["volume_A3"] / ref_info["volume_A3"] - 1)
+    if relax_cell and "error" not in info:
+        out["volume_change_percent"] = 100.0 * (info["volume_A3"] / atoms.get_volume() - 1)
     return out
 
 
@@ -417,6 +432,9 @@ def summarize_opt(runs: Sequence[Dict]) -> Dict:
         for name, xs in series.items():
             out[f"mean_{name}"] = _mean(xs)
             out[f"median_{name}"] = _median(xs)
+    volume = [abs(r["volume_vs_reference_minimum_percent"]) for r in runs if "volume_vs_reference_minimum_percent" in r]
+    if volume:  # cells relaxed (bulk structures)
+        out["mean_abs_volume_error_vs_reference_minimum_percent"] = _mean(volume)
     return out
 
 
@@ -435,6 +453,11 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
             if not is_bulk(atoms):
                 raise HessforgeError(f"structure {sid}: the RDF criterion needs a structure periodic in 3 "
                                      f"dimensions with a nonzero cell volume (use --criterion bonds or auto)")
+    if ("opt" in tests and reference_calc is not None and settings.get("reference_relax", True)
+            and not s["fixed_cell"] and any(is_bulk(a) for _, a in structures)
+            and "stress" not in getattr(reference_calc, "implemented_properties", ())):
+        raise HessforgeError("the reference calculator gives no stress, so it cannot relax the cells of these "
+                             "periodic structures: pass --fixed-cell (positions only) or --no-reference-relax")
     log = log or (lambda msg: None)
     result: Dict = {"settings": dict(s), "structures": [{"id": i, "formula": a.get_chemical_formula(),
                                                          "natoms": len(a)} for i, a in structures]}
@@ -473,7 +496,8 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
     if "opt" in tests:
         runs = []
         for sid, atoms in structures:
-            r = optimization(atoms, calc, reference_calc, s["fmax"], s["opt_steps"], settings.get("reference_relax", True))
+            r = optimization(atoms, calc, reference_calc, s["fmax"], s["opt_steps"], settings.get("reference_relax", True),
+                             relax_cell=False if s["fixed_cell"] else None)
             r["id"] = sid
             runs.append(r)
             msg = f"opt {sid}: {'converged' if r['student']['converged'] else 'not converged'} in {r['student']['steps']} steps"
@@ -481,6 +505,10 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
                 msg += f", reference fmax at the student minimum {r['reference_final']['fmax_eV_per_A']:.3f} eV/Å"
             if "energy_above_reference_minimum_eV" in r:
                 msg += f", {1000 * r['energy_above_reference_minimum_eV']:.1f} meV above the reference minimum"
+            if "volume_change_percent" in r:
+                msg += f", volume {r['volume_change_percent']:+.2f} % from the start"
+            if "volume_vs_reference_minimum_percent" in r:
+                msg += f" ({r['volume_vs_reference_minimum_percent']:+.2f} % vs the reference minimum)"
             log(msg)
         summary = summarize_opt(runs)
         result["opt"] = dict(summary, runs=runs)
@@ -566,6 +594,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--nve-steps", type=int, default=DEFAULTS["nve_steps"], help="default 1000")
     parser.add_argument("--nve-timestep", type=float, default=DEFAULTS["nve_timestep_fs"], help="fs (default 0.5)")
     parser.add_argument("--fmax", type=float, default=DEFAULTS["fmax"], help="FIRE target, eV/Å (default 0.05)")
+    parser.add_argument("--fixed-cell", action="store_true",
+                        help="relax positions only (default: bulk structures relax their cell too, "
+                             "FrechetCellFilter; the reference must give stress)")
     parser.add_argument("--opt-steps", type=int, default=DEFAULTS["opt_steps"], help="FIRE step limit (default 500)")
     parser.add_argument("--reference", default="none",
                         help="reference calculator for the optimized structures: a teacher spec (ani1x, "
@@ -624,7 +655,7 @@ def run(args) -> int:
                          friction_per_fs=args.friction, check_interval=args.check_interval,
                          bond_tolerance_A=args.bond_tolerance, criterion=args.criterion,
                          rdf_tolerance=args.rdf_tolerance, rdf_window_fs=args.rdf_window, nve_steps=args.nve_steps,
-                         nve_timestep_fs=args.nve_timestep, fmax=args.fmax, opt_steps=args.opt_steps,
+                         nve_timestep_fs=args.nve_timestep, fmax=args.fmax, opt_steps=args.opt_steps, fixed_cell=args.fixed_cell,
                          reference_relax=not args.no_reference_relax)
     result.update({"model": os.path.abspath(model_file), "data": os.path.abspath(args.data), "split": args.split,
                    "reference": args.reference, "tests": tests, "wall_s": time.perf_counter() - start,
@@ -648,6 +679,9 @@ def run(args) -> int:
         if opt.get("mean_energy_above_reference_minimum_eV") is not None:
             line += (f"; {1000 * opt['mean_energy_above_reference_minimum_eV']:.1f} meV mean, "
                      f"{1000 * opt['median_energy_above_reference_minimum_eV']:.1f} median above the reference minima")
+        if opt.get("mean_abs_volume_error_vs_reference_minimum_percent") is not None:
+            line += (f"; cell volume {opt['mean_abs_volume_error_vs_reference_minimum_percent']:.2f} % (mean |error|) "
+                     f"from the reference minima")
         print(line)
     out = args.json_out or default_json
     if out:

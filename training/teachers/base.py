@@ -156,8 +156,12 @@ def teacher_calculator(teacher: "Teacher"):
     """An ASE Calculator (energy, forces) backed by a Teacher: lets any teacher drive ASE MD/optimisers."""
     from ase.calculators.calculator import Calculator, all_changes
 
+    # a teacher wrapping an ASE calculator that gives stress (CHGNet's) lends it: cell relaxations need it
+    native = getattr(teacher, "calc", None)
+    with_stress = "stress" in getattr(native, "implemented_properties", ())
+
     class _TeacherCalculator(Calculator):
-        implemented_properties = ["energy", "free_energy", "forces"]
+        implemented_properties = ["energy", "free_energy", "forces"] + (["stress"] if with_stress else [])
 
         def __init__(self, **kw):
             super().__init__(**kw)
@@ -167,5 +171,9 @@ def teacher_calculator(teacher: "Teacher"):
             super().calculate(atoms, properties, system_changes)
             out = self.teacher.compute(self.atoms)
             self.results = {"energy": out.energy, "free_energy": out.energy, "forces": out.forces}
+            if with_stress and "stress" in properties:
+                bare = self.atoms.copy()
+                bare.calc = native
+                self.results["stress"] = np.asarray(bare.get_stress(), dtype=np.float64)
 
     return _TeacherCalculator()

@@ -173,6 +173,7 @@ def test_rdf_criterion_keeps_a_crystal_and_flags_a_structure_change():
     flat.pairs, flat.r0 = np.zeros((0, 2), dtype=int), np.zeros(0)
     out = nvt_stability(fused, flat, steps=100)
     assert out["time_to_failure_ps"] == pytest.approx(0.01) and "closer than" in out["reason"]
+    assert out["max_rdf_change"] == 0.0  # not measured yet (burn-in): the reason, not an infinity, tells
 
 
 def test_nvt_stable_and_unstable():

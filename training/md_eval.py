@@ -179,6 +179,7 @@ class RdfCriterion:
         self.checked = 0
         self.reference: Optional[np.ndarray] = None
         self.scale = 1.0
+        self.last = 0.0
         self.recent: List[np.ndarray] = []
         self.close_cutoffs = natural_cutoffs(atoms, mult=close_factor)
         self.close_factor = close_factor
@@ -194,8 +195,8 @@ class RdfCriterion:
             return math.inf, "non-finite positions"
         i, j, d = neighbor_list("ijd", atoms, self.close_cutoffs)
         if len(d):
-            k = int(np.argmin(d))
-            return math.inf, (f"atoms {i[k]} and {j[k]} at {d[k]:.2f} Å, closer than {self.close_factor} x the "
+            k = int(np.argmin(d))  # the RDF measure so far stays the reported value; the reason says why
+            return self.last, (f"atoms {i[k]} and {j[k]} at {d[k]:.2f} Å, closer than {self.close_factor} x the "
                               f"sum of their covalent radii")
         self.checked += 1
         if self.checked <= self.burn_in:
@@ -207,7 +208,7 @@ class RdfCriterion:
                 self.reference = np.mean(self.recent, axis=0)
                 self.scale = max(float(np.sum(np.abs(self.reference - 1.0))), 1e-12)
             return 0.0, None
-        h = float(np.sum(np.abs(np.mean(self.recent, axis=0) - self.reference))) / self.scale
+        h = self.last = float(np.sum(np.abs(np.mean(self.recent, axis=0) - self.reference))) / self.scale
         return h, (f"RDF changed by {h:.2f} (relative) > {self.tolerance}" if h > self.tolerance else None)
 
 

@@ -1,3 +1,5 @@
+"""CHGNet at 1600 K through md-eval's nvt_stability, same frames and seeds as `hessforge md-eval --structures 4`.
+Run from the repository root: PYTHONPATH=. python bench/results/materials_si_chgnet/md1600/chgnet_reference.py 0 1 2 3"""
 import json, sys
 sys.path.insert(0, "bench/science")
 import torch; torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import torch
 from engine.checkpoint import load_student
 from engine.errors import HessforgeError
 from training.config import config_from_dict, load_config
-from training.labels import label_dataset
+from training.labels import LabelStore, label_dataset
 from training.trainer import Trainer
 from toy import HarmonicTeacher, conformer_dataset, epoch_records
 
@@ -328,17 +328,13 @@ def test_teacher_only_training_without_reference_labels(tmp_path, rng, unlabelle
     assert np.isfinite(summary["best_val_loss_ef"]) and (tmp_path / "run" / "best.pt").exists()
     assert torch.isfinite(trainer.model.atom_ref).all() and trainer.model.atom_ref.abs().sum() > 0
     if unlabelled == "all":  # the energy scale is the RMS of the forces trained on: the teacher's
-        from training.labels import LabelStore as _Labels
-
-        store = _Labels(str(tmp_path / "labels"))
+        store = LabelStore(str(tmp_path / "labels"))
         teacher_f = np.concatenate([store.get(structures[i].id).forces.reshape(-1) for i in trainer.train_idx])
         assert float(trainer.model.energy_scale) == pytest.approx(float(np.sqrt(np.mean(teacher_f**2))), rel=1e-6)
     # the unlabelled structures are trained on the teacher's energies and forces (they used to train nothing
     # but the Hessian term: energy and force losses of exactly 0 when nothing had references)
     records = epoch_records(tmp_path / "run")
     assert all(r["train_energy"] > 0 and r["train_forces"] > 0 for r in records)
-    from training.labels import LabelStore
-
     result = evaluate(load_student(str(tmp_path / "run" / "best.pt")), structures, LabelStore(str(tmp_path / "labels")))
     ref = result["student_vs_reference"]
     assert ref["n_energy"] == sum(s.energy is not None for s in structures)
@@ -391,7 +387,6 @@ def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng
     offset added to its energies changes neither its validation loss (λ_KD halving) nor its evaluation."""
     from training.data import Dataset
     from training.evaluate import evaluate
-    from training.labels import LabelStore
     from training.reference_energies import fit_element_offsets
 
     path, structures = conformer_dataset(tmp_path / "data.lmdb", rng)
@@ -424,8 +419,6 @@ def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng
 
 
 def test_absolute_energy_teacher_is_not_aligned(labelled, tmp_path):
-    from training.labels import LabelStore
-
     assert not LabelStore(labelled[1]).relative_energies
     summary = Trainer(_config(labelled, tmp_path / "abs", epochs=1)).fit()
     assert summary["teacher_energy_offsets_eV"] is None

@@ -113,6 +113,14 @@ def is_bulk(atoms) -> bool:
     return bool(np.all(atoms.pbc)) and abs(float(np.linalg.det(np.asarray(atoms.cell)))) > 1e-9
 
 
+def require_bulk(atoms, where: str = "") -> None:
+    """The clear error for a structure the RDF criterion cannot judge."""
+    if not is_bulk(atoms):
+        raise HessforgeError(f"{where + ': ' if where else ''}the RDF criterion needs a structure periodic in 3 "
+                             "dimensions with a nonzero cell volume (use --criterion bonds or auto for molecules, "
+                             "slabs and wires)")
+
+
 def radial_distribution(atoms, r_max: float = 6.0, sigma: float = 0.2, spacing: float = 0.02
                         ) -> Tuple[np.ndarray, np.ndarray]:
     """(r, g(r)): the total radial distribution function of a 3D-periodic structure on bin centres up to r_max,
@@ -121,9 +129,7 @@ def radial_distribution(atoms, r_max: float = 6.0, sigma: float = 0.2, spacing: 
     g(r) = n(r) / (N ρ 4π r² dr), n counting every ordered pair (periodic images included)."""
     from ase.neighborlist import neighbor_list
 
-    if not is_bulk(atoms):
-        raise HessforgeError("the RDF criterion needs a structure periodic in 3 dimensions with a nonzero cell "
-                             "volume (use --criterion bonds for molecules, slabs and wires)")
+    require_bulk(atoms)
     pad = 4.0 * sigma
     n_bins = int(round((r_max + pad) / spacing))
     d = neighbor_list("d", atoms, r_max + pad)
@@ -172,7 +178,7 @@ class RdfCriterion:
                  close_factor: float = 0.5):
         from ase.neighborlist import natural_cutoffs
 
-        radial_distribution(atoms, r_max, sigma)  # the clear error for a non-bulk structure, up front
+        require_bulk(atoms)
         self.tolerance, self.r_max, self.sigma = tolerance, r_max, sigma
         self.window = max(1, int(window))
         self.burn_in = self.window // 2
@@ -451,9 +457,7 @@ def evaluate_md(calc, structures: Sequence, reference_calc=None, tests: Sequence
         raise HessforgeError(f"unknown stability criterion {s['criterion']!r} ({', '.join(CRITERIA)})")
     if s["criterion"] == "rdf" and ("nvt" in tests or "nve" in tests):
         for sid, atoms in structures:
-            if not is_bulk(atoms):
-                raise HessforgeError(f"structure {sid}: the RDF criterion needs a structure periodic in 3 "
-                                     f"dimensions with a nonzero cell volume (use --criterion bonds or auto)")
+            require_bulk(atoms, f"structure {sid}")
     if ("opt" in tests and reference_calc is not None and settings.get("reference_relax", True)
             and not s["fixed_cell"] and any(is_bulk(a) for _, a in structures)
             and "stress" not in getattr(reference_calc, "implemented_properties", ())):

@@ -426,7 +426,8 @@ def _env_int(name: str, default: int) -> int:
 def add_arguments(parser) -> None:
     parser.add_argument("dataset", help="dataset file made by `hessforge ingest`")
     parser.add_argument("--teacher", required=True,
-                        help="teacher spec: ani1x, ani1x:0, so3lr, chgnet, mace:/path/file.model")
+                        help="teacher spec: ani1x, ani1x:0, so3lr, chgnet, mace:/path/file.model, "
+                             "lammps:/path/potential.in (LAMMPS commands defining the interaction)")
     parser.add_argument("--rows", required=True, help="Hessian rows per structure: an integer k, or 'full'")
     parser.add_argument("-o", "--output", required=True, help="labels directory (created; resumed if present)")
     parser.add_argument("--seed", type=int, default=0, help="row-sampling seed (default 0)")

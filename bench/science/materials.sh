@@ -8,6 +8,9 @@
 # Resumable: finished stages and runs are skipped (a stopped training run resumes from its last.pt).
 # Knobs (environment):
 #   WORK     work directory (default runs/si_chgnet)
+#   TEACHER  the label source, a `hessforge label --teacher` spec (default chgnet); e.g. the Stillinger-Weber
+#            control: TEACHER=lammps:bench/science/si_sw.lammps FRAMES=runs/si_chgnet WORK=runs/si_sw
+#   FRAMES   a work directory whose frames.extxyz and split.json to reuse (default: make them with CHGNet MD)
 #   EPOCHS   epochs of the runs on the full training set (default 30); training sets under 100 structures get
 #            4x as many (fewer steps per epoch)
 #   PLAN     runs, "SIZE:METHOD,METHOD[:SEED+SEED] ..." (270 = every training frame; seeds default to SEEDS).
@@ -18,6 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-runs/si_chgnet}
+TEACHER=${TEACHER:-chgnet}
+FRAMES=${FRAMES:-}
 EPOCHS=${EPOCHS:-30}
 PLAN=${PLAN:-25:ef,kd,ef-smooth,kd-smooth 270:ef,kd 270:ef-smooth,kd-smooth:0}
 SEEDS=${SEEDS:-0 1}
@@ -26,13 +31,15 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$WORK" "$REPORT"
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
+if [ ! -e "$WORK/frames.extxyz" ] && [ -n "$FRAMES" ]; then
+    stamp "frames and split from $FRAMES"; cp "$FRAMES/frames.extxyz" "$FRAMES/split.json" "$WORK/"; fi
 [ -e "$WORK/frames.extxyz" ] || { stamp frames; python bench/science/si_chgnet.py frames "$WORK"; }
 [ -e "$WORK/data.lmdb" ] || { stamp ingest;
     hessforge ingest "$WORK/frames.extxyz" -o "$WORK/data.lmdb" --group-key group --allow-missing-labels; }
 stamp "label (2 ranks)"
-hessforge label "$WORK/data.lmdb" --teacher chgnet --rows 4 -o "$WORK/labels" --rank 1 --world-size 2 \
+hessforge label "$WORK/data.lmdb" --teacher "$TEACHER" --rows 4 -o "$WORK/labels" --rank 1 --world-size 2 \
     > "$WORK/label_rank1.log" 2>&1 &
-hessforge label "$WORK/data.lmdb" --teacher chgnet --rows 4 -o "$WORK/labels" --rank 0 --world-size 2
+hessforge label "$WORK/data.lmdb" --teacher "$TEACHER" --rows 4 -o "$WORK/labels" --rank 0 --world-size 2
 wait $! || { echo "label rank 1 failed: see $WORK/label_rank1.log"; exit 1; }
 
 # one config per (size, method, seed); the methods differ only in λ_KD. Cost (for the lanes): steps x (2 with KD)
@@ -53,7 +60,7 @@ for entry in $PLAN; do
         costs+=($(( epochs * ((limit + 3) / 4) * (${hessian%.*} > 0 ? 2 : 1) )))
         [ -e "$WORK/$name.yaml" ] && continue
         cat > "$WORK/$name.yaml" <<YAML
-# written by bench/science/materials.sh; teacher-only: no reference labels, CHGNet's are the targets
+# written by bench/science/materials.sh; teacher-only: no reference labels, the teacher's ($TEACHER) are the targets
 data: {path: data.lmdb, labels: labels, split_file: split.json, train_limit: $limit}
 model: {name: painn, hidden: 64, layers: 3, num_basis: 32, cutoff: 5.0, force_mode: gradient$norm_eps}
 loss: {energy: 50.0, forces: 100.0, hessian: $hessian, hessian_rows: 1, kind: l2mae}
@@ -90,13 +97,14 @@ for name in "${runs[@]}"; do
             --split-file "$WORK/split.json" --json "$WORK/$name/eval.json" > "$WORK/$name/eval.txt"; }
 done
 stamp phonons
-python bench/science/si_chgnet.py phonons "$WORK" "${runs[@]/#/$WORK/}" | tee -a "$WORK/phonons.txt"
-[ -e "$WORK/bench.json" ] || { stamp bench;
+python bench/science/si_chgnet.py phonons "$WORK" "${runs[@]/#/$WORK/}" --teacher "$TEACHER" | tee -a "$WORK/phonons.txt"
+[ -e "$WORK/bench.json" ] || [ "$TEACHER" != chgnet ] || { stamp bench;  # hessforge bench times CHGNet, not LAMMPS
     hessforge bench "$WORK/${runs[0]}/best.pt" "$WORK/data.lmdb" --compare chgnet --modes eager,compiled \
         --batch-size 64 --sweep --batch-sizes 1,4,16,64 --threads 1 --repeats 3 --json "$WORK/bench.json" \
         | tee "$WORK/bench.txt"; }
 
-for f in chgnet_phonons.json phonons.txt bench.json bench.txt split.json; do cp "$WORK/$f" "$REPORT/"; done
+for f in "$WORK"/*_phonons.json "$WORK"/{phonons.txt,bench.json,bench.txt,split.json}; do
+    if [ -e "$f" ]; then cp "$f" "$REPORT/"; fi; done
 for name in "${runs[@]}"; do
     mkdir -p "$REPORT/$name"
     for f in summary.json eval.json eval.txt phonons.json; do

@@ -6,13 +6,14 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
                    constants -> OUT_DIR/frames.extxyz (positions and cells only: the labels come from
                    `hessforge label --teacher chgnet`) and OUT_DIR/split.json (train/val from the training
                    trajectories, test = a separate trajectory at a temperature and lattice constant between them)
-  phonons WORK RUN_DIR...
-                   Lattice dynamics of each run's student (RUN_DIR/phonons.json) against CHGNet's (computed once,
-                   WORK/chgnet_phonons.json): the full Hessian of the ideal 64-atom cell (at
+  phonons WORK RUN_DIR... [--teacher SPEC]
+                   Lattice dynamics of each run's student (RUN_DIR/phonons.json) against the teacher's (CHGNet by
+                   default, any `--teacher` spec of hessforge label; computed once, WORK/NAME_phonons.json): the full Hessian of the ideal 64-atom cell (at
                    CHGNet's lattice constant) by central differences of forces, its frequencies (the phonons at the
                    q-points of the 2x2x2 supercell), and each model's equilibrium lattice constant and bulk
                    modulus from an E(V) fit. Students are loaded through engine.Calculator, as a user would.
   report DIR       the study's table (DIR/table.md) from the eval.json and phonons.json copied into DIR
+                   and the teacher's NAME_phonons.json (one per report directory)
 """
 from __future__ import annotations
 
@@ -151,31 +152,48 @@ def lattice_dynamics(calc, a_ref: float) -> dict:
             "hessian_seconds": time.time() - t0, "hessian": hess}
 
 
-def chgnet_reference(work: str):
-    """CHGNet's lattice dynamics, computed once per work directory (chgnet_phonons.json + its Hessian .npy)."""
-    path = os.path.join(work, "chgnet_phonons.json")
+def reference_name(teacher: str) -> str:
+    """File-name stem of a teacher's reference lattice dynamics: "chgnet" for CHGNet 0.3.0 (the study's
+    default), else the spec made file-safe ("lammps:bench/science/si_sw.lammps" -> "lammps-si_sw")."""
+    if teacher == "chgnet":
+        return "chgnet"
+    kind, _, arg = teacher.partition(":")
+    stem = os.path.splitext(os.path.basename(arg))[0] if arg else ""
+    return "-".join(x for x in (kind, stem) if x).replace(".", "_")
+
+
+def teacher_reference(work: str, teacher: str = "chgnet"):
+    """The teacher's lattice dynamics, computed once per work directory (NAME_phonons.json + its Hessian .npy)."""
+    name = reference_name(teacher)
+    path = os.path.join(work, f"{name}_phonons.json")
     if not os.path.exists(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            teacher = chgnet_calculator()
-            a_ref, _ = equation_of_state(teacher, 5.47)
-            ref = lattice_dynamics(teacher, a_ref)
-        np.save(os.path.join(work, "chgnet_hessian.npy"), ref.pop("hessian"))
-        ref.update(geometry=f"diamond Si 2x2x2 conventional (64 atoms) at CHGNet's a = {a_ref:.4f} Å",
-                   reference_lattice_constant_A=a_ref, fd_step_A=FD_STEP)
+            if teacher == "chgnet":
+                calc = chgnet_calculator()
+            else:
+                from training.teachers import load_teacher
+                from training.teachers.base import teacher_calculator
+
+                calc = teacher_calculator(load_teacher(teacher))
+            a_ref, _ = equation_of_state(calc, 5.47)
+            ref = lattice_dynamics(calc, a_ref)
+        np.save(os.path.join(work, f"{name}_hessian.npy"), ref.pop("hessian"))
+        ref.update(geometry=f"diamond Si 2x2x2 conventional (64 atoms) at the teacher's a = {a_ref:.4f} Å",
+                   reference_lattice_constant_A=a_ref, fd_step_A=FD_STEP, teacher=teacher)
         with open(path, "w") as fh:
             json.dump(ref, fh, indent=1)
-        print(f"chgnet: a = {ref['lattice_constant_A']:.4f} Å, B = {ref['bulk_modulus_GPa']:.1f} GPa, "
+        print(f"{teacher}: a = {ref['lattice_constant_A']:.4f} Å, B = {ref['bulk_modulus_GPa']:.1f} GPa, "
               f"highest frequency {max(ref['frequencies_THz']):.2f} THz")
     ref = json.load(open(path))
-    return ref, np.load(os.path.join(work, "chgnet_hessian.npy"))
+    return ref, np.load(os.path.join(work, f"{name}_hessian.npy"))
 
 
-def compare_phonons(work: str, run_dirs) -> None:
-    """RUN/phonons.json for each run that has none: its lattice dynamics against CHGNet's."""
+def compare_phonons(work: str, run_dirs, teacher: str = "chgnet") -> None:
+    """RUN/phonons.json for each run that has none: its lattice dynamics against the teacher's."""
     from engine import Calculator
 
-    ref, ref_hess = chgnet_reference(work)
+    ref, ref_hess = teacher_reference(work, teacher)
     ref_f = np.asarray(ref["frequencies_THz"])[3:]  # without the three zero-frequency translations
     for run in run_dirs:
         out = os.path.join(run, "phonons.json")
@@ -198,14 +216,14 @@ def compare_phonons(work: str, run_dirs) -> None:
               f"eV/Å², imaginary modes {entry['imaginary_modes']}")
 
 
-def method_label(method: str) -> str:
+def method_label(method: str, teacher: str = "CHGNet") -> str:
     """ef: energies + forces only; kd: + Hessian rows at λ_KD 400; kdNNN: at λ_KD NNN; "-smooth": PaiNN with
     norm_eps 1 (else the published 1e-8)."""
     base = method.removesuffix("-smooth")
     painn = "PaiNN norm_eps 1" if base != method else "PaiNN norm_eps 1e-8"
     if base == "ef":
-        return f"{painn}: CHGNet energies + forces"
-    return f"{painn}: + CHGNet Hessian rows (λ_KD {base[2:] or '400'}, s=1)"
+        return f"{painn}: {teacher} energies + forces"
+    return f"{painn}: + {teacher} Hessian rows (λ_KD {base[2:] or '400'}, s=1)"
 
 
 def _mean_std(values, fmt: str = ".3g"):
@@ -219,16 +237,22 @@ def _mean_std(values, fmt: str = ".3g"):
 
 def write_report(report_dir: str) -> None:
     """A markdown table (mean ± sample std over seeds) from the eval.json and phonons.json of each run
-    directory copied into `report_dir` (RUN = METHOD_nLIMIT_seedSEED) and chgnet_phonons.json."""
-    ref = json.load(open(os.path.join(report_dir, "chgnet_phonons.json")))
+    directory copied into `report_dir` (RUN = METHOD_nLIMIT_seedSEED) and the teacher's NAME_phonons.json."""
+    import glob
+
+    found = sorted(glob.glob(os.path.join(report_dir, "*_phonons.json")))
+    if len(found) != 1:
+        raise SystemExit(f"{report_dir}: expected one teacher's NAME_phonons.json, found {len(found)}")
+    ref = json.load(open(found[0]))
+    who = "CHGNet" if ref.get("teacher", "chgnet") == "chgnet" else ref["teacher"].split("/")[-1]
     groups = {}
     for run in sorted(os.listdir(report_dir)):
         if os.path.exists(os.path.join(report_dir, run, "eval.json")):
             method, limit, _seed = run.split("_")
             groups.setdefault((int(limit[1:]), method), []).append(run)
     lines = [f"| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
-             f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; CHGNet "
-             f"{max(ref['frequencies_THz']):.2f}) | a (Å; CHGNet {ref['lattice_constant_A']:.4f}) | B (GPa; CHGNet "
+             f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; {who} "
+             f"{max(ref['frequencies_THz']):.2f}) | a (Å; {who} {ref['lattice_constant_A']:.4f}) | B (GPa; {who} "
              f"{ref['bulk_modulus_GPa']:.1f}) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = {"ef": 0, "kd": 1, "ef-smooth": 2, "kd-smooth": 3}
     for (limit, method), names in sorted(groups.items(), key=lambda g: (g[0][0], order.get(g[0][1], 4), g[0][1])):
@@ -236,7 +260,7 @@ def write_report(report_dir: str) -> None:
         ph = [json.load(open(p)) if os.path.exists(p) else None
               for p in (os.path.join(report_dir, n, "phonons.json") for n in names)]
         col = lambda key, src, fmt=".3g": _mean_std([e[key] if e else None for e in src], fmt)  # noqa: E731
-        lines.append(f"| {limit} | {method_label(method)} | {len(names)} | {col('energy_mae_mev_per_atom', ev, '.2f')} | "
+        lines.append(f"| {limit} | {method_label(method, who)} | {len(names)} | {col('energy_mae_mev_per_atom', ev, '.2f')} | "
                      f"{col('forces_mae_mev_per_A', ev, '.1f')} | {col('hessian_mae_eV_per_A2', ev, '.4f')} | "
                      f"{col('frequency_mae_THz', ph, '.2f')} | {col('max_frequency_THz', ph, '.1f')} | "
                      f"{col('lattice_constant_A', ph, '.4f')} | {col('bulk_modulus_GPa', ph, '.1f')} |")
@@ -254,13 +278,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("phonons")
     p.add_argument("work")
     p.add_argument("runs", nargs="+")
+    p.add_argument("--teacher", default="chgnet", help="the teacher spec the students were trained on")
     p = sub.add_parser("report")
     p.add_argument("report_dir")
     args = parser.parse_args(argv)
     if args.command == "frames":
         make_frames(args.out_dir)
     elif args.command == "phonons":
-        compare_phonons(args.work, args.runs)
+        compare_phonons(args.work, args.runs, args.teacher)
     else:
         write_report(args.report_dir)
     return 0

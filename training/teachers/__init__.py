@@ -3,7 +3,8 @@
 `load_teacher(spec)` builds one from a short string: "ani1x" (8-model ensemble), "ani1x:3" (one member),
 "mace:/path/file.model" (optionally "mace:/path/file.model@HEAD"), "so3lr" (the SO3LR weights bundled in
 so3krates-torch; "so3lr:/path/file.model" for another so3krates-torch SO3LR file), "chgnet" (CHGNet 0.3.0,
-bundled in chgnet; "chgnet:0.2.0" for the older weights). Heavy packages (torchani, mace, so3krates-torch,
+bundled in chgnet; "chgnet:0.2.0" for the older weights), "lammps:/path/potential.in" (any LAMMPS interaction,
+training.teachers.lammps). Heavy packages (torchani, mace, so3krates-torch,
 chgnet) are imported only when their teacher is requested.
 """
 from __future__ import annotations
@@ -56,10 +57,19 @@ def _chgnet(arg: Optional[str]) -> Teacher:
     return CHGNetTeacher(arg or None)
 
 
+def _lammps(arg: Optional[str]) -> Teacher:
+    from training.teachers.lammps import LAMMPSTeacher
+
+    if not arg:
+        raise HessforgeError("teacher 'lammps' needs a file of LAMMPS commands: lammps:/path/to/potential.in")
+    return LAMMPSTeacher(arg)
+
+
 register_teacher("ani1x", _ani1x)
 register_teacher("mace", _mace)
 register_teacher("so3lr", _so3lr)
 register_teacher("chgnet", _chgnet)
+register_teacher("lammps", _lammps)
 
 
 def load_teacher(spec: str) -> Teacher:
@@ -68,7 +78,7 @@ def load_teacher(spec: str) -> Teacher:
     factory = TEACHERS.get(name.lower())
     if factory is None:
         raise HessforgeError(f"unknown teacher {spec!r}; known: {', '.join(sorted(TEACHERS))} "
-                             "(e.g. 'ani1x', 'ani1x:0', 'mace:/path/file.model', 'so3lr', 'chgnet')")
+                             "(e.g. 'ani1x', 'ani1x:0', 'mace:/path/file.model', 'so3lr', 'chgnet', 'lammps:potential.in')")
     return factory(arg or None)
 
 

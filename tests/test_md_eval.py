@@ -165,8 +165,11 @@ def test_rdf_criterion_keeps_a_crystal_and_flags_a_structure_change():
     assert drift["stopped"] is None
     diamond = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
     lj = LennardJones(sigma=2.35 / 2 ** (1 / 6), epsilon=0.2, rc=5.0, smooth=True)
-    bad = nvt_stability(diamond, lj, steps=1000, temperature_K=300)
+    bad = nvt_stability(diamond, lj, steps=1000, temperature_K=300, trace=True)
     assert not bad["survived"] and "RDF changed" in bad["reason"] and 0.3 < bad["time_to_failure_ps"] < 1.0
+    # the trace: one value per check up to the failing one, which is the first over the tolerance
+    assert len(bad["trace"]) == bad["steps_run"] // 10 and bad["trace"][-1] == bad["max_rdf_change"] > 0.25
+    assert max(bad["trace"][:-1]) <= 0.25 and bad["msd_end_A2"] > 0.1 and "trace" not in ok
     fused = copper.copy()
     fused.positions[1] = fused.positions[0] + [0.3, 0.0, 0.0]
     flat = Springs(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]]), k=0.0)

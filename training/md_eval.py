@@ -265,9 +265,11 @@ def _finite_step(dyn, atoms, n: int) -> Optional[str]:
 def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temperature_K: float = 300.0,
                   friction_per_fs: float = 0.01, check_interval: int = 10, tolerance: float = 0.5,
                   seed: int = 0, criterion: str = "auto", rdf_tolerance: float = 0.25,
-                  rdf_window_fs: float = 200.0) -> Dict:
+                  rdf_window_fs: float = 200.0, trace: bool = False) -> Dict:
     """One Langevin trajectory from `atoms`, stopped at the first unstable check (see the module docstring);
-    `tolerance` is the bond criterion's, `rdf_*` the RDF criterion's (stability_criterion)."""
+    `tolerance` is the bond criterion's, `rdf_*` the RDF criterion's (stability_criterion). trace=True adds
+    the criterion's value at every check ("trace") and the mean squared displacement at the end
+    ("msd_end_A2"): what a calibration of the criterion needs (bench/science/rdf_calibration.py)."""
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
@@ -280,21 +282,27 @@ def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temp
     atoms.set_constraint(FixCom())  # ASE's recommended replacement for Langevin(fixcm=True)
     dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
                    friction=friction_per_fs / units.fs, fixcm=False, rng=np.random.RandomState(seed + 1))
-    start, done, failure, reason, worst = time.perf_counter(), 0, None, None, 0.0
+    start, done, failure, reason, worst, devs = time.perf_counter(), 0, None, None, 0.0, []
+    x0 = atoms.get_positions()
     while done < steps:
         n = min(check_interval, steps - done)
         error = _finite_step(dyn, atoms, n)
         done += n
         dev, unstable = check(atoms) if error is None else (math.inf, error)
         worst = max(worst, dev)
+        if math.isfinite(dev):
+            devs.append(dev)
         if unstable is not None:
             failure, reason = done * timestep_fs / 1000.0, unstable
             break
     wall = time.perf_counter() - start
-    return {"time_to_failure_ps": failure, "survived": failure is None, "reason": reason, "steps_run": done,
-            "simulated_ps": done * timestep_fs / 1000.0, **check.info(),
-            check.key: worst if math.isfinite(worst) else None, "wall_s": wall,
-            "steps_per_s": done / wall if wall > 0 else None}
+    out = {"time_to_failure_ps": failure, "survived": failure is None, "reason": reason, "steps_run": done,
+           "simulated_ps": done * timestep_fs / 1000.0, **check.info(),
+           check.key: worst if math.isfinite(worst) else None, "wall_s": wall,
+           "steps_per_s": done / wall if wall > 0 else None}
+    if trace:
+        out.update(trace=devs, msd_end_A2=float(np.mean(np.sum((atoms.get_positions() - x0) ** 2, axis=1))))
+    return out
 
 
 def nve_drift(atoms, calc, steps: int = 1000, timestep_fs: float = 0.5, temperature_K: float = 300.0,

@@ -13,48 +13,26 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from training.md_eval import DEFAULTS, RdfCriterion, _init_velocities  # noqa: E402
+from training.md_eval import DEFAULTS, nvt_stability  # noqa: E402
 
 
 def trace(atoms, calc, temperature: float, steps: int, seed: int = 0) -> dict:
-    """h(t) every 10 steps (1 fs, friction 0.01/fs: md-eval's defaults), the first check where it exceeds the
+    """md-eval's NVT run (1 fs, friction 0.01/fs, checks every 10 steps) with the RDF criterion never stopping
+    it (tolerance inf; only its hard checks do): h(t) at every check, the first check where it exceeds the
     default tolerance, and the MSD at the end."""
-    from ase import units
-    from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
-
-    atoms = atoms.copy()
-    atoms.calc = calc
-    crit = RdfCriterion(atoms, tolerance=math.inf, window=20)
-    _init_velocities(atoms, temperature, seed)
-    atoms.set_constraint(FixCom())
-    dyn = Langevin(atoms, timestep=units.fs, temperature_K=temperature, friction=0.01 / units.fs, fixcm=False,
-                   rng=np.random.RandomState(seed + 1))
-    x0, hs, reason, start = atoms.positions.copy(), [], None, time.perf_counter()
-    for _ in range(steps // 10):
-        try:
-            dyn.run(10)
-        except Exception as err:  # an exploding model
-            reason = f"{type(err).__name__}"
-            break
-        h, why = crit(atoms)
-        if why is not None:  # fused atoms or non-finite positions
-            reason = why
-            break
-        hs.append(h)
-    hs = np.asarray(hs)
+    r = nvt_stability(atoms, calc, steps=steps, temperature_K=temperature, seed=seed, criterion="rdf",
+                      rdf_tolerance=math.inf, trace=True)
+    hs = np.asarray(r["trace"])
     over = np.flatnonzero(hs > DEFAULTS["rdf_tolerance"])
     return {"max_change": float(hs.max()) if len(hs) else None, "final_change": float(hs[-1]) if len(hs) else None,
-            "first_over_tolerance_ps": float((over[0] + 1) * 0.01) if len(over) else None, "hard_failure": reason,
-            "msd_end_A2": float(np.mean(np.sum((atoms.positions - x0) ** 2, axis=1))),
-            "simulated_ps": len(hs) * 0.01, "wall_s": time.perf_counter() - start,
-            "trace_every_100fs": [round(float(h), 3) for h in hs[9::10]]}
+            "first_over_tolerance_ps": float((over[0] + 1) * 0.01) if len(over) else None,
+            "hard_failure": r["reason"], "msd_end_A2": r["msd_end_A2"], "simulated_ps": r["simulated_ps"],
+            "wall_s": r["wall_s"], "trace_every_100fs": [round(float(h), 3) for h in hs[9::10]]}
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -351,7 +352,12 @@ def relax(atoms, calc, fmax: float = 0.05, steps: int = 500, cell: bool = False)
     opt = FIRE(FrechetCellFilter(atoms) if cell else atoms, logfile=None)
     error = None
     try:
-        converged = bool(opt.run(fmax=fmax, steps=steps))
+        with warnings.catch_warnings():
+            # FrechetCellFilter's matrix logarithm (scipy logm) warns "logm result may be inaccurate, approximate
+            # err = 7e-13" at nearly every step: round-off, hundreds of lines. Errors above 1e-9 still warn.
+            warnings.filterwarnings("ignore", message=r"logm result may be inaccurate, approximate err = "
+                                    r"[0-9.]+e-(1[0-9]|[2-9][0-9])\b", category=RuntimeWarning)
+            converged = bool(opt.run(fmax=fmax, steps=steps))
         f = atoms.get_forces()
         e = float(atoms.get_potential_energy())
     except Exception as err:

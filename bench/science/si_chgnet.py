@@ -244,7 +244,8 @@ def write_report(report_dir: str) -> None:
     if len(found) != 1:
         raise SystemExit(f"{report_dir}: expected one teacher's NAME_phonons.json, found {len(found)}")
     ref = json.load(open(found[0]))
-    who = "CHGNet" if ref.get("teacher", "chgnet") == "chgnet" else ref["teacher"].split("/")[-1]
+    teacher = ref.get("teacher", "chgnet")  # "lammps:bench/science/si_sw.lammps" -> "si_sw"
+    who = "CHGNet" if teacher == "chgnet" else os.path.splitext(os.path.basename(teacher.partition(":")[2] or teacher))[0]
     groups = {}
     for run in sorted(os.listdir(report_dir)):
         if os.path.exists(os.path.join(report_dir, run, "eval.json")):
@@ -262,7 +263,7 @@ def write_report(report_dir: str) -> None:
         col = lambda key, src, fmt=".3g": _mean_std([e[key] if e else None for e in src], fmt)  # noqa: E731
         lines.append(f"| {limit} | {method_label(method, who)} | {len(names)} | {col('energy_mae_mev_per_atom', ev, '.2f')} | "
                      f"{col('forces_mae_mev_per_A', ev, '.1f')} | {col('hessian_mae_eV_per_A2', ev, '.4f')} | "
-                     f"{col('frequency_mae_THz', ph, '.2f')} | {col('max_frequency_THz', ph, '.1f')} | "
+                     f"{col('frequency_mae_THz', ph, '.2f' if any(p and p['frequency_mae_THz'] >= 0.1 for p in ph) else '.3f')} | {col('max_frequency_THz', ph, '.1f')} | "
                      f"{col('lattice_constant_A', ph, '.4f')} | {col('bulk_modulus_GPa', ph, '.1f')} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(report_dir, "table.md"), "w") as fh:

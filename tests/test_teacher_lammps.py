@@ -170,6 +170,8 @@ def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):
         "noel.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4\n", "cannot tell the elements"),
         "badel.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4  # elements: Xx\n", "not chemical elements"),
         "dup.in": ("pair_style lj/cut 5\npair_coeff * * 0.01 3.4  # elements: Ar Ar\n", "one atom type"),
+        "hybrid.in": ("pair_style hybrid sw lj/cut 5\npair_coeff * * sw Si.sw Si NULL\n"
+                      "pair_coeff 2 2 lj/cut 0.01 3.4\n", "cannot tell the elements"),
         "empty.in": ("# nothing\n", "no LAMMPS commands"),
     }
     for name, (text, message) in cases.items():

@@ -8,7 +8,8 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
                    trajectories, test = a separate trajectory at a temperature and lattice constant between them)
   phonons WORK RUN_DIR... [--teacher SPEC]
                    Lattice dynamics of each run's student (RUN_DIR/phonons.json) against the teacher's (CHGNet by
-                   default, any `--teacher` spec of hessforge label; computed once, WORK/NAME_phonons.json): the full Hessian of the ideal 64-atom cell (at
+                   default, any `--teacher` spec of hessforge label; computed once, WORK/NAME_phonons.json):
+                   the full Hessian of the ideal 64-atom cell (at
                    CHGNet's lattice constant) by central differences of forces, its frequencies (the phonons at the
                    q-points of the 2x2x2 supercell), and each model's equilibrium lattice constant and bulk
                    modulus from an E(V) fit. Students are loaded through engine.Calculator, as a user would.
@@ -245,7 +246,8 @@ def write_report(report_dir: str) -> None:
         raise SystemExit(f"{report_dir}: expected one teacher's NAME_phonons.json, found {len(found)}")
     ref = json.load(open(found[0]))
     teacher = ref.get("teacher", "chgnet")  # "lammps:bench/science/si_sw.lammps" -> "si_sw"
-    who = "CHGNet" if teacher == "chgnet" else os.path.splitext(os.path.basename(teacher.partition(":")[2] or teacher))[0]
+    who = ("CHGNet" if teacher == "chgnet"
+           else os.path.splitext(os.path.basename(teacher.partition(":")[2] or teacher))[0])
     groups = {}
     for run in sorted(os.listdir(report_dir)):
         if os.path.exists(os.path.join(report_dir, run, "eval.json")):
@@ -261,9 +263,11 @@ def write_report(report_dir: str) -> None:
         ph = [json.load(open(p)) if os.path.exists(p) else None
               for p in (os.path.join(report_dir, n, "phonons.json") for n in names)]
         col = lambda key, src, fmt=".3g": _mean_std([e[key] if e else None for e in src], fmt)  # noqa: E731
-        lines.append(f"| {limit} | {method_label(method, who)} | {len(names)} | {col('energy_mae_mev_per_atom', ev, '.2f')} | "
+        phonon_fmt = ".2f" if any(p and p["frequency_mae_THz"] >= 0.1 for p in ph) else ".3f"
+        lines.append(f"| {limit} | {method_label(method, who)} | {len(names)} | "
+                     f"{col('energy_mae_mev_per_atom', ev, '.2f')} | "
                      f"{col('forces_mae_mev_per_A', ev, '.1f')} | {col('hessian_mae_eV_per_A2', ev, '.4f')} | "
-                     f"{col('frequency_mae_THz', ph, '.2f' if any(p and p['frequency_mae_THz'] >= 0.1 for p in ph) else '.3f')} | {col('max_frequency_THz', ph, '.1f')} | "
+                     f"{col('frequency_mae_THz', ph, phonon_fmt)} | {col('max_frequency_THz', ph, '.1f')} | "
                      f"{col('lattice_constant_A', ph, '.4f')} | {col('bulk_modulus_GPa', ph, '.1f')} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(report_dir, "table.md"), "w") as fh:

@@ -65,12 +65,13 @@ def parse_potential_file(path: str) -> Tuple[List[str], List[str], List[str]]:
                  else w for w in words]
         if words[0] == "pair_coeff" and words[1:3] == ["*", "*"]:
             tail = []
-            for word in reversed(words[3:]):
-                if word not in atomic_numbers and word != "NULL":
+            for word in reversed(words[3:]):  # a NULL (hybrid styles: type not in this style) ends it too
+                if word not in atomic_numbers:
                     break
                 tail.insert(0, word)
             coeff_elements = tail or coeff_elements
-        (header if words[0] in HEADER_COMMANDS else commands).append(" ".join(f'"{w}"' if " " in w else w for w in words))
+        command = " ".join(f'"{w}"' if " " in w else w for w in words)  # a path with spaces, quoted for LAMMPS
+        (header if words[0] in HEADER_COMMANDS else commands).append(command)
     elements = declared if declared is not None else coeff_elements
     if not commands:
         raise HessforgeError(f"{path}: no LAMMPS commands (expected pair_style and pair_coeff lines)")

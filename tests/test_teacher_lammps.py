@@ -195,3 +195,35 @@ def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):
     nan = Atoms("Ar2", positions=[[0, 0, 0], [np.nan, 0, 0]])
     with pytest.raises(HessforgeError, match="NaN"):
         lj_teacher.compute(nan)
+
+
+def test_labels_refuse_to_resume_after_the_potential_file_changed(tmp_path):
+    """The label store records a digest of the snippet AND the files it names: resuming `hessforge label`
+    after Si.sw was edited would mix two teachers' labels in one directory."""
+    import shutil
+
+    import lammps
+
+    from training.data.records import Structure
+    from training.data.store import write_dataset
+    from training.labels import LabelStore, label_dataset
+
+    bundled = os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials", "Si.sw")
+    shutil.copy(bundled, tmp_path / "Si.sw")
+    snippet = write(tmp_path, "si.in", "pair_style sw\npair_coeff * * Si.sw Si\n")
+    structures = []
+    for k in range(3):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+        atoms.rattle(0.05, seed=SEED % 2**31 + k)
+        structures.append(Structure(id=f"si-{k}", group="si", numbers=atoms.numbers, positions=atoms.positions,
+                                    cell=np.asarray(atoms.cell), pbc=atoms.pbc))
+    data = str(tmp_path / "data.lmdb")
+    write_dataset(data, structures)
+    out = str(tmp_path / "labels")
+    label_dataset(data, load_teacher(f"lammps:{snippet}"), out, rows=2, limit=2)
+    label_dataset(data, load_teacher(f"lammps:{snippet}"), out, rows=2)  # unchanged: resumes
+    assert len(LabelStore(out)) == 3
+    text = (tmp_path / "Si.sw").read_text()
+    (tmp_path / "Si.sw").write_text(text.replace("21.0", "21.5", 1))  # SW's λ, the three-body strength
+    with pytest.raises(HessforgeError, match="teacher_file_sha256"):
+        label_dataset(data, load_teacher(f"lammps:{snippet}"), out, rows=2)

@@ -242,7 +242,10 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
 
 
 def _teacher_file_digest(teacher) -> Optional[str]:
-    """SHA-256 of the teacher's model file (mace:FILE): a file replaced at the same path is another teacher."""
+    """SHA-256 of the teacher's model file (mace:FILE): a file replaced at the same path is another teacher.
+    A teacher made of several files (lammps: the snippet and the potential files it names) gives its own."""
+    if getattr(teacher, "file_sha256", None):
+        return teacher.file_sha256
     path = getattr(teacher, "path", None)
     return file_sha256(path) if path and os.path.isfile(path) else None
 

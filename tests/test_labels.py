@@ -79,7 +79,7 @@ def test_labels_match_teacher_and_store_metadata(tmp_path, rng):
     store = LabelStore(tmp_path / "lab")
     meta = store.metadata
     assert (meta["teacher"], meta["mode"], meta["k"], meta["seed"], meta["dtype"]) == ("harmonic", "rows", k, 3, "float64")
-    assert meta["units"] == {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"} and meta["source_count"] == 12
+    assert meta["units"] == {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²", "stress": "eV/Å³"} and meta["source_count"] == 12
     for s in structures:
         rec = store.get(s.id)
         e, f, h = harmonic(s.positions)

@@ -47,6 +47,7 @@ class LossConfig:
     force_distill: float = 0.0
     n2n: float = 0.0  # baseline: teacher per-atom features (labels made with --features)
     a2a: float = 0.0  # baseline: teacher per-element embeddings (labels made with --embeddings)
+    stress: float = 0.0  # λ_S: stress of bulk structures (eV/Å³; the reference's, else the teacher's)
     halve_kd_when_better_than_teacher: bool = True
     kind: str = "l2mae"  # l2mae (norms, the paper's code) or mse (squared errors)
 
@@ -167,7 +168,7 @@ _RANGES = [
                                                          ">= 1 (or null)"),
     ("loss", "hessian_rows", lambda v: v >= 1, "an integer >= 1"),
 ] + [("loss", key, lambda v: v >= 0, "a number >= 0")
-     for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a")]
+     for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a", "stress")]
 
 
 _SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig": LossConfig,
@@ -201,6 +202,9 @@ def config_from_dict(values: dict, where: str = "config") -> Config:
     if config.train.dtype not in ("float32", "float64"):
         raise HessforgeError(f"{where}: train.dtype must be float32 or float64, got {config.train.dtype!r}")
     lc = config.loss
+    if lc.stress > 0 and config.model.force_mode != "gradient":
+        raise HessforgeError(f"{where}: loss.stress > 0 needs model.force_mode: gradient (a direct-force student "
+                             "has no energy derivative to give a stress)")
     if config.loss.hessian > 0 and not config.data.labels:
         raise HessforgeError(f"{where}: loss.hessian > 0 needs teacher labels: set data.labels (hessforge label)")
     for key, flag in (("force_distill", ""), ("n2n", " --features"), ("a2a", " --embeddings")):

@@ -9,11 +9,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from ase import units
 
 from engine.checkpoint import load_student, read_checkpoint
 from engine.errors import HessforgeError
 from engine.graph import build_graph
 from engine.paths import check_output_file, write_json
+from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative
 from training.labels import teacher_energy_offsets
 from training.losses import student_hessian_rows
 from training.reference_energies import offset_energy
@@ -30,9 +32,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA weights")
 
 
-def _errors(e_pred, e_ref, natoms, f_pred, f_ref) -> Dict[str, float]:
+def _stress_errors(s_pred, s_ref) -> Dict[str, float]:
+    """Stress MAE (GPa) over the Voigt components of the structures where both are given; {} when none is."""
+    pairs = [(p, r) for p, r in zip(s_pred, s_ref) if p is not None and r is not None]
+    if not pairs:
+        return {}
+    d = np.stack([np.asarray(p) - np.asarray(r) for p, r in pairs])[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    return {"stress_mae_gpa": float(np.mean(np.abs(d))) / units.GPa, "n_stress": len(pairs)}
+
+
+def _errors(e_pred, e_ref, natoms, f_pred, f_ref, s_pred=(), s_ref=()) -> Dict[str, float]:
     """MAEs over the structures that have a reference (None: no label, ingest --allow-missing-labels); NaN
-    where none has."""
+    where none has. Stresses ([3, 3] or None each): their MAE where both are given."""
     has_e = [k for k, e in enumerate(e_ref) if e is not None]
     has_f = [k for k, f in enumerate(f_ref) if f is not None]
     de = np.abs(np.asarray([e_pred[k] for k in has_e], dtype=np.float64) - np.asarray([e_ref[k] for k in has_e],
@@ -45,26 +56,34 @@ def _errors(e_pred, e_ref, natoms, f_pred, f_ref) -> Dict[str, float]:
         "energy_mae_mev": 1000 * mean(de),
         "forces_mae_mev_per_A": 1000 * mean(df),
         "forces_rmse_mev_per_A": 1000 * mean(df**2) ** 0.5,
-        "n_energy": len(has_e), "n_forces": len(has_f),
+        "n_energy": len(has_e), "n_forces": len(has_f), **_stress_errors(s_pred, s_ref),
     }
 
 
-def student_predictions(model, structures: Sequence, batch_size: int = 16, hessian_rows: Optional[List] = None):
-    """Energies, forces and (optionally) the requested Hessian rows [k, 3N] of each structure, float64."""
-    energies, forces, rows_out = [], [], []
+def student_predictions(model, structures: Sequence, batch_size: int = 16, hessian_rows: Optional[List] = None,
+                        stress: bool = False):
+    """Energies, forces, (optionally) the requested Hessian rows [k, 3N] of each structure, float64, and with
+    `stress` the [3, 3] stress (eV/Å³) of each bulk structure (None for the others and without `stress`)."""
+    energies, forces, rows_out, stresses = [], [], [], []
     dtype = next(model.parameters()).dtype
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         graph = build_graph([s.numbers for s in chunk], [s.positions for s in chunk], [s.cell for s in chunk],
                             [s.pbc for s in chunk], model.cutoff, dtype, where=[s.id for s in chunk])
-        out = model(graph, compute_forces=True, create_graph=False)
+        if stress:
+            out = energy_forces_strain_derivative(model, graph)
+            sigma = stress_from_strain_derivative(out["dE_deps"], graph.cell).detach().double().numpy()
+            stresses.extend(sigma[k] if s.pbc.all() else None for k, s in enumerate(chunk))
+        else:
+            out = model(graph, compute_forces=True, create_graph=False)
+            stresses.extend([None] * len(chunk))
         energies.extend(out["energy"].detach().double().tolist())
         counts = torch.bincount(graph.batch, minlength=len(chunk)).tolist()
         forces.extend(f.detach().double().numpy() for f in out["forces"].split(counts))
     if hessian_rows is not None:
         for s, rows in zip(structures, hessian_rows):
             rows_out.append(_student_rows(model, s, rows, dtype))
-    return energies, forces, rows_out
+    return energies, forces, rows_out, stresses
 
 
 def _student_rows(model, structure, rows: np.ndarray, dtype) -> np.ndarray:
@@ -86,11 +105,17 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16) -> 
     # LabelStore.get names a structure without labels in its error
     teacher = [labels.get(s.id) for s in structures] if labels is not None else None
     rows = [t.rows for t in teacher] if teacher is not None else None
-    e, f, h = student_predictions(model, structures, batch_size, rows)
+    s_ref = [s.stress if s.pbc.all() else None for s in structures]
+    s_teacher = [getattr(t, "stress", None) for t in teacher] if teacher is not None else []
+    # stress where there is one to compare with, and the student has an energy derivative to give it
+    want_stress = not getattr(model, "direct_forces", False) and any(
+        x is not None for x in s_ref + [t if s.pbc.all() else None for t, s in zip(s_teacher, structures)])
+    e, f, h, s_pred = student_predictions(model, structures, batch_size, rows, stress=want_stress)
     natoms = [len(s.numbers) for s in structures]
     e_ref = [s.energy for s in structures]
     f_ref = [None if s.forces is None else np.asarray(s.forces) for s in structures]
-    result = {"student_vs_reference": _errors(e, e_ref, natoms, f, f_ref), "n_structures": len(structures)}
+    result = {"student_vs_reference": _errors(e, e_ref, natoms, f, f_ref, s_pred, s_ref),
+              "n_structures": len(structures)}
     if teacher is not None:
         # a teacher with relative energies (SO3LR) is compared after per-element offsets, fitted on these
         # structures' reference energies, put it on the reference's scale (energy differences survive it)
@@ -99,8 +124,8 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16) -> 
         if offsets is not None:
             result["teacher_energy_offsets_eV"] = {str(z): o for z, o in offsets.items()}
         tf = [np.asarray(t.forces) for t in teacher]
-        result["student_vs_teacher"] = _errors(e, te, natoms, f, tf)
-        result["teacher_vs_reference"] = _errors(te, e_ref, natoms, tf, f_ref)
+        result["student_vs_teacher"] = _errors(e, te, natoms, f, tf, s_pred, s_teacher)
+        result["teacher_vs_reference"] = _errors(te, e_ref, natoms, tf, f_ref, s_teacher, s_ref)
         dh = np.concatenate([(hs - np.asarray(t.hessian_rows, dtype=np.float64)).reshape(-1) for hs, t in zip(h, teacher)])
         ref = np.concatenate([np.asarray(t.hessian_rows, dtype=np.float64).reshape(-1) for t in teacher])
         result["student_vs_teacher"]["hessian_mae_eV_per_A2"] = float(np.mean(np.abs(dh)))
@@ -190,6 +215,11 @@ def run(args) -> int:
               f"{result.get('teacher')})")
     else:
         print(format_table(table_rows(result)))
+    stress = [f"{name} {result[key]['stress_mae_gpa']:.4f}" for key, name in (
+        ("student_vs_reference", "student vs reference"), ("student_vs_teacher", "student vs teacher"),
+        ("teacher_vs_reference", "teacher vs reference")) if "stress_mae_gpa" in result.get(key, {})]
+    if stress:
+        print("stress MAE (GPa, Voigt components of the bulk structures): " + ", ".join(stress))
     if "teacher_energy_offsets_eV" in result:
         print(f"(teacher {result.get('teacher')}: relative energies, compared after per-element offsets fitted on "
               f"these {len(structures)} structures; teacher_energy_offsets_eV in the JSON)")

@@ -1,4 +1,5 @@
-"""Teacher labels (energy, forces, Hessian rows) stored beside a dataset, and `hessforge label`.
+"""Teacher labels (energy, forces, Hessian rows; stress of bulk structures when the teacher gives one) stored
+beside a dataset, and `hessforge label`.
 
 A labels directory holds one LMDB shard per rank, `labels.rank{r}.lmdb`, each with the same metadata record
 (teacher, units, dtype, mode, k, seed, source dataset) and one record per structure keyed by its id. Rank r
@@ -73,23 +74,26 @@ class LabelRecord:
     rows: np.ndarray  # [k] int64, 3*atom + axis
     hessian_rows: np.ndarray  # [k, 3N] eV/Å², float32 or float64 (the directory's dtype)
     features: Optional[np.ndarray] = None  # [N, D] float32 teacher per-atom features (labels made with --features)
+    stress: Optional[np.ndarray] = None  # [3, 3] float64 eV/Å³: bulk structures, teachers that give stress
 
     def to_bytes(self) -> bytes:
         return pack({"id": self.id, "energy": self.energy},
                     {"forces": self.forces, "rows": self.rows, "hessian_rows": self.hessian_rows,
-                     "features": self.features})
+                     "features": self.features, "stress": self.stress})
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "LabelRecord":
         header, arrays = unpack(buf)
         try:
             rec = cls(header["id"], float(header["energy"]), arrays["forces"], arrays["rows"], arrays["hessian_rows"],
-                      arrays.get("features"))
+                      arrays.get("features"), arrays.get("stress"))
         except KeyError as err:
             raise RecordError(f"label record lacks {err}") from None
         n = rec.forces.shape[0]
         if rec.forces.shape != (n, 3) or rec.hessian_rows.shape != (rec.rows.shape[0], 3 * n):
             raise RecordError("label record arrays have inconsistent shapes")
+        if rec.stress is not None and rec.stress.shape != (3, 3):
+            raise RecordError(f"label record stress has shape {rec.stress.shape}, expected (3, 3)")
         if rec.features is not None and (rec.features.ndim != 2 or rec.features.shape[0] != n):
             raise RecordError(f"label record features have shape {rec.features.shape}, expected ({n}, D)")
         return rec
@@ -263,9 +267,15 @@ def _check_output(out, structure_id: str, n: int, rows: np.ndarray, teacher_name
                              f"{None if h is None else h.shape}, expected ({n}, 3) / ({len(rows)}, {3 * n})")
     if out.rows is not None and not np.array_equal(np.asarray(out.rows).reshape(-1), rows):
         raise HessforgeError(f"{where}: returned other Hessian rows than requested")
-    if not (np.isfinite(out.energy) and np.all(np.isfinite(forces)) and np.all(np.isfinite(h))):
-        raise HessforgeError(f"{where}: energy, forces or Hessian contain NaN or Inf")
-    return float(out.energy), forces, h
+    stress = getattr(out, "stress", None)
+    if stress is not None:
+        stress = np.asarray(stress, dtype=np.float64)
+        if stress.shape != (3, 3):
+            raise HessforgeError(f"{where}: returned a stress of shape {stress.shape}, expected (3, 3)")
+    if not (np.isfinite(out.energy) and np.all(np.isfinite(forces)) and np.all(np.isfinite(h))
+            and (stress is None or np.all(np.isfinite(stress)))):
+        raise HessforgeError(f"{where}: energy, forces, Hessian or stress contain NaN or Inf")
+    return float(out.energy), forces, h, stress
 
 
 def _check_features(feats, structure_id: str, n: int, teacher_name: str, dim: Optional[int] = None) -> np.ndarray:
@@ -343,7 +353,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "teacher_spec": teacher_spec, "teacher_file_sha256": _teacher_file_digest(teacher),
             "relative_energies": bool(getattr(teacher, "relative_energies", False)),
             "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
-            "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²"},
+            "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²", "stress": "eV/Å³"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
             "source_geometry_sha256": ds.geometry_digest(),
             "features": features_meta, "element_embeddings": embeddings_meta,
@@ -385,13 +395,13 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             s = ds[i]
             want = sample_rows(s.id, s.natoms, k, seed)
             out = teacher.compute(s.to_atoms(), want)
-            energy, forces, h = _check_output(out, s.id, s.natoms, want, getattr(teacher, "name", "?"))
+            energy, forces, h, stress = _check_output(out, s.id, s.natoms, want, getattr(teacher, "name", "?"))
             # float32 Hessian rows by default: half the storage of float64 (full Hessians grow as 9N²), and
             # their ~1e-7 relative rounding is far below any student's Hessian error.
             feats = None
             if features_meta is not None:
                 feats = _check_features(feature_fn(s.to_atoms()), s.id, s.natoms, tname, features_meta["dim"])
-            rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype), feats)
+            rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype), feats, stress)
             writer.put_many([(s.id.encode(), rec.to_bytes())], overwrite=False)  # one commit per structure
     finally:
         writer.close()

@@ -1,4 +1,6 @@
-"""Training losses: energy/force matching, Hessian-row distillation, energy-gradient and force distillation.
+"""Training losses: energy/force matching, Hessian-row distillation, energy-gradient and force distillation,
+stress matching for bulk structures (gradient-force students: (1/V) dE/dε from engine.stress, whose backward
+pass gives the forces too; the strain is zero, so the forces and Hessian rows are those without it).
 
 Hessian rows of the student are never formed as a full Hessian. For a batch, sample t picks one coordinate
 row j_bt in every structure b; since atoms of different structures do not interact, one vector-Jacobian
@@ -32,6 +34,7 @@ from torch import nn
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
+from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative
 
 
 @dataclass
@@ -43,6 +46,7 @@ class LossWeights:
     force_distill: float = 0.0  # baseline: teacher forces as extra targets
     n2n: float = 0.0  # baseline: teacher per-atom features through a learned projection (DistillationHeads)
     a2a: float = 0.0  # baseline: teacher per-element embeddings through a learned projection
+    stress: float = 0.0  # λ_S: stress (eV/Å³) of bulk structures, gradient-force students
     # "l2mae": norms, not squares, as in the paper's code (fairchem per_atom_mae / l2mae and block norms of
     # Hessian rows); with λ = 5/100/400 the squared form let the Hessian term swamp energies and forces
     # (quickstart: force MAE 590 vs 174 meV/Å undistilled). "mse": squared errors.
@@ -99,6 +103,16 @@ def vector_error(pred, ref, mask=None, kind: str = "l2mae") -> torch.Tensor:
     """Per-atom 3-vectors [..., N, 3]. l2mae: mean over atoms of ‖Δ‖; mse: mean of squared components."""
     diff = pred - ref
     per = diff.square().mean(-1) if kind == "mse" else torch.linalg.vector_norm(diff, dim=-1)
+    return _masked_mean(per, mask)
+
+
+def stress_error(pred, ref, mask=None, kind: str = "l2mae") -> torch.Tensor:
+    """[B, 3, 3] stresses (eV/Å³). l2mae: mean over structures of the Frobenius norm of the difference; mse:
+    mean of squared components. `mask` [B]: the structures that have a target."""
+    diff = pred - ref
+    if mask is not None:  # NaN predictions (no volume) of structures without a target must not reach the sum
+        diff = torch.where(mask[:, None, None], diff, torch.zeros_like(diff))
+    per = diff.square().mean((-2, -1)) if kind == "mse" else torch.linalg.matrix_norm(diff)
     return _masked_mean(per, mask)
 
 
@@ -184,12 +198,22 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
     kind = weights.kind
     use_kd = weights.hessian > 0 and batch.hessian_index is not None
     use_egrad = weights.energy_gradient > 0 and model_direct(model)
+    stress_mask = stress_targets_mask(batch) if weights.stress > 0 else None
+    use_stress = stress_mask is not None and bool(stress_mask.any())
+    if use_stress and model_direct(model):
+        raise HessforgeError("loss.stress > 0 needs a gradient-force student (model.force_mode: gradient): a "
+                             "direct-force student has no energy derivative to give a stress")
     need_pos_grad = use_kd or use_egrad
-    positions = graph.positions.detach().requires_grad_(need_pos_grad or not model_direct(model))
-    graph = graph._replace(positions=positions)
     # Gradient-force students need the force graph kept whenever the loss is differentiated again
     # (training: parameters; KD: positions).
-    out = model(graph, compute_forces=True, create_graph=training or use_kd)
+    if use_stress:  # forces and dE/dε from one backward pass under a zero strain (engine.stress)
+        out = energy_forces_strain_derivative(model, graph, create_graph=training or use_kd)
+        positions = out["positions"]
+        graph = graph._replace(positions=positions)
+    else:
+        positions = graph.positions.detach().requires_grad_(need_pos_grad or not model_direct(model))
+        graph = graph._replace(positions=positions)
+        out = model(graph, compute_forces=True, create_graph=training or use_kd)
     natoms = torch.bincount(graph.batch, minlength=graph.cell.shape[0])
     energy_mask = getattr(batch, "energy_mask", None)
     forces_mask = getattr(batch, "forces_mask", None)
@@ -197,6 +221,11 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
     terms["energy"] = energy_error(out["energy"], batch.energy, natoms, energy_mask, kind)
     terms["forces"] = vector_error(out["forces"], batch.forces, forces_mask, kind)
     total = weights.energy * terms["energy"] + weights.forces * terms["forces"]
+    if use_stress:
+        stress = stress_from_strain_derivative(out["dE_deps"], graph.cell)
+        terms["stress"] = stress_error(stress, batch.stress.to(stress.dtype), stress_mask, kind)
+        total = total + weights.stress * terms["stress"]
+        terms["_stress_pred"] = stress.detach()
     if use_kd:
         hessian_mask = getattr(batch, "hessian_mask", None)
         # the energy-gradient term below differentiates the same graph again: keep it (also when evaluating)
@@ -232,6 +261,14 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
     terms["_energy_pred"] = out["energy"].detach()
     terms["_forces_pred"] = out["forces"].detach()
     return terms
+
+
+def stress_targets_mask(batch) -> Optional[torch.Tensor]:
+    """[B] bool: structures with a stress target that are periodic in all 3 directions (None: no targets)."""
+    mask = getattr(batch, "stress_mask", None)
+    if mask is None or getattr(batch, "stress", None) is None:
+        return None
+    return mask & batch.graph.pbc.all(dim=1)
 
 
 def model_direct(model) -> bool:

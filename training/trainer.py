@@ -22,15 +22,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from ase import units
 from tqdm.auto import tqdm
 
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
 from engine.errors import HessforgeError
 from engine.models import build_student
 from engine.paths import atomic_open, atomic_path, check_output_dir, write_json
+from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative
 from training.config import RESUMABLE_KEYS, Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
-from training.losses import DistillationHeads, LossWeights, compute_loss, student_embedding
+from training.losses import DistillationHeads, LossWeights, compute_loss, stress_targets_mask, student_embedding
 from training.reference_energies import fit_energy_scale, fit_reference_energies
 
 
@@ -144,7 +146,7 @@ class _ShardSampler(torch.utils.data.Sampler):
 
 
 # Loss terms a step may log; each is averaged over the ranks that have it, weighted by their structures.
-_TERMS = ("total", "energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a")
+_TERMS = ("total", "energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a", "stress")
 
 
 def _reduce_terms(record: Dict[str, float], weight: float) -> Dict[str, float]:
@@ -159,7 +161,17 @@ class _Accumulator:
 
     def __init__(self):
         self.sums = {"e_abs": 0.0, "e_abs_per_atom": 0.0, "e_sq": 0.0, "f_abs": 0.0, "f_sq": 0.0,
-                     "f_norm": 0.0, "n_struct": 0.0, "n_atoms": 0.0}
+                     "f_norm": 0.0, "n_struct": 0.0, "n_atoms": 0.0, "s_abs": 0.0, "s_sq": 0.0, "s_norm": 0.0,
+                     "n_stress": 0.0}
+
+    def add_stress(self, s_pred, s_ref, mask):
+        """[B, 3, 3] stresses (eV/Å³) of the structures in `mask` [B]."""
+        ds = (s_pred[mask] - s_ref[mask]).double()
+        voigt = ds[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # xx yy zz yz xz xy, as ASE reports stress
+        self.sums["s_abs"] += voigt.abs().sum().item()
+        self.sums["s_sq"] += ds.square().sum().item()
+        self.sums["s_norm"] += torch.linalg.matrix_norm(ds).sum().item()
+        self.sums["n_stress"] += ds.shape[0]
 
     def add(self, e_pred, e_ref, natoms, f_pred, f_ref, e_mask=None, f_mask=None):
         """Masks: structures / atoms that have reference labels (the others are left out)."""
@@ -186,12 +198,15 @@ class _Accumulator:
         n = s["n_struct"] if s["n_struct"] else float("nan")
         a = s["n_atoms"] if s["n_atoms"] else float("nan")
         e_mse, f_mse = s["e_sq"] / n, s["f_sq"] / (3 * a)
+        m = s["n_stress"] if s["n_stress"] else float("nan")
         if weights.kind == "mse":  # the same terms as the training loss (training.losses)
-            terms = (weights.energy * e_mse, weights.forces * f_mse)
+            terms = (weights.energy * e_mse, weights.forces * f_mse, weights.stress * s["s_sq"] / (9 * m))
         else:
-            terms = (weights.energy * s["e_abs_per_atom"] / n, weights.forces * s["f_norm"] / a)
-        loss = sum(t for t in terms if t == t)
-        return {
+            terms = (weights.energy * s["e_abs_per_atom"] / n, weights.forces * s["f_norm"] / a,
+                     weights.stress * s["s_norm"] / m)
+        loss = sum(t for t in terms if t == t)  # stress only where weighted and measured (NaN: none)
+        stress = {"stress_mae_gpa": s["s_abs"] / (6 * m) / units.GPa} if s["n_stress"] else {}
+        return {**stress,
             "loss_ef": loss,
             "energy_mae_mev_per_atom": 1000 * s["e_abs_per_atom"] / n,
             "energy_mae_mev": 1000 * s["e_abs"] / n,
@@ -337,6 +352,8 @@ class Trainer:
                   "where vector features vanish by symmetry (every atom of an ideal crystal), so Hessians and "
                   "phonons there are ill-defined; model.norm_eps: 1.0 is smooth at the same force accuracy "
                   "(bench/results/materials_si_chgnet_cpu.md)", file=sys.stderr)
+        if config.loss.stress > 0:
+            self._check_stress_targets(structures)
         for i in self.val_idx:  # the validation set may hold elements the training set lacks
             self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
         if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:
@@ -361,7 +378,7 @@ class Trainer:
         lc = config.loss
         self.weights = LossWeights(energy=lc.energy, forces=lc.forces, hessian=lc.hessian,
                                    energy_gradient=lc.energy_gradient, force_distill=lc.force_distill,
-                                   n2n=lc.n2n, a2a=lc.a2a, kind=lc.kind)
+                                   n2n=lc.n2n, a2a=lc.a2a, stress=lc.stress, kind=lc.kind)
         self.epoch = 0
         self.step = 0
         self.best_val = float("inf")
@@ -400,6 +417,22 @@ class Trainer:
                                       shuffle=False, seed=tc.seed, dtype=self.dtype, s=0,
                                       teacher_energy_offsets=self.teacher_energy_offsets) if val_shard else []
         self.log_path = os.path.join(self.out, "log.jsonl")
+
+    def _check_stress_targets(self, structures) -> None:
+        """loss.stress > 0 needs bulk training structures with a stress: the dataset's or the teacher's."""
+        bulk = [s for s in structures if s.pbc.all()]
+        have = sum(1 for s in bulk if s.stress is not None
+                   or (self.labels is not None and self.labels.get(s.id).stress is not None))
+        if not have:
+            raise HessforgeError(
+                f"{self.config.data.path}: loss.stress > 0, but none of the {len(structures)} training structures has "
+                f"a stress target ({len(bulk)} are periodic in 3 directions; stress comes from the dataset, which "
+                "`hessforge ingest` reads from a 'stress' or 'virial' key, or from teacher labels made by a teacher "
+                "that gives stress: chgnet, lammps:, mace:, ani1x; labels made before hessforge stored stress have "
+                "none: label again into another directory)")
+        if self.rank == 0 and have < len(bulk):
+            print(f"note: {len(bulk) - have} of {len(bulk)} bulk training structures have no stress target; the "
+                  "stress term uses the others", file=sys.stderr)
 
     def _build_heads(self, species: List[int]) -> DistillationHeads:
         """The learned projections of the n2n / a2a baselines (no parameters when neither is on)."""
@@ -489,12 +522,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ passes
     def validate(self) -> Dict[str, float]:
-        """Energy/force errors of the EMA weights on the validation set."""
+        """Energy/force (and, with loss.stress, stress) errors of the EMA weights on the validation set."""
         acc = _Accumulator()
         self.model.eval()
         with self.ema.average_parameters():
             for batch in self.val_loader:
-                out = self.model(batch.graph, compute_forces=True, create_graph=False)
+                if self.weights.stress > 0:
+                    out = energy_forces_strain_derivative(self.model, batch.graph)
+                    stress = stress_from_strain_derivative(out["dE_deps"], batch.graph.cell).detach()
+                    if self.val_against_teacher:
+                        acc.add_stress(stress, batch.teacher_stress,
+                                       batch.teacher_stress_mask & batch.graph.pbc.all(dim=1))
+                    else:
+                        acc.add_stress(stress, batch.stress, stress_targets_mask(batch))
+                else:
+                    out = self.model(batch.graph, compute_forces=True, create_graph=False)
                 if self.val_against_teacher:
                     acc.add(out["energy"].detach(), batch.teacher_energy, batch.natoms, out["forces"].detach(),
                             batch.teacher_forces)
@@ -516,6 +558,9 @@ class Trainer:
                 continue
             acc.add(batch.teacher_energy, batch.energy, batch.natoms, batch.teacher_forces, batch.forces,
                     batch.energy_mask, batch.forces_mask)
+            if self.weights.stress > 0:
+                acc.add_stress(batch.teacher_stress, batch.stress,
+                               stress_targets_mask(batch) & batch.teacher_stress_mask)
         result = acc.result(self.weights)  # collective: every rank takes part, whatever its shard held
         return None if _all_reduce_sum([float(unlabelled)])[0] > 0 else result
 
@@ -661,7 +706,7 @@ class Trainer:
         best = [r for r in self.history if r.get("kind") == "epoch" and r.get("val_loss_ef") == self.best_val]
         if not best:
             return {}
-        keys = ("energy_mae_mev_per_atom", "forces_mae_mev_per_A")
+        keys = ("energy_mae_mev_per_atom", "forces_mae_mev_per_A", "stress_mae_gpa")
         return {"best_epoch": best[-1]["epoch"],
                 "best_val": {k: best[-1][f"val_{k}"] for k in keys if f"val_{k}" in best[-1]}}
 

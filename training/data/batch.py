@@ -36,6 +36,12 @@ class Batch:
     hessian_target: Optional[torch.Tensor] = None  # [s, N, 3] eV/Å², row t of structure b on b's atoms
     hessian_mask: Optional[torch.Tensor] = None  # [s, B] bool, False where b had fewer than s stored rows
     teacher_features: Optional[torch.Tensor] = None  # [N, D] teacher per-atom features (labels with --features)
+    # stress targets of bulk structures (eV/Å³, [B, 3, 3], 0 where missing): the reference's, else (training
+    # batches, teacher_fills_missing) the teacher's
+    stress: Optional[torch.Tensor] = None
+    stress_mask: Optional[torch.Tensor] = None  # [B] bool, True where the structure has a stress target
+    teacher_stress: Optional[torch.Tensor] = None  # [B, 3, 3] eV/Å³, 0 where the teacher gave none
+    teacher_stress_mask: Optional[torch.Tensor] = None  # [B] bool
 
     @property
     def num_structures(self) -> int:
@@ -62,6 +68,17 @@ def hessian_grad_outputs(batch: Batch) -> torch.Tensor:
 
     n = batch.graph.positions.shape[0]
     return onehot_rows(batch.hessian_index, n, batch.graph.positions.dtype, batch.hessian_mask).reshape(-1, 3 * n)
+
+
+def _stress_targets(stresses: Sequence[Optional[np.ndarray]], dtype: torch.dtype):
+    """[B, 3, 3] stresses (zeros where None) and the [B] mask of those given."""
+    out = torch.zeros(len(stresses), 3, 3, dtype=dtype)
+    mask = torch.zeros(len(stresses), dtype=torch.bool)
+    for b, value in enumerate(stresses):
+        if value is not None:
+            out[b] = torch.as_tensor(np.asarray(value, dtype=np.float64).reshape(3, 3), dtype=dtype)
+            mask[b] = True
+    return out, mask
 
 
 def _label_for(labels, structure, k: int):
@@ -105,6 +122,7 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
             forces[off:off + s.natoms] = torch.from_numpy(s.forces)
             forces_mask[off:off + s.natoms] = True
     batch = Batch(graph, ids, natoms, energy, energy_mask, forces, forces_mask)
+    batch.stress, batch.stress_mask = _stress_targets([s.stress for s in structures], dtype)
     if labels is None:
         return batch
 
@@ -113,11 +131,15 @@ def collate(structures: Sequence, labels=None, cutoff: float = 5.0, dtype: torch
     batch.teacher_energy = torch.tensor([r.energy - offset_energy(s.numbers, energy_offsets)
                                          for r, s in zip(recs, structures)], dtype=torch.float64)
     batch.teacher_forces = torch.from_numpy(np.concatenate([r.forces for r in recs])).to(dtype)
+    batch.teacher_stress, batch.teacher_stress_mask = _stress_targets([getattr(r, "stress", None) for r in recs],
+                                                                      dtype)
     if teacher_fills_missing:
         batch.energy = torch.where(energy_mask, energy, batch.teacher_energy)
         batch.forces = torch.where(forces_mask[:, None], forces, batch.teacher_forces)
         batch.energy_mask = torch.ones_like(energy_mask)
         batch.forces_mask = torch.ones_like(forces_mask)
+        batch.stress = torch.where(batch.stress_mask[:, None, None], batch.stress, batch.teacher_stress)
+        batch.stress_mask = batch.stress_mask | batch.teacher_stress_mask
     have = [getattr(r, "features", None) is not None for r in recs]
     if any(have):
         if not all(have) or len({r.features.shape[1] for r in recs}) != 1:

@@ -6,6 +6,11 @@ atoms closer than 0.3 Å) and the file is written atomically, so a dataset on di
 clean. Datasets hold eV and Å: files in other units (Hartree, Bohr, kcal/mol, nm, ...) are converted with
 --energy-unit / --length-unit (forces in energy unit per length unit), and hydrogen atoms whose nearest
 neighbours sit at Bohr-like distances get a warning.
+
+Stress (optional, 3D-periodic structures only) is read from a `stress` key (ASE's sign, Voigt xx yy zz yz xz xy
+or a 3x3 matrix; extxyz files written by ASE hold it in the calculator results) or, failing that, from a
+`virial` key (eV; stress = -virial / volume), and stored as a 3x3 matrix in eV/Å³. --stress-unit converts
+GPa, kbar, bar; by default stress is read in the energy unit per length unit cubed.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ from training.data.store import DatasetWriter
 ENERGY_UNITS = {"ev": 1.0, "mev": 1e-3, "hartree": units.Hartree, "ha": units.Hartree, "ry": units.Ry,
                 "kcal/mol": units.kcal / units.mol, "kj/mol": units.kJ / units.mol}
 LENGTH_UNITS = {"å": 1.0, "a": 1.0, "angstrom": 1.0, "bohr": units.Bohr, "nm": 10.0, "pm": 0.01}
+# Stress units to eV/Å³ (the default is the file's energy unit per length unit cubed); VASP writes kbar
+STRESS_UNITS = {"gpa": units.GPa, "kbar": 0.1 * units.GPa, "bar": 1e-4 * units.GPa, "atm": 1.01325e-4 * units.GPa}
+LARGEST_STRESS = 1.0  # eV/Å³ = 160 GPa: beyond any structure a force field is trained on; GPa read as eV/Å³ is
 CLOSEST_ALLOWED = 0.3  # Å: no two nuclei are closer in a real structure; in nm, every bond would be
 BOHR_LIKE_H_DISTANCE = 1.5  # Å: a bonded H's nearest neighbour is 0.7-1.2 Å away; in Bohr it reads ~1.8-2.1
 
@@ -126,12 +134,56 @@ def _lookup(atoms, key: str, per_atom: bool):
 MISSING_LABELS_HINT = "pass --energy-key/--forces-key, or --allow-missing-labels"
 
 
+def _stress_matrix(value, where: str, what: str) -> np.ndarray:
+    """Voigt 6 (xx yy zz yz xz xy) or 3x3 / 9 values -> a symmetric-as-given 3x3 float64 matrix."""
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise HessforgeError(f"{where}: {what} has the wrong type ({err})") from None
+    if arr.size == 6:
+        xx, yy, zz, yz, xz, xy = arr
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    if arr.size == 9:
+        return arr.reshape(3, 3)
+    raise HessforgeError(f"{where}: {what} has {arr.size} values; expected 6 (Voigt xx yy zz yz xz xy) or 9 (3x3)")
+
+
+def read_stress(atoms, where: str, stress_key: str = "stress", stress_factor: Optional[float] = None,
+                energy_factor: float = 1.0, length_factor: float = 1.0) -> Optional[np.ndarray]:
+    """The frame's stress as 3x3 eV/Å³ (None without one): `stress_key`, else a `virial` (energy unit) divided
+    by the volume. stress_factor: to eV/Å³ (None: energy_factor / length_factor³)."""
+    stress = _lookup(atoms, stress_key, per_atom=False)
+    virial = _lookup(atoms, "virial", per_atom=False) if stress is None else None
+    if stress is None and virial is None:
+        return None
+    if stress is not None:
+        matrix = _stress_matrix(stress, where, f"stress ({stress_key!r})")
+        factor = stress_factor if stress_factor is not None else energy_factor / length_factor**3
+    else:
+        volume = abs(np.linalg.det(np.asarray(atoms.cell[:], dtype=np.float64)))
+        if not volume > 1e-8:
+            raise HessforgeError(f"{where}: a virial but no cell volume to turn it into a stress")
+        matrix = -_stress_matrix(virial, where, "virial") / volume
+        factor = energy_factor / length_factor**3
+    if not np.all(np.isfinite(matrix)):
+        raise HessforgeError(f"{where}: stress contains NaN or Inf")
+    matrix = matrix * factor
+    if np.abs(matrix).max() > LARGEST_STRESS:
+        raise HessforgeError(f"{where}: stress up to {np.abs(matrix).max():.3g} eV/Å³ "
+                             f"({np.abs(matrix).max() / units.GPa:.3g} GPa) after conversion: is it in GPa or kbar? "
+                             "pass --stress-unit GPa|kbar|bar")
+    return matrix
+
+
 def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str = "energy",
                        forces_key: str = "forces", group_key: str = "mol_id", id_key: Optional[str] = None,
                        allow_missing_labels: bool = False, energy_factor: float = 1.0,
                        length_factor: float = 1.0, missing_hint: str = MISSING_LABELS_HINT,
-                       require_group: bool = False) -> Structure:
-    """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those).
+                       require_group: bool = False, stress_key: str = "stress",
+                       stress_factor: Optional[float] = None) -> Structure:
+    """One frame as a Structure in eV and Å (`energy_factor`, `length_factor`: the file's units to those;
+    `stress_factor`: its stresses to eV/Å³, None: energy over length cubed). A stress on a structure that is
+    not periodic in all 3 directions is dropped (info["stress_dropped"] says so): it has no volume to mean.
     missing_hint: what the error for a frame without energy or forces tells the user to do."""
     where = f"{path}: frame {index}"
     n = len(atoms)
@@ -181,24 +233,30 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
         raise HessforgeError(f"{where}: no info key {group_key!r} (--group-key); its info keys: "
                              f"{', '.join(sorted(atoms.info)) or 'none'}")
     group = str(group) if group is not None else atoms.get_chemical_formula()
-    skip = {energy_key, forces_key, group_key, id_key}
+    skip = {energy_key, forces_key, group_key, id_key, stress_key, "virial"}
     info: Dict[str, Any] = {k: v for k, v in atoms.info.items() if k not in skip}
     info["source_index"] = index
+    stress = read_stress(atoms, where, stress_key, stress_factor, energy_factor, length_factor)
+    if stress is not None and not periodic.all():
+        stress, info["stress_dropped"] = None, True
     return Structure(id=sid, group=group, numbers=numbers, positions=pos, cell=cell, pbc=np.asarray(atoms.pbc),
-                     energy=energy, forces=forces, info=info)
+                     energy=energy, forces=forces, info=info, stress=stress)
 
 
 def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces_key: str = "forces",
            group_key: str = "mol_id", id_key: Optional[str] = None, fmt: Optional[str] = None,
            allow_missing_labels: bool = False, overwrite: bool = False, progress: bool = False,
            energy_unit: str = "eV", length_unit: str = "Å", missing_hint: str = MISSING_LABELS_HINT,
-           require_group: bool = False) -> int:
+           require_group: bool = False, stress_key: str = "stress", stress_unit: Optional[str] = None) -> int:
     """Read every frame of `input_path` into a new dataset at `output_path`, converting energies, forces,
-    positions and cells from `energy_unit` / `length_unit` to eV and Å. Returns the number of structures.
-    Warns (UserWarning) when the molecules' hydrogen atoms sit at Bohr-like distances from their neighbours."""
+    positions and cells from `energy_unit` / `length_unit` to eV and Å, stresses from `stress_unit` (default:
+    energy unit per length unit cubed) to eV/Å³. Returns the number of structures. Warns (UserWarning) when the
+    molecules' hydrogen atoms sit at Bohr-like distances from their neighbours, and when stresses of structures
+    that are not periodic in 3 directions were dropped."""
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     energy_factor = unit_factor(energy_unit, ENERGY_UNITS, "energy")
     length_factor = unit_factor(length_unit, LENGTH_UNITS, "length")
+    stress_factor = None if stress_unit is None else unit_factor(stress_unit, STRESS_UNITS, "stress")
     if not os.path.isfile(input_path):
         raise HessforgeError(f"{input_path}: no such input file")
     if os.path.exists(output_path) and not overwrite:
@@ -209,16 +267,21 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
                         "id_key": id_key, "format": fmt,
-                        "input_units": {"energy": energy_unit, "length": length_unit},
+                        "stress_key": stress_key,
+                        "input_units": {"energy": energy_unit, "length": length_unit,
+                                        **({"stress": stress_unit} if stress_unit else {})},
                         "source_sha256": file_sha256(input_path)}}
     h_distances: List[float] = []
+    dropped_stress = 0
     from tqdm import tqdm
 
     with DatasetWriter(output_path, source=os.path.abspath(input_path), extra_meta=extra) as writer:
         frames = tqdm(_iter_atoms(input_path, fmt), desc="ingest", unit="frame", disable=not progress)
         for index, atoms in enumerate(frames):
             s = atoms_to_structure(atoms, index, input_path, stem, energy_key, forces_key, group_key, id_key,
-                                   allow_missing_labels, energy_factor, length_factor, missing_hint, require_group)
+                                   allow_missing_labels, energy_factor, length_factor, missing_hint, require_group,
+                                   stress_key, stress_factor)
+            dropped_stress += bool(s.info.get("stress_dropped"))
             if not s.pbc.any():
                 d = hydrogen_neighbour_distance(s.numbers, s.positions)
                 if d is not None:
@@ -229,6 +292,9 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
                 raise HessforgeError(f"{input_path}: frame {index}: {err}") from None
         if not writer.ids:
             raise HessforgeError(f"{input_path}: no frames found")
+    if dropped_stress:
+        warnings.warn(f"{input_path}: the stress of {dropped_stress} frame(s) that are not periodic in all 3 "
+                      "directions was not kept (a stress needs a bulk volume)", UserWarning, stacklevel=2)
     if h_distances and np.median(h_distances) > BOHR_LIKE_H_DISTANCE:
         warnings.warn(f"{input_path}: hydrogen atoms are {np.median(h_distances):.2f} Å from their nearest "
                       "neighbours (median over the molecules; bonded hydrogens: 0.7-1.2 Å): are the lengths in "
@@ -246,6 +312,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--id-key", default=None, help="info key holding a unique id (default: <stem>-<index>)")
     parser.add_argument("--energy-key", default="energy", help="info key or calculator result (default energy)")
     parser.add_argument("--forces-key", default="forces", help="arrays key or calculator result (default forces)")
+    parser.add_argument("--stress-key", default="stress",
+                        help="info key or calculator result holding the stress (default stress; a 'virial' key "
+                             "is used when there is none); optional, periodic structures only")
+    parser.add_argument("--stress-unit", default=None,
+                        help="unit of the file's stresses: GPa, kbar, bar, atm (default: --energy-unit per "
+                             "--length-unit cubed, eV/Å³ for eV and Å)")
     parser.add_argument("--format", default=None, help="ASE format name, when it cannot be guessed")
     parser.add_argument("--allow-missing-labels", action="store_true",
                         help="keep frames without energy/forces (teacher-only training)")
@@ -265,7 +337,8 @@ def run(args) -> int:
         n = ingest(args.input, args.output, args.energy_key, args.forces_key, args.group_key or "mol_id",
                    args.id_key, args.format, args.allow_missing_labels, args.overwrite, progress=sys.stderr.isatty(),
                    energy_unit=args.energy_unit, length_unit=args.length_unit,
-                   require_group=args.group_key is not None)
+                   require_group=args.group_key is not None, stress_key=args.stress_key,
+                   stress_unit=args.stress_unit)
     print(f"wrote {n} structures to {args.output}")
     for w in caught:
         if issubclass(w.category, UserWarning):

@@ -105,6 +105,7 @@ class Structure:
     energy: Optional[float] = None  # eV
     forces: Optional[np.ndarray] = None  # [N, 3] float64 eV/Å
     info: Dict[str, Any] = field(default_factory=dict)
+    stress: Optional[np.ndarray] = None  # [3, 3] float64 eV/Å³ (ASE's sign: (1/V) dE/dε), 3D-periodic only
 
     def __post_init__(self):
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
@@ -115,6 +116,8 @@ class Structure:
             self.forces = np.asarray(self.forces, dtype=np.float64).reshape(-1, 3)
         if self.energy is not None:
             self.energy = float(self.energy)
+        if self.stress is not None:
+            self.stress = np.asarray(self.stress, dtype=np.float64).reshape(3, 3)
 
     @property
     def natoms(self) -> int:
@@ -124,7 +127,7 @@ class Structure:
         info = {k: v for k, v in ((str(k), _jsonable(v)) for k, v in self.info.items()) if v is not None}
         header = {"id": self.id, "group": self.group, "energy": self.energy, "info": info}
         arrays = {"numbers": self.numbers, "positions": self.positions, "cell": self.cell, "pbc": self.pbc,
-                  "forces": self.forces}
+                  "forces": self.forces, "stress": self.stress}
         return pack(header, arrays)
 
     @classmethod
@@ -133,7 +136,8 @@ class Structure:
         try:
             s = cls(id=header["id"], group=header["group"], numbers=arrays["numbers"],
                     positions=arrays["positions"], cell=arrays["cell"], pbc=arrays["pbc"],
-                    energy=header["energy"], forces=arrays.get("forces"), info=header.get("info", {}))
+                    energy=header["energy"], forces=arrays.get("forces"), info=header.get("info", {}),
+                    stress=arrays.get("stress"))
         except (KeyError, ValueError) as err:
             raise RecordError(f"record is missing or has malformed fields: {err}") from None
         if s.positions.shape[0] != s.natoms or (s.forces is not None and s.forces.shape[0] != s.natoms):

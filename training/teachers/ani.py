@@ -15,7 +15,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    teacher_calculator)
+                                    strain_stress, teacher_calculator)
 
 ANI1X_ELEMENTS = frozenset({1, 6, 7, 8})
 ANI1X_SIZE = 8
@@ -111,7 +111,14 @@ class ANI1xTeacher(Teacher):
             return self.model((species, (pos + offset)[None]), cell=cell, pbc=pbc).energies.sum() * Hartree
 
         e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
-        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
+        stress = None
+        if cell is not None and bool(pbc.all()):
+            def strained_energy(pos, box):  # pos: the wrapped positions, strained with the cell
+                return self.model((species, pos[None]), cell=box, pbc=pbc).energies.sum() * Hartree
+
+            wrapped = atoms.get_positions() + offset.numpy()
+            stress = strain_stress(strained_energy, wrapped, cell.numpy())
+        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h, stress=stress)
 
     def atomic_features(self, atoms, member: Optional[int] = None) -> np.ndarray:
         """Per-atom activations of the last hidden layer of the atomic networks, [N, 96] float64.

@@ -21,6 +21,9 @@ class TeacherOutput:
     forces: np.ndarray  # [N, 3] eV/Å, float64
     rows: Optional[np.ndarray] = None  # [k] int64 indices into the 3N flattened coordinates
     hessian_rows: Optional[np.ndarray] = None  # [k, 3N] eV/Å², float64
+    # [3, 3] eV/Å³, ASE's sign ((1/V) dE/dε): for structures periodic in all 3 directions, from teachers that
+    # give stress (CHGNet, LAMMPS, MACE, ANI, ASE calculators with stress); None otherwise
+    stress: Optional[np.ndarray] = None
 
 
 class Teacher(ABC):
@@ -102,6 +105,22 @@ def check_periodic_cell(atoms, where: str = "") -> None:
     if bool(pbc.any()):
         cell = complete_cells(torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)[None], pbc[None])[0]
         check_cell(cell, pbc, where or "structure")
+
+
+def strain_stress(energy_fn, positions: np.ndarray, cell: np.ndarray, dtype=None) -> np.ndarray:
+    """Stress (eV/Å³, [3, 3]) of a differentiable `energy_fn(positions [N, 3], cell [3, 3]) -> scalar` whose
+    energy depends on the cell through its periodic images: (1/V) dE/dε under x -> x (1 + ε), cell -> cell (1 + ε)
+    (the convention of engine.stress and ASE)."""
+    import torch
+
+    dtype = dtype or torch.float64
+    pos = torch.as_tensor(np.asarray(positions), dtype=dtype)
+    box = torch.as_tensor(np.asarray(cell), dtype=dtype)
+    eps = torch.zeros(3, 3, dtype=dtype, requires_grad=True)
+    sym = 0.5 * (eps + eps.T)
+    energy = energy_fn(pos + pos @ sym, box + box @ sym)
+    (grad,) = torch.autograd.grad(energy, eps)
+    return grad.detach().cpu().numpy().astype(np.float64) / abs(float(np.linalg.det(np.asarray(cell))))
 
 
 def one_hot_rows(rows: np.ndarray, n_coords: int, dtype=None):

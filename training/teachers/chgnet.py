@@ -59,11 +59,11 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
                                  "ani1x, so3lr or a MACE-OFF file")
         check_periodic_cell(atoms, f"teacher {self.name}")
 
-    def _forces_energy(self, atoms, positions):
+    def _forces_energy(self, atoms, positions, with_stress: bool = False):
         try:
             with warnings.catch_warnings():  # CHGNet warns about tensor-to-scalar conversions on every call
                 warnings.simplefilter("ignore", UserWarning)
-                return super()._forces_energy(atoms, positions)
+                return super()._forces_energy(atoms, positions, with_stress)
         except ValueError as exc:  # its isolated-atom check and pymatgen's structure checks
             raise HessforgeError(f"teacher {self.name}: {exc}") from None
 

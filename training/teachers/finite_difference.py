@@ -25,12 +25,21 @@ class FiniteDifferenceTeacher(Teacher):
         self.name = name or f"fd:{type(calculator).__name__}"
         self.elements = None if elements is None else frozenset(int(z) for z in elements)
 
-    def _forces_energy(self, atoms, positions):
+    def gives_stress(self, atoms) -> bool:
+        """Stress is asked of the calculator for bulk structures, when it says it can give one."""
+        return bool(np.all(atoms.get_pbc())) and "stress" in getattr(self.calc, "implemented_properties", ())
+
+    def _forces_energy(self, atoms, positions, with_stress: bool = False):
+        """(forces, energy), and the [3, 3] stress last with with_stress (one calculation: ASE calculators
+        that compute stress with the forces keep it in their results)."""
         a = atoms.copy()
         a.set_constraint()  # H = -dF/dr of the bare potential: FixAtoms would pin a displaced atom and zero its force
         a.set_positions(positions)
         a.calc = self.calc
-        return np.asarray(a.get_forces(), dtype=np.float64), float(a.get_potential_energy())
+        out = np.asarray(a.get_forces(), dtype=np.float64), float(a.get_potential_energy())
+        if with_stress:
+            out += (np.asarray(a.get_stress(voigt=False), dtype=np.float64).reshape(3, 3),)
+        return out
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
         self.check_elements(atoms.numbers, f"teacher {self.name}")
@@ -38,7 +47,11 @@ class FiniteDifferenceTeacher(Teacher):
         n = len(atoms)
         rows = validate_rows(rows, n)
         pos0 = np.asarray(atoms.get_positions(), dtype=np.float64)
-        forces, energy = self._forces_energy(atoms, pos0)
+        stress = None
+        if self.gives_stress(atoms):
+            forces, energy, stress = self._forces_energy(atoms, pos0, with_stress=True)
+        else:
+            forces, energy = self._forces_energy(atoms, pos0)
         h_rows = None
         if rows is not None:
             h_rows = np.empty((rows.size, 3 * n))
@@ -49,4 +62,4 @@ class FiniteDifferenceTeacher(Teacher):
                 f_plus, _ = self._forces_energy(atoms, pos0 + step)
                 f_minus, _ = self._forces_energy(atoms, pos0 - step)
                 h_rows[i] = -(f_plus - f_minus).reshape(-1) / (2 * self.h)
-        return TeacherOutput(energy=energy, forces=forces, rows=rows, hessian_rows=h_rows)
+        return TeacherOutput(energy=energy, forces=forces, rows=rows, hessian_rows=h_rows, stress=stress)

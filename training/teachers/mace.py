@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    load_pickled_model)
+                                    load_pickled_model, strain_stress)
 
 
 def load_mace_model(path: str):
@@ -65,7 +65,14 @@ class MACETeacher(Teacher):
             return self.model(data, compute_force=False, training=False)["energy"].sum()
 
         e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
-        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
+        stress = None
+        if np.all(atoms.get_pbc()):
+            def strained_energy(pos, cell):  # the images move with the cell: shifts from the integer ones
+                data = dict(batch, positions=pos, cell=cell, shifts=batch["unit_shifts"] @ cell)
+                return self.model(data, compute_force=False, training=False)["energy"].sum()
+
+            stress = strain_stress(strained_energy, batch["positions"], batch["cell"].reshape(3, 3))
+        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h, stress=stress)
 
     # ------------------------------------------------------------------ feature-distillation baselines
     def _invariant_columns(self, width: int):

@@ -1,0 +1,44 @@
+"""Stress of gradient-force students, batched: the strain derivative of the energy.
+
+Each structure b gets its own symmetric displacement gradient ε_b (zero): x -> x (1 + ε_b), cell -> cell (1 + ε_b),
+so every edge vector of b becomes r (1 + ε_b). One backward pass of the energy then gives the forces -dE/dx and
+dE/dε_b together, and stress_b = (1/V_b) dE/dε_b (eV/Å³, ASE's sign: positive is tensile). The ASE calculator
+(one structure) and the trainer's stress loss (a batch, differentiated again for the parameters) share this.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from engine.graph import AtomicGraph
+
+
+def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
+    """|det| of each cell [B, 3, 3] -> [B] (Å³)."""
+    return torch.linalg.det(cell).abs()
+
+
+def energy_forces_strain_derivative(model, graph: AtomicGraph, create_graph: bool = False) -> Dict[str, torch.Tensor]:
+    """energy [B], node_energy [N], forces [N, 3] and dE_deps [B, 3, 3] (eV; the negative virial) of a
+    gradient-force student. create_graph keeps the graph of forces and dE/dε (a loss on them trains the
+    parameters). For structures that are not periodic dE/dε is still defined (Σ x ⊗ ∂E/∂x) but is no stress."""
+    positions = graph.positions.detach().requires_grad_(True)
+    eps = torch.zeros(graph.cell.shape[0], 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
+    sym = 0.5 * (eps + eps.transpose(1, 2))
+    # x (1 + ε) written as x + x ε: exact zero ε leaves the positions bit-identical
+    strained_positions = positions + torch.einsum("na,nab->nb", positions, sym[graph.batch])
+    strained = graph._replace(positions=strained_positions, cell=graph.cell + graph.cell @ sym)
+    out = model(strained, compute_forces=False)
+    grads = torch.autograd.grad(out["energy"].sum(), [positions, eps], create_graph=create_graph, allow_unused=True)
+    dE_dx, dE_deps = (torch.zeros_like(x) if g is None else g for g, x in zip(grads, (positions, eps)))
+    return {"energy": out["energy"], "node_energy": out["node_energy"], "forces": -dE_dx, "dE_deps": dE_deps,
+            "positions": positions, **{k: v for k, v in out.items() if k not in ("energy", "node_energy")}}
+
+
+def stress_from_strain_derivative(dE_deps: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 3] stress (eV/Å³) = dE/dε / V; NaN for cells without a volume (molecules)."""
+    volume = cell_volumes(cell)
+    safe = torch.where(volume > 1e-8, volume, torch.ones_like(volume))
+    return torch.where((volume > 1e-8)[:, None, None], dE_deps / safe[:, None, None],
+                       torch.full_like(dE_deps, float("nan")))

@@ -151,6 +151,8 @@ def test_stillinger_weber_si_from_the_bundled_potentials(tmp_path):
         strained.append(teacher.compute(a).energy)
     d_e = (strained[0] - strained[1]) / (2 * step) / atoms.get_volume()
     assert stress[0, 0] == pytest.approx(d_e, rel=1e-5, abs=1e-8), msg
+    np.testing.assert_allclose(out.stress, stress, atol=1e-12)  # the teacher's stress label is LAMMPS' own
+    assert np.abs(stress).max() > 1e-4
 
 
 def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):

@@ -14,8 +14,9 @@
 #   EPOCHS   epochs of the runs on the full training set (default 30); training sets under 100 structures get
 #            4x as many (fewer steps per epoch)
 #   PLAN     runs, "SIZE:METHOD,METHOD[:SEED+SEED] ..." (270 = every training frame; seeds default to SEEDS).
-#            Methods: ef (energies + forces), kd (+ Hessian rows, λ_KD 400), kdNNN (λ_KD NNN); "-smooth" appended:
-#            the PaiNN with model.norm_eps 1 (smooth at symmetric sites, engine/models/painn.py), else 1e-8
+#            Methods: ef (energies + forces), kd (+ Hessian rows, λ_KD 400), kdNNN (λ_KD NNN); options appended
+#            with "-": "smooth", the PaiNN with model.norm_eps 1 (smooth at symmetric sites, engine/models/painn.py),
+#            else 1e-8; "sNNN", the teacher's stress as a target with loss.stress NNN (e.g. kd25-smooth-s100)
 #   SEEDS    (default "0 1");  REPORT  (default bench/results/materials_si_chgnet)
 # Usage, from the repository root with the venv active:  bash bench/science/materials.sh
 set -euo pipefail
@@ -49,8 +50,15 @@ for entry in $PLAN; do
     seeds=${seeds:-$SEEDS}
     for seed in ${seeds//+/ }; do for method in ${methods//,/ }; do
         name="${method}_n${limit}_seed${seed}"
-        base=${method%-smooth} norm_eps=""
-        [ "$base" != "$method" ] && norm_eps=", norm_eps: 1.0"
+        IFS=- read -r base options <<< "$method"
+        norm_eps="" stress=""
+        for option in ${options//-/ }; do
+            case $option in
+                smooth) norm_eps=", norm_eps: 1.0" ;;
+                s[0-9]*) stress=", stress: ${option#s}.0" ;;
+                *) echo "unknown option $option of method $method in PLAN"; exit 1 ;;
+            esac
+        done
         case $base in
             ef) hessian=0.0 ;; kd) hessian=400.0 ;; kd[0-9]*) hessian="${base#kd}.0" ;;
             *) echo "unknown method $method in PLAN"; exit 1 ;;
@@ -63,7 +71,7 @@ for entry in $PLAN; do
 # written by bench/science/materials.sh; teacher-only: no reference labels, the teacher's ($TEACHER) are the targets
 data: {path: data.lmdb, labels: labels, split_file: split.json, train_limit: $limit}
 model: {name: painn, hidden: 64, layers: 3, num_basis: 32, cutoff: 5.0, force_mode: gradient$norm_eps}
-loss: {energy: 50.0, forces: 100.0, hessian: $hessian, hessian_rows: 1, kind: l2mae}
+loss: {energy: 50.0, forces: 100.0, hessian: $hessian, hessian_rows: 1, kind: l2mae$stress}
 train: {out: $WORK/$name, epochs: $epochs, batch_size: 4, seed: $seed, checkpoint_every: 5, threads: 1}
 YAML
     done; done

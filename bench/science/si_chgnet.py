@@ -218,13 +218,15 @@ def compare_phonons(work: str, run_dirs, teacher: str = "chgnet") -> None:
 
 
 def method_label(method: str, teacher: str = "CHGNet") -> str:
-    """ef: energies + forces only; kd: + Hessian rows at λ_KD 400; kdNNN: at λ_KD NNN; "-smooth": PaiNN with
-    norm_eps 1 (else the published 1e-8)."""
-    base = method.removesuffix("-smooth")
-    painn = "PaiNN norm_eps 1" if base != method else "PaiNN norm_eps 1e-8"
+    """ef: energies + forces only; kd: + Hessian rows at λ_KD 400; kdNNN: at λ_KD NNN; options after "-":
+    "smooth", PaiNN with norm_eps 1 (else the published 1e-8); "sNNN", + the teacher's stress at λ_S NNN."""
+    base, *options = method.split("-")
+    painn = "PaiNN norm_eps 1" if "smooth" in options else "PaiNN norm_eps 1e-8"
+    stress = [o[1:] for o in options if o.startswith("s") and o[1:].isdigit()]
+    extra = f" + stress (λ_S {stress[0]})" if stress else ""
     if base == "ef":
-        return f"{painn}: {teacher} energies + forces"
-    return f"{painn}: + {teacher} Hessian rows (λ_KD {base[2:] or '400'}, s=1)"
+        return f"{painn}: {teacher} energies + forces{extra}"
+    return f"{painn}: + {teacher} Hessian rows (λ_KD {base[2:] or '400'}, s=1){extra}"
 
 
 def _mean_std(values, fmt: str = ".3g"):
@@ -253,20 +255,28 @@ def write_report(report_dir: str) -> None:
         if os.path.exists(os.path.join(report_dir, run, "eval.json")):
             method, limit, _seed = run.split("_")
             groups.setdefault((int(limit[1:]), method), []).append(run)
+    evals = {run: json.load(open(os.path.join(report_dir, run, "eval.json")))["student_vs_teacher"]
+             for names in groups.values() for run in names}
+    # a stress column where the labels hold the teacher's stress (reports made before that stay as they were)
+    with_stress = any("stress_mae_gpa" in e for e in evals.values())
     lines = [f"| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
+             + ("stress MAE (GPa) | " if with_stress else "") +
              f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; {who} "
              f"{max(ref['frequencies_THz']):.2f}) | a (Å; {who} {ref['lattice_constant_A']:.4f}) | B (GPa; {who} "
-             f"{ref['bulk_modulus_GPa']:.1f}) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{ref['bulk_modulus_GPa']:.1f}) |", "|---:|---|---:|---:|---:|" + ("---:|" if with_stress else "")
+             + "---:|---:|---:|---:|---:|"]
     order = {"ef": 0, "kd": 1, "ef-smooth": 2, "kd-smooth": 3}
     for (limit, method), names in sorted(groups.items(), key=lambda g: (g[0][0], order.get(g[0][1], 4), g[0][1])):
-        ev = [json.load(open(os.path.join(report_dir, n, "eval.json")))["student_vs_teacher"] for n in names]
+        ev = [evals[n] for n in names]
         ph = [json.load(open(p)) if os.path.exists(p) else None
               for p in (os.path.join(report_dir, n, "phonons.json") for n in names)]
-        col = lambda key, src, fmt=".3g": _mean_std([e[key] if e else None for e in src], fmt)  # noqa: E731
+        col = lambda key, src, fmt=".3g": _mean_std([e.get(key) if e else None for e in src], fmt)  # noqa: E731
         phonon_fmt = ".2f" if any(p and p["frequency_mae_THz"] >= 0.1 for p in ph) else ".3f"
         lines.append(f"| {limit} | {method_label(method, who)} | {len(names)} | "
                      f"{col('energy_mae_mev_per_atom', ev, '.2f')} | "
-                     f"{col('forces_mae_mev_per_A', ev, '.1f')} | {col('hessian_mae_eV_per_A2', ev, '.4f')} | "
+                     f"{col('forces_mae_mev_per_A', ev, '.1f')} | "
+                     + (f"{col('stress_mae_gpa', ev, '.3f')} | " if with_stress else "") +
+                     f"{col('hessian_mae_eV_per_A2', ev, '.4f')} | "
                      f"{col('frequency_mae_THz', ph, phonon_fmt)} | {col('max_frequency_THz', ph, '.1f')} | "
                      f"{col('lattice_constant_A', ph, '.4f')} | {col('bulk_modulus_GPa', ph, '.1f')} |")
     text = "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.build import bulk, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -250,7 +251,12 @@ def test_teacher_stress_is_their_strain_derivative(rng, tmp_path):
         fd = calculate_numerical_stress(calc_atoms, eps=1e-5, voigt=False)
         assert np.abs(fd).max() > 1e-4, teacher.name
         np.testing.assert_allclose(out.stress, fd, atol=1e-6 * max(1.0, np.abs(fd).max() * 100), err_msg=teacher.name)
+        np.testing.assert_allclose(calc_atoms.get_stress(voigt=False), out.stress, atol=1e-12)  # md-eval's view
         assert teacher.compute(molecule("CH4"), [0]).stress is None  # no cell, no stress
+        free = molecule("CH4")
+        free.calc = teacher_calculator(teacher)
+        with pytest.raises(PropertyNotImplementedError, match="periodic in all 3 directions"):
+            free.get_stress()
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
        also relaxed under the reference itself: E_ref(student minimum) - E_ref(reference minimum) >= 0 measures
        how far the student's minimum is from the reference's. Bulk (3D-periodic) structures relax their cell
        too (ASE's FrechetCellFilter; --fixed-cell: positions only): reported are the volume change and the
-       volume against the reference's own minimum (the reference must give stress: CHGNet does, MACE/ANI
-       teachers through hessforge do not).
+       volume against the reference's own minimum (the reference must give stress: the chgnet, lammps:, mace:
+       and ani1x teachers do, so3lr does not).
 """
 from __future__ import annotations
 

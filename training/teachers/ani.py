@@ -74,6 +74,9 @@ class ANI1xTeacher(Teacher):
         self.model = torchani.nn.Sequential(self.aev, self.nets, self.shifter)
         self.converter = torchani.SpeciesConverter(self.species)
 
+    def gives_stress(self, atoms=None) -> bool:
+        return atoms is None or bool(np.all(atoms.get_pbc()))
+
     def _species(self, atoms):
         import torch
 

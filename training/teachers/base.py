@@ -39,6 +39,11 @@ class Teacher(ABC):
     atomic_features: Optional[Callable[..., np.ndarray]] = None
     element_embeddings: Optional[Callable[[], Dict[int, np.ndarray]]] = None
 
+    def gives_stress(self, atoms=None) -> bool:
+        """Whether compute() returns a stress for `atoms` (for any bulk structure when None). Teachers that
+        give stress override this."""
+        return False
+
     def check_elements(self, numbers: Iterable[int], where: str = "") -> None:
         if self.elements is None:
             return
@@ -172,12 +177,11 @@ def _grad_or_zeros(out, inp, v):
 
 
 def teacher_calculator(teacher: "Teacher"):
-    """An ASE Calculator (energy, forces) backed by a Teacher: lets any teacher drive ASE MD/optimisers."""
-    from ase.calculators.calculator import Calculator, all_changes
+    """An ASE Calculator (energy, forces; stress of bulk structures when the teacher gives stress) backed by a
+    Teacher: lets any teacher drive ASE MD/optimisers, and cell relaxations where it has stress."""
+    from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-    # a teacher wrapping an ASE calculator that gives stress (CHGNet's) lends it: cell relaxations need it
-    native = getattr(teacher, "calc", None)
-    with_stress = "stress" in getattr(native, "implemented_properties", ())
+    with_stress = teacher.gives_stress()
 
     class _TeacherCalculator(Calculator):
         implemented_properties = ["energy", "free_energy", "forces"] + (["stress"] if with_stress else [])
@@ -190,9 +194,11 @@ def teacher_calculator(teacher: "Teacher"):
             super().calculate(atoms, properties, system_changes)
             out = self.teacher.compute(self.atoms)
             self.results = {"energy": out.energy, "free_energy": out.energy, "forces": out.forces}
-            if with_stress and "stress" in properties:
-                bare = self.atoms.copy()
-                bare.calc = native
-                self.results["stress"] = np.asarray(bare.get_stress(), dtype=np.float64)
+            if out.stress is not None:  # ASE's Voigt order: xx yy zz yz xz xy
+                s = np.asarray(out.stress, dtype=np.float64)
+                self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            elif "stress" in properties:
+                raise PropertyNotImplementedError(f"teacher {self.teacher.name}: no stress for this structure "
+                                                  "(stress needs a cell periodic in all 3 directions)")
 
     return _TeacherCalculator()

@@ -25,9 +25,10 @@ class FiniteDifferenceTeacher(Teacher):
         self.name = name or f"fd:{type(calculator).__name__}"
         self.elements = None if elements is None else frozenset(int(z) for z in elements)
 
-    def gives_stress(self, atoms) -> bool:
+    def gives_stress(self, atoms=None) -> bool:
         """Stress is asked of the calculator for bulk structures, when it says it can give one."""
-        return bool(np.all(atoms.get_pbc())) and "stress" in getattr(self.calc, "implemented_properties", ())
+        bulk = atoms is None or bool(np.all(atoms.get_pbc()))
+        return bulk and "stress" in getattr(self.calc, "implemented_properties", ())
 
     def _forces_energy(self, atoms, positions, with_stress: bool = False):
         """(forces, energy), and the [3, 3] stress last with with_stress (one calculation: ASE calculators

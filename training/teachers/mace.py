@@ -42,6 +42,9 @@ class MACETeacher(Teacher):
             raise HessforgeError(f"{path}: head {head!r} not in {self.heads}")
         self.head = head
 
+    def gives_stress(self, atoms=None) -> bool:
+        return atoms is None or bool(np.all(atoms.get_pbc()))
+
     def _batch(self, atoms) -> dict:
         import torch
         from mace import data as mdata

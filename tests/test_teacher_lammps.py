@@ -226,3 +226,21 @@ def test_labels_refuse_to_resume_after_the_potential_file_changed(tmp_path):
     (tmp_path / "Si.sw").write_text(text.replace("21.0", "21.5", 1))  # SW's λ, the three-body strength
     with pytest.raises(HessforgeError, match="teacher_file_sha256"):
         label_dataset(data, load_teacher(f"lammps:{snippet}"), out, rows=2)
+
+
+def test_digest_covers_potential_files_in_folders_with_spaces(tmp_path):
+    """A snippet in a folder whose name has a space names its Si.sw by a quoted absolute path; the digest
+    still covers that file (it changes when the file changes)."""
+    import shutil
+
+    from training.teachers.lammps import interaction_digest
+
+    folder = tmp_path / "my potentials"
+    folder.mkdir()
+    shutil.copy(os.path.join(bundled_potentials_dir(), "Si.sw"), folder / "Si.sw")
+    snippet = write(folder, "si.in", "pair_style sw\npair_coeff * * Si.sw Si\n")
+    header, commands, _ = parse_potential_file(snippet)
+    assert any('"' in c for c in commands)  # the path is quoted for LAMMPS
+    before = interaction_digest(snippet, header + commands)
+    (folder / "Si.sw").write_text((folder / "Si.sw").read_text().replace("21.0", "21.5", 1))
+    assert interaction_digest(snippet, header + commands) != before

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import shlex
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -124,7 +125,7 @@ def interaction_digest(path: str, commands: Sequence[str]) -> str:
 
     digest = hashlib.sha256(file_sha256(path).encode())
     search = os.environ.get("LAMMPS_POTENTIALS", "")
-    for word in (w.strip('"') for command in commands for w in command.split()[1:]):
+    for word in (w for command in commands for w in shlex.split(command)[1:]):  # quoted paths with spaces whole
         for candidate in (word, os.path.join(search, word) if search else None):
             if candidate and os.path.isfile(candidate):
                 digest.update(f"{word}:{file_sha256(candidate)}".encode())

@@ -35,10 +35,10 @@ def lj_teacher(tmp_path_factory):
     return load_teacher(f"lammps:{path}")
 
 
-def lj_energy(pos, cell, periodic):
+def lj_energy(pos, cell, pbc):
     """Shifted LJ energy over every pair within RC, images by explicit lattice shifts (float64 torch)."""
     n = pos.shape[0]
-    shifts = torch.as_tensor(image_shifts(cell, periodic))
+    shifts = torch.as_tensor(image_shifts(cell, pbc))
     d = pos[None, :, None, :] + shifts[None, None, :, :] - pos[:, None, None, :]  # [i, j, shift, 3]
     self_pair = (torch.eye(n, dtype=torch.bool)[:, :, None] & (shifts.norm(dim=-1) == 0)[None, None, :])
     r = torch.where(self_pair[..., None], torch.ones_like(d), d).norm(dim=-1)  # |0| has no derivative
@@ -51,22 +51,32 @@ def lj_energy(pos, cell, periodic):
     return 0.5 * torch.where(inside, phi(r) - phi(torch.tensor(RC, dtype=torch.float64)), 0.0).sum()
 
 
-def image_shifts(cell, periodic):
-    """Every lattice translation that can bring an atom within RC of another ([S, 3], Å)."""
-    if not periodic:
+def image_shifts(cell, pbc):
+    """Every lattice translation along the periodic directions that can bring an atom within RC of another
+    ([S, 3], Å); generous: 2 RC over the smallest cell height, for any non-periodic row."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), 3)
+    if not pbc.any():
         return np.zeros((1, 3))
-    reach = [int(np.ceil(RC / h)) for h in 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)]
+    heights = 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
+    reach = [int(np.ceil(2 * RC / heights.min())) if p else 0 for p in pbc]
     grid = np.stack(np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij"), -1).reshape(-1, 3)
     return grid @ cell
 
 
-def random_argon(periodic, rng):
+PBC_CASES = {"molecule": (False, False, False), "bulk": (True, True, True), "slab": (True, True, False),
+             "wire": (False, True, False)}
+
+
+def random_argon(pbc, rng):
     """Random argon by sequential insertion (no pair closer than 3.1 Å), redrawn while any pair distance lies
-    within 0.01 Å of the cutoff (central differences must not straddle the force jump at RC)."""
-    cell = (np.diag([11.0, 12.0, 11.5]) + rng.uniform(-1.5, 1.5, size=(3, 3)) * (1 - np.eye(3)) if periodic
+    within 0.01 Å of the cutoff (central differences must not straddle the force jump at RC). Periodic
+    directions get a random triclinic cell; a slab keeps its tilted non-periodic vector, a wire gets zero
+    vectors there (as ASE writes them): the teacher must box both itself."""
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), 3)
+    cell = (np.diag([11.0, 12.0, 11.5]) + rng.uniform(-1.5, 1.5, size=(3, 3)) * (1 - np.eye(3)) if pbc.any()
             else np.diag([10.0, 10.0, 10.0]))
-    count = 24 if periodic else 13
-    shifts = image_shifts(cell, periodic)
+    count = 24 if pbc.all() else 13 if not pbc.any() else 18
+    shifts = image_shifts(cell, pbc)
     while True:
         positions = []
         while len(positions) < count:
@@ -78,27 +88,29 @@ def random_argon(periodic, rng):
         pos = np.asarray(positions)
         d = np.linalg.norm(pos[None, :, None] + shifts[None, None] - pos[:, None, None], axis=-1)
         if not (np.abs(d - RC) < 0.01).any():
-            return Atoms(f"Ar{count}", positions=pos, cell=cell if periodic else None, pbc=periodic)
+            given = cell * pbc[:, None] if pbc.sum() == 1 else cell
+            return Atoms(f"Ar{count}", positions=pos, cell=given if pbc.any() else None, pbc=pbc), cell
 
 
-@pytest.mark.parametrize("periodic", [False, True])
-def test_lammps_lj_matches_torch_reference(lj_teacher, periodic):
-    rng = np.random.default_rng(SEED + periodic)
-    atoms = random_argon(periodic, rng)
+@pytest.mark.parametrize("case", list(PBC_CASES))
+def test_lammps_lj_matches_torch_reference(lj_teacher, case):
+    pbc = PBC_CASES[case]
+    rng = np.random.default_rng(SEED + list(PBC_CASES).index(case))
+    atoms, cell = random_argon(pbc, rng)
     n3 = 3 * len(atoms)
     rows = rng.permutation(n3)[:4]
     out = lj_teacher.compute(atoms, rows=rows)
 
     pos = torch.as_tensor(atoms.positions, dtype=torch.float64).requires_grad_(True)
-    cell = np.asarray(atoms.cell)
 
     def energy(p):
-        return lj_energy(p.reshape(-1, 3), cell, periodic)
+        return lj_energy(p.reshape(-1, 3), cell, pbc)
 
     e_ref = energy(pos.reshape(-1))
     f_ref = -torch.autograd.grad(e_ref, pos)[0].numpy()
     hessian = torch.autograd.functional.hessian(energy, pos.detach().reshape(-1)).numpy()
-    msg = f"seed {SEED} periodic {periodic}"
+    msg = f"seed {SEED} {case}"
+    assert abs(e_ref.item()) > 1e-3, msg  # atoms interact (across the periodic boundaries too)
     assert out.energy == pytest.approx(e_ref.item(), abs=1e-10), msg
     np.testing.assert_allclose(out.forces, f_ref, atol=1e-9, err_msg=msg)
     # central differences with h = 1e-3 Å: O(h²) error, far below 1e-5 of the stiffest entry
@@ -108,11 +120,12 @@ def test_lammps_lj_matches_torch_reference(lj_teacher, periodic):
     wrong = out.hessian_rows.copy()
     wrong.flat[np.abs(wrong).argmax()] *= 1.001
     assert np.abs(wrong - hessian[rows]).max() > 1e-5 * scale
+    assert (out.stress is not None) == all(pbc), msg  # stress for bulk structures only
 
 
 def test_lammps_molecule_position_is_irrelevant(lj_teacher):
     rng = np.random.default_rng(SEED + 7)
-    atoms = random_argon(False, rng)
+    atoms, _ = random_argon(False, rng)
     moved = atoms.copy()
     moved.positions += rng.uniform(-500, 500, size=3)  # the teacher boxes molecules wherever they are
     a, b = lj_teacher.compute(atoms, rows=[0]), lj_teacher.compute(moved, rows=[0])
@@ -188,9 +201,10 @@ def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):
 
     with pytest.raises(UnknownElementError, match="Si"):
         lj_teacher.compute(bulk("Si", "diamond", a=5.43))
-    slab = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]], cell=[10, 10, 0], pbc=[True, True, False])
-    with pytest.raises(HessforgeError, match="some directions only"):
-        lj_teacher.compute(slab)
+    degenerate_slab = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]], cell=[[5, 0, 0], [10, 0, 0], [0, 0, 0]],
+                            pbc=[True, True, False])
+    with pytest.raises(HessforgeError, match="volume|degenerate|parallel"):
+        lj_teacher.compute(degenerate_slab)
     flat = Atoms("Ar2", positions=[[0, 0, 0], [3.8, 0, 0]], cell=[[5, 0, 0], [10, 0, 0], [0, 0, 5]], pbc=True)
     with pytest.raises(HessforgeError, match="volume"):
         lj_teacher.compute(flat)

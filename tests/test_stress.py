@@ -320,3 +320,11 @@ def test_stress_loss_needs_targets_and_gradient_forces(cu_labelled, tmp_path, rn
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, norm_eps=None))
     with pytest.raises(HessforgeError, match="none of the .* training structures has a stress target"):
         Trainer(config)
+
+
+def test_calculator_errors_come_back_as_one_clear_error():
+    """A finite-difference teacher over any ASE calculator names itself and the calculator's complaint (EMT has
+    no uranium) instead of a traceback from inside the calculator."""
+    teacher = FiniteDifferenceTeacher(EMT(), name="emt")
+    with pytest.raises(HessforgeError, match="teacher emt: calculator failed: .*U"):
+        teacher.compute(Atoms("U2", positions=[[0, 0, 0], [2.5, 0, 0]]), [0])

@@ -17,6 +17,8 @@ class FiniteDifferenceTeacher(Teacher):
     """row j = -(F(r + h e_j) - F(r - h e_j)) / (2h); error O(h²). h in Å (1e-3 suits float64 calculators;
     float32 models need larger h, ~1e-2, or round-off dominates)."""
 
+    failure = "calculator failed"  # how the calculator's errors are introduced (subclasses name their code)
+
     def __init__(self, calculator, h: float = 1e-3, name: Optional[str] = None, elements=None):
         if not h > 0:
             raise HessforgeError(f"finite-difference step must be > 0 Å, got {h}")
@@ -32,7 +34,17 @@ class FiniteDifferenceTeacher(Teacher):
 
     def _forces_energy(self, atoms, positions, with_stress: bool = False):
         """(forces, energy), and the [3, 3] stress last with with_stress (one calculation: ASE calculators
-        that compute stress with the forces keep it in their results)."""
+        that compute stress with the forces keep it in their results). The calculator's own errors (an element
+        it lacks, a structure it refuses, a crashed code) come back as one HessforgeError naming the teacher."""
+        try:
+            return self._calculate(atoms, positions, with_stress)
+        except HessforgeError:
+            raise
+        except Exception as exc:
+            raise HessforgeError(f"teacher {self.name}: {self.failure}: {str(exc).strip() or type(exc).__name__}"
+                                 ) from None
+
+    def _calculate(self, atoms, positions, with_stress: bool):
         a = atoms.copy()
         a.set_constraint()  # H = -dF/dr of the bare potential: FixAtoms would pin a displaced atom and zero its force
         a.set_positions(positions)

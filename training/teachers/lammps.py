@@ -134,6 +134,8 @@ def interaction_digest(path: str, commands: Sequence[str]) -> str:
 
 
 class LAMMPSTeacher(FiniteDifferenceTeacher):
+    failure = "LAMMPS failed"  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
+
     def __init__(self, path: str, h: float = LAMMPS_FD_STEP):
         from ase.calculators.lammpslib import LAMMPSlib
         from ase.data import atomic_numbers
@@ -178,15 +180,6 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         bare.set_cell(cell)
         bare.set_positions(pos)
         return bare
-
-    def _forces_energy(self, atoms, positions, with_stress: bool = False):
-        try:
-            return super()._forces_energy(atoms, positions, with_stress)
-        except Exception as exc:  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
-            if isinstance(exc, HessforgeError):
-                raise
-            raise HessforgeError(f"teacher {self.name}: LAMMPS failed: {str(exc).strip() or type(exc).__name__}"
-                                 ) from None
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
         self.check_elements(atoms.numbers, f"teacher {self.name}")

@@ -6,6 +6,9 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
                    constants -> OUT_DIR/frames.extxyz (positions and cells only: the labels come from
                    `hessforge label --teacher chgnet`) and OUT_DIR/split.json (train/val from the training
                    trajectories, test = a separate trajectory at a temperature and lattice constant between them)
+  cold-frames SRC_DIR OUT_DIR
+                   SRC_DIR's frames and split plus 14 near-ideal cells (a = 5.38-5.56 Å, rattled 0.01 Å) in the
+                   training split: the 0 K equation of state that MD frames do not sample
   phonons WORK RUN_DIR... [--teacher SPEC]
                    Lattice dynamics of each run's student (RUN_DIR/phonons.json) against the teacher's (CHGNet by
                    default, any `--teacher` spec of hessforge label; computed once, WORK/NAME_phonons.json):
@@ -37,6 +40,7 @@ FRAMES_PER_RUN = 50
 STEPS_BETWEEN_FRAMES = 6  # 2 fs steps: 12 fs between frames
 TIMESTEP_FS = 2.0
 VAL_PER_RUN = 5
+COLD_LATTICE = np.linspace(5.38, 5.56, 7)  # Å: near-ideal cells of `cold-frames`, around every teacher's a
 FD_STEP = 0.01  # Å, CHGNet's own roughness scale (training/teachers/chgnet.py)
 THZ = 1e12
 
@@ -107,6 +111,31 @@ def make_frames(out_dir: str) -> None:
                    "group_key": "group", "note": "written by bench/science/si_chgnet.py frames",
                    "splits": split}, fh, indent=1)
     print({k: len(v) for k, v in split.items()})
+
+
+def add_cold_frames(src_dir: str, out_dir: str, rattle: float = 0.01, copies: int = 2) -> None:
+    """SRC_DIR's frames and split plus near-ideal cells across the lattice-constant range (COLD_LATTICE, each
+    rattled by `rattle` Å, `copies` each), all in the training split: the 0 K equation of state the MD frames
+    (300-1300 K) do not sample. The test and validation frames stay the same."""
+    import ase.io
+
+    frames = ase.io.read(os.path.join(src_dir, "frames.extxyz"), index=":")
+    with open(os.path.join(src_dir, "split.json")) as fh:
+        split = json.load(fh)
+    rng = np.random.default_rng(0)
+    for a in COLD_LATTICE:
+        for k in range(copies):
+            cold = diamond_si(a)
+            cold.positions += rng.normal(scale=rattle, size=cold.positions.shape)
+            cold.info.update(group=f"cold-{a:.2f}", temperature_K=0, lattice_A=a, frame=k)
+            split["splits"]["train"].append(len(frames))
+            frames.append(cold)
+    os.makedirs(out_dir, exist_ok=True)
+    ase.io.write(os.path.join(out_dir, "frames.extxyz"), frames, format="extxyz")
+    split.update(count=len(frames), note=f"{split.get('note', '')}; + cold frames (si_chgnet.py cold-frames)")
+    with open(os.path.join(out_dir, "split.json"), "w") as fh:
+        json.dump(split, fh, indent=1)
+    print({k: len(v) for k, v in split["splits"].items()})
 
 
 def full_hessian(calc, atoms, h: float = FD_STEP) -> np.ndarray:
@@ -290,6 +319,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("frames")
     p.add_argument("out_dir")
+    p = sub.add_parser("cold-frames")
+    p.add_argument("src_dir")
+    p.add_argument("out_dir")
     p = sub.add_parser("phonons")
     p.add_argument("work")
     p.add_argument("runs", nargs="+")
@@ -299,6 +331,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "frames":
         make_frames(args.out_dir)
+    elif args.command == "cold-frames":
+        add_cold_frames(args.src_dir, args.out_dir)
     elif args.command == "phonons":
         compare_phonons(args.work, args.runs, args.teacher)
     else:

@@ -16,6 +16,9 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
                    CHGNet's lattice constant) by central differences of forces, its frequencies (the phonons at the
                    q-points of the 2x2x2 supercell), and each model's equilibrium lattice constant and bulk
                    modulus from an E(V) fit. Students are loaded through engine.Calculator, as a user would.
+  pressure RUN_DIR... [--teacher SPEC]
+                   pressure of the teacher and the students on ideal and rattled 64-atom cells at three lattice
+                   constants: where students follow the teacher's stress and where they extrapolate
   report DIR       the study's table (DIR/table.md) from the eval.json and phonons.json copied into DIR
                    and the teacher's NAME_phonons.json (one per report directory)
 """
@@ -136,6 +139,35 @@ def add_cold_frames(src_dir: str, out_dir: str, rattle: float = 0.01, copies: in
     with open(os.path.join(out_dir, "split.json"), "w") as fh:
         json.dump(split, fh, indent=1)
     print({k: len(v) for k, v in split["splits"].items()})
+
+
+def pressure_probe(run_dirs, teacher: str = "chgnet", lattice=(5.455, 5.4706, 5.4819),
+                   rattles=(0.0, 0.01, 0.05, 0.1), seeds: int = 3) -> None:
+    """Pressure (GPa, -trace(stress)/3) of the teacher and each run's student on the 64-atom cell at each lattice
+    constant, ideal and rattled by each amplitude (mean over `seeds` rattles): where the students follow the
+    teacher's stress (rattled, like the MD frames) and where they extrapolate (the ideal lattice)."""
+    from ase.units import GPa
+
+    from engine import Calculator
+    from training.teachers import load_teacher
+
+    ref = load_teacher(teacher)
+    students = {os.path.basename(os.path.normpath(r)): Calculator(os.path.join(r, "best.pt")) for r in run_dirs}
+    print("| a (Å) | rattle (Å) | " + " | ".join([teacher] + list(students)) + " |")
+    print("|---:|---:|" + "---:|" * (1 + len(students)))
+    for a in lattice:
+        for rattle in rattles:
+            values = np.zeros(1 + len(students))
+            count = seeds if rattle else 1
+            for seed in range(count):
+                atoms = diamond_si(a)
+                if rattle:
+                    atoms.rattle(rattle, seed=seed)
+                values[0] += -np.trace(ref.compute(atoms).stress) / 3 / GPa / count
+                for k, calc in enumerate(students.values(), 1):
+                    atoms.calc = calc
+                    values[k] += -np.trace(atoms.get_stress(voigt=False)) / 3 / GPa / count
+            print(f"| {a} | {rattle} | " + " | ".join(f"{v:+.3f}" for v in values) + " |")
 
 
 def full_hessian(calc, atoms, h: float = FD_STEP) -> np.ndarray:
@@ -326,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("work")
     p.add_argument("runs", nargs="+")
     p.add_argument("--teacher", default="chgnet", help="the teacher spec the students were trained on")
+    p = sub.add_parser("pressure")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--teacher", default="chgnet")
     p = sub.add_parser("report")
     p.add_argument("report_dir")
     args = parser.parse_args(argv)
@@ -335,6 +370,8 @@ def main(argv=None) -> int:
         add_cold_frames(args.src_dir, args.out_dir)
     elif args.command == "phonons":
         compare_phonons(args.work, args.runs, args.teacher)
+    elif args.command == "pressure":
+        pressure_probe(args.runs, args.teacher)
     else:
         write_report(args.report_dir)
     return 0

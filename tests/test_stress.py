@@ -328,3 +328,35 @@ def test_calculator_errors_come_back_as_one_clear_error():
     teacher = FiniteDifferenceTeacher(EMT(), name="emt")
     with pytest.raises(HessforgeError, match="teacher emt: calculator failed: .*U"):
         teacher.compute(Atoms("U2", positions=[[0, 0, 0], [2.5, 0, 0]]), [0])
+
+
+def test_two_process_training_with_stress_reduces_validation_over_ranks(cu_labelled, tmp_path):
+    """torchrun with 2 CPU processes (gloo), loss.stress on: each rank validates its half of the validation set;
+    the logged validation stress MAE (sums reduced over the ranks) equals `evaluate` of best.pt in one process."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from training.data.subsets import save_split
+    from training.evaluate import evaluate
+
+    path, labels = cu_labelled
+    save_split(str(tmp_path / "split.json"), {"train": [0, 1, 2, 3], "val": [4, 5, 6], "test": [7]}, count=8)
+    config = _cu_config(cu_labelled, tmp_path / "ddp", stress=100.0).to_dict()
+    config["data"]["split_file"] = str(tmp_path / "split.json")
+    config["train"]["epochs"] = 1
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "training.cli", "train", str(tmp_path / "ddp.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = epoch_records(tmp_path / "ddp")[-1]
+    assert record["train_stress"] > 0
+    from engine.checkpoint import load_student
+
+    model = load_student(str(tmp_path / "ddp" / "best.pt"))
+    dataset = Dataset(path)
+    result = evaluate(model, [dataset[i] for i in (4, 5, 6)], LabelStore(labels))
+    assert record["val_stress_mae_gpa"] == pytest.approx(result["student_vs_teacher"]["stress_mae_gpa"], rel=1e-4)

@@ -25,7 +25,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from engine.errors import HessforgeError
 from engine.graph import graph_from_atoms, graph_to, recentred
 from engine.models import for_inference
-from engine.stress import energy_forces_strain_derivative
+from engine.stress import energy_forces_strain_derivative, voigt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -143,7 +143,7 @@ class Calculator(_ASECalculator):
             if not volume > 1e-8:
                 raise HessforgeError(f"{where}: periodic cell has zero volume")
             s = dE_deps.detach().double().cpu().numpy() / volume
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            self.results["stress"] = voigt(s)
 
     def _evaluate(self, graph, want_stress: bool):
         if self.direct_forces:

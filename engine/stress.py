@@ -14,6 +14,14 @@ import torch
 from engine.graph import AtomicGraph
 
 
+VOIGT_ROWS, VOIGT_COLS = [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]  # xx yy zz yz xz xy: ASE's order
+
+
+def voigt(stress):
+    """[..., 3, 3] stresses (numpy or torch) -> [..., 6] in ASE's Voigt order xx, yy, zz, yz, xz, xy."""
+    return stress[..., VOIGT_ROWS, VOIGT_COLS]
+
+
 def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
     """|det| of each cell [B, 3, 3] -> [B] (Å³)."""
     return torch.linalg.det(cell).abs()

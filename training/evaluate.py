@@ -15,7 +15,7 @@ from engine.checkpoint import load_student, read_checkpoint
 from engine.errors import HessforgeError
 from engine.graph import build_graph
 from engine.paths import check_output_file, write_json
-from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative
+from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative, voigt
 from training.labels import teacher_energy_offsets
 from training.losses import student_hessian_rows
 from training.reference_energies import offset_energy
@@ -37,7 +37,7 @@ def _stress_errors(s_pred, s_ref) -> Dict[str, float]:
     pairs = [(p, r) for p, r in zip(s_pred, s_ref) if p is not None and r is not None]
     if not pairs:
         return {}
-    d = np.stack([np.asarray(p) - np.asarray(r) for p, r in pairs])[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    d = voigt(np.stack([np.asarray(p) - np.asarray(r) for p, r in pairs]))
     return {"stress_mae_gpa": float(np.mean(np.abs(d))) / units.GPa, "n_stress": len(pairs)}
 
 

@@ -29,7 +29,7 @@ from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkp
 from engine.errors import HessforgeError
 from engine.models import build_student
 from engine.paths import atomic_open, atomic_path, check_output_dir, write_json
-from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative
+from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative, voigt
 from training.config import RESUMABLE_KEYS, Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
 from training.losses import DistillationHeads, LossWeights, compute_loss, stress_targets_mask, student_embedding
@@ -167,8 +167,7 @@ class _Accumulator:
     def add_stress(self, s_pred, s_ref, mask):
         """[B, 3, 3] stresses (eV/Å³) of the structures in `mask` [B]."""
         ds = (s_pred[mask] - s_ref[mask]).double()
-        voigt = ds[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]  # xx yy zz yz xz xy, as ASE reports stress
-        self.sums["s_abs"] += voigt.abs().sum().item()
+        self.sums["s_abs"] += voigt(ds).abs().sum().item()  # the components ASE reports
         self.sums["s_sq"] += ds.square().sum().item()
         self.sums["s_norm"] += torch.linalg.matrix_norm(ds).sum().item()
         self.sums["n_stress"] += ds.shape[0]

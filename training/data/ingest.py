@@ -141,8 +141,9 @@ def _stress_matrix(value, where: str, what: str) -> np.ndarray:
     except (TypeError, ValueError) as err:
         raise HessforgeError(f"{where}: {what} has the wrong type ({err})") from None
     if arr.size == 6:
-        xx, yy, zz, yz, xz, xy = arr
-        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        return voigt_6_to_full_3x3_stress(arr)
     if arr.size == 9:
         return arr.reshape(3, 3)
     raise HessforgeError(f"{where}: {what} has {arr.size} values; expected 6 (Voigt xx yy zz yz xz xy) or 9 (3x3)")

@@ -181,6 +181,8 @@ def teacher_calculator(teacher: "Teacher"):
     Teacher: lets any teacher drive ASE MD/optimisers, and cell relaxations where it has stress."""
     from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+    from engine.stress import voigt
+
     with_stress = teacher.gives_stress()
 
     class _TeacherCalculator(Calculator):
@@ -194,9 +196,8 @@ def teacher_calculator(teacher: "Teacher"):
             super().calculate(atoms, properties, system_changes)
             out = self.teacher.compute(self.atoms)
             self.results = {"energy": out.energy, "free_energy": out.energy, "forces": out.forces}
-            if out.stress is not None:  # ASE's Voigt order: xx yy zz yz xz xy
-                s = np.asarray(out.stress, dtype=np.float64)
-                self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            if out.stress is not None:
+                self.results["stress"] = voigt(np.asarray(out.stress, dtype=np.float64))
             elif "stress" in properties:
                 raise PropertyNotImplementedError(f"teacher {self.teacher.name}: no stress for this structure "
                                                   "(stress needs a cell periodic in all 3 directions)")

@@ -160,11 +160,9 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         from engine.neighbors import complete_cells
 
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+        check_periodic_cell(atoms, f"teacher {self.name}")  # nothing to check for a molecule
         if pbc.all():
-            check_periodic_cell(atoms, f"teacher {self.name}")
             return atoms
-        if pbc.any():
-            check_periodic_cell(atoms, f"teacher {self.name}")
         bare = atoms.copy()
         bare.set_constraint()
         pos = bare.get_positions()

@@ -218,7 +218,7 @@ def test_ingest_reads_stress_in_its_units(tmp_path, rng):
 
 def test_teacher_stress_is_their_strain_derivative(rng, tmp_path):
     """Teachers' stress against finite differences of their own energy under strain (ASE's numerical stress):
-    an ASE calculator through finite differences (EMT), ANI-1x in a periodic box, and a MACE model."""
+    an ASE calculator through finite differences (EMT), ANI-1x, SO3LR and a MACE model in a periodic box."""
     from ase.calculators.fd import calculate_numerical_stress
 
     from training.teachers.base import teacher_calculator
@@ -240,6 +240,10 @@ def test_teacher_stress_is_their_strain_derivative(rng, tmp_path):
     from training.teachers.ani import ANI1xTeacher
 
     teachers.append(ANI1xTeacher(0))
+    if importlib.util.find_spec("so3krates_torch") is not None:
+        from training.teachers.so3lr import SO3LRTeacher
+
+        teachers.append(SO3LRTeacher())  # both neighbour lists (short range, 12 Å long range) strained
     if importlib.util.find_spec("mace") is not None:
         from toy import small_mace_model
         from training.teachers.mace import MACETeacher

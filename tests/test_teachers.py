@@ -371,7 +371,7 @@ def test_so3lr_derivatives_and_rows(so3lr_teacher):
 
 
 @contextlib.contextmanager
-def so3lr_reference_calculator(teacher, r_max_lr):
+def so3lr_reference_calculator(teacher, r_max_lr, compute_stress=False):
     """so3krates-torch's own ASE calculator, in float64. It works only while torch's global default dtype is
     the model's (it sets it itself); restored afterwards, since other tests expect float32."""
     import torch
@@ -380,16 +380,17 @@ def so3lr_reference_calculator(teacher, r_max_lr):
     default = torch.get_default_dtype()
     try:
         yield TorchkratesCalculator(model_paths=teacher.path, r_max_lr=r_max_lr,
-                                    dispersion_energy_cutoff_lr_damping=2.0, default_dtype="float64")
+                                    dispersion_energy_cutoff_lr_damping=2.0, default_dtype="float64",
+                                    compute_stress=compute_stress)
     finally:
         torch.set_default_dtype(default)
 
 
 @pytest.mark.parametrize("periodic", [False, True])
 def test_so3lr_matches_the_packages_own_calculator(so3lr_teacher, periodic):
-    """Energy, forces and Hessian rows equal so3krates-torch's ASE calculator at the authors' long-range
-    settings: 1000 Å in vacuum, 12 Å in a (here triclinic) periodic cell. The water sits 9 Å from the ethanol,
-    where the two cutoffs give different electrostatics."""
+    """Energy, forces and Hessian rows (and in the periodic cell the stress) equal so3krates-torch's ASE
+    calculator at the authors' long-range settings: 1000 Å in vacuum, 12 Å in a (here triclinic) periodic cell.
+    The water sits 9 Å from the ethanol, where the two cutoffs give different electrostatics."""
     atoms = perturbed("CH3CH2OH", seed_offset=22)
     if not periodic:
         water = perturbed("H2O", seed_offset=25)
@@ -402,14 +403,20 @@ def test_so3lr_matches_the_packages_own_calculator(so3lr_teacher, periodic):
     n3 = 3 * len(atoms)
     rows = np.random.default_rng(SEED + 4).permutation(n3)[:5]
     out = so3lr_teacher.compute(atoms, rows=rows)
-    with so3lr_reference_calculator(so3lr_teacher, 12.0 if periodic else 1000.0) as calc:
+    with so3lr_reference_calculator(so3lr_teacher, 12.0 if periodic else 1000.0, compute_stress=periodic) as calc:
         ref = atoms.copy()
         ref.calc = calc
         energy, forces = ref.get_potential_energy(), ref.get_forces()
         hess = calc.get_hessian(ref).reshape(n3, n3)
+        stress = ref.get_stress(voigt=False) if periodic else None
     assert abs(out.energy - energy) < 1e-6
     np.testing.assert_allclose(out.forces, forces, atol=1e-6)
     np.testing.assert_allclose(out.hessian_rows, hess[rows], atol=1e-6)
+    if periodic:
+        assert np.abs(stress).max() > 1e-3
+        np.testing.assert_allclose(out.stress, stress, atol=1e-9)
+    else:
+        assert out.stress is None
 
 
 def test_so3lr_periodic_images_and_charge(so3lr_teacher):

@@ -22,7 +22,7 @@ class TeacherOutput:
     rows: Optional[np.ndarray] = None  # [k] int64 indices into the 3N flattened coordinates
     hessian_rows: Optional[np.ndarray] = None  # [k, 3N] eV/Å², float64
     # [3, 3] eV/Å³, ASE's sign ((1/V) dE/dε): for structures periodic in all 3 directions, from teachers that
-    # give stress (CHGNet, LAMMPS, MACE, ANI, ASE calculators with stress); None otherwise
+    # give stress (CHGNet, LAMMPS, MACE, ANI, SO3LR, ASE calculators with stress); None otherwise
     stress: Optional[np.ndarray] = None
 
 

@@ -1,5 +1,6 @@
 """SO3LR (Kabylda et al., JACS 2025) as a teacher: a pretrained organic/biomolecular foundation model whose
-weights ship inside the `so3krates-torch` wheel, so it works offline. Float64, autograd Hessian rows.
+weights ship inside the `so3krates-torch` wheel, so it works offline. Float64, autograd Hessian rows; stress of
+bulk cells by autograd under strain.
 
 SO3LR = a SO3krates message-passing network (4.5 Å) + universal pair terms: ZBL repulsion, electrostatics
 of predicted partial charges and MBD-style dispersion, within a long-range cutoff. Following the authors:
@@ -19,7 +20,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    check_periodic_cell, load_pickled_model)
+                                    check_periodic_cell, load_pickled_model, strain_stress)
 
 # The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
 # I). The network embeds all 118 elements, so nothing in the file says which ones it has seen: outside this
@@ -96,6 +97,9 @@ class SO3LRTeacher(Teacher):
         self.model = load_so3lr_model(self.path)
         self.elements = None if elements is None else frozenset(int(z) for z in elements)
 
+    def gives_stress(self, atoms=None) -> bool:
+        return atoms is None or bool(np.all(atoms.get_pbc()))
+
     def _batch(self, atoms) -> dict:
         return so3lr_batch(self.model, [atoms], where=f"teacher {self.name}")
 
@@ -113,7 +117,18 @@ class SO3LRTeacher(Teacher):
             return self.model(dict(batch, positions=pos), compute_force=False, training=False)["energy"].sum()
 
         e, f, rows, h = autograd_energy_forces_rows(energy_fn, atoms.get_positions(), rows)
-        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h)
+        stress = None
+        if np.all(atoms.get_pbc()):
+            def strained_energy(pos, cell):
+                # The images move with the cell, in both neighbour lists: the short-range network's and the
+                # long-range (electrostatics, dispersion) one, each from its integer shifts.
+                data = dict(batch, positions=pos, cell=cell, shifts=batch["unit_shifts"] @ cell)
+                if "unit_shifts_lr" in batch:
+                    data["shifts_lr"] = batch["unit_shifts_lr"] @ cell
+                return self.model(data, compute_force=False, training=False)["energy"].sum()
+
+            stress = strain_stress(strained_energy, batch["positions"], batch["cell"].reshape(3, 3))
+        return TeacherOutput(energy=e, forces=f, rows=rows, hessian_rows=h, stress=stress)
 
     # ------------------------------------------------------------------ feature-distillation baselines
     def atomic_features(self, atoms) -> np.ndarray:

@@ -9,10 +9,22 @@ Integrators (one force evaluation per step):
   velocity update v <- c1 v + sqrt((1 - c1²) kT/m) ξ with c1 = exp(-γ dt), half drift, new forces, half kick.
   Friction γ in 1/fs; every atom thermostatted, each system to its own target temperature.
 
+Pressure (optional, `pressure_GPa`): Berendsen's barostat, isotropic, each system to its own target pressure,
+as LAMMPS' fix press/berendsen: after a step the instantaneous pressure P = (2 KE - tr(dE/dε)) / (3V) (virial
+from the strain derivative, engine.stress, plus the ideal-gas term, ASE's include_ideal_gas) sets
+μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3); the next step starts by scaling that system's positions and cell by μ and
+then kicks with the forces of the unscaled geometry (as LAMMPS: one model call per step). Reported energies,
+forces and pressures belong to the positions and cell they are reported with. B is the bulk modulus the
+coupling assumes: a B above the real one only slows the approach (relaxation time τ_P B/B_real), one below
+it overshoots, so the default (100 GPa, a stiff solid) is safe for liquids and soft solids. Berendsen gives the
+right mean pressure, not the NPT ensemble's volume fluctuations. Needs gradient-force students (stress) and
+systems periodic in all 3 directions.
+
 Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every step. With skin > 0 a list
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
 the model sees exactly the graph a fresh list would give, and the list is rebuilt when any atom of the
-batch has moved more than skin/2 since the last build. Models that build their own neighbor list
+batch has moved more than skin/2 since the last build (under a barostat: moved relative to the scaled
+positions, with the skin shrunk by the compression since the build). Models that build their own neighbor list
 (engine.runner.FusedStudent) are called on the positions alone. Positions are not wrapped into the cell
 (the neighbor lists take unwrapped positions).
 
@@ -29,8 +41,9 @@ from ase import units
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, edge_vectors, graph_from_atoms, graph_to
-from engine.models import for_inference
+from engine.models import Student, for_inference
 from engine.runner import rebuild_neighbors, resolve_device
+from engine.stress import cell_volumes, energy_forces_strain_derivative
 
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
 KB = units.kB  # eV/K
@@ -48,12 +61,17 @@ class BatchedMD:
     Reported temperatures count 3N degrees of freedom per system, or 3N - 3 under Verlet for a system that
     starts with zero total momentum (drawn velocities have their centre-of-mass motion removed, and Verlet
     keeps it zero), so a Verlet run drawn at T reads T, as in LAMMPS.
+
+    pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring),
+    with coupling time barostat_time_fs (τ_P) and assumed bulk modulus bulk_modulus_GPa (B).
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",
                  temperature_K: Union[float, Sequence[float], None] = None, friction_per_fs: float = 0.01,
                  skin: float = 0.0, init_temperature_K: Optional[float] = None, device=None,
-                 dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, neighbor_backend: str = "auto"):
+                 dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, neighbor_backend: str = "auto",
+                 pressure_GPa: Union[float, Sequence[float], None] = None, barostat_time_fs: float = 1000.0,
+                 bulk_modulus_GPa: float = 100.0):
         if integrator not in INTEGRATORS:
             raise HessforgeError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
         if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
@@ -75,6 +93,9 @@ class BatchedMD:
         self.cutoff = float(model.cutoff)
         for a in atoms_list:
             model.check_species(a.numbers, a.get_chemical_formula())
+        self.barostat = pressure_GPa is not None
+        if self.barostat:
+            self._check_barostat(model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa)
         self.fuses_neighbors = bool(getattr(model, "fuses_neighbors", False))
         self.integrator, self.dt, self.skin = integrator, float(timestep_fs), float(skin)
         self.friction = float(friction_per_fs)
@@ -93,6 +114,13 @@ class BatchedMD:
         self.natoms = torch.bincount(self.batch, minlength=self.nsystems)
         temps = None if temperature_K is None else self._per_system(temperature_K, "temperature_K")
         self.temperature_K = temps
+        if self.barostat:
+            self.target_pressure = self._per_system(pressure_GPa, "pressure_GPa", unit="GPa",
+                                                    allow_negative=True) * units.GPa  # eV/Å³
+            self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
+        self._pending_scale = None  # per-system μ of the barostat, applied at the start of the next step
+        self._scale_since_build = torch.ones(self.nsystems, dtype=self.dtype, device=self.device)
+        self.dE_deps = None  # [B, 3, 3] eV under a barostat: the strain derivative at the current geometry
 
         if init_temperature_K is not None:
             self.set_velocities(self._per_system(init_temperature_K, "init_temperature_K"))
@@ -110,20 +138,38 @@ class BatchedMD:
         self.nsteps = 0
         self.neighbor_builds = 0
         self.energy, self.forces = self._evaluate(self.positions)
+        if self.barostat:
+            self._pending_scale = self._barostat_scale()
 
     # ---------------------------------------------------------------------------------- state
-    def _per_system(self, value, name: str) -> torch.Tensor:
-        """[B] temperatures from a scalar or one value per system: finite and >= 0 K, else HessforgeError."""
+    def _per_system(self, value, name: str, unit: str = "K", allow_negative: bool = False) -> torch.Tensor:
+        """[B] values (temperatures, pressures) from a scalar or one per system: finite (and >= 0 unless
+        allow_negative), else HessforgeError."""
         try:
             t = torch.as_tensor(value, dtype=self.dtype).to(self.device)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise HessforgeError(f"{name} must be a number of K or one per system: {err}") from None
+            raise HessforgeError(f"{name} must be a number of {unit} or one per system: {err}") from None
         if t.dim() == 0:
             t = t.expand(self.nsystems).clone()
-        if t.shape != (self.nsystems,) or not bool((torch.isfinite(t) & (t >= 0)).all()):
-            raise HessforgeError(f"{name} must be finite and >= 0 K, a scalar or one per system "
-                                 f"({self.nsystems}), got {value}")
+        if t.shape != (self.nsystems,) or not bool((torch.isfinite(t) & (allow_negative | (t >= 0))).all()):
+            raise HessforgeError(f"{name} must be finite{'' if allow_negative else f' and >= 0 {unit}'}, a scalar "
+                                 f"or one per system ({self.nsystems}), got {value}")
         return t
+
+    def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa) -> None:
+        if not isinstance(model, Student) or model.direct_forces:
+            raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student in eager mode; "
+                                 f"{type(model).__name__}{' (direct forces)' if isinstance(model, Student) else ''} "
+                                 "gives none here")
+        for k, a in enumerate(atoms_list):
+            if not a.pbc.all():
+                raise HessforgeError(f"a barostat (pressure) needs systems periodic in all 3 directions; system {k} "
+                                     f"({a.get_chemical_formula()}) has pbc {a.pbc.tolist()}")
+        if not (math.isfinite(barostat_time_fs) and barostat_time_fs >= 10 * timestep_fs):
+            raise HessforgeError(f"barostat time must be a number of fs >= 10 time steps ({10 * timestep_fs:g} fs), "
+                                 f"got {barostat_time_fs}: Berendsen coupling faster than that is unstable")
+        if not (math.isfinite(bulk_modulus_GPa) and bulk_modulus_GPa > 0):
+            raise HessforgeError(f"bulk modulus must be a positive number of GPa, got {bulk_modulus_GPa}")
 
     def _per_system_sum(self, values: torch.Tensor) -> torch.Tensor:
         """[B, ...] sums over each system's atoms of per-atom values [N, ...]."""
@@ -168,19 +214,34 @@ class BatchedMD:
     def total_energy(self) -> torch.Tensor:
         return self.energy + self.kinetic_energy()
 
+    def volume(self) -> torch.Tensor:
+        """[B] Å³ (0 for systems without a 3D cell)."""
+        return cell_volumes(self._graph.cell)
+
+    def pressure(self) -> torch.Tensor:
+        """[B] instantaneous pressure in eV/Å³, virial plus ideal-gas term (barostat runs only)."""
+        if self.dE_deps is None:
+            raise HessforgeError("pressure is computed under a barostat only (pressure_GPa)")
+        kinetic = 2.0 * self.kinetic_energy()  # Σ m v², eV
+        return (kinetic - torch.diagonal(self.dE_deps, dim1=1, dim2=2).sum(dim=1)) / (3.0 * self.volume())
+
     def to_atoms(self, atoms_list: Sequence) -> List:
         """Copies of `atoms_list` with the current positions and momenta, and the model's results under keys
-        of their own (info md_step, md_system, md_potential_energy in eV; arrays md_forces in eV/Å), which do
-        not collide with labels the input carries."""
+        of their own (info md_step, md_system, md_potential_energy in eV, under a barostat md_pressure_GPa and
+        the current cell; arrays md_forces in eV/Å), which do not collide with labels the input carries."""
         out = []
         pos = self.positions.detach().double().cpu().numpy()
         vel = self.velocities.detach().double().cpu().numpy() / units.fs  # Å/ASE-time
         energy = self.energy.detach().double().cpu().numpy()
         forces = self.forces.detach().double().cpu().numpy()
+        pressure = (self.pressure() / units.GPa).detach().double().cpu().numpy() if self.barostat else None
         start = 0
         for k, a in enumerate(atoms_list):
             b = a.copy()
             n = len(b)
+            if self.barostat:
+                b.set_cell(self._graph.cell[k].detach().double().cpu().numpy())
+                b.info["md_pressure_GPa"] = float(pressure[k])
             b.set_positions(pos[start:start + n])
             b.set_momenta(vel[start:start + n] * b.get_masses()[:, None])
             b.info.update(md_step=self.nsteps, md_system=k, md_potential_energy=float(energy[k]))
@@ -197,17 +258,31 @@ class BatchedMD:
         if self.skin == 0:
             self.neighbor_builds += 1
             return rebuild_neighbors(graph, self.cutoff, self.neighbor_backend)
-        if self._ref_positions is None or bool(
-                ((positions - self._ref_positions).square().sum(dim=1).max() > (0.5 * self.skin) ** 2)):
+        if self._ref_positions is None or self._list_expired(positions):
             self._graph = rebuild_neighbors(graph, self.cutoff + self.skin, self.neighbor_backend)
             self._ref_positions = positions.detach().clone()
+            self._scale_since_build.fill_(1.0)
             self.neighbor_builds += 1
         graph = self._graph._replace(positions=positions)
         keep = edge_vectors(graph).square().sum(dim=1) < self.cutoff ** 2
         return graph._replace(edge_index=graph.edge_index[:, keep], shifts=graph.shifts[keep])
 
+    def _list_expired(self, positions: torch.Tensor) -> bool:
+        """Whether a pair within the cutoff now may be missing from the list built at _ref_positions. Under a
+        barostat the reference positions were scaled with the system (by s since the build), so a pair's
+        vector is s r_build + (d_i - d_j), d the displacement from the scaled reference: every pair within
+        the cutoff was within cutoff + skin at the build while 2 max|d| <= s (cutoff + skin) - cutoff."""
+        moved = (positions - self._ref_positions).square().sum(dim=1).max().sqrt()
+        budget = float(self._scale_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
+        return bool(2.0 * moved > budget)
+
     def _evaluate(self, positions: torch.Tensor):
-        out = self.model(self._graph_at(positions.detach()), compute_forces=True)
+        graph = self._graph_at(positions.detach())
+        if self.barostat:
+            out = energy_forces_strain_derivative(self.model, graph)
+            self.dE_deps = out["dE_deps"].detach().to(self.dtype)
+        else:
+            out = self.model(graph, compute_forces=True)
         energy, forces = out["energy"].detach().to(self.dtype), out["forces"].detach().to(self.dtype)
         if not bool(torch.isfinite(forces).all()):
             raise HessforgeError(f"non-finite forces at step {self.nsteps}: the model or the dynamics blew up")
@@ -224,6 +299,8 @@ class BatchedMD:
             kT = (KB * self.temperature_K)[self.batch]
             noise_scale = (torch.sqrt((1.0 - c1 * c1) * kT / self.masses) * units.fs)[:, None]
         for _ in range(n):
+            if self.barostat:
+                self._scale_systems()
             v = self.velocities + 0.5 * dt * self.forces * inv_m
             if self.integrator == "verlet":
                 x = self.positions + dt * v
@@ -236,7 +313,37 @@ class BatchedMD:
             self.energy, self.forces = self._evaluate(x)
             self.velocities = v + 0.5 * dt * self.forces * inv_m
             self.nsteps += 1
+            if self.barostat:
+                self._pending_scale = self._barostat_scale()
             if callback is not None and self.nsteps % interval == 0:
                 callback(self)
 
     run = step
+
+    # ---------------------------------------------------------------------------------- barostat
+    def _barostat_scale(self) -> torch.Tensor:
+        """[B] Berendsen's μ from the pressure now (module docstring)."""
+        pressure = self.pressure()
+        volume_ratio = 1.0 - self.dt / self.barostat_time * (self.target_pressure - pressure) / self.bulk_modulus
+        bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise HessforgeError(
+                f"barostat at step {self.nsteps}: system {k} would change its volume by a factor "
+                f"{float(volume_ratio[k]):.3g} in one step (pressure {float(pressure[k] / units.GPa):.4g} GPa, target "
+                f"{float(self.target_pressure[k] / units.GPa):.4g}): the dynamics blew up, or the coupling is too "
+                "strong (raise the barostat time or the bulk modulus)")
+        return volume_ratio.pow(1.0 / 3.0)
+
+    def _scale_systems(self) -> None:
+        """Apply the pending μ: positions (unwrapped, so every periodic image moves consistently) and cell
+        of each system, and the neighbor list's reference positions with them."""
+        if self._pending_scale is None:
+            return
+        mu = self._pending_scale
+        self._pending_scale = None
+        self.positions = self.positions * mu[self.batch][:, None]
+        self._graph = self._graph._replace(cell=self._graph.cell * mu[:, None, None])
+        if self._ref_positions is not None:
+            self._ref_positions = self._ref_positions * mu[self.batch][:, None]
+            self._scale_since_build = self._scale_since_build * mu

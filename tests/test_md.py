@@ -244,3 +244,136 @@ def test_tools_leave_the_callers_model_alone(rng):
     frozen.float()
     calc.reset()  # computed again, not ASE's cached result
     assert calc.get_potential_energy(molecule("CH4")) == energy
+
+
+# ---------------------------------------------------------------------------------- barostat (pressure_GPa)
+def bulk_systems(rng, sizes, symbols="CNO", min_distance=1.1):
+    """Random triclinic cells of C/N/O with no two atoms (or images) closer than min_distance."""
+    from ase.geometry import get_distances
+
+    out = []
+    for n in sizes:
+        cell = np.diag(rng.uniform(4.5, 6.0, 3)) + rng.uniform(-0.5, 0.5, (3, 3)) * (1 - np.eye(3))
+        pos = []
+        while len(pos) < n:
+            x = rng.uniform(0, 1, 3) @ cell
+            if not pos or get_distances([x], pos, cell=cell, pbc=True)[1].min() > min_distance:
+                pos.append(x)
+        out.append(Atoms("".join(rng.choice(list(symbols), n)), positions=pos, cell=cell, pbc=True))
+    return out
+
+
+def test_barostat_gives_the_ideal_gas_law(rng):
+    """A student with zero energy is an ideal gas: under the Langevin thermostat at T and the barostat at P0
+    the mean volume must come to N k T / P0 (the kinetic term of the pressure and the coupling law together),
+    from a start 30 % denser."""
+    model = PaiNN([18], cutoff=4.0, hidden=8, layers=1, num_basis=4).double()
+    with torch.no_grad():
+        model.energy_scale.fill_(0.0)
+    n, temperature, volume_per_atom = 32, 300.0, 100.0
+    side = (n * 70.0) ** (1 / 3)
+    atoms = [Atoms("Ar" * n, positions=rng.uniform(0, side, (n, 3)), cell=np.eye(3) * side, pbc=True)
+             for _ in range(4)]
+    p0 = KB * temperature / volume_per_atom / units.GPa
+    md = BatchedMD(model, atoms, 2.0, integrator="langevin", temperature_K=temperature, friction_per_fs=0.05,
+                   pressure_GPa=p0, barostat_time_fs=100.0, bulk_modulus_GPa=0.1, skin=1.0,
+                   seed=int(rng.integers(1 << 30)))
+    volumes = []
+    md.step(1500, callback=lambda s: volumes.append(s.volume() / n))
+    late = torch.stack(volumes[500:])
+    assert abs(float(late.mean()) / volume_per_atom - 1.0) < 0.03, float(late.mean())
+    assert float(late.mean(dim=0).min()) > 0.9 * volume_per_atom  # every system, not only the batch's mean
+
+
+def test_barostat_pressure_is_ases_and_scales_the_volume(rng):
+    """The reported pressure equals ASE's (engine.Calculator, include_ideal_gas) at the reported geometry and
+    momenta, the reported energy is that geometry's, and each step scales each volume by
+    1 - dt/τ_P (P0 - P)/B with P the pressure after the previous step."""
+    from engine import Calculator
+
+    model = student(1.0)
+    atoms = bulk_systems(rng, [6, 9, 12])
+    targets = [0.0, 2.0, -1.0]
+    md = BatchedMD(model, atoms, 0.5, integrator="langevin", temperature_K=600.0, init_temperature_K=600.0,
+                   pressure_GPa=targets, barostat_time_fs=50.0, bulk_modulus_GPa=50.0, seed=int(rng.integers(1 << 30)))
+    for _ in range(4):
+        before_p, before_v = md.pressure().clone(), md.volume().clone()
+        md.step(1)
+        expected = 1.0 - 0.5 / 50.0 * (torch.tensor(targets, dtype=torch.float64) * units.GPa - before_p) / (
+            50.0 * units.GPa)
+        np.testing.assert_allclose(md.volume() / before_v, expected, rtol=1e-12)
+    for frame in md.to_atoms(atoms):
+        frame.calc = Calculator(model)
+        ase_pressure = -np.trace(frame.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa
+        assert abs(ase_pressure) > 1e-3
+        np.testing.assert_allclose(frame.info["md_pressure_GPa"], ase_pressure, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(frame.info["md_potential_energy"], frame.get_potential_energy(), atol=1e-9)
+    assert not np.allclose(md.to_atoms(atoms)[0].cell[:], atoms[0].cell[:])
+
+
+def test_barostat_batch_is_independent_and_skin_list_follows_the_cell(rng):
+    """Under strong compression (> 5 % per length in 15 steps, more than the skin) the systems of a batch move as if alone, and a
+    skin list (whose reference positions and budget follow the scaling) gives the rebuilt-list trajectory."""
+    model = student(0.3)
+    atoms = bulk_systems(rng, [5, 8])
+    for a in atoms:
+        a.set_momenta(rng.normal(scale=0.3, size=(len(a), 3)))
+    kw = dict(pressure_GPa=[20.0, 15.0], barostat_time_fs=5.0, bulk_modulus_GPa=100.0)
+    together = BatchedMD(model, atoms, 0.5, **kw)
+    skinned = BatchedMD(model, atoms, 0.5, skin=0.2, **kw)
+    together.step(15)
+    skinned.step(15)
+    assert float((together.volume() / torch.tensor([a.get_volume() for a in atoms])).max()) < 0.85
+    assert skinned.neighbor_builds < together.neighbor_builds
+    assert torch.allclose(skinned.positions, together.positions, atol=1e-10)
+    start = 0
+    for k, a in enumerate(atoms):
+        alone = BatchedMD(model, [a], 0.5, pressure_GPa=kw["pressure_GPa"][k], barostat_time_fs=5.0)
+        alone.step(15)
+        n = len(a)
+        assert torch.allclose(together.positions[start:start + n], alone.positions, atol=1e-10)
+        assert torch.allclose(together.volume()[k], alone.volume()[0], rtol=1e-12)
+        start += n
+
+
+def test_barostat_bad_input(rng):
+    model = student()
+    bulk = bulk_systems(rng, [4])
+    with pytest.raises(HessforgeError, match="periodic in all 3 directions"):
+        BatchedMD(model, perturbed(["CH4"], rng), 0.5, pressure_GPa=0.0)
+    direct = PaiNN([1, 6, 7, 8], cutoff=4.0, hidden=8, layers=1, num_basis=4, force_mode="direct").double()
+    with pytest.raises(HessforgeError, match="gradient-force student"):
+        BatchedMD(direct, bulk, 0.5, pressure_GPa=0.0)
+    with pytest.raises(HessforgeError, match="gradient-force student"):
+        BatchedMD(Harmonic(), [Atoms("C", cell=np.eye(3) * 3, pbc=True)], 0.5, pressure_GPa=0.0)
+    with pytest.raises(HessforgeError, match="10 time steps"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_time_fs=2.0)
+    with pytest.raises(HessforgeError, match="bulk modulus"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, bulk_modulus_GPa=0.0)
+    for bad in (float("nan"), [1.0, 2.0]):
+        with pytest.raises(HessforgeError, match="pressure_GPa must be finite"):
+            BatchedMD(model, bulk, 0.5, pressure_GPa=bad)
+    with pytest.raises(HessforgeError, match="under a barostat only"):
+        BatchedMD(model, bulk, 0.5).pressure()
+    with pytest.raises(HessforgeError, match="volume by a factor"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0)
+
+
+def test_md_cli_with_pressure(tmp_path, rng, capsys):
+    import ase.io
+
+    from training.cli import main
+
+    data = tmp_path / "bulk.xyz"
+    ase.io.write(data, bulk_systems(rng, [6, 8]))
+    out = tmp_path / "end.xyz"
+    model = "painn:hidden=8,layers=1,num_basis=4"
+    common = ["--batch-size", "2", "--threads", "1", "--seed", "3", "--barostat-time", "20"]
+    assert main(["md", model, str(data), "--steps", "4", "--interval", "2", "--pressure", "1.5", "-o", str(out),
+                 *common]) == 0
+    assert "P mean" in capsys.readouterr().err
+    end = ase.io.read(out, ":")
+    assert all(np.isfinite(f.info["md_pressure_GPa"]) for f in end)
+    assert not np.allclose(end[0].cell[:], ase.io.read(data, 0).cell[:])
+    assert main(["md", model, str(data), "--steps", "1", "--pressure", "0", "--mode", "compiled", *common]) == 2
+    assert "use --mode eager" in capsys.readouterr().err

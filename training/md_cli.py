@@ -1,17 +1,20 @@
 """`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
-call per step. MODEL: a checkpoint, an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as
-for `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
+call per step; constant volume, or with --pressure a Berendsen barostat (bulk systems). MODEL: a checkpoint,
+an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as for
+`hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
 (so a previous run's -o file continues that run), else drawn at --temperature (--init-temperature forces a
 draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
-with info md_step, md_system, md_potential_energy (eV) and arrays md_forces (eV/Å); prints ns/day."""
+with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa and the cell under --pressure) and
+arrays md_forces (eV/Å); prints ns/day."""
 from __future__ import annotations
 
 import math
 import sys
 import time
 
+from ase import units
 
 from engine.errors import HessforgeError
 from engine.md import INTEGRATORS, BatchedMD
@@ -34,6 +37,14 @@ def add_arguments(parser) -> None:
                         help="K: draw initial velocities at this temperature even where DATA carries momenta "
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
+    parser.add_argument("--pressure", type=float, default=None,
+                        help="GPa: Berendsen barostat (isotropic, LAMMPS' fix press/berendsen) to this pressure; "
+                             "bulk systems and gradient-force students in eager mode (default: constant volume)")
+    parser.add_argument("--barostat-time", type=float, default=1000.0,
+                        help="fs: the barostat's coupling time τ_P (default 1000)")
+    parser.add_argument("--bulk-modulus", type=float, default=100.0,
+                        help="GPa: the bulk modulus the barostat assumes; above the real one it only relaxes "
+                             "slower (default 100, safe for liquids and most solids)")
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
     parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager)")
@@ -82,10 +93,14 @@ def run(args) -> int:
         raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn, schnet)")
     model = target.student
     if args.mode != "eager":
+        if args.pressure is not None:
+            raise HessforgeError(f"--pressure needs the student's stress, which --mode {args.mode} does not give: "
+                                 "use --mode eager")
         model, _ = student_for_mode(model, args.mode, device)
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,
-                   device=device, dtype=dtype, seed=args.seed)
+                   device=device, dtype=dtype, seed=args.seed, pressure_GPa=args.pressure,
+                   barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus)
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()
@@ -94,9 +109,14 @@ def run(args) -> int:
         elapsed = time.perf_counter() - start
         t = s.temperature()
         e = s.total_energy()
+        npt = ""
+        if s.barostat:
+            p, v = s.pressure() / units.GPa, s.volume() / s.natoms
+            npt = (f"P mean {float(p.mean()):.3f} GPa (min {float(p.min()):.3f}, max {float(p.max()):.3f}), "
+                   f"V mean {float(v.mean()):.3f} Å³/atom, ")
         print(f"step {s.nsteps}: T mean {float(t.mean()):.1f} K (min {float(t.min()):.1f}, max {float(t.max()):.1f}), "
-              f"E_tot mean {float(e.mean()):.4f} eV, {ns_per_day(s.nsteps * s.nsystems / elapsed):.3g} ns/day at 1 fs "
-              f"({s.nsystems} systems), {s.neighbor_builds} neighbor-list builds", file=sys.stderr)
+              f"{npt}E_tot mean {float(e.mean()):.4f} eV, {ns_per_day(s.nsteps * s.nsystems / elapsed):.3g} ns/day "
+              f"at 1 fs ({s.nsystems} systems), {s.neighbor_builds} neighbor-list builds", file=sys.stderr)
         if args.trajectory:
             ase.io.write(args.trajectory, s.to_atoms(atoms), format="extxyz", append=True)
 

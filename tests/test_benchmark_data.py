@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from training import dft as D
+from training import benchmark_data
 from training.benchmark_data import split_molecules
 
 TINY = ["--heavy-atoms", "1", "--require-elements", "O", "--max-molecules", "1", "--conformers", "2",
@@ -112,6 +113,13 @@ def test_build_benchmark_end_to_end(tmp_path, monkeypatch):
     assert meta["groups"]["train"] == ["qm9_000003"]
     prov = open(os.path.join(out, "PROVENANCE.md")).read()
     assert "**Labelled: 2**" in prov and f"hessforge build-benchmark --out {out}" in prov
+
+    # --report-only from another code version keeps the versions the labels were made with (the log's)
+    versions = next(line for line in prov.split("\n") if line.startswith("python "))
+    monkeypatch.setattr(benchmark_data, "_versions", lambda: {"python": "9.9", "git commit": "elsewhere"})
+    assert cli(["build-benchmark", "--out", out, *TINY, "--report-only"]) == 0
+    again = open(os.path.join(out, "PROVENANCE.md")).read()
+    assert versions in again and "elsewhere" not in again
 
 
 def test_one_builder_per_folder(tmp_path):

@@ -298,7 +298,7 @@ class Builder:
             self._lock()
             self.log(stage="run", status="start", argv=argv, workers=a.workers, threads=a.threads,
                      max_molecules=a.max_molecules, max_cycle=a.max_cycle, host=platform.node(),
-                     cpus=os.cpu_count())
+                     cpus=os.cpu_count(), versions=_versions())
         mols, n_cand = self.select()
         repair = not a.dry_run  # a dry run never writes the data files
         have_conf = D.group_frames(D.read_extxyz(self.path["conformers"], repair=repair))
@@ -408,6 +408,22 @@ class Builder:
         return len(labels)
 
 
+def _build_versions(runs, provenance_path: str):
+    """The versions the labels were made with, not those of whoever rewrites the report (--report-only runs
+    from any later commit): the last build run's, logged at its start; for logs from before runs logged them,
+    the line an earlier build wrote into PROVENANCE.md (a str); else the current environment's."""
+    logged = [r["versions"] for r in runs if isinstance(r.get("versions"), dict)]
+    if logged:
+        return logged[-1]
+    if os.path.exists(provenance_path):
+        lines = open(provenance_path, encoding="utf-8").read().split("\n")
+        if "## Versions" in lines:
+            line = lines[lines.index("## Versions") + 2] if len(lines) > lines.index("## Versions") + 2 else ""
+            if line.startswith("python "):
+                return line
+    return _versions()
+
+
 def _versions() -> Dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -469,7 +485,7 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
             rate = (len(t) - 1) / (t[-1] - t[0]) * 3600
             rate_line = (f"Recent rate: {rate:.0f} structures/hour (last {len(t)} labels); at that rate the "
                          f"{max(pending, 0)} pending ones need about {max(pending, 0) / rate * 60:.0f} min.")
-    ver = _versions()
+    ver = _build_versions(runs, os.path.join(b.out, "PROVENANCE.md"))
     L = []
     w = L.append
     w(f"# {os.path.basename(os.path.normpath(b.out))}: QM9 benchmark slice, provenance\n")
@@ -547,8 +563,10 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
           f"{end['wall_s'] if end else ''} | {ended} |")
     w("")
     w("## Versions\n")
-    w(", ".join(f"{k} {v}" for k, v in ver.items()) + f"; machine: {platform.machine()}, "
-      f"{runs[-1].get('cpus') if runs else os.cpu_count()} CPUs (shared with other jobs: timings are pessimistic).\n")
+    w(ver if isinstance(ver, str) else ", ".join(f"{k} {v}" for k, v in ver.items()) + f"; machine: "
+      f"{platform.machine()}, {runs[-1].get('cpus') if runs else os.cpu_count()} CPUs (shared with other jobs: "
+      "timings are pessimistic).")
+    w("")
     w("## Failures\n")
     if not last_reason or not (failed_dft or failed_md):
         w("None so far.\n")

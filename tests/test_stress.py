@@ -91,7 +91,8 @@ def test_batched_stress_is_the_strain_derivative(name, rng):
                 d = strained_energy(model, s, np.eye(3) + e) - strained_energy(model, s, np.eye(3) - e)
                 fd[i, j] = d / (2 * h)
         fd /= abs(np.linalg.det(s.cell))
-        assert np.abs(stress[b]).max() > 1e-4  # not trivially zero
+        assert np.abs(stress[b]).max() > 1e-5  # not trivially zero: >= 100x the tolerance below (a random SchNet
+        # gave 5.5e-5 eV/Å³ at seed 2852199853)
         np.testing.assert_allclose(stress[b], fd, atol=1e-7 * max(1.0, np.abs(fd).max()))
 
 

@@ -128,6 +128,17 @@ def strain_stress(energy_fn, positions: np.ndarray, cell: np.ndarray, dtype=None
     return grad.detach().cpu().numpy().astype(np.float64) / abs(float(np.linalg.det(np.asarray(cell))))
 
 
+def strained_batch(batch: dict, positions, cell, shift_keys=(("shifts", "unit_shifts"),)) -> dict:
+    """A copy of a mace-style input `batch` at strained `positions` and `cell`: every Cartesian image shift
+    (`shifts` ...) is rebuilt from its integer counterpart (`unit_shifts` ...) so the periodic images move with
+    the cell. Pairs whose integer key is absent from the batch are skipped."""
+    data = dict(batch, positions=positions, cell=cell)
+    for shift, unit in shift_keys:
+        if unit in batch:
+            data[shift] = batch[unit] @ cell
+    return data
+
+
 def one_hot_rows(rows: np.ndarray, n_coords: int, dtype=None):
     """[k, n_coords] one-hot torch matrix: the grad_outputs that pick Hessian rows `rows` in one backward."""
     import torch

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    load_pickled_model, strain_stress)
+                                    load_pickled_model, strain_stress, strained_batch)
 
 
 def load_mace_model(path: str):
@@ -71,7 +71,7 @@ class MACETeacher(Teacher):
         stress = None
         if np.all(atoms.get_pbc()):
             def strained_energy(pos, cell):  # the images move with the cell: shifts from the integer ones
-                data = dict(batch, positions=pos, cell=cell, shifts=batch["unit_shifts"] @ cell)
+                data = strained_batch(batch, pos, cell)
                 return self.model(data, compute_force=False, training=False)["energy"].sum()
 
             stress = strain_stress(strained_energy, batch["positions"], batch["cell"].reshape(3, 3))

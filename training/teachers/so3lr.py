@@ -20,7 +20,8 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    check_periodic_cell, load_pickled_model, strain_stress)
+                                    check_periodic_cell, load_pickled_model, strain_stress,
+                                    strained_batch)
 
 # The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
 # I). The network embeds all 118 elements, so nothing in the file says which ones it has seen: outside this
@@ -122,9 +123,7 @@ class SO3LRTeacher(Teacher):
             def strained_energy(pos, cell):
                 # The images move with the cell, in both neighbour lists: the short-range network's and the
                 # long-range (electrostatics, dispersion) one, each from its integer shifts.
-                data = dict(batch, positions=pos, cell=cell, shifts=batch["unit_shifts"] @ cell)
-                if "unit_shifts_lr" in batch:
-                    data["shifts_lr"] = batch["unit_shifts_lr"] @ cell
+                data = strained_batch(batch, pos, cell, (("shifts", "unit_shifts"), ("shifts_lr", "unit_shifts_lr")))
                 return self.model(data, compute_force=False, training=False)["energy"].sum()
 
             stress = strain_stress(strained_energy, batch["positions"], batch["cell"].reshape(3, 3))

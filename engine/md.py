@@ -9,11 +9,14 @@ Integrators (one force evaluation per step):
   velocity update v <- c1 v + sqrt((1 - c1²) kT/m) ξ with c1 = exp(-γ dt), half drift, new forces, half kick.
   Friction γ in 1/fs; every atom thermostatted, each system to its own target temperature.
 
-Pressure (optional, `pressure_GPa`): Berendsen's barostat, isotropic, each system to its own target pressure,
-as LAMMPS' fix press/berendsen: after a step the instantaneous pressure P = (2 KE - tr(dE/dε)) / (3V) (virial
-from the strain derivative, engine.stress, plus the ideal-gas term, ASE's include_ideal_gas) sets
-μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3); the next step starts by scaling that system's positions and cell by μ and
-then kicks with the forces of the unscaled geometry (as LAMMPS: one model call per step). Reported energies,
+Pressure (optional, `pressure_GPa`): Berendsen's barostat, each system to its own target pressure, as LAMMPS'
+fix press/berendsen: after a step the instantaneous pressure tensor P = (Σ m v⊗v - dE/dε) / V (virial from the
+strain derivative, engine.stress, plus the ideal-gas term: minus ASE's stress with include_ideal_gas) sets
+μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3), with P = tr(P)/3 for coupling "iso" (one μ, the shape is kept) and with
+each diagonal component P_aa for "aniso" (one μ_a per Cartesian axis: x, y and z relax to P0 independently, as
+LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by component, the diagonal
+strain that P_aa drives); the next step starts by scaling that system's positions and cell by μ and then kicks
+with the forces of the unscaled geometry (as LAMMPS: one model call per step). Reported energies,
 forces and pressures belong to the positions and cell they are reported with. B is the bulk modulus the
 coupling assumes: a B above the real one only slows the approach (relaxation time τ_P B/B_real), one below
 it overshoots, so the default (100 GPa, a stiff solid) is safe for liquids and soft solids. Berendsen gives the
@@ -24,7 +27,7 @@ Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
 the model sees exactly the graph a fresh list would give, and the list is rebuilt when any atom of the
 batch has moved more than skin/2 since the last build (under a barostat: moved relative to the scaled
-positions, with the skin shrunk by the compression since the build). Models that build their own neighbor list
+positions, with the skin shrunk by the strongest compression since the build). Models that build their own neighbor list
 (engine.runner.FusedStudent) are called on the positions alone. Positions are not wrapped into the cell
 (the neighbor lists take unwrapped positions).
 
@@ -48,6 +51,7 @@ from engine.stress import cell_volumes, energy_forces_strain_derivative
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
 KB = units.kB  # eV/K
 INTEGRATORS = ("verlet", "langevin")
+BAROSTAT_COUPLINGS = ("iso", "aniso")
 
 
 class BatchedMD:
@@ -63,7 +67,8 @@ class BatchedMD:
     keeps it zero), so a Verlet run drawn at T reads T, as in LAMMPS.
 
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring),
-    with coupling time barostat_time_fs (τ_P) and assumed bulk modulus bulk_modulus_GPa (B).
+    with coupling time barostat_time_fs (τ_P), assumed bulk modulus bulk_modulus_GPa (B) and coupling
+    barostat_coupling ("iso": the volume, "aniso": each Cartesian axis).
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",
@@ -71,7 +76,7 @@ class BatchedMD:
                  skin: float = 0.0, init_temperature_K: Optional[float] = None, device=None,
                  dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, neighbor_backend: str = "auto",
                  pressure_GPa: Union[float, Sequence[float], None] = None, barostat_time_fs: float = 1000.0,
-                 bulk_modulus_GPa: float = 100.0):
+                 bulk_modulus_GPa: float = 100.0, barostat_coupling: str = "iso"):
         if integrator not in INTEGRATORS:
             raise HessforgeError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
         if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
@@ -95,7 +100,8 @@ class BatchedMD:
             model.check_species(a.numbers, a.get_chemical_formula())
         self.barostat = pressure_GPa is not None
         if self.barostat:
-            self._check_barostat(model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa)
+            self._check_barostat(model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
+                                 barostat_coupling)
         self.fuses_neighbors = bool(getattr(model, "fuses_neighbors", False))
         self.integrator, self.dt, self.skin = integrator, float(timestep_fs), float(skin)
         self.friction = float(friction_per_fs)
@@ -118,8 +124,9 @@ class BatchedMD:
             self.target_pressure = self._per_system(pressure_GPa, "pressure_GPa", unit="GPa",
                                                     allow_negative=True) * units.GPa  # eV/Å³
             self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
-        self._pending_scale = None  # per-system μ of the barostat, applied at the start of the next step
-        self._scale_since_build = torch.ones(self.nsystems, dtype=self.dtype, device=self.device)
+            self.barostat_coupling = barostat_coupling
+        self._pending_scale = None  # [B, 3] μ per system and axis, applied at the start of the next step
+        self._scale_since_build = torch.ones(self.nsystems, 3, dtype=self.dtype, device=self.device)
         self.dE_deps = None  # [B, 3, 3] eV under a barostat: the strain derivative at the current geometry
 
         if init_temperature_K is not None:
@@ -156,7 +163,10 @@ class BatchedMD:
                                  f"or one per system ({self.nsystems}), got {value}")
         return t
 
-    def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa) -> None:
+    def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
+                        coupling) -> None:
+        if coupling not in BAROSTAT_COUPLINGS:
+            raise HessforgeError(f"barostat coupling must be one of {', '.join(BAROSTAT_COUPLINGS)}, got {coupling!r}")
         if not isinstance(model, Student) or model.direct_forces:
             raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student in eager mode; "
                                  f"{type(model).__name__}{' (direct forces)' if isinstance(model, Student) else ''} "
@@ -214,34 +224,47 @@ class BatchedMD:
     def total_energy(self) -> torch.Tensor:
         return self.energy + self.kinetic_energy()
 
+    def cell(self) -> torch.Tensor:
+        """[B, 3, 3] Å, cell vectors as rows (they change under a barostat)."""
+        return self._graph.cell
+
     def volume(self) -> torch.Tensor:
         """[B] Å³ (0 for systems without a 3D cell)."""
         return cell_volumes(self._graph.cell)
 
-    def pressure(self) -> torch.Tensor:
-        """[B] instantaneous pressure in eV/Å³, virial plus ideal-gas term (barostat runs only)."""
+    def pressure_tensor(self) -> torch.Tensor:
+        """[B, 3, 3] instantaneous pressure tensor in eV/Å³, virial plus ideal-gas term (barostat runs only):
+        minus ASE's stress with include_ideal_gas."""
         if self.dE_deps is None:
             raise HessforgeError("pressure is computed under a barostat only (pressure_GPa)")
-        kinetic = 2.0 * self.kinetic_energy()  # Σ m v², eV
-        return (kinetic - torch.diagonal(self.dE_deps, dim1=1, dim2=2).sum(dim=1)) / (3.0 * self.volume())
+        v = self.velocities
+        kinetic = self._per_system_sum(self.masses[:, None, None] * v[:, :, None] * v[:, None, :]) / ACCEL  # eV
+        return (kinetic - self.dE_deps) / self.volume()[:, None, None]
+
+    def pressure(self) -> torch.Tensor:
+        """[B] instantaneous pressure in eV/Å³, tr(P)/3 of pressure_tensor (barostat runs only)."""
+        return torch.diagonal(self.pressure_tensor(), dim1=1, dim2=2).sum(dim=1) / 3.0
 
     def to_atoms(self, atoms_list: Sequence) -> List:
         """Copies of `atoms_list` with the current positions and momenta, and the model's results under keys
-        of their own (info md_step, md_system, md_potential_energy in eV, under a barostat md_pressure_GPa and
-        the current cell; arrays md_forces in eV/Å), which do not collide with labels the input carries."""
+        of their own (info md_step, md_system, md_potential_energy in eV, under a barostat md_pressure_GPa,
+        md_pressure_tensor_GPa [3, 3] and the current cell; arrays md_forces in eV/Å), which do not collide with
+        labels the input carries."""
         out = []
         pos = self.positions.detach().double().cpu().numpy()
         vel = self.velocities.detach().double().cpu().numpy() / units.fs  # Å/ASE-time
         energy = self.energy.detach().double().cpu().numpy()
         forces = self.forces.detach().double().cpu().numpy()
-        pressure = (self.pressure() / units.GPa).detach().double().cpu().numpy() if self.barostat else None
+        if self.barostat:
+            tensor = (self.pressure_tensor() / units.GPa).detach().double().cpu().numpy()
         start = 0
         for k, a in enumerate(atoms_list):
             b = a.copy()
             n = len(b)
             if self.barostat:
                 b.set_cell(self._graph.cell[k].detach().double().cpu().numpy())
-                b.info["md_pressure_GPa"] = float(pressure[k])
+                b.info["md_pressure_GPa"] = float(np.trace(tensor[k]) / 3.0)
+                b.info["md_pressure_tensor_GPa"] = tensor[k].copy()
             b.set_positions(pos[start:start + n])
             b.set_momenta(vel[start:start + n] * b.get_masses()[:, None])
             b.info.update(md_step=self.nsteps, md_system=k, md_potential_energy=float(energy[k]))
@@ -269,9 +292,10 @@ class BatchedMD:
 
     def _list_expired(self, positions: torch.Tensor) -> bool:
         """Whether a pair within the cutoff now may be missing from the list built at _ref_positions. Under a
-        barostat the reference positions were scaled with the system (by s since the build), so a pair's
-        vector is s r_build + (d_i - d_j), d the displacement from the scaled reference: every pair within
-        the cutoff was within cutoff + skin at the build while 2 max|d| <= s (cutoff + skin) - cutoff."""
+        barostat the reference positions were scaled with the system (by S = diag(s) since the build), so a
+        pair's vector is S r_build + (d_i - d_j), d the displacement from the scaled reference, and
+        |S r_build| >= min(s) |r_build|: every pair within the cutoff was within cutoff + skin at the build
+        while 2 max|d| <= min(s) (cutoff + skin) - cutoff."""
         moved = (positions - self._ref_positions).square().sum(dim=1).max().sqrt()
         budget = float(self._scale_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
         return bool(2.0 * moved > budget)
@@ -322,28 +346,35 @@ class BatchedMD:
 
     # ---------------------------------------------------------------------------------- barostat
     def _barostat_scale(self) -> torch.Tensor:
-        """[B] Berendsen's μ from the pressure now (module docstring)."""
-        pressure = self.pressure()
-        volume_ratio = 1.0 - self.dt / self.barostat_time * (self.target_pressure - pressure) / self.bulk_modulus
+        """[B, 3] Berendsen's μ per system and Cartesian axis from the pressure now (module docstring)."""
+        diagonal = torch.diagonal(self.pressure_tensor(), dim1=1, dim2=2)  # [B, 3]
+        if self.barostat_coupling == "iso":
+            pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3)
+        else:
+            pressure = diagonal
+        target = self.target_pressure[:, None]
+        volume_ratio = 1.0 - self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
         bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
         if bool(bad.any()):
-            k = int(bad.nonzero()[0])
+            k, axis = (int(i) for i in bad.nonzero()[0])
+            what = "its volume" if self.barostat_coupling == "iso" else f"its volume (through axis {'xyz'[axis]})"
             raise HessforgeError(
-                f"barostat at step {self.nsteps}: system {k} would change its volume by a factor "
-                f"{float(volume_ratio[k]):.3g} in one step (pressure {float(pressure[k] / units.GPa):.4g} GPa, target "
-                f"{float(self.target_pressure[k] / units.GPa):.4g}): the dynamics blew up, or the coupling is too "
-                "strong (raise the barostat time or the bulk modulus)")
+                f"barostat at step {self.nsteps}: system {k} would change {what} by a factor "
+                f"{float(volume_ratio[k, axis]):.3g} in one step (pressure {float(pressure[k, axis] / units.GPa):.4g} "
+                f"GPa, target {float(self.target_pressure[k] / units.GPa):.4g}): the dynamics blew up, or the "
+                "coupling is too strong (raise the barostat time or the bulk modulus)")
         return volume_ratio.pow(1.0 / 3.0)
 
     def _scale_systems(self) -> None:
-        """Apply the pending μ: positions (unwrapped, so every periodic image moves consistently) and cell
-        of each system, and the neighbor list's reference positions with them."""
+        """Apply the pending μ [B, 3] to the Cartesian components of the positions (unwrapped, so every
+        periodic image moves consistently) and cell vectors of each system, and of the neighbor list's
+        reference positions with them (fractional coordinates are kept)."""
         if self._pending_scale is None:
             return
         mu = self._pending_scale
         self._pending_scale = None
-        self.positions = self.positions * mu[self.batch][:, None]
-        self._graph = self._graph._replace(cell=self._graph.cell * mu[:, None, None])
+        self.positions = self.positions * mu[self.batch]
+        self._graph = self._graph._replace(cell=self._graph.cell * mu[:, None, :])
         if self._ref_positions is not None:
-            self._ref_positions = self._ref_positions * mu[self.batch][:, None]
+            self._ref_positions = self._ref_positions * mu[self.batch]
             self._scale_since_build = self._scale_since_build * mu

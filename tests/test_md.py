@@ -263,10 +263,11 @@ def bulk_systems(rng, sizes, symbols="CNO", min_distance=1.1):
     return out
 
 
-def test_barostat_gives_the_ideal_gas_law(rng):
+@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+def test_barostat_gives_the_ideal_gas_law(rng, coupling):
     """A student with zero energy is an ideal gas: under the Langevin thermostat at T and the barostat at P0
     the mean volume must come to N k T / P0 (the kinetic term of the pressure and the coupling law together),
-    from a start 30 % denser."""
+    from a start 30 % denser; under aniso coupling too, where each axis follows its own diagonal pressure."""
     model = PaiNN([18], cutoff=4.0, hidden=8, layers=1, num_basis=4).double()
     with torch.no_grad():
         model.energy_scale.fill_(0.0)
@@ -277,7 +278,7 @@ def test_barostat_gives_the_ideal_gas_law(rng):
     p0 = KB * temperature / volume_per_atom / units.GPa
     md = BatchedMD(model, atoms, 2.0, integrator="langevin", temperature_K=temperature, friction_per_fs=0.05,
                    pressure_GPa=p0, barostat_time_fs=100.0, bulk_modulus_GPa=0.1, skin=1.0,
-                   seed=int(rng.integers(1 << 30)))
+                   seed=int(rng.integers(1 << 30)), barostat_coupling=coupling)
     volumes = []
 
     def record(s):
@@ -289,42 +290,57 @@ def test_barostat_gives_the_ideal_gas_law(rng):
     late = torch.stack(volumes[500:])
     assert abs(float(late.mean()) / volume_per_atom - 1.0) < 0.03, float(late.mean())
     assert float(late.mean(dim=0).min()) > 0.9 * volume_per_atom  # every system, not only the batch's mean
+    lengths = torch.diagonal(md.cell(), dim1=1, dim2=2)
+    aspect = float((lengths.max(dim=1).values / lengths.min(dim=1).values).max())
+    if coupling == "iso":  # the shape is kept
+        assert aspect < 1 + 1e-12, aspect
+    else:  # each axis moves on its own (an ideal gas has no restoring force on the shape)
+        assert aspect > 1.001, aspect
 
 
-def test_barostat_pressure_is_ases_and_scales_the_volume(rng):
-    """The reported pressure equals ASE's (engine.Calculator, include_ideal_gas) at the reported geometry and
-    momenta, the reported energy is that geometry's, and each step scales each volume by
-    1 - dt/τ_P (P0 - P)/B with P the pressure after the previous step."""
+@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
+    """The reported pressure tensor equals minus ASE's stress (engine.Calculator, include_ideal_gas) at the
+    reported geometry and momenta, the reported energy is that geometry's, and each step scales the Cartesian
+    components of each cell by μ = [1 - dt/τ_P (P0 - P)/B]^(1/3) with P the pressure after the previous step:
+    tr(P)/3 for every axis (iso), the axis' own P_aa (aniso)."""
     from engine import Calculator
 
     model = student(1.0)
     atoms = bulk_systems(rng, [6, 9, 12])
-    targets = [0.0, 2.0, -1.0]
+    targets = torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64) * units.GPa
     md = BatchedMD(model, atoms, 0.5, integrator="langevin", temperature_K=600.0, init_temperature_K=600.0,
-                   pressure_GPa=targets, barostat_time_fs=50.0, bulk_modulus_GPa=50.0, seed=int(rng.integers(1 << 30)))
+                   pressure_GPa=(targets / units.GPa).tolist(), barostat_time_fs=50.0, bulk_modulus_GPa=50.0,
+                   seed=int(rng.integers(1 << 30)), barostat_coupling=coupling)
     for _ in range(4):
-        before_p, before_v = md.pressure().clone(), md.volume().clone()
+        diagonal = torch.diagonal(md.pressure_tensor(), dim1=1, dim2=2).clone()
+        before_cell, before_v = md.cell().clone(), md.volume().clone()
         md.step(1)
-        expected = 1.0 - 0.5 / 50.0 * (torch.tensor(targets, dtype=torch.float64) * units.GPa - before_p) / (
-            50.0 * units.GPa)
-        np.testing.assert_allclose(md.volume() / before_v, expected, rtol=1e-12)
+        p = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
+        mu = (1.0 - 0.5 / 50.0 * (targets[:, None] - p) / (50.0 * units.GPa)).pow(1.0 / 3.0)
+        torch.testing.assert_close(md.cell(), before_cell * mu[:, None, :], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(md.volume() / before_v, mu.prod(dim=1), rtol=1e-12, atol=0)
+    spread = float((mu.max(dim=1).values / mu.min(dim=1).values - 1).max())
+    assert (spread < 1e-12) if coupling == "iso" else (spread > 1e-6), spread
     for frame in md.to_atoms(atoms):
         frame.calc = Calculator(model)
-        ase_pressure = -np.trace(frame.get_stress(voigt=False, include_ideal_gas=True)) / 3 / units.GPa
-        assert abs(ase_pressure) > 1e-3
-        np.testing.assert_allclose(frame.info["md_pressure_GPa"], ase_pressure, rtol=1e-9, atol=1e-12)
+        ase_tensor = -frame.get_stress(voigt=False, include_ideal_gas=True) / units.GPa
+        assert np.abs(ase_tensor).max() > 1e-3
+        np.testing.assert_allclose(frame.info["md_pressure_tensor_GPa"], ase_tensor, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(frame.info["md_pressure_GPa"], np.trace(ase_tensor) / 3, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(frame.info["md_potential_energy"], frame.get_potential_energy(), atol=1e-9)
     assert not np.allclose(md.to_atoms(atoms)[0].cell[:], atoms[0].cell[:])
 
 
-def test_barostat_batch_is_independent_and_skin_list_follows_the_cell(rng):
+@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+def test_barostat_batch_is_independent_and_skin_list_follows_the_cell(rng, coupling):
     """Under strong compression (> 5 % per length in 15 steps, more than the skin) the systems of a batch move as if alone, and a
     skin list (whose reference positions and budget follow the scaling) gives the rebuilt-list trajectory."""
     model = student(0.05)  # slow atoms: the compression, not their motion, must trigger the rebuilds
     atoms = bulk_systems(rng, [5, 8])
     for a in atoms:
         a.set_momenta(rng.normal(scale=0.05, size=(len(a), 3)))
-    kw = dict(pressure_GPa=[20.0, 15.0], barostat_time_fs=5.0, bulk_modulus_GPa=100.0)
+    kw = dict(pressure_GPa=[20.0, 15.0], barostat_time_fs=5.0, bulk_modulus_GPa=100.0, barostat_coupling=coupling)
     together = BatchedMD(model, atoms, 0.5, **kw)
     skinned = BatchedMD(model, atoms, 0.5, skin=0.2, **kw)
     together.step(15)
@@ -335,12 +351,35 @@ def test_barostat_batch_is_independent_and_skin_list_follows_the_cell(rng):
     assert torch.allclose(skinned.energy, together.energy, atol=1e-10)
     start = 0
     for k, a in enumerate(atoms):
-        alone = BatchedMD(model, [a], 0.5, pressure_GPa=kw["pressure_GPa"][k], barostat_time_fs=5.0)
+        alone = BatchedMD(model, [a], 0.5, **dict(kw, pressure_GPa=kw["pressure_GPa"][k]))
         alone.step(15)
         n = len(a)
         assert torch.allclose(together.positions[start:start + n], alone.positions, atol=1e-10)
         assert torch.allclose(together.volume()[k], alone.volume()[0], rtol=1e-12)
         start += n
+
+
+def test_aniso_skin_list_is_rebuilt_when_one_axis_compresses():
+    """Two C atoms 4.6 Å apart along y (cutoff 4, skin 0.5: not in the list), drifting together along x, whose
+    kinetic pressure P_xx is the target: aniso coupling keeps x and compresses y (and z) until the pair is within
+    the cutoff. The skin list must be rebuilt for it (the budget follows the most compressed axis) and give the
+    energies of a list rebuilt every step."""
+    model = student(0.01)  # its stress (~1e-6 GPa) is small next to the kinetic P_xx
+    side, v = 20.0, 5e-3  # Å, Å/fs: the atoms move 0.06 Å in the run, not enough to expire the list
+    atoms = Atoms("C2", positions=[[5.0, 5.0, 5.0], [5.0, 9.6, 5.0]], cell=np.eye(3) * side, pbc=True)
+    atoms.set_momenta(np.array([[v, 0.0, 0.0]] * 2) / units.fs * atoms.get_masses()[:, None])
+    p_xx = 2 * atoms.get_masses()[0] * v ** 2 / units.fs ** 2 / side ** 3 / units.GPa
+    kw = dict(pressure_GPa=p_xx, barostat_time_fs=10.0, bulk_modulus_GPa=2 * p_xx, barostat_coupling="aniso")
+    rebuilt, skinned = BatchedMD(model, [atoms], 1.0, **kw), BatchedMD(model, [atoms], 1.0, skin=0.5, **kw)
+    e_far = float(rebuilt.energy[0])
+    for _ in range(12):
+        rebuilt.step(1)
+        skinned.step(1)
+        assert torch.allclose(skinned.energy, rebuilt.energy, atol=1e-12), rebuilt.nsteps
+    lengths = torch.diagonal(rebuilt.cell()[0])
+    assert float(lengths[0]) >= side and float(lengths[1]) < 0.85 * side, lengths
+    assert abs(float(rebuilt.energy[0]) - e_far) > 1e-9  # the pair interacts by now (far above the 1e-12 match)
+    assert skinned.neighbor_builds >= 2
 
 
 def test_barostat_bad_input(rng):
@@ -364,6 +403,10 @@ def test_barostat_bad_input(rng):
         BatchedMD(model, bulk, 0.5).pressure()
     with pytest.raises(HessforgeError, match="volume by a factor"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0)
+    with pytest.raises(HessforgeError, match=r"volume \(through axis [xyz]\) by a factor"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0, barostat_coupling="aniso")
+    with pytest.raises(HessforgeError, match="barostat coupling must be one of iso, aniso"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="tri")
 
 
 def test_md_cli_with_pressure(tmp_path, rng, capsys):
@@ -382,5 +425,10 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     end = ase.io.read(out, ":")
     assert all(np.isfinite(f.info["md_pressure_GPa"]) for f in end)
     assert not np.allclose(end[0].cell[:], ase.io.read(data, 0).cell[:])
+    assert main(["md", model, str(data), "--steps", "2", "--pressure", "1.5", "--barostat-coupling", "aniso",
+                 "-o", str(out), *common]) == 0
+    end = ase.io.read(out, ":")
+    assert all(f.info["md_pressure_tensor_GPa"].shape == (3, 3) for f in end)
+    np.testing.assert_allclose(np.trace(end[0].info["md_pressure_tensor_GPa"]) / 3, end[0].info["md_pressure_GPa"])
     assert main(["md", model, str(data), "--steps", "1", "--pressure", "0", "--mode", "compiled", *common]) == 2
     assert "use --mode eager" in capsys.readouterr().err

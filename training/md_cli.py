@@ -6,8 +6,8 @@ repeated in turn when there are fewer. Initial velocities, per structure: DATA's
 (so a previous run's -o file continues that run), else drawn at --temperature (--init-temperature forces a
 draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
-with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa and the cell under --pressure) and
-arrays md_forces (eV/Å); prints ns/day."""
+with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa, md_pressure_tensor_GPa and the
+cell under --pressure) and arrays md_forces (eV/Å); prints ns/day."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ import time
 from ase import units
 
 from engine.errors import HessforgeError
-from engine.md import INTEGRATORS, BatchedMD
+from engine.md import BAROSTAT_COUPLINGS, INTEGRATORS, BatchedMD
 from engine.paths import atomic_path, check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
 from training.bench import DTYPES, load_structures, make_targets, set_threads
@@ -38,10 +38,13 @@ def add_arguments(parser) -> None:
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
     parser.add_argument("--pressure", type=float, default=None,
-                        help="GPa: Berendsen barostat (isotropic, LAMMPS' fix press/berendsen) to this pressure; "
+                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure; "
                              "bulk systems and gradient-force students in eager mode (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
+    parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
+                        help="iso: scale the volume, keeping the cell's shape (default); aniso: scale x, y and z "
+                             "independently, each to the target pressure")
     parser.add_argument("--bulk-modulus", type=float, default=100.0,
                         help="GPa: the bulk modulus the barostat assumes; above the real one it only relaxes "
                              "slower (default 100, safe for liquids and most solids)")
@@ -100,7 +103,8 @@ def run(args) -> int:
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,
                    device=device, dtype=dtype, seed=args.seed, pressure_GPa=args.pressure,
-                   barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus)
+                   barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus,
+                   barostat_coupling=args.barostat_coupling)
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()

@@ -20,8 +20,8 @@ with the forces of the unscaled geometry (as LAMMPS: one model call per step). R
 forces and pressures belong to the positions and cell they are reported with. B is the bulk modulus the
 coupling assumes: a B above the real one only slows the approach (relaxation time τ_P B/B_real), one below
 it overshoots, so the default (100 GPa, a stiff solid) is safe for liquids and soft solids. Berendsen gives the
-right mean pressure, not the NPT ensemble's volume fluctuations. Needs gradient-force students (stress) and
-systems periodic in all 3 directions.
+right mean pressure, not the NPT ensemble's volume fluctuations. Needs gradient-force students (stress), eager
+or compiled (engine.compiled.CompiledStudent), and systems periodic in all 3 directions.
 
 Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every step. With skin > 0 a list
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
@@ -165,11 +165,16 @@ class BatchedMD:
 
     def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
                         coupling) -> None:
+        from engine.compiled import CompiledStudent
+
         if coupling not in BAROSTAT_COUPLINGS:
             raise HessforgeError(f"barostat coupling must be one of {', '.join(BAROSTAT_COUPLINGS)}, got {coupling!r}")
-        if not isinstance(model, Student) or model.direct_forces:
-            raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student in eager mode; "
-                                 f"{type(model).__name__}{' (direct forces)' if isinstance(model, Student) else ''} "
+        # the strain derivative needs the energy as a function of positions and cell on a given graph: eager or
+        # compiled students (whose compiled backward reaches the cell too), not the ones building their own list
+        strain_ready = isinstance(model, (Student, CompiledStudent))
+        if not strain_ready or model.direct_forces:
+            raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student, eager or "
+                                 f"compiled; {type(model).__name__}{' (direct forces)' if strain_ready else ''} "
                                  "gives none here")
         for k, a in enumerate(atoms_list):
             if not a.pbc.all():

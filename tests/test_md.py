@@ -1,6 +1,8 @@
 """Batched MD (engine.md): velocity Verlet conserves energy with the right units and order, the batch is B
 independent systems, the skin list gives the same trajectory as rebuilding, BAOAB Langevin reaches its target
 temperature, and bad input fails clearly."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -382,6 +384,30 @@ def test_aniso_skin_list_is_rebuilt_when_one_axis_compresses():
     assert skinned.neighbor_builds >= 2
 
 
+def test_barostat_with_a_compiled_student_follows_the_eager_one(rng):
+    """A compiled student's stress (its compiled backward reaching the strained cell) drives the barostat as the
+    eager student's does: same cells, positions and pressures step by step."""
+    from engine.compiled import CompiledStudent
+
+    model = student(1.0)
+    atoms = bulk_systems(rng, [6, 9])
+    kw = dict(integrator="langevin", temperature_K=600.0, init_temperature_K=600.0, pressure_GPa=[1.0, -1.0],
+              barostat_time_fs=20.0, bulk_modulus_GPa=20.0, barostat_coupling="aniso", seed=int(rng.integers(1 << 30)))
+    eager = BatchedMD(model, atoms, 0.5, **kw)
+    compiled = BatchedMD(CompiledStudent(copy.deepcopy(model), backend="aot_eager"), atoms, 0.5, **kw)
+    for _ in range(3):
+        eager.step(2)
+        compiled.step(2)
+        torch.testing.assert_close(compiled.pressure_tensor(), eager.pressure_tensor(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(compiled.cell(), eager.cell(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled.positions, eager.positions, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(eager.cell(), graph_cells(atoms))
+
+
+def graph_cells(atoms_list) -> torch.Tensor:
+    return torch.as_tensor(np.stack([a.cell[:] for a in atoms_list]), dtype=torch.float64)
+
+
 def test_barostat_bad_input(rng):
     model = student()
     bulk = bulk_systems(rng, [4])
@@ -430,5 +456,16 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     end = ase.io.read(out, ":")
     assert all(f.info["md_pressure_tensor_GPa"].shape == (3, 3) for f in end)
     np.testing.assert_allclose(np.trace(end[0].info["md_pressure_tensor_GPa"]) / 3, end[0].info["md_pressure_GPa"])
-    assert main(["md", model, str(data), "--steps", "1", "--pressure", "0", "--mode", "compiled", *common]) == 2
-    assert "use --mode eager" in capsys.readouterr().err
+    runs = {}
+    for mode in ("eager", "compiled"):  # the same step: compiled stress drives the barostat as eager's does
+        runs[mode] = tmp_path / f"{mode}.xyz"
+        torch.manual_seed(0)  # the same random weights for both
+        assert main(["md", model, str(data), "--steps", "2", "--pressure", "3", "--mode", mode, "-o",
+                     str(runs[mode]), *common]) == 0
+    eager, compiled = (ase.io.read(runs[m], ":") for m in ("eager", "compiled"))
+    for e, c in zip(eager, compiled):
+        np.testing.assert_allclose(c.info["md_pressure_tensor_GPa"], e.info["md_pressure_tensor_GPa"], rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(c.cell[:], e.cell[:], rtol=1e-6)
+    assert main(["md", model, str(data), "--steps", "1", "--pressure", "0", "--mode", "fused", *common]) == 2
+    assert "use --mode eager or compiled" in capsys.readouterr().err

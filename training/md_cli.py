@@ -38,8 +38,8 @@ def add_arguments(parser) -> None:
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
     parser.add_argument("--pressure", type=float, default=None,
-                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure; "
-                             "bulk systems and gradient-force students in eager mode (default: constant volume)")
+                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure; bulk "
+                             "systems, gradient-force students in eager or compiled mode (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
     parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
@@ -96,9 +96,9 @@ def run(args) -> int:
         raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn, schnet)")
     model = target.student
     if args.mode != "eager":
-        if args.pressure is not None:
+        if args.pressure is not None and args.mode != "compiled":
             raise HessforgeError(f"--pressure needs the student's stress, which --mode {args.mode} does not give: "
-                                 "use --mode eager")
+                                 "use --mode eager or compiled")
         model, _ = student_for_mode(model, args.mode, device)
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,

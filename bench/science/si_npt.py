@@ -10,7 +10,12 @@ the means of 5 blocks, per system; the student's systems are independent copies,
     python bench/science/si_npt.py lammps OUT_DIR [--temperatures 300,900] [--ps 20]
     python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3]
     python bench/science/si_npt.py report OUT_DIR          # markdown table of every result in OUT_DIR
-Results: bench/results/materials_si_npt/ (one JSON per source) and materials_si_npt_cpu.md.
+
+With `--coupling aniso --start-strain EX,EY,EZ` both sides start from the cell stretched by (1 + E) along each
+axis and scale x, y and z independently (LAMMPS: press/berendsen aniso), so the distortion must relax back to the
+cubic lattice; the lengths of the three axes are averaged separately (a_x, a_y, a_z = L / 2).
+Results: bench/results/materials_si_npt/ (one JSON per source), materials_si_npt_aniso/ and
+materials_si_npt_cpu.md.
 """
 from __future__ import annotations
 
@@ -39,7 +44,20 @@ def lattice_constant(volumes: np.ndarray) -> np.ndarray:
     return (np.asarray(volumes) / SIDE ** 3) ** (1.0 / 3.0)
 
 
-def run_lammps(out_dir: str, temperatures, ps: float, equilibrate: float, seed: int) -> None:
+def axis_results(series: np.ndarray) -> dict:
+    """Block means of the lattice constant (from the volume, [samples]) or, for [samples, 4] series of volume and
+    the three box lengths, also of each axis' a = L / SIDE."""
+    series = np.asarray(series, dtype=np.float64).reshape(len(series), -1)
+    mean, err = block_mean(lattice_constant(series[:, 0]))
+    out = {"a": mean, "a_err": err}
+    if series.shape[1] == 4:
+        axes = [block_mean(series[:, 1 + k] / SIDE) for k in range(3)]
+        out.update(a_axes=[m for m, _ in axes], a_axes_err=[e for _, e in axes])
+    return out
+
+
+def run_lammps(out_dir: str, temperatures, ps: float, equilibrate: float, seed: int, coupling: str = "iso",
+               strain=(0.0, 0.0, 0.0)) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     from training.teachers.lammps import _load_liblammps
 
@@ -57,16 +75,20 @@ lattice diamond {A_START}
 region box block 0 {SIDE} 0 {SIDE} 0 {SIDE}
 create_box 1 box
 create_atoms 1 box
+change_box all x scale {1 + strain[0]} y scale {1 + strain[1]} z scale {1 + strain[2]} remap
 mass 1 28.0855
 pair_style sw
 pair_coeff * * Si.sw Si
 velocity all create {temperature} {seed + k + 1} mom yes rot no dist gaussian
 fix nve all nve
 fix thermostat all langevin {temperature} {temperature} {LANGEVIN_FS / 1000} {seed + k + 11}
-fix barostat all press/berendsen iso 0.0 0.0 {BAROSTAT_FS / 1000} modulus {MODULUS_GPA * 1e4}
+fix barostat all press/berendsen {coupling} 0.0 0.0 {BAROSTAT_FS / 1000} modulus {MODULUS_GPA * 1e4}
 timestep {DT_FS / 1000}
 variable v equal vol
-fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v file {out_dir}/lammps_{temperature:g}K_volume.txt
+variable lx equal lx
+variable ly equal ly
+variable lz equal lz
+fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v v_lx v_ly v_lz file {out_dir}/lammps_{temperature:g}K_volume.txt
 """)
         start = time.perf_counter()
         lmp.command(f"run {steps}")
@@ -75,16 +97,16 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v file {out_dir}/lammps_{temperatur
         data = np.loadtxt(f"{out_dir}/lammps_{temperature:g}K_volume.txt")
         os.remove(f"{out_dir}/lammps_{temperature:g}K_volume.txt")
         keep = data[:, 0] > equilibrate * 1000 / DT_FS
-        a = lattice_constant(data[keep, 1])
-        mean, err = block_mean(a)
-        results.append({"temperature_K": temperature, "a": mean, "a_err": err, "samples": int(keep.sum()),
-                        "ps": ps, "wall_s": round(wall, 1)})
-        print(f"SW (LAMMPS) {temperature:g} K: a = {mean:.5f} ± {err:.5f} Å ({wall:.0f} s)")
-    write(out_dir, "lammps_sw", {"source": "Stillinger-Weber (LAMMPS)", "results": results})
+        stats = axis_results(data[keep, 1:5] if coupling == "aniso" else data[keep, 1])
+        results.append({"temperature_K": temperature, **stats, "samples": int(keep.sum()), "ps": ps,
+                        "wall_s": round(wall, 1)})
+        print(f"SW (LAMMPS) {temperature:g} K: a = {stats['a']:.5f} ± {stats['a_err']:.5f} Å"
+              + (f", axes {np.round(stats['a_axes'], 5).tolist()}" if "a_axes" in stats else "") + f" ({wall:.0f} s)")
+    write(out_dir, "lammps_sw", {"source": "Stillinger-Weber (LAMMPS)", "results": results}, coupling, strain)
 
 
 def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float, equilibrate: float, seed: int,
-                dtype: str) -> None:
+                dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0)) -> None:
     import torch
     from ase.build import bulk
 
@@ -95,37 +117,59 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
     name = os.path.basename(os.path.normpath(run_dir))
     model = load_model(os.path.join(run_dir, "best.pt"), dtype=getattr(torch, dtype))
     cell = bulk("Si", "diamond", a=A_START, cubic=True).repeat(SIDE)
+    cell.set_cell(cell.cell[:] * (1.0 + np.asarray(strain))[None, :], scale_atoms=True)
     systems = [cell.copy() for _ in temperatures for _ in range(copies)]
     targets = [float(t) for t in temperatures for _ in range(copies)]
     md = BatchedMD(model, systems, DT_FS, integrator="langevin", temperature_K=targets, init_temperature_K=targets,
                    friction_per_fs=1.0 / LANGEVIN_FS, pressure_GPa=0.0, barostat_time_fs=BAROSTAT_FS,
-                   bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed, dtype=getattr(torch, dtype))
+                   bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed, dtype=getattr(torch, dtype),
+                   barostat_coupling=coupling)
     steps = int(round(ps * 1000 / DT_FS))
-    volumes = []
+    samples = []
+
+    def sample(s: BatchedMD) -> None:  # [systems, 4]: volume and the three box lengths (the cell stays diagonal)
+        lengths = torch.diagonal(s.cell(), dim1=1, dim2=2)
+        samples.append(torch.cat([s.volume()[:, None], lengths], dim=1).double().cpu().numpy())
+
     start = time.perf_counter()
-    md.step(steps, callback=lambda s: volumes.append(s.volume().double().cpu().numpy()), interval=SAMPLE_EVERY)
+    md.step(steps, callback=sample, interval=SAMPLE_EVERY)
     wall = time.perf_counter() - start
-    volumes = np.array(volumes)  # [samples, systems]
-    keep = np.arange(1, len(volumes) + 1) * SAMPLE_EVERY > equilibrate * 1000 / DT_FS
+    samples = np.array(samples)  # [samples, systems, 4]
+    if coupling == "iso":
+        samples = samples[..., :1]
+    keep = np.arange(1, len(samples) + 1) * SAMPLE_EVERY > equilibrate * 1000 / DT_FS
     results = []
     for temperature in temperatures:
         cols = [i for i, t in enumerate(targets) if t == float(temperature)]
-        per_system = [block_mean(lattice_constant(volumes[keep, c])) for c in cols]
-        means = np.array([m for m, _ in per_system])
-        errs = np.array([e for _, e in per_system])
-        results.append({"temperature_K": temperature, "a": float(means.mean()),
-                        "a_err": float(np.sqrt((errs ** 2).sum()) / len(errs)), "a_per_system": means.tolist(),
-                        "samples": int(keep.sum()), "ps": ps})
-        print(f"{name} {temperature:g} K: a = {means.mean():.5f} ± {results[-1]['a_err']:.5f} Å")
+        per_system = [axis_results(samples[keep, c]) for c in cols]
+        result = {"temperature_K": temperature, "a_per_system": [r["a"] for r in per_system],
+                  "samples": int(keep.sum()), "ps": ps}
+        for key in [k for k in per_system[0] if not k.endswith("_err")]:  # copies averaged, errors combined
+            means, errs = (np.array([r[k] for r in per_system]) for k in (key, key + "_err"))
+            result[key] = means.mean(axis=0).tolist()
+            result[key + "_err"] = (np.sqrt((errs ** 2).sum(axis=0)) / len(errs)).tolist()
+        results.append(result)
+        print(f"{name} {temperature:g} K: a = {result['a']:.5f} ± {result['a_err']:.5f} Å"
+              + (f", axes {np.round(result['a_axes'], 5).tolist()}" if "a_axes" in result else ""))
     write(out_dir, name, {"source": name, "run_dir": run_dir, "dtype": dtype, "copies": copies,
-                          "wall_s": round(wall, 1), "neighbor_builds": md.neighbor_builds, "results": results})
+                          "wall_s": round(wall, 1), "neighbor_builds": md.neighbor_builds, "results": results},
+          coupling, strain)
 
 
-def write(out_dir: str, name: str, record: dict) -> None:
+def write(out_dir: str, name: str, record: dict, coupling: str, strain) -> None:
     record["settings"] = {"cell_atoms": 8 * SIDE ** 3, "dt_fs": DT_FS, "langevin_damping_fs": LANGEVIN_FS,
-                          "barostat_fs": BAROSTAT_FS, "bulk_modulus_GPa": MODULUS_GPA, "pressure_GPa": 0.0}
+                          "barostat_fs": BAROSTAT_FS, "bulk_modulus_GPa": MODULUS_GPA, "pressure_GPa": 0.0,
+                          "coupling": coupling, "start_strain": list(strain)}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
         json.dump(record, fh, indent=1)
+
+
+def cell_text(result: dict) -> str:
+    """a ± err, and under aniso coupling the three axes' a (x / y / z)."""
+    text = f"{result['a']:.4f} ± {result['a_err']:.4f}"
+    if "a_axes" in result:
+        text += " (x/y/z " + " / ".join(f"{a:.4f}" for a in result["a_axes"]) + ")"
+    return text
 
 
 def report(out_dir: str) -> None:
@@ -140,7 +184,7 @@ def report(out_dir: str) -> None:
     print("|---" * (1 + 2 * len(temps)) + "|")
     for name in (["lammps_sw"] if ref else []) + [n for n in records if n != "lammps_sw"]:
         by_t = {r["temperature_K"]: r for r in records[name]["results"]}
-        cells = [f"{by_t[t]['a']:.4f} ± {by_t[t]['a_err']:.4f}" if t in by_t else "-" for t in temps]
+        cells = [cell_text(by_t[t]) if t in by_t else "-" for t in temps]
         rel = [f"{100 * (by_t[t]['a'] / ref_a[t] - 1):+.2f} %" if t in by_t and t in ref_a and name != "lammps_sw"
                else "-" for t in temps]
         print(f"| {records[name]['source']} | " + " | ".join(cells) + " | " + " | ".join(rel) + " |")
@@ -160,6 +204,8 @@ def main() -> None:
         p.add_argument("--ps", type=float, default=20.0 if cmd == "lammps" else 3.0)
         p.add_argument("--equilibrate", type=float, default=1.0, help="ps discarded at the start")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--coupling", choices=("iso", "aniso"), default="iso")
+        p.add_argument("--start-strain", default="0,0,0", help="EX,EY,EZ: start from the cell stretched by 1 + E")
     p = sub.add_parser("report")
     p.add_argument("out_dir")
     args = parser.parse_args()
@@ -167,10 +213,14 @@ def main() -> None:
         return report(args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     temps = [float(t) for t in args.temperatures.split(",")]
+    strain = tuple(float(e) for e in args.start_strain.split(","))
+    if len(strain) != 3:
+        parser.error(f"--start-strain needs three numbers EX,EY,EZ, got {args.start_strain!r}")
     if args.command == "lammps":
-        run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed)
+        run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed, args.coupling, strain)
     else:
-        run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype)
+        run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype,
+                    args.coupling, strain)
 
 
 if __name__ == "__main__":

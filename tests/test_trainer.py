@@ -413,6 +413,16 @@ def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng
     for part in ("teacher_vs_reference", "student_vs_teacher"):
         for key, value in ev0[part].items():
             assert ev1[part][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (part, key)
+    # `hessforge evaluate` on the test split fits the offsets on the validation split, as the trainer did
+    from training.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(tmp_path / "run_shifted" / "best.pt"), path, "--labels", str(tmp_path / "shifted"),
+                 "--json", str(out)]) == 0
+    test_result = json.loads(out.read_text())
+    assert test_result["teacher_energy_offsets_fitted_on"].endswith("structures of the validation split")
+    for z, o in off1.items():
+        assert test_result["teacher_energy_offsets_eV"][str(z)] == pytest.approx(o, abs=1e-9)
     # the fit itself, on fresh random compositions: exact offsets back
     numbers = [rng.choice([1, 6, 7, 8], size=rng.integers(2, 9)) for _ in range(20)]
     ref = rng.normal(size=20)

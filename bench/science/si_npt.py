@@ -8,7 +8,7 @@ are discarded and the lattice constant a = (V / 8)^(1/3) is averaged over the re
 the means of 5 blocks, per system; the student's systems are independent copies, averaged).
 
     python bench/science/si_npt.py lammps OUT_DIR [--temperatures 300,900] [--ps 20]
-    python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3]
+    python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3] [--mode compiled]
     python bench/science/si_npt.py report OUT_DIR          # markdown table of every result in OUT_DIR
 
 With `--coupling aniso --start-strain EX,EY,EZ` both sides start from the cell stretched by (1 + E) along each
@@ -106,7 +106,7 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v v_lx v_ly v_lz file {out_dir}/lam
 
 
 def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float, equilibrate: float, seed: int,
-                dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0)) -> None:
+                dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0), mode: str = "eager") -> None:
     import torch
     from ase.build import bulk
 
@@ -116,6 +116,10 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
     torch.set_num_threads(1)
     name = os.path.basename(os.path.normpath(run_dir))
     model = load_model(os.path.join(run_dir, "best.pt"), dtype=getattr(torch, dtype))
+    if mode == "compiled":  # the same dynamics, faster (the barostat takes the compiled student's stress)
+        from engine.compiled import CompiledStudent
+
+        model = CompiledStudent(model)
     cell = bulk("Si", "diamond", a=A_START, cubic=True).repeat(SIDE)
     cell.set_cell(cell.cell[:] * (1.0 + np.asarray(strain))[None, :], scale_atoms=True)
     systems = [cell.copy() for _ in temperatures for _ in range(copies)]
@@ -151,7 +155,7 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
         results.append(result)
         print(f"{name} {temperature:g} K: a = {result['a']:.5f} ± {result['a_err']:.5f} Å"
               + (f", axes {np.round(result['a_axes'], 5).tolist()}" if "a_axes" in result else ""))
-    write(out_dir, name, {"source": name, "run_dir": run_dir, "dtype": dtype, "copies": copies,
+    write(out_dir, name, {"source": name, "run_dir": run_dir, "dtype": dtype, "mode": mode, "copies": copies,
                           "wall_s": round(wall, 1), "neighbor_builds": md.neighbor_builds, "results": results},
           coupling, strain)
 
@@ -199,6 +203,7 @@ def main() -> None:
             p.add_argument("run_dir")
             p.add_argument("--copies", type=int, default=2)
             p.add_argument("--dtype", default="float32")
+            p.add_argument("--mode", choices=("eager", "compiled"), default="eager")
         p.add_argument("out_dir")
         p.add_argument("--temperatures", default="300,900")
         p.add_argument("--ps", type=float, default=20.0 if cmd == "lammps" else 3.0)
@@ -220,7 +225,7 @@ def main() -> None:
         run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed, args.coupling, strain)
     else:
         run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype,
-                    args.coupling, strain)
+                    args.coupling, strain, args.mode)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def write_report(report_dir: str) -> None:
              for names in groups.values() for run in names}
     # a stress column where the labels hold the teacher's stress (reports made before that stay as they were)
     with_stress = any("stress_mae_gpa" in e for e in evals.values())
-    lines = [f"| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
+    lines = ["| training structures | student trained on | seeds | energy MAE (meV/atom) | force MAE (meV/Å) | "
              + ("stress MAE (GPa) | " if with_stress else "") +
              f"Hessian-row MAE (eV/Å²) | phonon frequency MAE (THz) | highest frequency (THz; {who} "
              f"{max(ref['frequencies_THz']):.2f}) | a (Å; {who} {ref['lattice_constant_A']:.4f}) | B (GPa; {who} "

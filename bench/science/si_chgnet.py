@@ -9,6 +9,13 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
   cold-frames SRC_DIR OUT_DIR
                    SRC_DIR's frames and split plus 14 near-ideal cells (a = 5.38-5.56 Å, rattled 0.01 Å) in the
                    training split: the 0 K equation of state that MD frames do not sample
+  sheared-frames SRC_DIR OUT_DIR [--strain 0.02]
+                   SRC_DIR's frames and split with every training frame's cell (and atoms) under its own random
+                   volume-preserving shear (a symmetric traceless strain, components uniform in ±strain): the
+                   MD frames are cubic cells, so they leave the shear elastic constants unconstrained
+  shear-modulus RUN_DIR... [--teacher SPEC]
+                   C11 - C12 (tetragonal shear, no internal relaxation in diamond) of the teacher and each run's
+                   student at the teacher's finite-temperature lattice constant, from the stress of ±0.5 % strains
   phonons WORK RUN_DIR... [--teacher SPEC]
                    Lattice dynamics of each run's student (RUN_DIR/phonons.json) against the teacher's (CHGNet by
                    default, any `--teacher` spec of hessforge label; computed once, WORK/NAME_phonons.json):
@@ -139,6 +146,64 @@ def add_cold_frames(src_dir: str, out_dir: str, rattle: float = 0.01, copies: in
     with open(os.path.join(out_dir, "split.json"), "w") as fh:
         json.dump(split, fh, indent=1)
     print({k: len(v) for k, v in split["splits"].items()})
+
+
+def shear_frames(src_dir: str, out_dir: str, strain: float = 0.02, seed: int = 0) -> None:
+    """SRC_DIR's frames and split, each training frame sheared (module docstring); validation and test frames
+    stay as they were, so the test metrics compare with the unsheared study's."""
+    import ase.io
+
+    frames = ase.io.read(os.path.join(src_dir, "frames.extxyz"), index=":")
+    with open(os.path.join(src_dir, "split.json")) as fh:
+        split = json.load(fh)
+    rng = np.random.default_rng(seed)
+    for i in split["splits"]["train"]:
+        e = rng.uniform(-strain, strain, (3, 3))
+        e = 0.5 * (e + e.T)
+        e -= np.trace(e) / 3 * np.eye(3)
+        atoms = frames[i]
+        atoms.set_cell(atoms.cell[:] @ (np.eye(3) + e), scale_atoms=True)
+        atoms.info["shear_strain"] = e.ravel()
+    os.makedirs(out_dir, exist_ok=True)
+    ase.io.write(os.path.join(out_dir, "frames.extxyz"), frames, format="extxyz")
+    split["note"] = f"{split.get('note', '')}; training frames sheared (si_chgnet.py sheared-frames, ±{strain})"
+    with open(os.path.join(out_dir, "split.json"), "w") as fh:
+        json.dump(split, fh, indent=1)
+    print(f"{len(split['splits']['train'])} training frames sheared (components within ±{strain})")
+
+
+SHEAR_LATTICE = 5.4373  # Å: SW's lattice constant at 300 K and P = 0 (materials_si_npt_cpu.md)
+
+
+def shear_modulus(run_dirs, teacher: str = "chgnet", a: float = SHEAR_LATTICE, strain: float = 0.005) -> None:
+    """C11 - C12 (GPa) of the teacher and each run's student: (σ_xx - σ_yy) / (2ε) under the strain
+    diag(1 + ε, 1 - ε, 1) of the ideal 64-atom cell, central in ±ε. No internal relaxation: strains along the
+    cube axes leave the two fcc sublattices' relative position fixed by symmetry (unlike the shear of C44)."""
+    from ase.units import GPa
+
+    from engine import Calculator
+    from training.teachers import load_teacher
+
+    ref = load_teacher(teacher)
+    models = {teacher: lambda atoms: ref.compute(atoms).stress}
+    for run in run_dirs:
+        calc = Calculator(os.path.join(run, "best.pt"))
+
+        def student_stress(atoms, calc=calc):
+            atoms.calc = calc
+            return atoms.get_stress(voigt=False)
+
+        models[os.path.basename(os.path.normpath(run))] = student_stress
+    print(f"| model | C11 - C12 (GPa) at a = {a} Å |")
+    print("|---|---:|")
+    for name, stress in models.items():
+        values = []
+        for e in (strain, -strain):
+            atoms = diamond_si(a)
+            atoms.set_cell(atoms.cell[:] @ np.diag([1 + e, 1 - e, 1]), scale_atoms=True)
+            sigma = stress(atoms)
+            values.append((sigma[0, 0] - sigma[1, 1]) / (2 * e) / GPa)
+        print(f"| {name} | {np.mean(values):.1f} |")
 
 
 def pressure_probe(run_dirs, teacher: str = "chgnet", lattice=(5.455, 5.4706, 5.4819),
@@ -354,6 +419,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("cold-frames")
     p.add_argument("src_dir")
     p.add_argument("out_dir")
+    p = sub.add_parser("sheared-frames")
+    p.add_argument("src_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--strain", type=float, default=0.02)
+    p = sub.add_parser("shear-modulus")
+    p.add_argument("runs", nargs="*")
+    p.add_argument("--teacher", default="chgnet")
     p = sub.add_parser("phonons")
     p.add_argument("work")
     p.add_argument("runs", nargs="+")
@@ -368,6 +440,10 @@ def main(argv=None) -> int:
         make_frames(args.out_dir)
     elif args.command == "cold-frames":
         add_cold_frames(args.src_dir, args.out_dir)
+    elif args.command == "sheared-frames":
+        shear_frames(args.src_dir, args.out_dir, args.strain)
+    elif args.command == "shear-modulus":
+        shear_modulus(args.runs, args.teacher)
     elif args.command == "phonons":
         compare_phonons(args.work, args.runs, args.teacher)
     elif args.command == "pressure":

@@ -13,7 +13,7 @@ bench/science/materials.sh runs it end to end; this file holds its steps that ar
                    SRC_DIR's frames and split with every training frame's cell (and atoms) under its own random
                    volume-preserving shear (a symmetric traceless strain, components uniform in ±strain): the
                    MD frames are cubic cells, so they leave the shear elastic constants unconstrained
-  shear-modulus RUN_DIR... [--teacher SPEC]
+  shear-modulus RUN_DIR... [--teacher SPEC] [--work WORK]
                    C11 - C12 (tetragonal shear, no internal relaxation in diamond) of the teacher and each run's
                    student at the teacher's finite-temperature lattice constant, from the stress of ±0.5 % strains
   phonons WORK RUN_DIR... [--teacher SPEC]
@@ -175,10 +175,13 @@ def shear_frames(src_dir: str, out_dir: str, strain: float = 0.02, seed: int = 0
 SHEAR_LATTICE = 5.4373  # Å: SW's lattice constant at 300 K and P = 0 (materials_si_npt_cpu.md)
 
 
-def shear_modulus(run_dirs, teacher: str = "chgnet", a: float = SHEAR_LATTICE, strain: float = 0.005) -> None:
+def shear_modulus(run_dirs, teacher: str = "chgnet", a: float = SHEAR_LATTICE, strain: float = 0.005,
+                  work: str = "", frames: int = 10) -> None:
     """C11 - C12 (GPa) of the teacher and each run's student: (σ_xx - σ_yy) / (2ε) under the strain
     diag(1 + ε, 1 - ε, 1) of the ideal 64-atom cell, central in ±ε. No internal relaxation: strains along the
-    cube axes leave the two fcc sublattices' relative position fixed by symmetry (unlike the shear of C44)."""
+    cube axes leave the two fcc sublattices' relative position fixed by symmetry (unlike the shear of C44).
+    With `work`, also the same derivative averaged over the first `frames` test frames of WORK (thermal
+    configurations, strained with their atoms: the response where the students were trained)."""
     from ase.units import GPa
 
     from engine import Calculator
@@ -193,17 +196,30 @@ def shear_modulus(run_dirs, teacher: str = "chgnet", a: float = SHEAR_LATTICE, s
             atoms.calc = calc
             return atoms.get_stress(voigt=False)
 
-        models[os.path.basename(os.path.normpath(run))] = student_stress
-    print(f"| model | C11 - C12 (GPa) at a = {a} Å |")
-    print("|---|---:|")
+        parts = os.path.normpath(run).split(os.sep)
+        models["/".join(parts[-2:])] = student_stress  # work folder / run: runs of two studies share run names
+    starts = {f"ideal cell, a = {a} Å": [diamond_si(a)]}
+    if work:
+        import ase.io
+
+        with open(os.path.join(work, "split.json")) as fh:
+            test = json.load(fh)["splits"]["test"][:frames]
+        every = ase.io.read(os.path.join(work, "frames.extxyz"), index=":")
+        starts[f"{len(test)} test frames of {work}"] = [every[i] for i in test]
+    print("| model | " + " | ".join(f"C11 - C12 (GPa), {k}" for k in starts) + " |")
+    print("|---|" + "---:|" * len(starts))
     for name, stress in models.items():
-        values = []
-        for e in (strain, -strain):
-            atoms = diamond_si(a)
-            atoms.set_cell(atoms.cell[:] @ np.diag([1 + e, 1 - e, 1]), scale_atoms=True)
-            sigma = stress(atoms)
-            values.append((sigma[0, 0] - sigma[1, 1]) / (2 * e) / GPa)
-        print(f"| {name} | {np.mean(values):.1f} |")
+        cells = []
+        for configurations in starts.values():
+            values = []
+            for start in configurations:
+                for e in (strain, -strain):
+                    atoms = start.copy()
+                    atoms.set_cell(atoms.cell[:] @ np.diag([1 + e, 1 - e, 1]), scale_atoms=True)
+                    sigma = stress(atoms)
+                    values.append((sigma[0, 0] - sigma[1, 1]) / (2 * e) / GPa)
+            cells.append(f"{np.mean(values):.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def pressure_probe(run_dirs, teacher: str = "chgnet", lattice=(5.455, 5.4706, 5.4819),
@@ -426,6 +442,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("shear-modulus")
     p.add_argument("runs", nargs="*")
     p.add_argument("--teacher", default="chgnet")
+    p.add_argument("--work", default="", help="also average over this work folder's first test frames")
     p = sub.add_parser("phonons")
     p.add_argument("work")
     p.add_argument("runs", nargs="+")
@@ -443,7 +460,7 @@ def main(argv=None) -> int:
     elif args.command == "sheared-frames":
         shear_frames(args.src_dir, args.out_dir, args.strain)
     elif args.command == "shear-modulus":
-        shear_modulus(args.runs, args.teacher)
+        shear_modulus(args.runs, args.teacher, work=args.work)
     elif args.command == "phonons":
         compare_phonons(args.work, args.runs, args.teacher)
     elif args.command == "pressure":

@@ -56,6 +56,30 @@ def axis_results(series: np.ndarray) -> dict:
     return out
 
 
+def axis_trace(series: np.ndarray, every_fs: float = 100.0) -> list:
+    """[blocks][3]: each axis' a = L / SIDE averaged over consecutive `every_fs` windows of a [samples, 4]
+    series (volume, lengths) sampled every SAMPLE_EVERY steps from the start: how the shape relaxes."""
+    lengths = np.asarray(series, dtype=np.float64)[:, 1:4] / SIDE
+    per = max(1, int(round(every_fs / (SAMPLE_EVERY * DT_FS))))
+    blocks = len(lengths) // per
+    return np.round(lengths[:blocks * per].reshape(blocks, per, 3).mean(axis=1), 6).tolist()
+
+
+def shape_relaxation_ps(trace) -> float:
+    """Time constant (ps) of the shape's relaxation: a least-squares fit of ln(a_x - a_z) = c - t / T over the
+    100 fs windows while the distortion is above 10 % of its first value (well above the thermal noise).
+    Berendsen's aniso coupling predicts T = 3 τ_P B / (C11 - C12) for this diagonal distortion."""
+    trace = np.asarray(trace)
+    d = trace[:, 0] - trace[:, 2]
+    t = (np.arange(len(d)) + 0.5) * 0.1
+    below = np.flatnonzero(d < 0.1 * d[0])
+    end = int(below[0]) if len(below) else len(d)
+    if end < 3:
+        return float("nan")
+    slope = np.polyfit(t[:end], np.log(d[:end]), 1)[0]
+    return float(-1.0 / slope)
+
+
 def run_lammps(out_dir: str, temperatures, ps: float, equilibrate: float, seed: int, coupling: str = "iso",
                strain=(0.0, 0.0, 0.0)) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -98,6 +122,8 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v v_lx v_ly v_lz file {out_dir}/lam
         os.remove(f"{out_dir}/lammps_{temperature:g}K_volume.txt")
         keep = data[:, 0] > equilibrate * 1000 / DT_FS
         stats = axis_results(data[keep, 1:5] if coupling == "aniso" else data[keep, 1])
+        if coupling == "aniso":
+            stats["a_axes_trace_100fs"] = axis_trace(data[:, 1:5])
         results.append({"temperature_K": temperature, **stats, "samples": int(keep.sum()), "ps": ps,
                         "wall_s": round(wall, 1)})
         print(f"SW (LAMMPS) {temperature:g} K: a = {stats['a']:.5f} ± {stats['a_err']:.5f} Å"
@@ -106,7 +132,8 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v v_lx v_ly v_lz file {out_dir}/lam
 
 
 def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float, equilibrate: float, seed: int,
-                dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0), mode: str = "eager") -> None:
+                dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0), mode: str = "eager",
+                name: str = "") -> None:
     import torch
     from ase.build import bulk
 
@@ -114,7 +141,7 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
     from engine.md import BatchedMD
 
     torch.set_num_threads(1)
-    name = os.path.basename(os.path.normpath(run_dir))
+    name = name or os.path.basename(os.path.normpath(run_dir))
     model = load_model(os.path.join(run_dir, "best.pt"), dtype=getattr(torch, dtype))
     if mode == "compiled":  # the same dynamics, faster (the barostat takes the compiled student's stress)
         from engine.compiled import CompiledStudent
@@ -152,6 +179,8 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
             means, errs = (np.array([r[k] for r in per_system]) for k in (key, key + "_err"))
             result[key] = means.mean(axis=0).tolist()
             result[key + "_err"] = (np.sqrt((errs ** 2).sum(axis=0)) / len(errs)).tolist()
+        if samples.shape[-1] == 4:  # the copies' mean shape, every 100 fs from the start
+            result["a_axes_trace_100fs"] = axis_trace(samples[:, cols].mean(axis=1))
         results.append(result)
         print(f"{name} {temperature:g} K: a = {result['a']:.5f} ± {result['a_err']:.5f} Å"
               + (f", axes {np.round(result['a_axes'], 5).tolist()}" if "a_axes" in result else ""))
@@ -192,6 +221,17 @@ def report(out_dir: str) -> None:
         rel = [f"{100 * (by_t[t]['a'] / ref_a[t] - 1):+.2f} %" if t in by_t and t in ref_a and name != "lammps_sw"
                else "-" for t in temps]
         print(f"| {records[name]['source']} | " + " | ".join(cells) + " | " + " | ".join(rel) + " |")
+    traced = [n for n in records if any("a_axes_trace_100fs" in r for r in records[n]["results"])]
+    if traced:
+        print("\nShape relaxation time T (ps; fit of ln(a_x - a_z) while above 10 % of its start; Berendsen "
+              "predicts 3 τ_P B / (C11 - C12)):\n")
+        print("| source | " + " | ".join(f"T at {t:g} K (ps)" for t in temps) + " |")
+        print("|---" * (1 + len(temps)) + "|")
+        for name in traced:
+            by_t = {r["temperature_K"]: r for r in records[name]["results"]}
+            print(f"| {records[name]['source']} | " + " | ".join(
+                f"{shape_relaxation_ps(by_t[t]['a_axes_trace_100fs']):.2f}" if "a_axes_trace_100fs" in by_t.get(t, {})
+                else "-" for t in temps) + " |")
 
 
 def main() -> None:
@@ -204,6 +244,7 @@ def main() -> None:
             p.add_argument("--copies", type=int, default=2)
             p.add_argument("--dtype", default="float32")
             p.add_argument("--mode", choices=("eager", "compiled"), default="eager")
+            p.add_argument("--name", default="", help="the result's name (default: RUN_DIR's folder name)")
         p.add_argument("out_dir")
         p.add_argument("--temperatures", default="300,900")
         p.add_argument("--ps", type=float, default=20.0 if cmd == "lammps" else 3.0)
@@ -225,7 +266,7 @@ def main() -> None:
         run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed, args.coupling, strain)
     else:
         run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype,
-                    args.coupling, strain, args.mode)
+                    args.coupling, strain, args.mode, args.name)
 
 
 if __name__ == "__main__":

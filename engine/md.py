@@ -27,9 +27,9 @@ Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
 the model sees exactly the graph a fresh list would give, and the list is rebuilt when any atom of the
 batch has moved more than skin/2 since the last build (under a barostat: moved relative to the scaled
-positions, with the skin shrunk by the strongest compression since the build). Models that build their own neighbor list
-(engine.runner.FusedStudent) are called on the positions alone. Positions are not wrapped into the cell
-(the neighbor lists take unwrapped positions).
+positions, with the skin shrunk by the strongest compression since the build). Models that build their own
+neighbor list (engine.runner.FusedStudent) are called on the positions alone. Positions are not wrapped into
+the cell (the neighbor lists take unwrapped positions).
 
 The model is any engine student: forward(graph, compute_forces=True) -> {"energy": [B], "forces": [N, 3]}.
 """
@@ -230,8 +230,8 @@ class BatchedMD:
         return self.energy + self.kinetic_energy()
 
     def cell(self) -> torch.Tensor:
-        """[B, 3, 3] Å, cell vectors as rows (they change under a barostat)."""
-        return self._graph.cell
+        """[B, 3, 3] Å, cell vectors as rows (they change under a barostat); a copy."""
+        return self._graph.cell.clone()
 
     def volume(self) -> torch.Tensor:
         """[B] Å³ (0 for systems without a 3D cell)."""

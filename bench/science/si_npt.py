@@ -8,7 +8,7 @@ are discarded and the lattice constant a = (V / 8)^(1/3) is averaged over the re
 the means of 5 blocks, per system; the student's systems are independent copies, averaged).
 
     python bench/science/si_npt.py lammps OUT_DIR [--temperatures 300,900] [--ps 20]
-    python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3] \
+    python bench/science/si_npt.py student RUN_DIR OUT_DIR [--temperatures 300,900] [--copies 2] [--ps 3]
         [--mode compiled] [--name NAME]
     python bench/science/si_npt.py report OUT_DIR          # markdown table of every result in OUT_DIR
 

@@ -66,8 +66,9 @@ class BatchedMD:
     starts with zero total momentum (drawn velocities have their centre-of-mass motion removed, and Verlet
     keeps it zero), so a Verlet run drawn at T reads T, as in LAMMPS.
 
-    pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring),
-    with coupling time barostat_time_fs (τ_P), assumed bulk modulus bulk_modulus_GPa (B) and coupling
+    pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
+    under aniso coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa; e.g.
+    uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus bulk_modulus_GPa (B) and coupling
     barostat_coupling ("iso": the volume, "aniso": each Cartesian axis).
     """
 
@@ -121,8 +122,7 @@ class BatchedMD:
         temps = None if temperature_K is None else self._per_system(temperature_K, "temperature_K")
         self.temperature_K = temps
         if self.barostat:
-            self.target_pressure = self._per_system(pressure_GPa, "pressure_GPa", unit="GPa",
-                                                    allow_negative=True) * units.GPa  # eV/Å³
+            self.target_pressure = self._pressure_targets(pressure_GPa, barostat_coupling) * units.GPa  # [B, 3] eV/Å³
             self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
             self.barostat_coupling = barostat_coupling
         self._pending_scale = None  # [B, 3] μ per system and axis, applied at the start of the next step
@@ -162,6 +162,24 @@ class BatchedMD:
             raise HessforgeError(f"{name} must be finite{'' if allow_negative else f' and >= 0 {unit}'}, a scalar "
                                  f"or one per system ({self.nsystems}), got {value}")
         return t
+
+    def _pressure_targets(self, value, coupling: str) -> torch.Tensor:
+        """[B, 3] target P_xx, P_yy, P_zz (GPa): a scalar or one per system (hydrostatic), or under aniso
+        coupling per axis, [B, 3] (one row per system) or [[px, py, pz]] (the same for all)."""
+        if np.ndim(np.asarray(value, dtype=object)) != 2:
+            return self._per_system(value, "pressure_GPa", unit="GPa", allow_negative=True)[:, None].expand(-1, 3)
+        try:
+            t = torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=self.dtype).to(self.device)
+        except (TypeError, ValueError) as err:
+            raise HessforgeError(f"per-axis pressure_GPa must be numbers of GPa: {err}") from None
+        if t.shape[0] == 1:
+            t = t.expand(self.nsystems, -1)
+        if t.shape != (self.nsystems, 3) or not bool(torch.isfinite(t).all()):
+            raise HessforgeError(f"per-axis pressure_GPa must be finite, [systems ({self.nsystems}), 3] or [1, 3], "
+                                 f"got shape {tuple(t.shape)}")
+        if coupling != "aniso" and not bool((t == t[:, :1]).all()):
+            raise HessforgeError("different target pressures per axis need barostat_coupling='aniso'")
+        return t.clone()
 
     def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
                         coupling) -> None:
@@ -357,7 +375,7 @@ class BatchedMD:
             pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3)
         else:
             pressure = diagonal
-        target = self.target_pressure[:, None]
+        target = self.target_pressure
         volume_ratio = 1.0 - self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
         bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
         if bool(bad.any()):
@@ -366,7 +384,7 @@ class BatchedMD:
             raise HessforgeError(
                 f"barostat at step {self.nsteps}: system {k} would change {what} by a factor "
                 f"{float(volume_ratio[k, axis]):.3g} in one step (pressure {float(pressure[k, axis] / units.GPa):.4g} "
-                f"GPa, target {float(self.target_pressure[k] / units.GPa):.4g}): the dynamics blew up, or the "
+                f"GPa, target {float(target[k, axis] / units.GPa):.4g}): the dynamics blew up, or the "
                 "coupling is too strong (raise the barostat time or the bulk modulus)")
         return volume_ratio.pow(1.0 / 3.0)
 

@@ -300,26 +300,31 @@ def test_barostat_gives_the_ideal_gas_law(rng, coupling):
         assert aspect > 1.001, aspect
 
 
-@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+@pytest.mark.parametrize("coupling", ["iso", "aniso", "aniso per axis"])
 def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
     """The reported pressure tensor equals minus ASE's stress (engine.Calculator, include_ideal_gas) at the
     reported geometry and momenta, the reported energy is that geometry's, and each step scales the Cartesian
     components of each cell by μ = [1 - dt/τ_P (P0 - P)/B]^(1/3) with P the pressure after the previous step:
-    tr(P)/3 for every axis (iso), the axis' own P_aa (aniso)."""
+    tr(P)/3 for every axis (iso), the axis' own P_aa (aniso), against the axis' own target (per axis)."""
     from engine import Calculator
 
     model = student(1.0)
     atoms = bulk_systems(rng, [6, 9, 12])
-    targets = torch.tensor([0.0, 2.0, -1.0], dtype=torch.float64) * units.GPa
+    if coupling == "aniso per axis":
+        given = [[0.0, 1.0, 3.0], [2.0, -1.0, 0.0], [1.0, 1.0, -2.0]]
+        targets = torch.tensor(given, dtype=torch.float64) * units.GPa
+    else:
+        given = [0.0, 2.0, -1.0]
+        targets = (torch.tensor(given, dtype=torch.float64) * units.GPa)[:, None].expand(-1, 3)
     md = BatchedMD(model, atoms, 0.5, integrator="langevin", temperature_K=600.0, init_temperature_K=600.0,
-                   pressure_GPa=(targets / units.GPa).tolist(), barostat_time_fs=50.0, bulk_modulus_GPa=50.0,
-                   seed=int(rng.integers(1 << 30)), barostat_coupling=coupling)
+                   pressure_GPa=given, barostat_time_fs=50.0, bulk_modulus_GPa=50.0,
+                   seed=int(rng.integers(1 << 30)), barostat_coupling=coupling.split()[0])
     for _ in range(4):
         diagonal = torch.diagonal(md.pressure_tensor(), dim1=1, dim2=2).clone()
         before_cell, before_v = md.cell().clone(), md.volume().clone()
         md.step(1)
         p = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
-        mu = (1.0 - 0.5 / 50.0 * (targets[:, None] - p) / (50.0 * units.GPa)).pow(1.0 / 3.0)
+        mu = (1.0 - 0.5 / 50.0 * (targets - p) / (50.0 * units.GPa)).pow(1.0 / 3.0)
         torch.testing.assert_close(md.cell(), before_cell * mu[:, None, :], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(md.volume() / before_v, mu.prod(dim=1), rtol=1e-12, atol=0)
     spread = float((mu.max(dim=1).values / mu.min(dim=1).values - 1).max())
@@ -431,6 +436,11 @@ def test_barostat_bad_input(rng):
         BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0)
     with pytest.raises(HessforgeError, match=r"volume \(through axis [xyz]\) by a factor"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0, barostat_coupling="aniso")
+    with pytest.raises(HessforgeError, match="per axis need barostat_coupling='aniso'"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=[[0.0, 0.0, 1.0]])
+    for bad in ([[0.0, 1.0]], [[0.0, float("inf"), 1.0]], [[0.0, 0.0, 1.0]] * 2, [["a", "b", "c"]]):
+        with pytest.raises(HessforgeError, match="per-axis pressure_GPa must be"):
+            BatchedMD(model, bulk, 0.5, pressure_GPa=bad, barostat_coupling="aniso")
     with pytest.raises(HessforgeError, match="barostat coupling must be one of iso, aniso"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="tri")
 
@@ -451,7 +461,7 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     end = ase.io.read(out, ":")
     assert all(np.isfinite(f.info["md_pressure_GPa"]) for f in end)
     assert not np.allclose(end[0].cell[:], ase.io.read(data, 0).cell[:])
-    assert main(["md", model, str(data), "--steps", "2", "--pressure", "1.5", "--barostat-coupling", "aniso",
+    assert main(["md", model, str(data), "--steps", "2", "--pressure", "0,0,1.5", "--barostat-coupling", "aniso",
                  "-o", str(out), *common]) == 0
     end = ase.io.read(out, ":")
     assert all(f.info["md_pressure_tensor_GPa"].shape == (3, 3) for f in end)
@@ -469,3 +479,8 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
         np.testing.assert_allclose(c.cell[:], e.cell[:], rtol=1e-6)
     assert main(["md", model, str(data), "--steps", "1", "--pressure", "0", "--mode", "fused", *common]) == 2
     assert "use --mode eager or compiled" in capsys.readouterr().err
+    assert main(["md", model, str(data), "--steps", "1", "--pressure", "0,0,1", *common]) == 2
+    assert "need barostat_coupling='aniso'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one pressure or three
+        main(["md", model, str(data), "--pressure", "0,1"])
+    assert "expected one pressure or three" in capsys.readouterr().err

@@ -37,9 +37,10 @@ def add_arguments(parser) -> None:
                         help="K: draw initial velocities at this temperature even where DATA carries momenta "
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
-    parser.add_argument("--pressure", type=float, default=None,
-                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure; bulk "
-                             "systems, gradient-force students in eager or compiled mode (default: constant volume)")
+    parser.add_argument("--pressure", type=pressure_targets, default=None, metavar="P | PX,PY,PZ",
+                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure, or with "
+                             "--barostat-coupling aniso one per axis (uniaxial stress: 0,0,5); bulk systems, "
+                             "gradient-force students in eager or compiled mode (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
     parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
@@ -58,6 +59,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interval", type=int, default=100, help="report (and trajectory) interval in steps")
     parser.add_argument("--trajectory", default=None, help="extxyz file for frames every --interval steps")
     parser.add_argument("-o", "--output", default=None, help="extxyz file for the final frames")
+
+
+def pressure_targets(text: str):
+    """--pressure: one number (GPa) or three (x, y, z: [[px, py, pz]] for engine.md.BatchedMD)."""
+    import argparse
+
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 3:
+        return [values]
+    raise argparse.ArgumentTypeError(f"expected one pressure or three (PX,PY,PZ) in GPa, got {text!r}")
 
 
 def run(args) -> int:

@@ -14,7 +14,9 @@ the means of 5 blocks, per system; the student's systems are independent copies,
 
 With `--coupling aniso --start-strain EX,EY,EZ` both sides start from the cell stretched by (1 + E) along each
 axis and scale x, y and z independently (LAMMPS: press/berendsen aniso), so the distortion must relax back to the
-cubic lattice; the lengths of the three axes are averaged separately (a_x, a_y, a_z = L / 2).
+cubic lattice; the lengths of the three axes are averaged separately (a_x, a_y, a_z = L / 2). With
+`--coupling aniso --pressure PX,PY,PZ` each axis has its own target (LAMMPS: x/y/z targets, couple none), e.g.
+uniaxial stress 0,0,2: the response measures the compliances S11 and S12.
 Results: bench/results/materials_si_npt/ (one JSON per source), materials_si_npt_aniso/ and
 materials_si_npt_cpu.md.
 """
@@ -81,8 +83,16 @@ def shape_relaxation_ps(trace) -> float:
     return float(-1.0 / slope)
 
 
+def lammps_barostat(coupling: str, pressure) -> str:
+    """press/berendsen's coupling arguments (bar, ps): one target (iso/aniso), or each axis its own (uncoupled)."""
+    bar, period = [p * 1e4 for p in pressure], BAROSTAT_FS / 1000
+    if len(set(bar)) == 1:
+        return f"{coupling} {bar[0]} {bar[0]} {period}"
+    return " ".join(f"{axis} {p} {p} {period}" for axis, p in zip("xyz", bar)) + " couple none"
+
+
 def run_lammps(out_dir: str, temperatures, ps: float, equilibrate: float, seed: int, coupling: str = "iso",
-               strain=(0.0, 0.0, 0.0)) -> None:
+               strain=(0.0, 0.0, 0.0), pressure=(0.0, 0.0, 0.0)) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
     from training.teachers.lammps import _load_liblammps
 
@@ -107,7 +117,7 @@ pair_coeff * * Si.sw Si
 velocity all create {temperature} {seed + k + 1} mom yes rot no dist gaussian
 fix nve all nve
 fix thermostat all langevin {temperature} {temperature} {LANGEVIN_FS / 1000} {seed + k + 11}
-fix barostat all press/berendsen {coupling} 0.0 0.0 {BAROSTAT_FS / 1000} modulus {MODULUS_GPA * 1e4}
+fix barostat all press/berendsen {lammps_barostat(coupling, pressure)} modulus {MODULUS_GPA * 1e4}
 timestep {DT_FS / 1000}
 variable v equal vol
 variable lx equal lx
@@ -129,12 +139,13 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} v_v v_lx v_ly v_lz file {out_dir}/lam
                         "wall_s": round(wall, 1)})
         print(f"SW (LAMMPS) {temperature:g} K: a = {stats['a']:.5f} ± {stats['a_err']:.5f} Å"
               + (f", axes {np.round(stats['a_axes'], 5).tolist()}" if "a_axes" in stats else "") + f" ({wall:.0f} s)")
-    write(out_dir, "lammps_sw", {"source": "Stillinger-Weber (LAMMPS)", "results": results}, coupling, strain)
+    write(out_dir, "lammps_sw", {"source": "Stillinger-Weber (LAMMPS)", "results": results}, coupling, strain,
+          pressure)
 
 
 def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float, equilibrate: float, seed: int,
                 dtype: str, coupling: str = "iso", strain=(0.0, 0.0, 0.0), mode: str = "eager",
-                name: str = "") -> None:
+                name: str = "", pressure=(0.0, 0.0, 0.0)) -> None:
     import torch
     from ase.build import bulk
 
@@ -153,7 +164,7 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
     systems = [cell.copy() for _ in temperatures for _ in range(copies)]
     targets = [float(t) for t in temperatures for _ in range(copies)]
     md = BatchedMD(model, systems, DT_FS, integrator="langevin", temperature_K=targets, init_temperature_K=targets,
-                   friction_per_fs=1.0 / LANGEVIN_FS, pressure_GPa=0.0, barostat_time_fs=BAROSTAT_FS,
+                   friction_per_fs=1.0 / LANGEVIN_FS, pressure_GPa=[list(pressure)], barostat_time_fs=BAROSTAT_FS,
                    bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed, dtype=getattr(torch, dtype),
                    barostat_coupling=coupling)
     steps = int(round(ps * 1000 / DT_FS))
@@ -187,12 +198,13 @@ def run_student(run_dir: str, out_dir: str, temperatures, copies: int, ps: float
               + (f", axes {np.round(result['a_axes'], 5).tolist()}" if "a_axes" in result else ""))
     write(out_dir, name, {"source": name, "run_dir": run_dir, "dtype": dtype, "mode": mode, "copies": copies,
                           "wall_s": round(wall, 1), "neighbor_builds": md.neighbor_builds, "results": results},
-          coupling, strain)
+          coupling, strain, pressure)
 
 
-def write(out_dir: str, name: str, record: dict, coupling: str, strain) -> None:
+def write(out_dir: str, name: str, record: dict, coupling: str, strain, pressure) -> None:
     record["settings"] = {"cell_atoms": 8 * SIDE ** 3, "dt_fs": DT_FS, "langevin_damping_fs": LANGEVIN_FS,
-                          "barostat_fs": BAROSTAT_FS, "bulk_modulus_GPa": MODULUS_GPA, "pressure_GPa": 0.0,
+                          "barostat_fs": BAROSTAT_FS, "bulk_modulus_GPa": MODULUS_GPA,
+                          "pressure_GPa": list(pressure),
                           "coupling": coupling, "start_strain": list(strain)}
     with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
         json.dump(record, fh, indent=1)
@@ -222,7 +234,9 @@ def report(out_dir: str) -> None:
         rel = [f"{100 * (by_t[t]['a'] / ref_a[t] - 1):+.2f} %" if t in by_t and t in ref_a and name != "lammps_sw"
                else "-" for t in temps]
         print(f"| {records[name]['source']} | " + " | ".join(cells) + " | " + " | ".join(rel) + " |")
-    traced = [n for n in records if any("a_axes_trace_100fs" in r for r in records[n]["results"])]
+    # the relaxation of a distorted start (a uniaxial target instead drives the shape away from cubic)
+    traced = [n for n in records if any("a_axes_trace_100fs" in r for r in records[n]["results"])
+              and any(records[n].get("settings", {}).get("start_strain", [0.0]))]
     if traced:
         print("\nShape relaxation time T (ps; fit of ln(a_x - a_z) while above 10 % of its start; Berendsen "
               "predicts 3 τ_P B / (C11 - C12)):\n")
@@ -253,6 +267,7 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--coupling", choices=("iso", "aniso"), default="iso")
         p.add_argument("--start-strain", default="0,0,0", help="EX,EY,EZ: start from the cell stretched by 1 + E")
+        p.add_argument("--pressure", default="0,0,0", help="PX,PY,PZ (GPa): the targets (differing: aniso only)")
     p = sub.add_parser("report")
     p.add_argument("out_dir")
     args = parser.parse_args()
@@ -261,13 +276,16 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     temps = [float(t) for t in args.temperatures.split(",")]
     strain = tuple(float(e) for e in args.start_strain.split(","))
-    if len(strain) != 3:
-        parser.error(f"--start-strain needs three numbers EX,EY,EZ, got {args.start_strain!r}")
+    pressure = tuple(float(p) for p in args.pressure.split(","))
+    if len(strain) != 3 or len(pressure) != 3:
+        parser.error(f"--start-strain and --pressure need three numbers, got {args.start_strain!r}, {args.pressure!r}")
+    if len(set(pressure)) > 1 and args.coupling != "aniso":
+        parser.error("different pressures per axis need --coupling aniso")
     if args.command == "lammps":
-        run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed, args.coupling, strain)
+        run_lammps(args.out_dir, temps, args.ps, args.equilibrate, args.seed, args.coupling, strain, pressure)
     else:
         run_student(args.run_dir, args.out_dir, temps, args.copies, args.ps, args.equilibrate, args.seed, args.dtype,
-                    args.coupling, strain, args.mode, args.name)
+                    args.coupling, strain, args.mode, args.name, pressure)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ class BatchedMD:
 
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
     under aniso coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa; e.g.
-    uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus bulk_modulus_GPa (B) and coupling
-    barostat_coupling ("iso": the volume, "aniso": each Cartesian axis).
+    uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus
+    bulk_modulus_GPa (B) and coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis).
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",

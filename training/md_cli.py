@@ -10,6 +10,7 @@ with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa, md_
 cell under --pressure) and arrays md_forces (eV/Å); prints ns/day."""
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -63,8 +64,6 @@ def add_arguments(parser) -> None:
 
 def pressure_targets(text: str):
     """--pressure: one number (GPa) or three (x, y, z: [[px, py, pz]] for engine.md.BatchedMD)."""
-    import argparse
-
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:

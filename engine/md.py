@@ -9,19 +9,30 @@ Integrators (one force evaluation per step):
   velocity update v <- c1 v + sqrt((1 - c1²) kT/m) ξ with c1 = exp(-γ dt), half drift, new forces, half kick.
   Friction γ in 1/fs; every atom thermostatted, each system to its own target temperature.
 
-Pressure (optional, `pressure_GPa`): Berendsen's barostat, each system to its own target pressure, as LAMMPS'
-fix press/berendsen: after a step the instantaneous pressure tensor P = (Σ m v⊗v - dE/dε) / V (virial from the
-strain derivative, engine.stress, plus the ideal-gas term: minus ASE's stress with include_ideal_gas) sets
-μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3), with P = tr(P)/3 for coupling "iso" (one μ, the shape is kept) and with
-each diagonal component P_aa for "aniso" (one μ_a per Cartesian axis: x, y and z relax to P0 independently, as
-LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by component, the diagonal
-strain that P_aa drives); the next step starts by scaling that system's positions and cell by μ and then kicks
-with the forces of the unscaled geometry (as LAMMPS: one model call per step). Reported energies,
-forces and pressures belong to the positions and cell they are reported with. B is the bulk modulus the
-coupling assumes: a B above the real one only slows the approach (relaxation time τ_P B/B_real), one below
-it overshoots, so the default (100 GPa, a stiff solid) is safe for liquids and soft solids. Berendsen gives the
-right mean pressure, not the NPT ensemble's volume fluctuations. Needs gradient-force students (stress), eager
-or compiled (engine.compiled.CompiledStudent), and systems periodic in all 3 directions.
+Pressure (optional, `pressure_GPa`): a barostat, each system to its own target pressure. After a step the
+instantaneous pressure tensor P = (Σ m v⊗v - dE/dε) / V (virial from the strain derivative, engine.stress, plus
+the ideal-gas term: minus ASE's stress with include_ideal_gas) gives each system a scale factor μ per Cartesian
+axis; the next step starts by scaling that system's positions and cell by μ and then kicks with the forces of the
+unscaled geometry (as LAMMPS: one model call per step). Coupling "iso" uses P = tr(P)/3 and one μ (the shape is
+kept); "aniso" uses each diagonal component P_aa and one μ_a per Cartesian axis (x, y and z relax to their
+targets independently, as LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by
+component, the diagonal strain that P_aa drives). Reported energies, forces and pressures belong to the
+positions and cell they are reported with. Methods (`barostat_method`):
+- "berendsen" (LAMMPS' fix press/berendsen): μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3) with P the iso or axis pressure;
+  velocities are not scaled. Right mean pressure, but it suppresses the volume fluctuations of the NPT ensemble.
+- "c-rescale" (stochastic cell rescaling, Bernetti & Bussi, J. Chem. Phys. 153, 114107 (2020); GROMACS'
+  C-rescale): Berendsen's first-order relaxation plus a noise term, which samples the isothermal-isobaric
+  ensemble (volume fluctuations <δV²> = kT V / B_real). Per step, in ε = ln V (iso):
+  Δε = -(dt/(τ_P B))(P0 - P) + sqrt(2 kT dt/(τ_P B V)) ξ, μ = exp(Δε/3); aniso: per axis ln L_a,
+  Δε_a = -(dt/(3 τ_P B))(P0_a - P_aa) + sqrt(2 kT dt/(3 τ_P B V)) ξ_a, μ_a = exp(Δε_a); ξ standard normal,
+  kT of the Langevin target temperature (the method needs integrator "langevin"). Velocities are scaled by
+  1/μ with the positions (momenta and positions scaled inversely, as in the paper). The ideal-gas check:
+  N free atoms sample V^N exp(-P0 V/kT), mean (N+1) kT/P0 (tests/test_md.py).
+B is the bulk modulus the coupling assumes (1/B: the compressibility of GROMACS' C-rescale): a B above the real
+one only slows the approach (relaxation time τ_P B/B_real), one below it overshoots (Berendsen), so the default
+(100 GPa, a stiff solid) is safe for liquids and soft solids; neither B nor τ_P changes what c-rescale samples.
+Needs gradient-force students (stress), eager or compiled (engine.compiled.CompiledStudent), and systems
+periodic in all 3 directions.
 
 Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every step. With skin > 0 a list
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
@@ -52,6 +63,7 @@ ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
 KB = units.kB  # eV/K
 INTEGRATORS = ("verlet", "langevin")
 BAROSTAT_COUPLINGS = ("iso", "aniso")
+BAROSTAT_METHODS = ("berendsen", "c-rescale")
 
 
 class BatchedMD:
@@ -69,7 +81,8 @@ class BatchedMD:
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
     under aniso coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa; e.g.
     uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus
-    bulk_modulus_GPa (B) and coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis).
+    bulk_modulus_GPa (B), coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis) and
+    method barostat_method ("berendsen", or "c-rescale" for NPT volume fluctuations; it needs "langevin").
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",
@@ -77,7 +90,8 @@ class BatchedMD:
                  skin: float = 0.0, init_temperature_K: Optional[float] = None, device=None,
                  dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, neighbor_backend: str = "auto",
                  pressure_GPa: Union[float, Sequence[float], None] = None, barostat_time_fs: float = 1000.0,
-                 bulk_modulus_GPa: float = 100.0, barostat_coupling: str = "iso"):
+                 bulk_modulus_GPa: float = 100.0, barostat_coupling: str = "iso",
+                 barostat_method: str = "berendsen"):
         if integrator not in INTEGRATORS:
             raise HessforgeError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
         if not (timestep_fs > 0 and math.isfinite(timestep_fs)):
@@ -102,7 +116,7 @@ class BatchedMD:
         self.barostat = pressure_GPa is not None
         if self.barostat:
             self._check_barostat(model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
-                                 barostat_coupling)
+                                 barostat_coupling, barostat_method, integrator)
         self.fuses_neighbors = bool(getattr(model, "fuses_neighbors", False))
         self.integrator, self.dt, self.skin = integrator, float(timestep_fs), float(skin)
         self.friction = float(friction_per_fs)
@@ -124,7 +138,7 @@ class BatchedMD:
         if self.barostat:
             self.target_pressure = self._pressure_targets(pressure_GPa, barostat_coupling) * units.GPa  # [B, 3] eV/Å³
             self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
-            self.barostat_coupling = barostat_coupling
+            self.barostat_coupling, self.barostat_method = barostat_coupling, barostat_method
         self._pending_scale = None  # [B, 3] μ per system and axis, applied at the start of the next step
         self._scale_since_build = torch.ones(self.nsystems, 3, dtype=self.dtype, device=self.device)
         self.dE_deps = None  # [B, 3, 3] eV under a barostat: the strain derivative at the current geometry
@@ -182,11 +196,16 @@ class BatchedMD:
         return t.clone()
 
     def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
-                        coupling) -> None:
+                        coupling, method, integrator) -> None:
         from engine.compiled import CompiledStudent
 
         if coupling not in BAROSTAT_COUPLINGS:
             raise HessforgeError(f"barostat coupling must be one of {', '.join(BAROSTAT_COUPLINGS)}, got {coupling!r}")
+        if method not in BAROSTAT_METHODS:
+            raise HessforgeError(f"barostat method must be one of {', '.join(BAROSTAT_METHODS)}, got {method!r}")
+        if method == "c-rescale" and integrator != "langevin":
+            raise HessforgeError("the c-rescale barostat samples constant pressure at the thermostat's temperature: "
+                                 f"it needs integrator 'langevin' (with temperature_K), got {integrator!r}")
         # the strain derivative needs the energy as a function of positions and cell on a given graph: eager or
         # compiled students (whose compiled backward reaches the cell too), not the ones building their own list
         strain_ready = isinstance(model, (Student, CompiledStudent))
@@ -369,24 +388,35 @@ class BatchedMD:
 
     # ---------------------------------------------------------------------------------- barostat
     def _barostat_scale(self) -> torch.Tensor:
-        """[B, 3] Berendsen's μ per system and Cartesian axis from the pressure now (module docstring)."""
+        """[B, 3] μ per system and Cartesian axis from the pressure now (module docstring)."""
         diagonal = torch.diagonal(self.pressure_tensor(), dim1=1, dim2=2)  # [B, 3]
-        if self.barostat_coupling == "iso":
-            pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3)
-        else:
-            pressure = diagonal
+        iso = self.barostat_coupling == "iso"
+        pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if iso else diagonal
         target = self.target_pressure
-        volume_ratio = 1.0 - self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
+        # Berendsen's relative volume change; under c-rescale the drift of ε = ln V (per axis: 3 ln L_a)
+        drift = -self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
+        volume_ratio = 1.0 + drift if self.barostat_method == "berendsen" else torch.exp(drift)
         bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
         if bool(bad.any()):
             k, axis = (int(i) for i in bad.nonzero()[0])
-            what = "its volume" if self.barostat_coupling == "iso" else f"its volume (through axis {'xyz'[axis]})"
+            what = "its volume" if iso else f"its volume (through axis {'xyz'[axis]})"
             raise HessforgeError(
                 f"barostat at step {self.nsteps}: system {k} would change {what} by a factor "
                 f"{float(volume_ratio[k, axis]):.3g} in one step (pressure {float(pressure[k, axis] / units.GPa):.4g} "
                 f"GPa, target {float(target[k, axis] / units.GPa):.4g}): the dynamics blew up, or the "
                 "coupling is too strong (raise the barostat time or the bulk modulus)")
-        return volume_ratio.pow(1.0 / 3.0)
+        if self.barostat_method == "berendsen":
+            return volume_ratio.pow(1.0 / 3.0)
+        # c-rescale noise: variance 2 kT dt / (τ_P B V) for ln V, a third of it per axis (aniso)
+        kT = KB * self.temperature_K
+        variance = 2.0 * kT * self.dt / (self.barostat_time * self.bulk_modulus * self.volume())  # [B]
+        if iso:
+            xi = torch.randn(self.nsystems, 1, generator=self.generator, dtype=self.dtype, device=self.device)
+            d_ln_volume = drift + variance.sqrt()[:, None] * xi  # the same for every axis
+        else:
+            xi = torch.randn(self.nsystems, 3, generator=self.generator, dtype=self.dtype, device=self.device)
+            d_ln_volume = drift + (3.0 * variance).sqrt()[:, None] * xi  # 3 Δ ln L_a
+        return torch.exp(d_ln_volume / 3.0)
 
     def _scale_systems(self) -> None:
         """Apply the pending μ [B, 3] to the Cartesian components of the positions (unwrapped, so every
@@ -397,6 +427,8 @@ class BatchedMD:
         mu = self._pending_scale
         self._pending_scale = None
         self.positions = self.positions * mu[self.batch]
+        if self.barostat_method == "c-rescale":  # momenta scale inversely to positions
+            self.velocities = self.velocities / mu[self.batch]
         self._graph = self._graph._replace(cell=self._graph.cell * mu[:, None, :])
         if self._ref_positions is not None:
             self._ref_positions = self._ref_positions * mu[self.batch]

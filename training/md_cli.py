@@ -1,5 +1,6 @@
 """`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
-call per step; constant volume, or with --pressure a Berendsen barostat (bulk systems). MODEL: a checkpoint,
+call per step; constant volume, or with --pressure a barostat (bulk systems: Berendsen, or stochastic cell
+rescaling for the NPT ensemble's volume fluctuations). MODEL: a checkpoint,
 an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as for
 `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
@@ -18,7 +19,7 @@ import time
 from ase import units
 
 from engine.errors import HessforgeError
-from engine.md import BAROSTAT_COUPLINGS, INTEGRATORS, BatchedMD
+from engine.md import BAROSTAT_COUPLINGS, BAROSTAT_METHODS, INTEGRATORS, BatchedMD
 from engine.paths import atomic_path, check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
 from training.bench import DTYPES, load_structures, make_targets, set_threads
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
     parser.add_argument("--pressure", type=pressure_targets, default=None, metavar="P | PX,PY,PZ",
-                        help="GPa: Berendsen barostat (LAMMPS' fix press/berendsen) to this pressure, or with "
+                        help="GPa: barostat (--barostat-method) to this pressure, or with "
                              "--barostat-coupling aniso one per axis (uniaxial stress: 0,0,5); bulk systems, "
                              "gradient-force students in eager or compiled mode (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
@@ -47,6 +48,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
                         help="iso: scale the volume, keeping the cell's shape (default); aniso: scale x, y and z "
                              "independently, each to the target pressure")
+    parser.add_argument("--barostat-method", choices=BAROSTAT_METHODS, default="berendsen",
+                        help="berendsen: LAMMPS' fix press/berendsen, the right mean pressure (default); c-rescale: "
+                             "stochastic cell rescaling (Bernetti & Bussi 2020, GROMACS' C-rescale), the NPT "
+                             "ensemble's volume fluctuations too (needs --integrator langevin)")
     parser.add_argument("--bulk-modulus", type=float, default=100.0,
                         help="GPa: the bulk modulus the barostat assumes; above the real one it only relaxes "
                              "slower (default 100, safe for liquids and most solids)")
@@ -119,7 +124,7 @@ def run(args) -> int:
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,
                    device=device, dtype=dtype, seed=args.seed, pressure_GPa=args.pressure,
                    barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus,
-                   barostat_coupling=args.barostat_coupling)
+                   barostat_coupling=args.barostat_coupling, barostat_method=args.barostat_method)
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()

@@ -385,7 +385,7 @@ class ShiftedHarmonic(HarmonicTeacher):
         return out
 
 
-def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng):
+def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng, capsys):
     """A teacher whose energies are relative (SO3LR) is compared on the reference's scale: any per-element
     offset added to its energies changes neither its validation loss (λ_KD halving) nor its evaluation."""
     from training.data import Dataset
@@ -423,6 +423,14 @@ def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng
     assert test_result["teacher_energy_offsets_fitted_on"].endswith("structures of the validation split")
     for z, o in off1.items():
         assert test_result["teacher_energy_offsets_eV"][str(z)] == pytest.approx(o, abs=1e-9)
+    # a split file made for another path of the same dataset: one note, though two of its splits are read
+    split = json.loads((tmp_path / "run_shifted" / "split.json").read_text())
+    moved = tmp_path / "moved_split.json"
+    moved.write_text(json.dumps(dict(split, dataset=str(tmp_path / "elsewhere.lmdb"))))
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run_shifted" / "best.pt"), path, "--labels", str(tmp_path / "shifted"),
+                 "--split-file", str(moved)]) == 0
+    assert capsys.readouterr().err.count("was made for") == 1
     # the fit itself, on fresh random compositions: exact offsets back
     numbers = [rng.choice([1, 6, 7, 8], size=rng.integers(2, 9)) for _ in range(20)]
     ref = rng.normal(size=20)

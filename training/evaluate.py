@@ -181,18 +181,24 @@ def table_rows(result: Dict, name: str = "student") -> Dict[str, Dict]:
     return rows
 
 
-def select_structures(dataset, split_file: Optional[str], split: str) -> list:
+def dataset_splits(dataset, split_file: str) -> Dict[str, List[int]]:
+    """{split: indices} of `split_file` for `dataset` (a split of another size: clear error; one made for another
+    path of the same size: a note)."""
     from training.data.subsets import load_split
 
-    if split == "all" or split_file is None:
-        return [dataset[i] for i in range(len(dataset))]
-    indices = load_split(split_file, count=len(dataset))[split]  # a split of another dataset: clear error
+    splits = load_split(split_file, count=len(dataset))
     with open(split_file) as fh:
         made_for = json.load(fh).get("dataset")
     if made_for and os.path.abspath(made_for) != os.path.abspath(dataset.path):
         print(f"note: {split_file} was made for {made_for}; applying it to {dataset.path} (same size)",
               file=sys.stderr)
-    return [dataset[i] for i in indices]
+    return splits
+
+
+def select_structures(dataset, split_file: Optional[str], split: str) -> list:
+    if split == "all" or split_file is None:
+        return [dataset[i] for i in range(len(dataset))]
+    return [dataset[i] for i in dataset_splits(dataset, split_file)[split]]
 
 
 def run(args) -> int:
@@ -208,7 +214,8 @@ def run(args) -> int:
     split_file = args.split_file or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "split.json")
     if args.split != "all" and not os.path.exists(split_file):
         raise HessforgeError(f"split file not found: {split_file} (pass --split-file or --split all)")
-    structures = select_structures(dataset, split_file, args.split)
+    splits = None if args.split == "all" else dataset_splits(dataset, split_file)
+    structures = [dataset[i] for i in (splits[args.split] if splits else range(len(dataset)))]
     labels = None
     if args.labels:
         from training.labels import LabelStore, check_labels_match
@@ -220,7 +227,7 @@ def run(args) -> int:
         # the teacher's per-element offsets from the validation split: fitted on the test structures themselves
         # they would flatter the teacher's test energy error
         try:
-            val = [s for s in select_structures(dataset, split_file, "val") if s.energy is not None]
+            val = [s for s in (dataset[i] for i in splits["val"]) if s.energy is not None]
             check_labels_match(labels, dataset, [s.id for s in val])
             offset_structures = val or None
         except HessforgeError:  # no labelled validation structures: fitted on the evaluated ones (said below)

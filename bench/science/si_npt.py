@@ -250,6 +250,8 @@ def report(out_dir: str) -> None:
 
 
 def main() -> None:
+    from engine.md import BAROSTAT_COUPLINGS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for cmd in ("lammps", "student"):
@@ -265,7 +267,7 @@ def main() -> None:
         p.add_argument("--ps", type=float, default=20.0 if cmd == "lammps" else 3.0)
         p.add_argument("--equilibrate", type=float, default=1.0, help="ps discarded at the start")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--coupling", choices=("iso", "aniso"), default="iso")
+        p.add_argument("--coupling", choices=BAROSTAT_COUPLINGS, default="iso")
         p.add_argument("--start-strain", default="0,0,0", help="EX,EY,EZ: start from the cell stretched by 1 + E")
         p.add_argument("--pressure", default="0,0,0", help="PX,PY,PZ (GPa): the targets (differing: aniso only)")
     p = sub.add_parser("report")

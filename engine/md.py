@@ -31,8 +31,9 @@ positions and cell they are reported with. Methods (`barostat_method`):
 B is the bulk modulus the coupling assumes (1/B: the compressibility of GROMACS' C-rescale): a B above the real
 one only slows the approach (relaxation time τ_P B/B_real), one below it overshoots (Berendsen), so the default
 (100 GPa, a stiff solid) is safe for liquids and soft solids; neither B nor τ_P changes what c-rescale samples.
-Needs gradient-force students (stress), eager or compiled (engine.compiled.CompiledStudent), and systems
-periodic in all 3 directions.
+Needs gradient-force students (stress): eager, compiled (engine.compiled.CompiledStudent) or fused
+(engine.runner.FusedStudent, CompiledFusedStudent: the fused op's backward gives the cell gradient too; not
+CUDA-graph replays), and systems periodic in all 3 directions.
 
 Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every step. With skin > 0 a list
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
@@ -56,7 +57,7 @@ from ase import units
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph, edge_vectors, graph_from_atoms, graph_to
 from engine.models import Student, for_inference
-from engine.runner import rebuild_neighbors, resolve_device
+from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
 
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
@@ -206,13 +207,19 @@ class BatchedMD:
         if method == "c-rescale" and integrator != "langevin":
             raise HessforgeError("the c-rescale barostat samples constant pressure at the thermostat's temperature: "
                                  f"it needs integrator 'langevin' (with temperature_K), got {integrator!r}")
-        # the strain derivative needs the energy as a function of positions and cell on a given graph: eager or
-        # compiled students (whose compiled backward reaches the cell too), not the ones building their own list
-        strain_ready = isinstance(model, (Student, CompiledStudent))
+        # the strain derivative needs the energy as a differentiable function of positions and cell: eager and
+        # compiled students, and fused ones (the fused op's backward reaches the cell through the edges' shifts);
+        # not CUDA-graph replays, whose static buffers this double use of inputs was never checked on
+        strain_ready = (isinstance(model, (Student, CompiledStudent, FusedStudent))
+                        or (isinstance(model, CompiledFusedStudent) and not model.graphs))
         if not strain_ready or model.direct_forces:
-            raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student, eager or "
-                                 f"compiled; {type(model).__name__}{' (direct forces)' if strain_ready else ''} "
-                                 "gives none here")
+            kind = type(model).__name__
+            if strain_ready:
+                kind += " (direct forces)"
+            elif getattr(model, "graphs", False):
+                kind += " (CUDA graphs)"
+            raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student, eager, "
+                                 f"compiled or fused; {kind} gives none here")
         for k, a in enumerate(atoms_list):
             if not a.pbc.all():
                 raise HessforgeError(f"a barostat (pressure) needs systems periodic in all 3 directions; system {k} "

@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pressure", type=pressure_targets, default=None, metavar="P | PX,PY,PZ",
                         help="GPa: barostat (--barostat-method) to this pressure, or with "
                              "--barostat-coupling aniso one per axis (uniaxial stress: 0,0,5); bulk systems, "
-                             "gradient-force students in eager or compiled mode (default: constant volume)")
+                             "gradient-force students in any --mode but cudagraphs (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
     parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
@@ -116,9 +116,9 @@ def run(args) -> int:
         raise HessforgeError(f"{args.model}: hessforge md runs students (checkpoint, exported file, painn, schnet)")
     model = target.student
     if args.mode != "eager":
-        if args.pressure is not None and args.mode != "compiled":
-            raise HessforgeError(f"--pressure needs the student's stress, which --mode {args.mode} does not give: "
-                                 "use --mode eager or compiled")
+        if args.pressure is not None and args.mode == "cudagraphs":
+            raise HessforgeError("--pressure needs the student's stress, which --mode cudagraphs does not give: "
+                                 "use --mode eager, compiled or a fused mode")
         model, _ = student_for_mode(model, args.mode, device)
     md = BatchedMD(model, atoms, args.timestep, integrator=args.integrator, temperature_K=args.temperature,
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,

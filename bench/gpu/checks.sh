@@ -15,7 +15,8 @@
 #                      >= 3x target
 #   neighbors_gpu.*    bench/bench_neighbors.py (Triton vs torch path vs reference vs torch-cluster radius_graph)
 #   tests.log          tests/test_triton_kernels.py + tests/test_compile.py with the Triton kernels compiled
-#                      for real (no interpreter) vs the torch reference, on cuda
+#                      for real (no interpreter) vs the torch reference, on cuda; and the barostat driven by
+#                      fused students (the kernel's cell gradient) against the eager student, on cuda
 #   profile.log        bench_students.py profile: per mode, wall ms per step vs device-busy ms and kernels run
 #                      (launch-bound or compute-bound), and the top operators
 # Measurements first (the targets), the compiled-kernel tests last; every step has its own time limit, so one
@@ -66,7 +67,8 @@ step neighbors 80 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovi
     --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/neighbors_gpu.json"
 [ -s "$WORK/neighbors_gpu.json" ] && python3 bench/bench_neighbors.py "$WORK/neighbors_gpu.json" > "$WORK/neighbors_gpu.md"
 pack
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_compile.py
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_compile.py \
+    tests/test_md.py -k "not test_md or fused"
 # last, and cut short if the call runs out of time: wall time vs device-busy time and kernels per step at batch
 # 64 (eager, teacher, compiled+triton, cudagraphs): the measurement behind any missed target
 step profile 90 python3 bench/bench_students.py profile 64 eager,teacher,compiled+triton,cudagraphs

@@ -1,18 +1,21 @@
-"""NPT volume fluctuations: hessforge's batched MD under its barostats against LAMMPS' fix npt (Nosé-Hoover with
-the MTK terms, which samples the isothermal-isobaric ensemble), on the same potential, so that any difference is
-the integrator's: a truncated-and-shifted Lennard-Jones argon crystal (LAMMPS: pair_style lj/cut + pair_modify
-shift yes; here a Student subclass with the same energy, checked against ASE's LennardJones calculator,
-stress included). 108 atoms (3x3x3 fcc cells) at P = 0.
+"""NPT volume fluctuations: hessforge's batched MD under its barostats against LAMMPS' MTK barostats (fix npt,
+Nosé-Hoover; fix nph + fix langevin), which sample the isothermal-isobaric ensemble, on the same potential, so
+that any difference is the integrator's: a truncated-and-shifted Lennard-Jones argon crystal (LAMMPS: pair_style
+lj/cut + pair_modify shift yes; here a Student subclass with the same energy, checked against ASE's LennardJones
+calculator, stress included). 108 atoms (3x3x3 fcc cells) at P = 0.
 
 From the volume series: mean volume per atom, its standard deviation, and the isothermal bulk modulus from the
-fluctuations, B = kT <V> / <δV²> (errors: standard error over 10 blocks). Berendsen must give the mean volume but
-suppress the fluctuations (a B far too large); c-rescale must give both. As a third, independent number, B from
-the mean pressure of constant-volume runs (Langevin, LAMMPS) at V0 (1 ± 0.01): B = -V dP/dV.
+fluctuations, B = kT <V> / <δV²> (errors: the spread over hessforge's independent systems, or over 10 time
+blocks of LAMMPS' one run). Berendsen must give the mean volume but suppress the fluctuations (a B far too
+large); c-rescale must give both. As an independent number, B from the mean pressure of constant-volume runs
+(Langevin, LAMMPS) at V0 (1 ± 0.01): B = -V dP/dV. Under --coupling aniso (each box length on its own) the
+normal-strain fluctuations <δε_a δε_b> = kT S_ab / V give the compliances and from them C11 - C12 and B again.
 
-    python bench/science/npt_lj.py lammps OUT_DIR [--ns 2]
-    python bench/science/npt_lj.py hessforge OUT_DIR [--method c-rescale|berendsen] [--systems 16] [--ps 50]
+    python bench/science/npt_lj.py lammps OUT_DIR [--ns 6] [--coupling iso|aniso]
+    python bench/science/npt_lj.py hessforge OUT_DIR [--method c-rescale|berendsen] [--systems 32] [--ps 110]
+        [--coupling iso|aniso]
     python bench/science/npt_lj.py report OUT_DIR
-Results: bench/results/npt_lj/ and bench/results/npt_lj_cpu.md.
+Results: bench/results/npt_lj/ (JSON, and the series as *_series.npz) and bench/results/npt_lj_cpu.md.
 """
 from __future__ import annotations
 
@@ -118,7 +121,32 @@ def autocorrelation_time(volumes: np.ndarray) -> float:
     return float((0.5 + acf[1:first_zero].sum()) * SAMPLE_EVERY * DT_FS / 1000)
 
 
-def run_lammps(out_dir: str, ns: float, seed: int) -> None:
+def strain_statistics(lengths: np.ndarray, mean_volume: float, blocks: int = 10) -> dict:
+    """[samples, systems, 3] box lengths (Å) under aniso coupling -> the normal-strain fluctuations
+    <δε_a δε_b> = kT S_ab / V (ε_a = ln L_a), i.e. the compliances S11 (diagonal mean) and S12 (off-diagonal
+    mean), and from them C11 - C12 = 1 / (S11 - S12) and B = 1 / (3 (S11 + 2 S12)) in GPa (cubic crystal);
+    errors as in volume_statistics."""
+    from ase import units
+
+    kT = units.kB * TEMPERATURE
+    strains = np.log(lengths)
+    centre = strains.reshape(-1, 3).mean(axis=0)
+
+    def stats(e):
+        d = (e - centre).reshape(-1, 3)
+        cov = d.T @ d / len(d) * mean_volume / kT * units.GPa  # S in 1/GPa
+        s11, s12 = np.diag(cov).mean(), cov[~np.eye(3, dtype=bool)].mean()
+        return 1.0 / (s11 - s12), 1.0 / (3.0 * (s11 + 2.0 * s12))
+
+    full = stats(strains)
+    groups = strains.transpose(1, 0, 2) if strains.shape[1] >= 8 else np.array_split(strains, blocks, axis=0)
+    parts = np.array([stats(g) for g in groups])
+    errors = parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    return {"c11_minus_c12_fluct_GPa": full[0], "c11_minus_c12_fluct_GPa_err": errors[0],
+            "bulk_modulus_strain_fluct_GPa": full[1], "bulk_modulus_strain_fluct_GPa_err": errors[1]}
+
+
+def run_lammps(out_dir: str, ns: float, seed: int, coupling: str) -> None:
     from training.teachers.lammps import _load_liblammps
 
     _load_liblammps()
@@ -143,47 +171,67 @@ velocity all create {TEMPERATURE} {seed + 1} mom yes rot no dist gaussian
 timestep {DT_FS / 1000}
 variable v equal vol
 variable p equal press
+variable lx equal lx
+variable ly equal ly
+variable lz equal lz
 fix sample all ave/time 1 1 {SAMPLE_EVERY} {sample} file {path}
 """)
         lmp.command(f"run {steps}")
         lmp.close()
         data = np.loadtxt(path)
         os.remove(path)
-        return data[data[:, 0] > EQUILIBRATE_PS * 1000 / DT_FS, 1]
+        return data[data[:, 0] > EQUILIBRATE_PS * 1000 / DT_FS, 1:]
 
     start = time.perf_counter()
     steps = int(round(ns * 1e6 / DT_FS))
     natoms = 4 * CELLS ** 3
-    barostat = f"iso 0 0 {LAMMPS_PDAMP_FS / 1000}"
-    # the same MTK barostat under LAMMPS' Langevin thermostat, the thermostat hessforge's runs use
-    nph = simulate(f"fix nph all nph {barostat}\nfix thermostat all langevin {TEMPERATURE} {TEMPERATURE} "
-                   f"{THERMOSTAT_FS / 1000} {seed + 21}", steps, "v_v", "nph")
-    save_volumes(out_dir, "lammps_nph_langevin", nph[:, None])
-    write(out_dir, "lammps_nph_langevin", {"source": "LAMMPS fix nph (MTK) + fix langevin", "ns": ns,
-                                           "pdamp_fs": LAMMPS_PDAMP_FS, **volume_statistics(nph[:, None], natoms)})
-    npt = simulate(f"fix npt all npt temp {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {barostat}", steps,
-                   "v_v", "npt")
-    save_volumes(out_dir, "lammps_npt", npt[:, None])
-    record = {"source": "LAMMPS fix npt (Nosé-Hoover + MTK)", "ns": ns, "pdamp_fs": LAMMPS_PDAMP_FS,
-              **volume_statistics(npt[:, None], natoms)}
-    # B = -V dP/dV from constant-volume runs (Langevin, 3x shorter) at V0 (1 ± 1 %), V0 the NPT mean (errors: 10
-    # blocks of each run)
-    v0 = record["volume_per_atom"] * natoms
+    barostat = f"{coupling} 0 0 {LAMMPS_PDAMP_FS / 1000}"
+    suffix = "" if coupling == "iso" else f"_{coupling}"
+    sample = "v_v v_lx v_ly v_lz"
+    runs = {  # the MTK barostat under Nosé-Hoover, and under LAMMPS' Langevin thermostat (hessforge's)
+        "lammps_nph_langevin": ("LAMMPS fix nph (MTK) + fix langevin",
+                                f"fix nph all nph {barostat}\nfix thermostat all langevin {TEMPERATURE} "
+                                f"{TEMPERATURE} {THERMOSTAT_FS / 1000} {seed + 21}"),
+        "lammps_npt": ("LAMMPS fix npt (Nosé-Hoover + MTK)",
+                       f"fix npt all npt temp {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {barostat}"),
+    }
+    for name, (source, fixes) in runs.items():
+        data = simulate(fixes, steps, sample, name)
+        record = {"source": f"{source}, {coupling}", "ns": ns, "pdamp_fs": LAMMPS_PDAMP_FS,
+                  **series_statistics(data[:, None, 0], data[:, None, 1:], out_dir, name + suffix)}
+        if name == "lammps_npt" and coupling == "iso":
+            record.update(nvt_bulk_modulus(simulate, record["volume_per_atom"] * natoms, steps // 3, seed))
+        write(out_dir, name + suffix, dict(record, wall_s=round(time.perf_counter() - start, 1)))
+
+
+def nvt_bulk_modulus(simulate, v0: float, steps: int, seed: int) -> dict:
+    """B = -V dP/dV from constant-volume runs (Langevin) at v0 (1 ± 1 %), v0 the NPT mean (errors: 10 blocks of
+    each run)."""
     pressures = []
     for k, factor in enumerate((0.99, 1.01)):
         box = (v0 * factor) ** (1 / 3) / CELLS / A_START
         fixes = (f"change_box all x scale {box} y scale {box} z scale {box} remap\nfix nve all nve\n"
                  f"fix thermostat all langevin {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {seed + 11 + k}")
-        p = simulate(fixes, steps // 3, "v_p", f"nvt{k}")  # bar
+        p = simulate(fixes, steps, "v_p", f"nvt{k}")[:, 0]  # bar
         blocks = np.array([b.mean() for b in np.array_split(p, 10)]) * 1e-4  # GPa
         pressures.append((p.mean() * 1e-4, blocks.std(ddof=1) / np.sqrt(len(blocks))))
     (p_lo, e_lo), (p_hi, e_hi) = pressures
-    record.update(bulk_modulus_nvt_GPa=-(p_hi - p_lo) / 0.02, bulk_modulus_nvt_GPa_err=np.hypot(e_lo, e_hi) / 0.02,
-                  wall_s=round(time.perf_counter() - start, 1))
-    write(out_dir, "lammps_npt", record)
+    return {"bulk_modulus_nvt_GPa": -(p_hi - p_lo) / 0.02, "bulk_modulus_nvt_GPa_err": np.hypot(e_lo, e_hi) / 0.02}
 
 
-def run_hessforge(out_dir: str, method: str, systems: int, ps: float, seed: int) -> None:
+def series_statistics(volumes: np.ndarray, lengths: np.ndarray, out_dir: str, name: str) -> dict:
+    """volume_statistics, and under aniso coupling (box lengths that differ) strain_statistics, of the series
+    [samples, systems] and [samples, systems, 3], which are saved for other estimators."""
+    np.savez_compressed(os.path.join(out_dir, f"{name}_series.npz"), volumes=volumes.astype(np.float32),
+                        lengths=lengths.astype(np.float32))
+    natoms = 4 * CELLS ** 3
+    out = volume_statistics(volumes, natoms)
+    if not np.allclose(lengths, lengths[..., :1]):
+        out.update(strain_statistics(lengths, out["volume_per_atom"] * natoms))
+    return out
+
+
+def run_hessforge(out_dir: str, method: str, systems: int, ps: float, seed: int, coupling: str) -> None:
     import torch
 
     from engine.md import BatchedMD
@@ -195,23 +243,19 @@ def run_hessforge(out_dir: str, method: str, systems: int, ps: float, seed: int)
     md = BatchedMD(model, [crystal() for _ in range(systems)], DT_FS, integrator="langevin",
                    temperature_K=TEMPERATURE, init_temperature_K=TEMPERATURE, friction_per_fs=1.0 / THERMOSTAT_FS,
                    pressure_GPa=0.0, barostat_time_fs=BAROSTAT_FS, bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed,
-                   barostat_method=method)
-    volumes = []
+                   barostat_method=method, barostat_coupling=coupling)
+    series = []  # [systems, 4]: volume and box lengths (the cells stay diagonal)
     start = time.perf_counter()
-    md.step(int(round(ps * 1000 / DT_FS)), callback=lambda s: volumes.append(s.volume().cpu().numpy()),
-            interval=SAMPLE_EVERY)
+    md.step(int(round(ps * 1000 / DT_FS)), interval=SAMPLE_EVERY, callback=lambda s: series.append(
+        torch.cat([s.volume()[:, None], torch.diagonal(s.cell(), dim1=1, dim2=2)], dim=1).cpu().numpy()))
     wall = time.perf_counter() - start
-    volumes = np.array(volumes)[int(EQUILIBRATE_PS * 1000 / DT_FS / SAMPLE_EVERY):]
-    save_volumes(out_dir, f"hessforge_{method}", volumes)
-    record = {"source": f"hessforge BatchedMD, Langevin + {method}", "systems": systems, "ps_per_system": ps,
-              "matches_ase_lj_to": diff, **volume_statistics(volumes, 4 * CELLS ** 3), "wall_s": round(wall, 1),
+    series = np.array(series)[int(EQUILIBRATE_PS * 1000 / DT_FS / SAMPLE_EVERY):]
+    name = f"hessforge_{method}" + ("" if coupling == "iso" else f"_{coupling}")
+    record = {"source": f"hessforge BatchedMD, Langevin + {method}, {coupling}", "systems": systems,
+              "ps_per_system": ps, "matches_ase_lj_to": diff,
+              **series_statistics(series[..., 0], series[..., 1:], out_dir, name), "wall_s": round(wall, 1),
               "neighbor_builds": md.neighbor_builds}
-    write(out_dir, f"hessforge_{method}", record)
-
-
-def save_volumes(out_dir: str, name: str, volumes: np.ndarray) -> None:
-    """The series after equilibration, [samples every SAMPLE_EVERY steps, systems] Å³, for other estimators."""
-    np.savez_compressed(os.path.join(out_dir, f"{name}_volumes.npz"), volumes=volumes.astype(np.float32))
+    write(out_dir, name, record)
 
 
 def write(out_dir: str, name: str, record: dict) -> None:
@@ -224,36 +268,41 @@ def write(out_dir: str, name: str, record: dict) -> None:
 
 
 def report(out_dir: str) -> None:
+    def value(r, key):
+        return f"{r[key]:.3f} ± {r[key + '_err']:.3f}" if key in r else "-"
+
     rows = []
     for name in sorted(os.listdir(out_dir)):
         if name.endswith(".json"):
             with open(os.path.join(out_dir, name)) as f:
                 r = json.load(f)
-            nvt = (f"{r['bulk_modulus_nvt_GPa']:.3f} ± {r['bulk_modulus_nvt_GPa_err']:.3f}"
-                   if "bulk_modulus_nvt_GPa" in r else "-")
             rows.append(f"| {r['source']} | {r['volume_per_atom']:.4f} ± {r['volume_per_atom_err']:.4f} | "
                         f"{r['std_volume_per_atom']:.4f} ± {r['std_volume_per_atom_err']:.4f} | "
-                        f"{r['bulk_modulus_fluct_GPa']:.3f} ± {r['bulk_modulus_fluct_GPa_err']:.3f} | {nvt} |")
-    print("| source | V/atom (Å³) | std V/atom (Å³) | B from fluctuations (GPa) | B = -V dP/dV, NVT (GPa) |")
-    print("|---|---|---|---|---|")
+                        + " | ".join(value(r, k) for k in ("bulk_modulus_fluct_GPa", "bulk_modulus_nvt_GPa",
+                                                           "bulk_modulus_strain_fluct_GPa",
+                                                           "c11_minus_c12_fluct_GPa")) + " |")
+    print("| source | V/atom (Å³) | std V/atom (Å³) | B from V fluctuations (GPa) | B = -V dP/dV, NVT (GPa) | "
+          "B from strain fluctuations (GPa) | C11 - C12 from strain fluctuations (GPa) |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
 def main() -> None:
-    from engine.md import BAROSTAT_METHODS
+    from engine.md import BAROSTAT_COUPLINGS, BAROSTAT_METHODS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("lammps")
-    p.add_argument("out_dir")
-    p.add_argument("--ns", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("hessforge")
-    p.add_argument("out_dir")
-    p.add_argument("--method", choices=BAROSTAT_METHODS, default="c-rescale")
-    p.add_argument("--systems", type=int, default=16)
-    p.add_argument("--ps", type=float, default=50.0)
-    p.add_argument("--seed", type=int, default=0)
+    for cmd in ("lammps", "hessforge"):
+        p = sub.add_parser(cmd)
+        p.add_argument("out_dir")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--coupling", choices=BAROSTAT_COUPLINGS, default="iso")
+        if cmd == "lammps":
+            p.add_argument("--ns", type=float, default=6.0)
+        else:
+            p.add_argument("--method", choices=BAROSTAT_METHODS, default="c-rescale")
+            p.add_argument("--systems", type=int, default=32)
+            p.add_argument("--ps", type=float, default=110.0)
     p = sub.add_parser("report")
     p.add_argument("out_dir")
     args = parser.parse_args()
@@ -261,9 +310,9 @@ def main() -> None:
         return report(args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     if args.command == "lammps":
-        run_lammps(args.out_dir, args.ns, args.seed)
+        run_lammps(args.out_dir, args.ns, args.seed, args.coupling)
     else:
-        run_hessforge(args.out_dir, args.method, args.systems, args.ps, args.seed)
+        run_hessforge(args.out_dir, args.method, args.systems, args.ps, args.seed, args.coupling)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,33 @@ Integrators (one force evaluation per step):
 
 Pressure (optional, `pressure_GPa`): a barostat, each system to its own target pressure. After a step the
 instantaneous pressure tensor P = (Σ m v⊗v - dE/dε) / V (virial from the strain derivative, engine.stress, plus
-the ideal-gas term: minus ASE's stress with include_ideal_gas) gives each system a scale factor μ per Cartesian
-axis; the next step starts by scaling that system's positions and cell by μ and then kicks with the forces of the
-unscaled geometry (as LAMMPS: one model call per step). Coupling "iso" uses P = tr(P)/3 and one μ (the shape is
-kept); "aniso" uses each diagonal component P_aa and one μ_a per Cartesian axis (x, y and z relax to their
-targets independently, as LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by
-component, the diagonal strain that P_aa drives). Reported energies, forces and pressures belong to the
-positions and cell they are reported with. Methods (`barostat_method`):
-- "berendsen" (LAMMPS' fix press/berendsen): μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3) with P the iso or axis pressure;
-  velocities are not scaled. Right mean pressure, but it suppresses the volume fluctuations of the NPT ensemble.
+the ideal-gas term: minus ASE's stress with include_ideal_gas) gives each system a deformation M (a symmetric
+3x3 matrix: no rotation); the next step starts by mapping that system's positions r -> M r and cell vectors
+a -> M a (fractional coordinates kept) and then kicks with the forces of the undeformed geometry (as LAMMPS:
+one model call per step). Couplings (`barostat_coupling`):
+- "iso": P = tr(P)/3 drives one μ, M = μ 1 (the shape is kept);
+- "aniso": each diagonal component P_aa drives its own μ_a, M = diag(μ) (x, y and z relax to their targets
+  independently, as LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by
+  component, the diagonal strain that P_aa drives);
+- "tri": the full cell, the 6 components of a symmetric strain, M = exp(ε) with ε_ab driven by P_ab (targets:
+  P0_aa on the diagonal, zero shear stress), so the shear strains relax and fluctuate too (LAMMPS' tri; the
+  elastic constants C44 from the shear fluctuations). For solids: a liquid has no restoring force on its shape,
+  and its cell wanders without bound, as under any flexible-cell barostat.
+Reported energies, forces and pressures belong to the positions and cell they are reported with. Methods
+(`barostat_method`), written for ε the strain increment of a step (iso/aniso: ε_aa = ln μ_a):
+- "berendsen" (LAMMPS' fix press/berendsen): exp(3 ε) = 1 - (dt/τ_P)(P0 - P)/B with P the iso or axis pressure
+  (μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3)); tri: the same function of the symmetric matrix (dt/τ_P)(P - P0 1)/B.
+  Velocities are not scaled. Right mean pressure, but it suppresses the volume fluctuations of the NPT ensemble.
 - "c-rescale" (stochastic cell rescaling, Bernetti & Bussi, J. Chem. Phys. 153, 114107 (2020); GROMACS'
-  C-rescale): Berendsen's first-order relaxation plus a noise term, which samples the isothermal-isobaric
-  ensemble (volume fluctuations <δV²> = kT V / B_real). Per step, in ε = ln V (iso):
-  Δε = -(dt/(τ_P B))(P0 - P) + sqrt(2 kT dt/(τ_P B V)) ξ, μ = exp(Δε/3); aniso: per axis ln L_a,
-  Δε_a = -(dt/(3 τ_P B))(P0_a - P_aa) + sqrt(2 kT dt/(3 τ_P B V)) ξ_a, μ_a = exp(Δε_a); ξ standard normal,
-  kT of the Langevin target temperature (the method needs integrator "langevin"). Velocities are scaled by
-  1/μ with the positions (momenta and positions scaled inversely, as in the paper). The ideal-gas check:
-  N free atoms sample V^N exp(-P0 V/kT), mean (N+1) kT/P0 (tests/test_md.py).
+  C-rescale; its full-cell form after Del Tatto, Raiteri, Bernetti & Bussi, Appl. Sci. 12, 1139 (2022)):
+  Berendsen's first-order relaxation plus a noise term, which samples the isothermal-isobaric ensemble (volume
+  fluctuations <δV²> = kT V / B_real). Per step, in ln V (iso): 3 ε = -(dt/(τ_P B))(P0 - P) +
+  sqrt(2 kT dt/(τ_P B V)) ξ; aniso: per axis ε_aa = -(dt/(3 τ_P B))(P0_a - P_aa) + sqrt(2 kT dt/(3 τ_P B V)) ξ_a;
+  tri: the aniso diagonal, and off the diagonal ε_ab = (dt/(3 τ_P B)) P_ab + sqrt(kT dt/(3 τ_P B V)) ξ_ab
+  (the symmetric part of a matrix of independent noises: the shear strains get the stationary variance
+  kT/(4 V C44) of a cubic crystal). ξ standard normal, kT of the Langevin target temperature (the method needs
+  integrator "langevin"). Velocities are mapped by M^-1 (momenta inversely to positions, as in the paper). The
+  ideal-gas check: N free atoms sample V^N exp(-P0 V/kT), mean (N+1) kT/P0 (tests/test_md.py).
 B is the bulk modulus the coupling assumes (1/B: the compressibility of GROMACS' C-rescale): a B above the real
 one only slows the approach (relaxation time τ_P B/B_real), one below it overshoots (Berendsen), so the default
 (100 GPa, a stiff solid) is safe for liquids and soft solids; neither B nor τ_P changes what c-rescale samples.
@@ -63,7 +73,7 @@ from engine.stress import cell_volumes, energy_forces_strain_derivative
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
 KB = units.kB  # eV/K
 INTEGRATORS = ("verlet", "langevin")
-BAROSTAT_COUPLINGS = ("iso", "aniso")
+BAROSTAT_COUPLINGS = ("iso", "aniso", "tri")
 BAROSTAT_METHODS = ("berendsen", "c-rescale")
 
 
@@ -80,9 +90,10 @@ class BatchedMD:
     keeps it zero), so a Verlet run drawn at T reads T, as in LAMMPS.
 
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
-    under aniso coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa; e.g.
-    uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus
-    bulk_modulus_GPa (B), coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis) and
+    under aniso and tri coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa;
+    e.g. uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus
+    bulk_modulus_GPa (B), coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis, "tri":
+    the full cell) and
     method barostat_method ("berendsen", or "c-rescale" for NPT volume fluctuations; it needs "langevin").
     """
 
@@ -140,8 +151,9 @@ class BatchedMD:
             self.target_pressure = self._pressure_targets(pressure_GPa, barostat_coupling) * units.GPa  # [B, 3] eV/Å³
             self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
             self.barostat_coupling, self.barostat_method = barostat_coupling, barostat_method
-        self._pending_scale = None  # [B, 3] μ per system and axis, applied at the start of the next step
-        self._scale_since_build = torch.ones(self.nsystems, 3, dtype=self.dtype, device=self.device)
+        self._pending_deformation = None  # [B, 3, 3] M per system, applied at the start of the next step
+        # a lower bound on the smallest stretch (singular value) of the deformations since the last list build
+        self._stretch_since_build = torch.ones(self.nsystems, dtype=self.dtype, device=self.device)
         self.dE_deps = None  # [B, 3, 3] eV under a barostat: the strain derivative at the current geometry
 
         if init_temperature_K is not None:
@@ -161,7 +173,7 @@ class BatchedMD:
         self.neighbor_builds = 0
         self.energy, self.forces = self._evaluate(self.positions)
         if self.barostat:
-            self._pending_scale = self._barostat_scale()
+            self._pending_deformation = self._barostat_deformation()
 
     # ---------------------------------------------------------------------------------- state
     def _per_system(self, value, name: str, unit: str = "K", allow_negative: bool = False) -> torch.Tensor:
@@ -179,7 +191,7 @@ class BatchedMD:
         return t
 
     def _pressure_targets(self, value, coupling: str) -> torch.Tensor:
-        """[B, 3] target P_xx, P_yy, P_zz (GPa): a scalar or one per system (hydrostatic), or under aniso
+        """[B, 3] target P_xx, P_yy, P_zz (GPa): a scalar or one per system (hydrostatic), or under aniso or tri
         coupling per axis, [B, 3] (one row per system) or [[px, py, pz]] (the same for all)."""
         if np.ndim(np.asarray(value, dtype=object)) != 2:
             return self._per_system(value, "pressure_GPa", unit="GPa", allow_negative=True)[:, None].expand(-1, 3)
@@ -192,8 +204,8 @@ class BatchedMD:
         if t.shape != (self.nsystems, 3) or not bool(torch.isfinite(t).all()):
             raise HessforgeError(f"per-axis pressure_GPa must be finite, [systems ({self.nsystems}), 3] or [1, 3], "
                                  f"got shape {tuple(t.shape)}")
-        if coupling != "aniso" and not bool((t == t[:, :1]).all()):
-            raise HessforgeError("different target pressures per axis need barostat_coupling='aniso'")
+        if coupling == "iso" and not bool((t == t[:, :1]).all()):
+            raise HessforgeError("different target pressures per axis need barostat_coupling='aniso' or 'tri'")
         return t.clone()
 
     def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
@@ -333,7 +345,7 @@ class BatchedMD:
         if self._ref_positions is None or self._list_expired(positions):
             self._graph = rebuild_neighbors(graph, self.cutoff + self.skin, self.neighbor_backend)
             self._ref_positions = positions.detach().clone()
-            self._scale_since_build.fill_(1.0)
+            self._stretch_since_build.fill_(1.0)
             self.neighbor_builds += 1
         graph = self._graph._replace(positions=positions)
         keep = edge_vectors(graph).square().sum(dim=1) < self.cutoff ** 2
@@ -341,12 +353,12 @@ class BatchedMD:
 
     def _list_expired(self, positions: torch.Tensor) -> bool:
         """Whether a pair within the cutoff now may be missing from the list built at _ref_positions. Under a
-        barostat the reference positions were scaled with the system (by S = diag(s) since the build), so a
-        pair's vector is S r_build + (d_i - d_j), d the displacement from the scaled reference, and
-        |S r_build| >= min(s) |r_build|: every pair within the cutoff was within cutoff + skin at the build
-        while 2 max|d| <= min(s) (cutoff + skin) - cutoff."""
+        barostat the reference positions were deformed with the system (by S, the product of the deformations
+        since the build), so a pair's vector is S r_build + (d_i - d_j), d the displacement from the deformed
+        reference, and |S r_build| >= s |r_build| with s <= the smallest singular value of S: every pair within
+        the cutoff was within cutoff + skin at the build while 2 max|d| <= s (cutoff + skin) - cutoff."""
         moved = (positions - self._ref_positions).square().sum(dim=1).max().sqrt()
-        budget = float(self._scale_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
+        budget = float(self._stretch_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
         return bool(2.0 * moved > budget)
 
     def _evaluate(self, positions: torch.Tensor):
@@ -387,56 +399,86 @@ class BatchedMD:
             self.velocities = v + 0.5 * dt * self.forces * inv_m
             self.nsteps += 1
             if self.barostat:
-                self._pending_scale = self._barostat_scale()
+                self._pending_deformation = self._barostat_deformation()
             if callback is not None and self.nsteps % interval == 0:
                 callback(self)
 
     run = step
 
     # ---------------------------------------------------------------------------------- barostat
-    def _barostat_scale(self) -> torch.Tensor:
-        """[B, 3] μ per system and Cartesian axis from the pressure now (module docstring)."""
-        diagonal = torch.diagonal(self.pressure_tensor(), dim1=1, dim2=2)  # [B, 3]
-        iso = self.barostat_coupling == "iso"
-        pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if iso else diagonal
-        target = self.target_pressure
-        # Berendsen's relative volume change; under c-rescale the drift of ε = ln V (per axis: 3 ln L_a)
+    def _barostat_deformation(self) -> torch.Tensor:
+        """[B, 3, 3] symmetric deformation M per system from the pressure now (module docstring)."""
+        tensor = self.pressure_tensor()
+        diagonal = torch.diagonal(tensor, dim1=1, dim2=2)  # [B, 3]
+        coupling = self.barostat_coupling
+        if coupling == "tri":  # the full tensor against the targets on the diagonal (no shear stress)
+            pressure, target = tensor, torch.diag_embed(self.target_pressure)
+        else:
+            pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
+            target = self.target_pressure
+        # Berendsen's relative volume change: the drift of 3 ε (iso: ln V; per axis: 3 ln L_a)
         drift = -self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
         volume_ratio = 1.0 + drift if self.barostat_method == "berendsen" else torch.exp(drift)
-        bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
-        if bool(bad.any()):
-            k, axis = (int(i) for i in bad.nonzero()[0])
-            what = "its volume" if iso else f"its volume (through axis {'xyz'[axis]})"
-            raise HessforgeError(
-                f"barostat at step {self.nsteps}: system {k} would change {what} by a factor "
-                f"{float(volume_ratio[k, axis]):.3g} in one step (pressure {float(pressure[k, axis] / units.GPa):.4g} "
-                f"GPa, target {float(target[k, axis] / units.GPa):.4g}): the dynamics blew up, or the "
-                "coupling is too strong (raise the barostat time or the bulk modulus)")
+        self._check_volume_ratio(volume_ratio, pressure, target)
         if self.barostat_method == "berendsen":
-            return volume_ratio.pow(1.0 / 3.0)
-        # c-rescale noise: variance 2 kT dt / (τ_P B V) for ln V, a third of it per axis (aniso)
+            if coupling == "tri":  # (1 + drift)^(1/3) of the symmetric matrix
+                eye = torch.eye(3, dtype=self.dtype, device=self.device)
+                return _symmetric_function(eye + drift, lambda x: x.pow(1.0 / 3.0))
+            return torch.diag_embed(volume_ratio.pow(1.0 / 3.0))
+        # c-rescale noise: variance 2 kT dt / (τ_P B V) for ln V, a third of it per axis (aniso, tri), a sixth
+        # per shear strain (tri: the symmetric part of independent noises)
         kT = KB * self.temperature_K
         variance = 2.0 * kT * self.dt / (self.barostat_time * self.bulk_modulus * self.volume())  # [B]
-        if iso:
+        if coupling == "iso":
             xi = torch.randn(self.nsystems, 1, generator=self.generator, dtype=self.dtype, device=self.device)
-            d_ln_volume = drift + variance.sqrt()[:, None] * xi  # the same for every axis
+            strain = (drift + variance.sqrt()[:, None] * xi) / 3.0  # the same for every axis
+            return torch.diag_embed(torch.exp(strain).expand(-1, 3))
+        shape = (self.nsystems, 3) if coupling == "aniso" else (self.nsystems, 3, 3)
+        xi = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=self.device)
+        if coupling == "aniso":
+            strain = drift / 3.0 + (variance / 3.0).sqrt()[:, None] * xi  # ln L_a
+            return torch.diag_embed(torch.exp(strain))
+        noise = 0.5 * (xi + xi.transpose(1, 2)) * (variance / 3.0).sqrt()[:, None, None]
+        return _symmetric_function(drift / 3.0 + noise, torch.exp)
+
+    def _check_volume_ratio(self, volume_ratio: torch.Tensor, pressure: torch.Tensor, target: torch.Tensor) -> None:
+        """A step that would change a volume (or a shear) by more than 10 %: clear error."""
+        bad = ~((volume_ratio > 0.9) & (volume_ratio < 1.1))  # also NaN
+        if not bool(bad.any()):
+            return
+        index = tuple(int(i) for i in bad.nonzero()[0])  # (system,), (system, axis) or (system, row, column)
+        k, component = index[0], "".join("xyz"[c] for c in index[1:])
+        if self.barostat_coupling == "iso":
+            what = "its volume"
+        elif len(component) == 1 or component[0] == component[1]:
+            what = f"its volume (through axis {component[0]})"
         else:
-            xi = torch.randn(self.nsystems, 3, generator=self.generator, dtype=self.dtype, device=self.device)
-            d_ln_volume = drift + (3.0 * variance).sqrt()[:, None] * xi  # 3 Δ ln L_a
-        return torch.exp(d_ln_volume / 3.0)
+            what = f"its shape (through shear {component})"
+        raise HessforgeError(
+            f"barostat at step {self.nsteps}: system {k} would change {what} by a factor "
+            f"{float(volume_ratio[index]):.3g} in one step (pressure {float(pressure[index] / units.GPa):.4g} "
+            f"GPa, target {float(target[index] / units.GPa):.4g}): the dynamics blew up, or the "
+            "coupling is too strong (raise the barostat time or the bulk modulus)")
 
     def _scale_systems(self) -> None:
-        """Apply the pending μ [B, 3] to the Cartesian components of the positions (unwrapped, so every
-        periodic image moves consistently) and cell vectors of each system, and of the neighbor list's
-        reference positions with them (fractional coordinates are kept)."""
-        if self._pending_scale is None:
+        """Apply the pending deformation M [B, 3, 3] (symmetric) to the positions (unwrapped, so every periodic
+        image moves consistently) and cell vectors of each system, and to the neighbor list's reference
+        positions with them (fractional coordinates are kept); under c-rescale the velocities go by M^-1."""
+        if self._pending_deformation is None:
             return
-        mu = self._pending_scale
-        self._pending_scale = None
-        self.positions = self.positions * mu[self.batch]
-        if self.barostat_method == "c-rescale":  # momenta scale inversely to positions
-            self.velocities = self.velocities / mu[self.batch]
-        self._graph = self._graph._replace(cell=self._graph.cell * mu[:, None, :])
+        m = self._pending_deformation
+        self._pending_deformation = None
+        per_atom = m[self.batch]
+        self.positions = torch.einsum("nab,nb->na", per_atom, self.positions)
+        if self.barostat_method == "c-rescale":  # momenta transform inversely to positions
+            self.velocities = torch.einsum("nab,nb->na", torch.linalg.inv(m)[self.batch], self.velocities)
+        self._graph = self._graph._replace(cell=self._graph.cell @ m)  # rows a -> M a; M = M^T
         if self._ref_positions is not None:
-            self._ref_positions = self._ref_positions * mu[self.batch]
-            self._scale_since_build = self._scale_since_build * mu
+            self._ref_positions = torch.einsum("nab,nb->na", per_atom, self._ref_positions)
+            self._stretch_since_build = self._stretch_since_build * torch.linalg.eigvalsh(m)[:, 0]
+
+
+def _symmetric_function(matrix: torch.Tensor, fn) -> torch.Tensor:
+    """fn applied to the eigenvalues of symmetric matrices [B, 3, 3] (exp, a power): U fn(λ) U^T."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag_embed(fn(values)) @ vectors.transpose(1, 2)

@@ -324,12 +324,21 @@ def test_c_rescale_samples_the_ideal_gas_npt_ensemble(rng):
     assert abs(float(late.var()) / (n + 1) - 1.0) < 0.15, float(late.var())
 
 
-@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+def strain_between(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 3] ε = ln M of the symmetric deformations M that map cells `before` to `after` (rows a -> M a)."""
+    m = torch.linalg.solve(before, after)
+    m = 0.5 * (m + m.transpose(1, 2))  # symmetric up to rounding
+    values, vectors = torch.linalg.eigh(m)
+    return vectors @ torch.diag_embed(values.log()) @ vectors.transpose(1, 2)
+
+
+@pytest.mark.parametrize("coupling", ["iso", "aniso", "tri"])
 def test_c_rescale_step_follows_its_stochastic_law(rng, coupling):
     """Each c-rescale step changes ln V (iso: every axis by a third of it) or each ln L_a (aniso) by the Berendsen
     drift -(dt/τ_P)(P0 - P)/B (a third per axis) plus Gaussian noise of variance 2 kT dt/(τ_P B V) (a third per
-    axis, independent axes under aniso): the normalised residuals of 64 systems over 60 steps are standard
-    normal. Velocities are scaled by 1/μ with the positions (momenta and positions inversely)."""
+    axis, independent axes under aniso); tri adds shear strains ε_ab with drift (dt/(3 τ_P B)) P_ab and a sixth
+    of the variance: the normalised residuals of 64 systems over 60 steps are standard normal and independent.
+    The cells are deformed without rotation (M symmetric), and velocities go by M^-1 (momenta inversely)."""
     model = student(1.0)
     atoms = bulk_systems(rng, [6, 9] * 32)
     dt, tau, bulk, temperature = 0.5, 20.0, 50.0, 600.0
@@ -337,46 +346,140 @@ def test_c_rescale_step_follows_its_stochastic_law(rng, coupling):
                    pressure_GPa=1.0, barostat_time_fs=tau, bulk_modulus_GPa=bulk, barostat_coupling=coupling,
                    barostat_method="c-rescale", seed=int(rng.integers(1 << 30)))
     rate = dt / (tau * bulk * units.GPa)
+    rows, cols = torch.triu_indices(3, 3)  # xx xy xz yy yz zz
     residuals = []
     for _ in range(60):
-        diagonal = torch.diagonal(md.pressure_tensor(), dim1=1, dim2=2)
+        tensor = md.pressure_tensor()
+        diagonal = torch.diagonal(tensor, dim1=1, dim2=2)
         p = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
-        variance = 2 * KB * temperature * rate / md.volume()
-        before = torch.diagonal(md.cell(), dim1=1, dim2=2).log()
+        drift = rate * torch.diag_embed(p - 1.0 * units.GPa) / 3
+        eye = torch.eye(3, dtype=torch.float64)
+        variance = (2 * KB * temperature * rate / md.volume())[:, None, None] * (
+            eye / (9 if coupling == "iso" else 3) + (1 - eye) / 6)
+        if coupling == "tri":
+            drift = drift + rate * (tensor - torch.diag_embed(diagonal)) / 3
+        before = md.cell()
         md.step(1)
-        d_ln_length = torch.diagonal(md.cell(), dim1=1, dim2=2).log() - before
-        drift = -rate * (1.0 * units.GPa - p) / 3
-        residuals.append((d_ln_length - drift) / (variance[:, None] / 9 if coupling == "iso" else variance[:, None] / 3).sqrt())
-    z = torch.cat(residuals)  # [60 B, 3]
+        strain = strain_between(before, md.cell())
+        if coupling != "tri":  # only the diagonal moves
+            assert float(strain[:, rows[rows != cols], cols[rows != cols]].abs().max()) < 1e-12
+            residuals.append(((strain - drift).diagonal(dim1=1, dim2=2)
+                              / variance.diagonal(dim1=1, dim2=2).sqrt()))
+        else:
+            residuals.append((strain - drift)[:, rows, cols] / variance[:, rows, cols].sqrt())
+    z = torch.cat(residuals)  # [60 B, 3 or 6]
     assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05, (float(z.mean()), float(z.std()))
-    axes = torch.corrcoef(z.T)
     if coupling == "iso":
         torch.testing.assert_close(z[:, 1:], z[:, :1].expand(-1, 2), rtol=0, atol=1e-6)
     else:
-        assert float((axes - torch.eye(3, dtype=z.dtype)).abs().max()) < 0.1, axes
-    # velocities: scaled by 1/μ at the start of a step (a vanishing friction leaves the rest of it deterministic)
-    quiet = BatchedMD(model, atoms[:2], dt, integrator="langevin", temperature_K=1e-9, friction_per_fs=1e-12,
+        correlation = torch.corrcoef(z.T)
+        assert float((correlation - torch.eye(z.shape[1], dtype=z.dtype)).abs().max()) < 0.1, correlation
+        assert float(z.std(dim=0).sub(1.0).abs().max()) < 0.1, z.std(dim=0)  # each component its own variance
+    # velocities: mapped by M^-1 at the start of a step (a vanishing friction leaves the rest of it deterministic)
+    quiet = BatchedMD(model, atoms[:2], dt, integrator="langevin", temperature_K=1e-14, friction_per_fs=1e-12,
                       init_temperature_K=600.0, pressure_GPa=5.0, barostat_time_fs=tau, bulk_modulus_GPa=bulk,
                       barostat_coupling=coupling, barostat_method="c-rescale", seed=1)
-    mu = quiet._pending_scale.clone()
+    m = quiet._pending_deformation.clone()
+    torch.testing.assert_close(m, m.transpose(1, 2), rtol=0, atol=1e-15)
+    # at ~0 K the noise vanishes (~3e-11) and the drift is left: M = exp(ε), ε from the coupled pressure
+    tensor = quiet.pressure_tensor()
+    if coupling != "tri":
+        diagonal = torch.diagonal(tensor, dim1=1, dim2=2)
+        tensor = torch.diag_embed(diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal)
+    expected = torch.linalg.matrix_exp(rate * (tensor - 5.0 * units.GPa * torch.eye(3, dtype=torch.float64)) / 3)
+    assert float((expected - torch.eye(3, dtype=torch.float64)).abs().max()) > 1e-4  # a deformation to see
+    torch.testing.assert_close(m, expected, rtol=0, atol=1e-9)
     v, f = quiet.velocities.clone(), quiet.forces.clone()
     quiet.step(1)
     old_kick = 0.5 * dt * f * (units.fs ** 2 / quiet.masses)[:, None]
     new_kick = 0.5 * dt * quiet.forces * (units.fs ** 2 / quiet.masses)[:, None]
-    torch.testing.assert_close(quiet.velocities, v / mu[quiet.batch] + old_kick + new_kick, rtol=1e-9, atol=1e-12)
+    mapped = torch.einsum("nab,nb->na", torch.linalg.inv(m)[quiet.batch], v)
+    torch.testing.assert_close(quiet.velocities, mapped + old_kick + new_kick, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("coupling", ["iso", "aniso", "aniso per axis"])
+def cubic_elastic_cell(reference_cell: np.ndarray, c11: float, c12: float, c44: float):
+    """A gradient-force Student whose energy is the elastic energy of its cell alone (argon atoms move freely):
+    V0 (½ C_ijkl η_ij η_kl) of the Green-Lagrange strain η = ½(GᵀG - 1) of the deformation G from
+    `reference_cell` (rows), cubic constants in GPa. Rotation-invariant, so the barostat sees a crystal with
+    known elastic constants and nothing else."""
+    from engine.models import Student
+
+    eye = torch.eye(3, dtype=torch.float64)
+    stiffness = torch.zeros(3, 3, 3, 3, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            stiffness[i, i, j, j] = c11 if i == j else c12
+            if i != j:
+                stiffness[i, j, i, j] = stiffness[i, j, j, i] = c44
+    stiffness = stiffness * units.GPa
+
+    class CubicElasticCell(Student):
+        def __init__(self):
+            super().__init__([18], 3.0, hidden=2, layers=1, num_basis=1, force_mode="gradient")
+            self.register_buffer("inverse_reference", torch.linalg.inv(torch.as_tensor(reference_cell)))
+            self.reference_volume = float(abs(np.linalg.det(reference_cell)))
+
+        def energies(self, graph, positions):
+            g = (self.inverse_reference @ graph.cell).transpose(1, 2)  # a -> G a
+            eta = 0.5 * (g.transpose(1, 2) @ g - eye)
+            energy = 0.5 * self.reference_volume * torch.einsum("bij,ijkl,bkl->b", eta, stiffness, eta)
+            counts = torch.bincount(graph.batch, minlength=energy.shape[0]).to(energy.dtype)
+            node_energy = (energy / counts)[graph.batch]  # shared by the system's atoms
+            return energy, node_energy, node_energy[:, None], torch.zeros_like(positions)[:, :, None]
+
+    return CubicElasticCell().double()
+
+
+def test_tri_c_rescale_samples_the_elastic_fluctuations_of_a_crystal(rng):
+    """Full-cell c-rescale samples the strain fluctuations of the isothermal-isobaric ensemble: on a cell whose
+    energy is cubic elasticity (C11 2, C12 1, C44 1 GPa; V0 1000 Å³ at 300 K: strains of ~3 %), the Green-
+    Lagrange strains have <η_xy²> = kT/(4 V0 C44) and <δη_a δη_b> = kT S_ab / V0 (S the inverse of the normal
+    block), shear and normal strains uncorrelated. 64 systems over ~60 relaxation times: ~2 % on the averaged
+    variances; a shear noise off by √2 or a missing drift factor shows as 2x."""
+    c11, c12, c44, side, temperature = 2.0, 1.0, 1.0, 10.0, 300.0
+    reference = np.eye(3) * side
+    model = cubic_elastic_cell(reference, c11, c12, c44)
+    atoms = [Atoms("Ar", positions=[rng.uniform(0, side, 3)], cell=reference, pbc=True) for _ in range(64)]
+    md = BatchedMD(model, atoms, 5.0, integrator="langevin", temperature_K=temperature, friction_per_fs=0.01,
+                   pressure_GPa=0.0, barostat_time_fs=100.0, bulk_modulus_GPa=2.0, barostat_coupling="tri",
+                   barostat_method="c-rescale", seed=int(rng.integers(1 << 30)))
+    inverse = torch.linalg.inv(torch.as_tensor(reference))
+    strains = []
+
+    def record(s):
+        g = (inverse @ s.cell()).transpose(1, 2)
+        strains.append(0.5 * (g.transpose(1, 2) @ g - torch.eye(3, dtype=torch.float64)))
+
+    md.step(4000, callback=record)
+    eta = torch.stack(strains[500:]).reshape(-1, 3, 3)  # [samples, 3, 3]
+    kt_over_v = KB * temperature / side ** 3
+    shear = eta[:, [0, 0, 1], [1, 2, 2]]
+    normal = eta.diagonal(dim1=1, dim2=2)
+    expected_shear = kt_over_v / (4 * c44 * units.GPa)
+    block = torch.tensor([[c11, c12, c12], [c12, c11, c12], [c12, c12, c11]], dtype=torch.float64) * units.GPa
+    expected_normal = kt_over_v * torch.linalg.inv(block)
+    normal_cov = torch.cov(normal.T)
+    assert abs(float(shear.var(dim=0).mean()) / expected_shear - 1) < 0.08, (shear.var(dim=0), expected_shear)
+    assert abs(float(normal_cov.diagonal().mean() / expected_normal[0, 0]) - 1) < 0.08, (normal_cov, expected_normal)
+    off = normal_cov[[0, 0, 1], [1, 2, 2]].mean()
+    assert abs(float(off / expected_normal[0, 1]) - 1) < 0.15, (normal_cov, expected_normal)
+    mixed = torch.corrcoef(torch.cat([shear, normal], dim=1).T)[:3, 3:]
+    assert float(mixed.abs().max()) < 0.1, mixed
+    assert float(shear.mean(dim=0).abs().max()) < 0.1 * expected_shear ** 0.5  # no shear under hydrostatic P0
+
+
+@pytest.mark.parametrize("coupling", ["iso", "aniso", "aniso per axis", "tri per axis"])
 def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
     """The reported pressure tensor equals minus ASE's stress (engine.Calculator, include_ideal_gas) at the
     reported geometry and momenta, the reported energy is that geometry's, and each step scales the Cartesian
     components of each cell by μ = [1 - dt/τ_P (P0 - P)/B]^(1/3) with P the pressure after the previous step:
-    tr(P)/3 for every axis (iso), the axis' own P_aa (aniso), against the axis' own target (per axis)."""
+    tr(P)/3 for every axis (iso), the axis' own P_aa (aniso), against the axis' own target (per axis); tri maps
+    the cell vectors by the symmetric M = [1 + dt/τ_P (P - P0)/B]^(1/3) of the full tensor (P0 diagonal)."""
     from engine import Calculator
 
     model = student(1.0)
     atoms = bulk_systems(rng, [6, 9, 12])
-    if coupling == "aniso per axis":
+    if coupling.endswith("per axis"):
         given = [[0.0, 1.0, 3.0], [2.0, -1.0, 0.0], [1.0, 1.0, -2.0]]
         targets = torch.tensor(given, dtype=torch.float64) * units.GPa
     else:
@@ -386,12 +489,21 @@ def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
                    pressure_GPa=given, barostat_time_fs=50.0, bulk_modulus_GPa=50.0,
                    seed=int(rng.integers(1 << 30)), barostat_coupling=coupling.split()[0])
     for _ in range(4):
-        diagonal = torch.diagonal(md.pressure_tensor(), dim1=1, dim2=2).clone()
+        tensor = md.pressure_tensor().clone()
+        diagonal = torch.diagonal(tensor, dim1=1, dim2=2)
         before_cell, before_v = md.cell().clone(), md.volume().clone()
         md.step(1)
-        p = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
-        mu = (1.0 - 0.5 / 50.0 * (targets - p) / (50.0 * units.GPa)).pow(1.0 / 3.0)
-        torch.testing.assert_close(md.cell(), before_cell * mu[:, None, :], rtol=1e-12, atol=1e-12)
+        if coupling == "tri per axis":
+            values, vectors = torch.linalg.eigh(torch.eye(3, dtype=torch.float64)
+                                                + 0.5 / 50.0 * (tensor - torch.diag_embed(targets)) / (50.0 * units.GPa))
+            m = vectors @ torch.diag_embed(values.pow(1.0 / 3.0)) @ vectors.transpose(1, 2)
+            mu = values.pow(1.0 / 3.0)  # the principal stretches
+            assert float((m - torch.diag_embed(torch.diagonal(m, dim1=1, dim2=2))).abs().max()) > 1e-7  # shear
+        else:
+            p = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
+            mu = (1.0 - 0.5 / 50.0 * (targets - p) / (50.0 * units.GPa)).pow(1.0 / 3.0)
+            m = torch.diag_embed(mu)
+        torch.testing.assert_close(md.cell(), before_cell @ m, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(md.volume() / before_v, mu.prod(dim=1), rtol=1e-12, atol=0)
     spread = float((mu.max(dim=1).values / mu.min(dim=1).values - 1).max())
     assert (spread < 1e-12) if coupling == "iso" else (spread > 1e-6), spread
@@ -405,7 +517,7 @@ def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
     assert not np.allclose(md.to_atoms(atoms)[0].cell[:], atoms[0].cell[:])
 
 
-@pytest.mark.parametrize("coupling", ["iso", "aniso"])
+@pytest.mark.parametrize("coupling", ["iso", "aniso", "tri"])
 def test_barostat_batch_is_independent_and_skin_list_follows_the_cell(rng, coupling):
     """Under strong compression (> 5 % per length in 15 steps, more than the skin) the systems of a batch move as if alone, and a
     skin list (whose reference positions and budget follow the scaling) gives the rebuilt-list trajectory."""
@@ -518,13 +630,17 @@ def test_barostat_bad_input(rng):
         BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0)
     with pytest.raises(HessforgeError, match=r"volume \(through axis [xyz]\) by a factor"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=1e6, barostat_time_fs=5.0, barostat_coupling="aniso")
-    with pytest.raises(HessforgeError, match="per axis need barostat_coupling='aniso'"):
+    with pytest.raises(HessforgeError, match="per axis need barostat_coupling='aniso' or 'tri'"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=[[0.0, 0.0, 1.0]])
     for bad in ([[0.0, 1.0]], [[0.0, float("inf"), 1.0]], [[0.0, 0.0, 1.0]] * 2, [["a", "b", "c"]]):
         with pytest.raises(HessforgeError, match="per-axis pressure_GPa must be"):
             BatchedMD(model, bulk, 0.5, pressure_GPa=bad, barostat_coupling="aniso")
-    with pytest.raises(HessforgeError, match="barostat coupling must be one of iso, aniso"):
-        BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="tri")
+    sheared = BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="tri")
+    sheared.dE_deps[0, 0, 1] = sheared.dE_deps[0, 1, 0] = -1e6  # a shear stress no step may follow
+    with pytest.raises(HessforgeError, match=r"its shape \(through shear xy\) by a factor"):
+        sheared._barostat_deformation()
+    with pytest.raises(HessforgeError, match="barostat coupling must be one of iso, aniso, tri"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="xyz")
     with pytest.raises(HessforgeError, match="barostat method must be one of berendsen, c-rescale"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_method="mtk")
     with pytest.raises(HessforgeError, match="c-rescale barostat .* needs integrator 'langevin'"):

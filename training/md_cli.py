@@ -41,13 +41,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
     parser.add_argument("--pressure", type=pressure_targets, default=None, metavar="P | PX,PY,PZ",
                         help="GPa: barostat (--barostat-method) to this pressure, or with "
-                             "--barostat-coupling aniso one per axis (uniaxial stress: 0,0,5); bulk systems, "
+                             "--barostat-coupling aniso or tri one per axis (uniaxial stress: 0,0,5); bulk systems, "
                              "gradient-force students in any --mode but cudagraphs (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
     parser.add_argument("--barostat-coupling", choices=BAROSTAT_COUPLINGS, default="iso",
                         help="iso: scale the volume, keeping the cell's shape (default); aniso: scale x, y and z "
-                             "independently, each to the target pressure")
+                             "independently, each to the target pressure; tri: the full cell, shear included "
+                             "(solids)")
     parser.add_argument("--barostat-method", choices=BAROSTAT_METHODS, default="berendsen",
                         help="berendsen: LAMMPS' fix press/berendsen, the right mean pressure (default); c-rescale: "
                              "stochastic cell rescaling (Bernetti & Bussi 2020, GROMACS' C-rescale), the NPT "

@@ -9,11 +9,13 @@ fluctuations, B = kT <V> / <δV²> (errors: the spread over hessforge's independ
 blocks of LAMMPS' one run). Berendsen must give the mean volume but suppress the fluctuations (a B far too
 large); c-rescale must give both. As an independent number, B from the mean pressure of constant-volume runs
 (Langevin, LAMMPS) at V0 (1 ± 0.01): B = -V dP/dV. Under --coupling aniso (each box length on its own) the
-normal-strain fluctuations <δε_a δε_b> = kT S_ab / V give the compliances and from them C11 - C12 and B again.
+normal-strain fluctuations <δε_a δε_b> = kT S_ab / V give the compliances and from them C11 - C12 and B again;
+under --coupling tri (the full cell, LAMMPS' tri on a triclinic box) the shear strains too: <η_xy²> = kT/(4 V C44),
+with C44 = dσ_xy/dγ from constant-volume runs sheared by ±1 % as the independent number.
 
-    python bench/science/npt_lj.py lammps OUT_DIR [--ns 6] [--coupling iso|aniso]
+    python bench/science/npt_lj.py lammps OUT_DIR [--ns 6] [--coupling iso|aniso|tri]
     python bench/science/npt_lj.py hessforge OUT_DIR [--method c-rescale|berendsen] [--systems 32] [--ps 110]
-        [--coupling iso|aniso]
+        [--coupling iso|aniso|tri]
     python bench/science/npt_lj.py report OUT_DIR
 Results: bench/results/npt_lj/ (JSON, and the series as *_series.npz) and bench/results/npt_lj_cpu.md.
 """
@@ -146,6 +148,44 @@ def strain_statistics(lengths: np.ndarray, mean_volume: float, blocks: int = 10)
             "bulk_modulus_strain_fluct_GPa": full[1], "bulk_modulus_strain_fluct_GPa_err": errors[1]}
 
 
+def cell_strain_statistics(cells: np.ndarray, mean_volume: float) -> dict:
+    """[samples, systems, 3, 3] cells (rows) under tri coupling -> the Green-Lagrange strains η = ½(GᵀG - 1) of
+    the deformations G from the mean cell (rotation-free), and from their fluctuations (kT S / V) the cubic
+    constants: C44 = kT / (4 V <η_xy²>) (mean of xy, xz, yz), C11 - C12 and B from the normal block as in
+    strain_statistics; errors as there."""
+    from ase import units
+
+    kT = units.kB * TEMPERATURE
+    inverse_mean = np.linalg.inv(cells.reshape(-1, 3, 3).mean(axis=0))
+    g = np.swapaxes(inverse_mean @ cells, -1, -2)  # a -> G a
+    eta = 0.5 * (np.swapaxes(g, -1, -2) @ g - np.eye(3))
+    centre = eta.reshape(-1, 3, 3).mean(axis=0)
+
+    def stats(e):
+        d = (e - centre).reshape(-1, 3, 3)
+        scale = mean_volume / kT * units.GPa  # compliance in 1/GPa per <δη δη>
+        normal = d[:, [0, 1, 2], [0, 1, 2]]
+        cov = normal.T @ normal / len(d) * scale
+        s11, s12 = np.diag(cov).mean(), cov[~np.eye(3, dtype=bool)].mean()
+        shear = np.square(d[:, [0, 0, 1], [1, 2, 2]]).mean() * scale
+        return 1.0 / (s11 - s12), 1.0 / (3.0 * (s11 + 2.0 * s12)), 1.0 / (4.0 * shear)
+
+    full = stats(eta)
+    groups = np.swapaxes(eta, 0, 1) if eta.shape[1] >= 8 else np.array_split(eta, 10, axis=0)
+    parts = np.array([stats(g) for g in groups])
+    errors = parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    return {"c11_minus_c12_fluct_GPa": full[0], "c11_minus_c12_fluct_GPa_err": errors[0],
+            "bulk_modulus_strain_fluct_GPa": full[1], "bulk_modulus_strain_fluct_GPa_err": errors[1],
+            "c44_fluct_GPa": full[2], "c44_fluct_GPa_err": errors[2]}
+
+
+def lammps_cells(box: np.ndarray) -> np.ndarray:
+    """[samples, 6] LAMMPS box (lx ly lz xy xz yz) -> [samples, 3, 3] cell vectors as rows."""
+    lx, ly, lz, xy, xz, yz = box.T
+    zero = np.zeros_like(lx)
+    return np.stack([np.stack([lx, zero, zero], -1), np.stack([xy, ly, zero], -1), np.stack([xz, yz, lz], -1)], 1)
+
+
 def run_lammps(out_dir: str, ns: float, seed: int, coupling: str) -> None:
     from training.teachers.lammps import _load_liblammps
 
@@ -167,13 +207,18 @@ pair_style lj/cut {CUTOFF}
 pair_coeff 1 1 {EPSILON} {SIGMA}
 pair_modify shift yes
 velocity all create {TEMPERATURE} {seed + 1} mom yes rot no dist gaussian
+{"change_box all triclinic" if coupling == "tri" else ""}
 {fixes}
 timestep {DT_FS / 1000}
 variable v equal vol
 variable p equal press
+variable pxy equal pxy
 variable lx equal lx
 variable ly equal ly
 variable lz equal lz
+variable xy equal xy
+variable xz equal xz
+variable yz equal yz
 fix sample all ave/time 1 1 {SAMPLE_EVERY} {sample} file {path}
 """)
         lmp.command(f"run {steps}")
@@ -187,7 +232,7 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} {sample} file {path}
     natoms = 4 * CELLS ** 3
     barostat = f"{coupling} 0 0 {LAMMPS_PDAMP_FS / 1000}"
     suffix = "" if coupling == "iso" else f"_{coupling}"
-    sample = "v_v v_lx v_ly v_lz"
+    sample = "v_v v_lx v_ly v_lz v_xy v_xz v_yz" if coupling == "tri" else "v_v v_lx v_ly v_lz"
     runs = {  # the MTK barostat under Nosé-Hoover, and under LAMMPS' Langevin thermostat (hessforge's)
         "lammps_nph_langevin": ("LAMMPS fix nph (MTK) + fix langevin",
                                 f"fix nph all nph {barostat}\nfix thermostat all langevin {TEMPERATURE} "
@@ -197,10 +242,13 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} {sample} file {path}
     }
     for name, (source, fixes) in runs.items():
         data = simulate(fixes, steps, sample, name)
+        shape = lammps_cells(data[:, 1:])[:, None] if coupling == "tri" else data[:, None, 1:]
         record = {"source": f"{source}, {coupling}", "ns": ns, "pdamp_fs": LAMMPS_PDAMP_FS,
-                  **series_statistics(data[:, None, 0], data[:, None, 1:], out_dir, name + suffix)}
+                  **series_statistics(data[:, None, 0], shape, out_dir, name + suffix)}
         if name == "lammps_npt" and coupling == "iso":
             record.update(nvt_bulk_modulus(simulate, record["volume_per_atom"] * natoms, steps // 3, seed))
+        if name == "lammps_npt" and coupling == "tri":
+            record.update(nvt_shear_modulus(simulate, record["volume_per_atom"] * natoms, steps // 3, seed))
         write(out_dir, name + suffix, dict(record, wall_s=round(time.perf_counter() - start, 1)))
 
 
@@ -219,15 +267,37 @@ def nvt_bulk_modulus(simulate, v0: float, steps: int, seed: int) -> dict:
     return {"bulk_modulus_nvt_GPa": -(p_hi - p_lo) / 0.02, "bulk_modulus_nvt_GPa_err": np.hypot(e_lo, e_hi) / 0.02}
 
 
-def series_statistics(volumes: np.ndarray, lengths: np.ndarray, out_dir: str, name: str) -> dict:
-    """volume_statistics, and under aniso coupling (box lengths that differ) strain_statistics, of the series
-    [samples, systems] and [samples, systems, 3], which are saved for other estimators."""
+def nvt_shear_modulus(simulate, v0: float, steps: int, seed: int) -> dict:
+    """C44 = dσ_xy/dγ from constant-volume runs (Langevin) of the cube of volume v0 (the NPT mean) sheared by
+    γ = xy/ly = ±1 % (σ_xy = -pxy; errors: 10 blocks of each run): the isothermal C44, which the shear
+    fluctuations at P = 0 must give too (S44 = 1/C44 for a cubic crystal)."""
+    stresses, gamma = [], 0.01
+    side = v0 ** (1 / 3)
+    for k, sign in enumerate((-1, 1)):
+        box = side / CELLS / A_START
+        fixes = (f"change_box all x scale {box} y scale {box} z scale {box} remap\n"
+                 f"change_box all xy final {sign * gamma * side} remap units box\nfix nve all nve\n"
+                 f"fix thermostat all langevin {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {seed + 31 + k}")
+        sigma = -simulate(fixes, steps, "v_pxy", f"shear{k}")[:, 0] * 1e-4  # bar -> GPa
+        blocks = np.array([b.mean() for b in np.array_split(sigma, 10)])
+        stresses.append((sigma.mean(), blocks.std(ddof=1) / np.sqrt(len(blocks))))
+    (s_lo, e_lo), (s_hi, e_hi) = stresses
+    return {"c44_nvt_GPa": (s_hi - s_lo) / (2 * gamma), "c44_nvt_GPa_err": np.hypot(e_lo, e_hi) / (2 * gamma)}
+
+
+def series_statistics(volumes: np.ndarray, shape: np.ndarray, out_dir: str, name: str) -> dict:
+    """volume_statistics, and under aniso coupling (box lengths [samples, systems, 3] that differ)
+    strain_statistics, under tri (cells [samples, systems, 3, 3]) cell_strain_statistics, of the series
+    [samples, systems] and `shape`, which are saved for other estimators."""
+    key = "cells" if shape.ndim == 4 else "lengths"
     np.savez_compressed(os.path.join(out_dir, f"{name}_series.npz"), volumes=volumes.astype(np.float32),
-                        lengths=lengths.astype(np.float32))
+                        **{key: shape.astype(np.float64 if key == "cells" else np.float32)})
     natoms = 4 * CELLS ** 3
     out = volume_statistics(volumes, natoms)
-    if not np.allclose(lengths, lengths[..., :1]):
-        out.update(strain_statistics(lengths, out["volume_per_atom"] * natoms))
+    if key == "cells":
+        out.update(cell_strain_statistics(shape, out["volume_per_atom"] * natoms))
+    elif not np.allclose(shape, shape[..., :1]):
+        out.update(strain_statistics(shape, out["volume_per_atom"] * natoms))
     return out
 
 
@@ -244,16 +314,18 @@ def run_hessforge(out_dir: str, method: str, systems: int, ps: float, seed: int,
                    temperature_K=TEMPERATURE, init_temperature_K=TEMPERATURE, friction_per_fs=1.0 / THERMOSTAT_FS,
                    pressure_GPa=0.0, barostat_time_fs=BAROSTAT_FS, bulk_modulus_GPa=MODULUS_GPA, skin=1.0, seed=seed,
                    barostat_method=method, barostat_coupling=coupling)
-    series = []  # [systems, 4]: volume and box lengths (the cells stay diagonal)
+    series = []  # [systems, 10]: volume and the cell (iso, aniso: it stays diagonal)
     start = time.perf_counter()
     md.step(int(round(ps * 1000 / DT_FS)), interval=SAMPLE_EVERY, callback=lambda s: series.append(
-        torch.cat([s.volume()[:, None], torch.diagonal(s.cell(), dim1=1, dim2=2)], dim=1).cpu().numpy()))
+        torch.cat([s.volume()[:, None], s.cell().reshape(-1, 9)], dim=1).cpu().numpy()))
     wall = time.perf_counter() - start
     series = np.array(series)[int(EQUILIBRATE_PS * 1000 / DT_FS / SAMPLE_EVERY):]
+    cells = series[..., 1:].reshape(*series.shape[:2], 3, 3)
+    shape = cells if coupling == "tri" else np.diagonal(cells, axis1=-2, axis2=-1)
     name = f"hessforge_{method}" + ("" if coupling == "iso" else f"_{coupling}")
     record = {"source": f"hessforge BatchedMD, Langevin + {method}, {coupling}", "systems": systems,
               "ps_per_system": ps, "matches_ase_lj_to": diff,
-              **series_statistics(series[..., 0], series[..., 1:], out_dir, name), "wall_s": round(wall, 1),
+              **series_statistics(series[..., 0], shape, out_dir, name), "wall_s": round(wall, 1),
               "neighbor_builds": md.neighbor_builds}
     write(out_dir, name, record)
 
@@ -280,10 +352,12 @@ def report(out_dir: str) -> None:
                         f"{r['std_volume_per_atom']:.4f} ± {r['std_volume_per_atom_err']:.4f} | "
                         + " | ".join(value(r, k) for k in ("bulk_modulus_fluct_GPa", "bulk_modulus_nvt_GPa",
                                                            "bulk_modulus_strain_fluct_GPa",
-                                                           "c11_minus_c12_fluct_GPa")) + " |")
+                                                           "c11_minus_c12_fluct_GPa", "c44_fluct_GPa",
+                                                           "c44_nvt_GPa")) + " |")
     print("| source | V/atom (Å³) | std V/atom (Å³) | B from V fluctuations (GPa) | B = -V dP/dV, NVT (GPa) | "
-          "B from strain fluctuations (GPa) | C11 - C12 from strain fluctuations (GPa) |")
-    print("|---|---|---|---|---|---|---|")
+          "B from strain fluctuations (GPa) | C11 - C12 from strain fluctuations (GPa) | C44 from shear "
+          "fluctuations (GPa) | C44 = dσ_xy/dγ, NVT (GPa) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -432,7 +432,7 @@ class BatchedMD:
         if coupling == "iso":
             xi = torch.randn(self.nsystems, 1, generator=self.generator, dtype=self.dtype, device=self.device)
             strain = (drift + variance.sqrt()[:, None] * xi) / 3.0  # the same for every axis
-            return torch.diag_embed(torch.exp(strain).expand(-1, 3))
+            return torch.diag_embed(torch.exp(strain))
         shape = (self.nsystems, 3) if coupling == "aniso" else (self.nsystems, 3, 3)
         xi = torch.randn(shape, generator=self.generator, dtype=self.dtype, device=self.device)
         if coupling == "aniso":

@@ -19,21 +19,22 @@ one model call per step). Couplings (`barostat_coupling`):
 - "aniso": each diagonal component P_aa drives its own μ_a, M = diag(μ) (x, y and z relax to their targets
   independently, as LAMMPS' aniso for orthorhombic boxes; a tilted cell's vectors are scaled component by
   component, the diagonal strain that P_aa drives);
-- "tri": the full cell, the 6 components of a symmetric strain, M = exp(ε) with ε_ab driven by P_ab (targets:
-  P0_aa on the diagonal, zero shear stress), so the shear strains relax and fluctuate too (LAMMPS' tri; the
+- "tri": the full cell, the 6 components of a symmetric strain, M = exp(ε) with ε_ab driven by P_ab - P0_ab
+  (targets: a pressure, one per axis, or a full symmetric tensor: shear stress σ_xy = -P0_xy, controlled as
+  Cauchy stress, as LAMMPS' xy/xz/yz keywords do), so the shear strains relax and fluctuate too (LAMMPS' tri; the
   elastic constants C44 from the shear fluctuations). For solids: a liquid has no restoring force on its shape,
   and its cell wanders without bound, as under any flexible-cell barostat.
 Reported energies, forces and pressures belong to the positions and cell they are reported with. Methods
 (`barostat_method`), written for ε the strain increment of a step (iso/aniso: ε_aa = ln μ_a):
 - "berendsen" (LAMMPS' fix press/berendsen): exp(3 ε) = 1 - (dt/τ_P)(P0 - P)/B with P the iso or axis pressure
-  (μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3)); tri: the same function of the symmetric matrix (dt/τ_P)(P - P0 1)/B.
+  (μ = [1 - (dt/τ_P)(P0 - P)/B]^(1/3)); tri: the same function of the symmetric matrix (dt/τ_P)(P - P0)/B.
   Velocities are not scaled. Right mean pressure, but it suppresses the volume fluctuations of the NPT ensemble.
 - "c-rescale" (stochastic cell rescaling, Bernetti & Bussi, J. Chem. Phys. 153, 114107 (2020); GROMACS'
   C-rescale; its full-cell form after Del Tatto, Raiteri, Bernetti & Bussi, Appl. Sci. 12, 1139 (2022)):
   Berendsen's first-order relaxation plus a noise term, which samples the isothermal-isobaric ensemble (volume
   fluctuations <δV²> = kT V / B_real). Per step, in ln V (iso): 3 ε = -(dt/(τ_P B))(P0 - P) +
   sqrt(2 kT dt/(τ_P B V)) ξ; aniso: per axis ε_aa = -(dt/(3 τ_P B))(P0_a - P_aa) + sqrt(2 kT dt/(3 τ_P B V)) ξ_a;
-  tri: the aniso diagonal, and off the diagonal ε_ab = (dt/(3 τ_P B)) P_ab + sqrt(kT dt/(3 τ_P B V)) ξ_ab
+  tri: the aniso diagonal, and off the diagonal ε_ab = -(dt/(3 τ_P B))(P0_ab - P_ab) + sqrt(kT dt/(3 τ_P B V)) ξ_ab
   (the symmetric part of a matrix of independent noises: the shear strains get the stationary variance
   kT/(4 V C44) of a cubic crystal). ξ standard normal, kT of the Langevin target temperature (the method needs
   integrator "langevin"). Velocities are mapped by M^-1 (momenta inversely to positions, as in the paper). The
@@ -91,7 +92,7 @@ class BatchedMD:
 
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
     under aniso and tri coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa;
-    e.g. uniaxial stress along z: [[0, 0, 5]]), with coupling time barostat_time_fs (τ_P), assumed bulk modulus
+    e.g. uniaxial stress along z: [[0, 0, 5]]), under tri a full symmetric tensor [B, 3, 3] or [[[...]]], with coupling time barostat_time_fs (τ_P), assumed bulk modulus
     bulk_modulus_GPa (B), coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis, "tri":
     the full cell) and
     method barostat_method ("berendsen", or "c-rescale" for NPT volume fluctuations; it needs "langevin").
@@ -148,7 +149,7 @@ class BatchedMD:
         temps = None if temperature_K is None else self._per_system(temperature_K, "temperature_K")
         self.temperature_K = temps
         if self.barostat:
-            self.target_pressure = self._pressure_targets(pressure_GPa, barostat_coupling) * units.GPa  # [B, 3] eV/Å³
+            self.target_pressure = self._pressure_targets(pressure_GPa, barostat_coupling) * units.GPa  # [B, 3, 3] eV/Å³
             self.barostat_time, self.bulk_modulus = float(barostat_time_fs), float(bulk_modulus_GPa) * units.GPa
             self.barostat_coupling, self.barostat_method = barostat_coupling, barostat_method
         self._pending_deformation = None  # [B, 3, 3] M per system, applied at the start of the next step
@@ -191,22 +192,34 @@ class BatchedMD:
         return t
 
     def _pressure_targets(self, value, coupling: str) -> torch.Tensor:
-        """[B, 3] target P_xx, P_yy, P_zz (GPa): a scalar or one per system (hydrostatic), or under aniso or tri
-        coupling per axis, [B, 3] (one row per system) or [[px, py, pz]] (the same for all)."""
-        if np.ndim(np.asarray(value, dtype=object)) != 2:
-            return self._per_system(value, "pressure_GPa", unit="GPa", allow_negative=True)[:, None].expand(-1, 3)
+        """[B, 3, 3] target pressure tensors (GPa; P = -stress): a scalar or one per system (hydrostatic); under
+        aniso or tri coupling per axis, [B, 3] (one row per system) or [[px, py, pz]] (the same for all); under
+        tri also full symmetric tensors, [B, 3, 3] or [[[pxx, pxy, pxz], ...]] (shear targets)."""
+        ndim = np.ndim(np.asarray(value, dtype=object))
+        if ndim not in (2, 3):
+            hydrostatic = self._per_system(value, "pressure_GPa", unit="GPa", allow_negative=True)
+            return torch.diag_embed(hydrostatic[:, None].expand(-1, 3)).clone()
+        what = "per-axis" if ndim == 2 else "tensor"
         try:
             t = torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=self.dtype).to(self.device)
         except (TypeError, ValueError) as err:
-            raise HessforgeError(f"per-axis pressure_GPa must be numbers of GPa: {err}") from None
+            raise HessforgeError(f"{what} pressure_GPa must be numbers of GPa: {err}") from None
         if t.shape[0] == 1:
-            t = t.expand(self.nsystems, -1)
-        if t.shape != (self.nsystems, 3) or not bool(torch.isfinite(t).all()):
-            raise HessforgeError(f"per-axis pressure_GPa must be finite, [systems ({self.nsystems}), 3] or [1, 3], "
+            t = t.expand(self.nsystems, *t.shape[1:])
+        shape = (self.nsystems, 3) if ndim == 2 else (self.nsystems, 3, 3)
+        if t.shape != shape or not bool(torch.isfinite(t).all()):
+            raise HessforgeError(f"{what} pressure_GPa must be finite, [systems ({self.nsystems}), "
+                                 f"{', '.join(map(str, shape[1:]))}] or [1, {', '.join(map(str, shape[1:]))}], "
                                  f"got shape {tuple(t.shape)}")
-        if coupling == "iso" and not bool((t == t[:, :1]).all()):
+        t = torch.diag_embed(t) if ndim == 2 else t.clone()
+        if not bool((t == t.transpose(1, 2)).all()):
+            raise HessforgeError("tensor pressure_GPa must be symmetric (P_ab = P_ba: no torque on the cell)")
+        diagonal = torch.diagonal(t, dim1=1, dim2=2)
+        if coupling == "iso" and not bool((diagonal == diagonal[:, :1]).all()):
             raise HessforgeError("different target pressures per axis need barostat_coupling='aniso' or 'tri'")
-        return t.clone()
+        if coupling != "tri" and bool((t != torch.diag_embed(diagonal)).any()):
+            raise HessforgeError("shear targets (off-diagonal pressure_GPa) need barostat_coupling='tri'")
+        return t
 
     def _check_barostat(self, model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
                         coupling, method, integrator) -> None:
@@ -411,11 +424,11 @@ class BatchedMD:
         tensor = self.pressure_tensor()
         diagonal = torch.diagonal(tensor, dim1=1, dim2=2)  # [B, 3]
         coupling = self.barostat_coupling
-        if coupling == "tri":  # the full tensor against the targets on the diagonal (no shear stress)
-            pressure, target = tensor, torch.diag_embed(self.target_pressure)
+        if coupling == "tri":  # the full tensors
+            pressure, target = tensor, self.target_pressure
         else:
             pressure = diagonal.mean(dim=1, keepdim=True).expand(-1, 3) if coupling == "iso" else diagonal
-            target = self.target_pressure
+            target = torch.diagonal(self.target_pressure, dim1=1, dim2=2)
         # Berendsen's relative volume change: the drift of 3 ε (iso: ln V; per axis: 3 ln L_a)
         drift = -self.dt / self.barostat_time * (target - pressure) / self.bulk_modulus
         volume_ratio = 1.0 + drift if self.barostat_method == "berendsen" else torch.exp(drift)

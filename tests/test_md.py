@@ -470,6 +470,24 @@ def test_tri_c_rescale_samples_the_elastic_fluctuations_of_a_crystal(rng):
     assert float(shear.mean(dim=0).abs().max()) < 0.1 * expected_shear ** 0.5  # no shear under hydrostatic P0
 
 
+def test_tri_shear_target_gives_the_sheared_crystal():
+    """A shear-stress target under tri: the cell of a crystal with C44 = 1 GPa (the elastic cell model, no
+    kinetic pressure) relaxes until its pressure tensor is the target, P_xy = P0_xy = -0.02 GPa, i.e. the shear
+    stress 0.02 GPa, at the strain η_xy = σ_xy / (2 C44) = 0.01 (to O(η)), the other shears staying zero."""
+    side = 10.0
+    model = cubic_elastic_cell(np.eye(3) * side, 2.0, 1.0, 1.0)
+    atoms = Atoms("Ar", positions=[[1.0, 2.0, 3.0]], cell=np.eye(3) * side, pbc=True)
+    target = [[[0.0, -0.02, 0.0], [-0.02, 0.0, 0.0], [0.0, 0.0, 0.0]]]
+    md = BatchedMD(model, [atoms], 5.0, pressure_GPa=target, barostat_coupling="tri", barostat_time_fs=100.0,
+                   bulk_modulus_GPa=2.0)
+    md.step(1500)
+    np.testing.assert_allclose(md.pressure_tensor()[0].numpy() / units.GPa, target[0], atol=1e-7)
+    g = md.cell()[0].T / side
+    eta = 0.5 * (g.T @ g - torch.eye(3, dtype=torch.float64))
+    assert abs(float(eta[0, 1]) / 0.01 - 1) < 0.03, eta
+    assert float(eta[[0, 1], [2, 2]].abs().max()) < 1e-9, eta
+
+
 @pytest.mark.parametrize("coupling", ["iso", "aniso", "aniso per axis", "tri per axis"])
 def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
     """The reported pressure tensor equals minus ASE's stress (engine.Calculator, include_ideal_gas) at the
@@ -641,6 +659,13 @@ def test_barostat_bad_input(rng):
     sheared.dE_deps[0, 0, 1] = sheared.dE_deps[0, 1, 0] = -1e6  # a shear stress no step may follow
     with pytest.raises(HessforgeError, match=r"its shape \(through shear xy\) by a factor"):
         sheared._barostat_deformation()
+    shear = [[[0.0, 0.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]]
+    with pytest.raises(HessforgeError, match="shear targets .* need barostat_coupling='tri'"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=shear, barostat_coupling="aniso")
+    with pytest.raises(HessforgeError, match="must be symmetric"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=[[[0.0, 0.5, 0.0], [0.0] * 3, [0.0] * 3]], barostat_coupling="tri")
+    with pytest.raises(HessforgeError, match=r"tensor pressure_GPa must be finite, \[systems \(1\), 3, 3\]"):
+        BatchedMD(model, bulk, 0.5, pressure_GPa=[[[0.0, 0.0], [0.0, 0.0]]], barostat_coupling="tri")
     with pytest.raises(HessforgeError, match="barostat coupling must be one of iso, aniso, tri"):
         BatchedMD(model, bulk, 0.5, pressure_GPa=0.0, barostat_coupling="xyz")
     with pytest.raises(HessforgeError, match="barostat method must be one of berendsen, c-rescale"):
@@ -665,8 +690,8 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     end = ase.io.read(out, ":")
     assert all(np.isfinite(f.info["md_pressure_GPa"]) for f in end)
     assert not np.allclose(end[0].cell[:], ase.io.read(data, 0).cell[:])
-    for coupling in ("aniso", "tri"):
-        assert main(["md", model, str(data), "--steps", "2", "--pressure", "0,0,1.5", "--barostat-coupling", coupling,
+    for coupling, pressure in (("aniso", "0,0,1.5"), ("tri", "0,0,1.5"), ("tri", "0,0,1.5,0.5,0,-0.5")):
+        assert main(["md", model, str(data), "--steps", "2", "--pressure", pressure, "--barostat-coupling", coupling,
                      "--barostat-method", "c-rescale", "--integrator", "langevin", "--temperature", "300", "-o",
                      str(out), *common]) == 0
         end = ase.io.read(out, ":")
@@ -675,6 +700,8 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
         m = np.linalg.solve(ase.io.read(data, 0).cell[:], end[0].cell[:])  # the deformation, rows a -> M a
         sheared = np.abs(m - np.diag(np.diag(m))).max()
         assert (sheared > 1e-9) if coupling == "tri" else (sheared < 1e-12), (coupling, m)
+    assert main(["md", model, str(data), "--steps", "1", "--pressure", "0,0,0,0,0,1", *common]) == 2
+    assert "shear targets (off-diagonal pressure_GPa) need barostat_coupling='tri'" in capsys.readouterr().err
     runs = {}
     for mode in ("eager", "compiled"):  # the same step: compiled stress drives the barostat as eager's does
         runs[mode] = tmp_path / f"{mode}.xyz"
@@ -703,4 +730,4 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     assert "needs integrator 'langevin'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: one pressure or three
         main(["md", model, str(data), "--pressure", "0,1"])
-    assert "expected one pressure or three" in capsys.readouterr().err
+    assert "expected one pressure, three (PX,PY,PZ) or six" in capsys.readouterr().err

@@ -39,9 +39,12 @@ def add_arguments(parser) -> None:
                         help="K: draw initial velocities at this temperature even where DATA carries momenta "
                              "(default: continue from DATA's momenta, e.g. a previous -o file)")
     parser.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs (default 0.01)")
-    parser.add_argument("--pressure", type=pressure_targets, default=None, metavar="P | PX,PY,PZ",
+    parser.add_argument("--pressure", type=pressure_targets, default=None,
+                        metavar="P | PX,PY,PZ | PXX,PYY,PZZ,PYZ,PXZ,PXY",
                         help="GPa: barostat (--barostat-method) to this pressure, or with "
-                             "--barostat-coupling aniso or tri one per axis (uniaxial stress: 0,0,5); bulk systems, "
+                             "--barostat-coupling aniso or tri one per axis (uniaxial stress: 0,0,5), or with tri a "
+                             "pressure tensor in Voigt order (P = -stress; shear stress 1 GPa in xy: 0,0,0,0,0,-1); "
+                             "bulk systems, "
                              "gradient-force students in any --mode but cudagraphs (default: constant volume)")
     parser.add_argument("--barostat-time", type=float, default=1000.0,
                         help="fs: the barostat's coupling time τ_P (default 1000)")
@@ -69,7 +72,8 @@ def add_arguments(parser) -> None:
 
 
 def pressure_targets(text: str):
-    """--pressure: one number (GPa) or three (x, y, z: [[px, py, pz]] for engine.md.BatchedMD)."""
+    """--pressure: one number (GPa), three (x, y, z: [[px, py, pz]] for engine.md.BatchedMD) or six (a tensor
+    in Voigt order xx, yy, zz, yz, xz, xy: [[[pxx, pxy, pxz], [pxy, pyy, pyz], [pxz, pyz, pzz]]])."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -78,7 +82,11 @@ def pressure_targets(text: str):
         return values[0]
     if len(values) == 3:
         return [values]
-    raise argparse.ArgumentTypeError(f"expected one pressure or three (PX,PY,PZ) in GPa, got {text!r}")
+    if len(values) == 6:
+        xx, yy, zz, yz, xz, xy = values
+        return [[[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]]]
+    raise argparse.ArgumentTypeError(f"expected one pressure, three (PX,PY,PZ) or six (PXX,PYY,PZZ,PYZ,PXZ,PXY) "
+                                     f"in GPa, got {text!r}")
 
 
 def run(args) -> int:

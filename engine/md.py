@@ -92,10 +92,10 @@ class BatchedMD:
 
     pressure_GPa (scalar or one per system; None: constant volume) turns on the barostat (module docstring);
     under aniso and tri coupling it may also give each axis its own target, [B, 3] or [[px, py, pz]] (GPa;
-    e.g. uniaxial stress along z: [[0, 0, 5]]), under tri a full symmetric tensor [B, 3, 3] or [[[...]]], with coupling time barostat_time_fs (τ_P), assumed bulk modulus
-    bulk_modulus_GPa (B), coupling barostat_coupling ("iso": the volume, "aniso": each Cartesian axis, "tri":
-    the full cell) and
-    method barostat_method ("berendsen", or "c-rescale" for NPT volume fluctuations; it needs "langevin").
+    e.g. uniaxial stress along z: [[0, 0, 5]]), under tri a full symmetric tensor [B, 3, 3] or [[[...]]]; with
+    coupling time barostat_time_fs (τ_P), assumed bulk modulus bulk_modulus_GPa (B), coupling barostat_coupling
+    ("iso": the volume, "aniso": each Cartesian axis, "tri": the full cell) and method barostat_method
+    ("berendsen", or "c-rescale" for NPT volume fluctuations; it needs "langevin").
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",

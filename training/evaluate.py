@@ -195,10 +195,14 @@ def dataset_splits(dataset, split_file: str) -> Dict[str, List[int]]:
     return splits
 
 
+def structures_in(dataset, splits: Optional[Dict[str, List[int]]], split: str) -> list:
+    """The structures of `split` ({split: indices}, from dataset_splits), or all of them (splits None)."""
+    return [dataset[i] for i in (range(len(dataset)) if splits is None else splits[split])]
+
+
 def select_structures(dataset, split_file: Optional[str], split: str) -> list:
-    if split == "all" or split_file is None:
-        return [dataset[i] for i in range(len(dataset))]
-    return [dataset[i] for i in dataset_splits(dataset, split_file)[split]]
+    splits = None if split == "all" or split_file is None else dataset_splits(dataset, split_file)
+    return structures_in(dataset, splits, split)
 
 
 def run(args) -> int:
@@ -215,7 +219,7 @@ def run(args) -> int:
     if args.split != "all" and not os.path.exists(split_file):
         raise HessforgeError(f"split file not found: {split_file} (pass --split-file or --split all)")
     splits = None if args.split == "all" else dataset_splits(dataset, split_file)
-    structures = [dataset[i] for i in (splits[args.split] if splits else range(len(dataset)))]
+    structures = structures_in(dataset, splits, args.split)
     labels = None
     if args.labels:
         from training.labels import LabelStore, check_labels_match
@@ -227,7 +231,7 @@ def run(args) -> int:
         # the teacher's per-element offsets from the validation split: fitted on the test structures themselves
         # they would flatter the teacher's test energy error
         try:
-            val = [s for s in (dataset[i] for i in splits["val"]) if s.energy is not None]
+            val = [s for s in structures_in(dataset, splits, "val") if s.energy is not None]
             check_labels_match(labels, dataset, [s.id for s in val])
             offset_structures = val or None
         except HessforgeError:  # no labelled validation structures: fitted on the evaluated ones (said below)

@@ -90,6 +90,15 @@ def check_against_ase(model) -> float:
     return float(max(diffs))
 
 
+def with_errors(stats, series: np.ndarray, blocks: int = 10):
+    """stats(series) of a [samples, systems, ...] series and its errors: the spread of stats over the systems
+    where there are 8 or more (independent replicas), else over `blocks` consecutive time blocks (LAMMPS' one
+    long run)."""
+    groups = np.swapaxes(series, 0, 1) if series.shape[1] >= 8 else np.array_split(series, blocks, axis=0)
+    parts = np.array([stats(g) for g in groups])
+    return np.asarray(stats(series)), parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+
+
 def volume_statistics(volumes: np.ndarray, natoms: int, blocks: int = 10) -> dict:
     """[samples, systems] volumes (Å³; the systems: independent copies of one ensemble) -> mean and std per atom
     and B from the fluctuations (GPa), all about the mean over every system (a system's own mean over a short
@@ -104,10 +113,7 @@ def volume_statistics(volumes: np.ndarray, natoms: int, blocks: int = 10) -> dic
         var = np.square(v - mean).mean()
         return v.mean() / natoms, np.sqrt(var) / natoms, kT * mean / var / units.GPa
 
-    full = stats(volumes)
-    groups = volumes.T if volumes.shape[1] >= 8 else np.array_split(volumes, blocks, axis=0)
-    parts = np.array([stats(g) for g in groups])
-    errors = parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    full, errors = with_errors(stats, volumes, blocks)
     return {"volume_per_atom": full[0], "volume_per_atom_err": errors[0], "std_volume_per_atom": full[1],
             "std_volume_per_atom_err": errors[1], "bulk_modulus_fluct_GPa": full[2],
             "bulk_modulus_fluct_GPa_err": errors[2], "volume_autocorrelation_ps": autocorrelation_time(volumes),
@@ -140,10 +146,7 @@ def strain_statistics(lengths: np.ndarray, mean_volume: float, blocks: int = 10)
         s11, s12 = np.diag(cov).mean(), cov[~np.eye(3, dtype=bool)].mean()
         return 1.0 / (s11 - s12), 1.0 / (3.0 * (s11 + 2.0 * s12))
 
-    full = stats(strains)
-    groups = strains.transpose(1, 0, 2) if strains.shape[1] >= 8 else np.array_split(strains, blocks, axis=0)
-    parts = np.array([stats(g) for g in groups])
-    errors = parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    full, errors = with_errors(stats, strains, blocks)
     return {"c11_minus_c12_fluct_GPa": full[0], "c11_minus_c12_fluct_GPa_err": errors[0],
             "bulk_modulus_strain_fluct_GPa": full[1], "bulk_modulus_strain_fluct_GPa_err": errors[1]}
 
@@ -170,10 +173,7 @@ def cell_strain_statistics(cells: np.ndarray, mean_volume: float) -> dict:
         shear = np.square(d[:, [0, 0, 1], [1, 2, 2]]).mean() * scale
         return 1.0 / (s11 - s12), 1.0 / (3.0 * (s11 + 2.0 * s12)), 1.0 / (4.0 * shear)
 
-    full = stats(eta)
-    groups = np.swapaxes(eta, 0, 1) if eta.shape[1] >= 8 else np.array_split(eta, 10, axis=0)
-    parts = np.array([stats(g) for g in groups])
-    errors = parts.std(axis=0, ddof=1) / np.sqrt(len(parts))
+    full, errors = with_errors(stats, eta)
     return {"c11_minus_c12_fluct_GPa": full[0], "c11_minus_c12_fluct_GPa_err": errors[0],
             "bulk_modulus_strain_fluct_GPa": full[1], "bulk_modulus_strain_fluct_GPa_err": errors[1],
             "c44_fluct_GPa": full[2], "c44_fluct_GPa_err": errors[2]}
@@ -252,37 +252,43 @@ fix sample all ave/time 1 1 {SAMPLE_EVERY} {sample} file {path}
         write(out_dir, name + suffix, dict(record, wall_s=round(time.perf_counter() - start, 1)))
 
 
+def nvt_difference(simulate, fixes: tuple, steps: int, sample: str, tag: str, seed: int) -> tuple:
+    """Mean of the sampled LAMMPS pressure component (bar -> GPa) in two constant-volume Langevin runs, one per
+    entry of `fixes` (box changes; thermostat seeds seed, seed + 1), and its error (10 blocks of each run):
+    (second - first, error)."""
+    means = []
+    for k, box_change in enumerate(fixes):
+        run_fixes = (f"{box_change}\nfix nve all nve\n"
+                     f"fix thermostat all langevin {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} "
+                     f"{seed + k}")
+        p = simulate(run_fixes, steps, sample, f"{tag}{k}")[:, 0] * 1e-4  # bar -> GPa
+        blocks = np.array([b.mean() for b in np.array_split(p, 10)])
+        means.append((p.mean(), blocks.std(ddof=1) / np.sqrt(len(blocks))))
+    (lo, e_lo), (hi, e_hi) = means
+    return hi - lo, np.hypot(e_lo, e_hi)
+
+
+def cube_of(volume: float) -> str:
+    """LAMMPS command: the lattice box scaled to the cube of `volume`."""
+    box = volume ** (1 / 3) / CELLS / A_START
+    return f"change_box all x scale {box} y scale {box} z scale {box} remap"
+
+
 def nvt_bulk_modulus(simulate, v0: float, steps: int, seed: int) -> dict:
     """B = -V dP/dV from constant-volume runs (Langevin) at v0 (1 ± 1 %), v0 the NPT mean (errors: 10 blocks of
     each run)."""
-    pressures = []
-    for k, factor in enumerate((0.99, 1.01)):
-        box = (v0 * factor) ** (1 / 3) / CELLS / A_START
-        fixes = (f"change_box all x scale {box} y scale {box} z scale {box} remap\nfix nve all nve\n"
-                 f"fix thermostat all langevin {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {seed + 11 + k}")
-        p = simulate(fixes, steps, "v_p", f"nvt{k}")[:, 0]  # bar
-        blocks = np.array([b.mean() for b in np.array_split(p, 10)]) * 1e-4  # GPa
-        pressures.append((p.mean() * 1e-4, blocks.std(ddof=1) / np.sqrt(len(blocks))))
-    (p_lo, e_lo), (p_hi, e_hi) = pressures
-    return {"bulk_modulus_nvt_GPa": -(p_hi - p_lo) / 0.02, "bulk_modulus_nvt_GPa_err": np.hypot(e_lo, e_hi) / 0.02}
+    dp, err = nvt_difference(simulate, (cube_of(0.99 * v0), cube_of(1.01 * v0)), steps, "v_p", "nvt", seed + 11)
+    return {"bulk_modulus_nvt_GPa": -dp / 0.02, "bulk_modulus_nvt_GPa_err": err / 0.02}
 
 
 def nvt_shear_modulus(simulate, v0: float, steps: int, seed: int) -> dict:
     """C44 = dσ_xy/dγ from constant-volume runs (Langevin) of the cube of volume v0 (the NPT mean) sheared by
     γ = xy/ly = ±1 % (σ_xy = -pxy; errors: 10 blocks of each run): the isothermal C44, which the shear
     fluctuations at P = 0 must give too (S44 = 1/C44 for a cubic crystal)."""
-    stresses, gamma = [], 0.01
-    side = v0 ** (1 / 3)
-    for k, sign in enumerate((-1, 1)):
-        box = side / CELLS / A_START
-        fixes = (f"change_box all x scale {box} y scale {box} z scale {box} remap\n"
-                 f"change_box all xy final {sign * gamma * side} remap units box\nfix nve all nve\n"
-                 f"fix thermostat all langevin {TEMPERATURE} {TEMPERATURE} {THERMOSTAT_FS / 1000} {seed + 31 + k}")
-        sigma = -simulate(fixes, steps, "v_pxy", f"shear{k}")[:, 0] * 1e-4  # bar -> GPa
-        blocks = np.array([b.mean() for b in np.array_split(sigma, 10)])
-        stresses.append((sigma.mean(), blocks.std(ddof=1) / np.sqrt(len(blocks))))
-    (s_lo, e_lo), (s_hi, e_hi) = stresses
-    return {"c44_nvt_GPa": (s_hi - s_lo) / (2 * gamma), "c44_nvt_GPa_err": np.hypot(e_lo, e_hi) / (2 * gamma)}
+    gamma, side = 0.01, v0 ** (1 / 3)
+    shears = tuple(f"{cube_of(v0)}\nchange_box all xy final {sign * gamma * side} remap units box" for sign in (-1, 1))
+    dp, err = nvt_difference(simulate, shears, steps, "v_pxy", "shear", seed + 31)
+    return {"c44_nvt_GPa": -dp / (2 * gamma), "c44_nvt_GPa_err": err / (2 * gamma)}
 
 
 def series_statistics(volumes: np.ndarray, shape: np.ndarray, out_dir: str, name: str) -> dict:

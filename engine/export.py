@@ -22,6 +22,11 @@ convention: pressure·volume = W + kinetic). Direct-force students: forces are t
 local atoms (ghost rows zero); there is no energy derivative, so the virial is returned as zeros and the
 metadata says `"virial": false`.
 
+A second method, `batched(positions, numbers, edge_index, shifts, batch [N], num_structures)` -> (energy [B],
+node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected structures in one call (Python's
+batched MD under a barostat); archives written before it existed lack it (engine.exported falls back to one
+call per structure).
+
 Metadata (JSON, `extra/hessforge.json` in the archive, readable without loading the module): format and
 version, architecture and hyperparameters, cutoff (Å), species (atomic numbers), num_layers,
 interaction_range = num_layers × cutoff, force_mode, virial, units (eV, Å; LAMMPS `units metal`), dtype,
@@ -81,6 +86,34 @@ class ExportWrapper(nn.Module):
         shifts: torch.Tensor,
         nlocal: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        energy, node_energy, forces, virial = self._outputs(positions, numbers, edge_index, shifts, batch, 1, nlocal)
+        return energy[0], node_energy, forces, virial[0]
+
+    @torch.jit.export
+    def batched(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        shifts: torch.Tensor,
+        batch: torch.Tensor,
+        num_structures: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Disconnected structures in one graph (batch [N]: each atom's structure): energy [B], node_energy [N],
+        forces [N, 3], virial [B, 3, 3]; no ghost atoms."""
+        return self._outputs(positions, numbers, edge_index, shifts, batch, num_structures, positions.shape[0])
+
+    def _outputs(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        shifts: torch.Tensor,
+        batch: torch.Tensor,
+        num_structures: int,
+        nlocal: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Inputs and outputs are float64 whatever the model's dtype: edge vectors are formed in float64 (so a
         # float32 model does not lose precision to large coordinates) and only then cast to the model dtype.
         n = positions.shape[0]
@@ -89,7 +122,7 @@ class ExportWrapper(nn.Module):
         vec = (positions[j] - positions[i] + shifts).to(dtype).detach()
         if not self.direct_forces:
             vec.requires_grad_(True)
-        graph = AtomicGraph(
+        graph = AtomicGraph(  # one "structure" to the student: edges carry all the geometry
             positions=torch.zeros(n, 3, dtype=dtype, device=positions.device),
             numbers=numbers,
             cell=self.identity_cell,
@@ -100,20 +133,23 @@ class ExportWrapper(nn.Module):
         )
         out = self.model(graph, self.direct_forces, False)
         node_energy = out["node_energy"].to(positions.dtype)
-        energy = node_energy[:nlocal].sum()
+        energy = torch.zeros(num_structures, dtype=positions.dtype, device=positions.device).index_add(
+            0, batch[:nlocal], node_energy[:nlocal])
+        virial = torch.zeros(num_structures, 3, 3, dtype=positions.dtype, device=positions.device)
         if self.direct_forces:
             forces = out["forces"].to(positions.dtype)
             forces[nlocal:] = 0.0
-            virial = torch.zeros(3, 3, dtype=positions.dtype, device=positions.device)
         else:
-            grads = torch.autograd.grad([energy], [vec], allow_unused=True)
+            grads = torch.autograd.grad([energy.sum()], [vec], allow_unused=True)
             g = grads[0]
             if g is None:  # no edges: the energy does not depend on positions
                 g = torch.zeros_like(vec)
             g = g.to(positions.dtype)
             forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
-            virial = -(vec.detach().to(positions.dtype).transpose(0, 1) @ g)
-            virial = 0.5 * (virial + virial.transpose(0, 1))
+            # each edge belongs to its receiver's structure: W_b = -sum over b's edges of r_e ⊗ dE/dr_e
+            per_edge = vec.detach().to(positions.dtype).unsqueeze(2) * g.unsqueeze(1)
+            virial = virial.index_add(0, batch[i], -per_edge)
+            virial = 0.5 * (virial + virial.transpose(1, 2))
         return energy.detach(), node_energy.detach(), forces.detach(), virial.detach()
 
 
@@ -204,7 +240,9 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "units": {"energy": "eV", "length": "Angstrom", "lammps": "metal"},
         "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
         "interface": "forward(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal) "
-                     "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64",
+                     "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64; batched(positions, numbers, "
+                     "edge_index, shifts, batch[N] i64, num_structures) -> (energy[B], node_energy[N], forces[N,3], "
+                     "virial[B,3,3])",
         "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            hessforge_version=hessforge_version, torch_version=torch.__version__),
     })

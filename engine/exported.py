@@ -2,7 +2,8 @@
 
 - `read_metadata(path)`: the JSON metadata, read from the archive without loading the TorchScript module.
 - `load_exported(path)`: the TorchScript module behind the student interface (forward(graph) -> energy [B],
-  node_energy [N], forces [N, 3]; `virial(graph)` for one structure).
+  node_energy [N], forces [N, 3]; `energy_forces_strain_derivative(graph)` adds each structure's dE/dε, so
+  batched MD runs exported models under a barostat; `virial(graph)` for one structure).
 - `load_core(path)`: the C++ core (pybind11 module engine._core, built by `make build`): its own O(N) cell
   list, energy, forces, virial and per-atom energies for one structure given as numpy arrays.
 - `lammps_plugin_path()`: the built `hessforgeplugin.so` for LAMMPS `plugin load` / LAMMPS_PLUGIN_PATH.
@@ -19,7 +20,7 @@ import torch
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
-from engine.graph import AtomicGraph, sum_per_structure
+from engine.graph import AtomicGraph
 from engine.neighbors import complete_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +86,7 @@ class ExportedModel:
         self.species = [int(z) for z in self.metadata["species"]]
         self.num_layers: int = int(self.metadata["num_layers"])
         self.force_mode: str = self.metadata["force_mode"]
+        self.direct_forces: bool = self.force_mode == "direct"
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.metadata["dtype"]]
 
     def check_species(self, numbers, where: str = "") -> None:
@@ -103,12 +105,32 @@ class ExportedModel:
         i = graph.edge_index[0]
         return torch.einsum("ea,eab->eb", graph.shifts.double(), graph.cell.double()[graph.batch[i]])
 
+    def evaluate_batch(self, graph: AtomicGraph) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """energy [B], node_energy [N], forces [N, 3], virial [B, 3, 3] (float64) of a batched graph: one module
+        call, or one per structure for archives exported before the batched method existed."""
+        self.check_species(graph.numbers)
+        nstruct = graph.cell.shape[0]
+        shifts = self._edge_shifts(graph)
+        if hasattr(self.module, "batched"):
+            return self.module.batched(graph.positions.double(), graph.numbers, graph.edge_index, shifts,
+                                       graph.batch, nstruct)
+        n = graph.positions.shape[0]
+        energy = torch.zeros(nstruct, dtype=torch.float64)
+        node_energy = torch.zeros(n, dtype=torch.float64)
+        forces = torch.zeros(n, 3, dtype=torch.float64)
+        virial = torch.zeros(nstruct, 3, 3, dtype=torch.float64)
+        local = torch.full((n,), -1, dtype=torch.long)  # global atom index -> index within its structure
+        for b in range(nstruct):
+            atoms = (graph.batch == b).nonzero().flatten()
+            edges = (graph.batch[graph.edge_index[0]] == b).nonzero().flatten()
+            local[atoms] = torch.arange(atoms.numel())
+            energy[b], node_energy[atoms], forces[atoms], virial[b] = self.evaluate(
+                graph.positions[atoms], graph.numbers[atoms], local[graph.edge_index[:, edges]], shifts[edges])
+        return energy, node_energy, forces, virial
+
     def forward(self, graph: AtomicGraph, compute_forces: bool = True) -> Dict[str, torch.Tensor]:
         """energy [B], node_energy [N], forces [N, 3] for a batch (structures are disconnected in the graph)."""
-        self.check_species(graph.numbers)
-        _, node_energy, forces, _ = self.evaluate(graph.positions, graph.numbers, graph.edge_index,
-                                                  self._edge_shifts(graph))
-        energy = sum_per_structure(node_energy, graph.batch, graph.cell.shape[0])
+        energy, node_energy, forces, _ = self.evaluate_batch(graph)
         out = {"energy": energy, "node_energy": node_energy}
         if compute_forces:
             out["forces"] = forces
@@ -116,13 +138,19 @@ class ExportedModel:
 
     __call__ = forward
 
+    def energy_forces_strain_derivative(self, graph: AtomicGraph) -> Dict[str, torch.Tensor]:
+        """engine.stress.energy_forces_strain_derivative's outputs (energy, node_energy, forces, dE_deps [B, 3, 3]
+        = -virial), from the exported module's own backward pass (float64, detached)."""
+        if not self.metadata.get("virial", False):
+            raise HessforgeError(f"{self.path}: a {self.force_mode}-force model has no virial (stress)")
+        energy, node_energy, forces, virial = self.evaluate_batch(graph)
+        return {"energy": energy, "node_energy": node_energy, "forces": forces, "dE_deps": -virial}
+
     def virial(self, graph: AtomicGraph) -> torch.Tensor:
         """W [3, 3] (eV) of a single-structure graph: -dE/d(strain); stress = -W / volume."""
         if graph.cell.shape[0] != 1:
             raise HessforgeError("virial: pass a graph holding one structure")
-        if not self.metadata.get("virial", False):
-            raise HessforgeError(f"{self.path}: a {self.force_mode}-force model has no virial")
-        return self.evaluate(graph.positions, graph.numbers, graph.edge_index, self._edge_shifts(graph))[3]
+        return -self.energy_forces_strain_derivative(graph)["dE_deps"][0]
 
 
 def load_exported(path: str) -> ExportedModel:

@@ -44,7 +44,8 @@ one only slows the approach (relaxation time τ_P B/B_real), one below it oversh
 (100 GPa, a stiff solid) is safe for liquids and soft solids; neither B nor τ_P changes what c-rescale samples.
 Needs gradient-force students (stress): eager, compiled (engine.compiled.CompiledStudent) or fused
 (engine.runner.FusedStudent, CompiledFusedStudent: the fused op's backward gives the cell gradient too; not
-CUDA-graph replays), and systems periodic in all 3 directions.
+CUDA-graph replays) or exported (engine.exported: the TorchScript module's batched virial), and systems
+periodic in all 3 directions.
 
 Neighbor list: with skin = 0 (default) it is rebuilt from the positions on every step. With skin > 0 a list
 to cutoff + skin is built and reused (Verlet list): each step keeps only its pairs within the cutoff, so
@@ -235,8 +236,10 @@ class BatchedMD:
         # the strain derivative needs the energy as a differentiable function of positions and cell: eager and
         # compiled students, and fused ones (the fused op's backward reaches the cell through the edges' shifts);
         # not CUDA-graph replays, whose static buffers this double use of inputs was never checked on
+        # exported models compute it in their own backward pass (engine.exported)
         strain_ready = (isinstance(model, (Student, CompiledStudent, FusedStudent))
-                        or (isinstance(model, CompiledFusedStudent) and not model.graphs))
+                        or (isinstance(model, CompiledFusedStudent) and not model.graphs)
+                        or hasattr(model, "energy_forces_strain_derivative"))
         if not strain_ready or model.direct_forces:
             kind = type(model).__name__
             if strain_ready:
@@ -244,7 +247,7 @@ class BatchedMD:
             elif getattr(model, "graphs", False):
                 kind += " (CUDA graphs)"
             raise HessforgeError(f"a barostat (pressure) needs the stress of a gradient-force student, eager, "
-                                 f"compiled or fused; {kind} gives none here")
+                                 f"compiled, fused or exported; {kind} gives none here")
         for k, a in enumerate(atoms_list):
             if not a.pbc.all():
                 raise HessforgeError(f"a barostat (pressure) needs systems periodic in all 3 directions; system {k} "

@@ -11,6 +11,7 @@ from typing import Dict
 
 import torch
 
+from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
 
 
@@ -30,7 +31,14 @@ def cell_volumes(cell: torch.Tensor) -> torch.Tensor:
 def energy_forces_strain_derivative(model, graph: AtomicGraph, create_graph: bool = False) -> Dict[str, torch.Tensor]:
     """energy [B], node_energy [N], forces [N, 3] and dE_deps [B, 3, 3] (eV; the negative virial) of a
     gradient-force student. create_graph keeps the graph of forces and dE/dε (a loss on them trains the
-    parameters). For structures that are not periodic dE/dε is still defined (Σ x ⊗ ∂E/∂x) but is no stress."""
+    parameters). For structures that are not periodic dE/dε is still defined (Σ x ⊗ ∂E/∂x) but is no stress.
+    Models that compute it themselves (exported TorchScript models: engine.exported) are asked for it."""
+    own = getattr(model, "energy_forces_strain_derivative", None)
+    if own is not None:
+        if create_graph:
+            raise HessforgeError(f"{type(model).__name__} gives forces and stress, not their derivatives "
+                                 "(train from a checkpoint, not an exported model)")
+        return own(graph)
     positions = graph.positions.detach().requires_grad_(True)
     eps = torch.zeros(graph.cell.shape[0], 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
     sym = 0.5 * (eps + eps.transpose(1, 2))

@@ -14,6 +14,7 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_VERSION, METADATA_NAME, ExportWrapper, export_model, quiet_torchscript
 from engine.exported import load_exported, read_metadata
 from engine.graph import graph_from_atoms
+from engine.stress import energy_forces_strain_derivative
 from engine.models import STUDENTS
 from toy import STUDENT_VARIANTS
 
@@ -98,6 +99,61 @@ def test_exported_matches_python_student(tmp_path, rng, arch, force_mode):
     ref, out = model(graph), exported(graph)
     assert rel(out["energy"], ref["energy"].detach()) < 1e-10
     assert rel(out["forces"], ref["forces"].detach()) < 1e-10
+    if force_mode == "gradient":  # each structure's strain derivative from the one batched call
+        ref = energy_forces_strain_derivative(model, graph)
+        out = energy_forces_strain_derivative(exported, graph)
+        for key in ("energy", "forces", "dE_deps"):
+            assert rel(out[key], ref[key].detach()) < 1e-10, key
+        for b in range(graph.cell.shape[0]):
+            assert rel(out["dE_deps"][b], ref["dE_deps"][b].detach()) < 1e-10, b
+        legacy = load_exported(path)
+        legacy.module = WithoutBatched(legacy.module)  # an archive from before the batched method
+        old = energy_forces_strain_derivative(legacy, graph)
+        for key in ("energy", "node_energy", "forces", "dE_deps"):
+            assert rel(old[key], out[key]) < 1e-12, key
+        with pytest.raises(HessforgeError, match="not their derivatives"):
+            energy_forces_strain_derivative(exported, graph, create_graph=True)
+    else:
+        with pytest.raises(HessforgeError, match="has no virial"):
+            energy_forces_strain_derivative(exported, graph)
+
+
+class WithoutBatched:
+    """An exported module seen as one written before `batched` existed: forward only."""
+
+    def __init__(self, module):
+        self.forward = module.forward
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+
+def test_barostat_md_with_exported_model_follows_the_python_student(tmp_path):
+    """hessforge md under a barostat with the exported file: the same trajectory as with the Python student."""
+    from ase.build import bulk
+
+    from engine.md import BatchedMD
+
+    model = tiny_painn(seed=3)
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    rng = np.random.default_rng(5)
+    systems = []
+    for k in range(3):
+        atoms = bulk("C", "diamond", a=3.6, cubic=True)
+        atoms.numbers = rng.choice(SPECIES, len(atoms))
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.set_cell(atoms.cell @ (np.eye(3) + rng.normal(0, 0.02, (3, 3))), scale_atoms=True)
+        systems.append(atoms)
+    runs = []
+    for student in (model, load_exported(path)):
+        md = BatchedMD(student, systems, 0.5, integrator="langevin", temperature_K=300, seed=11, pressure_GPa=2.0,
+                       barostat_time_fs=50, bulk_modulus_GPa=50, barostat_coupling="tri", dtype=torch.float64)
+        md.step(15)
+        runs.append((md.positions.clone(), md.cell(), md.pressure_tensor().clone()))
+    for a, b in zip(*runs):
+        assert rel(a, b) < 1e-9
+    assert rel(runs[0][1], torch.tensor(np.array([s.cell[:] for s in systems]))) > 1e-4  # the cells moved
 
 
 def test_local_energy_and_ghost_forces():

@@ -53,7 +53,9 @@ the model sees exactly the graph a fresh list would give, and the list is rebuil
 batch has moved more than skin/2 since the last build (under a barostat: moved relative to the scaled
 positions, with the skin shrunk by the strongest compression since the build). Models that build their own
 neighbor list (engine.runner.FusedStudent) are called on the positions alone. Positions are not wrapped into
-the cell (the neighbor lists take unwrapped positions).
+the cell (the neighbor lists take unwrapped positions); the state is float64, and a float32 model gets each
+system translated near the origin and wrapped into its cell first (engine.graph.recentred: no edge vector
+changes), so its precision does not decay as atoms move away from the origin.
 
 The model is any engine student: forward(graph, compute_forces=True) -> {"energy": [B], "forces": [N, 3]}.
 """
@@ -67,7 +69,7 @@ import torch
 from ase import units
 
 from engine.errors import HessforgeError
-from engine.graph import AtomicGraph, edge_vectors, graph_from_atoms, graph_to
+from engine.graph import AtomicGraph, edge_vectors, graph_from_atoms, graph_to, recentred
 from engine.models import Student, for_inference
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
@@ -121,8 +123,11 @@ class BatchedMD:
                 raise HessforgeError(f"langevin friction must be > 0 (1/fs), got {friction_per_fs}")
         self.device = resolve_device(device)
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-        self.dtype = dtype or (params[0].dtype if params else torch.float64)
-        model = for_inference(model, self.device, self.dtype)
+        # the model runs in model_dtype; positions, velocities, cells and the integrator are float64 whatever it
+        # is (float32 coordinates lose ~1e-4 Å at 2000 Å: long runs, unwrapped diffusion, structures far out)
+        self.model_dtype = dtype or (params[0].dtype if params else torch.float64)
+        self.dtype = torch.float64
+        model = for_inference(model, self.device, self.model_dtype)
         self.model = model
         self.cutoff = float(model.cutoff)
         for a in atoms_list:
@@ -379,6 +384,8 @@ class BatchedMD:
 
     def _evaluate(self, positions: torch.Tensor):
         graph = self._graph_at(positions.detach())
+        if self.model_dtype != torch.float64:  # small coordinates before the cast: every edge vector unchanged
+            graph = graph_to(recentred(graph), self.device, self.model_dtype)
         if self.barostat:
             out = energy_forces_strain_derivative(self.model, graph)
             self.dE_deps = out["dE_deps"].detach().to(self.dtype)

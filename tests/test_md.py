@@ -248,6 +248,36 @@ def test_tools_leave_the_callers_model_alone(rng):
     assert calc.get_potential_energy(molecule("CH4")) == energy
 
 
+def test_float32_model_keeps_its_precision_far_from_the_origin(rng):
+    """A float32 model in float64 MD state: systems moved by whole lattice vectors to ~2000 Å (or molecules
+    placed there) get the forces and strain derivatives of the same systems at the origin to float32 rounding
+    (float32 coordinates there would lose ~1e-4 Å: measured force errors 5e-4 before the state was float64)."""
+    model = student(3.0)
+    near = bulk_systems(rng, [5, 6]) + perturbed(["CH4"], rng)
+    far = [a.copy() for a in near]
+    for a in far[:2]:
+        a.positions += np.array([700, -900, 1500]) @ a.cell[:]
+    far[2].positions += [2000.0, -1500.0, 1800.0]
+    runs = {}
+    for name, systems in (("near", near), ("far", far)):
+        md32 = BatchedMD(model, systems, 0.5, dtype=torch.float32, seed=3, init_temperature_K=300.0)
+        md64 = BatchedMD(model, systems, 0.5, dtype=torch.float64, seed=3, init_temperature_K=300.0)
+        assert md32.positions.dtype == torch.float64 and md32.model_dtype == torch.float32
+        md32.step(20)
+        md64.step(20)
+        err = float((md32.forces - md64.forces).abs().max() / md64.forces.abs().max())
+        runs[name] = (err, md32.positions - md64.positions)
+    assert runs["far"][0] < 1e-5, runs  # the float32 model's own rounding, wherever the atoms are
+    assert runs["near"][0] < 1e-5
+    assert float(runs["far"][1].abs().max()) < 1e-5  # the trajectories of both precisions stay together
+    systems = bulk_systems(rng, [5, 6])
+    for a in systems:
+        a.positions += np.array([-800, 600, 1200]) @ a.cell[:]
+    dE = [BatchedMD(model, systems, 0.5, dtype=dtype, pressure_GPa=0.0).dE_deps
+          for dtype in (torch.float32, torch.float64)]
+    assert float((dE[0] - dE[1]).abs().max() / dE[1].abs().max()) < 1e-5
+
+
 # ---------------------------------------------------------------------------------- barostat (pressure_GPa)
 def bulk_systems(rng, sizes, symbols="CNO", min_distance=1.1):
     """Random triclinic cells of C/N/O with no two atoms (or images) closer than min_distance."""

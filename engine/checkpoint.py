@@ -7,6 +7,7 @@ import torch
 
 from engine.errors import HessforgeError
 from engine.models import build_student
+from engine.paths import EXPORTED_MODEL, artifact_kind
 
 CHECKPOINT_FORMAT = "hessforge-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -17,6 +18,9 @@ def read_checkpoint(path: str) -> dict:
         raise HessforgeError(f"{path}: is a directory; give the checkpoint file (e.g. {os.path.join(path, 'best.pt')})")
     if not os.path.isfile(path):
         raise HessforgeError(f"checkpoint not found: {path}")
+    if artifact_kind(path) == EXPORTED_MODEL:
+        raise HessforgeError(f"{path}: is an exported model (hessforge export output), not a trainer checkpoint; "
+                             "give the run's best.pt or last.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for truncated or foreign files
@@ -37,5 +41,13 @@ def load_student(path: str, use_ema: bool = True, dtype: torch.dtype = torch.flo
     hp = dict(state["model_hparams"])
     model = build_student(hp.pop("name"), **hp)
     key = "ema_model_state" if use_ema and state.get("ema_model_state") is not None else "model_state"
-    model.load_state_dict(state[key])
+    try:
+        model.load_state_dict(state[key])
+    except (RuntimeError, KeyError, TypeError) as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err).splitlines()[0])
+        raise HessforgeError(f"{path}: its weights do not fit its model settings {hp} (a damaged checkpoint, or "
+                             f"weights of another model): {detail}") from None
+    if not all(bool(torch.isfinite(t).all()) for t in state[key].values() if torch.is_tensor(t)
+               and t.is_floating_point()):
+        raise HessforgeError(f"{path}: its weights hold NaN or Inf (a training run that diverged?)")
     return model.to(dtype).eval()

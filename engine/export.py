@@ -48,7 +48,7 @@ from torch import nn
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
-from engine.paths import atomic_path, check_output_file
+from engine.paths import EXPORTED_MODEL, atomic_path, check_output_file
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -279,9 +279,13 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
             scripted = torch.jit.script(ExportWrapper(model))
     except Exception as err:
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
-    check_output_file(path, "export output")
-    with atomic_path(path) as tmp, quiet_torchscript():
-        torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
+    check_output_file(path, "export output", may_replace=[EXPORTED_MODEL])
+    try:
+        with atomic_path(path) as tmp, quiet_torchscript():
+            torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
+    except (OSError, RuntimeError) as err:  # torch reports an unwritable file as a RuntimeError
+        reason = str(err).splitlines()[0].split("strerror: ")[-1] if str(err) else type(err).__name__
+        raise HessforgeError(f"cannot write the export output {path}: {reason}") from None
     return metadata
 
 
@@ -290,7 +294,7 @@ def export_checkpoint(checkpoint: str, path: str, dtype: Optional[torch.dtype] =
     """Export a trainer checkpoint (best.pt / last.pt)."""
     from engine.checkpoint import load_student, read_checkpoint
 
-    check_output_file(path, "export output", inputs=[checkpoint])
+    check_output_file(path, "export output", inputs=[checkpoint], may_replace=[EXPORTED_MODEL])
     state = read_checkpoint(checkpoint)
     if dtype is None:
         dtype = torch.float64

@@ -8,17 +8,45 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from typing import IO, Any, Dict, Iterable, Iterator, Optional
 
 from engine.errors import HessforgeError
 
 
-def check_output_file(path: str, what: str, inputs: Iterable[Optional[str]] = (), create_parent: bool = False
-                      ) -> None:
+LMDB_DATASET, TORCH_FILE, EXPORTED_MODEL = "an LMDB dataset", "a PyTorch file (a checkpoint?)", "an exported model"
+ARTIFACT_KINDS = (LMDB_DATASET, TORCH_FILE, EXPORTED_MODEL)
+
+
+def artifact_kind(path: str) -> Optional[str]:
+    """Which of the files that cost hours to make `path` holds (one of ARTIFACT_KINDS), from its first bytes;
+    None for anything else (JSON, extxyz, text) or an unreadable file."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+        if head[16:20] in (b"\xde\xc0\xef\xbe", b"\xbe\xef\xc0\xde"):  # LMDB meta magic 0xBEEFC0DE after the page header
+            return LMDB_DATASET
+        if head[:4] == b"PK\x03\x04" and zipfile.is_zipfile(path):  # torch.save / torch.jit.save archives
+            with zipfile.ZipFile(path) as archive:
+                if any(n.endswith("/extra/hessforge.json") for n in archive.namelist()):
+                    return EXPORTED_MODEL
+                if any(n.endswith("/data.pkl") or n.endswith("/constants.pkl") for n in archive.namelist()):
+                    return TORCH_FILE
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def check_output_file(path: str, what: str, inputs: Iterable[Optional[str]] = (), create_parent: bool = False,
+                      may_replace: Iterable[str] = ()) -> None:
     """Raise HessforgeError, naming `what` (e.g. "--json"), if `path` is a directory, its folder is missing
-    (unless `create_parent`: the writer makes it), or it is the same file as one of `inputs` (paths that do
-    not exist, None and non-path specs such as 'quickstart' are ignored)."""
+    (unless `create_parent`: the writer makes it), it is the same file as one of `inputs` (paths that do
+    not exist, None and non-path specs such as 'quickstart' are ignored), or it holds a dataset, checkpoint or
+    exported model (artifact_kind) other than the kinds in `may_replace` (what this output writes): a typo in
+    an output name must not destroy hours of work."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise HessforgeError(f"{what} {path}: is a directory; give a file name")
@@ -31,6 +59,10 @@ def check_output_file(path: str, what: str, inputs: Iterable[Optional[str]] = ()
         if source and os.path.exists(source) and os.path.samefile(path, source):
             raise HessforgeError(f"{what} {path} is the input {source}: writing it would destroy the input; "
                                  "give another file name")
+    kind = artifact_kind(path)
+    if kind is not None and kind not in tuple(may_replace):
+        raise HessforgeError(f"{what} {path}: that file is {kind}; writing it would destroy it. Give another "
+                             "file name (or move the file away first)")
 
 
 def check_distinct_outputs(outputs: Dict[str, Optional[str]]) -> None:
@@ -72,11 +104,26 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
             yield fh
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN / ±inf float replaced by None (JSON null), through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def write_json(path: str, payload: Any, **dump_kwargs) -> None:
-    """json.dump to `path` through atomic_open (indent 1 unless given)."""
+    """json.dump to `path` through atomic_open (indent 1 unless given). Strict JSON: a metric without data
+    (NaN) or a loss never computed (inf) is written as null, which every JSON reader accepts (NaN is not JSON)."""
     dump_kwargs.setdefault("indent", 1)
+    default = dump_kwargs.pop("default", None)
+    if default is not None:  # objects the caller converts (dataclasses...) first, then the non-finite floats
+        payload = json.loads(json.dumps(payload, default=default))
     with atomic_open(path) as fh:
-        json.dump(payload, fh, **dump_kwargs)
+        json.dump(_finite_or_null(payload), fh, allow_nan=False, **dump_kwargs)
 
 
 def file_sha256(path: str) -> str:

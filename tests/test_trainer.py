@@ -188,7 +188,10 @@ def test_config_types_and_ranges_are_checked():
             ("train", {"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
             ("loss", {"hessian": 0.0, "halve_kd_when_better_than_teacher": "no"}, "must be true or false"),
             ("data", {"train_limit": -2}, "train_limit must be >= 1"), ("model", {"hidden": "8"}, "model.hidden"),
-            ("train", {"threads": -1}, "train.threads"), ("data", {"elements": [1, "C"]}, "list of integers")):
+            ("train", {"threads": -1}, "train.threads"), ("data", {"elements": [1, "C"]}, "list of integers"),
+            ("train", {"seed": -1}, r"train.seed must be in \[0, 2\*\*32\)"),
+            ("data", {"split_seed": 2 ** 32}, "data.split_seed must be in"),
+            ("data", {"elements": [1, 999]}, "atomic numbers"), ("data", {"elements": []}, "non-empty list")):
         values = {**base, section: {**base.get(section, {}), **values}}
         with pytest.raises(HessforgeError, match=pattern):
             config_from_dict(values, where="c.yaml")

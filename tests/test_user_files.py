@@ -217,3 +217,95 @@ def test_ani_bench_target_leaves_the_teacher_alone():
     AniTarget(load_teacher("ani1x:0"), "cpu", torch.float32)
     after = load_teacher("ani1x:0").compute(water, rows=[0, 4])
     assert after.energy == before.energy and np.array_equal(after.hessian_rows, before.hessian_rows)
+
+
+def test_outputs_never_replace_datasets_checkpoints_or_models(files, capsys, rng):
+    """An output name that is a dataset, a checkpoint or an exported model (a typo, a tab-completion) is refused
+    before any work; export may replace an older export, ingest --overwrite anything (asked for)."""
+    from engine.paths import EXPORTED_MODEL, LMDB_DATASET, TORCH_FILE, artifact_kind
+    from toy import conformer_dataset
+
+    data, ckpt = files / "mols.xyz", files / "ckpt.pt"
+    lmdb_path, _ = conformer_dataset(files / "set.lmdb", rng)
+    other = files / "other.pt"
+    write_checkpoint(other, tiny(1))
+    assert main(["export", str(ckpt), "-o", str(files / "model.pt")]) == 0
+    model = files / "model.pt"
+    kinds = {p: artifact_kind(str(p)) for p in (lmdb_path, other, model, data)}
+    assert list(kinds.values()) == [LMDB_DATASET, TORCH_FILE, EXPORTED_MODEL, None]
+    before = {p: open(p, "rb").read() for p in kinds}
+    fails(capsys, ["export", ckpt, "-o", lmdb_path], "is an LMDB dataset")
+    fails(capsys, ["export", ckpt, "-o", other], "is a PyTorch file")
+    fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "1", "-o", lmdb_path], "is an LMDB dataset")
+    fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "1", "--trajectory", model],
+          "is an exported model")
+    fails(capsys, ["bench", ckpt, data, "--batch-size", "2", *FAST, "--json", other], "is a PyTorch file")
+    assert {p: open(p, "rb").read() for p in kinds} == before
+    assert main(["export", str(other), "-o", str(model)]) == 0  # a new export over the old one
+    assert main(["ingest", str(data), "-o", str(other), "--overwrite", "--allow-missing-labels"]) == 0
+    assert artifact_kind(str(other)) == LMDB_DATASET
+    fails(capsys, ["export", model, "-o", files / "again.pt"], "is an exported model")  # not a checkpoint
+    fails(capsys, ["export", ckpt, "-o", "/proc/no/model.pt"], "")
+
+
+def test_checkpoint_and_json_faults_are_named(files, capsys):
+    """A checkpoint whose weights do not fit its settings, or hold NaN: one line, not a state_dict dump;
+    JSON outputs are strict (NaN and inf as null)."""
+    state = torch.load(files / "ckpt.pt", weights_only=False)
+    state["model_hparams"]["hidden"] = 16
+    torch.save(state, files / "mismatch.pt")
+    fails(capsys, ["export", files / "mismatch.pt", "-o", files / "m.pt"], "weights do not fit its model settings")
+    state = torch.load(files / "ckpt.pt", weights_only=False)
+    next(v for v in state["model_state"].values() if v.is_floating_point()).fill_(float("nan"))
+    state["ema_model_state"] = state["model_state"]
+    torch.save(state, files / "nan.pt")
+    fails(capsys, ["export", files / "nan.pt", "-o", files / "m.pt"], "NaN or Inf")
+    write_json(str(files / "s.json"), {"loss": float("inf"), "mae": [1.0, float("nan")], "n": 0})
+    assert json.loads((files / "s.json").read_text()) == {"loss": None, "mae": [1.0, None], "n": 0}
+
+
+def test_split_files_are_checked(tmp_path, rng, capsys):
+    """Split files (data.split_file, evaluate --split-file) missing the split asked for, or with a structure in
+    two splits (validation on training data), are refused with the split named."""
+    from toy import conformer_dataset
+    from training.data.subsets import load_split, save_split
+
+    lmdb_path, _ = conformer_dataset(tmp_path / "data.lmdb", rng)
+    from training.data import Dataset
+
+    count = len(Dataset(lmdb_path))
+    good = {"train": list(range(0, count - 4)), "val": [count - 4, count - 3], "test": [count - 2, count - 1]}
+    save_split(str(tmp_path / "good.json"), good, count=count)
+    assert load_split(str(tmp_path / "good.json"), count=count, require=("train", "val")) == good
+    for name, split, message in (
+            ("overlap", dict(good, val=good["val"] + [0]), "structure 0 is in splits 'train' and 'val'"),
+            ("twice", dict(good, test=[count - 1, count - 1]), f"structure {count - 1} is twice in split 'test'"),
+            ("noval", {"train": good["train"], "test": good["test"]}, "no 'val' split (it has: train, test)")):
+        save_split(str(tmp_path / f"{name}.json"), split, count=count)
+        with pytest.raises(HessforgeError) as err:
+            load_split(str(tmp_path / f"{name}.json"), count=count, require=("train", "val"))
+        assert message in str(err.value)
+    save_split(str(tmp_path / "notest.json"), {"train": good["train"], "val": good["val"]}, count=count)
+    write_checkpoint(tmp_path / "ckpt.pt", tiny())
+    fails(capsys, ["evaluate", tmp_path / "ckpt.pt", lmdb_path, "--split-file", tmp_path / "notest.json"],
+          "notest.json has no 'test' split (it has: train, val); pass --split train|val|all")
+    assert main(["evaluate", str(tmp_path / "ckpt.pt"), lmdb_path, "--split-file", str(tmp_path / "notest.json"),
+                 "--split", "val"]) == 0
+
+
+def test_more_command_line_faults_are_named(tmp_path, files, capsys):
+    """The rest of an audit's list: each of these ended in a traceback, a silent NaN or a misleading message."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {path: x.lmdb}\nmodel: {hidden: 8}\ndata: {path: y.lmdb}\n")
+    fails(capsys, ["train", config], "key 'data' given twice")
+    config.write_text("data: {path: x.lmdb}\n")
+    fails(capsys, ["train", config, "--epochs", "0"], "--epochs must be >= 1, got 0")
+    fails(capsys, ["train", tmp_path], "is a directory; pass its YAML config file")
+    (tmp_path / "qq.xyz").write_text("2\nx\nQq 0 0 0\nH 0 0 0.74\n")
+    fails(capsys, ["ingest", tmp_path / "qq.xyz", "-o", tmp_path / "qq.lmdb"], "unknown element symbol 'Qq'")
+    fails(capsys, ["ingest", tmp_path, "-o", tmp_path / "qq.lmdb"], "is a directory; give a structure file")
+    data, ckpt = files / "mols.xyz", files / "ckpt.pt"
+    fails(capsys, ["bench", ckpt, data, "--warmup", "-1"], "--warmup must be >= 0")
+    assert main(["ingest", str(data), "-o", str(tmp_path / "bare.lmdb"), "--allow-missing-labels"]) == 0
+    fails(capsys, ["evaluate", ckpt, tmp_path / "bare.lmdb", "--split", "all"], "have no reference energies or forces")
+    fails(capsys, ["evaluate", ckpt, tmp_path / "bare.lmdb", "--split", "all", "--labels", data], "is a file; labels")

@@ -37,7 +37,7 @@ import torch
 
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
-from engine.paths import check_output_file
+from engine.paths import LMDB_DATASET, artifact_kind, check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
                            format_table, is_out_of_memory, machine_info, rebuild_neighbors, release_memory,
                            resolve_device, speedup, sweep, write_json)
@@ -76,22 +76,24 @@ def load_structures(spec: str, min_atoms: int = 0) -> list:
         raise HessforgeError(f"data not found: {spec} (a file, 'quickstart' or 's22[:MIN_ATOMS]')")
     elif os.path.isdir(spec):
         raise HessforgeError(f"data {spec}: is a directory; give a structure file or a hessforge LMDB dataset")
-    elif _is_lmdb(spec):
+    elif artifact_kind(spec) == LMDB_DATASET:
         from training.data import Dataset
 
-        structures = [s.to_atoms() for s in Dataset(spec)]
+        dataset = Dataset(spec)
+        ingested = dataset.metadata.get("ingest") or {}
+        group_key, id_key = ingested.get("group_key") or "group", ingested.get("id_key") or "id"
+        structures = []
+        for s in dataset:  # the frames' info travels on (MD output re-ingested keeps its groups)
+            atoms = s.to_atoms()
+            atoms.info.update(s.info)
+            atoms.info.update({group_key: s.group, id_key: s.id})
+            structures.append(atoms)
     else:
         structures = _read_file(spec)
     structures = [a for a in structures if len(a) >= min_atoms]
     if not structures:
         raise HessforgeError(f"data {spec!r}: no structures" + (f" with >= {min_atoms} atoms" if min_atoms else ""))
     return structures
-
-
-def _is_lmdb(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(20)  # LMDB: a 16-byte page header, then the meta page's magic 0xBEEFC0DE
-    return len(head) == 20 and head[16:20] in (b"\xde\xc0\xef\xbe", b"\xbe\xef\xc0\xde")
 
 
 def _read_file(path: str) -> list:
@@ -514,6 +516,8 @@ def run(args) -> int:
             raise HessforgeError(f"unknown mode {m!r}; choose from {', '.join(STUDENT_MODES)} or all")
     if args.batch_size < 1:
         raise HessforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.warmup < 0 or args.repeats < 1:
+        raise HessforgeError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
     structures = load_structures(data, args.min_atoms)
     summary = data_summary(structures)
     print(f"data {data}: {summary['structures']} structures, {summary['atoms_mean']:.1f} atoms on average "

@@ -167,6 +167,10 @@ _RANGES = [
     ("train", "num_workers", lambda v: v >= 0, ">= 0"), ("train", "threads", lambda v: v is None or v >= 1,
                                                          ">= 1 (or null)"),
     ("loss", "hessian_rows", lambda v: v >= 1, "an integer >= 1"),
+    ("data", "split_seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    ("train", "seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    ("data", "elements", lambda v: v is None or (len(v) > 0 and all(1 <= z <= 118 for z in v)),
+     "a non-empty list of atomic numbers (1-118), or null"),
 ] + [("loss", key, lambda v: v >= 0, "a number >= 0")
      for key in ("energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a", "stress")]
 
@@ -243,12 +247,29 @@ def check_labels_for_loss(config: Config, metadata: dict, where: str) -> None:
                              "them: MACE does, ANI-1x does not)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently: a
+    second `data:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str) -> Config:
+    if os.path.isdir(path):
+        raise HessforgeError(f"{path} is a directory; pass its YAML config file (e.g. {os.path.join(path, 'config.yaml')})")
     if not os.path.isfile(path):
         raise HessforgeError(f"config file not found: {path}")
     with open(path) as fh:
         try:
-            values = yaml.safe_load(fh) or {}
+            values = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise HessforgeError(f"{path}: not valid YAML: {err}") from None
     config = config_from_dict(values, where=path)

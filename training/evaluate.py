@@ -181,12 +181,16 @@ def table_rows(result: Dict, name: str = "student") -> Dict[str, Dict]:
     return rows
 
 
-def dataset_splits(dataset, split_file: str) -> Dict[str, List[int]]:
-    """{split: indices} of `split_file` for `dataset` (a split of another size: clear error; one made for another
-    path of the same size: a note)."""
+def dataset_splits(dataset, split_file: str, split: str) -> Dict[str, List[int]]:
+    """{split: indices} of `split_file` for `dataset`, which must hold `split` (a split of another size: clear
+    error; one made for another path of the same size: a note)."""
     from training.data.subsets import load_split
 
     splits = load_split(split_file, count=len(dataset))
+    if split not in splits:
+        others = [name for name in splits if name != split]
+        raise HessforgeError(f"{split_file} has no {split!r} split (it has: {', '.join(others) or 'none'}); "
+                             f"pass --split {'|'.join(others + ['all'])}")
     with open(split_file) as fh:
         made_for = json.load(fh).get("dataset")
     if made_for and os.path.abspath(made_for) != os.path.abspath(dataset.path):
@@ -201,7 +205,7 @@ def structures_in(dataset, splits: Optional[Dict[str, List[int]]], split: str) -
 
 
 def select_structures(dataset, split_file: Optional[str], split: str) -> list:
-    splits = None if split == "all" or split_file is None else dataset_splits(dataset, split_file)
+    splits = None if split == "all" or split_file is None else dataset_splits(dataset, split_file, split)
     return structures_in(dataset, splits, split)
 
 
@@ -218,9 +222,13 @@ def run(args) -> int:
     split_file = args.split_file or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "split.json")
     if args.split != "all" and not os.path.exists(split_file):
         raise HessforgeError(f"split file not found: {split_file} (pass --split-file or --split all)")
-    splits = None if args.split == "all" else dataset_splits(dataset, split_file)
+    splits = None if args.split == "all" else dataset_splits(dataset, split_file, args.split)
     structures = structures_in(dataset, splits, args.split)
     labels = None
+    if not args.labels and structures and all(s.energy is None and s.forces is None for s in structures):
+        raise HessforgeError(f"the {len(structures)} structures of {args.data} ({args.split}) have no reference "
+                             "energies or forces (ingested with --allow-missing-labels): pass --labels LABELS_DIR "
+                             "to evaluate against the teacher")
     if args.labels:
         from training.labels import LabelStore, check_labels_match
 

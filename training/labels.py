@@ -105,6 +105,8 @@ class LabelStore:
 
     def __init__(self, directory: str):
         self.directory = os.fspath(directory)
+        if os.path.isfile(self.directory):
+            raise HessforgeError(f"{self.directory}: is a file; labels are a directory written by hessforge label -o")
         if not os.path.isdir(self.directory):
             raise HessforgeError(f"{self.directory}: no such labels directory")
         self.shards = []

@@ -379,6 +379,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.batch < 1:
+        raise HessforgeError(f"--batch must be >= 1, got {args.batch}")
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     report = write_report(args.runs, args.out, names, args.title, args.note, args.batch)
     for row in report["methods"]:

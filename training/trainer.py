@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise HessforgeError(f"--epochs must be >= 1, got {args.epochs}")
     config = load_config(args.config)
     if args.epochs is not None:
         config.train.epochs = args.epochs
@@ -301,11 +303,14 @@ class Trainer:
         split_path = os.path.join(self.out, "split.json")
         count = len(self.dataset)
         if config.data.split_file:
-            split = load_split(config.data.split_file, count=count)
+            split = load_split(config.data.split_file, count=count, require=("train", "val"))
         elif os.path.exists(split_path) and not restart:
-            split = load_split(split_path, count=count)
+            split = load_split(split_path, count=count, require=("train", "val"))
         else:
             keep = select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms))
+            if not keep:
+                raise HessforgeError(f"data.elements {config.data.elements} / data.max_atoms {config.data.max_atoms} "
+                                     f"leave none of the {count} structures of {config.data.path}")
             split = split_by_group(self.dataset.groups(), (config.data.train, config.data.val, config.data.test),
                                    seed=config.data.split_seed, indices=keep)
         if self.rank == 0:

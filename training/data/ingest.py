@@ -24,7 +24,7 @@ from ase import units
 
 from engine.errors import HessforgeError
 from engine.neighbors import complete_cells
-from engine.paths import check_output_file, file_sha256
+from engine.paths import ARTIFACT_KINDS, check_output_file, file_sha256
 from training.data.records import Structure
 from training.data.store import DatasetWriter
 
@@ -113,6 +113,11 @@ def _iter_atoms(path: str, fmt: Optional[str], hint: str = "pass --format") -> I
     except HessforgeError:
         raise
     except Exception as err:  # ASE raises many types for unreadable input
+        from ase.data import chemical_symbols
+
+        if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str) \
+                and err.args[0] not in chemical_symbols:  # ASE's symbol -> number lookup
+            raise HessforgeError(f"{path}: unknown element symbol {err.args[0]!r}") from None
         raise HessforgeError(f"{path}: cannot read with ASE (format {fmt}): {type(err).__name__}: {err}") from None
 
 
@@ -258,13 +263,15 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     energy_factor = unit_factor(energy_unit, ENERGY_UNITS, "energy")
     length_factor = unit_factor(length_unit, LENGTH_UNITS, "length")
     stress_factor = None if stress_unit is None else unit_factor(stress_unit, STRESS_UNITS, "stress")
+    if os.path.isdir(input_path):
+        raise HessforgeError(f"{input_path}: is a directory; give a structure file (extxyz, xyz, traj, ...)")
     if not os.path.isfile(input_path):
         raise HessforgeError(f"{input_path}: no such input file")
     if os.path.exists(output_path) and not overwrite:
         raise HessforgeError(f"{output_path}: already exists; pass --overwrite to replace it")
     if os.path.isdir(output_path):
         raise HessforgeError(f"{output_path}: is a directory")
-    check_output_file(output_path, "output", inputs=[input_path])
+    check_output_file(output_path, "output", inputs=[input_path], may_replace=ARTIFACT_KINDS)  # --overwrite given
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
                         "id_key": id_key, "format": fmt,

@@ -113,8 +113,10 @@ def save_split(path: str, split: Dict[str, List[int]], **info) -> None:
     write_json(path, data, indent=None)
 
 
-def load_split(path: str, count: Optional[int] = None) -> Dict[str, List[int]]:
-    """Splits saved by save_split; with `count` (the dataset size), indices are checked to be in range."""
+def load_split(path: str, count: Optional[int] = None, require: Sequence[str] = ()) -> Dict[str, List[int]]:
+    """Splits saved by save_split (or written by hand): each split's indices distinct, no index in two splits
+    (a structure in train and val would quietly bias the validation), the splits in `require` present; with
+    `count` (the dataset size), indices are checked to be in range."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -123,6 +125,17 @@ def load_split(path: str, count: Optional[int] = None) -> Dict[str, List[int]]:
         raise HessforgeError(f"{path}: no such split file") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise HessforgeError(f"{path}: not a hessforge split file ({err})") from None
+    missing = [name for name in require if name not in splits]
+    if missing:
+        raise HessforgeError(f"{path}: no {' or '.join(repr(m) for m in missing)} split (it has: "
+                             f"{', '.join(splits) or 'none'})")
+    owner: Dict[int, str] = {}
+    for name, idx in splits.items():
+        for i in idx:
+            if i in owner:
+                where = f"twice in split {name!r}" if owner[i] == name else f"in splits {owner[i]!r} and {name!r}"
+                raise HessforgeError(f"{path}: structure {i} is {where}; a structure belongs to one split once")
+            owner[i] = name
     if count is not None:
         if data.get("count") not in (None, count):
             raise HessforgeError(f"{path}: split made for a dataset of {data['count']} structures, this one has "

@@ -26,10 +26,12 @@ compilation, caches, library code paged in by the first model a process runs, ar
   underestimate; where /proc is unavailable the process-lifetime `ru_maxrss` delta is used (cruder).
   `memory_method` in every result says which was used.
 
-Sweeps double the batch size until throughput stops improving: on CUDA up to out-of-memory (caught, recorded
-as the stop reason); on CPU until a memory cap (the projected peak at the next size would exceed it),
-a plateau (no size in `patience` consecutive doublings beats the best by more than `plateau`) or a call
-taking longer than `max_call_s`.
+Sweeps double the batch size until throughput stops improving, on every device: at out-of-memory (caught,
+recorded as the stop reason), a plateau (no size in `patience` consecutive sizes beats the best by more than
+`plateau`: on a GPU the throughput saturates well before memory runs out, and a device hour is dear), a call
+taking longer than `max_call_s`, or on CPU a memory cap (the projected peak at the next size would exceed
+it). Throughput is compared in atom-steps/s, and each batch smaller than the data holds the data's mix of
+structure sizes (`sample_batch`), so the best batch is not the one that happened to hold small molecules.
 
 Any model can be timed through the `BenchTarget` protocol (prepare / model / model_with_neighbors);
 `StudentTarget` covers engine students (PaiNN, CompiledStudent, exported models) in the modes eager,
@@ -85,6 +87,18 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def sample_batch(structures: Sequence, batch_size: int) -> list:
+    """The structures a benchmark times at `batch_size`: all of them, replicated cyclically, when the batch is
+    at least as large as the data; else `batch_size` of them spread evenly over the data sorted by size, so a
+    small batch holds the data's mix of sizes (not its first few, often conformers of one small molecule,
+    which made small batches look faster per structure)."""
+    if len(structures) == 0 or not 1 <= batch_size < len(structures):  # fill_batch also names bad input
+        return fill_batch(structures, batch_size)
+    by_size = sorted(range(len(structures)), key=lambda i: (len(structures[i]), i))
+    n = len(structures)
+    return [structures[by_size[int((k + 0.5) * n / batch_size)]] for k in range(batch_size)]
 
 
 def fill_batch(structures: Sequence, batch_size: int, offset: int = 0) -> list:
@@ -332,6 +346,9 @@ class BenchTarget:
         """Raise HessforgeError if this target cannot run some of `structures` (checked once, up front, so a
         sweep does not fail halfway; `prepare` still checks each batch)."""
 
+    def after_out_of_memory(self) -> None:
+        """Drop state sized for the batch that ran out of memory (before smaller batches run again)."""
+
     def model(self, inputs: Any) -> Any:
         raise NotImplementedError
 
@@ -376,6 +393,12 @@ class StudentTarget(BenchTarget):
     def check_data(self, structures: Sequence, where: str = "") -> None:
         self.student.check_species(sorted(set(int(z) for a in structures for z in a.numbers)),
                                    f"{self.name}: {where}" if where else self.name)
+
+    def after_out_of_memory(self) -> None:
+        # padded edge slots grown for the failed batch: sized again from an exact count at the next call
+        fused = getattr(self.student, "fused", self.student)
+        if getattr(fused, "capacity", None):
+            fused.capacity = 0
 
     def prepare(self, atoms_list: Sequence) -> AtomicGraph:
         for a in atoms_list:  # fail early, with the structure's name
@@ -520,10 +543,11 @@ class Sweep:
     stop_reason: str = ""
 
     def best(self, key: str = "model_nl") -> Optional[BenchResult]:
-        """The result with the highest throughput in `key` ("model" or "model_nl", falling back to model)."""
+        """The result with the highest throughput in `key` ("model" or "model_nl", falling back to model), in
+        atom-steps/s: batches of different sizes may hold structures of different mean size."""
         def score(r: BenchResult) -> float:
             t = getattr(r, key) or r.model
-            return t.structures_per_s
+            return t.atom_steps_per_s
 
         return max(self.results, key=score) if self.results else None
 
@@ -562,9 +586,9 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int = 2, rep
 def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, warmup: int = 2, repeats: int = 5,
               with_neighbors: bool = True, timer: Callable[[], float] = time.perf_counter,
               memory_probe: Optional[MemoryProbe] = None) -> BenchResult:
-    """Time energy+force calls of `target` on `batch_size` structures (replicated cyclically from
-    `structures`): model only and, if `with_neighbors`, neighbor list + model."""
-    atoms_list = fill_batch(structures, batch_size)
+    """Time energy+force calls of `target` on `batch_size` structures (sample_batch: the data's mix of sizes):
+    model only and, if `with_neighbors`, neighbor list + model."""
+    atoms_list = sample_batch(structures, batch_size)
     warmup = max(warmup, target.min_warmup)
     inputs = target.prepare(atoms_list)
     atoms, edges = target.count(inputs)
@@ -652,6 +676,7 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise
+            target.after_out_of_memory()
             release_memory(target.device)
             out.stop_reason = f"out of memory at batch {b}"
             return out
@@ -659,13 +684,13 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
         if progress:
             progress(r)
         t = getattr(r, key) or r.model
-        if t.structures_per_s > best * (1 + plateau):
+        if t.atom_steps_per_s > best * (1 + plateau):
             stale = 0
         else:
             stale += 1
-        best = max(best, t.structures_per_s)
+        best = max(best, t.atom_steps_per_s)
         if stale >= patience:
-            out.stop_reason = f"throughput plateau (no gain > {plateau:.0%} in {patience} doublings)"
+            out.stop_reason = f"throughput plateau (no gain > {plateau:.0%} in the last {patience} batch sizes)"
             return out
         nxt = sizes[k + 1] if k + 1 < len(sizes) else None
         if nxt is None:
@@ -742,10 +767,12 @@ def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[B
 
 
 def speedup(result: BenchResult, reference: BenchResult) -> float:
-    """ns/day of `result` over that of `reference` (model+NL where both have it, else model)."""
+    """Throughput of `result` over that of `reference` in atom-steps/s (model+NL where both have it, else
+    model): the ns/day ratio when both timed the same structures (one batch size), and still the fair ratio
+    between two best batches that hold structures of different mean size."""
     if result.model_nl is not None and reference.model_nl is not None:
-        return result.model_nl.ns_per_day / reference.model_nl.ns_per_day
-    return result.model.ns_per_day / reference.model.ns_per_day
+        return result.model_nl.atom_steps_per_s / reference.model_nl.atom_steps_per_s
+    return result.model.atom_steps_per_s / reference.model.atom_steps_per_s
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:

@@ -11,9 +11,9 @@ from ase.build import molecule
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import graph_from_atoms
 from engine.models import STUDENTS
-from engine.runner import (CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget, benchmark,
-                           edge_slots, fill_batch, format_table, fused_forward, ns_per_day, rebuild_neighbors, sweep,
-                           write_json)
+from engine.runner import (BenchResult, CompiledFusedStudent, FunctionTarget, FusedStudent, MemoryProbe, StudentTarget,
+                           Sweep, Timing, benchmark, edge_slots, fill_batch, format_table, fused_forward, ns_per_day,
+                           rebuild_neighbors, speedup, sweep, write_json)
 from toy import STUDENT_VARIANTS
 
 torch.set_num_threads(1)
@@ -482,3 +482,32 @@ def test_bench_data_sources(tmp_path):
     assert min(len(a) for a in load_structures("s22:24")) >= 24
     with pytest.raises(HessforgeError, match="no structures with >= 100 atoms"):
         load_structures("s22", min_atoms=100)
+
+
+def test_sweep_compares_batches_of_the_same_mix_by_atom_throughput():
+    """Small batches hold the data's mix of sizes (not its first, smallest structures), and the best batch is
+    the one with the most atom-steps/s: with structures/s a batch of small molecules looked faster."""
+    from engine.runner import sample_batch
+
+    sizes = [3] * 8 + [12] * 8 + [30] * 8  # dataset order: all small molecules first (conformers of one)
+    data = [Atoms("H" * n, positions=np.arange(3 * n).reshape(n, 3)) for n in sizes]
+    assert [len(a) for a in data] == sizes
+    for b in (1, 2, 3, 6, 12, 24, 48):
+        batch = sample_batch(data, b)
+        assert len(batch) == b
+        mean = np.mean([len(a) for a in batch])
+        if b >= 3:  # every third of the size range represented
+            assert abs(mean - np.mean(sizes)) < 0.15 * np.mean(sizes), (b, mean)
+    assert len(sample_batch(data, 2)[0]) != len(sample_batch(data, 2)[1])
+    with pytest.raises(HessforgeError, match="batch size"):
+        sample_batch(data, 0)
+
+    def result(b, atoms, seconds):
+        return BenchResult(name="m", mode="eager", device="cpu", dtype="float32", threads=1, batch_size=b,
+                           atoms=atoms, edges=0, model=Timing.from_times([seconds], seconds, b, atoms),
+                           model_nl=None, peak_memory_bytes=0, memory_method="none")
+
+    s = Sweep([result(1, 3, 0.001), result(4, 200, 0.02)])  # more structures/s at 1, more atoms/s at 4
+    assert s.results[0].model.structures_per_s > s.results[1].model.structures_per_s
+    assert s.best("model").batch_size == 4
+    assert speedup(s.results[1], s.results[0]) == pytest.approx((200 / 0.02) / (3 / 0.001))

@@ -264,12 +264,23 @@ def test_resume_refuses_another_config_and_other_labels(labelled, tmp_path, rng)
         Trainer(_config(labelled, tmp_path / "r", epochs=2, hessian=10.0))
     assert (tmp_path / "r" / "config.yaml").read_text() == saved  # not rewritten before the check
     Trainer(_config(labelled, tmp_path / "r", epochs=2)).fit()  # more epochs: allowed
+    # resuming on other labels (another teacher of the same name and settings) or another dataset of the same
+    # size and ids is refused: the run would keep the first teacher's validation loss for λ_KD halving
+    label_dataset(labelled[0], HarmonicTeacher(k=9.0, r0=0.8), str(tmp_path / "labels9"), rows=3)
+    with pytest.raises(HessforgeError, match=r"started on other data: the teacher labels \(energies_sample_sha256"):
+        Trainer(_config((labelled[0], str(tmp_path / "labels9")), tmp_path / "r", epochs=3))
+    twin, _ = conformer_dataset(tmp_path / "twin.lmdb", rng)
+    label_dataset(twin, HarmonicTeacher(), str(tmp_path / "twin_labels"), rows=3)
+    with pytest.raises(HessforgeError, match=r"started on other data: the dataset \(20 structures then, 20 now"):
+        Trainer(_config((twin, str(tmp_path / "twin_labels")), tmp_path / "r", epochs=3))
+    moved = tmp_path / "moved.lmdb"
+    moved.write_bytes(open(labelled[0], "rb").read())  # the same data at another path: resumes
+    Trainer(_config((str(moved), labelled[1]), tmp_path / "r", epochs=3)).fit()
     # labels made for another dataset are refused before training
     other, _ = conformer_dataset(tmp_path / "other.lmdb", rng, per_molecule=3)
     with pytest.raises(HessforgeError, match="labels were made for another dataset"):
         Trainer(_config((other, labelled[1]), tmp_path / "o", epochs=1))
     # the same ids and count (same file stem and size), other geometries: refused too
-    twin, _ = conformer_dataset(tmp_path / "twin.lmdb", rng)
     with pytest.raises(HessforgeError, match="labels were made for another dataset"):
         Trainer(_config((twin, labelled[1]), tmp_path / "t", epochs=1))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -104,8 +105,14 @@ def _broadcast_from_rank0(model: torch.nn.Module) -> None:
 
 def _average_gradients(model: torch.nn.Module, weight: float = 1.0) -> None:
     """Data parallelism by one all-reduce of the flattened gradients after backward: the ranks' gradients
-    averaged with weights (a rank's structures in this step; 0 for a rank whose shard has run out), so an
-    uneven last batch counts as in one process. Done by hand instead of DistributedDataParallel: the loss
+    averaged with weights (a rank's structures in this step; 0 for a rank whose shard has run out). As with
+    DistributedDataParallel in other force-field codes, this is the gradient of the structure-weighted mean of
+    the ranks' batch losses: exact for the energy term (a mean over structures), while the force and Hessian
+    terms are per-atom means within each rank, so a step over ranks with unequal atom counts weighs atoms a
+    little differently than one process with the whole batch would (another weighting of the same per-atom errors; measured: the
+    gradient of {3+2 atoms} on one rank and {12} on another differs by 1.56 relative from the one-process
+    gradient, 0 with atom weights, which the energy term would then get wrong). Done by hand instead of
+    DistributedDataParallel: the loss
     differentiates the forces (a double backward through autograd.grad inside forward), which DDP's
     bucketed reducer does not support."""
     if not dist.is_initialized():
@@ -231,6 +238,50 @@ def _check_resume_config(path: str, old: Optional[dict], new: dict) -> None:
                              "with the original config, or start over with --restart or another train.out")
 
 
+def _data_identity(dataset, labels) -> dict:
+    """What a run's numbers depend on beyond its config: the dataset's structures (ids and geometries) and the
+    labels' teacher and settings. Paths may change between sessions (data.path and data.labels are resumable:
+    a moved directory), these may not."""
+    from training.labels import COMPAT_KEYS
+
+    ids = hashlib.sha256("\n".join(dataset.ids()).encode()).hexdigest()
+    identity = {"dataset": {"count": len(dataset), "ids_sha256": ids, "geometry_sha256": dataset.geometry_digest()},
+                "labels": None}
+    if labels is not None:
+        identity["labels"] = {k: labels.metadata.get(k) for k in COMPAT_KEYS}
+        # and a sample of the values: two teachers of one name (a model file replaced, a parameter changed)
+        sample = sorted(labels.ids())[:16]
+        values = "\n".join(f"{i} {float(labels.get(i).energy)!r}" for i in sample)
+        identity["labels"]["energies_sample_sha256"] = hashlib.sha256(values.encode()).hexdigest()
+    return identity
+
+
+def _check_resume_data(path: str, old: Optional[dict], new: dict) -> None:
+    """A run resumes only on the data it was started with: another dataset (even of the same size) or labels of
+    another teacher or settings would mix two trainings, and keep the first teacher's validation loss (the
+    λ_KD halving is decided against it). Checkpoints from before this was recorded are not checked."""
+    from training.labels import RECORDED_LATER
+
+    if not old:
+        return
+    changed = []
+    if old.get("dataset") != new["dataset"]:
+        changed.append(f"the dataset ({old['dataset'].get('count')} structures then, {new['dataset']['count']} now, "
+                       "or other ids or geometries)")
+    old_labels, new_labels = old.get("labels"), new["labels"]
+    if (old_labels is None) != (new_labels is None):
+        changed.append("teacher labels " + ("added" if old_labels is None else "removed"))
+    elif old_labels is not None:
+        keys = [k for k in new_labels if old_labels.get(k) != new_labels.get(k)
+                and not (k in RECORDED_LATER and None in (old_labels.get(k), new_labels.get(k)))]
+        if keys:
+            changed.append("the teacher labels (" + ", ".join(f"{k}: {old_labels.get(k)!r} -> {new_labels.get(k)!r}"
+                                                                for k in keys) + ")")
+    if changed:
+        raise HessforgeError(f"{path}: this run was started on other data: {'; '.join(changed)}; resume with the "
+                             "original data, or start over with --restart or another train.out")
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Drop log records after `step` (written by a run killed after its last checkpoint), so the log of a
     resumed run has each step once."""
@@ -296,8 +347,10 @@ class Trainer:
 
         last = os.path.join(self.out, "last.pt")
         resume_state = read_checkpoint(last) if os.path.exists(last) and not restart else None
+        self.data_identity = _data_identity(self.dataset, self.labels)
         if resume_state is not None:  # before config.yaml and split.json are rewritten
             _check_resume_config(last, resume_state.get("config"), config.to_dict())
+            _check_resume_data(last, resume_state.get("data_identity"), self.data_identity)
 
         # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
         split_path = os.path.join(self.out, "split.json")
@@ -474,7 +527,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "kd_halved": self.kd_halved,
             "lambda_kd": self.weights.hessian, "elapsed": self.elapsed, "history": self.history,
-            "teacher_val": self.teacher_val, "config": self.config.to_dict(),
+            "teacher_val": self.teacher_val, "config": self.config.to_dict(), "data_identity": self.data_identity,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in one device call (~9 min: step limits 300 + 80 + 150 s, then a profile that the
-# call's limit may cut short; the torch-cluster build in the background during the first); run it through the
+# The GPU checks of issue 3 in one device call (~8 min: step limits 260 + 90 + 50 + 40 s = 440 s after ~20 s
+# of setup; the torch-cluster build runs beside the untimed tests, not beside the timings); run it through the
 # device tool as
-#     run(command="bash bench/gpu/checks.sh", carry=[".whl"], timeout_s=570)
-# after `bash bench/gpu/fetch_wheels.sh` here. The device returns at most 8 files from $OUT, so everything is
+#     run(command="bash bench/gpu/checks.sh", carry=[".whl"], timeout_s=500)
+# after `bash bench/gpu/fetch_wheels.sh` here. That leaves ~4 of a session's 15 device minutes (after a 2-3 min
+# machine start) to rerun a step that failed on the still-warm machine: `bash bench/gpu/checks.sh STEP...`
+# runs only the named steps (students, tests, neighbors, profile). The device returns at most 8 files from $OUT, so everything is
 # written to a work folder and packed into $OUT/results.tar.gz after every step (a call stopped at its limit
 # still returns what was measured); beside it in $OUT: gpu.txt, summary.txt (this script's output) and the two
 # markdown reports. Unpack with `tar xzf results.tar.gz` and copy to bench/results/ with the device named:
@@ -43,36 +45,54 @@ export TRITON_PRINT_AUTOTUNING=1  # the tuned launch configurations (count, fill
   nproc; date -u; git log -1 --format='commit %H' 2>/dev/null; } > "$WORK/gpu.txt" 2>&1
 cp "$WORK/gpu.txt" "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
-pack() { tar czf "$OUT/results.tar.gz.part" -C "$WORK" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+pack() { local part="$OUT/.results.$BASHPID.part"  # per process: the background packer and a step may overlap
+         tar czf "$part" -C "$WORK" . 2>/dev/null && mv "$part" "$OUT/results.tar.gz"
          for f in students_gpu.md neighbors_gpu.md; do [ -s "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done; }
+# every 15 s: a call stopped at its limit (the tool kills the whole command) still returns the logs so far
+( while sleep 15; do pack; done ) &
+PACKER=$!
+trap 'kill $PACKER 2>/dev/null; pack' EXIT
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
          echo "   rc=$rc, $((SECONDS - t0)) s"; tail -n 4 "$WORK/$name.log"; pack; }
+STEPS=" ${*:-students tests neighbors profile} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 TC_PID=
-if ls .whl/torch_cluster-*.tar.gz > /dev/null 2>&1; then
-    MAX_JOBS=6 timeout 240 python3 bench/torch_cluster_peer.py build > "$WORK/torch_cluster_build.log" 2>&1 &
-    TC_PID=$!
+build_torch_cluster() {  # in the background; neighbors waits for it
+    if [ -z "$TC_PID" ] && ls .whl/torch_cluster-*.tar.gz > /dev/null 2>&1; then
+        MAX_JOBS=4 timeout 150 python3 bench/torch_cluster_peer.py build > "$WORK/torch_cluster_build.log" 2>&1 &
+        TC_PID=$!
+    fi; }
+# 1. the targets, first and alone on the machine (nothing compiling beside the timings)
+if want students; then
+    # TORCH_LOGS: why a graph recompiled or was left without CUDA graphs (the report also flags skipped graphs)
+    TORCH_LOGS=recompiles,cudagraphs HESSFORGE_BENCH_LOG="$WORK/students_gpu.jsonl" step students 260 \
+        python3 -m pytest bench/bench_students.py -q -s -p no:cacheprovider \
+        --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/students_gpu.json"
+    if [ -s "$WORK/students_gpu.json" ]; then
+        python3 bench/bench_students.py report "$WORK/students_gpu.json" > "$WORK/students_gpu.md"
+    elif [ -s "$WORK/students_gpu.jsonl" ]; then  # stopped early: what was measured
+        python3 bench/bench_students.py report "$WORK/students_gpu.jsonl" > "$WORK/students_gpu.md"
+    fi
+    grep -m 5 -i "skipping cudagraphs\|recompil" "$WORK/students.log"
 fi
-# TORCH_LOGS: why a graph recompiled or was left without CUDA graphs (the report also flags skipped graphs)
-TORCH_LOGS=recompiles,cudagraphs HESSFORGE_BENCH_LOG="$WORK/students_gpu.jsonl" step students 300 python3 -m pytest bench/bench_students.py -q -s \
-    -p no:cacheprovider --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/students_gpu.json"
-if [ -s "$WORK/students_gpu.json" ]; then
-    python3 bench/bench_students.py report "$WORK/students_gpu.json" > "$WORK/students_gpu.md"
-elif [ -s "$WORK/students_gpu.jsonl" ]; then  # stopped early: what was measured
-    python3 bench/bench_students.py report "$WORK/students_gpu.jsonl" > "$WORK/students_gpu.md"
-fi
-grep -m 5 -i "skipping cudagraphs\|recompil" "$WORK/students.log"
+# 2. the compiled-kernel tests (correctness, not timed), while torch-cluster's radius operator builds beside them
+want neighbors && build_torch_cluster
+want tests && step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_compile.py tests/test_md.py -k "not test_md or fused"
 if [ -n "$TC_PID" ]; then wait "$TC_PID"; echo "== torch-cluster build rc=$?"; tail -n 3 "$WORK/torch_cluster_build.log"; fi
-step neighbors 80 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovider \
-    --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/neighbors_gpu.json"
-[ -s "$WORK/neighbors_gpu.json" ] && python3 bench/bench_neighbors.py "$WORK/neighbors_gpu.json" > "$WORK/neighbors_gpu.md"
-pack
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_compile.py \
-    tests/test_md.py -k "not test_md or fused"
-# last, and cut short if the call runs out of time: wall time vs device-busy time and kernels per step at batch
-# 64 (eager, teacher, compiled+triton, cudagraphs): the measurement behind any missed target
-step profile 90 python3 bench/bench_students.py profile 64 eager,teacher,compiled+triton,cudagraphs
-grep "^## " "$WORK/profile.log"
+# 3. the neighbor-list target (Triton vs torch-cluster radius_graph)
+if want neighbors; then
+    step neighbors 50 python3 -m pytest bench/bench_neighbors.py -q -p no:cacheprovider \
+        --benchmark-columns=min,median,mean,rounds --benchmark-json="$WORK/neighbors_gpu.json"
+    [ -s "$WORK/neighbors_gpu.json" ] && python3 bench/bench_neighbors.py "$WORK/neighbors_gpu.json" > "$WORK/neighbors_gpu.md"
+    pack
+fi
+# 4. wall time vs device-busy time and kernels per step at batch 64 (eager, teacher, compiled+triton,
+# cudagraphs): the measurement behind any missed target
+if want profile; then
+    step profile 40 python3 bench/bench_students.py profile 64 eager,teacher,compiled+triton,cudagraphs
+    grep "^## " "$WORK/profile.log"
+fi
 echo "== summary"
 for f in students_gpu.md neighbors_gpu.md; do [ -s "$WORK/$f" ] && { echo "-- $f"; tail -n 25 "$WORK/$f"; }; done
-pack

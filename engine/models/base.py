@@ -70,9 +70,16 @@ class Student(nn.Module):
         z_to_index[torch.tensor(self.species)] = torch.arange(len(self.species))
         self.register_buffer("z_to_index", z_to_index)
         # Per-element reference energies (eV) and the scale of the learned atomic energies (eV).
-        self.register_buffer("atom_ref", torch.zeros(len(self.species)))
+        self.register_buffer("atom_ref", torch.zeros(len(self.species), dtype=torch.float64))  # float64 always (_apply)
         self.register_buffer("energy_scale", torch.ones(()))
         self.embedding = nn.Embedding(len(self.species), hidden)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module.to / .float() / .cuda() move atom_ref but keep it float64 (energies are float64 outputs)."""
+        ref = self.atom_ref
+        super()._apply(fn, *args, **kwargs)
+        self.atom_ref = ref.to(device=self.atom_ref.device, dtype=torch.float64)
+        return self
 
     def hyperparameters(self) -> Dict:
         return dict(
@@ -97,7 +104,9 @@ class Student(nn.Module):
         """Per-structure energies [B], atomic energies [N] and the final scalar and vector features."""
         species = self.z_to_index[numbers]
         s, v = self.interact(species, edge_index, rbf, fcut, unit)
-        node_energy = self.readout(s).squeeze(-1) * self.energy_scale + self.atom_ref[species]
+        # learned part in the model's dtype, the per-element references (~1e3 eV) added in float64: in float32
+        # they would round every atomic energy to ~1e-4 eV (noise in the energy loss and in MD energies)
+        node_energy = (self.readout(s).squeeze(-1) * self.energy_scale).to(torch.float64) + self.atom_ref[species]
         return sum_per_structure(node_energy, batch, num_structures), node_energy, s, v
 
     def energies(self, graph: AtomicGraph, positions: torch.Tensor):

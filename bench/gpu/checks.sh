@@ -96,3 +96,4 @@ if want profile; then
 fi
 echo "== summary"
 for f in students_gpu.md neighbors_gpu.md; do [ -s "$WORK/$f" ] && { echo "-- $f"; tail -n 25 "$WORK/$f"; }; done
+exit 0  # the steps report their own status above; the EXIT trap packs the results

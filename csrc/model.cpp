@@ -26,6 +26,15 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
+// The line that names the failure in a TorchScript interpreter error: its last non-empty line (the first one
+// only says "The following operation failed in the TorchScript interpreter." before a source traceback).
+std::string failure_line(const std::string& text) {
+  size_t end = text.find_last_not_of(" \n");
+  if (end == std::string::npos) return text;
+  const size_t start = text.rfind('\n', end);
+  return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
+}
+
 void check_file(const std::string& path) {
   struct stat st;
   if (stat(path.c_str(), &st) != 0) {
@@ -164,6 +173,8 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
     }
   } catch (const c10::Error& err) {
     throw Error(impl_->path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
+  } catch (const std::exception& err) {  // torch::jit::JITException: an error raised inside the scripted model
+    throw Error(impl_->path + ": model evaluation failed (" + failure_line(err.what()) + ")");
   }
   const auto& el = result->elements();
   out.energy = el[0].toTensor().to(torch::kFloat64).item<double>();

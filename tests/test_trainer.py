@@ -496,3 +496,86 @@ def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng, capsys):
     crystal.calc = Calculator(str(tmp_path / "run" / "best.pt"))
     stress = crystal.get_stress()
     assert stress.shape == (6,) and np.all(np.isfinite(stress)) and np.isfinite(crystal.get_potential_energy())
+
+
+def _ddp_batch(selection):
+    """A loss batch of some of three structures of 3, 2 and 12 atoms (energy and force targets)."""
+    from types import SimpleNamespace
+
+    from ase import Atoms
+
+    from engine.graph import graph_from_atoms
+
+    rng = np.random.default_rng(0)
+    atoms = [Atoms(numbers=[8, 1, 1], positions=rng.uniform(-1, 1, (3, 3))),
+             Atoms(numbers=[8, 1], positions=rng.uniform(-1, 1, (2, 3))),
+             Atoms(numbers=[8] * 4 + [1] * 8, positions=rng.uniform(-2, 2, (12, 3)))]
+    energies, forces = rng.normal(size=3), [rng.normal(size=(len(a), 3)) for a in atoms]
+    graph = graph_from_atoms([atoms[i] for i in selection], 3.0, torch.float64)
+    n = graph.positions.shape[0]
+    return SimpleNamespace(graph=graph, energy=torch.tensor(energies[selection]),
+                           forces=torch.tensor(np.concatenate([forces[i] for i in selection])),
+                           energy_mask=torch.ones(len(selection), dtype=bool), forces_mask=torch.ones(n, dtype=bool),
+                           hessian_index=None, teacher_forces=None)
+
+
+def _ddp_model():
+    from engine.models import PaiNN
+
+    torch.manual_seed(0)
+    return PaiNN([1, 8], cutoff=3.0, hidden=8, layers=1, num_basis=6).double()
+
+
+def _ddp_worker(rank, world, port, selections, queue):
+    import torch.distributed as dist
+
+    from training.losses import LossWeights, compute_loss
+    from training.trainer import _average_gradients, _globally_weighted, _reduce_terms
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, weights = _ddp_model(), LossWeights(energy=5.0, forces=100.0)
+    sel = selections[rank]
+    terms = compute_loss(model, _ddp_batch(sel), weights) if sel else None
+    loss, record, weight = _globally_weighted(terms, weights)
+    if loss is not None:
+        loss.backward()
+    _average_gradients(model, weight)
+    record = _reduce_terms(record, weight)
+    if rank == 0:
+        queue.put((torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).numpy(),
+                   record))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_step_equals_one_process():
+    """Ranks with 2 structures / 5 atoms, 1 structure / 12 atoms, and none (a shard run out): the averaged
+    gradient and the logged losses are those of one process with all three structures, energy (a mean over
+    structures) and force (a mean over atoms) terms together. Weighting the ranks by structures, as before,
+    was off by 1.56 (relative) in the force term's gradient."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from training.losses import LossWeights, compute_loss
+
+    model, weights = _ddp_model(), LossWeights(energy=5.0, forces=100.0)
+    terms = compute_loss(model, _ddp_batch([0, 1, 2]), weights)
+    terms["total"].backward()
+    single = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).numpy()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    selections = [[0, 1], [2], []]
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 3, port, selections, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    grad, record = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert np.linalg.norm(grad - single) / np.linalg.norm(single) < 1e-12
+    for name in ("total", "energy", "forces"):
+        assert record[name] == pytest.approx(float(terms[name]), rel=1e-12), name

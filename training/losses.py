@@ -218,12 +218,20 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
     energy_mask = getattr(batch, "energy_mask", None)
     forces_mask = getattr(batch, "forces_mask", None)
     terms: Dict[str, torch.Tensor] = {}
+    # what each term averages over ("_count_" + name): data-parallel training weighs the ranks' terms by these
+    # so that a step over several ranks equals one over the whole batch (training.trainer)
+    n_atoms = float(graph.positions.shape[0])
+    count = lambda mask, full: float(mask.sum()) if mask is not None else full  # noqa: E731
+    counts = {"energy": count(energy_mask, float(natoms.shape[0])), "forces": count(forces_mask, n_atoms),
+              "energy_gradient": count(forces_mask, n_atoms), "force_distill": n_atoms, "n2n": n_atoms,
+              "a2a": n_atoms}
     terms["energy"] = energy_error(out["energy"], batch.energy, natoms, energy_mask, kind)
     terms["forces"] = vector_error(out["forces"], batch.forces, forces_mask, kind)
     total = weights.energy * terms["energy"] + weights.forces * terms["forces"]
     if use_stress:
         stress = stress_from_strain_derivative(out["dE_deps"], graph.cell)
         terms["stress"] = stress_error(stress, batch.stress.to(stress.dtype), stress_mask, kind)
+        counts["stress"] = float(stress_mask.sum())
         total = total + weights.stress * terms["stress"]
         terms["_stress_pred"] = stress.detach()
     if use_kd:
@@ -233,6 +241,7 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
                                     mask=hessian_mask, retain_graph=training or use_egrad)
         atom_mask = None if hessian_mask is None or bool(hessian_mask.all()) else hessian_mask[:, graph.batch]
         terms["hessian"] = hessian_error(rows, batch.hessian_target, atom_mask, kind)
+        counts["hessian"] = n_atoms if atom_mask is None else float((atom_mask.sum(0) > 0).sum())
         total = total + weights.hessian * terms["hessian"]
     if use_egrad:
         (grad_e,) = torch.autograd.grad(out["energy"].sum(), positions, create_graph=training)
@@ -258,6 +267,9 @@ def compute_loss(model, batch, weights: LossWeights, training: bool = True,
         terms["a2a"] = heads.a2a_error(model, graph.numbers, kind)
         total = total + weights.a2a * terms["a2a"]
     terms["total"] = total
+    for name in list(terms):
+        if name in counts:
+            terms["_count_" + name] = torch.tensor(counts[name])
     terms["_energy_pred"] = out["energy"].detach()
     terms["_forces_pred"] = out["forces"].detach()
     return terms

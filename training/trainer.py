@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,14 +105,10 @@ def _broadcast_from_rank0(model: torch.nn.Module) -> None:
 
 def _average_gradients(model: torch.nn.Module, weight: float = 1.0) -> None:
     """Data parallelism by one all-reduce of the flattened gradients after backward: the ranks' gradients
-    averaged with weights (a rank's structures in this step; 0 for a rank whose shard has run out). As with
-    DistributedDataParallel in other force-field codes, this is the gradient of the structure-weighted mean of
-    the ranks' batch losses: exact for the energy term (a mean over structures), while the force and Hessian
-    terms are per-atom means within each rank, so a step over ranks with unequal atom counts weighs atoms a
-    little differently than one process with the whole batch would (another weighting of the same per-atom errors; measured: the
-    gradient of {3+2 atoms} on one rank and {12} on another differs by 1.56 relative from the one-process
-    gradient, 0 with atom weights, which the energy term would then get wrong). Done by hand instead of
-    DistributedDataParallel: the loss
+    averaged with weights (1, or 0 for a rank whose shard has run out); each rank's loss terms were scaled to
+    their share of the step first (_globally_weighted), so the average is the one-process gradient of the
+    whole step's batch, per term (structures for energies, atoms for forces and Hessian rows). Done by hand
+    instead of DistributedDataParallel: the loss
     differentiates the forces (a double backward through autograd.grad inside forward), which DDP's
     bucketed reducer does not support."""
     if not dist.is_initialized():
@@ -154,8 +150,42 @@ class _ShardSampler(torch.utils.data.Sampler):
         return -(-len(range(0, self.n, self.world)) // batch_size)
 
 
-# Loss terms a step may log; each is averaged over the ranks that have it, weighted by their structures.
+# Loss terms a step may log; each is averaged over the ranks that have it (weight 1, 0 for a rank without a
+# batch: _globally_weighted has already scaled each rank's terms to its share of the whole step).
 _TERMS = ("total", "energy", "forces", "hessian", "energy_gradient", "force_distill", "n2n", "a2a", "stress")
+
+
+def _globally_weighted(terms: Optional[Dict[str, torch.Tensor]], weights) -> Tuple[Optional[torch.Tensor],
+                                                                                     Dict[str, float], float]:
+    """Data parallelism that equals one process with the whole step's batch: each loss term is a mean over
+    something (structures, atoms, atoms with Hessian rows: compute_loss's "_count_" entries); all-reducing
+    those counts, each rank scales its term t by c_t R / C_t (its share c_t of the step's total C_t, times the
+    R ranks with a batch), so the plain mean of the ranks' gradients is the gradient of Σ_t λ_t (Σ_r c_t,r
+    term_t,r) / C_t, the one-process loss. Returns (this rank's loss to differentiate, its terms so scaled,
+    averaging weight: 1, or 0 without a batch). Every rank must call it (a collective)."""
+    names = _TERMS[1:]
+    local = [0.0] * (len(names) + 1)
+    if terms is not None:
+        for k, name in enumerate(names):
+            if name in terms:
+                local[k] = float(terms["_count_" + name])
+        local[-1] = 1.0
+    total = _all_reduce_sum(list(local))
+    if terms is None:
+        return None, {}, 0.0
+    loss, record = None, {}
+    for k, name in enumerate(names):
+        if total[k] <= 0:
+            continue
+        share = local[k] * total[-1] / total[k]
+        record[name] = float(terms[name].detach()) * share if name in terms else 0.0
+        if name in terms and share > 0:
+            term = getattr(weights, name) * terms[name] * share
+            loss = term if loss is None else loss + term
+    record["total"] = sum(getattr(weights, name) * value for name, value in record.items())
+    if loss is None:  # nothing to learn from on this rank this step: a zero gradient that keeps the graph
+        loss = terms["total"] * 0.0
+    return loss, record, 1.0
 
 
 def _reduce_terms(record: Dict[str, float], weight: float) -> Dict[str, float]:
@@ -640,13 +670,15 @@ class Trainer:
         for _ in range(steps):
             batch = next(batches, None)
             self.optimizer.zero_grad(set_to_none=True)
-            if batch is not None:
-                terms = compute_loss(self.model, batch, self.weights, training=True, heads=self.heads)
-                terms["total"].backward()
-                weight = float(batch.graph.cell.shape[0])
-                record = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
+            terms = None if batch is None else compute_loss(self.model, batch, self.weights, training=True,
+                                                              heads=self.heads)
+            if dist.is_initialized():  # every rank, with or without a batch: the counts are all-reduced
+                loss, record, weight = _globally_weighted(terms, self.weights)
             else:
-                weight, record = 0.0, {}
+                loss, weight = terms["total"], 1.0
+                record = {k: float(v.detach()) for k, v in terms.items() if not k.startswith("_")}
+            if loss is not None:
+                loss.backward()
             _average_gradients(self.model, weight)
             _average_gradients(self.heads, weight)
             record = _reduce_terms(record, weight)  # the step's losses over all ranks' structures

@@ -29,9 +29,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="checkpoint, exported file, painn[:k=v,...] or schnet[:k=v,...]")
     parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
     parser.add_argument("--batch-size", type=int, default=64, help="systems integrated together (default 64)")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1000, help="default 1000")
     parser.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin")
+    parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin",
+                        help="default langevin (NVT at --temperature; engine.md.BatchedMD's own default is verlet)")
     parser.add_argument("--temperature", type=float, default=300.0,
                         help="K: Langevin target; initial velocities too where DATA carries no momenta "
                              "(default 300)")
@@ -62,11 +63,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
     parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--interval", type=int, default=100, help="report (and trajectory) interval in steps")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
+                        help="the model's dtype (default float64; the MD state is float64 either way)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=None, help="random stream (default: a fresh one)")
+    parser.add_argument("--interval", type=int, default=100,
+                        help="report (and trajectory) interval in steps (default 100)")
     parser.add_argument("--trajectory", default=None, help="extxyz file for frames every --interval steps")
     parser.add_argument("-o", "--output", default=None, help="extxyz file for the final frames")
 

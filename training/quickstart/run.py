@@ -157,10 +157,14 @@ def run(args) -> int:
 
     test = [dataset[i] for i in split["test"]]
     store = LabelStore(labels)
+    # a teacher with relative energies (SO3LR) gets its per-element offsets from the validation split, as in
+    # `hessforge evaluate`: fitted on the test conformers themselves they would flatter it
+    val = [s for s in (dataset[i] for i in split["val"]) if s.energy is not None] or None
     results, table = {}, {}
     for name, lam in runs.items():
         run_dir = os.path.join(out, RUN_DIRS[lam])
-        metrics = evaluate(load_student(os.path.join(run_dir, "best.pt")), test, store)
+        metrics = evaluate(load_student(os.path.join(run_dir, "best.pt")), test, store,
+                           offset_structures=val, offset_source="the validation split")
         results[name] = metrics
         table[name] = {"vs_reference": metrics["student_vs_reference"], "vs_teacher": metrics["student_vs_teacher"]}
     table[f"teacher {args.teacher}"] = {"vs_reference": metrics["teacher_vs_reference"], "vs_teacher": {}}

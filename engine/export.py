@@ -34,7 +34,6 @@ and provenance (checkpoint, teacher, data, metrics, versions).
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import hashlib
 import json
@@ -73,16 +72,6 @@ class ExportWrapper(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        # Per-element reference energies (~1e3 eV) are added here in float64, not inside the model: in a float32
-        # model they would round every atomic energy to ~1e-4 eV (energy noise that hides an NVE drift).
-        model = copy.deepcopy(model)
-        ref_by_z = torch.zeros(119, dtype=torch.float64)
-        atom_ref = getattr(model, "atom_ref", None)
-        if isinstance(atom_ref, torch.Tensor) and atom_ref.numel() == len(model.species):
-            ref_by_z[torch.tensor([int(z) for z in model.species])] = atom_ref.detach().double().cpu()
-            with torch.no_grad():
-                atom_ref.zero_()
-        self.register_buffer("ref_by_z", ref_by_z)
         self.model = model
         self.direct_forces: bool = str(getattr(model, "force_mode", "gradient")) == "direct"
         dtype = next(model.parameters()).dtype
@@ -143,7 +132,8 @@ class ExportWrapper(nn.Module):
             shifts=vec,
         )
         out = self.model(graph, self.direct_forces, False)
-        node_energy = out["node_energy"].to(positions.dtype) + self.ref_by_z[numbers]
+        # float64 whatever the model's dtype: students add their ~1e3 eV per-element references in float64
+        node_energy = out["node_energy"].to(positions.dtype)
         energy = torch.zeros(num_structures, dtype=positions.dtype, device=positions.device).index_add(
             0, batch[:nlocal], node_energy[:nlocal])
         virial = torch.zeros(num_structures, 3, 3, dtype=positions.dtype, device=positions.device)

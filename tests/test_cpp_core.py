@@ -151,6 +151,6 @@ def test_core_float32_model(tmp_path, rng):
     assert rel(out["energy"], ref["energy"].item()) < 1e-6
     assert rel(out["forces"], ref["forces"].detach()) < 1e-4
     # atomic energies to float32 precision of the learned part (~1 eV), not of the ~2000 eV reference energies
-    # (added in float64 by the export; inside the float32 model they rounded to ~1e-4 eV)
+    # (students add them in float64; in float32 they rounded every atomic energy to ~1e-4 eV)
     assert np.abs(out["node_energy"] - ref["node_energy"].detach().numpy()).max() < 3e-6
     assert abs(out["energy"] - ref["energy"].item()) < 1e-5

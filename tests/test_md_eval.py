@@ -224,6 +224,7 @@ def test_evaluate_md_json_with_student_and_reference(tmp_path):
     opt = result["opt"]["runs"][0]
     assert {"reference_start", "reference_final", "reference_relaxed"} <= set(opt)
     assert opt["reference_relaxed"]["converged"]
+    assert opt["reference_relaxed"]["fmax_eV_per_A"] < 0.005  # the reference's minimum is found tightly (BFGS)
     assert result["opt"]["mean_energy_above_reference_minimum_eV"] >= -1e-9
 
 
@@ -302,8 +303,12 @@ def test_bulk_minimum_relaxes_the_cell_and_is_compared_with_the_reference(rng):
     assert "volume_change_percent" not in fixed and "volume_A3" not in fixed["student"]
     with pytest.raises(HessforgeError, match="gives no stress.*--fixed-cell"):
         evaluate_md(EMT(), [("cu", start)], reference_calc=Springs(start), tests=("opt",))
-    result = evaluate_md(EMT(), [("cu", start)], reference_calc=EMT(), tests=("opt",), opt_steps=300)
-    assert result["opt"]["mean_abs_volume_error_vs_reference_minimum_percent"] < 0.1
+    # the reference's own minimum is relaxed tightly (BFGS to reference_fmax); a student relaxed to the default
+    # 0.05 eV/Å stops where the cell's stress is still ~0.1 GPa: the same EMT then reads 0.5 % off in volume
+    loose = evaluate_md(EMT(), [("cu", start)], reference_calc=EMT(), tests=("opt",), opt_steps=300)
+    assert 0.1 < loose["opt"]["mean_abs_volume_error_vs_reference_minimum_percent"] < 1.0
+    result = evaluate_md(EMT(), [("cu", start)], reference_calc=EMT(), tests=("opt",), opt_steps=2000, fmax=0.002)
+    assert result["opt"]["mean_abs_volume_error_vs_reference_minimum_percent"] < 0.05
 
 
 def test_teacher_calculator_lends_its_calculators_stress():

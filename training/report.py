@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence
 
 from engine.errors import HessforgeError
 from engine.paths import atomic_open, check_output_dir, write_json
+from training.md_eval import DEFAULTS as MD_DEFAULTS
 
 EVAL, BENCH, MD = "eval.json", "bench.json", "md.json"
 PAPER_BATCH = 64
@@ -147,6 +148,7 @@ def _collect_run(run: str, name: str, batch: int, teacher: Optional[Dict]):
         row["force_mae"] = ref.get("forces_mae_mev_per_A")
         row["energy_mae"] = ref.get("energy_mae_mev_per_atom")
         row["n_test"] = ev.get("n_structures")
+        row["eval_split"] = ev.get("split")
         row["labels_teacher"] = ev.get("teacher")  # recorded by evaluate since labels name their teacher
         if teacher is None and "teacher_vs_reference" in ev:
             t = ev["teacher_vs_reference"]
@@ -189,7 +191,45 @@ def _collect_run(run: str, name: str, batch: int, teacher: Optional[Dict]):
                 e = opt.get(f"{stat}_energy_above_reference_minimum_eV")
                 row[f"opt_above_ref_min_mev_{stat}"] = 1000 * e if e is not None else None
         row["md_reference"] = md.get("reference")
+        row["md_settings"] = md.get("settings")
     return row, teacher
+
+
+def _describe_md(s: Dict) -> str:
+    """The md-eval settings a run used (its md.json "settings"), as the report's footnote states them."""
+    g = lambda key: s.get(key, MD_DEFAULTS.get(key))  # noqa: E731 (files from before a setting existed)
+    bonds = f"a bond deviates > {g('bond_tolerance_A'):g} Å from its starting length"
+    rdf = (f"its radial distribution function changes by > {g('rdf_tolerance'):g} (relative) from its thermalized "
+           f"start, over {g('rdf_window_fs'):g} fs windows")
+    crit = g("criterion")
+    rule = bonds if crit == "bonds" else rdf if crit == "rdf" else f"{bonds} (molecules) or {rdf} (bulk)"
+    return (f"NVT: Langevin {g('temperature_K'):g} K, {g('timestep_fs'):g} fs, {g('steps')} steps, friction "
+            f"{g('friction_per_fs'):g}/fs from held-out structures, unstable when {rule} (censored mean: a survivor "
+            f"counts as the full length). NVE: |slope| of a line fit to the total energy per atom vs time, "
+            f"{g('nve_steps')} steps of {g('nve_timestep_fs'):g} fs from the same structures at "
+            f"{g('temperature_K'):g} K. FIRE to {g('fmax'):g} eV/Å (the reference's own minimum: "
+            + (f"BFGS to {s['reference_fmax']:g} eV/Å" if "reference_fmax" in s else f"FIRE to {g('fmax'):g} eV/Å")
+            + ")")
+
+
+def md_note(report: Dict) -> str:
+    """The footnote's MD part: the settings the runs used (one text when they agree, per run when not)."""
+    runs = [(r["method"], r["md_settings"]) for r in report["methods"] if r.get("md_settings")]
+    texts = {}
+    for name, settings in runs:
+        texts.setdefault(_describe_md(settings), []).append(name)
+    if not texts:
+        return _describe_md({})
+    if len(texts) == 1:
+        return next(iter(texts))
+    return "MD settings differ between runs: " + " | ".join(f"{', '.join(names)}: {text}" for text, names in texts.items())
+
+
+def split_note(report: Dict) -> str:
+    splits = sorted({str(r.get("eval_split")) for r in report["methods"] if r.get("eval_split")})
+    if not splits:
+        return "the evaluated split"
+    return f"the {splits[0]} split" if len(splits) == 1 else f"the runs' own splits ({', '.join(splits)})"
 
 
 def _f(x, fmt="{:.2f}") -> str:
@@ -297,7 +337,11 @@ def plot_stability(report: Dict, path: str) -> None:
     ax.set_ylim(-0.05, 1.05)
     if drawn:
         ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("MD stability (bond deviation ≤ 0.5 Å)", fontsize=10)
+    tolerances = {(r["md_settings"].get("criterion"), r["md_settings"].get("bond_tolerance_A"))
+                  for r in report["methods"] if r.get("md_settings")}
+    crit, tol = next(iter(tolerances)) if len(tolerances) == 1 else (None, None)
+    ax.set_title("MD stability" + (f" (bond deviation ≤ {tol:g} Å)" if crit == "bonds" and tol else
+                                   " (criteria: report.md)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -355,15 +399,12 @@ def write_report(run_dirs: Sequence[str], out_dir: str, names: Optional[Sequence
     machines = sorted({r.get("bench_machine") for r in report["methods"] if r.get("bench_machine")})
     refs = sorted({str(r.get("md_reference")) for r in report["methods"] if r.get("md_reference")})
     text = [f"# {title}", "", markdown(report), "",
-            "Force and energy MAE: test split against the dataset's reference labels (`eval.json`); the teacher "
+            f"Force and energy MAE: {split_note(report)} against the dataset's reference labels (`eval.json`); the teacher "
             "row is the teacher against the same labels. ns/day counts one 1 fs step per structure of a batch "
             "(1 fs per step, bench/README.md), neighbor list included, bench's fixed-batch measurement at that batch "
             "size; best = the sweep's batch with the most atom-steps/s; speedup = the student's throughput over the "
             "teacher's from the same `bench.json` (same machine; at the best batches in atom-steps/s)." + (f" Bench machine: {', '.join(machines)}." if machines else ""),
-            "", "NVT: Langevin 300 K, 1 fs, friction 0.01/fs from held-out structures, unstable when a bond deviates "
-            "> 0.5 Å from its starting length (censored mean: a survivor counts as the full length). NVE: |slope| of a "
-            "line fit to the total energy per atom vs time, from the same structures at 300 K, 0.5 fs. FIRE to 0.05 eV/Å, "
-            "then the final structures under the reference" + (f" ({', '.join(refs)})" if refs else "") + ". "
+            "", md_note(report) + ", then the final structures under the reference" + (f" ({', '.join(refs)})" if refs else "") + ". "
             "'-' = not measured (file missing from the run directory).", "",
             "![MAE per method](mae_per_method.png)", "", "![MD stability](md_stability.png)", "",
             "![speed vs accuracy](speed_vs_accuracy.png)", "", "Sources:", ""]

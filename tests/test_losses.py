@@ -127,3 +127,16 @@ def test_loss_without_labels_has_no_kd_term(rng):
     graph = graph_from_atoms(_structures(rng), 3.5, torch.float64)
     terms = compute_loss(model, _batch(graph, rng, model, with_kd=False), LossWeights())
     assert "hessian" not in terms and torch.isfinite(terms["total"])
+
+
+def test_offsets_determine_only_compositions_in_the_span_of_the_fit():
+    """Offsets fitted on conformers of one molecule fix only that molecule's offset energy: another molecule's
+    (or an unseen element's) is arbitrary, and evaluation then fits on the evaluated structures instead."""
+    from training.reference_energies import offsets_determine
+
+    ethanol, water, methane = [6, 6, 8] + [1] * 6, [8, 1, 1], [6] + [1] * 4
+    assert offsets_determine([ethanol, ethanol], [ethanol])
+    assert not offsets_determine([ethanol, ethanol], [water])
+    assert offsets_determine([ethanol, water, methane], [water, [6, 6, 8, 8] + [1] * 12])  # full rank in C, O, H
+    assert not offsets_determine([water, methane], [[7, 1, 1, 1]])  # N never seen
+    assert offsets_determine([water, methane, [8, 8, 1, 1]], [[6, 8] + [1] * 4])

@@ -18,7 +18,7 @@ from engine.paths import check_output_file, write_json
 from engine.stress import energy_forces_strain_derivative, stress_from_strain_derivative, voigt
 from training.labels import teacher_energy_offsets
 from training.losses import student_hessian_rows
-from training.reference_energies import offset_energy
+from training.reference_energies import offset_energy, offsets_determine
 
 
 def add_arguments(parser) -> None:
@@ -126,8 +126,14 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16,
         # energies, put it on the reference's scale (energy differences survive it)
         offsets = (teacher_energy_offsets(labels, offset_structures) if offset_structures
                    else teacher_energy_offsets(labels, structures, teacher))
-        if offsets is not None and not {int(z) for s in structures for z in s.numbers} <= set(offsets):
-            offsets = teacher_energy_offsets(labels, structures, teacher)  # an element the fit did not see
+        if offsets is not None and offset_structures and not offsets_determine(
+                [s.numbers for s in offset_structures if s.energy is not None], [s.numbers for s in structures]):
+            # an element the fit did not see, or compositions it cannot tell apart (one molecule's conformers
+            # fit, another's evaluated): offsets from the evaluated structures themselves, said in the result
+            print(f"note: the {offset_source}'s compositions do not determine the teacher's per-element offsets for "
+                  f"these structures; fitting them on the {len(structures)} evaluated structures instead",
+                  file=sys.stderr)
+            offsets = teacher_energy_offsets(labels, structures, teacher)
             offset_structures = None
         te = [t.energy - offset_energy(s.numbers, offsets or {}) for t, s in zip(teacher, structures)]
         if offsets is not None:

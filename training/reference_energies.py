@@ -44,6 +44,20 @@ def fit_element_offsets(numbers_list, energies, reference_energies) -> Dict[int,
     return {z: float(o) for z, o in zip(species, offsets)}
 
 
+def offsets_determine(fit_numbers_list, target_numbers_list) -> bool:
+    """Whether offsets fitted on the compositions of `fit_numbers_list` fix Σ_Z n_Z o_Z for every structure of
+    `target_numbers_list`: each target composition lies in the span of the fitted ones. Conformers of one
+    molecule pin down only that molecule's sum; another molecule's offset energy is then arbitrary (the
+    minimum-norm fit picks one of many), and so would be a teacher's energy error measured with it."""
+    species = sorted({int(z) for numbers in list(fit_numbers_list) + list(target_numbers_list) for z in numbers})
+    fit = _composition_matrix(fit_numbers_list, species)
+    target = _composition_matrix(target_numbers_list, species)
+    if fit.size == 0:
+        return target.size == 0
+    residual = target - target @ np.linalg.pinv(fit) @ fit
+    return bool(np.abs(residual).max(initial=0.0) < 1e-8 * max(1.0, np.abs(target).max(initial=0.0)))
+
+
 def offset_energy(numbers, offsets: Dict[int, float]) -> float:
     """Σ_atoms o_Z: what fit_element_offsets' offsets add to one structure's energy (0 for elements without
     an offset)."""

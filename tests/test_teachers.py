@@ -434,8 +434,12 @@ def test_so3lr_periodic_images_and_charge(so3lr_teacher):
     cation.info["charge"] = 1
     assert abs(so3lr_teacher.compute(cation).energy - so3lr_teacher.compute(vacuum).energy) > 1e-3
     cation.info["charge"] = 0.5
+    import torch
+
+    before = torch.get_default_dtype()
     with pytest.raises(HessforgeError, match="charge must be an integer"):
         so3lr_teacher.compute(cation)
+    assert torch.get_default_dtype() == before  # the error left the process in float64 (a leak into later tests)
 
 
 def test_so3lr_features_elements_and_bad_files(so3lr_teacher, tmp_path):

@@ -530,10 +530,16 @@ def _ddp_batch(selection):
 
 
 def _ddp_model():
+    """The same weights in every process whatever torch's global state (default dtype, generator): drawn
+    with numpy."""
     from engine.models import PaiNN
 
-    torch.manual_seed(0)
-    return PaiNN([1, 8], cutoff=3.0, hidden=8, layers=1, num_basis=6).double()
+    model = PaiNN([1, 8], cutoff=3.0, hidden=8, layers=1, num_basis=6).double()
+    rng = np.random.default_rng(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(scale=0.4, size=tuple(p.shape))))
+    return model
 
 
 def _ddp_worker(rank, world, port, selections, queue):

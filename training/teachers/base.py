@@ -7,6 +7,7 @@ Hessian is the request of all 3N rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -82,6 +83,21 @@ def load_pickled_model(path: str, kind: str, required: Sequence[str]):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@contextmanager
+def default_dtype(dtype):
+    """torch's global default dtype set for a block and restored even when the block raises (mace's and
+    so3krates' own context managers restore it only on success: a teacher error, e.g. a non-integer charge,
+    left the caller's process in float64)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def validate_rows(rows, n_atoms: int) -> Optional[np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    load_pickled_model, strain_stress, strained_batch)
+                                    default_dtype, load_pickled_model, strain_stress, strained_batch)
 
 
 def load_mace_model(path: str):
@@ -48,11 +48,11 @@ class MACETeacher(Teacher):
     def _batch(self, atoms) -> dict:
         import torch
         from mace import data as mdata
-        from mace.tools import torch_geometric, torch_tools
+        from mace.tools import torch_geometric
 
         atoms = atoms.copy()  # config_from_atoms would read labels from an attached calculator
         atoms.calc = None
-        with torch_tools.default_dtype(torch.float64):
+        with default_dtype(torch.float64):
             config = mdata.config_from_atoms(atoms, key_specification=mdata.KeySpecification(), head_name=self.head)
             graph = mdata.AtomicData.from_config(config, z_table=self.z_table, cutoff=self.r_max, heads=self.heads)
         return torch_geometric.Batch.from_data_list([graph]).to_dict()

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from training.teachers.base import (Teacher, TeacherOutput, autograd_energy_forces_rows, check_finite_positions,
-                                    check_periodic_cell, load_pickled_model, strain_stress,
+                                    check_periodic_cell, default_dtype, load_pickled_model, strain_stress,
                                     strained_batch)
 
 # The elements of SPICE, the largest of SO3LR's training sets (H, Li, C, N, O, F, Na, Mg, P, S, Cl, K, Ca, Br,
@@ -61,7 +61,7 @@ def so3lr_batch(model, atoms_list, dtype=None, where: str = "SO3LR") -> dict:
     import torch
     from so3krates_torch.data.atomic_data import AtomicData
     from so3krates_torch.data.utils import KeySpecification, config_from_atoms
-    from so3krates_torch.tools import torch_geometric, torch_tools, utils
+    from so3krates_torch.tools import torch_geometric, utils
 
     periodic = {bool(np.any(a.get_pbc())) for a in atoms_list}
     if len(periodic) != 1:
@@ -73,7 +73,7 @@ def so3lr_batch(model, atoms_list, dtype=None, where: str = "SO3LR") -> dict:
     spec = KeySpecification(info_keys={"total_charge": "charge"}, arrays_keys={})
     z_table = utils.AtomicNumberTable(list(range(1, 119)))
     graphs = []
-    with torch_tools.default_dtype(torch.float64):  # geometry built in float64, not rounded to float32
+    with default_dtype(torch.float64):  # geometry built in float64, not rounded to float32
         for atoms in atoms_list:
             charge = atoms.info.get("charge", 0.0)
             if not (isinstance(charge, (int, float, np.integer, np.floating)) and np.isfinite(charge)

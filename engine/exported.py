@@ -105,9 +105,11 @@ class ExportedModel:
         i = graph.edge_index[0]
         return torch.einsum("ea,eab->eb", graph.shifts.double(), graph.cell.double()[graph.batch[i]])
 
-    def evaluate_batch(self, graph: AtomicGraph) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate_batch(self, graph: AtomicGraph, virials: bool = True
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """energy [B], node_energy [N], forces [N, 3], virial [B, 3, 3] (float64) of a batched graph: one module
-        call, or one per structure for archives exported before the batched method existed."""
+        call; for archives exported before the batched method existed, one per structure when `virials` are
+        wanted (else one call and no virials: None)."""
         self.check_species(graph.numbers)
         nstruct = graph.cell.shape[0]
         shifts = self._edge_shifts(graph)
@@ -115,6 +117,10 @@ class ExportedModel:
             return self.module.batched(graph.positions.double(), graph.numbers, graph.edge_index, shifts,
                                        graph.batch, nstruct)
         n = graph.positions.shape[0]
+        if not virials:  # the whole batch in one forward call: its per-atom outputs are per structure already
+            _, node_energy, forces, _ = self.evaluate(graph.positions, graph.numbers, graph.edge_index, shifts)
+            energy = torch.zeros(nstruct, dtype=torch.float64).index_add(0, graph.batch, node_energy)
+            return energy, node_energy, forces, None
         energy = torch.zeros(nstruct, dtype=torch.float64)
         node_energy = torch.zeros(n, dtype=torch.float64)
         forces = torch.zeros(n, 3, dtype=torch.float64)
@@ -130,7 +136,7 @@ class ExportedModel:
 
     def forward(self, graph: AtomicGraph, compute_forces: bool = True) -> Dict[str, torch.Tensor]:
         """energy [B], node_energy [N], forces [N, 3] for a batch (structures are disconnected in the graph)."""
-        energy, node_energy, forces, _ = self.evaluate_batch(graph)
+        energy, node_energy, forces, _ = self.evaluate_batch(graph, virials=False)
         out = {"energy": energy, "node_energy": node_energy}
         if compute_forces:
             out["forces"] = forces

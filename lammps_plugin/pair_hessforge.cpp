@@ -34,7 +34,7 @@ using namespace LAMMPS_NS;
 
 PairHessforge::PairHessforge(LAMMPS *lmp) :
     Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), cutoff(0.0), result(new hessforge::Result),
-    warned_virial(false)
+    warned_virial(false), checked_special(false)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -172,13 +172,7 @@ void PairHessforge::init_style()
   if (neighbor->nex_type + neighbor->nex_group + neighbor->nex_mol > 0)  // set by neigh_modify itself
     error->all(FLERR, "pair_style hessforge: neigh_modify exclude takes pairs out of the model's neighbor list "
                       "(the model needs every pair within its cutoff); remove the exclusion");
-  if (atom->molecular != Atom::ATOMIC && atom->nbonds > 0)
-    for (int k = 1; k <= 3; k++)
-      if (force->special_lj[k] == 0.0 && force->special_coul[k] == 0.0)
-        error->all(FLERR, "pair_style hessforge: special_bonds factors of 0 (LAMMPS' default with bonds) take "
-                          "bonded 1-{} pairs out of the model's neighbor list; the model needs them: add "
-                          "'special_bonds lj/coul 1.0 1.0 1.0'",
-                   k + 1);
+  checked_special = false;  // neighbor->special_flag is set after this (Neighbor::init): checked in compute()
   if (!model->metadata().virial)
     for (const auto *fix : modify->get_fix_list()) {
       const std::string style = fix->style;
@@ -373,6 +367,18 @@ void PairHessforge::compute(int eflag, int vflag)
   if (vflag_atom || cvflag_atom)
     error->all(FLERR, "pair_style hessforge does not compute per-atom virials (compute stress/atom)");
 
+  if (!checked_special) {
+    // LAMMPS drops 1-2/1-3/1-4 pairs from neighbor lists where both special factors are 0 (its default with
+    // bonds) unless kspace or some pair styles keep them (flag 2: kept with special bits, stripped below)
+    checked_special = true;
+    if (atom->molecular != Atom::ATOMIC && atom->maxspecial > 0)  // atoms have 1-2.. neighbor lists
+      for (int k = 1; k <= 3; k++)
+        if (neighbor->special_flag[k] == 0)
+          error->all(FLERR, "pair_style hessforge: special_bonds factors of 0 (LAMMPS' default with bonds) take "
+                            "bonded 1-{} pairs out of the model's neighbor list; the model needs them: add "
+                            "'special_bonds lj/coul 1.0 1.0 1.0' (or use kspace, which keeps them)",
+                     k + 1);
+  }
   if (mode == FOLD) build_fold_graph();
   else build_ghost_graph();
 

@@ -45,6 +45,7 @@ class PairHessforge : public Pair {
   std::unique_ptr<hessforge::Result> result;
   std::vector<int64_t> type_to_z;  // atomic number of each atom type (1-based)
   bool warned_virial;
+  bool checked_special;  // bonded pairs kept in the neighbor list (checked at the first compute after init)
 
   // work arrays, reused between steps
   std::vector<double> pos, shifts;

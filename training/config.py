@@ -254,8 +254,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader names it
+                break
+            if duplicate:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
                                                         key_node.start_mark)
             seen.add(key)

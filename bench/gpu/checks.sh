@@ -21,8 +21,9 @@
 #                      fused students (the kernel's cell gradient) against the eager student, on cuda
 #   profile.log        bench_students.py profile: per mode, wall ms per step vs device-busy ms and kernels run
 #                      (launch-bound or compute-bound), and the top operators
-# Measurements first (the targets), the compiled-kernel tests last; every step has its own time limit, so one
-# slow step cannot take the others' results with it.
+# Order: the student/teacher timings (the targets) alone on the machine, the compiled-kernel tests (torch-cluster
+# builds beside them, at most 90 s), the neighbor-list timings, the profile; every step has its own time limit,
+# so one slow step cannot take the others' results with it (worst case 20 + 260 + 90 + 50 + 40 = 460 s).
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/hessforge_gpu_out}
@@ -46,12 +47,13 @@ export TRITON_PRINT_AUTOTUNING=1  # the tuned launch configurations (count, fill
 cp "$WORK/gpu.txt" "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 pack() { local part="$OUT/.results.$BASHPID.part"  # per process: the background packer and a step may overlap
-         tar czf "$part" -C "$WORK" . 2>/dev/null && mv "$part" "$OUT/results.tar.gz"
+         tar czf "$part" -C "$WORK" . 2>/dev/null
+         if [ $? -le 1 ]; then mv "$part" "$OUT/results.tar.gz"; else rm -f "$part"; fi  # 1: a log grew meanwhile
          for f in students_gpu.md neighbors_gpu.md; do [ -s "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done; }
 # every 15 s: a call stopped at its limit (the tool kills the whole command) still returns the logs so far
-( while sleep 15; do pack; done ) &
+( while true; do sleep 15 & wait $!; pack; done ) > /dev/null 2>&1 &
 PACKER=$!
-trap 'kill $PACKER 2>/dev/null; pack' EXIT
+trap 'kill $PACKER 2>/dev/null; wait $PACKER 2>/dev/null; pack; rm -f "$OUT"/.results.*.part' EXIT
 step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit}s)"; local t0=$SECONDS
          timeout "$limit" "$@" > "$WORK/$name.log" 2>&1; local rc=$?
          echo "   rc=$rc, $((SECONDS - t0)) s"; tail -n 4 "$WORK/$name.log"; pack; }
@@ -60,7 +62,7 @@ want() { [[ "$STEPS" == *" $1 "* ]]; }
 TC_PID=
 build_torch_cluster() {  # in the background; neighbors waits for it
     if [ -z "$TC_PID" ] && ls .whl/torch_cluster-*.tar.gz > /dev/null 2>&1; then
-        MAX_JOBS=4 timeout 150 python3 bench/torch_cluster_peer.py build > "$WORK/torch_cluster_build.log" 2>&1 &
+        MAX_JOBS=4 timeout 90 python3 bench/torch_cluster_peer.py build > "$WORK/torch_cluster_build.log" 2>&1 &
         TC_PID=$!
     fi; }
 # 1. the targets, first and alone on the machine (nothing compiling beside the timings)

@@ -309,3 +309,14 @@ def test_more_command_line_faults_are_named(tmp_path, files, capsys):
     assert main(["ingest", str(data), "-o", str(tmp_path / "bare.lmdb"), "--allow-missing-labels"]) == 0
     fails(capsys, ["evaluate", ckpt, tmp_path / "bare.lmdb", "--split", "all"], "have no reference energies or forces")
     fails(capsys, ["evaluate", ckpt, tmp_path / "bare.lmdb", "--split", "all", "--labels", data], "is a file; labels")
+
+
+def test_config_yaml_merge_keys_still_load(tmp_path):
+    """The duplicate-key check of config files leaves YAML anchors and merge keys working."""
+    from training.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {path: x.lmdb}\nloss: {hessian: 0.0}\nmodel: &m {hidden: 8}\n"
+                      "train:\n  <<: {epochs: 3, batch_size: 4}\n  epochs: 5\n")
+    loaded = load_config(str(config))
+    assert loaded.train.epochs == 5 and loaded.train.batch_size == 4 and loaded.model.hidden == 8

@@ -117,7 +117,8 @@ def _average_gradients(model: torch.nn.Module, weight: float = 1.0) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [torch.tensor([float(weight)], dtype=grads[0].dtype, device=grads[0].device)])
+    count = torch.tensor([float(weight)], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) * weight for g in grads] + [count])
     dist.all_reduce(flat)
     flat = flat[:-1] / flat[-1]
     offset = 0

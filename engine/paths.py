@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
+import socket
 from typing import IO, Any, Dict, Iterable, Iterator, Optional
 
 from engine.errors import HessforgeError
@@ -83,11 +85,12 @@ def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary file name beside `path` for a writer that takes a path (torch.save, ase.io.write);
     when the block ends normally the temporary file replaces `path` in one step, so readers (and a later
     resume) see the old file or the complete new one, never half of one. If the block raises (a full disk,
-    Ctrl-C), the temporary file is removed and `path` is untouched. The name is per process: two writers do
-    not share a temporary file."""
+    Ctrl-C), the temporary file is removed and `path` is untouched. The name is per process and host: two
+    writers do not share a temporary file."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    # per process and host: ranks on different nodes of a shared filesystem often have the same pid
+    tmp = os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -530,3 +530,63 @@ def test_ingest_cells_of_wires_and_flat_boxes():
     flat.pbc = [False, True, True]
     with pytest.raises(HessforgeError, match="zero-volume"):
         atoms_to_structure(flat, 0, "flat.xyz", "flat")
+
+
+def _structures(rng, n, prefix="s"):
+    return [Structure(id=f"{prefix}-{k}", group=f"g{k % 3}", numbers=np.array([8, 1, 1]),
+                      positions=rng.normal(size=(3, 3)), energy=float(k), forces=np.zeros((3, 3))) for k in range(n)]
+
+
+def test_data_layer_faults_found_by_review(tmp_path, rng, monkeypatch):
+    """A dataset file replaced under an open Dataset is refused, not read against the old index; a write that
+    fails at the end leaves no temporary file; LMDB write errors are one line that does not call the file
+    damaged; an empty (0-byte) label shard from a killed run does not block reading the others."""
+    import subprocess
+    import sys
+
+    from training.data import store
+
+    path = str(tmp_path / "d.lmdb")
+    write_dataset(path, _structures(rng, 5, "A"))
+    ds = Dataset(path)
+    assert ds[0].id == "A-0"
+    write_dataset(path + ".new", _structures(rng, 5, "B"))
+    os.replace(path + ".new", path)
+    pid, env = store._READERS[ds._key]
+    store._READERS[ds._key] = (-1, env)  # as a forked DataLoader worker sees it: the reader must be reopened
+    with pytest.raises(HessforgeError, match="was replaced since it was opened"):
+        ds[0]
+    # a failure in finish(): the temporary file is removed
+    def full_disk(*args, **kwargs):
+        raise HessforgeError("cannot write (disk full)")
+    monkeypatch.setattr(store.DatasetWriter, "_flush", full_disk)
+    with pytest.raises(HessforgeError, match="disk full"):
+        write_dataset(str(tmp_path / "e.lmdb"), _structures(rng, 3))
+    monkeypatch.undo()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    # a real write error (file size limit) in a subprocess: one line, "cannot write", no "damaged"
+    code = ("import resource, numpy as np\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))\n"
+            "from training.data.records import Structure\nfrom training.data.store import write_dataset\n"
+            "rng = np.random.default_rng(0)\n"
+            "s = [Structure(id=f'x{k}', group='g', numbers=np.array([8] * 50), positions=rng.normal(size=(50, 3)),"
+            " energy=0.0, forces=np.zeros((50, 3))) for k in range(600)]\n"
+            f"write_dataset({str(tmp_path / 'big.lmdb')!r}, s)\n")
+    import signal
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
+                          preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    assert proc.returncode != 0 and "cannot write" in proc.stderr and "damaged" not in proc.stderr, proc.stderr[-800:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("big.lmdb.tmp")]
+
+
+def test_an_empty_label_shard_from_a_killed_run_is_skipped(tmp_path, rng):
+    from toy import HarmonicTeacher, conformer_dataset
+    from training.labels import LabelStore, label_dataset
+
+    path, _ = conformer_dataset(tmp_path / "data.lmdb", rng, per_molecule=2)
+    label_dataset(path, HarmonicTeacher(), str(tmp_path / "labels"), rows=2)
+    (tmp_path / "labels" / "labels.rank1.lmdb").write_bytes(b"")  # killed between creating it and its meta pages
+    store = LabelStore(str(tmp_path / "labels"))
+    assert len(store.ids()) == 10
+    label_dataset(path, HarmonicTeacher(), str(tmp_path / "labels"), rows=2)  # a rerun resumes past it too

@@ -207,8 +207,14 @@ def teacher_energy_offsets(labels, structures, records: Optional[Sequence] = Non
                                [s.energy for s, _ in pairs])
 
 
+_PAGE = max(4096, os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)  # LMDB's page: the OS page
+
+
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
-    """A shard's metadata; None for an empty shard (a run killed before its first write)."""
+    """A shard's metadata; None for an empty shard (a run killed before its first write, or between creating
+    the file and LMDB writing its first page: 0 bytes)."""
+    if os.path.getsize(path) == 0:
+        return None
     if lock:
         release_reader(path)  # LMDB allows one open per file and process
     env = shared_reader(path, "label shard") if not lock else open_readonly(path, "label shard", lock=True)
@@ -365,8 +371,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     mine = shard_path(out_dir, rank)
     done = set()
     for path in list_shards(out_dir):
-        if path != mine and os.path.getsize(path) < 8192:
-            continue  # another rank is creating this shard right now (LMDB writes its 2 meta pages first)
+        if os.path.getsize(path) == 0 or (path != mine and os.path.getsize(path) < 2 * _PAGE):
+            # empty (a run killed right after creating it; this rank's is written below), or another rank
+            # creating its shard right now (LMDB writes its 2 meta pages first)
+            continue
         old = _shard_meta(path, lock=True)  # lock: other ranks may be writing their shards right now
         if old is None:
             continue
@@ -376,9 +384,11 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
                                  "another output directory (or delete it) to label with these settings")
         if path != mine:  # ids labelled by an earlier run with another world size
             env = open_readonly(path, "label shard", lock=True)
-            with damaged_file_errors(path, "label shard"), env.begin() as txn:
-                done.update(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
-            env.close()
+            try:
+                with damaged_file_errors(path, "label shard"), env.begin() as txn:
+                    done.update(bytes(k) for k in txn.cursor().iternext(keys=True, values=False))
+            finally:
+                env.close()
     _write_summary(out_dir, meta)
 
     release_reader(mine)

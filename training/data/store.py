@@ -90,9 +90,12 @@ def damaged_file_errors(path: str, what: str):
     naming the file, not a traceback from inside lmdb."""
     try:
         yield
-    except lmdb.Error as err:
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.BadValsizeError) as err:
         raise HessforgeError(f"{path}: {what} file is damaged ({type(err).__name__}: {_short(err)}); "
                              "recreate it") from None
+    except lmdb.Error as err:  # not the file's fault: a full disk, a quota, a file grown by a writer meanwhile
+        raise HessforgeError(f"{path}: cannot access the {what} file ({type(err).__name__}: {_short(err)}); "
+                             "the file itself may be fine (disk full? written by another process?)") from None
 
 
 def read_json_key(env: lmdb.Environment, key: bytes, path: str, what: str) -> Optional[Dict[str, Any]]:
@@ -148,6 +151,9 @@ def shared_reader(path: str, what: str, key: Optional[tuple] = None) -> lmdb.Env
             env.close()  # inherited through fork: unusable here; closing only drops this process's mapping
         except lmdb.Error:
             pass
+    if file_key(path) != key:  # the path now names another file (re-ingested while this object was open)
+        raise HessforgeError(f"{path}: the {what} file was replaced since it was opened (another ingest or label "
+                             "run?); restart so that everything reads the new file")
     env = open_readonly(path, what)
     _READERS[key] = (os.getpid(), env)
     return env
@@ -290,6 +296,11 @@ class LmdbWriter:
                 return
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:  # another writer grew the file: adopt its size and retry
+                self.env.set_mapsize(0)
+            except lmdb.Error as err:  # the transaction is rolled back: what was committed before stays
+                raise HessforgeError(f"{self.path}: cannot write ({type(err).__name__}: {_short(err)}); disk full "
+                                     "or over quota? Earlier writes are intact") from None
 
     def get(self, key: bytes) -> Optional[bytes]:
         with self.env.begin(buffers=False) as txn:
@@ -371,10 +382,14 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.finish()
-        else:
+        if exc_type is not None:
             self.abort()
+            return False
+        try:
+            self.finish()
+        except BaseException:  # a full disk at the last flush: no stray temp file keeping the disk full
+            self.abort()
+            raise
         return False
 
 

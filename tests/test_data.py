@@ -590,3 +590,16 @@ def test_an_empty_label_shard_from_a_killed_run_is_skipped(tmp_path, rng):
     store = LabelStore(str(tmp_path / "labels"))
     assert len(store.ids()) == 10
     label_dataset(path, HarmonicTeacher(), str(tmp_path / "labels"), rows=2)  # a rerun resumes past it too
+
+
+def test_hydrogen_distance_of_large_molecules_by_kd_tree(rng):
+    """Above 2000 atoms the Bohr check uses a k-d tree (the dense distances of a 20k-atom cluster took GBs):
+    the same median as brute force."""
+    from training.data.ingest import hydrogen_neighbour_distance
+
+    n = 2500
+    numbers, positions = rng.choice([1, 6, 8], n), rng.uniform(0, 40, (n, 3))
+    h = np.flatnonzero(numbers == 1)
+    d = np.linalg.norm(positions[h, None] - positions[None], axis=-1)
+    d[np.arange(h.size), h] = np.inf
+    assert hydrogen_neighbour_distance(numbers, positions) == pytest.approx(float(np.median(d.min(1))), rel=1e-12)

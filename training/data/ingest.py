@@ -83,6 +83,11 @@ def hydrogen_neighbour_distance(numbers: np.ndarray, positions: np.ndarray) -> O
     h = np.flatnonzero(numbers == 1)
     if h.size == 0 or len(numbers) < 2:
         return None
+    if len(numbers) > 2000:  # a k-d tree: the dense [N_H, N] distances of a 20k-atom cluster take gigabytes
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(positions).query(positions[h], k=2)  # the nearest is the hydrogen itself
+        return float(np.median(d[:, 1]))
     d = np.linalg.norm(positions[h, None, :] - positions[None, :, :], axis=-1)
     d[np.arange(h.size), h] = np.inf
     return float(np.median(d.min(axis=1)))

@@ -315,3 +315,16 @@ def test_concurrent_ranks_like_torchrun(tmp_path, rng):
     label_dataset(path, Harmonic(), tmp_path / "one", rows=3, seed=2)
     assert len(list_shards(out)) == 2
     assert contents(out) == contents(tmp_path / "one")
+
+
+def test_two_processes_cannot_label_one_shard(tmp_path):
+    """A second labelling run on a shard being written (two runs on one -o, or srun ranks without RANK) is
+    refused in one line; the claim ends with the run."""
+    from training.labels import _claim_shard
+
+    shard = str(tmp_path / "labels.rank0.lmdb")
+    first = _claim_shard(shard, 0)
+    with pytest.raises(HessforgeError, match="rank 0 of these labels is being written by another process"):
+        _claim_shard(shard, 0)
+    first.close()
+    _claim_shard(shard, 0).close()

@@ -391,6 +391,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
                 env.close()
     _write_summary(out_dir, meta)
 
+    owner = _claim_shard(mine, rank)
     release_reader(mine)
     writer = LmdbWriter(mine, lock=True)
     try:
@@ -417,7 +418,26 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             writer.put_many([(s.id.encode(), rec.to_bytes())], overwrite=False)  # one commit per structure
     finally:
         writer.close()
+        owner.close()  # releases the claim
     return {"labelled": len(todo), "skipped": skipped, "todo": len(todo)}
+
+
+def _claim_shard(path: str, rank: int):
+    """An exclusive lock on `path`'s owner file for this process's run, or one clear error: two processes on
+    one shard (two `hessforge label` runs on one -o, or srun/mpirun ranks without RANK and WORLD_SIZE, all
+    rank 0) would each label everything and fight over the file. The returned file holds the lock until closed."""
+    import fcntl
+
+    owner = open(path + ".owner", "a")
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner.close()
+        hint = (" (SLURM_PROCID is set but RANK is not: launch with torchrun, or set RANK and WORLD_SIZE)"
+                if os.environ.get("SLURM_PROCID") and not os.environ.get("RANK") else "")
+        raise HessforgeError(f"{path}: rank {rank} of these labels is being written by another process right now "
+                             f"(two label runs on one output directory?){hint}") from None
+    return owner
 
 
 def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:

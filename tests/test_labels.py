@@ -328,3 +328,15 @@ def test_two_processes_cannot_label_one_shard(tmp_path):
         _claim_shard(shard, 0)
     first.close()
     _claim_shard(shard, 0).close()
+
+
+def test_a_teacher_file_under_another_path_spelling_is_the_same_teacher():
+    """mace:PATH / lammps:PATH labels resume (and their shards merge) when the path is spelled differently
+    but the file's digest is the same; another file is still another teacher."""
+    from training.labels import _diff
+
+    a = {"teacher": "mace:/data/m.model", "teacher_spec": "mace:/data/m.model", "teacher_file_sha256": "x", "k": 2}
+    b = dict(a, teacher="mace:m.model", teacher_spec="mace:m.model")
+    assert _diff(a, b) == ""
+    assert "teacher_file_sha256" in _diff(a, dict(b, teacher_file_sha256="y"))
+    assert "k (2 vs 3)" in _diff(a, dict(b, k=3))

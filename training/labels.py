@@ -229,8 +229,12 @@ def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
 
 def _diff(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     # A spec is only recorded by the CLI; labels made through the API (spec None) may be resumed by either.
+    # A teacher named by its file (mace:PATH, lammps:PATH) is the same teacher under another spelling of the path
+    # (relative vs absolute, another node's mount) when the files' digests agree.
+    same_file = a.get("teacher_file_sha256") is not None and a.get("teacher_file_sha256") == b.get("teacher_file_sha256")
     keys = [k for k in COMPAT_KEYS if a.get(k) != b.get(k)
-            and not (k in RECORDED_LATER and None in (a.get(k), b.get(k)))]
+            and not (k in RECORDED_LATER and None in (a.get(k), b.get(k)))
+            and not (same_file and k in ("teacher", "teacher_spec"))]
     return ", ".join(f"{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in keys)
 
 

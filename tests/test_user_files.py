@@ -285,6 +285,9 @@ def test_split_files_are_checked(tmp_path, rng, capsys):
         with pytest.raises(HessforgeError) as err:
             load_split(str(tmp_path / f"{name}.json"), count=count, require=("train", "val"))
         assert message in str(err.value)
+    (tmp_path / "string.json").write_text(json.dumps({"splits": {"train": "123", "val": [4]}}))
+    with pytest.raises(HessforgeError, match="each split must be a list"):  # was read as indices 1, 2, 3
+        load_split(str(tmp_path / "string.json"))
     save_split(str(tmp_path / "notest.json"), {"train": good["train"], "val": good["val"]}, count=count)
     write_checkpoint(tmp_path / "ckpt.pt", tiny())
     fails(capsys, ["evaluate", tmp_path / "ckpt.pt", lmdb_path, "--split-file", tmp_path / "notest.json"],

@@ -120,6 +120,8 @@ def load_split(path: str, count: Optional[int] = None, require: Sequence[str] = 
     try:
         with open(path) as f:
             data = json.load(f)
+        if not all(isinstance(v, list) for v in data["splits"].values()):
+            raise TypeError("each split must be a list of structure indices")
         splits = {str(k): [int(i) for i in v] for k, v in data["splits"].items()}
     except FileNotFoundError:
         raise HessforgeError(f"{path}: no such split file") from None

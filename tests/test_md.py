@@ -564,7 +564,9 @@ def test_barostat_pressure_is_ases_and_scales_the_cell(rng, coupling):
         np.testing.assert_allclose(frame.info["md_pressure_tensor_GPa"], ase_tensor, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(frame.info["md_pressure_GPa"], np.trace(ase_tensor) / 3, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(frame.info["md_potential_energy"], frame.get_potential_energy(), atol=1e-9)
-    assert not np.allclose(md.to_atoms(atoms)[0].cell[:], atoms[0].cell[:])
+    # the frames carry the moved cell (4 steps move it by ~1e-6 relative when the pressure starts near its
+    # target: np.allclose's default 1e-5 called that unchanged in one CI run)
+    assert np.abs(md.to_atoms(atoms)[0].cell[:] - atoms[0].cell[:]).max() > 1e-9
 
 
 @pytest.mark.parametrize("coupling", ["iso", "aniso", "tri"])

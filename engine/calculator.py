@@ -14,7 +14,6 @@ Direct-force students have no energy whose derivative matches their forces: aski
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Optional, Union
 
 import numpy as np
@@ -25,6 +24,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from engine.errors import HessforgeError
 from engine.graph import graph_from_atoms, graph_to, recentred
 from engine.models import for_inference
+from engine.paths import EXPORTED_MODEL, artifact_kind
 from engine.stress import energy_forces_strain_derivative, voigt
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -32,13 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def is_exported_file(path: str) -> bool:
     """True for a hessforge exported TorchScript archive (a zip holding extra/hessforge.json)."""
-    from engine.export import METADATA_NAME
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("/extra/" + METADATA_NAME) for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    return artifact_kind(path) == EXPORTED_MODEL
 
 
 def load_model(path: str, dtype: Optional[torch.dtype] = torch.float64, use_ema: bool = True):

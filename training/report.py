@@ -38,14 +38,18 @@ def _load(path: str) -> Optional[Dict]:
         raise HessforgeError(f"{path}: not readable JSON ({err})") from None
 
 
-def _ns_per_day(entry: Dict) -> Optional[float]:
+def _throughput(entry: Dict, key: str) -> Optional[float]:
+    """A bench entry's `key` (ns_per_day, atom_steps_per_s): neighbor list included where measured."""
     t = entry.get("model_nl") or entry.get("model")
-    return t.get("ns_per_day") if t else None
+    return t.get(key) if t else None
+
+
+def _ns_per_day(entry: Dict) -> Optional[float]:
+    return _throughput(entry, "ns_per_day")
 
 
 def _atom_steps(entry: Dict) -> Optional[float]:
-    t = entry.get("model_nl") or entry.get("model")
-    return t.get("atom_steps_per_s") if t else None
+    return _throughput(entry, "atom_steps_per_s")
 
 
 def _key(entry: Dict) -> tuple:

@@ -273,9 +273,9 @@ def _data_identity(dataset, labels) -> dict:
     """What a run's numbers depend on beyond its config: the dataset's structures (ids and geometries) and the
     labels' teacher and settings. Paths may change between sessions (data.path and data.labels are resumable:
     a moved directory), these may not."""
-    from training.labels import COMPAT_KEYS
+    from training.labels import COMPAT_KEYS, _ids_digest
 
-    ids = hashlib.sha256("\n".join(dataset.ids()).encode()).hexdigest()
+    ids = _ids_digest(dataset.ids())
     identity = {"dataset": {"count": len(dataset), "ids_sha256": ids, "geometry_sha256": dataset.geometry_digest()},
                 "labels": None}
     if labels is not None:

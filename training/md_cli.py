@@ -85,9 +85,10 @@ def pressure_targets(text: str):
         return values[0]
     if len(values) == 3:
         return [values]
-    if len(values) == 6:
-        xx, yy, zz, yz, xz, xy = values
-        return [[[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]]]
+    if len(values) == 6:  # ASE's Voigt order, as ingest reads stresses
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        return [voigt_6_to_full_3x3_stress(values).tolist()]
     raise argparse.ArgumentTypeError(f"expected one pressure, three (PX,PY,PZ) or six (PXX,PYY,PZZ,PYZ,PXZ,PXY) "
                                      f"in GPa, got {text!r}")
 

@@ -331,16 +331,20 @@ def test_foreign_lmdb_and_newer_version_are_rejected(tmp_path, rng):
 
 def test_corrupt_and_truncated_records(tmp_path, rng):
     path, structures = small_dataset(tmp_path, rng)
-    bad = int(rng.integers(len(structures)))
+    bad, short = rng.choice(len(structures), size=2, replace=False)
     env = lmdb.open(path, subdir=False)
     with env.begin(write=True) as txn:
         raw = txn.get(index_key(bad))
-        txn.put(index_key(bad), raw[: int(rng.integers(9, len(raw) - 1))])  # truncated record
+        txn.put(index_key(bad), raw[: int(rng.integers(12, len(raw) - 1))])  # truncated record
+        # cut inside the magic + length + checksum prefix: the magic still reads, the checksum cannot
+        txn.put(index_key(short), txn.get(index_key(short))[: int(rng.integers(5, 12))])
     env.close()
     ds = Dataset(path)
     with pytest.raises(HessforgeError, match=rf"s\.lmdb: record {bad} \(s{bad}\) is corrupt: record checksum"):
         ds[bad]
-    ok = (bad + 1) % len(structures)
+    with pytest.raises(HessforgeError, match=rf"s\.lmdb: record {short} \(s{short}\) is corrupt: record truncated"):
+        ds[short]
+    ok = next(i for i in range(len(structures)) if i not in (bad, short))
     assert np.array_equal(ds[ok].positions, structures[ok].positions)
 
     path2, _ = small_dataset(tmp_path, rng, name="t.lmdb")

@@ -49,12 +49,14 @@ def pack(header: Dict[str, Any], arrays: Dict[str, Optional[np.ndarray]]) -> byt
 
 def unpack(buf: bytes) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     buf = bytes(buf)
-    if len(buf) >= 12 and buf[:4] == MAGIC:
+    if buf[:4] == MAGIC and len(buf) < 12 or buf[:4] == MAGIC_V1 and len(buf) < 8:
+        raise RecordError(f"record truncated inside its {len(buf)}-byte prefix (record checksum cannot be read)")
+    if buf[:4] == MAGIC:
         n, crc = struct.unpack("<II", buf[4:12])
         start = 12
         if zlib.crc32(memoryview(buf)[start:]) != crc:
             raise RecordError("record checksum does not match its bytes (damaged)")
-    elif len(buf) >= 8 and buf[:4] == MAGIC_V1:
+    elif buf[:4] == MAGIC_V1:
         (n,) = struct.unpack("<I", buf[4:8])
         start = 8
     else:

@@ -334,7 +334,7 @@ def test_c_rescale_samples_the_ideal_gas_npt_ensemble(rng):
     """Stochastic cell rescaling samples the isothermal-isobaric ensemble, which Berendsen does not: N free atoms
     (a zero-energy student) under the Langevin thermostat at T and c-rescale at P0 have the volume distribution
     V^N exp(-P0 V / kT), mean (N + 1) kT/P0 and variance (N + 1) (kT/P0)². With N = 8 a wrong drift (an extra
-    kT/V term: N + 2) or a wrong noise shows as > 10 % in the mean or the variance; the estimate's own error,
+    kT/V term: N + 2) shows as 11 % in the mean, a wrong noise in the variance; the estimate's own error,
     192 systems over ~15 relaxation times, is ~1 % (mean) and ~4 % (variance). The coupling (dt/(τ_P B) = 1/200
     per unit of (P - P0)/P0) keeps the drift of a step under the 10 % refusal even where the instantaneous
     pressure of 8 atoms in a small volume is 20 P0 (odds ~1e-9 per sample; at 1/100, 10 P0, ~1e-6: a flaky test)."""
@@ -352,8 +352,10 @@ def test_c_rescale_samples_the_ideal_gas_npt_ensemble(rng):
     volumes = []
     md.step(3500, callback=lambda s: volumes.append(s.volume() / scale))
     late = torch.stack(volumes[500:])
-    assert abs(float(late.mean()) / (n + 1) - 1.0) < 0.03, float(late.mean())
-    assert abs(float(late.var()) / (n + 1) - 1.0) < 0.15, float(late.var())
+    # bounds at ~5 times the estimate's own error (3 % and 15 % were ~3 sigma: about 1 run in 500 failed);
+    # an N + 2 drift still moves the mean 11 % and a wrong noise amplitude the variance by far more than 20 %
+    assert abs(float(late.mean()) / (n + 1) - 1.0) < 0.05, float(late.mean())
+    assert abs(float(late.var()) / (n + 1) - 1.0) < 0.2, float(late.var())
 
 
 def strain_between(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -400,7 +402,10 @@ def test_c_rescale_step_follows_its_stochastic_law(rng, coupling):
         else:
             residuals.append((strain - drift)[:, rows, cols] / variance[:, rows, cols].sqrt())
     z = torch.cat(residuals)  # [60 B, 3 or 6]
-    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05, (float(z.mean()), float(z.std()))
+    draws = z[:, :1] if coupling == "iso" else z  # iso: the three diagonal strains are one draw
+    n = draws.numel()  # bounds at 5 sigma of the mean and std of n unit normals (0.05 was 3.1 sigma for iso)
+    assert abs(float(draws.mean())) < 5 / n**0.5 and abs(float(draws.std()) - 1.0) < 5 / (2 * n) ** 0.5, (
+        float(draws.mean()), float(draws.std()), n)
     if coupling == "iso":
         torch.testing.assert_close(z[:, 1:], z[:, :1].expand(-1, 2), rtol=0, atol=1e-6)
     else:
@@ -721,7 +726,8 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     assert "P mean" in capsys.readouterr().err
     end = ase.io.read(out, ":")
     assert all(np.isfinite(f.info["md_pressure_GPa"]) for f in end)
-    assert not np.allclose(end[0].cell[:], ase.io.read(data, 0).cell[:])
+    # moved at all (np.allclose's 1e-5 called a 4-step move unchanged when the pressure was near the target)
+    assert np.abs(end[0].cell[:] - ase.io.read(data, 0).cell[:]).max() > 1e-9
     for coupling, pressure in (("aniso", "0,0,1.5"), ("tri", "0,0,1.5"), ("tri", "0,0,1.5,0.5,0,-0.5")):
         assert main(["md", model, str(data), "--steps", "2", "--pressure", pressure, "--barostat-coupling", coupling,
                      "--barostat-method", "c-rescale", "--integrator", "langevin", "--temperature", "300", "-o",

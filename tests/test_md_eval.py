@@ -97,8 +97,10 @@ def test_stretched_bond_flags_failure_at_the_right_time():
     assert bond_deviation(np.full((3, 3), np.nan), b) == np.inf
 
 
-def _brute_force_rdf(atoms, r, sigma):
-    """Every pair distance to every periodic image within reach, each smeared by an exact Gaussian."""
+def _brute_force_rdf(atoms, r, sigma, spacing=0.02):
+    """Every pair distance to every periodic image within reach, each smeared by an exact Gaussian centred on
+    its histogram bin's centre (the histogram moves each Gaussian by up to spacing/2 by design; in the tail
+    of a lone close pair that moves g(r) by 5-10 %, which compared with exact centres failed 1 seed in 80)."""
     cell = np.asarray(atoms.cell)
     reach = r[-1] + 5 * sigma
     heights = np.abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
@@ -109,6 +111,7 @@ def _brute_force_rdf(atoms, r, sigma):
     pos = atoms.positions
     d = np.linalg.norm(pos[None, :, None] - pos[:, None, None] + shifts[None, None], axis=-1).ravel()
     d = d[(d > 1e-9) & (d < reach)]
+    d = (np.floor(d / spacing) + 0.5) * spacing
     n = len(atoms)
     rho = n / abs(np.linalg.det(cell))
     smeared = np.exp(-0.5 * ((r[:, None] - d[None]) / sigma) ** 2).sum(axis=1) / (np.sqrt(2 * np.pi) * sigma)

@@ -29,10 +29,11 @@ std::string first_line(const std::string& text) {
 // The line that names the failure in a TorchScript interpreter error: its last non-empty line (the first one
 // only says "The following operation failed in the TorchScript interpreter." before a source traceback).
 std::string failure_line(const std::string& text) {
-  size_t end = text.find_last_not_of(" \n");
+  const size_t end = text.find_last_not_of(" \n");
   if (end == std::string::npos) return text;
-  const size_t start = text.rfind('\n', end);
-  return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
+  const size_t newline = text.rfind('\n', end);
+  const size_t start = newline == std::string::npos ? 0 : newline + 1;
+  return text.substr(start, end + 1 - start);
 }
 
 void check_file(const std::string& path) {

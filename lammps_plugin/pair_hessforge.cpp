@@ -130,11 +130,12 @@ void PairHessforge::coeff(int narg, char **arg)
       error->all(FLERR, "pair_coeff * * {}: atom type {} is NULL; pair_style hessforge needs an element for every "
                         "atom type (NULL types under pair_style hybrid are not supported: use hybrid/overlay)",
                  path, t);
-    if (z == 0)
+    if (z == 0) {
+      const std::string capitalized = utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1);
       error->all(FLERR, "pair_coeff * * {}: '{}' (atom type {}) is not an element symbol{}", path, symbol, t,
-                 hessforge::atomic_number(utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1)) > 0
-                     ? " (symbols are case-sensitive: " + utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1) + "?)"
-                     : std::string());
+                 hessforge::atomic_number(capitalized) > 0
+                     ? " (symbols are case-sensitive: " + capitalized + "?)" : std::string());
+    }
     if (!loaded->knows(z))
       error->all(FLERR, "pair_coeff * * {}: element {} (atom type {}) is not known to the model; it knows:{}",
                  path, symbol, t, known);

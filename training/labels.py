@@ -375,12 +375,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     mine = shard_path(out_dir, rank)
     done = set()
     for path in list_shards(out_dir):
-        if os.path.getsize(path) == 0 or (path != mine and os.path.getsize(path) < 2 * _PAGE):
-            # empty (a run killed right after creating it; this rank's is written below), or another rank
-            # creating its shard right now (LMDB writes its 2 meta pages first)
-            continue
+        if path != mine and os.path.getsize(path) < 2 * _PAGE:
+            continue  # another rank is creating this shard right now (LMDB writes its 2 meta pages first)
         old = _shard_meta(path, lock=True)  # lock: other ranks may be writing their shards right now
-        if old is None:
+        if old is None:  # empty (a run killed right after creating it; this rank's is written below)
             continue
         diff = _diff(old, meta)
         if diff:

@@ -20,6 +20,7 @@ import numpy as np
 
 MAGIC = b"HFR2"
 MAGIC_V1 = b"HFR1"  # no checksum
+_PREFIX_BYTES = {MAGIC: 12, MAGIC_V1: 8}
 # Only plain numeric dtypes may appear in a record (no object arrays, so no code paths through pickle).
 _DTYPES = {"<f8": np.float64, "<f4": np.float32, "<i8": np.int64, "|b1": np.bool_}
 
@@ -49,18 +50,16 @@ def pack(header: Dict[str, Any], arrays: Dict[str, Optional[np.ndarray]]) -> byt
 
 def unpack(buf: bytes) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     buf = bytes(buf)
-    if buf[:4] == MAGIC and len(buf) < 12 or buf[:4] == MAGIC_V1 and len(buf) < 8:
-        raise RecordError(f"record truncated inside its {len(buf)}-byte prefix (record checksum cannot be read)")
+    start = _PREFIX_BYTES.get(buf[:4])  # magic, header length (and checksum)
+    if start is None:
+        raise RecordError("bad record magic (not a hessforge record, or damaged)")
+    if len(buf) < start:
+        raise RecordError(f"record truncated inside its {start}-byte prefix ({len(buf)} bytes)")
+    (n,) = struct.unpack("<I", buf[4:8])
     if buf[:4] == MAGIC:
-        n, crc = struct.unpack("<II", buf[4:12])
-        start = 12
+        (crc,) = struct.unpack("<I", buf[8:12])
         if zlib.crc32(memoryview(buf)[start:]) != crc:
             raise RecordError("record checksum does not match its bytes (damaged)")
-    elif buf[:4] == MAGIC_V1:
-        (n,) = struct.unpack("<I", buf[4:8])
-        start = 8
-    else:
-        raise RecordError("bad record magic (not a hessforge record, or damaged)")
     if start + n > len(buf):
         raise RecordError("record truncated inside its header")
     try:

@@ -198,6 +198,10 @@ def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsy
     assert main(["ingest", str(tmp_path / "bohr.extxyz"), "-o", str(tmp_path / "b2.lmdb"), "--length-unit", "bohr"]) == 0
     assert "warning" not in capsys.readouterr().err
     np.testing.assert_allclose(Dataset(tmp_path / "b2.lmdb")[0].positions, water.positions, atol=1e-9)
+    # the opposite mistake: a file in Å read with --length-unit bohr (O-H 0.51 Å) warns too
+    ase.io.write(tmp_path / "water.extxyz", [water])
+    assert main(["ingest", str(tmp_path / "water.extxyz"), "-o", str(tmp_path / "b3.lmdb"), "--length-unit", "bohr"]) == 0
+    assert "is the file in Å already? --length-unit bohr scaled every length by 0.5292" in capsys.readouterr().err
 
 
 def test_an_explicit_group_key_must_be_in_every_frame(tmp_path, rng, capsys):

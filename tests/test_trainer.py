@@ -191,7 +191,9 @@ def test_config_types_and_ranges_are_checked():
             ("train", {"threads": -1}, "train.threads"), ("data", {"elements": [1, "C"]}, "list of integers"),
             ("train", {"seed": -1}, r"train.seed must be in \[0, 2\*\*32\)"),
             ("data", {"split_seed": 2 ** 32}, "data.split_seed must be in"),
-            ("data", {"elements": [1, 999]}, "atomic numbers"), ("data", {"elements": []}, "non-empty list")):
+            ("data", {"elements": [1, 999]}, "atomic numbers"), ("data", {"elements": []}, "non-empty list"),
+            ("optim", {"lr": float("inf")}, "optim.lr must be a finite number"),
+            ("loss", {"energy": float("inf")}, "loss.energy must be a finite number")):
         values = {**base, section: {**base.get(section, {}), **values}}
         with pytest.raises(HessforgeError, match=pattern):
             config_from_dict(values, where="c.yaml")
@@ -595,3 +597,84 @@ def test_data_parallel_step_equals_one_process():
     assert np.linalg.norm(grad - single) / np.linalg.norm(single) < 1e-12
     for name in ("total", "energy", "forces"):
         assert record[name] == pytest.approx(float(terms[name]), rel=1e-12), name
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_files_and_a_resume_keeps_its_split(labelled, tmp_path):
+    """A run started over (--restart) splits by its own config and leaves none of the earlier run's log,
+    checkpoints or summary (they used to stay: the log held both runs' epochs, and the old best.pt was
+    evaluated on the new split, whose held-out structures it had trained on); one refused during setup changes
+    nothing; resuming on, and evaluating with, an edited split.json are refused (checkpoints record the split)."""
+    import argparse
+
+    from training import evaluate as evaluate_cli
+    from training.data.subsets import split_by_group, split_digest
+    from training.data import Dataset
+
+    out = tmp_path / "run"
+    Trainer(_config(labelled, out, epochs=1)).fit()
+    before = {name: (out / name).read_bytes() for name in ("split.json", "config.yaml", "best.pt", "log.jsonl")}
+    groups = Dataset(labelled[0]).groups()
+    first = split_by_group(groups, (0.6, 0.2, 0.2), seed=0)
+    seed = next(s for s in range(1, 50) if split_by_group(groups, (0.6, 0.2, 0.2), seed=s) != first)
+
+    refused = _config(labelled, out, epochs=1)
+    refused.data.split_seed, refused.model.hidden = seed, 1
+    with pytest.raises(HessforgeError, match="hidden"):
+        Trainer(refused, restart=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    again = _config(labelled, out, epochs=1)
+    again.data.split_seed = seed
+    trainer = Trainer(again, restart=True)
+    assert not (out / "best.pt").exists() and not (out / "log.jsonl").exists()
+    saved = json.loads((out / "split.json").read_text())
+    assert saved["seed"] == seed and saved["splits"] == split_by_group(groups, (0.6, 0.2, 0.2), seed=seed)
+    trainer.fit()
+    assert [r["epoch"] for r in epoch_records(out)] == [1]
+    assert torch.load(out / "best.pt", weights_only=False)["split_sha256"] == split_digest(saved["splits"])
+
+    # an edited split.json: resuming on it and evaluating with it are refused
+    edited = dict(saved, splits=dict(saved["splits"], train=saved["splits"]["train"][1:],
+                                      test=saved["splits"]["test"] + saved["splits"]["train"][:1]))
+    (out / "split.json").write_text(json.dumps(edited))
+    more = _config(labelled, out, epochs=2)
+    more.data.split_seed = seed
+    with pytest.raises(HessforgeError, match="trained on another split than .*split.json holds now"):
+        Trainer(more)
+    parser = argparse.ArgumentParser()
+    evaluate_cli.add_arguments(parser)
+    with pytest.raises(HessforgeError, match="is not the split the model was trained on"):
+        evaluate_cli.run(parser.parse_args([str(out / "best.pt"), labelled[0], "--labels", labelled[1]]))
+
+
+def test_resumed_log_drops_events_after_the_checkpoint(tmp_path):
+    """Records after the checkpoint's step go, events included (they had no step and were always kept, so a
+    λ_KD halving after the last checkpoint was logged twice); step-less events of older logs go by epoch."""
+    from training.trainer import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    records = [{"kind": "step", "epoch": 0, "step": 1}, {"kind": "epoch", "epoch": 1, "step": 1},
+               {"kind": "event", "epoch": 1, "step": 1, "event": "a"}, {"kind": "step", "epoch": 1, "step": 2},
+               {"kind": "event", "epoch": 2, "step": 2, "event": "b"}, {"kind": "event", "epoch": 1, "event": "old"},
+               {"kind": "event", "epoch": 2, "event": "old"}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "st')  # and a line cut by a kill
+    _truncate_log(str(log), step=1, epoch=1)
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert kept == [records[0], records[1], records[2], records[5]]
+
+
+def test_a_second_trainer_leaves_a_running_ones_files_alone(labelled, tmp_path):
+    """A --restart on a directory whose run is still going (its lock held) fails before it removes or
+    rewrites anything of that run."""
+    from training.trainer import _RunLock
+
+    out = tmp_path / "busy"
+    Trainer(_config(labelled, out, epochs=1)).fit()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    running = _RunLock(str(out))
+    try:
+        with pytest.raises(HessforgeError, match="another hessforge train is using this run directory"):
+            Trainer(_config(labelled, out, epochs=1), restart=True)
+    finally:
+        running.release()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before

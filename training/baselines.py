@@ -162,10 +162,15 @@ def _resumable_as(path: str, values: dict) -> bool:
         return False
 
 
-def _wanted(names: Sequence[str], aliases: Dict[str, str], only: Optional[Sequence[str]]) -> set:
-    """The run names --only asks for (aliases resolved); every name must exist."""
+def _wanted(names: Sequence[str], aliases: Dict[str, str], only: Optional[Sequence[str]],
+            skipped: Sequence[dict] = ()) -> set:
+    """The run names --only asks for (aliases resolved); every name must exist (a skipped one: its reason)."""
     if not only:
         return set(names)
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    for name in only:
+        if name in reasons and name not in names:
+            raise HessforgeError(f"--only: run {name} is skipped in this sweep: {reasons[name]}")
     unknown = sorted(set(only) - set(names) - set(aliases))
     if unknown:
         raise HessforgeError(f"--only: no run named {unknown} in this sweep; runs: {', '.join(names)}")
@@ -197,7 +202,7 @@ def write_sweep(base_path: str, out_dir: str, only: Optional[Sequence[str]] = No
                                  f"({values['train']['out']}); use another -o directory or delete that run "
                                  "(more epochs, time and threads may change)")
         planned.append((run, values, path))
-    _wanted([r["name"] for r in runs], aliases, only)  # an unknown --only name before anything is written
+    _wanted([r["name"] for r in runs], aliases, only, skipped)  # an unknown --only name before anything is written
     os.makedirs(out_dir, exist_ok=True)
     entries = []
     for run, values, path in planned:
@@ -216,7 +221,7 @@ def run_sweep(index: dict, only: Optional[Sequence[str]] = None, log=print) -> L
     {name, status (done|skipped|failed), summary or error} per run."""
     from training.trainer import Trainer
 
-    wanted = _wanted([r["name"] for r in index["runs"]], index.get("aliases", {}), only)
+    wanted = _wanted([r["name"] for r in index["runs"]], index.get("aliases", {}), only, index.get("skipped", []))
     results = []
     for run in index["runs"]:
         if run["name"] not in wanted:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -181,6 +182,11 @@ _SECTIONS = {"DataConfig": DataConfig, "ModelConfig": ModelConfig, "LossConfig":
 
 def config_from_dict(values: dict, where: str = "config") -> Config:
     config = _build(Config, values, where, "")
+    for section in dataclasses.fields(config):  # .inf passes every range below and fails only in training
+        for item in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HessforgeError(f"{where}: {section.name}.{item.name} must be a finite number, got {value!r}")
     for section, key, ok, what in _RANGES:
         value = getattr(getattr(config, section), key)
         if not ok(value):

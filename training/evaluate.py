@@ -187,12 +187,17 @@ def table_rows(result: Dict, name: str = "student") -> Dict[str, Dict]:
     return rows
 
 
-def dataset_splits(dataset, split_file: str, split: str) -> Dict[str, List[int]]:
+def dataset_splits(dataset, split_file: str, split: str, trained_on: Optional[str] = None) -> Dict[str, List[int]]:
     """{split: indices} of `split_file` for `dataset`, which must hold `split` (a split of another size: clear
-    error; one made for another path of the same size: a note)."""
-    from training.data.subsets import load_split
+    error; one made for another path of the same size: a note). `trained_on`: the split digest a checkpoint
+    records, which a run's own split.json must match."""
+    from training.data.subsets import load_split, split_digest
 
     splits = load_split(split_file, count=len(dataset))
+    if trained_on is not None and split_digest(splits) != trained_on:
+        raise HessforgeError(f"{split_file} is not the split the model was trained on (rewritten since, by hand or "
+                             "by another run in that directory): its held-out structures may be training data. "
+                             "Pass the model's split with --split-file, or --split all")
     if split not in splits:
         others = [name for name in splits if name != split]
         raise HessforgeError(f"{split_file} has no {split!r} split (it has: {', '.join(others) or 'none'}); "
@@ -210,15 +215,15 @@ def structures_in(dataset, splits: Optional[Dict[str, List[int]]], split: str) -
     return [dataset[i] for i in (range(len(dataset)) if splits is None else splits[split])]
 
 
-def select_structures(dataset, split_file: Optional[str], split: str) -> list:
-    splits = None if split == "all" or split_file is None else dataset_splits(dataset, split_file, split)
+def select_structures(dataset, split_file: Optional[str], split: str, trained_on: Optional[str] = None) -> list:
+    splits = None if split == "all" or split_file is None else dataset_splits(dataset, split_file, split, trained_on)
     return structures_in(dataset, splits, split)
 
 
 def run(args) -> int:
     from training.data import Dataset
 
-    read_checkpoint(args.checkpoint)  # clear error for a missing or foreign file before anything else
+    state = read_checkpoint(args.checkpoint)  # clear error for a missing or foreign file before anything else
     if args.batch_size < 1:
         raise HessforgeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.json_out:
@@ -228,7 +233,9 @@ def run(args) -> int:
     split_file = args.split_file or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "split.json")
     if args.split != "all" and not os.path.exists(split_file):
         raise HessforgeError(f"split file not found: {split_file} (pass --split-file or --split all)")
-    splits = None if args.split == "all" else dataset_splits(dataset, split_file, args.split)
+    # the run's own split.json (no --split-file) must be the one its checkpoint was trained on
+    trained_on = None if args.split_file else state.get("split_sha256")
+    splits = None if args.split == "all" else dataset_splits(dataset, split_file, args.split, trained_on)
     structures = structures_in(dataset, splits, args.split)
     labels = None
     if not args.labels and structures and all(s.energy is None and s.forces is None for s in structures):
@@ -250,6 +257,9 @@ def run(args) -> int:
             offset_structures = val or None
         except HessforgeError:  # no labelled validation structures: fitted on the evaluated ones (said below)
             offset_structures = None
+    if not structures:
+        raise HessforgeError(f"nothing to evaluate: the {args.split} split of {split_file if splits else args.data} "
+                             "is empty; pass another --split (train, val, test or all)")
     result = evaluate(model, structures, labels, args.batch_size, offset_structures, "the validation split")
     if labels is not None:
         result["teacher"] = labels.metadata.get("teacher")  # the report names the teacher row by it

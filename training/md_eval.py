@@ -54,7 +54,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.errors import HessforgeError
-from engine.paths import check_output_file, write_json
+from engine.paths import TORCH_FILE, artifact_kind, check_output_file, write_json
 
 DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
                 bond_tolerance_A=0.5, criterion="auto", rdf_tolerance=0.25, rdf_window_fs=200.0,
@@ -645,6 +645,7 @@ def run(args) -> int:
     import torch
 
     from engine.calculator import Calculator
+    from engine.checkpoint import read_checkpoint
     from training.data import Dataset
     from training.evaluate import select_structures
 
@@ -673,7 +674,10 @@ def run(args) -> int:
         raise HessforgeError(f"no split file for --split {args.split} (pass --split-file or --split all)")
     calc = Calculator(model_file, dtype=args.dtype)
     dataset = Dataset(args.data)
-    chosen = pick_structures(select_structures(dataset, split_file, args.split), args.structures)
+    trained_on = None  # a trainer checkpoint's own split.json (no --split-file) must be the one it trained on
+    if not args.split_file and artifact_kind(model_file) == TORCH_FILE:
+        trained_on = read_checkpoint(model_file).get("split_sha256")
+    chosen = pick_structures(select_structures(dataset, split_file, args.split, trained_on), args.structures)
     if not chosen:
         raise HessforgeError("no structures selected")
     for s in chosen:

@@ -256,6 +256,24 @@ class _Accumulator:
 
 
 
+def _note_undetermined_references(train_structures, val_structures) -> None:
+    """A note when the training compositions do not pin down the per-element reference energies of the
+    validation compositions (e.g. 3 molecules for 4 elements): the validation energies are then off by a
+    composition-dependent constant that no amount of training removes."""
+    from training.reference_energies import offsets_determine
+
+    def compositions(structures):  # one structure's numbers per distinct composition
+        return list({tuple(np.bincount(s.numbers, minlength=119)): s.numbers
+                     for s in structures if s.energy is not None}.values())
+
+    fit, target = compositions(train_structures), compositions(val_structures)
+    if fit and target and not offsets_determine(fit, target):
+        print(f"note: the {len(fit)} distinct training composition(s) do not determine the per-element reference "
+              "energies of every validation composition (fewer independent compositions than elements): "
+              "validation energy errors there include an offset the training data cannot fix; training on more "
+              "molecules (another data.split_seed or data.split_file) fixes it", file=sys.stderr)
+
+
 def _check_resume_config(path: str, old: Optional[dict], new: dict) -> None:
     """A run resumes only under the config it was started with (apart from RESUMABLE_KEYS): resuming with,
     say, another λ_KD or learning rate would silently keep the checkpoint's, and config.yaml would lie."""
@@ -313,9 +331,9 @@ def _check_resume_data(path: str, old: Optional[dict], new: dict) -> None:
                              "original data, or start over with --restart or another train.out")
 
 
-def _truncate_log(path: str, step: int) -> None:
+def _truncate_log(path: str, step: int, epoch: int) -> None:
     """Drop log records after `step` (written by a run killed after its last checkpoint), so the log of a
-    resumed run has each step once."""
+    resumed run has each step once; records without a step (events logged before events had one) by `epoch`."""
     if not os.path.exists(path):
         return
     with open(path) as fh:
@@ -326,7 +344,7 @@ def _truncate_log(path: str, step: int) -> None:
             record = json.loads(line)
         except ValueError:  # a line cut by a kill
             continue
-        if record.get("step", 0) <= step:
+        if (record["step"] <= step) if "step" in record else (record.get("epoch", 0) <= epoch):
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
         with atomic_open(path) as fh:
@@ -356,7 +374,7 @@ class Trainer:
     def __init__(self, config: Config, restart: bool = False):
         from training.data import Dataset
         from training.data.batch import make_loader
-        from training.data.subsets import load_split, save_split, select, split_by_group
+        from training.data.subsets import load_split, select, split_by_group, split_digest
 
         self.config = config
         self.rank, self.world = _distributed()
@@ -383,12 +401,14 @@ class Trainer:
             _check_resume_config(last, resume_state.get("config"), config.to_dict())
             _check_resume_data(last, resume_state.get("data_identity"), self.data_identity)
 
-        # Split by group (molecule), reproducibly; saved so evaluation sees the same test set.
+        # Split by group (molecule), reproducibly; saved so evaluation sees the same test set. A resumed run
+        # keeps the split.json it wrote; a fresh one (--restart, or nothing checkpointed yet) splits by the
+        # config, whatever split.json an earlier run left.
         split_path = os.path.join(self.out, "split.json")
         count = len(self.dataset)
         if config.data.split_file:
             split = load_split(config.data.split_file, count=count, require=("train", "val"))
-        elif os.path.exists(split_path) and not restart:
+        elif resume_state is not None and os.path.exists(split_path):
             split = load_split(split_path, count=count, require=("train", "val"))
         else:
             keep = select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms))
@@ -397,11 +417,12 @@ class Trainer:
                                      f"leave none of the {count} structures of {config.data.path}")
             split = split_by_group(self.dataset.groups(), (config.data.train, config.data.val, config.data.test),
                                    seed=config.data.split_seed, indices=keep)
-        if self.rank == 0:
-            save_split(split_path, split, seed=config.data.split_seed, count=count,
-                       dataset=os.path.abspath(config.data.path))
-            with atomic_open(os.path.join(self.out, "config.yaml")) as fh:
-                yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        self.split, self.split_digest = split, split_digest(split)
+        recorded = (resume_state or {}).get("split_sha256")
+        if recorded is not None and recorded != self.split_digest:
+            raise HessforgeError(f"{last}: this run was trained on another split than "
+                                 f"{config.data.split_file or split_path} holds now; resume with the run's split, or "
+                                 "start over with --restart or another train.out")
         self.train_idx = list(split["train"])
         if config.data.train_limit and config.data.train_limit < len(self.train_idx):
             # a random subset (seeded), not the first indices: those are whole molecules in dataset order
@@ -442,14 +463,16 @@ class Trainer:
                   "(bench/results/materials_si_chgnet_cpu.md)", file=sys.stderr)
         if config.loss.stress > 0:
             self._check_stress_targets(structures)
-        for i in self.val_idx:  # the validation set may hold elements the training set lacks
-            self.model.check_species(self.dataset[i].numbers, where=f"{config.data.path} structure {self.dataset[i].id}")
+        val_structures = [self.dataset[i] for i in self.val_idx]
+        self._check_validation_elements(val_structures, species)
         if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:
             # the teacher's energies and forces set the reference energies and the energy scale, as they are
             # the targets (collate's teacher_fills_missing)
             teacher = [self.labels.get(s.id) for s in structures]
             structures = [dataclasses.replace(s, energy=t.energy, forces=t.forces) for s, t in zip(structures, teacher)]
         refs = fit_reference_energies(structures, species)
+        if self.rank == 0 and not self.val_against_teacher:
+            _note_undetermined_references(structures, val_structures)
         self.model.atom_ref.copy_(torch.as_tensor(refs))
         self.model.energy_scale.fill_(fit_energy_scale(structures))
         self.model.to(self.dtype)
@@ -505,6 +528,45 @@ class Trainer:
                                       shuffle=False, seed=tc.seed, dtype=self.dtype, s=0,
                                       teacher_energy_offsets=self.teacher_energy_offsets) if val_shard else []
         self.log_path = os.path.join(self.out, "log.jsonl")
+        if self.rank == 0:  # only now that every check has passed: a run refused above changes nothing
+            self._write_run_files(fresh=resume_state is None)
+
+    def _write_run_files(self, fresh: bool) -> None:
+        """split.json and config.yaml; a fresh run first removes what an earlier run in this directory left
+        (--restart, or a run stopped before its first checkpoint): its log would mix with this run's, and its
+        best.pt would be evaluated on this run's split."""
+        from training.data.subsets import save_split
+
+        lock = _RunLock(self.out)  # never under a trainer still running in this directory (fit() locks it too)
+        try:
+            if fresh:
+                for name in ("log.jsonl", "summary.json", "best.pt", "last.pt"):
+                    path = os.path.join(self.out, name)
+                    if os.path.exists(path):
+                        os.remove(path)
+            config = self.config
+            save_split(os.path.join(self.out, "split.json"), self.split, seed=config.data.split_seed,
+                       count=len(self.dataset), dataset=os.path.abspath(config.data.path))
+            with atomic_open(os.path.join(self.out, "config.yaml")) as fh:
+                yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        finally:
+            lock.release()
+
+    def _check_validation_elements(self, val_structures, species: List[int]) -> None:
+        """The validation split may hold an element the training split lacks (groups are split whole): the
+        student would have no embedding for it."""
+        from ase.data import chemical_symbols
+
+        known = set(species)
+        for s in val_structures:
+            missing = sorted({int(z) for z in s.numbers} - known)
+            if missing:
+                names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+                raise HessforgeError(
+                    f"{self.config.data.path}: validation structure {s.id!r} holds {names}, which no training "
+                    "structure has (the split assigns whole molecules): the student cannot learn an element it "
+                    "never trains on. Choose another data.split_seed, give the split yourself (data.split_file), "
+                    "or leave the element out (data.elements)")
 
     def _check_stress_targets(self, structures) -> None:
         """loss.stress > 0 needs bulk training structures with a stress: the dataset's or the teacher's."""
@@ -559,6 +621,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "kd_halved": self.kd_halved,
             "lambda_kd": self.weights.hessian, "elapsed": self.elapsed, "history": self.history,
             "teacher_val": self.teacher_val, "config": self.config.to_dict(), "data_identity": self.data_identity,
+            "split_sha256": self.split_digest,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -601,7 +664,7 @@ class Trainer:
         random.setstate(rng["python"])
         if self.rank == 0:
             print(f"resuming from {path} at epoch {self.epoch} (step {self.step})")
-            _truncate_log(os.path.join(self.out, "log.jsonl"), self.step)
+            _truncate_log(os.path.join(self.out, "log.jsonl"), self.step, self.epoch)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
@@ -730,10 +793,11 @@ class Trainer:
                 self.epoch += 1
                 val = self.validate()
                 self.scheduler.step(val["loss_ef"])
+                trained_kd = self.weights.hessian  # the epoch record says what this epoch trained with
                 self._maybe_halve_kd(val)
                 self.elapsed = time.time() - start
                 record = {"kind": "epoch", "epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed,
-                          "lr": self.optimizer.param_groups[0]["lr"], "lambda_kd": self.weights.hessian,
+                          "lr": self.optimizer.param_groups[0]["lr"], "lambda_kd": trained_kd,
                           **train_metrics, **{f"val_{k}": v for k, v in val.items()}}
                 self.history.append(record)
                 self._log(record)
@@ -806,5 +870,5 @@ class Trainer:
                 and self.weights.hessian > 0 and val["loss_ef"] < self.teacher_val["loss_ef"]):
             self.weights.hessian /= 2
             self.kd_halved = True
-            self._log({"kind": "event", "epoch": self.epoch, "event": "lambda_kd_halved",
+            self._log({"kind": "event", "epoch": self.epoch, "step": self.step, "event": "lambda_kd_halved",
                        "lambda_kd": self.weights.hessian})

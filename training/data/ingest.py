@@ -26,24 +26,26 @@ from engine.errors import HessforgeError
 from engine.neighbors import complete_cells
 from engine.paths import ARTIFACT_KINDS, check_output_file, file_sha256
 from training.data.records import Structure
-from training.data.store import DatasetWriter
+from training.data.store import DatasetWriter, stored_magic
 
 # Factors to eV and Å, from ase.units; keys are matched case-insensitively.
 ENERGY_UNITS = {"ev": 1.0, "mev": 1e-3, "hartree": units.Hartree, "ha": units.Hartree, "ry": units.Ry,
                 "kcal/mol": units.kcal / units.mol, "kj/mol": units.kJ / units.mol}
 LENGTH_UNITS = {"å": 1.0, "a": 1.0, "angstrom": 1.0, "bohr": units.Bohr, "nm": 10.0, "pm": 0.01}
 # Stress units to eV/Å³ (the default is the file's energy unit per length unit cubed); VASP writes kbar
+UNIT_NAMES = {"ev": "eV", "mev": "meV", "kj/mol": "kJ/mol", "ry": "Ry", "å": "Å", "gpa": "GPa"}  # as written
 STRESS_UNITS = {"gpa": units.GPa, "kbar": 0.1 * units.GPa, "bar": 1e-4 * units.GPa, "atm": 1.01325e-4 * units.GPa}
 LARGEST_STRESS = 1.0  # eV/Å³ = 160 GPa: beyond any structure a force field is trained on; GPa read as eV/Å³ is
 CLOSEST_ALLOWED = 0.3  # Å: no two nuclei are closer in a real structure; in nm, every bond would be
 BOHR_LIKE_H_DISTANCE = 1.5  # Å: a bonded H's nearest neighbour is 0.7-1.2 Å away; in Bohr it reads ~1.8-2.1
+SHRUNK_H_DISTANCE = 0.65  # Å: below H2's 0.74 Å; Å read as Bohr (x 0.529) puts C-H at 0.58 Å, O-H at 0.51 Å
 
 
 def unit_factor(unit: str, table: Dict[str, float], what: str) -> float:
     try:
         return table[unit.strip().lower()]
     except KeyError:
-        names = sorted({k for k in table if k not in ("a", "ha")})
+        names = sorted({UNIT_NAMES.get(k, k) for k in table if k not in ("a", "ha")}, key=str.lower)
         raise HessforgeError(f"unknown {what} unit {unit!r}; known: {', '.join(names)}") from None
 
 
@@ -277,6 +279,12 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     if os.path.isdir(output_path):
         raise HessforgeError(f"{output_path}: is a directory")
     check_output_file(output_path, "output", inputs=[input_path], may_replace=ARTIFACT_KINDS)  # --overwrite given
+    if os.path.exists(output_path):
+        from training.labels import LABELS_MAGIC
+
+        if stored_magic(output_path) == LABELS_MAGIC:  # --overwrite replaces a dataset, never a teacher's labels
+            raise HessforgeError(f"{output_path}: holds teacher labels (a `hessforge label` shard), not a dataset; "
+                                 "--overwrite replaces datasets only: give another output name")
     stem = os.path.splitext(os.path.basename(input_path))[0]
     extra = {"ingest": {"energy_key": energy_key, "forces_key": forces_key, "group_key": group_key,
                         "id_key": id_key, "format": fmt,
@@ -313,6 +321,11 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
                       "neighbours (median over the molecules; bonded hydrogens: 0.7-1.2 Å): are the lengths in "
                       "Bohr? If so, ingest again with --length-unit bohr (and --energy-unit hartree if the "
                       "energies are atomic units too)", UserWarning, stacklevel=2)
+    if h_distances and length_factor < 1 and np.median(h_distances) < SHRUNK_H_DISTANCE:
+        warnings.warn(f"{input_path}: hydrogen atoms are {np.median(h_distances):.2f} Å from their nearest "
+                      "neighbours after conversion (median over the molecules; bonded hydrogens: 0.7-1.2 Å): "
+                      f"is the file in Å already? --length-unit {length_unit} scaled every length by "
+                      f"{length_factor:.4g}", UserWarning, stacklevel=2)
     return len(writer.ids)
 
 

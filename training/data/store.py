@@ -79,6 +79,22 @@ def open_readonly(path: str, what: str = "dataset", lock: bool = False) -> lmdb.
     return env
 
 
+def stored_magic(path: str) -> Optional[str]:
+    """The magic of a hessforge LMDB file's metadata (a dataset's or a label shard's); None for any other or
+    unreadable file."""
+    try:
+        env = open_readonly(path, "LMDB")
+    except HessforgeError:
+        return None
+    try:
+        meta = read_json_key(env, META_KEY, path, "LMDB")
+    except HessforgeError:
+        return None
+    finally:
+        env.close()
+    return None if meta is None else meta.get("magic")
+
+
 def _short(err: Exception) -> str:
     text = str(err)
     return text.split(": ", 1)[-1] if text.startswith("/") else text

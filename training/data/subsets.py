@@ -5,6 +5,7 @@ is seen in training and scored in validation. Same dataset + fractions + seed ->
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -97,8 +98,10 @@ def split_by_group(groups: Sequence[str], fractions: Sequence[float] = (0.8, 0.1
     needed = sum(f > 0 for f in fractions)
     if len(order) < needed:
         raise HessforgeError(f"cannot split {len(order)} group(s) into {needed} non-empty splits "
-                             f"({dict(zip(names, fractions))}): every split needs a whole group; add structures "
-                             "with more groups, or set a fraction to 0")
+                             f"({dict(zip(names, fractions))}): every split needs a whole group (a molecule: "
+                             "`hessforge ingest --group-key` names them; one molecule's conformers are one group). "
+                             "Ingest with a --group-key that separates the frames, add structures of more groups, "
+                             "give the split yourself (data.split_file), or set a fraction that may be 0 to 0")
     perm = np.random.default_rng(seed).permutation(len(order))
     shuffled = [order[p] for p in perm]
     sizes = np.array([len(members[gname]) for gname in shuffled], dtype=float)
@@ -111,6 +114,13 @@ def save_split(path: str, split: Dict[str, List[int]], **info) -> None:
     """JSON: {"splits": {...}, plus info such as seed, fractions, dataset path and count}."""
     data = {"format": "hessforge-split", "version": 1, **info, "splits": {k: list(map(int, v)) for k, v in split.items()}}
     write_json(path, data, indent=None)
+
+
+def split_digest(split: Dict[str, Sequence[int]]) -> str:
+    """sha256 of a split's indices (each split's in its order), recorded in checkpoints: a run resumes, and is
+    evaluated, on the split it was trained on, whatever split.json holds by then."""
+    canonical = json.dumps({str(k): [int(i) for i in v] for k, v in sorted(split.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def load_split(path: str, count: Optional[int] = None, require: Sequence[str] = ()) -> Dict[str, List[int]]:

@@ -22,7 +22,7 @@ from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.errors import HessforgeError
-from engine.graph import graph_from_atoms, graph_to, recentred
+from engine.graph import graph_from_atoms, graph_to, recentred, resolve_device
 from engine.models import for_inference
 from engine.paths import EXPORTED_MODEL, artifact_kind
 from engine.stress import energy_forces_strain_derivative, voigt
@@ -44,6 +44,9 @@ def load_model(path: str, dtype: Optional[torch.dtype] = torch.float64, use_ema:
         from engine.exported import load_exported
 
         return load_exported(path)
+    if os.path.isfile(path) and artifact_kind(path) is None:  # both kinds are zip archives; a cut one is not
+        raise HessforgeError(f"{path}: not a readable model file, neither a hessforge checkpoint nor an exported "
+                             "model (damaged, truncated, or another kind of file)")
     from engine.checkpoint import load_student
 
     return load_student(path, use_ema=use_ema, dtype=dtype or torch.float64)
@@ -74,9 +77,7 @@ class Calculator(_ASECalculator):
             dtype = DTYPES[dtype]
         if dtype is not None and dtype not in DTYPES.values():
             raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise HessforgeError(f"device {device!r} requested but CUDA is not available")
+        self.device = resolve_device(device)
         if isinstance(model, (str, os.PathLike)):
             model = load_model(os.fspath(model), dtype=dtype)
         for attr in ("cutoff", "species", "check_species"):

@@ -38,8 +38,19 @@ def read_checkpoint(path: str) -> dict:
 def load_student(path: str, use_ema: bool = True, dtype: torch.dtype = torch.float64):
     """The student of a checkpoint, with its EMA weights by default, in eval mode."""
     state = read_checkpoint(path)
-    hp = dict(state["model_hparams"])
-    model = build_student(hp.pop("name"), **hp)
+    hp = state.get("model_hparams")
+    if not isinstance(hp, dict) or "name" not in hp:
+        raise HessforgeError(f"{path}: no model settings (model_hparams with the architecture's name): a damaged "
+                             "checkpoint")
+    hp = dict(hp)
+    name = hp.pop("name")
+    try:
+        model = build_student(name, **hp)
+    except HessforgeError as err:
+        raise HessforgeError(f"{path}: {err}") from None
+    except (TypeError, ValueError) as err:  # a setting this version does not know, or a value of a wrong type
+        raise HessforgeError(f"{path}: its model settings {hp} do not build a {name} student ({err}): a damaged "
+                             "checkpoint, or one from another hessforge version") from None
     key = "ema_model_state" if use_ema and state.get("ema_model_state") is not None else "model_state"
     try:
         model.load_state_dict(state[key])

@@ -89,6 +89,11 @@ class ExportedModel:
         self.direct_forces: bool = self.force_mode == "direct"
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.metadata["dtype"]]
 
+    def __reduce__(self):
+        """Pickled by path (a TorchScript module cannot be pickled): a calculator sent to multiprocessing
+        workers (spawn) loads the file again there."""
+        return (ExportedModel, (self.path,))
+
     def check_species(self, numbers, where: str = "") -> None:
         unknown = set(int(z) for z in torch.as_tensor(numbers).unique().tolist()) - set(self.species)
         if unknown:

@@ -8,6 +8,8 @@ Integrators (one force evaluation per step):
 - "langevin": BAOAB splitting (Leimkuhler & Matthews): half kick, half drift, exact Ornstein-Uhlenbeck
   velocity update v <- c1 v + sqrt((1 - c1²) kT/m) ξ with c1 = exp(-γ dt), half drift, new forces, half kick.
   Friction γ in 1/fs; every atom thermostatted, each system to its own target temperature.
+Constraints: ASE's FixAtoms holds atoms in place (no kick, drift or thermostat noise; 3 degrees of freedom fewer
+each in the temperature, as ASE counts them; not under a barostat); any other constraint is refused.
 
 Pressure (optional, `pressure_GPa`): a barostat, each system to its own target pressure. After a step the
 instantaneous pressure tensor P = (Σ m v⊗v - dE/dε) / V (virial from the strain derivative, engine.stress, plus
@@ -116,6 +118,9 @@ class BatchedMD:
             raise HessforgeError(f"skin must be >= 0 Å, got {skin}")
         if len(atoms_list) == 0:
             raise HessforgeError("empty batch: no systems to integrate")
+        for k, a in enumerate(atoms_list):
+            if len(a) == 0:
+                raise HessforgeError(f"system {k} has no atoms")
         if integrator == "langevin":
             if temperature_K is None:
                 raise HessforgeError("langevin needs a target temperature (temperature_K)")
@@ -152,6 +157,9 @@ class BatchedMD:
                                       dtype=self.dtype, device=self.device)
         self.batch = self._graph.batch
         self.natoms = torch.bincount(self.batch, minlength=self.nsystems)
+        fixed = torch.as_tensor(_fixed_atoms(atoms_list, self.barostat), device=self.device)
+        self.mobile = (~fixed).to(self.dtype)[:, None]  # [N, 1]: 0 where FixAtoms holds an atom in place
+        self.nfixed = torch.bincount(self.batch[fixed], minlength=self.nsystems)
         temps = None if temperature_K is None else self._per_system(temperature_K, "temperature_K")
         self.temperature_K = temps
         if self.barostat:
@@ -166,6 +174,9 @@ class BatchedMD:
         if init_temperature_K is not None:
             self.set_velocities(self._per_system(init_temperature_K, "init_temperature_K"))
         else:  # each system its own momenta; one without momenta is drawn at temperature_K
+            for k, a in enumerate(atoms_list):
+                if not np.isfinite(a.get_momenta()).all():
+                    raise HessforgeError(f"system {k} ({a.get_chemical_formula()}): its momenta hold NaN or Inf")
             momenta = np.concatenate([a.get_momenta() for a in atoms_list])  # amu·Å/ASE-time
             v = momenta / np.concatenate([a.get_masses() for a in atoms_list])[:, None] * units.fs  # Å/fs
             given = torch.as_tensor(v, dtype=self.dtype, device=self.device)
@@ -173,10 +184,11 @@ class BatchedMD:
             if temps is not None and not bool(has.all()):
                 self.set_velocities(temps)
                 given = torch.where(has[self.batch][:, None], given, self.velocities)
-            self.velocities = given
+            self.velocities = given * self.mobile
             self._find_frozen_centres()
         self._ref_positions = None  # positions at the last neighbor-list build (skin > 0)
         self.nsteps = 0
+        self.step_offset = 0  # added to md_step in written frames: a run continued from a file numbers on
         self.neighbor_builds = 0
         self.energy, self.forces = self._evaluate(self.positions)
         if self.barostat:
@@ -273,11 +285,13 @@ class BatchedMD:
         atoms' momenta), which Verlet conserves; the Langevin thermostat moves every atom."""
         p = self._per_system_sum(self.velocities * self.masses[:, None])
         scale = self._per_system_sum(self.masses * self.velocities.norm(dim=1))
-        self._com_frozen = (p.norm(dim=1) <= 1e-6 * scale) & (self.natoms > 1) & (self.integrator == "verlet")
+        self._com_frozen = ((p.norm(dim=1) <= 1e-6 * scale) & (self.natoms > 1) & (self.integrator == "verlet")
+                            & (self.nfixed == 0))  # fixed atoms take up momentum: the centre moves
 
     def set_velocities(self, temperature_K, zero_momentum: bool = True) -> None:
         """Maxwell-Boltzmann velocities at `temperature_K` (scalar or per system), with the centre-of-mass
-        momentum of each system removed (which takes 3 of its 3N degrees of freedom)."""
+        momentum of each system removed (which takes 3 of its 3N degrees of freedom); atoms FixAtoms holds stay
+        at rest (and a system with such atoms keeps its drawn momentum: it is anchored)."""
         t = self._per_system(temperature_K, "temperature")
         kT = (KB * t)[self.batch]
         sigma = torch.sqrt(kT / self.masses) * units.fs  # Å/fs
@@ -285,8 +299,8 @@ class BatchedMD:
         v = noise * sigma[:, None]
         if zero_momentum:
             p, mtot = self._per_system_sum(v * self.masses[:, None]), self._per_system_sum(self.masses)
-            v = v - (p / mtot[:, None])[self.batch]
-        self.velocities = v
+            v = v - (p / mtot[:, None] * (self.nfixed == 0)[:, None])[self.batch]
+        self.velocities = v * self.mobile
         self._find_frozen_centres()
 
     def kinetic_energy(self) -> torch.Tensor:
@@ -295,10 +309,10 @@ class BatchedMD:
         return self._per_system_sum(ke)
 
     def temperature(self) -> torch.Tensor:
-        """[B] K over 3N degrees of freedom per system, 3N - 3 where the centre of mass is frozen (class
-        docstring)."""
-        dof = 3.0 * self.natoms.to(self.dtype) - 3.0 * self._com_frozen.to(self.dtype)
-        return 2.0 * self.kinetic_energy() / (dof * KB)
+        """[B] K over 3N degrees of freedom per system, less 3 where the centre of mass is frozen (class
+        docstring) and 3 per atom FixAtoms holds (as ASE counts them)."""
+        dof = 3.0 * (self.natoms - self.nfixed).to(self.dtype) - 3.0 * self._com_frozen.to(self.dtype)
+        return 2.0 * self.kinetic_energy() / (dof.clamp(min=1.0) * KB)  # no free atom: 0 K, not 0/0
 
     def potential_energy(self) -> torch.Tensor:
         return self.energy
@@ -329,7 +343,7 @@ class BatchedMD:
 
     def to_atoms(self, atoms_list: Sequence) -> List:
         """Copies of `atoms_list` with the current positions and momenta, and the model's results under keys
-        of their own (info md_step, md_system, md_potential_energy in eV, under a barostat md_pressure_GPa,
+        of their own (info md_step (step_offset + steps run), md_system, md_potential_energy in eV, under a barostat md_pressure_GPa,
         md_pressure_tensor_GPa [3, 3] and the current cell; arrays md_forces in eV/Å), which do not collide with
         labels the input carries."""
         out = []
@@ -347,9 +361,10 @@ class BatchedMD:
                 b.set_cell(self._graph.cell[k].detach().double().cpu().numpy())
                 b.info["md_pressure_GPa"] = float(np.trace(tensor[k]) / 3.0)
                 b.info["md_pressure_tensor_GPa"] = tensor[k].copy()
-            b.set_positions(pos[start:start + n])
-            b.set_momenta(vel[start:start + n] * b.get_masses()[:, None])
-            b.info.update(md_step=self.nsteps, md_system=k, md_potential_energy=float(energy[k]))
+            # exactly the integrated state (the atoms' constraints were applied by the integration itself)
+            b.set_positions(pos[start:start + n], apply_constraint=False)
+            b.set_momenta(vel[start:start + n] * b.get_masses()[:, None], apply_constraint=False)
+            b.info.update(md_step=self.step_offset + self.nsteps, md_system=k, md_potential_energy=float(energy[k]))
             b.arrays["md_forces"] = forces[start:start + n].copy()
             out.append(b)
             start += n
@@ -380,9 +395,14 @@ class BatchedMD:
         the cutoff was within cutoff + skin at the build while 2 max|d| <= s (cutoff + skin) - cutoff."""
         moved = (positions - self._ref_positions).square().sum(dim=1).max().sqrt()
         budget = float(self._stretch_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
-        return bool(2.0 * moved > budget)
+        return not bool(2.0 * moved <= budget)  # NaN: expired (never a stale list kept)
 
     def _evaluate(self, positions: torch.Tensor):
+        finite = torch.isfinite(positions).all(dim=1)
+        if not bool(finite.all()):
+            k = int(self.batch[int((~finite).nonzero()[0])])
+            raise HessforgeError(f"non-finite positions at step {self.nsteps} in system {k}: the dynamics blew up "
+                                 "(time step too long, or a model without repulsion at short range)")
         graph = self._graph_at(positions.detach())
         if self.model_dtype != torch.float64:  # small coordinates before the cast: every edge vector unchanged
             graph = graph_to(recentred(graph), self.device, self.model_dtype)
@@ -401,11 +421,11 @@ class BatchedMD:
              interval: int = 1) -> None:
         """`n` steps; `callback(self)` every `interval` steps."""
         dt = self.dt
-        inv_m = (ACCEL / self.masses)[:, None]
+        inv_m = (ACCEL / self.masses)[:, None] * self.mobile  # fixed atoms: no kick, no drift, no noise
         if self.integrator == "langevin":
             c1 = math.exp(-self.friction * dt)
             kT = (KB * self.temperature_K)[self.batch]
-            noise_scale = (torch.sqrt((1.0 - c1 * c1) * kT / self.masses) * units.fs)[:, None]
+            noise_scale = (torch.sqrt((1.0 - c1 * c1) * kT / self.masses) * units.fs)[:, None] * self.mobile
         for _ in range(n):
             if self.barostat:
                 self._scale_systems()
@@ -499,6 +519,27 @@ class BatchedMD:
         if self._ref_positions is not None:
             self._ref_positions = torch.einsum("nab,nb->na", per_atom, self._ref_positions)
             self._stretch_since_build = self._stretch_since_build * torch.linalg.eigvalsh(m)[:, 0]
+
+
+def _fixed_atoms(atoms_list: Sequence, barostat: bool) -> np.ndarray:
+    """[N] bool: the atoms FixAtoms constraints hold in place (a slab's bottom layers); any other ASE constraint
+    is refused rather than ignored, as are fixed atoms under a barostat (the cell would move them)."""
+    from ase.constraints import FixAtoms
+
+    masks = []
+    for k, a in enumerate(atoms_list):
+        mask = np.zeros(len(a), dtype=bool)
+        for c in a.constraints:
+            where = f"system {k} ({a.get_chemical_formula()})"
+            if not isinstance(c, FixAtoms):
+                raise HessforgeError(f"{where}: constraint {type(c).__name__} is not supported by batched MD (FixAtoms "
+                                     "is); run it under ASE's dynamics with engine.Calculator, or remove it")
+            mask[c.get_indices()] = True
+        if barostat and mask.any():
+            raise HessforgeError(f"system {k} ({a.get_chemical_formula()}): fixed atoms (FixAtoms) under a "
+                                 "barostat are not supported: rescaling the cell would move them")
+        masks.append(mask)
+    return np.concatenate(masks)
 
 
 def _symmetric_function(matrix: torch.Tensor, fn) -> torch.Tensor:

@@ -89,8 +89,10 @@ def atomic_path(path: str) -> Iterator[str]:
     writers do not share a temporary file."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    # per process and host: ranks on different nodes of a shared filesystem often have the same pid
-    tmp = os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    # per process and host: ranks on different nodes of a shared filesystem often have the same pid; ending in
+    # the name itself, so a writer that picks its format or compression by extension (ase.io.write to .xyz.gz)
+    # writes what `path` names
+    tmp = os.path.join(folder, f".tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.{name}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -58,7 +58,7 @@ from torch import nn
 from engine.compiled import call_compiled, compile_events, compile_stats, keep_compilation_metrics, own_code
 from engine.errors import HessforgeError
 from engine import paths
-from engine.graph import AtomicGraph, graph_from_atoms, graph_to
+from engine.graph import AtomicGraph, graph_from_atoms, graph_to, resolve_device  # noqa: F401 (re-exported)
 from engine.models import for_inference
 from engine.models.base import NORM_EPS
 
@@ -68,20 +68,6 @@ STUDENT_MODES = ("eager", "compiled", "fused", "compiled+fused", "compiled+trito
 
 def ns_per_day(structures_per_s: float) -> float:
     return structures_per_s * NS_PER_DAY_PER_STEP_PER_S
-
-
-def resolve_device(device: Optional[str] = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise HessforgeError(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise HessforgeError(f"device {device!r}: hessforge runs on cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HessforgeError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def synchronize(device: torch.device) -> None:
@@ -503,11 +489,11 @@ class Timing:
 
     @classmethod
     def from_times(cls, times: List[float], first: float, batch_size: int, atoms: int) -> "Timing":
-        times = sorted(times)
-        mid = len(times) // 2
-        median = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+        ordered = sorted(times)  # times_s keeps the call order: drift over the repeats stays visible
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
         sps = batch_size / median if median > 0 else math.inf
-        return cls(median, times, first, sps, atoms / median if median > 0 else math.inf, ns_per_day(sps))
+        return cls(median, list(times), first, sps, atoms / median if median > 0 else math.inf, ns_per_day(sps))
 
 
 @dataclass

@@ -105,6 +105,12 @@ def test_checkpoint_exported_and_object_agree(tmp_path, rng):
         assert np.isclose(e, results[0][0], atol=1e-9)
         assert np.allclose(f, results[0][1], atol=1e-9)
         assert np.allclose(s, results[0][2], atol=1e-10)
+    # every kind pickles (multiprocessing workers): the exported one by its path
+    import pickle
+
+    for source in (model, str(ckpt), str(exported)):
+        copy = pickle.loads(pickle.dumps(Calculator(source)))
+        assert copy.get_potential_energy(atoms) == pytest.approx(results[0][0], abs=1e-9)
 
 
 def test_ase_md_conserves_energy(rng):
@@ -183,7 +189,8 @@ def test_bad_input(rng, tmp_path):
         Calculator(str(tmp_path / "missing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
-    with pytest.raises(HessforgeError, match="not a readable checkpoint"):
+    with pytest.raises(HessforgeError, match="not a readable model file, neither a hessforge checkpoint nor an "
+                                             "exported model"):
         Calculator(str(junk))
     with pytest.raises(HessforgeError, match="not a hessforge student"):
         Calculator(torch.nn.Linear(2, 2))
@@ -192,6 +199,8 @@ def test_bad_input(rng, tmp_path):
             Calculator(tiny(), dtype=dtype)
     with pytest.raises(HessforgeError, match="dtype torch.float16 is not supported"):
         Calculator(tiny().half(), dtype=None)
+    with pytest.raises(HessforgeError, match=r"unknown device 'cudax' \(cpu, cuda, cuda:N or auto\)"):
+        Calculator(tiny(), device="cudax")  # was torch's own RuntimeError
 
 
 def test_wire_with_zero_nonperiodic_vectors(rng):

@@ -165,6 +165,15 @@ def test_bad_input(rng):
         BatchedMD(model, good, 0.5, integrator="langevin")
     with pytest.raises(HessforgeError, match="timestep"):
         BatchedMD(model, good, -1.0)
+    with pytest.raises(HessforgeError, match="system 1 has no atoms"):
+        BatchedMD(model, [good[0], Atoms()], 0.5)
+    nan_momenta = good[0].copy()
+    momenta = np.zeros((len(nan_momenta), 3))
+    momenta[2, 1] = np.nan
+    nan_momenta.set_momenta(momenta)
+    for skin in (0.0, 0.5):  # with a skin they used to be integrated: the NaN atom dropped out of the list
+        with pytest.raises(HessforgeError, match=r"system 1 \(CH4\): its momenta hold NaN"):
+            BatchedMD(model, [good[0], nan_momenta], 0.5, skin=skin)
     two = perturbed(["CH4", "H2O"], rng)
     for bad_t in (-5.0, float("nan"), float("inf"), [100.0, 200.0, 300.0]):
         with pytest.raises(HessforgeError, match="init_temperature_K must be finite and >= 0 K"):
@@ -221,6 +230,53 @@ def test_verlet_matches_ase_velocity_verlet(rng):
         assert np.allclose(md.positions[start:start + n].numpy(), b.positions, atol=1e-8)
         assert np.allclose(md.velocities[start:start + n].numpy(), b.get_velocities() * units.fs, atol=1e-8)
         start += n
+
+
+def test_fixed_atoms_are_held_as_ases_velocity_verlet_holds_them(rng):
+    """FixAtoms (a slab's frozen layer): the batched integrator follows ASE's VelocityVerlet with the same
+    constraint (it used to ignore it, and the written frames hid that: the constraint put the atoms back), the
+    fixed atoms never move, the temperature counts ASE's degrees of freedom, Langevin leaves them at rest too,
+    the written frames are the integrated state; other constraints, and fixed atoms under a barostat, are
+    refused."""
+    from ase.constraints import FixAtoms, FixBondLength
+    from ase.md.verlet import VelocityVerlet
+
+    from engine.calculator import Calculator
+
+    model = student()
+    atoms = perturbed(["CH3OH", "HCOOH"], rng, momenta=0.3)
+    held = [sorted(rng.choice(len(a), size=2, replace=False).tolist()) for a in atoms]
+    for a, idx in zip(atoms, held):
+        a.set_constraint(FixAtoms(idx))
+    md = BatchedMD(model, atoms, 0.5)
+    md.step(40)
+    frames, start = md.to_atoms(atoms), 0
+    for a, frame, idx in zip(atoms, frames, held):
+        b = a.copy()
+        b.calc = Calculator(model)
+        VelocityVerlet(b, timestep=0.5 * units.fs).run(40)
+        n = len(b)
+        np.testing.assert_allclose(md.positions[start:start + n].numpy(), b.positions, atol=1e-8)
+        np.testing.assert_allclose(md.velocities[start:start + n].numpy(), b.get_velocities() * units.fs, atol=1e-8)
+        np.testing.assert_array_equal(frame.positions[idx], a.positions[idx])
+        assert np.abs(frame.positions - a.positions).max() > 0.01
+        np.testing.assert_array_equal(frame.positions, md.positions[start:start + n].numpy())
+        assert float(md.temperature()[frame.info["md_system"]]) == pytest.approx(b.get_temperature(), rel=1e-6)
+        start += n
+    langevin = BatchedMD(model, atoms, 0.5, integrator="langevin", temperature_K=300.0, init_temperature_K=300.0,
+                         seed=int(rng.integers(1 << 30)))
+    langevin.step(20)
+    for frame, a, idx in zip(langevin.to_atoms(atoms), atoms, held):
+        np.testing.assert_array_equal(frame.positions[idx], a.positions[idx])
+        assert not frame.get_momenta()[idx].any()
+    other = atoms[0].copy()
+    other.set_constraint(FixBondLength(0, 1))
+    with pytest.raises(HessforgeError, match="constraint FixBondLengths is not supported by batched MD"):
+        BatchedMD(model, [other], 0.5)
+    crystal = Atoms("C2", positions=[[0, 0, 0], [1.5, 1.5, 1.5]], cell=[3, 3, 3], pbc=True,
+                    constraint=FixAtoms([0]))
+    with pytest.raises(HessforgeError, match="fixed atoms .* under a barostat are not supported"):
+        BatchedMD(model, [crystal], 0.5, pressure_GPa=0.0)
 
 
 def test_tools_leave_the_callers_model_alone(rng):

@@ -13,7 +13,8 @@ from ase.build import molecule
 from engine.errors import HessforgeError, UnknownElementError
 from engine.models import PaiNN
 from engine.paths import atomic_open, atomic_path, check_distinct_outputs, check_output_file, write_json
-from toy import write_checkpoint
+from toy import HarmonicTeacher, write_checkpoint
+from training.labels import label_dataset
 from training.cli import main
 
 torch.set_num_threads(1)
@@ -171,7 +172,7 @@ def test_unknown_element_error_names_impossible_numbers():
 
 
 def test_md_restarts_from_its_output(files, capsys):
-    """-o keeps the momenta; rerunning from that file continues them (no new velocities) unless
+    """-o keeps the momenta; rerunning from that file continues them (no new velocities, frames numbered on) unless
     --init-temperature asks; the trajectory starts at frame 0 and labels each frame; a data set larger than
     the batch is announced."""
     ckpt, data = files / "ckpt.pt", files / "mols.xyz"
@@ -189,6 +190,7 @@ def test_md_restarts_from_its_output(files, capsys):
     assert main(["md", str(ckpt), str(first), "--batch-size", "2", "--steps", "0", "--seed", "7", "-o", str(again),
                  *common]) == 0
     assert "initial velocities: the momenta in" in capsys.readouterr().err
+    assert [f.info["md_step"] for f in ase.io.read(again, ":")] == [6, 6]  # a continued run numbers on
     for a, b in zip(end, ase.io.read(again, ":")):
         np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), atol=1e-12)
         np.testing.assert_allclose(b.positions, a.positions, atol=1e-12)
@@ -197,6 +199,48 @@ def test_md_restarts_from_its_output(files, capsys):
                  "--init-temperature", "50", *common]) == 0
     assert "drawn at 50 K" in capsys.readouterr().err
     assert not np.allclose(ase.io.read(redrawn, 0).get_momenta(), end[0].get_momenta())
+
+
+def test_md_interrupted_writes_its_output_and_checks_names(files, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) mid-run stops after the step under way and still writes -o, whose frames are that
+    step's consistent state (the restart point used to be lost); outputs not named .xyz/.extxyz, which ASE
+    would read back as another format, and data with an empty structure are refused before the run."""
+    import os
+    import signal
+
+    from engine.calculator import Calculator
+    from engine.md import BatchedMD
+
+    ckpt, data, out = files / "ckpt.pt", files / "mols.xyz", files / "end.xyz"
+    real = BatchedMD._evaluate
+
+    def evaluate(self, positions):
+        if self.nsteps == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, positions)
+
+    monkeypatch.setattr(BatchedMD, "_evaluate", evaluate)
+    assert main(["md", str(ckpt), str(data), "--batch-size", "2", "--steps", "50", "--seed", "1", "-o", str(out),
+                 "--threads", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "SIGTERM after step 5 of 50" in err and f"that step's state is in {out}" in err
+    monkeypatch.setattr(BatchedMD, "_evaluate", real)
+    calc = Calculator(str(ckpt))
+    for frame in ase.io.read(out, ":"):
+        assert frame.info["md_step"] == 5
+        atoms = frame.copy()
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == pytest.approx(frame.info["md_potential_energy"], abs=1e-6)
+        np.testing.assert_allclose(atoms.get_forces(), frame.arrays["md_forces"], atol=1e-6)  # 8-decimal file
+    for name in ("o.traj", "o.cif", "o"):
+        fails(capsys, ["md", ckpt, data, "--steps", "1", "-o", files / name], "name the file .xyz or .extxyz")
+    fails(capsys, ["md", ckpt, data, "--steps", "1", "--trajectory", files / "t.traj"], "writes extended XYZ")
+    assert main(["md", str(ckpt), str(data), "--batch-size", "1", "--steps", "1", "-o", str(files / "o.xyz.gz"),
+                 "--threads", "1"]) == 0
+    assert len(ase.io.read(files / "o.xyz.gz", ":")) == 1
+    ase.io.write(files / "empty.xyz", [molecule("CH4"), Atoms()], format="extxyz")
+    fails(capsys, ["md", ckpt, files / "empty.xyz", "--steps", "1"], "structure 1 has no atoms")
+    fails(capsys, ["bench", ckpt, files / "empty.xyz", "--batch-size", "1", *FAST], "structure 1 has no atoms")
 
 
 def test_ani_bench_refuses_periodic_data(files, capsys):
@@ -244,6 +288,12 @@ def test_outputs_never_replace_datasets_checkpoints_or_models(files, capsys, rng
     assert main(["export", str(other), "-o", str(model)]) == 0  # a new export over the old one
     assert main(["ingest", str(data), "-o", str(other), "--overwrite", "--allow-missing-labels"]) == 0
     assert artifact_kind(str(other)) == LMDB_DATASET
+    # but never a teacher's label shard (an LMDB too)
+    label_dataset(lmdb_path, HarmonicTeacher(), str(files / "labels"), rows=1)
+    shard = files / "labels" / "labels.rank0.lmdb"
+    labels_before = shard.read_bytes()
+    fails(capsys, ["ingest", data, "-o", shard, "--overwrite", "--allow-missing-labels"], "holds teacher labels")
+    assert shard.read_bytes() == labels_before
     fails(capsys, ["export", model, "-o", files / "again.pt"], "is an exported model")  # not a checkpoint
     fails(capsys, ["export", ckpt, "-o", "/proc/no/model.pt"], "")
 
@@ -255,6 +305,17 @@ def test_checkpoint_and_json_faults_are_named(files, capsys):
     state["model_hparams"]["hidden"] = 16
     torch.save(state, files / "mismatch.pt")
     fails(capsys, ["export", files / "mismatch.pt", "-o", files / "m.pt"], "weights do not fit its model settings")
+    # damaged settings: missing, of a wrong type, unknown to this version (were KeyError/TypeError tracebacks)
+    for name, change, message in (("nohp", lambda hp: None, "no model settings"),
+                                  ("noname", lambda hp: {k: v for k, v in hp.items() if k != "name"}, "no model settings"),
+                                  ("type", lambda hp: dict(hp, hidden="abc"), "do not build a painn student"),
+                                  ("newer", lambda hp: dict(hp, gates=2), "another hessforge version"),
+                                  ("mode", lambda hp: dict(hp, force_mode="weird"), "do not build a painn student"),
+                                  ("arch", lambda hp: dict(hp, name="gemnet"), "unknown student architecture 'gemnet'")):
+        state = torch.load(files / "ckpt.pt", weights_only=False)
+        state["model_hparams"] = change(state["model_hparams"])
+        torch.save(state, files / f"{name}.pt")
+        fails(capsys, ["export", files / f"{name}.pt", "-o", files / "m.pt"], message)
     state = torch.load(files / "ckpt.pt", weights_only=False)
     next(v for v in state["model_state"].values() if v.is_floating_point()).fill_(float("nan"))
     state["ema_model_state"] = state["model_state"]

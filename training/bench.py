@@ -90,6 +90,10 @@ def load_structures(spec: str, min_atoms: int = 0) -> list:
             structures.append(atoms)
     else:
         structures = _read_file(spec)
+    empty = [k for k, a in enumerate(structures) if len(a) == 0]
+    if empty:  # nothing to time or integrate: it would count as a structure per second, or divide 0 by 0
+        raise HessforgeError(f"data {spec!r}: structure {empty[0]} has no atoms"
+                             + (f" ({len(empty)} empty structures)" if len(empty) > 1 else ""))
     structures = [a for a in structures if len(a) >= min_atoms]
     if not structures:
         raise HessforgeError(f"data {spec!r}: no structures" + (f" with >= {min_atoms} atoms" if min_atoms else ""))

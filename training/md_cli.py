@@ -4,18 +4,24 @@ rescaling for the NPT ensemble's volume fluctuations). MODEL: a checkpoint,
 an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as for
 `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
-(so a previous run's -o file continues that run), else drawn at --temperature (--init-temperature forces a
-draw for all).
+(so a previous run's -o file continues that run, its frames' md_step numbering on), else drawn at
+--temperature (--init-temperature forces a draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
 with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa, md_pressure_tensor_GPa and the
-cell under --pressure) and arrays md_forces (eV/Å); prints ns/day."""
+cell under --pressure) and arrays md_forces (eV/Å); prints ns/day. Ctrl-C or SIGTERM end the run after the
+step under way, and -o is written all the same (a second one stops at once). Atoms ASE's FixAtoms holds
+(a slab's frozen layers; extxyz keeps the constraint) stay in place."""
 from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
+from typing import Optional
 
+import numpy as np
 from ase import units
 
 from engine.errors import HessforgeError
@@ -70,8 +76,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random stream (default: a fresh one)")
     parser.add_argument("--interval", type=int, default=100,
                         help="report (and trajectory) interval in steps (default 100)")
-    parser.add_argument("--trajectory", default=None, help="extxyz file for frames every --interval steps")
-    parser.add_argument("-o", "--output", default=None, help="extxyz file for the final frames")
+    parser.add_argument("--trajectory", default=None,
+                        help="extxyz file (.xyz, .extxyz, optionally .gz) for frames every --interval steps")
+    parser.add_argument("-o", "--output", default=None,
+                        help="extxyz file (.xyz, .extxyz, optionally .gz) for the final frames (a restart point; "
+                             "also written when the run is interrupted by Ctrl-C or SIGTERM)")
 
 
 def pressure_targets(text: str):
@@ -93,6 +102,17 @@ def pressure_targets(text: str):
                                      f"in GPa, got {text!r}")
 
 
+def check_extxyz_name(path: str, option: str) -> None:
+    """The frames are written as extended XYZ (momenta, cell, constraints and the md_* results ride along);
+    under another extension ASE would read the file back as that format, and fail (a restart from -o)."""
+    name = path.lower()
+    for compression in (".gz", ".bz2", ".xz"):
+        name = name[: -len(compression)] if name.endswith(compression) else name
+    if not name.endswith((".xyz", ".extxyz")):
+        raise HessforgeError(f"{option} {path}: hessforge md writes extended XYZ; name the file .xyz or .extxyz "
+                             "(ASE reads a file by its extension, so a restart from it would fail)")
+
+
 def run(args) -> int:
     import ase.io
 
@@ -105,6 +125,7 @@ def run(args) -> int:
     for option, path in (("--trajectory", args.trajectory), ("-o", args.output)):
         if path:  # before the run: it must not end in a traceback, or overwrite its own inputs
             check_output_file(path, option, inputs=(args.data, args.model))
+            check_extxyz_name(path, option)
     check_distinct_outputs({"--trajectory": args.trajectory, "-o": args.output})
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     structures = load_structures(args.data)
@@ -138,6 +159,11 @@ def run(args) -> int:
                    device=device, dtype=dtype, seed=args.seed, pressure_GPa=args.pressure,
                    barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus,
                    barostat_coupling=args.barostat_coupling, barostat_method=args.barostat_method)
+    earlier = {a.info.get("md_step") for a in atoms}
+    if args.init_temperature is None and moving == len(atoms) and len(earlier) == 1:
+        (step,) = earlier  # every system continues a previous run's -o: its frames number on from there
+        if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step > 0:
+            md.step_offset = int(step)
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()
@@ -160,11 +186,13 @@ def run(args) -> int:
             ase.io.write(args.trajectory, s.to_atoms(atoms), format="extxyz", append=True)
         reporting[0] += time.perf_counter() - entered
 
-    md.step(args.steps, callback=report, interval=args.interval)
+    with _StopRequest() as stop:  # Ctrl-C / SIGTERM end the run at a whole step, and -o is still written
+        while md.nsteps < args.steps and stop.signal is None:
+            md.step(1, callback=report, interval=args.interval)
     elapsed = time.perf_counter() - start - reporting[0]
-    if args.steps:
-        rate = args.steps * md.nsystems / elapsed
-        print(f"{args.steps} steps x {md.nsystems} systems in {elapsed:.1f} s of MD (+ {reporting[0]:.1f} s of "
+    if md.nsteps:
+        rate = md.nsteps * md.nsystems / elapsed
+        print(f"{md.nsteps} steps x {md.nsystems} systems in {elapsed:.1f} s of MD (+ {reporting[0]:.1f} s of "
               f"reports and trajectory): {ns_per_day(rate):.3g} ns/day "
               f"counted at 1 fs per step, {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
               f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
@@ -172,4 +200,31 @@ def run(args) -> int:
         with atomic_path(args.output) as tmp:  # -o may be a restart file: never half-written
             ase.io.write(tmp, md.to_atoms(atoms), format="extxyz")
         print(f"wrote {args.output}", file=sys.stderr)
+    if stop.signal is not None:
+        raise KeyboardInterrupt(f"{stop.signal} after step {md.nsteps} of {args.steps}; "
+                                + (f"that step's state is in {args.output} (continue from it as DATA)" if args.output
+                                   else "nothing saved (no -o)"))
     return 0
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during the run set `signal` (its name), so the loop stops between two steps, where
+    positions, momenta and forces belong together; a second one stops at once."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped mid-step, nothing saved")
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -88,6 +88,9 @@ def wrap_into_cells(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tens
     return positions + torch.einsum("na,nab->nb", offsets, cell_safe[batch]), offsets, cell_safe, inv
 
 
+MIN_CELL_HEIGHT = 0.5  # Å between opposite faces along a periodic direction (simple cubic Po: 3.35 Å)
+
+
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
     """A periodic structure's cell (after complete_cells) must be finite and span a volume."""
     if bool(pbc.any()):
@@ -96,6 +99,13 @@ def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") 
         volume = float(torch.linalg.det(cell.double()).abs())
         if not volume > 1e-8:
             raise HessforgeError(f"{where}: periodic cell has zero volume (cell={cell.tolist()})")
+        heights = cell_heights(cell.double())
+        thin = [a for a in range(3) if bool(pbc[a]) and float(heights[a]) < MIN_CELL_HEIGHT]
+        if thin:  # no crystal is; and every atom would meet (cutoff / height)^3 images of itself
+            a = thin[0]
+            raise HessforgeError(f"{where}: periodic cell is {float(heights[a]):.3g} Å thick along cell vector {a} "
+                                 f"(below {MIN_CELL_HEIGHT} Å, thinner than any crystal: a cell in nm or Bohr, or "
+                                 f"a broken one? cell={cell.tolist()})")
 
 
 def structure_neighbor_list(

@@ -183,6 +183,9 @@ def test_bad_input(rng, tmp_path):
         calc.get_potential_energy(flat)
     with pytest.raises(HessforgeError, match="no atoms"):
         calc.get_potential_energy(Atoms())
+    tiny_cell = Atoms("H", cell=[0.3, 4.0, 4.0], pbc=True)  # gave E = -2e11 eV; at 0.05 Å it never returned
+    with pytest.raises(HessforgeError, match="periodic cell is 0.3 Å thick along cell vector 0"):
+        calc.get_potential_energy(tiny_cell)
     with pytest.raises(PropertyNotImplementedError, match="periodic"):
         calc.get_stress(molecule("CH4"))
     with pytest.raises(HessforgeError, match="not found"):

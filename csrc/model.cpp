@@ -54,8 +54,12 @@ void check_file(const std::string& path) {
 std::string read_metadata_json(const std::string& path) {
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
-    if (!reader.hasRecord(kMetadataRecord))
+    if (!reader.hasRecord(kMetadataRecord)) {
+      if (reader.hasRecord("data.pkl"))  // torch.save's archive: a trainer checkpoint, most likely
+        throw Error(path + ": a PyTorch file (a trainer checkpoint?), not an exported model: export it first with "
+                    "`hessforge export " + path + " -o model.pt`");
       throw Error(path + ": not a hessforge exported model (no hessforge.json metadata inside)");
+    }
     auto record = reader.getRecord(kMetadataRecord);
     const at::DataPtr& data = std::get<0>(record);
     return std::string(static_cast<const char*>(data.get()), std::get<1>(record));
@@ -105,7 +109,11 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
       throw Error(path + ": exported model metadata has an invalid species entry");
     meta.species.push_back(static_cast<int>(z.number));
   }
-  if (!(meta.cutoff > 0)) throw Error(path + ": exported model metadata has a non-positive cutoff");
+  if (!(meta.cutoff > 0 && std::isfinite(meta.cutoff)))
+    throw Error(path + ": exported model metadata has no positive finite cutoff");
+  if (meta.num_layers < 1 || !(meta.interaction_range >= meta.cutoff && std::isfinite(meta.interaction_range)))
+    throw Error(path + ": exported model metadata has invalid num_layers / interaction_range");
+  if (meta.species.empty()) throw Error(path + ": exported model metadata lists no species");
   if (meta.dtype != "float32" && meta.dtype != "float64")
     throw Error(path + ": exported model dtype '" + meta.dtype + "' is not float32 or float64");
   if (meta.force_mode != "gradient" && meta.force_mode != "direct")
@@ -126,11 +134,14 @@ struct Model::Impl {
 Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
   impl_->path = path;
   check_file(path);
+  check_archive(path);  // a flipped byte in a weight record would otherwise load and give wrong energies
   impl_->meta = parse_metadata(read_metadata_json(path), path);
   try {
     impl_->module = torch::jit::load(path, torch::kCPU);
   } catch (const c10::Error& err) {
     throw Error(path + ": cannot load the TorchScript module (" + first_line(err.what_without_backtrace()) + ")");
+  } catch (const std::exception& err) {  // a TorchScript compile error (damaged code record) is not a c10::Error
+    throw Error(path + ": cannot load the TorchScript module (" + first_line(err.what()) + ")");
   }
   impl_->module.eval();
   impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;

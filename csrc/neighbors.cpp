@@ -26,6 +26,8 @@ void cross(const double* a, const double* b, double* out) {
 
 double norm3(const double* a) { return std::sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]); }
 
+constexpr double kMinCellHeight = 0.5;  // Å: engine.neighbors.MIN_CELL_HEIGHT
+
 }  // namespace
 
 NeighborList neighbor_list(const double* x, int64_t n, const double* cell, const bool* pbc, double cutoff) {
@@ -59,6 +61,12 @@ NeighborList neighbor_list(const double* x, int64_t n, const double* cell, const
     for (int ax = 0; ax < 3; ++ax) {
       if (!pbc[ax]) continue;
       const double height = std::fabs(det) / norm3(cols[ax]);
+      if (height < kMinCellHeight) {  // as engine.neighbors.check_cell: no crystal is this thin
+        std::ostringstream msg;
+        msg << "neighbor list: periodic cell is " << height << " Å thick along cell vector " << ax << " (below "
+            << kMinCellHeight << " Å, thinner than any crystal: a cell in nm or Bohr, or a broken one?)";
+        throw Error(msg.str());
+      }
       nrep[ax] = static_cast<int>(std::ceil(cutoff / height));
       pad[ax] = cutoff / height;
     }
@@ -129,9 +137,13 @@ NeighborList neighbor_list(const double* x, int64_t n, const double* cell, const
     }
   int64_t nb[3];
   double width[3];
-  for (int d = 0; d < 3; ++d) nb[d] = std::max<int64_t>(1, static_cast<int64_t>(std::floor((hi[d] - lo[d]) / cutoff)));
   const int64_t max_bins = std::max<int64_t>(64, 2 * npoints);
-  while (nb[0] * nb[1] * nb[2] > max_bins) {
+  for (int d = 0; d < 3; ++d) {  // in double first: a spread of 1e10 Å would overflow the bin counts' product
+    const double span = std::floor((hi[d] - lo[d]) / cutoff);
+    if (!std::isfinite(span)) throw Error("neighbor list: positions contain NaN or Inf");
+    nb[d] = static_cast<int64_t>(std::min(std::max(span, 1.0), static_cast<double>(max_bins)));
+  }
+  while (static_cast<double>(nb[0]) * static_cast<double>(nb[1]) * static_cast<double>(nb[2]) > max_bins) {
     for (int d = 0; d < 3; ++d) nb[d] = std::max<int64_t>(1, nb[d] / 2);
   }
   for (int d = 0; d < 3; ++d) width[d] = (hi[d] - lo[d]) / static_cast<double>(nb[d]);

@@ -271,7 +271,7 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
     check_output_file(path, "export output", may_replace=[EXPORTED_MODEL])
     try:
-        with atomic_path(path) as tmp, quiet_torchscript():
+        with atomic_path(path, same_name=True) as tmp, quiet_torchscript():  # the archive named after the file
             torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
     except (OSError, RuntimeError) as err:  # torch reports an unwritable file as a RuntimeError
         reason = str(err).splitlines()[0].split("strerror: ")[-1] if str(err) else type(err).__name__

@@ -69,6 +69,19 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return check_metadata(metadata, path)
 
 
+def check_archive(path: str) -> None:
+    """Every record of the archive against its stored CRC-32 (torch.jit.load does not check them: a flipped
+    byte in a weight record would load and give wrong energies); the C++ core checks the same (csrc/archive.cpp)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise HessforgeError(f"{path}: damaged model file ({err})") from None
+    if bad is not None:
+        raise HessforgeError(f"{path}: damaged model file (record {bad} fails its CRC-32 check: the file changed "
+                             "after export, e.g. a bad copy or disk; export it again)")
+
+
 class ExportedModel:
     """An exported TorchScript student with the engine's student interface (outputs in float64; a float32
     model computes in float32 from edge vectors formed in float64)."""
@@ -76,6 +89,7 @@ class ExportedModel:
     def __init__(self, path: str):
         self.path = path
         self.metadata = read_metadata(path)
+        check_archive(path)
         try:
             with quiet_torchscript():
                 self.module = torch.jit.load(path, map_location="cpu")

@@ -81,24 +81,32 @@ def check_distinct_outputs(outputs: Dict[str, Optional[str]]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, same_name: bool = False) -> Iterator[str]:
     """Yield a temporary file name beside `path` for a writer that takes a path (torch.save, ase.io.write);
     when the block ends normally the temporary file replaces `path` in one step, so readers (and a later
     resume) see the old file or the complete new one, never half of one. If the block raises (a full disk,
     Ctrl-C), the temporary file is removed and `path` is untouched. The name is per process and host: two
-    writers do not share a temporary file."""
+    writers do not share a temporary file. same_name: the temporary file has `path`'s own name, in a hidden
+    temporary folder beside it (torch.jit.save names the archive's inner folder after the file)."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     # per process and host: ranks on different nodes of a shared filesystem often have the same pid; ending in
     # the name itself, so a writer that picks its format or compression by extension (ase.io.write to .xyz.gz)
     # writes what `path` names
-    tmp = os.path.join(folder, f".tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.{name}")
+    unique = f".tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    if same_name:
+        os.mkdir(os.path.join(folder, unique))
+        tmp = os.path.join(folder, unique, name)
+    else:
+        tmp = os.path.join(folder, f"{unique}.{name}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if same_name:
+            os.rmdir(os.path.join(folder, unique))
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@
 
 #include "atom.h"
 #include "comm.h"
+#include "compute.h"
 #include "error.h"
 #include "fix.h"
 #include "force.h"
@@ -177,11 +178,17 @@ void PairHessforge::init_style()
   if (!model->metadata().virial)
     for (const auto *fix : modify->get_fix_list()) {
       const std::string style = fix->style;
-      for (const char *controls : {"npt", "nph", "box/relax", "press/"})
-        if (style.find(controls) != std::string::npos)
-          error->all(FLERR, "pair_style hessforge: fix {} ({}) controls the pressure, but {} is a direct-force "
-                            "model without a virial; export a gradient-force model for NPT or box relaxation",
-                     fix->id, style, model_path);
+      // by name (npt, nph, box/relax, press/berendsen, press/langevin, deform/pressure, msst, bocs, ...), and
+      // by LAMMPS' convention that a pressure-controlling fix creates its pressure compute as <fix ID>_press
+      bool controls = false;
+      for (const char *name : {"npt", "nph", "box/relax", "press", "msst", "bocs"})
+        controls = controls || style.find(name) != std::string::npos;
+      const Compute *own = modify->get_compute_by_id(std::string(fix->id) + "_press");
+      controls = controls || (own != nullptr && own->pressflag);
+      if (controls)
+        error->all(FLERR, "pair_style hessforge: fix {} ({}) controls the pressure, but {} is a direct-force "
+                          "model without a virial; export a gradient-force model for NPT or box relaxation",
+                   fix->id, style, model_path);
     }
 
   mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : GHOST) : mode_setting;

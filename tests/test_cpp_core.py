@@ -10,7 +10,7 @@ from ase import Atoms
 
 from engine.errors import HessforgeError
 from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_torchscript
-from engine.exported import core_available, load_core, neighbor_list
+from engine.exported import ExportedModel, core_available, load_core, neighbor_list
 from engine.graph import graph_from_atoms
 from engine.neighbors import structure_neighbor_list
 from test_export import CUTOFF, SPECIES, VARIANTS, rel, strain_virial, structures, tiny_painn
@@ -134,6 +134,28 @@ def test_core_errors(tmp_path):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.zeros((3, 3)), [True] * 3)
     with pytest.raises(HessforgeError, match="NaN or Inf"):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.diag([np.inf, 4.0, 4.0]), [True] * 3)
+    pair = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    with pytest.raises(HessforgeError, match="periodic cell is 0.3 Å thick along cell vector 2"):
+        core.compute(pair, [1, 1], np.diag([5.0, 5.0, 0.3]), [True] * 3)  # was E = -1044 eV
+    # atoms 1.5e10 Å apart: the bins' count product overflowed int64 and the core wrote out of bounds
+    far = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0 ** 32 * 3.5 + 1.0, 2.0 ** 32 * 3.5 + 1.0, 1.0]])
+    edges, _ = neighbor_list(far, None, [False] * 3, 3.5)
+    assert sorted(map(tuple, np.asarray(edges).T.tolist())) == [(0, 1), (1, 0)]
+    # a flipped byte in a weight record: PyTorch's reader skips the CRC-32s, so it loaded and gave wrong
+    # energies; the core (and the Python loader) check every record
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 3
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    flipped = tmp_path / "flipped.pt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(HessforgeError, match="damaged model file .*fails its CRC-32 check"):
+        load_core(str(flipped))
+    with pytest.raises(HessforgeError, match="damaged model file .*fails its CRC-32 check"):
+        ExportedModel(str(flipped))
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(bytes(data[: len(data) - 10]))
+    with pytest.raises(HessforgeError, match="damaged model file|not a hessforge exported model"):
+        load_core(str(cut))
 
 
 def test_core_float32_model(tmp_path, rng):

@@ -191,6 +191,10 @@ def test_export_cli_from_checkpoint(tmp_path):
     assert "ghost atoms to 7 Å" in proc.stdout
     meta = read_metadata(str(out))
     assert meta["format_version"] == EXPORT_VERSION
+    import zipfile  # the archive's inner folder is named after the file, not the temporary name it was written as
+
+    assert {name.split("/")[0] for name in zipfile.ZipFile(out).namelist()} == {"model"}
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
     assert meta["species"] == SPECIES and meta["species_symbols"] == ["H", "C", "O"]
     assert meta["cutoff"] == CUTOFF and meta["num_layers"] == 2 and meta["interaction_range"] == 2 * CUTOFF
     assert meta["force_mode"] == "gradient" and meta["virial"] is True and meta["dtype"] == "float64"

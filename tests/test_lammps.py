@@ -323,6 +323,17 @@ def _damaged_copy(path, tmp_path):
     return out
 
 
+def _flipped_copy(path, tmp_path):
+    """The exported file with 64 bytes inverted a third of the way in (a bad copy): PyTorch's reader does not
+    check the records' CRC-32s, so it loaded and gave wrong energies without any error."""
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 3
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    out = tmp_path / "flipped.pt"
+    out.write_bytes(bytes(data))
+    return out
+
+
 def test_sparse_atom_ids_and_reissued_pair_style(tmp_path, models):
     """Atom IDs near 2^31 (left by delete_atoms, fix deposit, other tools) cost what 1..N cost (fold mode
     used an array indexed by ID: 8 GB here, std::bad_alloc under a memory limit); re-issuing pair_style
@@ -356,8 +367,13 @@ def test_bad_input_errors(tmp_path, models):
     with quiet_torchscript():
         torch.jit.save(torch.jit.load(path), newer,
                        _extra_files={METADATA_NAME: json.dumps(dict(meta, format_version=EXPORT_VERSION + 1))})
+    from toy import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "best.pt", tiny_painn())
     cases = [
         ("missing file", header(tmp_path / "nope.pt", ["H", "C", "O"]), "model file not found"),
+        ("a checkpoint", header(checkpoint, ["H", "C", "O"]), "(a trainer checkpoint?), not an exported model: "
+                                                               "export it first with `hessforge export"),
         ("not a model", header(garbage, ["H", "C", "O"]), "not a hessforge exported model"),
         ("newer format", header(newer, ["H", "C", "O"]), f"format version {EXPORT_VERSION + 1} is newer"),
         ("unknown element", header(path, ["H", "N", "O"]), "element N (atom type 2) is not known to the model"),
@@ -379,9 +395,16 @@ def test_bad_input_errors(tmp_path, models):
         ("exclude", header(path, ["H", "C", "O"]) + "neigh_modify exclude type 1 2\n", "neigh_modify exclude"),
         ("direct under npt", header(models["direct"][1], ["H", "C", "O"])
          + "fix p all npt temp 300 300 0.1 iso 0 0 1\n", "controls the pressure, but"),
+        # fixes whose names the first check missed (they ran with a zero virial): by name, and by the
+        # <fix ID>_press compute every pressure-controlling fix creates
+        ("direct under deform/pressure", header(models["direct"][1], ["H", "C", "O"])
+         + "fix p all deform/pressure 1 x pressure 0.0 1e-5\n", "controls the pressure, but"),
+        ("direct under msst", header(models["direct"][1], ["H", "C", "O"])
+         + "fix p all msst z 28.0 q 200 mu 3e2 tscale 0.01\n", "controls the pressure, but"),
+        ("flipped bytes", header(_flipped_copy(path, tmp_path), ["H", "C", "O"]), "fails its CRC-32 check"),
     ]
     for what, script, message in cases:
-        work = tmp_path / what.replace(" ", "_")
+        work = tmp_path / what.replace(" ", "_").replace("/", "_")
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
         nprocs = 2 if "2 ranks" in what else 1

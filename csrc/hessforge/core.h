@@ -18,6 +18,9 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// An exported model file's zip records against their stored CRC-32s (csrc/archive.cpp); Error if damaged.
+void check_archive(const std::string& path);
+
 constexpr int kFormatVersion = 1;  // newest exported-model format this core reads (engine.export.EXPORT_VERSION)
 
 struct Metadata {

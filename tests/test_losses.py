@@ -140,3 +140,39 @@ def test_offsets_determine_only_compositions_in_the_span_of_the_fit():
     assert offsets_determine([ethanol, water, methane], [water, [6, 6, 8, 8] + [1] * 12])  # full rank in C, O, H
     assert not offsets_determine([water, methane], [[7, 1, 1, 1]])  # N never seen
     assert offsets_determine([water, methane, [8, 8, 1, 1]], [[6, 8] + [1] * 4])
+
+
+def test_reference_energies_recover_per_element_energies(rng):
+    """Energies that are exactly Σ_z n_z e_z over random H/C/O compositions give back e_z (the fit feeds
+    every student's atomic reference energies; the trainer absorbs a wrong fit silently)."""
+    from types import SimpleNamespace
+
+    from training.reference_energies import fit_reference_energies
+
+    e = {1: -13.6, 6: -1030.0, 8: -2040.0}
+    structures = []
+    for _ in range(20):
+        numbers = rng.choice([1, 6, 8], size=int(rng.integers(1, 21)))
+        structures.append(SimpleNamespace(numbers=numbers, energy=sum(e[int(z)] for z in numbers)))
+    np.testing.assert_allclose(fit_reference_energies(structures, [1, 6, 8]), [e[1], e[6], e[8]], atol=1e-5)
+
+
+def test_ema_follows_its_warmed_up_decay():
+    """One update moves the shadow by 1 - decay towards the weights, with decay = min(d, (1 + n)/(10 + n)):
+    the averaged weights best.pt holds are this average, not the reverse blend."""
+    from training.ema import ExponentialMovingAverage
+
+    p = torch.zeros(3, requires_grad=True)
+    ema = ExponentialMovingAverage([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()  # n = 1: decay = min(0.5, 2/11)
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 1.0 - 2.0 / 11.0), rtol=1e-12, atol=0.0)
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.update()  # n = 2: decay = min(0.5, 3/12) = 0.25
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), 0.25 * (1.0 - 2.0 / 11.0) + 0.75 * 3.0),
+                               rtol=1e-12, atol=0.0)
+    with ema.average_parameters():
+        assert float(p[0]) == pytest.approx(0.25 * (1.0 - 2.0 / 11.0) + 0.75 * 3.0)
+    assert float(p[0]) == 3.0  # the training weights come back

@@ -124,6 +124,30 @@ class Harmonic(torch.nn.Module):
         return {"energy": energy, "node_energy": e, "forces": -self.k * x}
 
 
+def test_langevin_friction_damps_at_its_rate():
+    """With no force and no noise (0 K) the BAOAB velocity update is v <- exp(-γ dt) v each step: after n steps
+    exactly exp(-γ n dt) of the start (the temperature tests alone pass with a wrong friction rate, since c1
+    sets both the damping and the noise)."""
+    atoms = [Atoms("C" * 8, positions=np.arange(24.0).reshape(8, 3))]
+    md = BatchedMD(Harmonic(k=0.0), atoms, 1.0, integrator="langevin", temperature_K=0.0, friction_per_fs=0.05,
+                   init_temperature_K=300.0, seed=1)
+    v0 = md.velocities.clone()
+    md.step(10)
+    torch.testing.assert_close(md.velocities, v0 * np.exp(-0.05 * 10), rtol=1e-12, atol=0.0)
+
+
+def test_skin_list_is_rebuilt_before_a_pair_can_be_missed():
+    """A pair outside cutoff + skin at the build, whose atoms then move 0.6 Å each toward each other (more
+    than skin/2): the list is rebuilt and the pair is in the graph, as in a fresh list (a rule on the
+    displacement alone, not twice it, kept the stale list and lost the pair)."""
+    model = PaiNN([6], cutoff=3.0, hidden=8, layers=1, num_basis=4).double()
+    pair = Atoms("C2", positions=[[0.0, 0.0, 0.0], [4.05, 0.0, 0.0]])
+    md = BatchedMD(model, [pair], 0.5, skin=1.0)
+    moved = md.positions + torch.tensor([[0.6, 0.0, 0.0], [-0.6, 0.0, 0.0]], dtype=torch.float64)
+    graph = md._graph_at(moved)
+    assert graph.edge_index.shape[1] == 2 and md.neighbor_builds == 2
+
+
 def test_langevin_reaches_target_temperature(rng):
     n, nsys = 32, 4
     targets = torch.tensor([150.0, 300.0, 300.0, 600.0], dtype=torch.float64)

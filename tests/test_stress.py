@@ -217,6 +217,16 @@ def test_ingest_reads_stress_in_its_units(tmp_path, rng):
     for g, w in zip(list(ds)[:4], want):
         np.testing.assert_allclose(g.stress, w, rtol=1e-8, atol=1e-12)
     assert ds[4].stress is None
+    # the same virial frames with lengths in Bohr (virial in eV): stress = -virial / V with V converted to Å³
+    # (a virial scaled as energy/length² instead of energy/length³ was off by a factor of 0.53)
+    for b in virial:
+        b.positions = b.positions / units.Bohr
+        b.cell = b.cell[:] / units.Bohr
+        b.arrays["forces"] = b.arrays["forces"] * units.Bohr  # eV/Bohr
+    ase.io.write(tmp_path / "bohr.extxyz", virial)
+    ingest(tmp_path / "bohr.extxyz", tmp_path / "bohr.lmdb", length_unit="bohr")
+    for g, w in zip(Dataset(tmp_path / "bohr.lmdb"), want):
+        np.testing.assert_allclose(g.stress, w, rtol=1e-7, atol=1e-12)
 
 
 def test_teacher_stress_is_their_strain_derivative(rng, tmp_path):

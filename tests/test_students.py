@@ -206,3 +206,87 @@ def test_float32_students_keep_energies_to_float32_precision_of_the_learned_part
     reloaded = STUDENTS[arch]([1, 6, 7, 8], cutoff=4.0, hidden=16, layers=2, num_basis=8).float()
     reloaded.load_state_dict(m32.state_dict())
     assert torch.equal(reloaded.atom_ref, model.atom_ref)  # the float64 references survive a float32 checkpoint
+
+
+# ------------------------------------------------------------------------- the published equations, atom by atom
+def _pairs_within(positions, cutoff):
+    """[(i, j, r_ij = x_j - x_i, |r_ij|)] for every ordered pair within the cutoff (a molecule: no images); the
+    students' distance is sqrt(|r|² + 1e-8) (engine.models.base.safe_norm: finite gradients at r = 0)."""
+    from engine.models.base import NORM_EPS
+
+    n = positions.shape[0]
+    pairs = [(i, j, positions[j] - positions[i]) for i in range(n) for j in range(n) if i != j]
+    return [(i, j, rij, torch.sqrt(rij.square().sum() + NORM_EPS)) for i, j, rij in pairs
+            if float(rij.norm()) < cutoff]
+
+
+def _radial(model, r):
+    """The students' radial features of one distance: sin(nπr/r_c)/r (n = 1..) and the cosine envelope."""
+    n = torch.arange(1, model.num_basis + 1, dtype=r.dtype)
+    return torch.sin(n * np.pi * r / model.cutoff) / r, 0.5 * (torch.cos(np.pi * r / model.cutoff) + 1.0)
+
+
+def _painn_reference_energy(model, numbers, positions):
+    """PaiNN (Schütt, Unke & Gastegger 2021, eqs. 7-11) written atom by atom with the module's weights: message
+    Δs_i = Σ_j φ_s(s_j) W_s(r_ij), Δv_i = Σ_j v_j φ_vv(s_j) W_vv(r_ij) + φ_vs(s_j) W_vs(r_ij) r_ij/|r_ij|
+    (W = filter(rbf) · envelope); update Δv_i = a_vv U v_i, Δs_i = a_ss + a_sv <U v_i, V v_i>, with
+    (a_vv, a_sv, a_ss) = MLP(s_i, |V v_i|); E = Σ_i readout(s_i) · scale + ref(z_i)."""
+    F = model.hidden
+    index = [model.species.index(int(z)) for z in numbers]
+    s = [model.embedding.weight[k] for k in index]
+    v = [torch.zeros(3, F, dtype=positions.dtype) for _ in index]
+    pairs = _pairs_within(positions, model.cutoff)
+    for message, update in zip(model.messages, model.updates):
+        ds = [torch.zeros(F, dtype=positions.dtype) for _ in index]
+        dv = [torch.zeros(3, F, dtype=positions.dtype) for _ in index]
+        for i, j, rij, r in pairs:
+            rbf, envelope = _radial(model, r)
+            x = message.phi(s[j]) * message.filter(rbf) * envelope
+            x_vv, x_s, x_vs = x[:F], x[F:2 * F], x[2 * F:]
+            ds[i] = ds[i] + x_s
+            dv[i] = dv[i] + v[j] * x_vv + (rij / r)[:, None] * x_vs[None, :]
+        s = [s[i] + ds[i] for i in range(len(index))]
+        v = [v[i] + dv[i] for i in range(len(index))]
+        for i in range(len(index)):
+            uv, vv = update.U(v[i]), update.V(v[i])  # [3, F]: linear maps across features
+            norm = torch.sqrt(vv.square().sum(dim=0) + update.norm_eps)
+            a = update.mlp(torch.cat([s[i], norm]))
+            a_vv, a_sv, a_ss = a[:F], a[F:2 * F], a[2 * F:]
+            v[i] = v[i] + a_vv[None, :] * uv
+            s[i] = s[i] + a_ss + a_sv * (uv * vv).sum(dim=0)
+    return sum(model.readout(s[i])[0] * model.energy_scale + model.atom_ref[index[i]] for i in range(len(index)))
+
+
+def _schnet_reference_energy(model, numbers, positions):
+    """SchNet (Schütt et al. 2018) atom by atom: x_i <- x_i + f2out(Σ_j in2f(x_j) ⊙ filter(rbf(r_ij)) envelope)."""
+    index = [model.species.index(int(z)) for z in numbers]
+    x = [model.embedding.weight[k] for k in index]
+    pairs = _pairs_within(positions, model.cutoff)
+    for block in model.interactions:
+        total = [torch.zeros(model.hidden, dtype=positions.dtype) for _ in index]
+        for i, j, rij, r in pairs:
+            rbf, envelope = _radial(model, r)
+            total[i] = total[i] + block.in2f(x[j]) * block.filter(rbf) * envelope
+        x = [x[i] + block.f2out(total[i]) for i in range(len(index))]
+    return sum(model.readout(x[i])[0] * model.energy_scale + model.atom_ref[index[i]] for i in range(len(index)))
+
+
+@pytest.mark.parametrize("arch", ["painn", "schnet"])
+def test_students_compute_their_published_equations(rng, arch):
+    """Energies and forces equal a plain atom-by-atom implementation of the architecture's equations with the
+    same weights (3 layers: PaiNN's vector features are zero in the first). Properties alone (symmetries, finite
+    differences, batching, TorchScript) hold for a wrong message index or a dropped update term too."""
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    model = STUDENTS[arch](SPECIES, cutoff=4.0, hidden=8, layers=3, num_basis=6).double()
+    with torch.no_grad():
+        model.energy_scale.fill_(0.7)
+        model.atom_ref.copy_(torch.as_tensor(rng.normal(size=len(SPECIES))))
+    atoms = Atoms(numbers=rng.choice(SPECIES, size=5), positions=rng.uniform(-1.5, 1.5, size=(5, 3)))
+    out = model(graph_from_atoms([atoms], model.cutoff, torch.float64), compute_forces=True)
+    positions = torch.tensor(atoms.positions, dtype=torch.float64, requires_grad=True)
+    reference = {"painn": _painn_reference_energy, "schnet": _schnet_reference_energy}[arch]
+    energy = reference(model, atoms.numbers, positions)
+    (grad,) = torch.autograd.grad(energy, positions)
+    assert float(out["energy"][0]) == pytest.approx(float(energy), rel=1e-10, abs=1e-10)
+    torch.testing.assert_close(out["forces"].detach(), -grad, rtol=1e-9, atol=1e-10)
+    assert float(grad.abs().max()) > 1e-3  # the forces compared are not all zero

@@ -291,7 +291,8 @@ class BatchedMD:
     def set_velocities(self, temperature_K, zero_momentum: bool = True) -> None:
         """Maxwell-Boltzmann velocities at `temperature_K` (scalar or per system), with the centre-of-mass
         momentum of each system removed (which takes 3 of its 3N degrees of freedom); atoms FixAtoms holds stay
-        at rest (and a system with such atoms keeps its drawn momentum: it is anchored)."""
+        at rest (and a system with such atoms keeps its drawn momentum: it is anchored), and so does a system of
+        one atom (removing its momentum would leave it at rest, at 0 K)."""
         t = self._per_system(temperature_K, "temperature")
         kT = (KB * t)[self.batch]
         sigma = torch.sqrt(kT / self.masses) * units.fs  # Å/fs
@@ -299,7 +300,8 @@ class BatchedMD:
         v = noise * sigma[:, None]
         if zero_momentum:
             p, mtot = self._per_system_sum(v * self.masses[:, None]), self._per_system_sum(self.masses)
-            v = v - (p / mtot[:, None] * (self.nfixed == 0)[:, None])[self.batch]
+            remove = (self.nfixed == 0) & (self.natoms > 1)  # a lone atom keeps its draw (else it is at rest)
+            v = v - (p / mtot[:, None] * remove[:, None])[self.batch]
         self.velocities = v * self.mobile
         self._find_frozen_centres()
 

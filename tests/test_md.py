@@ -231,6 +231,10 @@ def test_reported_temperature_of_drawn_velocities(rng):
     langevin = BatchedMD(Harmonic(), [Atoms("C3", positions=w.positions) for w in waters], 0.5,
                          integrator="langevin", temperature_K=300.0, init_temperature_K=300.0, seed=seed)
     torch.testing.assert_close(langevin.temperature(), t * 6.0 / 9.0)
+    # one atom: its drawn velocity is kept (removing the centre-of-mass motion left it at rest, at 0 K)
+    lone = BatchedMD(Harmonic(), [Atoms("C", positions=[[0.1, 0.0, 0.0]]) for _ in range(400)], 0.5,
+                     init_temperature_K=300.0, seed=seed)
+    assert abs(float(lone.temperature().mean()) - 300.0) < 45.0  # 3 dof each: std 245 K / sqrt(400) = 12 K
 
 
 def test_verlet_matches_ase_velocity_verlet(rng):

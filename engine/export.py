@@ -47,7 +47,7 @@ from torch import nn
 
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
-from engine.paths import EXPORTED_MODEL, atomic_path, check_output_file
+from engine.paths import EXPORTED_MODEL, artifact_kind, atomic_path, check_output_file
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -270,6 +270,11 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
     except Exception as err:
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
     check_output_file(path, "export output", may_replace=[EXPORTED_MODEL])
+    if os.path.isfile(path) and os.path.getsize(path) > 0 and artifact_kind(path) != EXPORTED_MODEL:
+        # an export replaces an older export only: any other file there (a structure file, a script, a log)
+        # is more likely a mistyped -o than something to destroy
+        raise HessforgeError(f"export output {path}: that file exists and is not an exported model; writing it "
+                             "would destroy it. Give another file name (or move the file away first)")
     try:
         with atomic_path(path, same_name=True) as tmp, quiet_torchscript():  # the archive named after the file
             torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})

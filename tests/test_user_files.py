@@ -279,6 +279,7 @@ def test_outputs_never_replace_datasets_checkpoints_or_models(files, capsys, rng
     assert list(kinds.values()) == [LMDB_DATASET, TORCH_FILE, EXPORTED_MODEL, None]
     before = {p: open(p, "rb").read() for p in kinds}
     fails(capsys, ["export", ckpt, "-o", lmdb_path], "is an LMDB dataset")
+    fails(capsys, ["export", ckpt, "-o", data], "exists and is not an exported model")  # the structure file
     fails(capsys, ["export", ckpt, "-o", other], "is a PyTorch file")
     fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "1", "-o", lmdb_path], "is an LMDB dataset")
     fails(capsys, ["md", ckpt, data, "--batch-size", "2", "--steps", "1", "--trajectory", model],

@@ -99,6 +99,37 @@ def test_geometry_digest_recorded_at_ingest_equals_a_read_through(tmp_path, rng)
     assert other.ids() == ds.ids() and other.geometry_digest() != recorded
 
 
+def test_setting_digest_covers_cell_pbc_and_charge(tmp_path, rng):
+    """setting_sha256 (what labels are also checked against) is recorded at write time, equals a read-through,
+    and changes with a cell, a pbc flag or a total charge while the geometry digest does not."""
+    frames = random_frames(rng)
+    for a in frames:
+        a.info["charge"] = 0
+    src = tmp_path / "mols.extxyz"
+
+    def digests(name):
+        ase.io.write(src, frames)
+        ingest(src, tmp_path / name)
+        ds = Dataset(tmp_path / name)
+        recorded = ds.metadata["setting_sha256"]
+        del ds.metadata["setting_sha256"], ds.metadata["geometry_sha256"]
+        assert ds.setting_digest() == recorded
+        return ds.geometry_digest(), recorded
+
+    geometry, setting = digests("a.lmdb")
+    i = int(rng.integers(len(frames)))
+    frames[i].info["charge"] = 1
+    g_charge, s_charge = digests("charge.lmdb")
+    frames[i].info["charge"] = 0
+    frames[i].pbc = True
+    frames[i].set_cell(np.diag(rng.uniform(20.0, 30.0, size=3)))
+    g_cell, s_cell = digests("cell.lmdb")
+    frames[i].set_cell(frames[i].cell * 1.01)
+    g_cell2, s_cell2 = digests("cell2.lmdb")
+    assert geometry == g_charge == g_cell == g_cell2
+    assert len({setting, s_charge, s_cell, s_cell2}) == 4
+
+
 def brute_force_closest(positions, cell, pbc, reach=2):
     """(pairs, d): the smallest distance between two atoms or an atom and an image (lattice translations up to
     `reach`) and every pair (i <= j) at it to 1e-9 Å (an atom and its own image tie across all atoms)."""

@@ -11,7 +11,7 @@ import pytest
 from engine.errors import HessforgeError
 from training.data.records import Structure
 from training.data.store import Dataset, shared_reader, write_dataset
-from training.labels import LabelStore, label_dataset, list_shards, sample_rows
+from training.labels import LabelStore, check_labels_match, label_dataset, list_shards, sample_rows
 from toy import HarmonicTeacher, harmonic
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -171,6 +171,17 @@ def test_refuses_to_resume_with_other_settings(tmp_path, rng):
     write_dataset(str(tmp_path / "moved.lmdb"), moved)
     with pytest.raises(HessforgeError, match="source_geometry_sha256"):
         label_dataset(str(tmp_path / "moved.lmdb"), Harmonic(), tmp_path / "lab", rows=3, seed=0)
+    # the same atoms and positions in a periodic cell (a lattice corrected on re-ingest): refused too
+    boxed = [Structure(id=s.id, group=s.group, numbers=s.numbers, positions=s.positions, cell=np.eye(3) * 30.0,
+                       pbc=True, energy=0.0, forces=np.zeros_like(s.positions)) for s in Dataset(path)]
+    write_dataset(str(tmp_path / "boxed.lmdb"), boxed)
+    with pytest.raises(HessforgeError, match="source_setting_sha256"):
+        label_dataset(str(tmp_path / "boxed.lmdb"), Harmonic(), tmp_path / "lab", rows=3, seed=0)
+    with pytest.raises(HessforgeError, match="other cells, periodic boundary conditions or total charges"):
+        check_labels_match(LabelStore(tmp_path / "lab"), Dataset(str(tmp_path / "boxed.lmdb")))
+    store = LabelStore(tmp_path / "lab")  # labels from before the setting digest was recorded: not checked by it
+    del store.metadata["source_setting_sha256"]
+    check_labels_match(store, Dataset(str(tmp_path / "boxed.lmdb")))
     with pytest.raises(HessforgeError, match="limit must be a positive number"):
         label_dataset(path, Harmonic(), tmp_path / "lab", rows=3, seed=0, limit=0)
     assert len(LabelStore(tmp_path / "lab")) == 4
@@ -340,3 +351,28 @@ def test_a_teacher_file_under_another_path_spelling_is_the_same_teacher():
     assert _diff(a, b) == ""
     assert "teacher_file_sha256" in _diff(a, dict(b, teacher_file_sha256="y"))
     assert "k (2 vs 3)" in _diff(a, dict(b, k=3))
+
+
+def test_structure_charge_reaches_the_teacher_and_neutral_teachers_refuse_it(tmp_path, rng):
+    """A charged structure's info['charge'] goes to the teacher (SO3LR reads it); a teacher that models neutral
+    structures only refuses it by name instead of labelling it as the neutral molecule."""
+    charge = int(rng.integers(1, 3)) * int(rng.choice([-1, 1]))
+    s = Structure(id="ion", group="ion", numbers=[8, 1], positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 0.97]],
+                  energy=0.0, forces=np.zeros((2, 3)), info={"charge": charge})
+    path = str(tmp_path / "d.lmdb")
+    write_dataset(path, [s])
+
+    class ChargeAware(Harmonic):
+        takes_charge = True
+
+        def compute(self, atoms, rows=None):
+            self.seen = atoms.info.get("charge")
+            return super().compute(atoms, rows)
+
+    aware = ChargeAware()
+    label_dataset(path, aware, tmp_path / "ok", rows=2)
+    assert aware.seen == charge
+    neutral = Harmonic()
+    with pytest.raises(HessforgeError, match=f"structure ion: total charge {charge}.*neutral structures only"):
+        label_dataset(path, neutral, tmp_path / "refused", rows=2)
+    assert neutral.calls == 0

@@ -678,3 +678,30 @@ def test_a_second_trainer_leaves_a_running_ones_files_alone(labelled, tmp_path):
     finally:
         running.release()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_resume_data_check_covers_cells_and_charges_and_accepts_older_checkpoints(tmp_path, rng):
+    """A run resumes only on data with the same cells/pbc/charges (setting_sha256); a checkpoint written before
+    that digest was recorded is checked by the rest alone."""
+    from training.data.records import Structure
+    from training.data.store import Dataset, write_dataset
+    from training.trainer import _check_resume_data, _data_identity
+
+    def dataset(name, cell):
+        natoms = int(rng.integers(2, 6))
+        s = Structure(id="a", group="a", numbers=np.full(natoms, 6), positions=np.arange(3 * natoms).reshape(-1, 3),
+                      cell=np.zeros((3, 3)) if cell is None else cell, pbc=cell is not None, energy=0.0, forces=np.zeros((natoms, 3)))
+        write_dataset(str(tmp_path / name), [s])
+        return Dataset(str(tmp_path / name))
+
+    rng = np.random.default_rng(int(rng.integers(1 << 30)))
+    state = rng.bit_generator.state
+    vacuum = _data_identity(dataset("v.lmdb", None), None)
+    rng.bit_generator.state = state  # the same atoms and positions, now in a box
+    boxed = _data_identity(dataset("b.lmdb", np.eye(3) * 20.0), None)
+    assert vacuum["dataset"]["geometry_sha256"] == boxed["dataset"]["geometry_sha256"]
+    _check_resume_data("ckpt", vacuum, vacuum)
+    with pytest.raises(HessforgeError, match="started on other data: the dataset"):
+        _check_resume_data("ckpt", vacuum, boxed)
+    older = {"dataset": {k: v for k, v in vacuum["dataset"].items() if k != "setting_sha256"}, "labels": None}
+    _check_resume_data("ckpt", older, boxed)

@@ -39,9 +39,10 @@ LABELS_VERSION = 2  # 2: records carry a CRC-32 (records.py); version 1 labels a
 SHARD_RE = re.compile(r"^labels\.rank(\d+)\.lmdb$")
 # Fields that must agree for a rerun to resume into an existing labels directory.
 COMPAT_KEYS = ("teacher", "teacher_spec", "teacher_file_sha256", "mode", "k", "seed", "dtype", "source_count",
-               "source_ids_sha256", "source_geometry_sha256", "features", "element_embeddings")
+               "source_ids_sha256", "source_geometry_sha256", "source_setting_sha256", "features",
+               "element_embeddings")
 # Keys that labels written by older versions lack: a missing value is not a difference.
-RECORDED_LATER = ("teacher_spec", "teacher_file_sha256", "source_geometry_sha256")
+RECORDED_LATER = ("teacher_spec", "teacher_file_sha256", "source_geometry_sha256", "source_setting_sha256")
 
 
 def shard_path(directory: str, rank: int) -> str:
@@ -243,13 +244,19 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     structure of `ids` is labelled: fail before training or evaluating, not at the batch that misses one."""
     meta = store.metadata
     count, digest = meta.get("source_count"), meta.get("source_ids_sha256")
-    geometry = meta.get("source_geometry_sha256")  # labels made before it was recorded: not checked
+    # labels made before these digests were recorded: not checked by them
+    geometry, setting = meta.get("source_geometry_sha256"), meta.get("source_setting_sha256")
     if count is not None and (count != len(dataset) or digest != _ids_digest(dataset.ids())
                               or (geometry is not None and geometry != dataset.geometry_digest())):
         raise HessforgeError(
             f"{store.directory}: labels were made for another dataset ({meta.get('source')}, {count} structures; "
             f"this is {dataset.path}, {len(dataset)} structures, or the same count with other ids or geometries); "
             "label this dataset with `hessforge label`")
+    if count is not None and setting is not None and setting != dataset.setting_digest():
+        raise HessforgeError(
+            f"{store.directory}: labels were made for {meta.get('source')} with other cells, periodic boundary "
+            f"conditions or total charges than {dataset.path} has now (the same atoms and positions): the teacher's "
+            "values depend on them; label this dataset again with `hessforge label`")
     labelled = set(store.ids())
     missing = [i for i in ids if i not in labelled]
     if missing:
@@ -367,7 +374,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "mode": "full" if k is None else "rows", "k": k, "seed": int(seed),
             "dtype": dtype, "units": {"energy": "eV", "forces": "eV/Å", "hessian": "eV/Å²", "stress": "eV/Å³"},
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
-            "source_geometry_sha256": ds.geometry_digest(),
+            "source_geometry_sha256": ds.geometry_digest(), "source_setting_sha256": ds.setting_digest(),
             "features": features_meta, "element_embeddings": embeddings_meta,
             "rank": rank, "world_size": world_size, "created": creation_info()}
     check_output_dir(out_dir, "labels -o")
@@ -409,13 +416,17 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
         for i in tqdm(todo, desc=f"label rank {rank}", unit="structure", disable=not progress):
             s = ds[i]
             want = sample_rows(s.id, s.natoms, k, seed)
-            out = teacher.compute(s.to_atoms(), want)
+            atoms = s.to_atoms()
+            check_charge = getattr(teacher, "check_charge", None)  # duck-typed teachers (API) have none
+            if check_charge is not None:
+                check_charge(atoms, f"{ds.path}: structure {s.id}")
+            out = teacher.compute(atoms, want)
             energy, forces, h, stress = _check_output(out, s.id, s.natoms, want, getattr(teacher, "name", "?"))
             # float32 Hessian rows by default: half the storage of float64 (full Hessians grow as 9N²), and
             # their ~1e-7 relative rounding is far below any student's Hessian error.
             feats = None
             if features_meta is not None:
-                feats = _check_features(feature_fn(s.to_atoms()), s.id, s.natoms, tname, features_meta["dim"])
+                feats = _check_features(feature_fn(atoms), s.id, s.natoms, tname, features_meta["dim"])
             rec = LabelRecord(s.id, energy, forces, want, h.astype(np_dtype), feats, stress)
             writer.put_many([(s.id.encode(), rec.to_bytes())], overwrite=False)  # one commit per structure
     finally:

@@ -294,7 +294,8 @@ def _data_identity(dataset, labels) -> dict:
     from training.labels import COMPAT_KEYS, _ids_digest
 
     ids = _ids_digest(dataset.ids())
-    identity = {"dataset": {"count": len(dataset), "ids_sha256": ids, "geometry_sha256": dataset.geometry_digest()},
+    identity = {"dataset": {"count": len(dataset), "ids_sha256": ids, "geometry_sha256": dataset.geometry_digest(),
+                            "setting_sha256": dataset.setting_digest()},
                 "labels": None}
     if labels is not None:
         identity["labels"] = {k: labels.metadata.get(k) for k in COMPAT_KEYS}
@@ -314,9 +315,10 @@ def _check_resume_data(path: str, old: Optional[dict], new: dict) -> None:
     if not old:
         return
     changed = []
-    if old.get("dataset") != new["dataset"]:
+    old_data = old.get("dataset") or {}
+    if any(old_data.get(k) != v for k, v in new["dataset"].items() if k in old_data or k != "setting_sha256"):
         changed.append(f"the dataset ({old['dataset'].get('count')} structures then, {new['dataset']['count']} now, "
-                       "or other ids or geometries)")
+                       "or other ids, geometries, cells or charges)")
     old_labels, new_labels = old.get("labels"), new["labels"]
     if (old_labels is None) != (new_labels is None):
         changed.append("teacher labels " + ("added" if old_labels is None else "removed"))

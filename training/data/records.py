@@ -112,7 +112,7 @@ class Structure:
         self.numbers = np.asarray(self.numbers, dtype=np.int64).reshape(-1)
         self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
         self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3)
-        self.pbc = np.asarray(self.pbc, dtype=bool).reshape(3)
+        self.pbc = np.array(np.broadcast_to(np.asarray(self.pbc, dtype=bool), (3,)))  # pbc=True as in ASE
         if self.forces is not None:
             self.forces = np.asarray(self.forces, dtype=np.float64).reshape(-1, 3)
         if self.energy is not None:
@@ -146,7 +146,9 @@ class Structure:
         return s
 
     def to_atoms(self):
-        """An `ase.Atoms` (no calculator attached): what teachers take."""
+        """An `ase.Atoms` (no calculator attached): what teachers take. Carries the structure's info (its total
+        charge, atoms.info["charge"], is what a charge-aware teacher such as SO3LR reads)."""
         from ase import Atoms
 
-        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc,
+                     info=dict(self.info))

@@ -2,7 +2,8 @@
 
 Layout (all keys bytes):
   b"__hessforge_meta__"   JSON: magic, format version, count, source, units, creation info, and
-                          geometry_sha256 (GeometryDigest of all structures, computed once while writing)
+                          geometry_sha256 and setting_sha256 (GeometryDigest of all structures: numbers and
+                          positions; cells, pbc and charges; computed once while writing)
   b"__hessforge_index__"  JSON: ids, groups, natoms, elements of every structure (splits and subsets read
                           this alone instead of decoding every record)
   b"i" + uint64 BE index  packed Structure record (records.py)
@@ -186,19 +187,36 @@ def release_reader(path: str) -> None:
         entry[1].close()
 
 
+def _charge_text(charge) -> str:
+    """The same text for a charge before and after the record's JSON round trip (np.int64(1), 1 and 1.0)."""
+    try:
+        return repr(float(charge))
+    except (TypeError, ValueError):
+        return repr(charge)
+
+
 class GeometryDigest:
     """SHA-256 over structures' atomic numbers and positions (rounded to 1e-5 Å), in order: what labels are
-    checked against, so that labels of another dataset with the same ids and count are refused."""
+    checked against, so that labels of another dataset with the same ids and count are refused. A second digest,
+    `setting_hexdigest`, covers what else a teacher's labels depend on: cell (1e-5 Å), pbc and total charge
+    (kept apart so that datasets and labels recorded before it still match by geometry)."""
 
     def __init__(self):
         self._hash = hashlib.sha256()
+        self._setting = hashlib.sha256()
 
     def update(self, s: Structure) -> None:
         self._hash.update(np.ascontiguousarray(s.numbers, dtype=np.int64).tobytes())
         self._hash.update(np.ascontiguousarray(np.round(np.asarray(s.positions, dtype=np.float64), 5)).tobytes())
+        self._setting.update(np.ascontiguousarray(np.round(np.asarray(s.cell, dtype=np.float64), 5)).tobytes())
+        self._setting.update(np.ascontiguousarray(s.pbc, dtype=np.uint8).tobytes())
+        self._setting.update(_charge_text(s.info.get("charge", 0)).encode() + b"\0")
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+    def setting_hexdigest(self) -> str:
+        return self._setting.hexdigest()
 
 
 class Dataset:
@@ -264,13 +282,21 @@ class Dataset:
     def geometry_digest(self) -> str:
         """GeometryDigest of all structures: recorded by the writer (datasets written before it was recorded
         are read through once, and the result kept for this object)."""
-        digest = self.metadata.get("geometry_sha256")
-        if not isinstance(digest, str):
-            d = GeometryDigest()
-            for s in self:
-                d.update(s)
-            digest = self.metadata["geometry_sha256"] = d.hexdigest()
-        return digest
+        if not isinstance(self.metadata.get("geometry_sha256"), str):
+            self._compute_digests()
+        return self.metadata["geometry_sha256"]
+
+    def setting_digest(self) -> str:
+        """GeometryDigest.setting_hexdigest of all structures (cells, pbc, charges), recorded like geometry_digest."""
+        if not isinstance(self.metadata.get("setting_sha256"), str):
+            self._compute_digests()
+        return self.metadata["setting_sha256"]
+
+    def _compute_digests(self) -> None:
+        d = GeometryDigest()
+        for s in self:
+            d.update(s)
+        self.metadata["geometry_sha256"], self.metadata["setting_sha256"] = d.hexdigest(), d.setting_hexdigest()
 
     def index_of(self, structure_id: str) -> int:
         if self._id_to_index is None:
@@ -379,7 +405,8 @@ class DatasetWriter:
         self._flush()
         meta = {"magic": DATASET_MAGIC, "format_version": FORMAT_VERSION, "count": len(self.ids),
                 "source": self.source, "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
-                "created": creation_info(), "geometry_sha256": self._geometry.hexdigest(), **self.extra_meta}
+                "created": creation_info(), "geometry_sha256": self._geometry.hexdigest(),
+                "setting_sha256": self._geometry.setting_hexdigest(), **self.extra_meta}
         index = {"ids": self.ids, "groups": self.groups, "natoms": self.natoms, "elements": self.elements}
         self.writer.put_many([(INDEX_KEY, json.dumps(index).encode()), (META_KEY, json.dumps(meta).encode())])
         self.writer.env.sync(True)

@@ -32,6 +32,9 @@ class Teacher(ABC):
 
     name: str = "teacher"
     elements: Optional[frozenset] = None  # None: any element
+    # Whether the teacher reads a structure's total charge (atoms.info["charge"]). One that does not models
+    # neutral structures only, and labelling a charged one with it would give a neutral molecule's energy.
+    takes_charge: bool = False
     # Optional, for the feature-distillation baselines (training.losses, `hessforge label --features /
     # --embeddings`). A teacher that has them overrides these with methods:
     #   atomic_features(atoms) -> np.ndarray [N, D]: the teacher's final per-atom features (n2n);
@@ -44,6 +47,20 @@ class Teacher(ABC):
         """Whether compute() returns a stress for `atoms` (for any bulk structure when None). Teachers that
         give stress override this."""
         return False
+
+    def check_charge(self, atoms, where: str = "") -> None:
+        """One clear error for a charged structure given to a teacher that cannot take a charge."""
+        charge = atoms.info.get("charge", 0)
+        if self.takes_charge or charge is None:
+            return
+        try:
+            neutral = float(charge) == 0.0
+        except (TypeError, ValueError):
+            neutral = False
+        if not neutral:
+            raise HessforgeError(f"{where or 'structure'}: total charge {charge!r} (info 'charge'), but teacher "
+                                 f"{self.name} models neutral structures only; use a charge-aware teacher "
+                                 "(so3lr) or leave charged structures out")
 
     def check_elements(self, numbers: Iterable[int], where: str = "") -> None:
         if self.elements is None:
@@ -221,6 +238,7 @@ def teacher_calculator(teacher: "Teacher"):
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
             super().calculate(atoms, properties, system_changes)
+            self.teacher.check_charge(self.atoms, f"teacher {self.teacher.name}")
             out = self.teacher.compute(self.atoms)
             self.results = {"energy": out.energy, "free_energy": out.energy, "forces": out.forces}
             if out.stress is not None:

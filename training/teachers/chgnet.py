@@ -38,6 +38,7 @@ def _import_chgnet():
 
 class CHGNetTeacher(FiniteDifferenceTeacher):
     failure = "CHGNet failed"
+    takes_charge = False  # neutral only
 
     def __init__(self, model_name: Optional[str] = None, h: float = CHGNET_FD_STEP):
         model_name = model_name or "0.3.0"

@@ -18,6 +18,8 @@ class FiniteDifferenceTeacher(Teacher):
     float32 models need larger h, ~1e-2, or round-off dominates)."""
 
     failure = "calculator failed"  # how the calculator's errors are introduced (subclasses name their code)
+    # A user's ASE calculator sees atoms.info and is set up by the user (e.g. tblite's charge=): its business.
+    takes_charge = True
 
     def __init__(self, calculator, h: float = 1e-3, name: Optional[str] = None, elements=None):
         if not h > 0:

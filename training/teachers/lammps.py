@@ -134,7 +134,8 @@ def interaction_digest(path: str, commands: Sequence[str]) -> str:
 
 
 class LAMMPSTeacher(FiniteDifferenceTeacher):
-    failure = "LAMMPS failed"  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
+    failure = "LAMMPS failed"
+    takes_charge = False  # neutral only  # lammps.MPIAbortError, LAMMPS' own errors (missing file, bad pair_coeff...)
 
     def __init__(self, path: str, h: float = LAMMPS_FD_STEP):
         from ase.calculators.lammpslib import LAMMPSlib

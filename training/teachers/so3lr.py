@@ -91,6 +91,7 @@ def so3lr_batch(model, atoms_list, dtype=None, where: str = "SO3LR") -> dict:
 
 class SO3LRTeacher(Teacher):
     relative_energies = True
+    takes_charge = True  # atoms.info["charge"] (so3lr_batch)
 
     def __init__(self, path: Optional[str] = None, elements=SO3LR_ELEMENTS):
         self.path = path or bundled_so3lr_path()

@@ -103,6 +103,15 @@ def test_build_benchmark_end_to_end(tmp_path, monkeypatch):
 
     # 5. Other settings in the same folder are refused (they would mix two datasets).
     assert cli(["build-benchmark", "--out", out, *[x.replace("sto-3g", "6-31g*") for x in TINY]]) == 2
+    assert cli(["build-benchmark", "--out", out, *TINY, "--d-functions", "cartesian"]) == 2
+    # a folder built before d_functions was recorded used pure d shells: what auto means for sto-3g
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config.pop("d_functions") == "spherical"
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    monkeypatch.setattr(D, "dft_label", _refuse)
+    assert cli(["build-benchmark", "--out", out, *TINY, "--workers", "0"]) == 0
+    assert cli(["build-benchmark", "--out", out, *TINY, "--d-functions", "cartesian"]) == 2
+    monkeypatch.undo()
 
     # Outputs: a split the trainer can load, a provenance with the resume command.
     from training.data.subsets import load_split
@@ -151,6 +160,25 @@ def test_dft_forces_match_finite_differences():
     fd = -(es[0] - es[1]) / (2 * h)
     assert abs(forces[i, k]) > 1.0  # a force worth comparing
     assert abs(fd - forces[i, k]) < 0.02 + 0.01 * abs(fd), (fd, forces[i, k])
+
+
+def test_d_shells_follow_gaussian_as_ani1x_labels_did():
+    """ANI-1x's ωB97x/6-31G(d) comes from Gaussian, which uses Cartesian d shells (6D) for the 6-31G family and
+    pure ones (5D) for most others; pyscf uses pure shells unless told: another basis, another energy."""
+    for basis in ("6-31g*", "6-31G(d)", "6-31g**", "6-31G(d,p)", "6-31+g*", "3-21g"):
+        assert D.gaussian_cartesian(basis), basis
+    for basis in ("6-311g*", "6-311+G(d,p)", "cc-pvdz", "def2-svp", "sto-3g"):
+        assert not D.gaussian_cartesian(basis), basis
+    with pytest.raises(ValueError, match="d functions must be one of"):
+        D.resolve_d_functions("6-31g*", "pure")
+    _needs_science()
+    from ase import Atoms
+
+    water = Atoms("OH2", positions=[[0.0, 0.0, 0.12], [0.0, 0.76, -0.47], [0.0, -0.76, -0.47]])
+    e = {d: D.dft_label(water, basis="6-31g*", threads=1, forces=False, d_functions=d)[0]
+         for d in ("auto", "cartesian", "spherical")}
+    assert e["auto"] == e["cartesian"]
+    assert e["cartesian"] < e["spherical"] - 1e-3  # one more (s-like) function per d shell: variationally lower
 
 
 def test_dft_label_records_nonconvergence():

@@ -42,7 +42,9 @@ LABELS, CONFORMERS, LOG, SELECTION, SPLIT, PROVENANCE, CONFIG = (
     "config.json")
 # Settings that fix which geometries and labels the files hold: a rerun must use the same ones.
 FROZEN = ("heavy_atoms", "require_elements", "allowed_elements", "seed", "conformers", "t_min", "t_max",
-          "timestep", "equil_steps", "stride", "teacher", "basis", "xc")
+          "timestep", "equil_steps", "stride", "teacher", "basis", "xc", "d_functions")
+# Folders built before d_functions was recorded used pyscf's pure d shells for every basis.
+RECORDED_LATER = {"d_functions": "spherical"}
 SYMBOL_ORDER = ("H", "C", "N", "O", "F")  # qm9pack Stoichiometry column order
 _log_lock = threading.Lock()
 
@@ -143,7 +145,8 @@ def label_task(task: Dict) -> Dict:
     out = {"mol_id": task["mol_id"], "conf_id": task["conf_id"], "pid": os.getpid()}
     try:
         atoms = Atoms(symbols=task["symbols"], positions=np.asarray(task["positions"]))
-        energy, forces = D.dft_label(atoms, task["basis"], task["xc"], task["threads"], task["max_cycle"])
+        energy, forces = D.dft_label(atoms, task["basis"], task["xc"], task["threads"], task["max_cycle"],
+                                     d_functions=task["d_functions"])
         if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
             raise RuntimeError("non-finite energy or forces")
         out.update(status="ok", energy=energy, forces=np.asarray(forces).tolist())
@@ -167,7 +170,8 @@ class Builder:
         return {"heavy_atoms": a.heavy_atoms, "require_elements": a.require_elements,
                 "allowed_elements": a.allowed_elements, "seed": a.seed, "conformers": a.conformers,
                 "t_min": a.t_min, "t_max": a.t_max, "timestep": a.timestep, "equil_steps": a.equil_steps,
-                "stride": a.stride, "teacher": a.teacher, "basis": a.basis, "xc": a.xc}
+                "stride": a.stride, "teacher": a.teacher, "basis": a.basis, "xc": a.xc,
+                "d_functions": "cartesian" if D.resolve_d_functions(a.basis, a.d_functions) else "spherical"}
 
     def check_config(self) -> Dict:
         cfg = self.config()
@@ -175,7 +179,8 @@ class Builder:
         if os.path.exists(p):
             with open(p) as f:
                 old = json.load(f)
-            diff = {k: (old.get(k), cfg[k]) for k in FROZEN if old.get(k) != cfg[k]}
+            diff = {k: (old.get(k, RECORDED_LATER.get(k)), cfg[k]) for k in FROZEN
+                    if old.get(k, RECORDED_LATER.get(k)) != cfg[k]}
             if diff:
                 raise HessforgeError(
                     f"{self.out} was built with other settings: " +
@@ -283,6 +288,7 @@ class Builder:
                 frames_by_key[key] = fr
                 yield {"mol_id": key[0], "conf_id": key[1], "symbols": fr.get_chemical_symbols(),
                        "positions": fr.positions.tolist(), "basis": a.basis, "xc": a.xc, "threads": a.threads,
+                       "d_functions": self.config()["d_functions"],
                        "max_cycle": a.max_cycle}
 
     def run(self) -> int:
@@ -529,7 +535,9 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
       f"{a.stride} steps ({a.stride * a.timestep:g} fs); frames whose bond graph (ase natural cutoffs × 1.2) "
       f"differs from the QM9 structure's are rejected, and more than {a.conformers} rejections fail the "
       f"molecule (logged).")
-    w(f"- Labels: pyscf `dft.RKS(mol).density_fit()`, xc `{a.xc}`, basis `{a.basis}`, neutral singlet, default "
+    d_shells = "Cartesian" if D.resolve_d_functions(a.basis, a.d_functions) else "pure (spherical)"
+    w(f"- Labels: pyscf `dft.RKS(mol).density_fit()`, xc `{a.xc}`, basis `{a.basis}` with {d_shells} d shells, "
+      f"neutral singlet, default "
       f"grids, `max_cycle={a.max_cycle}`; on no convergence the Newton solver is tried once from the DIIS "
       f"density, then the frame is logged as failed with the reason and skipped. Energy × Hartree → eV; "
       f"forces = −analytic gradient × Hartree/Bohr → eV/Å (ase.units). Total energies (no atomic reference "
@@ -619,6 +627,9 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher", default="ani1x", help="MD force field (load_teacher spec; default ani1x ensemble)")
     p.add_argument("--basis", default="6-31g*")
     p.add_argument("--xc", default="wb97x")
+    p.add_argument("--d-functions", choices=D.D_FUNCTIONS, default="auto",
+                   help="d shells: auto (Cartesian where Gaussian uses them, e.g. 6-31G(d), ANI-1x's basis), "
+                        "cartesian or spherical (what folders built before this option used)")
     p.add_argument("--max-cycle", type=int, default=50, help="SCF iterations (DIIS, then Newton) before failing")
     p.add_argument("--workers", type=int, default=1, help="DFT processes (0: in this process)")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads per pyscf worker")

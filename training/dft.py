@@ -73,9 +73,29 @@ class SCFNotConverged(RuntimeError):
     pass
 
 
-def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton_fallback=True, forces=True):
+D_FUNCTIONS = ("auto", "cartesian", "spherical")
+
+
+def gaussian_cartesian(basis: str) -> bool:
+    """Whether Gaussian (the code behind ANI-1x's ωB97x/6-31G(d) labels) uses Cartesian d functions (6D 10F) for
+    `basis` by default: the 3-21G, 4-31G, 6-21G and 6-31G families do; 6-311G, Dunning, def2... use pure (5D 7F).
+    pyscf's default is pure for every basis: 6-31G* there is another basis (8 meV/atom off for CH3OH)."""
+    name = basis.strip().lower().replace("+", "")
+    return name.startswith(("3-21g", "4-31g", "6-21g", "6-31g")) and not name.startswith("6-311")
+
+
+def resolve_d_functions(basis: str, d_functions: str = "auto") -> bool:
+    """`auto` (Gaussian's choice for the basis), `cartesian` or `spherical` -> pyscf's gto `cart` flag."""
+    if d_functions not in D_FUNCTIONS:
+        raise ValueError(f"d functions must be one of {', '.join(D_FUNCTIONS)}, got {d_functions!r}")
+    return gaussian_cartesian(basis) if d_functions == "auto" else d_functions == "cartesian"
+
+
+def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton_fallback=True, forces=True,
+              d_functions="auto"):
     """Energy (eV) and forces (eV/Å; None with forces=False) by pyscf RKS with density fitting (neutral singlet).
 
+    d_functions: `auto` uses Cartesian d shells where Gaussian does (6-31G(d): ANI-1x's own basis), else pure.
     If DIIS does not converge in `max_cycle` iterations, the second-order (Newton) solver is tried once from
     the DIIS density (also `max_cycle` iterations); if that fails too, SCFNotConverged is raised.
     """
@@ -84,7 +104,8 @@ def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton
 
     lib.num_threads(threads)
     mol = gto.M(atom=[(s, p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
-                basis=basis, unit="Angstrom", charge=0, spin=0, verbose=0)
+                basis=basis, cart=resolve_d_functions(basis, d_functions), unit="Angstrom", charge=0, spin=0,
+                verbose=0)
     mf = dft.RKS(mol).density_fit()
     mf.xc = xc
     mf.max_cycle = int(max_cycle)
@@ -104,7 +125,8 @@ def dft_label(atoms, basis="6-31g*", xc="wb97x", threads=2, max_cycle=50, newton
     return float(energy) * Hartree, -np.asarray(grad) * Hartree / Bohr
 
 
-def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, max_cycle: int = 50):
+def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, max_cycle: int = 50,
+                   d_functions: str = "auto"):
     """An ASE calculator over `dft_label` (energy eV, forces eV/Å): the labels' own method as a reference, e.g.
     for the structures a student optimized (`hessforge md-eval --reference dft`). An SCF that does not
     converge raises SCFNotConverged (md-eval records it as that structure's error). Molecules only."""
@@ -117,7 +139,8 @@ def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, m
             super().calculate(atoms, properties, system_changes)
             if any(self.atoms.pbc):
                 raise ValueError("the DFT reference is molecular (pyscf gto): periodic structures are not supported")
-            energy, forces = dft_label(self.atoms, basis=basis, xc=xc, threads=threads, max_cycle=max_cycle)
+            energy, forces = dft_label(self.atoms, basis=basis, xc=xc, threads=threads, max_cycle=max_cycle,
+                                       d_functions=d_functions)
             self.results = {"energy": energy, "free_energy": energy, "forces": forces}
 
     return DFT()

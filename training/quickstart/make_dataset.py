@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--molecules", default=",".join(DEFAULT_MOLECULES), help="comma-separated ase g2 names")
     p.add_argument("--basis", default="6-31g*")
     p.add_argument("--xc", default="wb97x")
+    p.add_argument("--d-functions", choices=("auto", "cartesian", "spherical"), default="auto",
+                   help="d shells: auto (Cartesian for 6-31G(d), as Gaussian and so ANI-1x's labels use), or forced")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=400.0, help="K")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
@@ -105,7 +107,7 @@ def main(argv=None):
         mol_id, conf_id = _frame_key(atoms)
         t0 = time.time()
         try:
-            energy, forces = dft_label(atoms, args.basis, args.xc, args.threads)
+            energy, forces = dft_label(atoms, args.basis, args.xc, args.threads, d_functions=args.d_functions)
         except Exception as exc:  # recorded, not silently dropped
             _log(log, stage="dft", mol_id=mol_id, conf_id=conf_id, status="failed",
                  reason=f"{type(exc).__name__}: {exc}", seconds=round(time.time() - t0, 2))

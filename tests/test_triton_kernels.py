@@ -450,6 +450,15 @@ def test_bad_input_is_reported():
     assert int(neighbor_list(torch.eye(2, 3), wire, wire_pbc, batch, 3.5).num_edges) == 10  # as ASE
     with pytest.raises(HessforgeError, match="zero volume"):  # the cell as given, not completed
         neighbor_list(torch.eye(2, 3), wire, wire_pbc, batch, 3.5, complete=False)
+    # a cell far thinner than any crystal: 2^32 shifts wrapped the kernels' int32 count to 1 and gave no edges
+    thin = torch.diag(torch.tensor([5 / 319.5, 5 / 3350207.5, 1.0]))[None]
+    with pytest.raises(HessforgeError, match="thick along cell vector 0"):
+        radial_edges(torch.zeros(2, 3), thin, torch.tensor([[True, True, False]]), batch, 5.0, 4)
+    with pytest.raises(HessforgeError, match="0.4 Å thick along cell vector 2"):
+        neighbor_list(torch.zeros(2, 3), torch.diag(torch.tensor([3.0, 3.0, 0.4]))[None], pbc, batch, 3.0)
+    # the same direction non-periodic: a slab of any thickness is fine
+    assert int(neighbor_list(torch.eye(2, 3), torch.diag(torch.tensor([3.0, 3.0, 0.4]))[None],
+                             torch.tensor([[True, True, False]]), batch, 2.0).num_edges) == 2
 
 
 def test_cell_completion(rng):

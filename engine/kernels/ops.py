@@ -39,7 +39,7 @@ from torch import Tensor
 from engine.errors import HessforgeError
 from engine.kernels._prepare import make_params, prepare
 from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
-from engine.neighbors import complete_cells
+from engine.neighbors import MIN_CELL_HEIGHT, complete_cells
 
 BACKENDS = ("auto", "torch", "triton")
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
@@ -115,6 +115,12 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
     volume = torch.linalg.det(cell.double()).abs() if cell.shape[0] else cell.new_zeros(0, dtype=torch.float64)
     infinite = periodic & ~torch.isfinite(cell).flatten(1).all(dim=1)
     bad_cell = periodic & ~(volume > 1e-8)
+    # a periodic direction thinner than check_cell allows: (cutoff / height)^3 shifts, past int32 in the kernels
+    c = cell.double()
+    faces = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2]), torch.linalg.cross(c[:, 2], c[:, 0]),
+                         torch.linalg.cross(c[:, 0], c[:, 1])], dim=1).norm(dim=2)
+    heights = volume[:, None] / faces.clamp_min(1e-300)
+    thin = pbc.to(torch.bool) & ~(heights >= MIN_CELL_HEIGHT) & ~bad_cell[:, None] & ~infinite[:, None]
     true = torch.ones((), dtype=torch.bool, device=positions.device)
     flags = torch.stack([
         torch.isfinite(positions).all() if n else true,
@@ -122,6 +128,7 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
         ((batch >= 0) & (batch < cell.shape[0])).all() if n else true,
         ~infinite.any() if cell.shape[0] else true,
         ~bad_cell.any() if cell.shape[0] else true,
+        ~thin.any() if cell.shape[0] else true,
     ]).tolist()
     if not flags[0]:
         raise HessforgeError("positions contain NaN or Inf")
@@ -135,6 +142,10 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
     if not flags[4]:
         k = int(bad_cell.nonzero()[0, 0])
         raise HessforgeError(f"structure {k}: periodic cell has zero volume (cell={cell[k].tolist()})")
+    if not flags[5]:
+        k, a = (int(x) for x in thin.nonzero()[0])
+        raise HessforgeError(f"structure {k}: periodic cell is {float(heights[k, a]):.3g} Å thick along cell vector "
+                             f"{a} (below {MIN_CELL_HEIGHT} Å, thinner than any crystal; cell={cell[k].tolist()})")
 
 
 def nb_chunk(num_basis: int) -> int:

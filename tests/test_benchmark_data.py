@@ -110,6 +110,7 @@ def test_build_benchmark_end_to_end(tmp_path, monkeypatch):
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
     monkeypatch.setattr(D, "dft_label", _refuse)
     assert cli(["build-benchmark", "--out", out, *TINY, "--workers", "0"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["d_functions"] == "spherical"  # now recorded
     assert cli(["build-benchmark", "--out", out, *TINY, "--d-functions", "cartesian"]) == 2
     monkeypatch.undo()
 

@@ -186,6 +186,8 @@ class Builder:
                     f"{self.out} was built with other settings: " +
                     ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
                     "; rerun with the same settings to resume, or use another --out")
+            if any(k not in old for k in cfg):  # an older folder: record what it was built with
+                write_json(p, {**old, **cfg})
         else:
             write_json(p, cfg)
         return cfg

@@ -122,11 +122,19 @@ def build_graph(
         raise HessforgeError("empty batch: no structures to evaluate")
     if not (cutoff > 0 and math.isfinite(cutoff)):
         raise HessforgeError(f"cutoff must be a positive number of Å, got {cutoff}")
+    if not len(numbers) == len(positions) == len(cells) == len(pbcs):
+        raise HessforgeError(f"{len(numbers)} structures' atomic numbers but {len(positions)} positions, "
+                             f"{len(cells)} cells and {len(pbcs)} pbc flags")
     pos64 = []
     for k, p in enumerate(positions):
-        p = np.asarray(p, dtype=np.float64).reshape(-1, 3)
+        name = where[k] if k < len(where) else f"structure {k}"
+        p = np.asarray(p, dtype=np.float64)
+        p = p.reshape(0, 3) if p.size == 0 else p  # an empty structure, however its positions are shaped
+        if p.ndim != 2 or p.shape[1] != 3:
+            raise HessforgeError(f"{name}: positions must be [N, 3], got shape {p.shape}")
+        if p.shape[0] != np.asarray(numbers[k]).size:  # else atoms would land in the neighbouring structure
+            raise HessforgeError(f"{name}: {np.asarray(numbers[k]).size} atomic numbers for {p.shape[0]} positions")
         if not np.all(np.isfinite(p)):
-            name = where[k] if k < len(where) else f"structure {k}"
             raise HessforgeError(f"{name}: positions contain NaN or Inf")
         pos64.append(torch.from_numpy(p))
     positions_t = torch.cat(pos64)

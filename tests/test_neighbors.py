@@ -108,3 +108,16 @@ def test_nan_positions_are_rejected():
 def test_empty_batch_is_rejected():
     with pytest.raises(HessforgeError, match="empty batch"):
         build_graph([], [], [], [], 3.0)
+
+
+def test_atom_counts_must_match_per_structure():
+    """Totals that agree but per-structure counts that do not would put atoms into the neighbouring structure."""
+    pos = [np.zeros((2, 3)), np.ones((3, 3))]
+    cells, pbcs = [np.zeros((3, 3))] * 2, [[False] * 3] * 2
+    assert build_graph([[1, 1], [8, 1, 1]], pos, cells, pbcs, 3.0).numbers.shape == (5,)
+    with pytest.raises(HessforgeError, match="structure 0: 3 atomic numbers for 2 positions"):
+        build_graph([[1, 1, 8], [1, 1]], pos, cells, pbcs, 3.0)
+    with pytest.raises(HessforgeError, match=r"positions must be \[N, 3\]"):
+        build_graph([[1, 1]], [np.zeros(6)], cells[:1], pbcs[:1], 3.0)
+    with pytest.raises(HessforgeError, match="2 structures' atomic numbers but 1 positions"):
+        build_graph([[1, 1], [1]], pos[:1], cells, pbcs, 3.0)

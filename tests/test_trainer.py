@@ -63,6 +63,25 @@ def test_lambda_kd_is_halved_once_when_student_beats_teacher(labelled, tmp_path)
     assert trainer2.weights.hessian == 400.0
 
 
+def test_teacher_validation_loss_and_kd_kept_while_the_student_is_worse(labelled, tmp_path):
+    """The teacher's validation loss (what halving compares against) is the paper-code loss of its own labels
+    on the validation split, computed here independently; a student that does not beat it keeps λ_KD."""
+    trainer = Trainer(_config(labelled, tmp_path / "t", epochs=1))
+    got = trainer.teacher_validation()
+    e_terms, f_norms = [], []
+    for i in trainer.val_idx:
+        s = trainer.dataset[i]
+        rec = trainer.labels.get(s.id)
+        e_terms.append(abs(rec.energy - s.energy) / len(s.numbers))
+        f_norms.extend(np.linalg.norm(rec.forces - s.forces, axis=1))
+    w = trainer.weights
+    assert got["loss_ef"] == pytest.approx(w.energy * np.mean(e_terms) + w.forces * np.mean(f_norms), rel=1e-6)
+    assert got["energy_mae_mev_per_atom"] == pytest.approx(1000 * np.mean(e_terms), rel=1e-6)  # float32 batches
+    trainer.teacher_val = {"loss_ef": 0.0}  # a perfect teacher: no student beats it
+    trainer.fit()
+    assert trainer.weights.hessian == 400.0 and not trainer.kd_halved
+
+
 def test_direct_force_student_trains_with_energy_gradient_term(labelled, tmp_path):
     cfg = _config(labelled, tmp_path / "e", epochs=1, energy_gradient=10.0)
     cfg.model.force_mode = "direct"

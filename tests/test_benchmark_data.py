@@ -47,6 +47,28 @@ def test_select_qm9():
     assert select_qm9(heavy_atoms=9, require=("N", "O"), seed=0, max_molecules=5)[0][:3] == mols  # a prefix
 
 
+def test_filters_outside_qm9_and_dry_runs_write_no_settings(tmp_path, capsys):
+    """A filter QM9 cannot satisfy is refused by name (it used to select 0 of 0 molecules and record itself), and
+    a dry run records no settings, so a real run with other settings is not refused because of it."""
+    from training.cli import main as cli
+
+    out = str(tmp_path / "b")
+    for bad, msg in ((["--allowed-elements", "HCNXx"], "QM9 holds only H, C, N, O, F; got Xx"),
+                     (["--require-elements", "U"], "got U"),
+                     (["--require-elements", "F"], "--require-elements F not in --allowed-elements HCNO"),
+                     (["--allowed-elements", "CNO"], "must include H"),
+                     (["--heavy-atoms", "0"], "--heavy-atoms must be 1 to 9"),
+                     (["--split", "0.5,0.5"], "--split needs 3")):
+        assert cli(["build-benchmark", "--out", out, *bad]) == 2
+        assert msg in capsys.readouterr().err, bad
+        assert not os.path.exists(out) or os.listdir(out) == []
+    _write_selection(out)
+    assert cli(["build-benchmark", "--out", out, *TINY, "--dry-run"]) == 0
+    assert not os.path.exists(os.path.join(out, "config.json"))
+    assert cli(["build-benchmark", "--out", out, *TINY, "--report-only"]) == 0  # nothing built: nothing recorded
+    assert not os.path.exists(os.path.join(out, "config.json"))
+
+
 def _dft_records(out):
     return [r for r in D.read_log(os.path.join(out, "build.log.jsonl")) if r.get("stage") == "dft"]
 

@@ -173,7 +173,9 @@ class Builder:
                 "stride": a.stride, "teacher": a.teacher, "basis": a.basis, "xc": a.xc,
                 "d_functions": "cartesian" if D.resolve_d_functions(a.basis, a.d_functions) else "spherical"}
 
-    def check_config(self) -> Dict:
+    def check_config(self, write: bool = True) -> Dict:
+        """Refuses settings other than the folder's; `write`: record them (a new folder, or keys an older
+        folder lacks). A dry run or a report on a folder without a build records nothing."""
         cfg = self.config()
         p = self.path["config"]
         if os.path.exists(p):
@@ -186,9 +188,9 @@ class Builder:
                     f"{self.out} was built with other settings: " +
                     ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()) +
                     "; rerun with the same settings to resume, or use another --out")
-            if any(k not in old for k in cfg):  # an older folder: record what it was built with
+            if write and any(k not in old for k in cfg):  # an older folder: record what it was built with
                 write_json(p, {**old, **cfg})
-        else:
+        elif write and not self.args.report_only:
             write_json(p, cfg)
         return cfg
 
@@ -226,6 +228,9 @@ class Builder:
                 return old["molecules"][: a.max_molecules], old["n_candidates"]
         mols, n_cand = select_qm9(a.heavy_atoms, a.require_elements.split(","), a.allowed_elements, a.seed,
                                   a.max_molecules)
+        if not mols:
+            raise HessforgeError(f"no QM9 molecule has {a.heavy_atoms} heavy atoms, contains "
+                                 f"{a.require_elements} and only {a.allowed_elements}")
         for m in mols:
             m["n_atoms"] = len(m["symbols"])
         with atomic_open(p) as f:
@@ -296,7 +301,7 @@ class Builder:
     def run(self) -> int:
         a = self.args
         os.makedirs(self.out, exist_ok=True)
-        self.check_config()
+        self.check_config(write=not a.dry_run)
         if a.report_only:
             self.report()
             return 0
@@ -651,9 +656,30 @@ def build_parser():
     return p
 
 
+def check_filter(args) -> None:
+    """QM9 holds H, C, N, O and F and at most 9 heavy atoms: a filter outside that selects nothing."""
+    import re
+
+    require = [e.strip() for e in args.require_elements.split(",") if e.strip()]
+    allowed = re.findall(r"[A-Z][a-z]?|.", args.allowed_elements)
+    for opt, elements in (("--require-elements", require), ("--allowed-elements", allowed)):
+        unknown = [e for e in elements if e not in SYMBOL_ORDER]
+        if unknown:
+            raise HessforgeError(f"{opt}: QM9 holds only {', '.join(SYMBOL_ORDER)}; got {', '.join(unknown)}")
+    if "H" not in allowed:
+        raise HessforgeError("--allowed-elements must include H (every QM9 molecule with heavy atoms has some)")
+    missing = [e for e in require if e not in allowed]
+    if missing:
+        raise HessforgeError(f"--require-elements {','.join(missing)} not in --allowed-elements {args.allowed_elements}")
+    if not 1 <= args.heavy_atoms <= 9:
+        raise HessforgeError(f"--heavy-atoms must be 1 to 9 (QM9's molecules), got {args.heavy_atoms}")
+
+
 def run(args) -> int:
     if args.conformers < 1 or args.max_molecules < 1:
         raise HessforgeError("--conformers and --max-molecules must be >= 1")
+    check_filter(args)
+    split_molecules([], args.split)  # a bad --split is refused before anything is written
     if not (0 < args.t_min <= args.t_max):
         raise HessforgeError("need 0 < --t-min <= --t-max")
     if getattr(args, "_argv", None) is None:

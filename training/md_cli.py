@@ -68,7 +68,7 @@ def add_arguments(parser) -> None:
                              "slower (default 100, safe for liquids and most solids)")
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
-    parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager)")
+    parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager; exported models run eager only)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
                         help="the model's dtype (default float64; the MD state is float64 either way)")

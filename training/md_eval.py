@@ -37,8 +37,8 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
        E_ref(student minimum) - E_ref(reference minimum) >= 0 measures
        how far the student's minimum is from the reference's. Bulk (3D-periodic) structures relax their cell
        too (ASE's FrechetCellFilter; --fixed-cell: positions only): reported are the volume change and the
-       volume against the reference's own minimum (the reference must give stress: the chgnet, lammps:, mace:
-       and ani1x teachers do, so3lr does not). That volume includes the student's own convergence: at the
+       volume against the reference's own minimum (the reference must give stress: the chgnet, lammps:, mace:,
+       ani1x and so3lr teachers do). That volume includes the student's own convergence: at the
        default --fmax 0.05 a cell stops ~0.1 GPa from zero stress (EMT Cu: 0.5 % in volume); give --fmax 0.005
        for cells.
 """

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -22,7 +23,9 @@ def read_checkpoint(path: str) -> dict:
         raise HessforgeError(f"{path}: is an exported model (hessforge export output), not a trainer checkpoint; "
                              "give the run's best.pt or last.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a foreign TorchScript file: torch warns before the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise HessforgeError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -66,7 +66,8 @@ def test_quickstart_with_a_schnet_student(tmp_path, rng, capsys):
 
 @pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be >= 1"),
                                                     ("--minutes-per-student", "0", "--minutes-per-student must be > 0"),
-                                                    ("--teacher", "ani2x", "ani2x")])
+                                                    ("--teacher", "ani2x", "ani2x"),
+                                                    ("--rows", "0", "--rows must be a positive integer")])
 def test_quickstart_option_errors_come_first(tmp_path, capsys, option, value, message):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), *FAST, option, value]) == 2  # argparse: the last one counts

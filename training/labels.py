@@ -342,7 +342,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     per-atom features (teacher.atomic_features) in each record; embeddings: store its per-element embeddings
     (teacher.element_embeddings) in the metadata. Returns counts {labelled, skipped, todo}."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    k = _parse_rows(rows)
+    k = parse_rows(rows)
     if dtype not in ("float32", "float64"):
         raise HessforgeError(f"label dtype must be float32 or float64, got {dtype!r}")
     if not (isinstance(seed, (int, np.integer)) and seed >= 0):
@@ -459,7 +459,7 @@ def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:
     write_json(os.path.join(out_dir, "labels.json"), info, ensure_ascii=False)
 
 
-def _parse_rows(rows) -> Optional[int]:
+def parse_rows(rows) -> Optional[int]:
     if rows is None or (isinstance(rows, str) and rows.strip().lower() == "full"):
         return None
     try:
@@ -505,7 +505,7 @@ def run(args) -> int:
 
     rank = args.rank if args.rank is not None else _env_int("RANK", 0)
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE", 1)
-    _parse_rows(args.rows)
+    parse_rows(args.rows)
     ds = Dataset(args.dataset)  # fail on a bad dataset before loading a heavy teacher
     teacher = load_teacher(args.teacher)
     stats = label_dataset(ds, teacher, args.output, args.rows, args.seed, args.limit, args.dtype, rank, world,

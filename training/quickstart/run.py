@@ -103,6 +103,9 @@ def run(args) -> int:
                                     ("--seed", args.seed, args.seed >= 0, ">= 0")):
         if not ok:
             raise HessforgeError(f"{option} must be {rule}, got {value}")
+    from training.labels import parse_rows
+
+    parse_rows(args.rows)
     out = os.path.abspath(args.out)
     check_output_dir(out, "--out")
     _check_same_student(out, args)

@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import socket
+import tempfile
 from typing import IO, Any, Dict, Iterable, Iterator, Optional
 
 from engine.errors import HessforgeError
@@ -55,6 +56,13 @@ def check_output_file(path: str, what: str, inputs: Iterable[Optional[str]] = ()
     parent = os.path.dirname(os.path.abspath(path))
     if not create_parent and not os.path.isdir(parent):
         raise HessforgeError(f"{what} {path}: folder {parent} does not exist")
+    if os.path.isdir(parent):  # found now, not after the work (read-only folders, /proc, a full quota)
+        try:
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=".hessforge-write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as err:
+            raise HessforgeError(f"{what} {path}: cannot write in {parent} ({err.strerror})") from None
     if not os.path.exists(path):
         return
     for source in inputs:

@@ -2,6 +2,7 @@
 is an input (data, checkpoint), a directory or in a missing folder is refused up front with one clear line.
 Also the command-line input checks that used to end in tracebacks, and `hessforge md` restarts."""
 import json
+import os
 
 import ase.io
 import numpy as np
@@ -78,6 +79,10 @@ def test_check_output_file(tmp_path):
     with pytest.raises(HessforgeError, match="is the input"):
         check_output_file(str(tmp_path / "d" / ".." / "data.xyz"), "-o", inputs=[str(data)])
     check_output_file(str(tmp_path / "missing" / "x.json"), "--json", create_parent=True)
+    if os.path.isdir("/proc/self"):  # a folder nobody (root included) can create files in: said before the work
+        with pytest.raises(HessforgeError, match="cannot write in /proc"):
+            check_output_file("/proc/x.json", "--json")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hessforge")] == []  # the probe is gone
     with pytest.raises(HessforgeError, match="--trajectory and -o are the same file"):
         check_distinct_outputs({"--trajectory": "t.xyz", "-o": "./t.xyz"})
     check_distinct_outputs({"--trajectory": "t.xyz", "-o": None})

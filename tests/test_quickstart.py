@@ -37,6 +37,10 @@ def test_quickstart_on_own_data_and_rerun(tmp_path, rng, capsys):
     assert results["data"] == str(data) and results["seed"] == 0 and results["reference"].startswith("the energies")
     assert {t["epochs"] for t in results["training"].values()} == {1}
     assert set(results["results"]) == {"PaiNN undistilled", "PaiNN Hessian-distilled"}
+    assert results["kd_weight"] == 50.0
+    import yaml
+
+    assert yaml.safe_load((out / "hessian_kd" / "config.yaml").read_text())["loss"]["hessian"] == 50.0
     # the same command again continues the same quickstart (nothing retrained: one epoch was asked)
     assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST]) == 0
     assert "already trained 1 epochs" in capsys.readouterr().out
@@ -45,6 +49,9 @@ def test_quickstart_on_own_data_and_rerun(tmp_path, rng, capsys):
     write_frames(other, rng, n=9)
     assert main(["quickstart", "--out", str(out), "--data", str(other), *FAST]) == 2
     assert f"holds the quickstart of {data}" in capsys.readouterr().err
+    # another λ_KD into the same --out would resume the distilled student under other settings: refused
+    assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST, "--kd-weight", "400"]) == 2
+    assert "loss.hessian: 50.0 -> 400.0" in capsys.readouterr().err
     write_frames(data, rng)  # the same file, edited
     assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST]) == 2
     assert "as it was before an edit" in capsys.readouterr().err
@@ -67,7 +74,9 @@ def test_quickstart_with_a_schnet_student(tmp_path, rng, capsys):
 @pytest.mark.parametrize("option, value, message", [("--epochs", "0", "--epochs must be >= 1"),
                                                     ("--minutes-per-student", "0", "--minutes-per-student must be > 0"),
                                                     ("--teacher", "ani2x", "ani2x"),
-                                                    ("--rows", "0", "--rows must be a positive integer")])
+                                                    ("--rows", "0", "--rows must be a positive integer"),
+                                                    ("--kd-weight", "0", "--kd-weight must be > 0"),
+                                                    ("--kd-weight", "nan", "--kd-weight must be > 0")])
 def test_quickstart_option_errors_come_first(tmp_path, capsys, option, value, message):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), *FAST, option, value]) == 2  # argparse: the last one counts

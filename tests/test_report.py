@@ -64,6 +64,10 @@ def test_bench_numbers_picks_student_teacher_and_best():
     b = bench_numbers(bench(300.0, 1800.0, 1024))
     assert b["ns_day_64"] == 300.0 and b["ns_day_best"] == 1800.0 and b["best_batch"] == 1024
     assert b["teacher"] == "ani1x" and b["teacher_ns_day_64"] == 10.0 and b["teacher_ns_day_best"] == 20.0
+    # a bench without --sweep measured one batch size: no best batch to report
+    fixed_only = bench_numbers(dict(bench(300.0, 1800.0, 1024), sweeps=[]))
+    assert fixed_only["ns_day_64"] == 300.0 and fixed_only["ns_day_best"] is None and fixed_only["best_batch"] is None
+    assert fixed_only["teacher_ns_day_64"] == 10.0 and fixed_only["teacher_ns_day_best"] is None
 
 
 def test_bench_without_compare_has_no_teacher():

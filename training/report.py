@@ -83,9 +83,9 @@ def bench_numbers(bench: Dict, batch: int = PAPER_BATCH) -> Dict:
         vals = [v for v in (fixed or vals) if v is not None]
         return vals[0] if vals else None
 
-    def best(key):
+    def best(key):  # from the sweeps only: without one a fixed batch is not a "best batch"
         score = lambda e: _atom_steps(e) if _atom_steps(e) is not None else _ns_per_day(e)  # noqa: E731
-        cands = [e for e in entries if _key(e) == key and score(e) is not None]
+        cands = [e for e in entries[n_fixed:] if _key(e) == key and score(e) is not None]
         if not cands:
             return None, None, None
         e = max(cands, key=score)

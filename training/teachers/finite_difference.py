@@ -15,7 +15,10 @@ from training.teachers.base import Teacher, TeacherOutput, check_finite_position
 
 class FiniteDifferenceTeacher(Teacher):
     """row j = -(F(r + h e_j) - F(r - h e_j)) / (2h); error O(h²). h in Å (1e-3 suits float64 calculators;
-    float32 models need larger h, ~1e-2, or round-off dominates)."""
+    float32 models need larger h, ~1e-2, or round-off dominates). Strictly this is column j of -∂F/∂r (all
+    forces under one displacement); it is row j, what the KD loss compares, because a conservative calculator's
+    -∂F/∂r is the symmetric Hessian. A direct-force calculator (forces not the gradient of its energy) gives an
+    asymmetric matrix: its columns are still labelled here as rows."""
 
     failure = "calculator failed"  # how the calculator's errors are introduced (subclasses name their code)
     # A user's ASE calculator sees atoms.info and is set up by the user (e.g. tblite's charge=): its business.

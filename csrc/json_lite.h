@@ -1,9 +1,13 @@
 // A small JSON reader for the exported model's metadata (what Python's json.dumps writes). Internal.
 #pragma once
 
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <locale>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -103,12 +107,23 @@ class Parser {
       v.type = Value::Number;
       v.number = std::nan("");
     } else {
-      const char* begin = s_.c_str() + pos_;
-      char* end = nullptr;
-      v.number = std::strtod(begin, &end);
-      if (end == begin) fail("unexpected character");
+      // Read in the "C" locale: strtod follows LC_NUMERIC, and a host program in a comma-decimal locale
+      // (de_DE) made every model's metadata unreadable.
+      auto numeric = [](char ch) { return ch != '\0' && std::strchr("+-0123456789.eE", ch) != nullptr; };
+      size_t end = pos_;
+      while (end < s_.size() && numeric(s_[end])) ++end;
+      const std::string token = s_.substr(pos_, end - pos_);
+      if ((token.empty() || token == "-") && s_.compare(end, 8, "Infinity") == 0) {  // Python's json writes these
+        v.number = token.empty() ? HUGE_VAL : -HUGE_VAL;
+        end += 8;
+      } else {
+        std::istringstream in(token);
+        in.imbue(std::locale::classic());
+        char extra;
+        if (token.empty() || !(in >> v.number) || (in >> extra)) fail("unexpected character");
+      }
       v.type = Value::Number;
-      pos_ += static_cast<size_t>(end - begin);
+      pos_ = end;
     }
     return v;
   }

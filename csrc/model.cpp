@@ -161,6 +161,9 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
                           const int64_t* receivers, const int64_t* senders, const double* shifts,
                           int64_t num_edges, Result& out) const {
   if (nlocal < 0 || nlocal > n) nlocal = n;
+  // Normal tensors even when the caller (Python under torch.inference_mode) is in inference mode: autograd
+  // must be able to save them for the gradient models' backward.
+  c10::InferenceMode not_inference(false);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   // The exported interface is float64 whatever the model dtype (engine/export.py); from_blob views the
@@ -180,7 +183,8 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
     if (impl_->meta.force_mode == "direct") {
       torch::NoGradGuard no_grad;
       result = impl_->module.forward(inputs).toTuple();
-    } else {
+    } else {  // forces by autograd: on even when the caller (Python under torch.no_grad) turned it off
+      torch::AutoGradMode enable_grad(true);
       result = impl_->module.forward(inputs).toTuple();
     }
   } catch (const c10::Error& err) {
@@ -208,9 +212,10 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
 void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
                     const bool* pbc, Result& out) const {
   for (int64_t k = 0; k < n; ++k) {
-    if (!knows(static_cast<int>(numbers[k]))) {
+    if (numbers[k] < 0 || numbers[k] > 1000 || !knows(static_cast<int>(numbers[k]))) {  // no int wrap-around
       std::ostringstream msg;
-      const std::string symbol = element_symbol(static_cast<int>(numbers[k]));
+      const std::string symbol = numbers[k] > 0 && numbers[k] <= 1000 ? element_symbol(static_cast<int>(numbers[k]))
+                                                                       : "Z=" + std::to_string(numbers[k]);
       msg << impl_->path << ": unknown element " << symbol;
       if (symbol.rfind("Z=", 0) != 0) msg << " (Z=" << numbers[k] << ")";  // "Z=0", not "Z=0 (Z=0)"
       msg << " at atom " << k << "; the model knows:";

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -48,7 +49,29 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
     for key in ("cutoff", "species", "num_layers", "force_mode", "dtype"):
         if key not in metadata:
             raise HessforgeError(f"{path}: exported model metadata lacks '{key}'")
+    species = metadata["species"]
+    if not (isinstance(species, list) and species and all(isinstance(z, int) and 0 < z <= 118 for z in species)):
+        raise HessforgeError(f"{path}: exported model metadata 'species' is not a list of atomic numbers: {species!r}")
+    if metadata["dtype"] not in ("float32", "float64"):
+        raise HessforgeError(f"{path}: exported model metadata 'dtype' is {metadata['dtype']!r}, not float32 or float64")
+    if metadata["force_mode"] not in ("gradient", "direct"):
+        raise HessforgeError(f"{path}: exported model metadata 'force_mode' is {metadata['force_mode']!r}")
+    if not (isinstance(metadata["cutoff"], (int, float)) and metadata["cutoff"] > 0):
+        raise HessforgeError(f"{path}: exported model metadata 'cutoff' is {metadata['cutoff']!r}")
     return metadata
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Gradient models take forces (and virials) from autograd inside the module: on even when the caller runs
+    under torch.no_grad() or torch.inference_mode() (as an inference script would)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """A tensor made under inference_mode cannot be saved for backward: a normal copy of it."""
+    return t.clone() if t.is_inference() else t
 
 
 def read_metadata(path: str) -> Dict[str, Any]:
@@ -115,10 +138,14 @@ class ExportedModel:
 
     def evaluate(self, positions, numbers, edge_index, shifts, nlocal: Optional[int] = None):
         """The raw module call, float64 in and out: (energy, node_energy, forces, virial)."""
-        positions = torch.as_tensor(positions).to(torch.float64)
-        n = positions.shape[0]
-        return self.module(positions, torch.as_tensor(numbers, dtype=torch.long), torch.as_tensor(edge_index),
-                           torch.as_tensor(shifts).to(torch.float64), n if nlocal is None else int(nlocal))
+        n = torch.as_tensor(positions).shape[0]
+        if nlocal is not None and not 0 <= int(nlocal) <= n:
+            raise HessforgeError(f"nlocal must be 0..{n} (the atoms whose energies count), got {nlocal}")
+        with _autograd_on():
+            args = [_normal(torch.as_tensor(positions).to(torch.float64)),
+                    _normal(torch.as_tensor(numbers, dtype=torch.long)), _normal(torch.as_tensor(edge_index)),
+                    _normal(torch.as_tensor(shifts).to(torch.float64))]
+            return self.module(*args, n if nlocal is None else int(nlocal))
 
     def _edge_shifts(self, graph: AtomicGraph) -> torch.Tensor:
         i = graph.edge_index[0]
@@ -133,8 +160,10 @@ class ExportedModel:
         nstruct = graph.cell.shape[0]
         shifts = self._edge_shifts(graph)
         if hasattr(self.module, "batched"):
-            return self.module.batched(graph.positions.double(), graph.numbers, graph.edge_index, shifts,
-                                       graph.batch, nstruct)
+            with _autograd_on():
+                args = [_normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index, shifts,
+                                             graph.batch)]
+                return self.module.batched(*args, nstruct)
         n = graph.positions.shape[0]
         if not virials:  # the whole batch in one forward call: its per-atom outputs are per structure already
             _, node_energy, forces, _ = self.evaluate(graph.positions, graph.numbers, graph.edge_index, shifts)

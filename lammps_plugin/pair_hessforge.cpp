@@ -174,6 +174,9 @@ void PairHessforge::init_style()
   if (neighbor->nex_type + neighbor->nex_group + neighbor->nex_mol > 0)  // set by neigh_modify itself
     error->all(FLERR, "pair_style hessforge: neigh_modify exclude takes pairs out of the model's neighbor list "
                       "(the model needs every pair within its cutoff); remove the exclusion");
+  if (neighbor->includegroup)  // fold mode would pass the model only the group's pairs, ghost mode is refused
+    error->all(FLERR, "pair_style hessforge: neigh_modify include leaves atoms outside the group without "
+                      "neighbors (the model needs every pair within its cutoff); remove it");
   checked_special = false;  // neighbor->special_flag is set after this (Neighbor::init): checked in compute()
   if (!model->metadata().virial)
     for (const auto *fix : modify->get_fix_list()) {

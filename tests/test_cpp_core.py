@@ -1,6 +1,8 @@
 """The C++ core (pybind11 module engine._core): cell-list neighbor list against the reference, energies,
 forces, virials and per-atom energies against the Python engine (float64), and its errors."""
 import json
+import os
+import re
 import time
 
 import numpy as np
@@ -107,6 +109,70 @@ def test_core_graph_call_with_ghosts(tmp_path):
     (grad,) = torch.autograd.grad(e_local, x)
     assert rel(out["energy"], e_local.item()) < 1e-12
     assert rel(out["forces"], -grad) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_gradient_models_under_no_grad_and_inference_mode(tmp_path, mode):
+    """Inference scripts run under torch.no_grad() / torch.inference_mode(): a gradient model's forces come from
+    autograd inside the module, which used to fail there (core, ExportedModel and LAMMPS in-process alike)."""
+    path = str(tmp_path / "model.pt")
+    export_model(tiny_painn(), path)
+    core, exported = load_core(path), ExportedModel(path)
+    atoms = structures(np.random.default_rng(5))["triclinic"]
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    ref_core, ref_exported = core.compute_atoms(atoms), exported.evaluate_batch(graph)
+    with getattr(torch, mode)():
+        out = core.compute_atoms(atoms)
+        got = exported.evaluate_batch(graph_from_atoms([atoms], CUTOFF, torch.float64))
+    assert rel(out["forces"], ref_core["forces"]) < 1e-12 and rel(out["virial"], ref_core["virial"]) < 1e-12
+    for a, b in zip(got, ref_exported):
+        assert rel(a, b) < 1e-12
+
+
+def test_metadata_reads_the_same_in_a_comma_decimal_locale(tmp_path):
+    """The core's JSON reader used strtod, which follows LC_NUMERIC: a host program in de_DE could load no model."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("localedef") is None:
+        pytest.skip("localedef not installed")
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    made = subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
+                          capture_output=True)
+    if not (locales / "de_DE.UTF-8").exists():
+        pytest.skip(f"cannot build the de_DE locale ({made.stderr.decode()[-200:]})")
+    path = str(tmp_path / "model.pt")
+    export_model(tiny_painn(), path)
+    script = ("import locale, sys; locale.setlocale(locale.LC_ALL, 'de_DE.UTF-8'); "
+              "assert locale.localeconv()['decimal_point'] == ','; "
+              "from engine.exported import load_core; m = load_core(sys.argv[1]).model; print(m.cutoff)")
+    run = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True,
+                         env={**os.environ, "LOCPATH": str(locales)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.strip()) == CUTOFF
+
+
+def test_exported_model_checks_nlocal_and_metadata(tmp_path):
+    path = str(tmp_path / "model.pt")
+    export_model(tiny_painn(), path)
+    model = ExportedModel(path)
+    atoms = structures(np.random.default_rng(2))["molecule"]
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    with pytest.raises(HessforgeError, match="nlocal must be 0"):  # -1 dropped the last atom's energy
+        model.evaluate(graph.positions, graph.numbers, graph.edge_index, torch.zeros(graph.edge_index.shape[1], 3),
+                       nlocal=-1)
+    meta = json.loads(json.dumps(model.metadata))
+    for key, value, message in (("species", ["H", "C"], "'species' is not a list of atomic numbers"),
+                                ("dtype", "float16", "'dtype' is 'float16'"),
+                                ("force_mode", "both", "'force_mode' is 'both'"),
+                                ("cutoff", -1.0, "'cutoff' is -1.0")):
+        bad = str(tmp_path / f"bad_{key}.pt")
+        with quiet_torchscript():
+            torch.jit.save(torch.jit.load(path), bad, _extra_files={METADATA_NAME: json.dumps(dict(meta, **{key: value}))})
+        with pytest.raises(HessforgeError, match=re.escape(message)):
+            ExportedModel(bad)
 
 
 def test_core_errors(tmp_path):

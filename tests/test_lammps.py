@@ -393,6 +393,8 @@ def test_bad_input_errors(tmp_path, models):
         ("hybrid NULL", header(f"hessforge {path}", ["H", "C", "NULL"], pair_style="hybrid hessforge lj/cut 5.0"),
          "atom type 3 is NULL"),
         ("exclude", header(path, ["H", "C", "O"]) + "neigh_modify exclude type 1 2\n", "neigh_modify exclude"),
+        ("include", header(path, ["H", "C", "O"]).replace("read_data", "atom_modify first some\nread_data")
+         + "group some id 1 2 3\nneigh_modify include some\n", "neigh_modify include"),
         ("direct under npt", header(models["direct"][1], ["H", "C", "O"])
          + "fix p all npt temp 300 300 0.1 iso 0 0 1\n", "controls the pressure, but"),
         # fixes whose names the first check missed (they ran with a zero virial): by name, and by the

@@ -21,6 +21,7 @@ import torch
 from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
+from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
 from engine.graph import graph_from_atoms, graph_to, recentred, resolve_device
 from engine.models import for_inference
@@ -145,6 +146,9 @@ class Calculator(_ASECalculator):
             with torch.no_grad():
                 out = self.model(graph, compute_forces=True)
             return out["energy"], out["node_energy"], out["forces"], None
+        if autograd_is_off():  # ASE called under no_grad / inference_mode: forces need autograd
+            with autograd_on():
+                return self._evaluate(normal_graph(graph), want_stress)
         if want_stress:
             out = energy_forces_strain_derivative(self.model, graph)
             return out["energy"], out["node_energy"], out["forces"], out["dE_deps"][0]

@@ -18,6 +18,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
+from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
 
@@ -85,6 +86,9 @@ class CompiledStudent(nn.Module):
                                  "eager student")
         if self.dynamic:
             _mark_dynamic(graph)
+        if compute_forces and not self.direct_forces and autograd_is_off():  # a caller under no_grad
+            with autograd_on():
+                return self.forward(normal_graph(graph), compute_forces, create_graph)
         positions = graph.positions
         need_grad = compute_forces and not self.direct_forces
         if need_grad and not positions.requires_grad:

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import zipfile
@@ -19,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from engine.autograd_mode import autograd_on, normal
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
 from engine.graph import AtomicGraph
@@ -61,18 +61,6 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
     return metadata
 
 
-@contextlib.contextmanager
-def _autograd_on():
-    """Gradient models take forces (and virials) from autograd inside the module: on even when the caller runs
-    under torch.no_grad() or torch.inference_mode() (as an inference script would)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def _normal(t: torch.Tensor) -> torch.Tensor:
-    """A tensor made under inference_mode cannot be saved for backward: a normal copy of it."""
-    return t.clone() if t.is_inference() else t
-
 
 def read_metadata(path: str) -> Dict[str, Any]:
     """The metadata of an exported model, checked (format, version), without loading the module."""
@@ -114,7 +102,7 @@ class ExportedModel:
         self.metadata = read_metadata(path)
         check_archive(path)
         try:
-            with quiet_torchscript():
+            with quiet_torchscript(), torch.inference_mode(False):  # weights autograd can use, wherever loaded
                 self.module = torch.jit.load(path, map_location="cpu")
         except Exception as err:
             raise HessforgeError(f"{path}: cannot load the TorchScript module ({type(err).__name__})") from None
@@ -141,10 +129,10 @@ class ExportedModel:
         n = torch.as_tensor(positions).shape[0]
         if nlocal is not None and not 0 <= int(nlocal) <= n:
             raise HessforgeError(f"nlocal must be 0..{n} (the atoms whose energies count), got {nlocal}")
-        with _autograd_on():
-            args = [_normal(torch.as_tensor(positions).to(torch.float64)),
-                    _normal(torch.as_tensor(numbers, dtype=torch.long)), _normal(torch.as_tensor(edge_index)),
-                    _normal(torch.as_tensor(shifts).to(torch.float64))]
+        with autograd_on():
+            args = [normal(torch.as_tensor(positions).to(torch.float64)),
+                    normal(torch.as_tensor(numbers, dtype=torch.long)), normal(torch.as_tensor(edge_index)),
+                    normal(torch.as_tensor(shifts).to(torch.float64))]
             return self.module(*args, n if nlocal is None else int(nlocal))
 
     def _edge_shifts(self, graph: AtomicGraph) -> torch.Tensor:
@@ -160,8 +148,8 @@ class ExportedModel:
         nstruct = graph.cell.shape[0]
         shifts = self._edge_shifts(graph)
         if hasattr(self.module, "batched"):
-            with _autograd_on():
-                args = [_normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index, shifts,
+            with autograd_on():
+                args = [normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index, shifts,
                                              graph.batch)]
                 return self.module.batched(*args, nstruct)
         n = graph.positions.shape[0]

@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.compiled import call_compiled, compile_events, compile_stats, keep_compilation_metrics, own_code
 from engine.errors import HessforgeError
 from engine import paths
@@ -199,6 +200,9 @@ def fused_forward(core: Callable, fused: FusedStudent, graph: AtomicGraph, compu
                   create_graph: bool, before_call: Optional[Callable] = None) -> Dict[str, torch.Tensor]:
     """Run a fused core (FusedStudent.core, compiled or not) with `fused`'s capacity policy, then take forces.
     before_call: run before each core call (CUDA graphs: mark the start of a step)."""
+    if compute_forces and not fused.direct_forces and autograd_is_off():  # a caller under no_grad
+        with autograd_on():
+            return fused_forward(core, fused, normal_graph(graph), compute_forces, create_graph, before_call)
     positions = graph.positions
     if compute_forces and not fused.direct_forces and not positions.requires_grad:
         positions = positions.detach().requires_grad_(True)

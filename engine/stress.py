@@ -11,6 +11,7 @@ from typing import Dict
 
 import torch
 
+from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
 from engine.graph import AtomicGraph
 
@@ -39,6 +40,9 @@ def energy_forces_strain_derivative(model, graph: AtomicGraph, create_graph: boo
             raise HessforgeError(f"{type(model).__name__} gives forces and stress, not their derivatives "
                                  "(train from a checkpoint, not an exported model)")
         return own(graph)
+    if autograd_is_off():  # a caller under no_grad / inference_mode: the derivatives need autograd
+        with autograd_on():
+            return energy_forces_strain_derivative(model, normal_graph(graph), create_graph)
     positions = graph.positions.detach().requires_grad_(True)
     eps = torch.zeros(graph.cell.shape[0], 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
     sym = 0.5 * (eps + eps.transpose(1, 2))

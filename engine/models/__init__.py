@@ -32,9 +32,11 @@ def for_inference(model, device, dtype):
 
     if not isinstance(model, torch.nn.Module):
         return model
-    if isinstance(model, Student):  # always: even a ready model may be edited by its owner
-        model = copy.deepcopy(model)
-    model = model.to(device=device, dtype=dtype).eval()
+    # outside inference_mode even when called in it: copies made there could not serve the forces' autograd
+    with torch.inference_mode(False):
+        if isinstance(model, Student):  # always: even a ready model may be edited by its owner
+            model = copy.deepcopy(model)
+        model = model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

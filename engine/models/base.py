@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, edge_vectors, sum_per_structure
 from engine.radial import cosine_cutoff, sinc_basis
@@ -128,6 +129,11 @@ class Student(nn.Module):
         For gradient forces, positions that already require grad are used as they are (so callers can take
         second derivatives); otherwise a detached copy is made differentiable.
         """
+        # a caller under no_grad / inference_mode (not in TorchScript: an exported model handles it itself)
+        if not torch.jit.is_scripting():
+            if compute_forces and not self.direct_forces and autograd_is_off():
+                with autograd_on():
+                    return self.forward(normal_graph(graph), compute_forces, create_graph)
         positions = graph.positions
         if compute_forces and not self.direct_forces and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)

@@ -390,3 +390,25 @@ def test_config_yaml_merge_keys_still_load(tmp_path):
                       "train:\n  <<: {epochs: 3, batch_size: 4}\n  epochs: 5\n")
     loaded = load_config(str(config))
     assert loaded.train.epochs == 5 and loaded.train.batch_size == 4 and loaded.model.hidden == 8
+
+
+def test_md_continued_with_its_seed_draws_new_noise(files):
+    """A run continuing another's -o with the same --seed used to replay the first segment's Langevin noise step
+    for step; it now draws from (seed, step), still reproducibly."""
+    ckpt, data = files / "ckpt.pt", files / "mols.xyz"
+    common = ["--integrator", "langevin", "--timestep", "0.25", "--threads", "1", "--dtype", "float64",
+              "--batch-size", "2", "--steps", "4", "--seed", "5"]
+    first = files / "seg1.xyz"
+    assert main(["md", str(ckpt), str(data), "-o", str(first), *common]) == 0
+    unnumbered = files / "seg1_unnumbered.xyz"  # the same state, read as a fresh start: the plain seed's stream
+    frames = ase.io.read(first, ":")
+    for f in frames:
+        del f.info["md_step"]
+    ase.io.write(unnumbered, frames)
+    outs = {}
+    for name, start in (("continued", first), ("again", first), ("plain", unnumbered)):
+        outs[name] = files / f"seg2_{name}.xyz"
+        assert main(["md", str(ckpt), str(start), "-o", str(outs[name]), *common]) == 0
+    pos = {k: np.concatenate([a.positions for a in ase.io.read(v, ":")]) for k, v in outs.items()}
+    assert np.array_equal(pos["continued"], pos["again"])  # reproducible
+    assert np.abs(pos["continued"] - pos["plain"]).max() > 1e-6  # but not the seed's own stream again

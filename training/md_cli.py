@@ -31,6 +31,12 @@ from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device,
 from training.bench import DTYPES, load_structures, make_targets, set_threads
 
 
+def continued_seed(seed: int, step: int) -> int:
+    """The random stream of a run that continues another's -o at `step` with --seed `seed`: reusing the seed
+    itself would give the thermostat the first segment's noise again, step for step."""
+    return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0] >> 2)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="checkpoint, exported file, painn[:k=v,...] or schnet[:k=v,...]")
     parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
@@ -73,7 +79,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
                         help="the model's dtype (default float64; the MD state is float64 either way)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=None, help="random stream (default: a fresh one)")
+    parser.add_argument("--seed", type=int, default=None, help="random stream (default: a fresh one; a run continuing an -o file at step k uses (seed, k))")
     parser.add_argument("--interval", type=int, default=100,
                         help="report (and trajectory) interval in steps (default 100)")
     parser.add_argument("--trajectory", default=None,
@@ -164,6 +170,8 @@ def run(args) -> int:
         (step,) = earlier  # every system continues a previous run's -o: its frames number on from there
         if isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step > 0:
             md.step_offset = int(step)
+            if args.seed is not None:  # the run it continues may have had this seed: do not replay its noise
+                md.generator.manual_seed(continued_seed(args.seed, int(step)))
     if args.trajectory:  # frame 0 first, then every --interval steps
         ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
     start = time.perf_counter()

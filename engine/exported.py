@@ -61,7 +61,6 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
     return metadata
 
 
-
 def read_metadata(path: str) -> Dict[str, Any]:
     """The metadata of an exported model, checked (format, version), without loading the module."""
     _check_readable(path)

@@ -19,12 +19,13 @@ from engine.errors import HessforgeError
 
 
 def cell_heights(cell: torch.Tensor) -> torch.Tensor:
-    """Distances between opposite faces of the cell spanned by the rows of `cell` [3, 3]."""
+    """Distances between opposite faces of the cell(s) spanned by the rows of `cell` [..., 3, 3] -> [..., 3]."""
     volume = torch.linalg.det(cell).abs()
+    a, b, c = cell[..., 0, :], cell[..., 1, :], cell[..., 2, :]
     cross = torch.stack(
-        [torch.linalg.cross(cell[1], cell[2]), torch.linalg.cross(cell[2], cell[0]), torch.linalg.cross(cell[0], cell[1])]
+        [torch.linalg.cross(b, c, dim=-1), torch.linalg.cross(c, a, dim=-1), torch.linalg.cross(a, b, dim=-1)], dim=-2
     )
-    return volume / cross.norm(dim=1)
+    return volume[..., None] / cross.norm(dim=-1)
 
 
 def _shift_vectors(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:

@@ -246,6 +246,7 @@ class Builder:
         does not take CPU from DFT for molecules far down the list."""
         a = self.args
         md_failed = D.failed_molecules(self.path["log"], "md") if not a.retry_failed else {}
+        d_functions = self.config()["d_functions"]
         calc = None
         for m in mols:
             mid = m["mol_id"]
@@ -295,7 +296,7 @@ class Builder:
                 frames_by_key[key] = fr
                 yield {"mol_id": key[0], "conf_id": key[1], "symbols": fr.get_chemical_symbols(),
                        "positions": fr.positions.tolist(), "basis": a.basis, "xc": a.xc, "threads": a.threads,
-                       "d_functions": self.config()["d_functions"],
+                       "d_functions": d_functions,
                        "max_cycle": a.max_cycle}
 
     def run(self) -> int:

@@ -39,7 +39,7 @@ from torch import Tensor
 from engine.errors import HessforgeError
 from engine.kernels._prepare import make_params, prepare
 from engine.kernels._torch_impl import empty_outputs, torch_backward, torch_forward
-from engine.neighbors import MIN_CELL_HEIGHT, complete_cells
+from engine.neighbors import MIN_CELL_HEIGHT, cell_heights, complete_cells
 
 BACKENDS = ("auto", "torch", "triton")
 INTERPRETER_BLOCK = 1024  # the interpreter runs blocks as numpy arrays: large blocks are nearly free there
@@ -116,10 +116,7 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
     infinite = periodic & ~torch.isfinite(cell).flatten(1).all(dim=1)
     bad_cell = periodic & ~(volume > 1e-8)
     # a periodic direction thinner than check_cell allows: (cutoff / height)^3 shifts, past int32 in the kernels
-    c = cell.double()
-    faces = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2]), torch.linalg.cross(c[:, 2], c[:, 0]),
-                         torch.linalg.cross(c[:, 0], c[:, 1])], dim=1).norm(dim=2)
-    heights = volume[:, None] / faces.clamp_min(1e-300)
+    heights = cell_heights(cell.double())  # NaN for the cells flagged above
     thin = pbc.to(torch.bool) & ~(heights >= MIN_CELL_HEIGHT) & ~bad_cell[:, None] & ~infinite[:, None]
     true = torch.ones((), dtype=torch.bool, device=positions.device)
     flags = torch.stack([

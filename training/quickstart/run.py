@@ -25,11 +25,12 @@ BUNDLED = "quickstart.extxyz"
 STUDENT_SIZE = {"hidden": 64, "layers": 3, "num_basis": 32, "cutoff": 5.0, "force_mode": "gradient"}
 KD_WEIGHT = 50.0  # λ_KD of the distilled student by default (see student_config)
 RUN_DIRS = ("undistilled", "hessian_kd")  # run directories under --out
+ENERGY_WEIGHT = 3200.0  # λ_U of both students (see student_config)
 
 
 def run_dir_name(lam: float) -> str:
+    """The run directory of the student trained with λ_KD = lam."""
     return RUN_DIRS[lam > 0]
-ENERGY_WEIGHT = 3200.0  # λ_U of both students (see student_config)
 
 
 def add_arguments(parser) -> None:

@@ -129,7 +129,7 @@ class Calculator(_ASECalculator):
         e = float(energy.detach().sum())
         if not (np.isfinite(e) and bool(torch.isfinite(forces).all())):
             raise HessforgeError(f"{where}: the model returned NaN or Inf energy/forces (damaged weights, or "
-                                 "atoms on top of each other)")
+                                 "atoms far closer than any training structure)")
         self.results["energy"] = e
         self.results["free_energy"] = e
         self.results["energies"] = node_energy.detach().double().cpu().numpy()

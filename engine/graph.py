@@ -107,6 +107,27 @@ def _neighbor_list(positions, cell, pbc, batch, cutoff):
     return out.edge_index, out.shifts
 
 
+MIN_ATOM_DISTANCE = 0.01  # Å: closer atoms are one atom written twice; the students' safe norm keeps them finite
+
+
+def _check_no_overlaps(positions, numbers, cell, batch, edge_index, shifts, names) -> None:
+    """Refuse atoms on top of each other (a duplicated atom, an atom on another's periodic image): the model
+    would return finite nonsense. A blown-up MD run can still bring atoms close; only coincidence is refused."""
+    if edge_index.shape[1] == 0:
+        return
+    i, j = edge_index[0], edge_index[1]
+    d = torch.linalg.vector_norm(positions[j] - positions[i] + torch.einsum("ea,eab->eb", shifts, cell[batch[i]]),
+                                 dim=1)
+    k = int(torch.argmin(d))
+    if not float(d[k]) < MIN_ATOM_DISTANCE:
+        return
+    b = int(batch[i[k]])
+    first = int(torch.searchsorted(batch, torch.tensor(b)))  # batch is sorted
+    a, c = int(i[k]) - first, int(j[k]) - first
+    raise HessforgeError(f"{names[b]}: atoms {a} (Z={int(numbers[i[k]])}) and {c} (Z={int(numbers[j[k]])}) are "
+                         f"{float(d[k]):.3g} Å apart: overlapping atoms (an atom written twice?)")
+
+
 def build_graph(
     numbers: Sequence[np.ndarray],
     positions: Sequence[np.ndarray],
@@ -152,6 +173,7 @@ def build_graph(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
     )
     edge_index, shifts = _neighbor_list(positions_t, cell_t, pbc_t, batch_t, cutoff)
+    _check_no_overlaps(positions_t, numbers_t, cell_t, batch_t, edge_index, shifts, names)
     return AtomicGraph(
         positions=positions_t.to(dtype),
         numbers=numbers_t,

@@ -264,3 +264,30 @@ def test_nan_from_the_model_is_an_error(rng):
     atoms.calc = Calculator(model)
     with pytest.raises(HessforgeError, match="returned NaN or Inf"):
         atoms.get_potential_energy()
+
+
+def test_overlapping_atoms_are_refused(rng):
+    """An atom written twice (or onto another's periodic image) gave finite nonsense through the students'
+    safe norm; it is one error naming the atoms, in the structure's own numbering. Close is not coincident."""
+    calc = Calculator(tiny())
+    twice = molecule_perturbed("CH3OH", rng)
+    k = int(rng.integers(len(twice)))
+    twice += twice[k : k + 1]
+    with pytest.raises(HessforgeError, match=rf"atoms {k} \(Z=\d\) and {len(twice) - 1} \(Z=\d\) are 0 Å apart: "
+                                             "overlapping atoms"):
+        calc.get_potential_energy(twice)
+    crystal = periodic(rng)
+    image = crystal[:1].copy()
+    image.positions += crystal.cell[int(rng.integers(3))]  # the first atom's periodic image, in another atom
+    crystal += image
+    with pytest.raises(HessforgeError, match=r"and 7 \(Z=\d\) are [0-9.e-]+ Å apart: overlapping"):
+        calc.get_potential_energy(crystal)
+    # a batch: the second structure's atoms are named in its own numbering, the structure by its formula
+    from engine.graph import graph_from_atoms
+
+    with pytest.raises(HessforgeError, match=rf"^{twice.get_chemical_formula()}: atoms {k} "):
+        graph_from_atoms([molecule("CH4"), twice], 3.0)
+    close = molecule_perturbed("CH3OH", rng)
+    u = rng.normal(size=3)
+    close.positions[1] = close.positions[0] + 0.02 * u / np.linalg.norm(u)
+    assert np.isfinite(calc.get_potential_energy(close))

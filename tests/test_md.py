@@ -151,7 +151,9 @@ def test_skin_list_is_rebuilt_before_a_pair_can_be_missed():
 def test_langevin_reaches_target_temperature(rng):
     n, nsys = 32, 4
     targets = torch.tensor([150.0, 300.0, 300.0, 600.0], dtype=torch.float64)
-    atoms = [Atoms("C" * n, positions=rng.normal(scale=0.01, size=(n, 3))) for _ in range(nsys)]
+    # near the tether's centre, 0.1 Å apart on a grid (coincident atoms are refused as input)
+    grid = 0.1 * (np.stack(np.meshgrid(range(4), range(4), range(2), indexing="ij"), -1).reshape(n, 3) - [1.5, 1.5, 0.5])
+    atoms = [Atoms("C" * n, positions=grid + rng.normal(scale=0.01, size=(n, 3))) for _ in range(nsys)]
     md = BatchedMD(Harmonic(k=1.0), atoms, 1.0, integrator="langevin", temperature_K=targets,
                    friction_per_fs=0.05, init_temperature_K=0.0, seed=int(rng.integers(1 << 30)))
     assert float(md.temperature().max()) == 0.0

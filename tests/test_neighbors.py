@@ -112,7 +112,7 @@ def test_empty_batch_is_rejected():
 
 def test_atom_counts_must_match_per_structure():
     """Totals that agree but per-structure counts that do not would put atoms into the neighbouring structure."""
-    pos = [np.zeros((2, 3)), np.ones((3, 3))]
+    pos = [np.eye(3)[:2], 2 * np.eye(3)]
     cells, pbcs = [np.zeros((3, 3))] * 2, [[False] * 3] * 2
     assert build_graph([[1, 1], [8, 1, 1]], pos, cells, pbcs, 3.0).numbers.shape == (5,)
     with pytest.raises(HessforgeError, match="structure 0: 3 atomic numbers for 2 positions"):

@@ -391,6 +391,24 @@ def test_second_derivatives_are_refused(backend):
         forces.square().sum().backward()
 
 
+@pytest.mark.parametrize("capacity", [None, 64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coincident_atoms_without_eps_are_named(backend, capacity, rng):
+    """eps = 0 (the default) and two atoms at one place: the edge's direction and basis are 0/0, NaN that a
+    caller's model would spread; the pair is named instead. With the students' eps they are finite."""
+    n = int(rng.integers(3, 8))
+    pos = torch.tensor(rng.uniform(0, 3, (n, 3)), device=DEVICE)
+    a, b = (int(k) for k in rng.choice(n, 2, replace=False))
+    pos[b] = pos[a]
+    cell, pbc = torch.zeros(1, 3, 3, device=DEVICE, dtype=pos.dtype), torch.zeros(1, 3, dtype=torch.bool, device=DEVICE)
+    batch = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    pair = rf"atoms ({min(a, b)} and {max(a, b)}) \(batch numbering\) coincide"
+    with pytest.raises(HessforgeError, match=pair):
+        radial_edges(pos, cell, pbc, batch, 2.5, NUM_BASIS, backend=backend, capacity=capacity)
+    out = radial_edges(pos, cell, pbc, batch, 2.5, NUM_BASIS, backend=backend, capacity=capacity, eps=1e-8)
+    assert all(bool(torch.isfinite(t).all()) for t in (out.r, out.unit, out.rbf, out.fcut))
+
+
 # ------------------------------------------------------------------------------------------------ capacity
 
 

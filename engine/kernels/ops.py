@@ -391,7 +391,7 @@ def radial_edges(
     positions [N, 3], cell [B, 3, 3] (rows are lattice vectors; ignored for non-periodic structures), pbc
     [B, 3] bool, batch [N] sorted structure index. Same edges, shifts and order as
     `engine.neighbors.batched_neighbor_list`; `eps` as in the students' `safe_norm` (1e-8 there) for bitwise-equal
-    semantics. Differentiable once in positions and cell. `capacity`: see the module docstring; in eager mode
+    semantics; with eps = 0, coincident atoms (an edge of length 0, no direction) are an error in eager mode. Differentiable once in positions and cell. `capacity`: see the module docstring; in eager mode
     an overflow grows the output to the next power of two ≥ E (keep passing `out.edge_index.shape[1]` to
     stay there) or raises with grow=False. `complete`: fill the zero cell vectors ASE writes along the
     non-periodic directions of wires and slabs (`_prepare.complete_cells`, ~35 small ops; differentiable, and
@@ -406,9 +406,20 @@ def radial_edges(
         return RadialEdges(*torch.ops.hessforge.radial_edges(
             positions, cell, pbc, batch, float(cutoff), int(num_basis), cap, float(eps), backend))
 
-    if capacity is None:
-        return run(-1)
-    return _check_capacity(run(int(capacity)), int(capacity), grow, run)
+    out = run(-1) if capacity is None else _check_capacity(run(int(capacity)), int(capacity), grow, run)
+    if float(eps) <= 0 and not _compiling():
+        _check_not_coincident(out)
+    return out
+
+
+def _check_not_coincident(out: RadialEdges) -> None:
+    """With eps = 0 two atoms at one place give an edge of length 0, whose direction and basis are 0/0 (NaN
+    that would spread through a model): name the pair instead (padding has r = cutoff, never 0)."""
+    zero = torch.nonzero(out.r == 0)
+    if zero.numel():
+        i, j = out.edge_index[:, int(zero[0, 0])].tolist()
+        raise HessforgeError(f"atoms {i} and {j} (batch numbering) coincide: an edge of length 0 has no direction; "
+                             "remove the duplicate atom, or pass eps > 0 for a smooth norm (the students use 1e-8)")
 
 
 def neighbor_list(

@@ -5,6 +5,7 @@
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -75,6 +76,15 @@ const json::Value& need(const json::Value& doc, const std::string& key, json::Va
   return *v;
 }
 
+// An integer-valued JSON number (the metadata's version, layer count and atomic numbers): 1.5 is refused as the
+// Python loader refuses it, rather than truncated.
+int need_int(const json::Value& doc, const std::string& key, const std::string& path) {
+  const double x = need(doc, key, json::Value::Number, path).number;
+  if (!(std::isfinite(x) && x == std::floor(x) && std::fabs(x) < 1e9))
+    throw Error(path + ": exported model metadata '" + key + "' is not an integer");
+  return static_cast<int>(x);
+}
+
 Metadata parse_metadata(const std::string& text, const std::string& path) {
   json::Value doc;
   try {
@@ -87,7 +97,7 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
     throw Error(path + ": not a hessforge exported model (metadata format is not 'hessforge-exported')");
   Metadata meta;
   meta.json = text;
-  meta.format_version = static_cast<int>(need(doc, "format_version", json::Value::Number, path).number);
+  meta.format_version = need_int(doc, "format_version", path);
   if (meta.format_version > kFormatVersion) {
     std::ostringstream msg;
     msg << path << ": exported model format version " << meta.format_version
@@ -95,9 +105,10 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
     throw Error(msg.str());
   }
   meta.cutoff = need(doc, "cutoff", json::Value::Number, path).number;
-  meta.num_layers = static_cast<int>(need(doc, "num_layers", json::Value::Number, path).number);
+  meta.num_layers = need_int(doc, "num_layers", path);
   const json::Value* range = doc.get("interaction_range");
-  meta.interaction_range = (range && range->type == json::Value::Number) ? range->number : meta.num_layers * meta.cutoff;
+  meta.interaction_range = range == nullptr ? meta.num_layers * meta.cutoff
+                           : need(doc, "interaction_range", json::Value::Number, path).number;
   meta.force_mode = need(doc, "force_mode", json::Value::String, path).string;
   meta.dtype = need(doc, "dtype", json::Value::String, path).string;
   const json::Value* arch = doc.get("architecture");
@@ -105,8 +116,10 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
   const json::Value* virial = doc.get("virial");
   meta.virial = virial ? (virial->type == json::Value::Bool && virial->boolean) : meta.force_mode == "gradient";
   for (const json::Value& z : need(doc, "species", json::Value::Array, path).array) {
-    if (z.type != json::Value::Number || z.number < 1 || z.number > 118)
+    if (z.type != json::Value::Number || z.number < 1 || z.number > 118 || z.number != std::floor(z.number))
       throw Error(path + ": exported model metadata has an invalid species entry");
+    for (int known : meta.species)
+      if (known == static_cast<int>(z.number)) throw Error(path + ": exported model metadata lists a species twice");
     meta.species.push_back(static_cast<int>(z.number));
   }
   if (!(meta.cutoff > 0 && std::isfinite(meta.cutoff)))
@@ -119,6 +132,32 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
   if (meta.force_mode != "gradient" && meta.force_mode != "direct")
     throw Error(path + ": exported model force_mode '" + meta.force_mode + "' is not gradient or direct");
   return meta;
+}
+
+// The metadata's species must be the ones the weights embed (the students' z_to_index buffer: -1 for an
+// element they do not know): an element only in the metadata would pass the type check and be looked up at
+// index -1, another element's weights. Modules without that buffer are taken at their metadata's word.
+void check_species_match(const std::vector<int>& species, const torch::jit::Module& module, const std::string& path) {
+  for (const auto& buffer : module.named_buffers(/*recurse=*/true)) {
+    const std::string& name = buffer.name;
+    if (name != "z_to_index" && (name.size() < 11 || name.compare(name.size() - 11, 11, ".z_to_index") != 0)) continue;
+    const torch::Tensor table = buffer.value.to(torch::kCPU, torch::kLong).contiguous();
+    std::vector<int> embedded;
+    for (int64_t z = 0; z < table.numel(); ++z)
+      if (table.data_ptr<int64_t>()[z] >= 0) embedded.push_back(static_cast<int>(z));
+    std::vector<int> listed(species);
+    std::sort(listed.begin(), listed.end());
+    if (listed != embedded) {
+      std::ostringstream msg;
+      msg << path << ": exported model metadata lists species";
+      for (int z : listed) msg << " " << z;
+      msg << " but its weights embed";
+      for (int z : embedded) msg << " " << z;
+      msg << " (metadata edited after export?); export the model again";
+      throw Error(msg.str());
+    }
+    return;
+  }
 }
 
 }  // namespace
@@ -144,6 +183,7 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
     throw Error(path + ": cannot load the TorchScript module (" + first_line(err.what()) + ")");
   }
   impl_->module.eval();
+  check_species_match(impl_->meta.species, impl_->module, path);
   impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
   for (int z : impl_->meta.species) impl_->known[z] = true;
   if (num_threads > 0) at::set_num_threads(num_threads);

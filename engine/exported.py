@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
         raise HessforgeError(f"{path}: not a hessforge exported model (metadata format is not {EXPORT_FORMAT!r})")
     version = metadata.get("format_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise HessforgeError(f"{path}: exported model metadata has no integer format_version")
     if version > EXPORT_VERSION:
         raise HessforgeError(f"{path}: exported model format version {version} is newer than this hessforge "
@@ -50,15 +51,50 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
         if key not in metadata:
             raise HessforgeError(f"{path}: exported model metadata lacks '{key}'")
     species = metadata["species"]
-    if not (isinstance(species, list) and species and all(isinstance(z, int) and 0 < z <= 118 for z in species)):
-        raise HessforgeError(f"{path}: exported model metadata 'species' is not a list of atomic numbers: {species!r}")
+    if not (isinstance(species, list) and species and all(_is_int(z) and 0 < z <= 118 for z in species)
+            and len(set(species)) == len(species)):
+        raise HessforgeError(f"{path}: exported model metadata 'species' is not a list of distinct atomic numbers: "
+                             f"{species!r}")
     if metadata["dtype"] not in ("float32", "float64"):
         raise HessforgeError(f"{path}: exported model metadata 'dtype' is {metadata['dtype']!r}, not float32 or float64")
     if metadata["force_mode"] not in ("gradient", "direct"):
         raise HessforgeError(f"{path}: exported model metadata 'force_mode' is {metadata['force_mode']!r}")
-    if not (isinstance(metadata["cutoff"], (int, float)) and metadata["cutoff"] > 0):
-        raise HessforgeError(f"{path}: exported model metadata 'cutoff' is {metadata['cutoff']!r}")
+    cutoff = metadata["cutoff"]
+    if not (_is_number(cutoff) and 0 < cutoff < math.inf):
+        raise HessforgeError(f"{path}: exported model metadata 'cutoff' is {cutoff!r}, not a positive finite number")
+    if not (_is_int(metadata["num_layers"]) and metadata["num_layers"] >= 1):
+        raise HessforgeError(f"{path}: exported model metadata 'num_layers' is {metadata['num_layers']!r}, not an "
+                             "integer >= 1")
+    reach = metadata.get("interaction_range", metadata["num_layers"] * cutoff)  # the C++ core's default too
+    if not (_is_number(reach) and cutoff <= reach < math.inf):
+        raise HessforgeError(f"{path}: exported model metadata 'interaction_range' is {reach!r}, not a finite number "
+                             "of Å at least the cutoff")
     return metadata
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def module_species(module) -> Optional[List[int]]:
+    """The atomic numbers a loaded student module embeds (its z_to_index buffer), None if it has none."""
+    for name, buffer in module.named_buffers():
+        if name == "z_to_index" or name.endswith(".z_to_index"):
+            return torch.nonzero(buffer >= 0).flatten().tolist()
+    return None
+
+
+def check_species_match(metadata: Dict[str, Any], module, path: str) -> None:
+    """The metadata's species must be the ones the weights embed: an element only in the metadata would be
+    looked up at index -1 (another element's weights, silently); one only in the weights would be refused."""
+    embedded = module_species(module)
+    if embedded is not None and sorted(metadata["species"]) != embedded:
+        raise HessforgeError(f"{path}: exported model metadata lists species {sorted(metadata['species'])} but its "
+                             f"weights embed {embedded} (metadata edited after export?); export the model again")
 
 
 def read_metadata(path: str) -> Dict[str, Any]:
@@ -106,6 +142,7 @@ class ExportedModel:
         except Exception as err:
             raise HessforgeError(f"{path}: cannot load the TorchScript module ({type(err).__name__})") from None
         self.module.eval()
+        check_species_match(self.metadata, self.module, path)
         self.cutoff: float = float(self.metadata["cutoff"])
         self.species = [int(z) for z in self.metadata["species"]]
         self.num_layers: int = int(self.metadata["num_layers"])

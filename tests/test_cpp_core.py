@@ -164,7 +164,7 @@ def test_exported_model_checks_nlocal_and_metadata(tmp_path):
         model.evaluate(graph.positions, graph.numbers, graph.edge_index, torch.zeros(graph.edge_index.shape[1], 3),
                        nlocal=-1)
     meta = json.loads(json.dumps(model.metadata))
-    for key, value, message in (("species", ["H", "C"], "'species' is not a list of atomic numbers"),
+    for key, value, message in (("species", ["H", "C"], "'species' is not a list of distinct atomic numbers"),
                                 ("dtype", "float16", "'dtype' is 'float16'"),
                                 ("force_mode", "both", "'force_mode' is 'both'"),
                                 ("cutoff", -1.0, "'cutoff' is -1.0")):
@@ -222,6 +222,36 @@ def test_core_errors(tmp_path):
     cut.write_bytes(bytes(data[: len(data) - 10]))
     with pytest.raises(HessforgeError, match="damaged model file|not a hessforge exported model"):
         load_core(str(cut))
+
+
+ODD_METADATA = {  # edit of the exported metadata -> what both loaders name
+    "format_version 1.5": (dict(format_version=1.5), "format_version"),
+    "num_layers 0": (dict(num_layers=0), "num_layers"),
+    "num_layers 2.5": (dict(num_layers=2.5), "num_layers"),
+    "cutoff -1": (dict(cutoff=-1.0), "cutoff"),
+    "interaction_range text": (dict(interaction_range="far"), "interaction_range"),
+    "interaction_range below cutoff": (dict(interaction_range=CUTOFF / 2), "interaction_range"),
+    "species twice": (dict(species=SPECIES + SPECIES[:1]), "species"),
+    "species the weights lack": (dict(species=SPECIES + [7]), "but its weights embed"),
+    "species missing": (dict(species=SPECIES[:-1]), "but its weights embed"),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_METADATA))
+def test_odd_metadata_is_refused_by_both_loaders(tmp_path, case):
+    """The C++ core and the Python loader read the same metadata the same way: a version or layer count 1.5
+    was truncated by one and refused by the other, 0 layers passed in Python; species the weights do not embed
+    were looked up at index -1 (another element's weights) by both."""
+    edit, named = ODD_METADATA[case]
+    path = str(tmp_path / "model.pt")
+    meta = export_model(tiny_painn(), path)
+    odd = str(tmp_path / "odd.pt")
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), odd, _extra_files={METADATA_NAME: json.dumps(dict(meta, **edit))})
+    with pytest.raises(HessforgeError, match=named):
+        load_core(odd)
+    with pytest.raises(HessforgeError, match=named):
+        ExportedModel(odd)
 
 
 def test_core_float32_model(tmp_path, rng):

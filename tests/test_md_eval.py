@@ -275,9 +275,24 @@ def test_dft_reference_judges_the_optimized_structure():
     failing.calculate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("SCF not converged"))
     bad = optimization(water, Springs(molecule("H2O")), failing, steps=50, reference_relax=False)
     assert "SCF not converged" in bad["reference_final"]["error"]
-    for spec in ("dft:", "dft:a:b:c"):
+    for spec in ("dft:", "dft:a:b:c:d:e", "dft:sto-3g:wb97x:"):
         with pytest.raises(HessforgeError, match="not a DFT reference spec"):
             reference_calculator(spec)
+    # an unknown basis, functional or d-shell setting: one error before the run (each structure recorded the
+    # same pyscf error and the run exited 0)
+    for spec, named in (("dft:nobasis", "unknown basis 'nobasis'"), ("dft:sto-3g:noxc", "unknown functional 'noxc'"),
+                        ("dft:sto-3g:wb97x:pure", "d shells 'pure' are not one of auto, cartesian, spherical")):
+        with pytest.raises(HessforgeError, match=named):
+            reference_calculator(spec)
+    # the d shells reach pyscf: the committed qm9_no9 labels' pure d shells in 6-31g* differ from auto's
+    h2o = molecule("H2O")
+    energies = {}
+    for d in ("spherical", "cartesian"):
+        h2o.calc = reference_calculator(f"dft:6-31g*:wb97x:{d}", threads=1)
+        energies[d] = h2o.get_potential_energy()
+        assert energies[d] == pytest.approx(dft_label(h2o, basis="6-31g*", threads=1, forces=False,
+                                                      d_functions=d)[0], abs=1e-6)
+    assert abs(energies["spherical"] - energies["cartesian"]) > 1e-3
 
 
 def test_bulk_minimum_relaxes_the_cell_and_is_compared_with_the_reference(rng):

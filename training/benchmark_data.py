@@ -171,7 +171,18 @@ class Builder:
                 "allowed_elements": a.allowed_elements, "seed": a.seed, "conformers": a.conformers,
                 "t_min": a.t_min, "t_max": a.t_max, "timestep": a.timestep, "equil_steps": a.equil_steps,
                 "stride": a.stride, "teacher": a.teacher, "basis": a.basis, "xc": a.xc,
-                "d_functions": "cartesian" if D.resolve_d_functions(a.basis, a.d_functions) else "spherical"}
+                "d_functions": self.d_functions()}
+
+    def d_functions(self) -> str:
+        """cartesian or spherical: --d-functions, or when it is not given the folder's own setting (resuming or
+        reporting on an existing folder), else auto (Gaussian's choice for the basis)."""
+        a = self.args
+        if a.d_functions is None and os.path.exists(self.path["config"]):
+            with open(self.path["config"]) as f:
+                recorded = json.load(f).get("d_functions", RECORDED_LATER["d_functions"])
+            if recorded in ("cartesian", "spherical"):
+                return recorded
+        return "cartesian" if D.resolve_d_functions(a.basis, a.d_functions or "auto") else "spherical"
 
     def check_config(self, write: bool = True) -> Dict:
         """Refuses settings other than the folder's; `write`: record them (a new folder, or keys an older
@@ -464,7 +475,11 @@ def resume_command(b: Builder) -> str:
     for k in FROZEN + ("max_cycle",):
         if k in ("conformers", "seed"):
             continue
-        if getattr(a, k) != defaults[k]:
+        if k == "d_functions":  # spelled out where the folder's setting is not what auto gives for its basis
+            auto = "cartesian" if D.resolve_d_functions(a.basis, "auto") else "spherical"
+            if b.d_functions() != auto:
+                parts += ["--d-functions", b.d_functions()]
+        elif getattr(a, k) != defaults[k]:
             parts += ["--" + k.replace("_", "-"), str(getattr(a, k))]
     return shlex.join(parts)
 
@@ -543,7 +558,7 @@ def write_provenance(b: Builder, sel, labels, log, mol_split, idx) -> None:
       f"{a.stride} steps ({a.stride * a.timestep:g} fs); frames whose bond graph (ase natural cutoffs × 1.2) "
       f"differs from the QM9 structure's are rejected, and more than {a.conformers} rejections fail the "
       f"molecule (logged).")
-    d_shells = "Cartesian" if D.resolve_d_functions(a.basis, a.d_functions) else "pure (spherical)"
+    d_shells = "Cartesian" if b.d_functions() == "cartesian" else "pure (spherical)"
     w(f"- Labels: pyscf `dft.RKS(mol).density_fit()`, xc `{a.xc}`, basis `{a.basis}` with {d_shells} d shells, "
       f"neutral singlet, default "
       f"grids, `max_cycle={a.max_cycle}`; on no convergence the Newton solver is tried once from the DIIS "
@@ -635,9 +650,10 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher", default="ani1x", help="MD force field (load_teacher spec; default ani1x ensemble)")
     p.add_argument("--basis", default="6-31g*")
     p.add_argument("--xc", default="wb97x")
-    p.add_argument("--d-functions", choices=D.D_FUNCTIONS, default="auto",
+    p.add_argument("--d-functions", choices=D.D_FUNCTIONS, default=None,
                    help="d shells: auto (Cartesian where Gaussian uses them, e.g. 6-31G(d), ANI-1x's basis), "
-                        "cartesian or spherical (what folders built before this option used)")
+                        "cartesian or spherical (what folders built before this option used). Default: an "
+                        "existing --out folder's own setting, auto for a new one")
     p.add_argument("--max-cycle", type=int, default=50, help="SCF iterations (DIIS, then Newton) before failing")
     p.add_argument("--workers", type=int, default=1, help="DFT processes (0: in this process)")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads per pyscf worker")

@@ -129,8 +129,12 @@ def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, m
                    d_functions: str = "auto"):
     """An ASE calculator over `dft_label` (energy eV, forces eV/Å): the labels' own method as a reference, e.g.
     for the structures a student optimized (`hessforge md-eval --reference dft`). An SCF that does not
-    converge raises SCFNotConverged (md-eval records it as that structure's error). Molecules only."""
+    converge raises SCFNotConverged (md-eval records it as that structure's error). Molecules only. An unknown
+    basis or functional raises ValueError here, not at every structure."""
     from ase.calculators.calculator import Calculator, all_changes
+
+    check_dft_options(basis, xc)
+    resolve_d_functions(basis, d_functions)  # ValueError for an unknown setting
 
     class DFT(Calculator):
         implemented_properties = ["energy", "forces"]
@@ -147,12 +151,30 @@ def dft_calculator(basis: str = "6-31g*", xc: str = "wb97x", threads: int = 1, m
 
 
 def parse_dft_spec(spec: str) -> Dict[str, str]:
-    """`dft`, `dft:BASIS` or `dft:BASIS:XC` -> the options given ({}, {basis}, {basis, xc}); the rest take
-    dft_calculator's defaults (the benchmark labels' 6-31g* / wb97x)."""
+    """`dft[:BASIS[:XC[:D]]]` -> the options given (basis, xc, d_functions: auto, cartesian or spherical);
+    the rest take dft_calculator's defaults (the benchmark labels' 6-31g* / wb97x, d shells as Gaussian's)."""
     parts = spec.split(":")
-    if parts[0] != "dft" or len(parts) > 3 or any(not p for p in parts[1:]):
-        raise ValueError(f"not a DFT reference spec: {spec!r} (dft, dft:BASIS or dft:BASIS:XC)")
-    return dict(zip(("basis", "xc"), parts[1:]))
+    if parts[0] != "dft" or len(parts) > 4 or any(not p for p in parts[1:]):
+        raise ValueError(f"not a DFT reference spec: {spec!r} (dft, dft:BASIS, dft:BASIS:XC or dft:BASIS:XC:D "
+                         f"with D one of {', '.join(D_FUNCTIONS)})")
+    if len(parts) == 4 and parts[3] not in D_FUNCTIONS:
+        raise ValueError(f"DFT reference spec {spec!r}: d shells {parts[3]!r} are not one of {', '.join(D_FUNCTIONS)}")
+    return dict(zip(("basis", "xc", "d_functions"), parts[1:]))
+
+
+def check_dft_options(basis: str = "6-31g*", xc: str = "wb97x") -> None:
+    """ValueError naming an unknown basis or functional, from a two-atom build (milliseconds), so that a run
+    does not record the same error for every structure."""
+    from pyscf import dft, gto
+
+    try:
+        gto.M(atom="H 0 0 0; H 0 0 0.74", basis=basis, verbose=0)
+    except Exception as err:
+        raise ValueError(f"unknown basis {basis!r} for pyscf ({type(err).__name__})") from None
+    try:
+        dft.libxc.parse_xc(xc)
+    except Exception as err:
+        raise ValueError(f"unknown functional {xc!r} for pyscf ({type(err).__name__})") from None
 
 
 def frame_key(atoms) -> Tuple[str, int]:

@@ -31,7 +31,7 @@ Three tests, each one can be skipped (--skip nvt,nve,opt):
        per atom against time, eV/atom/ps.
   opt  FIRE to --fmax 0.05 eV/Å (at most --opt-steps) from each structure; the final structure's energy and
        forces under the --reference calculator (a teacher spec such as ani1x, ani1x:0, mace:FILE; the
-       labels' DFT method, dft[:BASIS[:XC]]; or `none`) beside those of the starting structure, and the
+       labels' DFT method, dft[:BASIS[:XC[:D]]]; or `none`) beside those of the starting structure, and the
        largest bond deviation of the final structure. Unless --no-reference-relax, the starting structure is
        also relaxed under the reference itself (BFGS to --reference-fmax 0.005 eV/Å, at most 4 x --opt-steps):
        E_ref(student minimum) - E_ref(reference minimum) >= 0 measures
@@ -572,7 +572,7 @@ def resolve_model(path: str) -> Tuple[str, Optional[str], Optional[str]]:
 
 
 def reference_calculator(spec: Optional[str], threads: int = 1):
-    """None, a DFT calculator (`dft[:BASIS[:XC]]`, pyscf, the benchmark labels' method by default) or a
+    """None, a DFT calculator (`dft[:BASIS[:XC[:D]]]`, pyscf, the benchmark labels' method by default) or a
     teacher spec's ASE calculator."""
     if spec in (None, "", "none"):
         return None
@@ -587,7 +587,10 @@ def reference_calculator(spec: Optional[str], threads: int = 1):
             import pyscf  # noqa: F401
         except ImportError:
             raise HessforgeError("--reference dft needs pyscf: pip install 'hessforge[dft]'") from None
-        return dft_calculator(threads=threads, **options)
+        try:
+            return dft_calculator(threads=threads, **options)
+        except ValueError as err:  # an unknown basis or functional, found before the run
+            raise HessforgeError(f"--reference {spec}: {err}") from None
     from training.teachers import load_teacher
     from training.teachers.base import teacher_calculator
 
@@ -628,8 +631,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--opt-steps", type=int, default=DEFAULTS["opt_steps"], help="FIRE step limit (default 500)")
     parser.add_argument("--reference", default="none",
                         help="reference calculator for the optimized structures: a teacher spec (ani1x, "
-                             "ani1x:0, mace:FILE), dft[:BASIS[:XC]] (pyscf; default 6-31g*/wb97x, the benchmark "
-                             "labels' method; ~30 s per call for 18 atoms on 2 cores: pair it with "
+                             "ani1x:0, mace:FILE), dft[:BASIS[:XC[:D]]] (pyscf; default 6-31g*/wb97x, the benchmark "
+                             "labels' method; D: d shells auto (Gaussian's: Cartesian for 6-31g*), cartesian "
+                             "or spherical (the committed qm9_no9 labels'); ~30 s per call for 18 atoms on 2 cores: pair it with "
                              "--no-reference-relax) or none (default)")
     parser.add_argument("--reference-fmax", type=float, default=DEFAULTS["reference_fmax"],
                         help="eV/Å: BFGS target of the reference's own relaxation (default 0.005)")

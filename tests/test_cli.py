@@ -117,3 +117,27 @@ def test_evaluate_refuses_another_datasets_split_and_labels(tmp_path, rng):
     assert code == 2 and "--batch-size must be >= 1" in err
     code, out, err = hessforge("evaluate", ckpt, big, "--labels", tmp_path / "labels")
     assert code == 0, err
+
+
+def test_every_seed_option_takes_only_seeds_numpy_and_torch_accept():
+    """--seed -1 (md continuing a run, md-eval) and 1e20 (md) ended in tracebacks from numpy/torch; every
+    subcommand's --seed is now checked by argparse, one usage line."""
+    import argparse
+
+    from training.cli import SUBCOMMANDS
+
+    checked = []
+    for name, (module, _) in SUBCOMMANDS.items():
+        parser = argparse.ArgumentParser()
+        __import__(module, fromlist=["add_arguments"]).add_arguments(parser)
+        action = next((a for a in parser._actions if "--seed" in a.option_strings), None)
+        if action is None:
+            continue
+        checked.append(name)
+        assert action.type(str(2 ** 32 - 1)) == 2 ** 32 - 1 and action.type("0") == 0
+        for bad in ("-1", str(2 ** 32), "99999999999999999999", "1.5", "abc"):
+            with pytest.raises(argparse.ArgumentTypeError):
+                action.type(bad)
+    assert {"md", "md-eval", "label", "quickstart", "build-benchmark"} <= set(checked)
+    code, out, err = hessforge("md", "model.pt", "quickstart", "--seed", "-1")
+    assert code == 2 and "argument --seed: seed -1 is outside [0, 2**32)" in err and "Traceback" not in err

@@ -36,6 +36,7 @@ import numpy as np
 from engine.errors import HessforgeError
 from engine.paths import atomic_open, write_json
 from training import dft as D
+from training.arg_types import seed_option
 
 LABELS, CONFORMERS, LOG, SELECTION, SPLIT, PROVENANCE, CONFIG = (
     "labels.extxyz", "conformers.extxyz", "build.log.jsonl", "selection.json", "split.json", "PROVENANCE.md",
@@ -641,7 +642,7 @@ def add_arguments(p) -> None:
     p.add_argument("--allowed-elements", default="HCNO", help="elements allowed (default HCNO: ANI-1x's)")
     p.add_argument("--max-molecules", type=int, default=40)
     p.add_argument("--conformers", type=int, default=8, help="MD conformers per molecule (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--t-min", type=float, default=300.0, help="K; one MD temperature per molecule in [t-min, t-max]")
     p.add_argument("--t-max", type=float, default=600.0, help="K")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")

@@ -30,6 +30,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from engine.paths import check_output_dir, file_sha256, write_json
+from training.arg_types import seed_option
 from training.data.records import RecordError, pack, unpack
 from training.data.store import (META_KEY, Dataset, LmdbWriter, check_meta, creation_info, damaged_file_errors,
                                  file_key, open_readonly, read_json_key, release_reader, shared_reader)
@@ -488,7 +489,7 @@ def add_arguments(parser) -> None:
                              "lammps:/path/potential.in (LAMMPS commands defining the interaction)")
     parser.add_argument("--rows", required=True, help="Hessian rows per structure: an integer k, or 'full'")
     parser.add_argument("-o", "--output", required=True, help="labels directory (created; resumed if present)")
-    parser.add_argument("--seed", type=int, default=0, help="row-sampling seed (default 0)")
+    parser.add_argument("--seed", type=seed_option, default=0, help="row-sampling seed (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="label only the first N structures")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="storage dtype of Hessian rows (default float32)")

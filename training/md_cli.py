@@ -29,6 +29,7 @@ from engine.md import BAROSTAT_COUPLINGS, BAROSTAT_METHODS, INTEGRATORS, Batched
 from engine.paths import atomic_path, check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
 from training.bench import DTYPES, load_structures, make_targets, set_threads
+from training.arg_types import seed_option
 
 
 def continued_seed(seed: int, step: int) -> int:
@@ -79,7 +80,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
                         help="the model's dtype (default float64; the MD state is float64 either way)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=None, help="random stream (default: a fresh one; a run continuing an -o file at step k uses (seed, k))")
+    parser.add_argument("--seed", type=seed_option, default=None, help="random stream (default: a fresh one; a run continuing an -o file at step k uses (seed, k))")
     parser.add_argument("--interval", type=int, default=100,
                         help="report (and trajectory) interval in steps (default 100)")
     parser.add_argument("--trajectory", default=None,

@@ -55,6 +55,7 @@ import numpy as np
 
 from engine.errors import HessforgeError
 from engine.paths import TORCH_FILE, artifact_kind, check_output_file, write_json
+from training.arg_types import seed_option
 
 DEFAULTS = dict(steps=1000, timestep_fs=1.0, temperature_K=300.0, friction_per_fs=0.01, check_interval=10,
                 bond_tolerance_A=0.5, criterion="auto", rdf_tolerance=0.25, rdf_window_fs=200.0,
@@ -641,7 +642,7 @@ def add_arguments(parser) -> None:
                         help="do not relax the structures under the reference itself")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     parser.add_argument("--json", dest="json_out", help="output JSON (default RUN/md.json for a run directory)")
 
 

@@ -29,6 +29,7 @@ from training.dft import frame_key as _frame_key
 from training.dft import log_record as _log
 from training.dft import read_extxyz as _read_extxyz
 from training.dft import sample_conformers_md
+from training.arg_types import seed_option
 
 DEFAULT_MOLECULES = ("CH3OH", "HCOOH", "CH3CHO", "CH3NO2", "CH3CH2OH", "CH3CONH2")  # ase g2 names, 5-9 atoms
 
@@ -50,7 +51,7 @@ def main(argv=None):
     p.add_argument("--xc", default="wb97x")
     p.add_argument("--d-functions", choices=("auto", "cartesian", "spherical"), default="auto",
                    help="d shells: auto (Cartesian for 6-31G(d), as Gaussian and so ANI-1x's labels use), or forced")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--temperature", type=float, default=400.0, help="K")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
     p.add_argument("--equil-steps", type=int, default=400)

@@ -17,6 +17,7 @@ from engine.checkpoint import load_student
 from engine.errors import HessforgeError
 from engine.models import STUDENTS as ARCHITECTURES
 from engine.paths import atomic_open, check_output_dir, write_json
+from training.arg_types import seed_option
 
 BUNDLED = "quickstart.extxyz"
 
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
                         help="safety cap on each training run's wall time (default 7)")
     parser.add_argument("--student", default="painn", choices=sorted(ARCHITECTURES),
                         help="student architecture (default painn; schnet: smaller and faster)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_option, default=0)
     # One thread: these graphs are tiny, and with 2 threads a step was 10-25x slower whenever anything else
     # ran on the 2 cores (measured 0.69 s vs 0.028 s per step), from OpenMP threads waiting on each other.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -110,7 +111,6 @@ def run(args) -> int:
                                     ("--threads", args.threads, args.threads >= 1, ">= 1"),
                                     ("--minutes-per-student", args.minutes_per_student,
                                      args.minutes_per_student > 0, "> 0"),
-                                    ("--seed", args.seed, args.seed >= 0, ">= 0"),
                                     ("--kd-weight", args.kd_weight,
                                      args.kd_weight > 0 and math.isfinite(args.kd_weight), "> 0")):
         if not ok:

@@ -376,3 +376,28 @@ def test_structure_charge_reaches_the_teacher_and_neutral_teachers_refuse_it(tmp
     with pytest.raises(HessforgeError, match=f"structure ion: total charge {charge}.*neutral structures only"):
         label_dataset(path, neutral, tmp_path / "refused", rows=2)
     assert neutral.calls == 0
+
+
+def test_a_run_that_failed_before_its_first_label_does_not_hold_the_folder(tmp_path, rng):
+    """The wrong teacher (chgnet on molecules) failed at its first structure after writing the shard's
+    settings; the corrected rerun into the same folder was refused as 'made with different settings' though
+    nothing was labelled. Once a structure is labelled, other settings are still refused."""
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng)
+
+    class Refusing(Harmonic):
+        def compute(self, atoms, rows=None):
+            raise HessforgeError("teacher refusing: molecules are not its kind")
+
+    for world_size in (1, 2):  # a sharded run leaves a settings-only shard per rank
+        out = tmp_path / f"labels{world_size}"
+        for rank in range(world_size):
+            with pytest.raises(HessforgeError, match="molecules are not its kind"):
+                label_dataset(path, Refusing(name="refusing"), out, rows=2, seed=1, rank=rank, world_size=world_size)
+        stats = label_dataset(path, Harmonic(), out, rows=4, seed=7)
+        assert stats["labelled"] == len(structures)
+        store = LabelStore(out)
+        assert store.metadata["teacher"] == Harmonic().name and store.metadata["k"] == 4
+        with pytest.raises(HessforgeError, match="made with different settings"):
+            label_dataset(path, Harmonic(), out, rows=2, seed=7)
+    assert len(list_shards(tmp_path / "labels2")) == 2  # rank 1's settings-only shard is left, and ignored
+    assert contents(tmp_path / "labels2") == contents(tmp_path / "labels1")

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -111,13 +111,12 @@ class LabelStore:
             raise HessforgeError(f"{self.directory}: is a file; labels are a directory written by hessforge label -o")
         if not os.path.isdir(self.directory):
             raise HessforgeError(f"{self.directory}: no such labels directory")
-        self.shards = []
-        metas = []
-        for path in list_shards(self.directory):
-            meta = _shard_meta(path, lock=False)
-            if meta is not None:
-                self.shards.append(path)
-                metas.append(meta)
+        found = [(path, *_shard_info(path, lock=False)) for path in list_shards(self.directory)]
+        found = [(path, meta, n) for path, meta, n in found if meta is not None]
+        if any(n for _, _, n in found):  # a shard left without labels by a failed run has no say in the settings
+            found = [(path, meta, n) for path, meta, n in found if n]
+        self.shards = [path for path, _, _ in found]
+        metas = [meta for _, meta, _ in found]
         if not self.shards:
             raise HessforgeError(f"{self.directory}: no label shards (labels.rank*.lmdb); run `hessforge label`")
         for path, meta in zip(self.shards[1:], metas[1:]):
@@ -215,15 +214,22 @@ _PAGE = max(4096, os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
     """A shard's metadata; None for an empty shard (a run killed before its first write, or between creating
     the file and LMDB writing its first page: 0 bytes)."""
+    return _shard_info(path, lock)[0]
+
+
+def _shard_info(path: str, lock: bool) -> Tuple[Optional[Dict[str, Any]], int]:
+    """(metadata or None as in _shard_meta, number of structures labelled in the shard)."""
     if os.path.getsize(path) == 0:
-        return None
+        return None, 0
     if lock:
         release_reader(path)  # LMDB allows one open per file and process
     env = shared_reader(path, "label shard") if not lock else open_readonly(path, "label shard", lock=True)
     try:
-        if env.stat()["entries"] == 0:
-            return None
-        return check_meta(read_json_key(env, META_KEY, path, "labels"), path, LABELS_MAGIC, LABELS_VERSION, "labels")
+        entries = env.stat()["entries"]
+        if entries == 0:
+            return None, 0
+        meta = check_meta(read_json_key(env, META_KEY, path, "labels"), path, LABELS_MAGIC, LABELS_VERSION, "labels")
+        return meta, entries - 1
     finally:
         if lock:
             env.close()
@@ -381,14 +387,17 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     check_output_dir(out_dir, "labels -o")
     os.makedirs(out_dir, exist_ok=True)
     mine = shard_path(out_dir, rank)
-    done = set()
+    done, stale_meta = set(), False
     for path in list_shards(out_dir):
         if path != mine and os.path.getsize(path) < 2 * _PAGE:
             continue  # another rank is creating this shard right now (LMDB writes its 2 meta pages first)
-        old = _shard_meta(path, lock=True)  # lock: other ranks may be writing their shards right now
+        old, labelled = _shard_info(path, lock=True)  # lock: other ranks may be writing their shards right now
         if old is None:  # empty (a run killed right after creating it; this rank's is written below)
             continue
         diff = _diff(old, meta)
+        if diff and labelled == 0:  # a run that failed before its first label (the wrong teacher): nothing to
+            stale_meta |= path == mine  # mix up; this rank's shard takes the new settings below, others' theirs
+            continue
         if diff:
             raise HessforgeError(f"{out_dir}: labels there were made with different settings: {diff}; use "
                                  "another output directory (or delete it) to label with these settings")
@@ -406,7 +415,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     writer = LmdbWriter(mine, lock=True)
     try:
         with damaged_file_errors(mine, "label shard"):
-            if writer.get(META_KEY) is None:
+            if writer.get(META_KEY) is None or stale_meta:
                 writer.put_many([(META_KEY, json.dumps(meta).encode())])
             done.update(writer.keys())
         todo = [i for i in range(n_total) if i % world_size == rank and ids[i].encode() not in done]

@@ -90,3 +90,21 @@ def test_quickstart_data_without_labels_names_what_it_needs(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--data", str(tmp_path / "bare.extxyz"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "needs reference energies and forces" in err and "--allow-missing-labels" not in err
+
+
+def test_a_quickstart_stopped_by_its_teacher_reruns_on_the_fixed_file(tmp_path, rng, capsys):
+    """A frame with an element the teacher lacks stops the quickstart after ingest; the fixed file into the
+    same --out was refused as 'the quickstart of that file before an edit', though nothing was labelled or
+    trained on the old copy. It is ingested again."""
+    data = tmp_path / "mine.extxyz"
+    write_frames(data, rng, n=9)
+    frames = ase.io.read(data, ":")
+    frames[4].numbers[0] = 16  # sulfur: not an ANI-1x element
+    ase.io.write(data, frames)
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST]) == 2
+    assert "S (Z=16)" in capsys.readouterr().err and (out / "data.lmdb").exists()
+    write_frames(data, rng, n=9)  # fixed
+    assert main(["quickstart", "--out", str(out), "--data", str(data), *FAST]) == 0
+    assert "holds no labels yet: ingesting" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["data"] == str(data)

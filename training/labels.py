@@ -211,6 +211,14 @@ def teacher_energy_offsets(labels, structures, records: Optional[Sequence] = Non
 _PAGE = max(4096, os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)  # LMDB's page: the OS page
 
 
+def labelled_count(directory: str) -> int:
+    """How many structures a labels directory holds (0 when it does not exist or only a failed run's
+    settings are there)."""
+    if not os.path.isdir(directory):
+        return 0
+    return sum(_shard_info(path, lock=False)[1] for path in list_shards(directory))
+
+
 def _shard_meta(path: str, lock: bool) -> Optional[Dict[str, Any]]:
     """A shard's metadata; None for an empty shard (a run killed before its first write, or between creating
     the file and LMDB writing its first page: 0 bytes)."""

@@ -115,7 +115,7 @@ def run(args) -> int:
                                      args.kd_weight > 0 and math.isfinite(args.kd_weight), "> 0")):
         if not ok:
             raise HessforgeError(f"{option} must be {rule}, got {value}")
-    from training.labels import parse_rows
+    from training.labels import labelled_count, parse_rows
 
     parse_rows(args.rows)
     out = os.path.abspath(args.out)
@@ -127,22 +127,28 @@ def run(args) -> int:
     teacher = load_teacher(args.teacher)
     os.makedirs(out, exist_ok=True)
     data = os.path.join(out, "data.lmdb")
-    if os.path.exists(data):  # a rerun continues the same quickstart: the same data, or another --out
+    labels = os.path.join(out, "labels")
+    fresh = not os.path.exists(data)
+    if not fresh:  # a rerun continues the same quickstart: the same data, or another --out
         previous = Dataset(data).metadata
         digest = previous.get("ingest", {}).get("source_sha256")
         if previous.get("source") != source or (digest is not None and digest != file_sha256(source)):
             same = previous.get("source") == source
-            raise HessforgeError(f"--out {args.out} holds the quickstart of {previous.get('source')}"
-                                 + (" as it was before an edit" if same else "") +
-                                 f"; give another --out for {source}")
-    else:
-        n = ingest(source, data, group_key="mol_id", missing_hint=(
+            if labelled_count(labels) or os.path.exists(os.path.join(out, "split.json")):
+                raise HessforgeError(f"--out {args.out} holds the quickstart of {previous.get('source')}"
+                                     + (" as it was before an edit" if same else "") +
+                                     f"; give another --out for {source}")
+            # nothing was labelled or trained on it (a run that stopped at its teacher, e.g. an element the
+            # teacher lacks, then the file fixed): the ingested copy is only this command's, so redo it
+            print(f"[1/4] {args.out} holds no labels yet: ingesting {source} again")
+            fresh = True
+    if fresh:
+        n = ingest(source, data, group_key="mol_id", overwrite=True, missing_hint=(
             "the quickstart needs reference energies and forces in every frame (an ASE calculator's results, or "
             "info/arrays keys 'energy'/'forces'); for other data use the step-by-step pipeline (README)"))
         print(f"[1/4] ingested {n} structures from {source}")
     dataset = Dataset(data)
 
-    labels = os.path.join(out, "labels")
     t0 = time.time()
     stats = label_dataset(dataset, teacher, labels, rows=args.rows, seed=args.seed,
                           teacher_spec=args.teacher, progress=sys.stderr.isatty())

@@ -233,6 +233,16 @@ def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsy
     ase.io.write(tmp_path / "water.extxyz", [water])
     assert main(["ingest", str(tmp_path / "water.extxyz"), "-o", str(tmp_path / "b3.lmdb"), "--length-unit", "bohr"]) == 0
     assert "is the file in Å already? --length-unit bohr scaled every length by 0.5292" in capsys.readouterr().err
+    # an Å file read as nm (x 10) or pm (x 0.01): the hint is that it is in Å, not Bohr or nm (it said those)
+    assert main(["ingest", str(tmp_path / "water.extxyz"), "-o", str(tmp_path / "b4.lmdb"), "--length-unit", "nm"]) == 0
+    err = capsys.readouterr().err
+    assert "is the file in Å already? --length-unit nm scaled every length by 10" in err and "Bohr?" not in err
+    assert main(["ingest", str(tmp_path / "water.extxyz"), "-o", str(tmp_path / "b5.lmdb"), "--length-unit", "pm"]) == 2
+    err = capsys.readouterr().err
+    assert "every length x 0.01): is the file in Å already? Then leave --length-unit out" in err and "nm?" not in err
+    # an existing directory as output is named as such, not as a file --overwrite would replace
+    assert main(["ingest", str(tmp_path / "water.extxyz"), "-o", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
 
 
 def test_an_explicit_group_key_must_be_in_every_frame(tmp_path, rng, capsys):

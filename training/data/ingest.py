@@ -237,8 +237,11 @@ def atoms_to_structure(atoms, index: int, path: str, stem: str, energy_key: str 
         symbols = atoms.get_chemical_symbols()
         raise HessforgeError(
             f"{where}: atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are {d:.3g} Å apart"
-            + (" (an atom and its own periodic image)" if i == j else "") +
-            ": overlapping atoms, or lengths in another unit than the one given (nm? pass --length-unit nm)")
+            + (" (an atom and its own periodic image)" if i == j else "")
+            + (": overlapping atoms, or lengths in another unit than the one given (nm? pass --length-unit nm)"
+               if length_factor == 1.0 else
+               f" after the --length-unit conversion (every length x {length_factor:.4g}): is the file in Å "
+               "already? Then leave --length-unit out (or overlapping atoms)"))
     sid = atoms.info.get(id_key) if id_key else None
     sid = str(sid) if sid is not None else f"{stem}-{index}"
     group = atoms.info.get(group_key) if group_key else None
@@ -274,10 +277,10 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
         raise HessforgeError(f"{input_path}: is a directory; give a structure file (extxyz, xyz, traj, ...)")
     if not os.path.isfile(input_path):
         raise HessforgeError(f"{input_path}: no such input file")
+    if os.path.isdir(output_path):
+        raise HessforgeError(f"{output_path}: is a directory; give a file name for the dataset (e.g. data.lmdb)")
     if os.path.exists(output_path) and not overwrite:
         raise HessforgeError(f"{output_path}: already exists; pass --overwrite to replace it")
-    if os.path.isdir(output_path):
-        raise HessforgeError(f"{output_path}: is a directory")
     check_output_file(output_path, "output", inputs=[input_path], may_replace=ARTIFACT_KINDS)  # --overwrite given
     if os.path.exists(output_path):
         from training.labels import LABELS_MAGIC
@@ -316,7 +319,12 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
     if dropped_stress:
         warnings.warn(f"{input_path}: the stress of {dropped_stress} frame(s) that are not periodic in all 3 "
                       "directions was not kept (a stress needs a bulk volume)", UserWarning, stacklevel=2)
-    if h_distances and np.median(h_distances) > BOHR_LIKE_H_DISTANCE:
+    if h_distances and length_factor > 1 and np.median(h_distances) > BOHR_LIKE_H_DISTANCE:
+        warnings.warn(f"{input_path}: hydrogen atoms are {np.median(h_distances):.2f} Å from their nearest "
+                      "neighbours after conversion (median over the molecules; bonded hydrogens: 0.7-1.2 Å): "
+                      f"is the file in Å already? --length-unit {length_unit} scaled every length by "
+                      f"{length_factor:.4g}", UserWarning, stacklevel=2)
+    elif h_distances and np.median(h_distances) > BOHR_LIKE_H_DISTANCE:
         warnings.warn(f"{input_path}: hydrogen atoms are {np.median(h_distances):.2f} Å from their nearest "
                       "neighbours (median over the molecules; bonded hydrogens: 0.7-1.2 Å): are the lengths in "
                       "Bohr? If so, ingest again with --length-unit bohr (and --energy-unit hartree if the "

@@ -285,6 +285,11 @@ def student_for_mode(model: nn.Module, mode: str, device: torch.device) -> Tuple
         raise HessforgeError(f"unknown student mode {mode!r}; choose from {', '.join(STUDENT_MODES)}")
     if mode == "eager":
         return model, "eager"
+    from engine.exported import ExportedModel
+
+    if isinstance(model, ExportedModel):
+        raise HessforgeError(f"{model.path}: an exported (TorchScript) model runs in mode eager only; give the "
+                             f"checkpoint it was exported from for mode {mode}")
     if mode == "compiled":
         from engine.compiled import CompiledStudent
 

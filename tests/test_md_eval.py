@@ -275,6 +275,11 @@ def test_dft_reference_judges_the_optimized_structure():
     failing.calculate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("SCF not converged"))
     bad = optimization(water, Springs(molecule("H2O")), failing, steps=50, reference_relax=False)
     assert "SCF not converged" in bad["reference_final"]["error"]
+    from training.md_eval import summarize_opt
+
+    summary = summarize_opt([out, bad])  # counted in the summary (the run's output line), not only per structure
+    assert summary["reference_failed"] == 1 and "SCF not converged" in summary["reference_first_error"]
+    assert "reference_failed" not in summarize_opt([out])
     for spec in ("dft:", "dft:a:b:c:d:e", "dft:sto-3g:wb97x:"):
         with pytest.raises(HessforgeError, match="not a DFT reference spec"):
             reference_calculator(spec)

@@ -142,6 +142,11 @@ def test_bench_input_errors(files, capsys):
     fails(capsys, ["bench", "painn:hidden=abc", data], "painn:hidden=abc: ")
     fails(capsys, ["bench", "painn:force_mode=bad", data], "painn:force_mode=bad: ")
     fails(capsys, base + ["--sweep", "--memory-cap-gb", "0"], "--memory-cap-gb must be > 0")
+    fails(capsys, base + ["--sweep", "--max-call-s", "-1"], "--max-call-s must be > 0")  # stopped every sweep
+    # an exported model in a compiled mode: named as what it is (was 'no energies() core')
+    assert main(["export", str(ckpt), "-o", str(files / "exp.pt")]) == 0
+    fails(capsys, ["md", files / "exp.pt", data, "--steps", "1", "--mode", "compiled"],
+          "an exported (TorchScript) model runs in mode eager only")
     fails(capsys, base + ["--batch-sizes", "1,2"], "add --sweep")
     fails(capsys, base + ["--sweep", "--batch-sizes", "8,64", "--max-batch", "16"], "goes above --max-batch 16")
     (files / "empty.xyz").write_text("")

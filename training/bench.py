@@ -549,6 +549,8 @@ def run(args) -> int:
     if args.batch_sizes and not args.sweep:
         raise HessforgeError("--batch-sizes lists the sweep's batch sizes: add --sweep")
     sizes = parse_batch_sizes(args.batch_sizes, args.max_batch) if args.batch_sizes else None
+    if not args.max_call_s > 0:
+        raise HessforgeError(f"--max-call-s must be > 0, got {args.max_call_s}")
     if args.memory_cap_gb is not None and not args.memory_cap_gb > 0:
         raise HessforgeError(f"--memory-cap-gb must be > 0, got {args.memory_cap_gb}")
     cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb is not None else None

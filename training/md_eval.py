@@ -462,6 +462,13 @@ def summarize_opt(runs: Sequence[Dict]) -> Dict:
         for name, xs in series.items():
             out[f"mean_{name}"] = _mean(xs)
             out[f"median_{name}"] = _median(xs)
+    errors = [next(v["error"] for k, v in r.items() if k.startswith("reference") and isinstance(v, dict)
+                   and "error" in v)
+              for r in runs if any(k.startswith("reference") and isinstance(v, dict) and "error" in v
+                                   for k, v in r.items())]
+    if errors:  # structures the reference could not evaluate (an SCF that did not converge): counted, not hidden
+        out["reference_failed"] = len(errors)
+        out["reference_first_error"] = errors[0]
     volume = [abs(r["volume_vs_reference_minimum_percent"]) for r in runs if "volume_vs_reference_minimum_percent" in r]
     if volume:  # cells relaxed (bulk structures)
         out["mean_abs_volume_error_vs_reference_minimum_percent"] = _mean(volume)
@@ -724,9 +731,14 @@ def run(args) -> int:
             line += (f"; cell volume {opt['mean_abs_volume_error_vs_reference_minimum_percent']:.2f} % (mean |error|) "
                      f"from the reference minima")
         print(line)
+        if opt.get("reference_failed"):
+            print(f"FIRE: the reference failed on {opt['reference_failed']} of {len(opt['runs'])} structures "
+                  f"(first: {opt['reference_first_error'].splitlines()[0]}); their numbers are left out")
     out = args.json_out or default_json
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         write_json(out, result)
         print(f"wrote {out}", file=sys.stderr)
+    else:
+        print("per-structure results not saved: give --json FILE (a run directory gets md.json)", file=sys.stderr)
     return 0

@@ -41,7 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rows", default="full", help="Hessian rows labelled per structure: k or 'full'")
     parser.add_argument("--kd-weight", type=float, default=KD_WEIGHT,
                         help=f"λ_KD of the distilled student (default {KD_WEIGHT:g}, chosen for ani1x on the bundled "
-                             "data; with so3lr, 400 did better there: bench/results/quickstart_cpu.md)")
+                             "data; with so3lr, 400 did better there: bench/results/so3lr_teacher_cpu.md)")
     parser.add_argument("--epochs", type=int, default=500, help="epochs of each student (default 500)")
     parser.add_argument("--minutes-per-student", type=float, default=7.0,
                         help="safety cap on each training run's wall time (default 7)")

@@ -1,4 +1,6 @@
-"""Exponential moving average of parameters (decay 0.999 in the paper); evaluation uses the averaged weights."""
+"""Exponential moving average of parameters (decay 0.999 in the paper); evaluation uses the averaged weights.
+The decay warms up as min(0.999, (1 + n) / (10 + n)) over the n updates (torch_ema's use_num_updates): it
+reaches 0.999 after ~9000 steps."""
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -117,9 +117,10 @@ def stress_error(pred, ref, mask=None, kind: str = "l2mae") -> torch.Tensor:
 
 
 def hessian_error(rows, target, atom_mask=None, kind: str = "l2mae") -> torch.Tensor:
-    """Sampled rows packed [s, N, 3]. l2mae (the paper's code): for each row, the sum over atoms of the
-    norm of its 3-block, averaged over rows and divided by the atoms per structure, i.e. the mean over
-    (row, atom) of block norms; mse: the mean squared entry. `atom_mask` [s, N] drops padded samples."""
+    """Sampled rows packed [s, N, 3]. l2mae (the released code's get_force_jac_loss): the mean over (row, atom)
+    of the 3-block norms, atoms pooled over the whole batch: Σ_structures (1/s) Σ_rows Σ_atoms ‖Δ‖ divided by
+    the batch's atoms, so a structure weighs by its atom count (not a mean of per-structure means); mse: the
+    mean squared entry. `atom_mask` [s, N] drops padded samples (each atom averages over its valid rows)."""
     diff = rows - target
     per = diff.square().mean(-1) if kind == "mse" else torch.linalg.vector_norm(diff, dim=-1)  # [s, N]
     if atom_mask is None:

@@ -266,9 +266,20 @@ void Model::compute(const double* positions, const int64_t* numbers, int64_t n, 
   const NeighborList nl = neighbor_list(positions, n, cell, pbc, impl_->meta.cutoff);
   const int64_t e = static_cast<int64_t>(nl.size());
   std::vector<double> shift(3 * e);
-  for (int64_t k = 0; k < e; ++k)
-    for (int d = 0; d < 3; ++d)
+  for (int64_t k = 0; k < e; ++k) {
+    double d2 = 0.0;
+    for (int d = 0; d < 3; ++d) {
       shift[3 * k + d] = nl.shifts[3 * k] * cell[d] + nl.shifts[3 * k + 1] * cell[3 + d] + nl.shifts[3 * k + 2] * cell[6 + d];
+      const double r = positions[3 * nl.senders[k] + d] - positions[3 * nl.receivers[k] + d] + shift[3 * k + d];
+      d2 += r * r;
+    }
+    if (d2 < kMinAtomDistance * kMinAtomDistance) {
+      std::ostringstream msg;
+      msg << "atoms " << nl.receivers[k] << " and " << nl.senders[k] << " are " << std::sqrt(d2)
+          << " Å apart: overlapping atoms (an atom written twice?)";
+      throw Error(msg.str());
+    }
+  }
   compute_graph(positions, numbers, n, n, nl.receivers.data(), nl.senders.data(), shift.data(), e, out);
 }
 

@@ -229,6 +229,15 @@ double PairHessforge::init_one(int i, int j)
   return cutoff;
 }
 
+/* Atoms on top of each other (read_data with an atom twice, create_atoms random without overlap): one error
+   naming their IDs; the model would give finite nonsense. */
+void PairHessforge::check_apart(int i, int j, double d2)
+{
+  if (d2 >= hessforge::kMinAtomDistance * hessforge::kMinAtomDistance) return;
+  error->one(FLERR, "pair_style hessforge: atoms {} and {} are {:.3g} Angstrom apart: overlapping atoms (an atom "
+             "written twice?)", atom->tag[i], atom->tag[j], std::sqrt(d2));
+}
+
 /* FOLD: nodes = local atoms; an edge to a ghost j becomes an edge to its local owner o with the shift
    x_j - x_o, so r_ij = x_o - x_i + shift. */
 void PairHessforge::build_fold_graph()
@@ -273,6 +282,7 @@ void PairHessforge::build_fold_graph()
       const int j = jlist[jj] & NEIGHMASK;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      check_apart(i, j, dx * dx + dy * dy + dz * dz);
       const int o = owner[j];
       recv.push_back(i);
       send.push_back(o);
@@ -318,6 +328,7 @@ void PairHessforge::build_ghost_graph()
       const int j = jlist[jj] & NEIGHMASK;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      check_apart(i, j, dx * dx + dy * dy + dz * dz);
       send.push_back(j);
     }
     edge_end[i] = static_cast<int64_t>(send.size());

@@ -56,6 +56,7 @@ class PairHessforge : public Pair {
   std::vector<int64_t> edge_begin, edge_end;
 
   void allocate();
+  void check_apart(int i, int j, double d2);
   void build_fold_graph();
   void build_ghost_graph();
 };

@@ -201,6 +201,10 @@ def test_core_errors(tmp_path):
     with pytest.raises(HessforgeError, match="NaN or Inf"):
         core.compute(np.zeros((2, 3)) + [[0, 0, 0], [1, 0, 0]], [1, 1], np.diag([np.inf, 4.0, 4.0]), [True] * 3)
     pair = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    with pytest.raises(HessforgeError, match="atoms 0 and 2 are 0 Å apart: overlapping atoms"):  # an atom twice
+        core.compute(np.vstack([pair, pair[:1]]), [1, 1, 1], np.zeros((3, 3)), [False] * 3)
+    with pytest.raises(HessforgeError, match=r"atoms 0 and 1 are [0-9.e-]+ Å apart: overlapping"):  # via an image
+        core.compute(np.array([[0.0, 0, 0], [4.0, 0, 0]]), [1, 1], np.eye(3) * 4, [True] * 3)
     with pytest.raises(HessforgeError, match="periodic cell is 0.3 Å thick along cell vector 2"):
         core.compute(pair, [1, 1], np.diag([5.0, 5.0, 0.3]), [True] * 3)  # was E = -1044 eV
     # atoms 1.5e10 Å apart: the bins' count product overflowed int64 and the core wrote out of bounds

@@ -416,6 +416,30 @@ def test_bad_input_errors(tmp_path, models):
         assert message in errors[0], f"{what}: {errors[0]!r} does not say {message!r}"
 
 
+def test_overlapping_atoms_are_named_by_id(tmp_path, models):
+    """An atom written twice (here on another atom's periodic image) gave finite nonsense in every mode; it is
+    one error naming the two atom IDs, in fold and ghost mode, on one or two ranks."""
+    rng = np.random.default_rng(5)
+    atoms = systems(rng)["small-box"]
+    k = int(rng.integers(len(atoms)))
+    twin = atoms[k:k + 1].copy()
+    twin.positions += atoms.cell[int(rng.integers(3))]  # on atom k's image: the same place once wrapped
+    atoms += twin
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("ghost", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        code, out = run_lammps(work, header(models["gradient"][1], ["H", "C", "O"],
+                                            pair_style=f"hessforge mode {mode}") + "run 0\n",
+                               nprocs=nprocs, check=False)
+        errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+        assert code != 0 and errors, f"{mode} x{nprocs}: LAMMPS did not fail:\n{out[-2000:]}"
+        ids = sorted((k + 1, len(atoms)))
+        assert re.search(rf"atoms ({ids[0]} and {ids[1]}|{ids[1]} and {ids[0]}) are [0-9.e-]+ Angstrom apart: "
+                         "overlapping atoms", errors[0]), errors[0]
+
+
 def test_bonded_data_needs_every_pair(tmp_path, models):
     """With bonds, LAMMPS' default special_bonds (0 0 0) drops bonded pairs from neighbor lists: refused with
     the fix named; with factors 1 the energy is the atomic-style run's."""

@@ -22,6 +22,9 @@ class Error : public std::runtime_error {
 void check_archive(const std::string& path);
 
 constexpr int kFormatVersion = 1;  // newest exported-model format this core reads (engine.export.EXPORT_VERSION)
+// Atoms closer than this are one atom written twice (engine.graph.MIN_ATOM_DISTANCE): refused, since the model
+// would return finite nonsense for them.
+constexpr double kMinAtomDistance = 0.01;  // Å
 
 struct Metadata {
   int format_version = 0;

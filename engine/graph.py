@@ -5,7 +5,7 @@ A NamedTuple keeps it TorchScript- and torch.compile-friendly (no methods run in
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -65,6 +65,35 @@ def recentred(graph: AtomicGraph) -> AtomicGraph:
     x, offsets, _, _ = wrap_into_cells(pos - pos[first[batch]], graph.cell, graph.pbc, batch)
     i, j = graph.edge_index[0], graph.edge_index[1]
     return graph._replace(positions=x, shifts=graph.shifts - offsets[j] + offsets[i])
+
+
+def structure_chunks(natoms: Sequence[int], max_atoms: int) -> List[Tuple[int, int]]:
+    """Consecutive structure ranges [b0, b1) holding at most `max_atoms` atoms each (a larger structure on
+    its own), covering every structure in order."""
+    chunks, begin, acc = [], 0, 0
+    for b, n in enumerate(natoms):
+        if b > begin and acc + int(n) > max_atoms:
+            chunks.append((begin, b))
+            begin, acc = b, 0
+        acc += int(n)
+    if begin < len(natoms):
+        chunks.append((begin, len(natoms)))
+    return chunks
+
+
+def sub_batch(graph: AtomicGraph, b0: int, b1: int, a0: int, a1: int) -> AtomicGraph:
+    """Structures b0..b1-1 (atoms a0..a1-1) of a batched graph as a graph of their own, atoms and structures
+    renumbered from 0. Structures share no edges, so their edges are exactly those whose receiver is in
+    [a0, a1): one contiguous range where receivers are sorted (every hessforge neighbor list), else a mask."""
+    i = graph.edge_index[0]
+    if i.numel() < 2 or bool((i[1:] >= i[:-1]).all()):
+        lo, hi = (int(x) for x in torch.searchsorted(i, torch.tensor([a0, a1], device=i.device)))
+        edges, shifts = graph.edge_index[:, lo:hi], graph.shifts[lo:hi]
+    else:
+        keep = (i >= a0) & (i < a1)
+        edges, shifts = graph.edge_index[:, keep], graph.shifts[keep]
+    return AtomicGraph(positions=graph.positions[a0:a1], numbers=graph.numbers[a0:a1], cell=graph.cell[b0:b1],
+                       pbc=graph.pbc[b0:b1], batch=graph.batch[a0:a1] - b0, edge_index=edges - a0, shifts=shifts)
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:

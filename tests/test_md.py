@@ -855,3 +855,41 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     with pytest.raises(SystemExit):  # argparse: one pressure or three
         main(["md", model, str(data), "--pressure", "0,1"])
     assert "expected one pressure, three (PX,PY,PZ) or six" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", ["verlet", "langevin+skin", "barostat", "fused"])
+def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, setting):
+    """max_atoms_per_call (CPU default: groups of whole systems of <= 128 atoms, faster there) runs the same
+    dynamics as one call for the whole batch: molecules and periodic cells of mixed sizes, one larger than the
+    group alone, float64 to rounding."""
+    from engine.graph import structure_chunks
+
+    assert structure_chunks([5, 3, 9, 2, 2], 8) == [(0, 2), (2, 3), (3, 5)]  # 9 > 8 runs alone
+    assert structure_chunks([4], 1) == [(0, 1)] and structure_chunks([1, 1, 1], 100) == [(0, 3)]
+    systems = perturbed(["CH3OH", "H2O", "C6H6", "NH3", "CH4"], rng)
+    if setting == "barostat":
+        systems = bulk_systems(rng, [5, 9, 4])
+    model = student()
+    if setting == "fused":
+        from engine.runner import student_for_mode
+
+        model, _ = student_for_mode(model, "fused", torch.device("cpu"))
+    kwargs = dict(seed=int(rng.integers(1 << 30)), init_temperature_K=300.0)
+    if setting == "langevin+skin":
+        kwargs.update(integrator="langevin", temperature_K=[200.0, 300.0, 400.0, 500.0, 600.0], skin=0.5)
+    if setting == "barostat":
+        kwargs.update(integrator="langevin", temperature_K=300.0, pressure_GPa=1.0, barostat_time_fs=100.0)
+    runs = {}
+    for per_call in (0, 10, 1):
+        md = BatchedMD(model, [a.copy() for a in systems], 0.5, max_atoms_per_call=per_call, **kwargs)
+        md.step(20)
+        runs[per_call] = md
+    assert len(runs[10]._calls) > 1 and len(runs[1]._calls) == len(systems) and len(runs[0]._calls) == 1
+    for per_call in (10, 1):
+        for name in ("positions", "velocities", "forces", "energy"):
+            torch.testing.assert_close(getattr(runs[per_call], name), getattr(runs[0], name), rtol=1e-9, atol=1e-9)
+        if setting == "barostat":
+            torch.testing.assert_close(runs[per_call].dE_deps, runs[0].dE_deps, rtol=1e-9, atol=1e-9)
+    assert BatchedMD(model, systems[:1], 0.5).max_atoms_per_call == 128  # auto on a CPU
+    with pytest.raises(HessforgeError, match="max_atoms_per_call must be"):
+        BatchedMD(model, systems[:1], 0.5, max_atoms_per_call=-3)

@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "export": ("engine.export", "export a checkpoint to one TorchScript file for the C++ core and LAMMPS"),
     "bench": ("training.bench", "batched energy+force speed (ns/day) of students and teachers, side by side"),
     "sweep": ("training.baselines", "write (and --run) the baseline configs beside Hessian KD from one base config"),
-    "md": ("training.md_cli", "batched MD: B systems at once, one model call per step (Verlet or Langevin)"),
+    "md": ("training.md_cli", "batched MD: B systems at once, batched model calls (Verlet or Langevin, barostats)"),
     "md-eval": ("training.md_eval", "MD stability (NVT), NVE drift and FIRE optimization of a student through ASE"),
     "report": ("training.report", "paper-style markdown table and PNG plots from run directories"),
     "build-benchmark": ("training.benchmark_data", "build the QM9 benchmark slice: ANI-1x MD conformers, pyscf "

@@ -38,6 +38,18 @@ def continued_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0] >> 2)
 
 
+def _atoms_per_call(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 (one call) or a number of atoms, got {text!r}")
+    return value
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="checkpoint, exported file, painn[:k=v,...] or schnet[:k=v,...]")
     parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
@@ -73,6 +85,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bulk-modulus", type=float, default=100.0,
                         help="GPa: the bulk modulus the barostat assumes; above the real one it only relaxes "
                              "slower (default 100, safe for liquids and most solids)")
+    parser.add_argument("--max-atoms-per-call", type=_atoms_per_call, default="auto",
+                        help="atoms per model call: auto (default: every system at once on a GPU, groups of whole "
+                             "systems of at most 128 atoms on a CPU, where large batches outgrow the caches), 0 "
+                             "(one call) or N")
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")
     parser.add_argument("--mode", choices=STUDENT_MODES, default="eager", help="student mode (default eager; exported models run eager only)")
@@ -165,7 +181,8 @@ def run(args) -> int:
                    friction_per_fs=args.friction, skin=args.skin, init_temperature_K=args.init_temperature,
                    device=device, dtype=dtype, seed=args.seed, pressure_GPa=args.pressure,
                    barostat_time_fs=args.barostat_time, bulk_modulus_GPa=args.bulk_modulus,
-                   barostat_coupling=args.barostat_coupling, barostat_method=args.barostat_method)
+                   barostat_coupling=args.barostat_coupling, barostat_method=args.barostat_method,
+                   max_atoms_per_call=args.max_atoms_per_call)
     earlier = {a.info.get("md_step") for a in atoms}
     if args.init_temperature is None and moving == len(atoms) and len(earlier) == 1:
         (step,) = earlier  # every system continues a previous run's -o: its frames number on from there

@@ -242,9 +242,9 @@ def test_md_interrupted_writes_its_output_and_checks_names(files, capsys, monkey
         atoms.calc = calc
         assert atoms.get_potential_energy() == pytest.approx(frame.info["md_potential_energy"], abs=1e-6)
         np.testing.assert_allclose(atoms.get_forces(), frame.arrays["md_forces"], atol=1e-6)  # 8-decimal file
-    for name in ("o.traj", "o.cif", "o"):
-        fails(capsys, ["md", ckpt, data, "--steps", "1", "-o", files / name], "name the file .xyz or .extxyz")
-    fails(capsys, ["md", ckpt, data, "--steps", "1", "--trajectory", files / "t.traj"], "writes extended XYZ")
+    for name in ("o.cif", "o", "o.traj.gz"):
+        fails(capsys, ["md", ckpt, data, "--steps", "1", "-o", files / name], "name the file .xyz, .extxyz or .traj")
+    fails(capsys, ["md", ckpt, data, "--steps", "1", "--trajectory", files / "t.cif"], "writes extended XYZ or ASE")
     assert main(["md", str(ckpt), str(data), "--batch-size", "1", "--steps", "1", "-o", str(files / "o.xyz.gz"),
                  "--threads", "1"]) == 0
     assert len(ase.io.read(files / "o.xyz.gz", ":")) == 1
@@ -417,3 +417,28 @@ def test_md_continued_with_its_seed_draws_new_noise(files):
     pos = {k: np.concatenate([a.positions for a in ase.io.read(v, ":")]) for k, v in outs.items()}
     assert np.array_equal(pos["continued"], pos["again"])  # reproducible
     assert np.abs(pos["continued"] - pos["plain"]).max() > 1e-6  # but not the seed's own stream again
+
+
+def test_md_restart_from_a_traj_file_is_exact(files):
+    """-o end.traj keeps positions and momenta in full float64 (extxyz keeps 8 decimals): 6 steps, then 4 more
+    from that file, give the 10-step run's state to float64 rounding; the info and momenta numbering carry on."""
+    ckpt, data = files / "ckpt.pt", files / "mols.xyz"
+    common = ["--integrator", "verlet", "--timestep", "0.5", "--threads", "1", "--dtype", "float64",
+              "--batch-size", "2", "--seed", "3"]
+    assert main(["md", str(ckpt), str(data), "--steps", "10", "-o", str(files / "ten.traj"), *common]) == 0
+    assert main(["md", str(ckpt), str(data), "--steps", "6", "-o", str(files / "six.traj"),
+                 "--trajectory", str(files / "t.traj"), "--interval", "3", *common]) == 0
+    assert main(["md", str(ckpt), str(files / "six.traj"), "--steps", "4", "-o", str(files / "four.traj"),
+                 *common]) == 0
+    assert main(["md", str(ckpt), str(data), "--steps", "6", "-o", str(files / "six.xyz"), *common]) == 0
+    assert main(["md", str(ckpt), str(files / "six.xyz"), "--steps", "4", "-o", str(files / "four.xyz"),
+                 *common]) == 0
+    ten, four = ase.io.read(files / "ten.traj", ":"), ase.io.read(files / "four.traj", ":")
+    assert [a.info["md_step"] for a in four] == [10, 10] and [a.info["md_system"] for a in four] == [0, 1]
+    assert [a.info["md_step"] for a in ase.io.read(files / "t.traj", ":")] == [0, 0, 3, 3, 6, 6]
+    via_xyz = ase.io.read(files / "four.xyz", ":")
+    worst_traj = max(np.abs(b.positions - a.positions).max() for a, b in zip(ten, four))
+    worst_xyz = max(np.abs(b.positions - a.positions).max() for a, b in zip(ten, via_xyz))
+    assert worst_traj < 1e-12 < worst_xyz, (worst_traj, worst_xyz)
+    for a, b in zip(ten, four):
+        np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), rtol=0, atol=1e-12)

@@ -1,14 +1,15 @@
-"""`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), one model
-call per step; constant volume, or with --pressure a barostat (bulk systems: Berendsen, or stochastic cell
+"""`hessforge md MODEL DATA`: batched MD of B systems at once with a student (engine.md.BatchedMD), batched
+model calls (--max-atoms-per-call); constant volume, or with --pressure a barostat (bulk systems: Berendsen, or stochastic cell
 rescaling for the NPT ensemble's volume fluctuations). MODEL: a checkpoint,
 an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as for
 `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
 (so a previous run's -o file continues that run, its frames' md_step numbering on), else drawn at
 --temperature (--init-temperature forces a draw for all).
-Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz, each frame
-with info md_step, md_system, md_potential_energy (eV) (and md_pressure_GPa, md_pressure_tensor_GPa and the
-cell under --pressure) and arrays md_forces (eV/Å); prints ns/day. Ctrl-C or SIGTERM end the run after the
+Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz (8 decimals) or,
+named .traj, as an ASE trajectory (full float64: a bit-exact restart), each frame with info md_step, md_system,
+md_potential_energy (eV) (and md_pressure_GPa, md_pressure_tensor_GPa and the cell under --pressure) and, in
+extxyz, arrays md_forces (eV/Å); prints ns/day. Ctrl-C or SIGTERM end the run after the
 step under way, and -o is written all the same (a second one stops at once). Atoms ASE's FixAtoms holds
 (a slab's frozen layers; extxyz keeps the constraint) stay in place."""
 from __future__ import annotations
@@ -100,9 +101,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--interval", type=int, default=100,
                         help="report (and trajectory) interval in steps (default 100)")
     parser.add_argument("--trajectory", default=None,
-                        help="extxyz file (.xyz, .extxyz, optionally .gz) for frames every --interval steps")
+                        help="extxyz file (.xyz, .extxyz, optionally .gz) or ASE trajectory (.traj) for frames "
+                             "every --interval steps")
     parser.add_argument("-o", "--output", default=None,
-                        help="extxyz file (.xyz, .extxyz, optionally .gz) for the final frames (a restart point; "
+                        help="extxyz file (.xyz, .extxyz, optionally .gz; 8 decimals) or ASE trajectory (.traj; "
+                             "full float64: a bit-exact restart) for the final frames (a restart point; "
                              "also written when the run is interrupted by Ctrl-C or SIGTERM)")
 
 
@@ -125,20 +128,39 @@ def pressure_targets(text: str):
                                      f"in GPa, got {text!r}")
 
 
-def check_extxyz_name(path: str, option: str) -> None:
-    """The frames are written as extended XYZ (momenta, cell, constraints and the md_* results ride along);
-    under another extension ASE would read the file back as that format, and fail (a restart from -o)."""
+def output_format(path: str, option: str) -> str:
+    """The format a frame file is written in, from its name: extended XYZ (momenta, cell, constraints and the
+    md_* results ride along, 8 decimals) or an ASE trajectory (.traj: positions and momenta in full float64, a
+    bit-exact restart point; info and constraints kept, the md_forces array not). Under another extension ASE
+    would read the file back as that format, and fail (a restart from -o)."""
     name = path.lower()
+    if name.endswith(".traj"):
+        return "traj"
     for compression in (".gz", ".bz2", ".xz"):
         name = name[: -len(compression)] if name.endswith(compression) else name
     if not name.endswith((".xyz", ".extxyz")):
-        raise HessforgeError(f"{option} {path}: hessforge md writes extended XYZ; name the file .xyz or .extxyz "
-                             "(ASE reads a file by its extension, so a restart from it would fail)")
+        raise HessforgeError(f"{option} {path}: hessforge md writes extended XYZ or ASE trajectories; name the file "
+                             ".xyz, .extxyz or .traj (ASE reads a file by its extension, so a restart from it would "
+                             "fail)")
+    return "extxyz"
+
+
+def write_frames(path: str, frames, option: str, append: bool = False, name: Optional[str] = None) -> None:
+    """Frames to `path` in the format its name (or `name`, for a temporary file) gives; .traj through ASE's
+    Trajectory, since ase.io.write(..., append=True) replaces a .traj file instead of appending."""
+    import ase.io
+
+    if output_format(name or path, option) == "traj":
+        from ase.io.trajectory import Trajectory
+
+        with Trajectory(path, "a" if append else "w") as trajectory:
+            for frame in frames:
+                trajectory.write(frame)
+    else:
+        ase.io.write(path, frames, format="extxyz", append=append)
 
 
 def run(args) -> int:
-    import ase.io
-
     set_threads(args.threads)
     if args.steps < 0 or args.interval < 1 or args.batch_size < 1:
         raise HessforgeError("--steps must be >= 0, --interval and --batch-size >= 1")
@@ -148,7 +170,7 @@ def run(args) -> int:
     for option, path in (("--trajectory", args.trajectory), ("-o", args.output)):
         if path:  # before the run: it must not end in a traceback, or overwrite its own inputs
             check_output_file(path, option, inputs=(args.data, args.model))
-            check_extxyz_name(path, option)
+            output_format(path, option)
     check_distinct_outputs({"--trajectory": args.trajectory, "-o": args.output})
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     structures = load_structures(args.data)
@@ -191,7 +213,7 @@ def run(args) -> int:
             if args.seed is not None:  # the run it continues may have had this seed: do not replay its noise
                 md.generator.manual_seed(continued_seed(args.seed, int(step)))
     if args.trajectory:  # frame 0 first, then every --interval steps
-        ase.io.write(args.trajectory, md.to_atoms(atoms), format="extxyz")
+        write_frames(args.trajectory, md.to_atoms(atoms), "--trajectory")
     start = time.perf_counter()
     reporting = [0.0]  # seconds spent in these reports and trajectory writes: not MD, left out of ns/day
 
@@ -209,7 +231,7 @@ def run(args) -> int:
               f"{npt}E_tot mean {float(e.mean()):.4f} eV, {ns_per_day(s.nsteps * s.nsystems / elapsed):.3g} ns/day "
               f"at 1 fs ({s.nsystems} systems), {s.neighbor_builds} neighbor-list builds", file=sys.stderr)
         if args.trajectory:
-            ase.io.write(args.trajectory, s.to_atoms(atoms), format="extxyz", append=True)
+            write_frames(args.trajectory, s.to_atoms(atoms), "--trajectory", append=True)
         reporting[0] += time.perf_counter() - entered
 
     with _StopRequest() as stop:  # Ctrl-C / SIGTERM end the run at a whole step, and -o is still written
@@ -224,7 +246,7 @@ def run(args) -> int:
               f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
     if args.output:
         with atomic_path(args.output) as tmp:  # -o may be a restart file: never half-written
-            ase.io.write(tmp, md.to_atoms(atoms), format="extxyz")
+            write_frames(tmp, md.to_atoms(atoms), "-o", name=args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     if stop.signal is not None:
         raise KeyboardInterrupt(f"{stop.signal} after step {md.nsteps} of {args.steps}; "

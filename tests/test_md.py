@@ -857,8 +857,8 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
     assert "expected one pressure, three (PX,PY,PZ) or six" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting", ["verlet", "langevin+skin", "barostat", "fused"])
-def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, setting):
+@pytest.mark.parametrize("setting", ["verlet", "langevin+skin", "barostat", "fused", "exported"])
+def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, setting, tmp_path):
     """max_atoms_per_call (CPU default: groups of whole systems of <= 128 atoms, faster there) runs the same
     dynamics as one call for the whole batch: molecules and periodic cells of mixed sizes, one larger than the
     group alone, float64 to rounding."""
@@ -874,6 +874,12 @@ def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, se
         from engine.runner import student_for_mode
 
         model, _ = student_for_mode(model, "fused", torch.device("cpu"))
+    if setting == "exported":
+        from engine.export import export_model
+        from engine.exported import load_exported
+
+        export_model(model, str(tmp_path / "model.pt"))
+        model = load_exported(str(tmp_path / "model.pt"))
     kwargs = dict(seed=int(rng.integers(1 << 30)), init_temperature_K=300.0)
     if setting == "langevin+skin":
         kwargs.update(integrator="langevin", temperature_K=[200.0, 300.0, 400.0, 500.0, 600.0], skin=0.5)

@@ -142,6 +142,10 @@ class BatchedMD:
         # the model runs in model_dtype; positions, velocities, cells and the integrator are float64 whatever it
         # is (float32 coordinates lose ~1e-4 Å at 2000 Å: long runs, unwrapped diffusion, structures far out)
         self.model_dtype = dtype or (params[0].dtype if params else torch.float64)
+        from engine.exported import ExportedModel
+
+        if isinstance(model, ExportedModel):  # takes float64 coordinates whatever its own dtype (the file's)
+            self.model_dtype = torch.float64
         self.dtype = torch.float64
         model = for_inference(model, self.device, self.model_dtype)
         self.model = model

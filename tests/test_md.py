@@ -899,3 +899,21 @@ def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, se
     assert BatchedMD(model, systems[:1], 0.5).max_atoms_per_call == 128  # auto on a CPU
     with pytest.raises(HessforgeError, match="max_atoms_per_call must be"):
         BatchedMD(model, systems[:1], 0.5, max_atoms_per_call=-3)
+
+
+def test_an_exported_model_gets_float64_coordinates_whatever_dtype_is_asked(rng, tmp_path):
+    """An exported model computes in the dtype fixed at export from float64 inputs; dtype=float32 (hessforge
+    md --dtype float32) used to round its coordinates to float32 first (forces off by ~1e-8 eV/Å)."""
+    from engine.export import export_model
+    from engine.exported import load_exported
+
+    export_model(student(), str(tmp_path / "model.pt"))
+    model = load_exported(str(tmp_path / "model.pt"))
+    systems = perturbed(["CH3OH", "C6H6"], rng)
+    for a in systems:
+        a.positions += 1000.0  # far from the origin: float32 keeps ~1e-4 Å there, were it not recentred
+    runs = [BatchedMD(model, [a.copy() for a in systems], 0.5, dtype=d, seed=1, init_temperature_K=300.0)
+            for d in (torch.float64, torch.float32)]
+    for md in runs:
+        md.step(5)
+    torch.testing.assert_close(runs[1].forces, runs[0].forces, rtol=0, atol=1e-12)

@@ -275,7 +275,7 @@ void Model::compute(const double* positions, const int64_t* numbers, int64_t n, 
     }
     if (d2 < kMinAtomDistance * kMinAtomDistance) {
       std::ostringstream msg;
-      msg << "atoms " << nl.receivers[k] << " and " << nl.senders[k] << " are " << std::sqrt(d2)
+      msg << impl_->path << ": atoms " << nl.receivers[k] << " and " << nl.senders[k] << " are " << std::sqrt(d2)
           << " Å apart: overlapping atoms (an atom written twice?)";
       throw Error(msg.str());
     }

@@ -73,6 +73,9 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
 
 
 def _is_int(value) -> bool:
+    """An integer-valued JSON number: 2 or 2.0 (JSON does not tell them apart for the C++ core either)."""
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 

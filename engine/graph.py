@@ -81,12 +81,17 @@ def structure_chunks(natoms: Sequence[int], max_atoms: int) -> List[Tuple[int, i
     return chunks
 
 
-def sub_batch(graph: AtomicGraph, b0: int, b1: int, a0: int, a1: int) -> AtomicGraph:
+def sub_batch(graph: AtomicGraph, b0: int, b1: int, a0: int, a1: int,
+              edge_range: Optional[Tuple[int, int]] = None) -> AtomicGraph:
     """Structures b0..b1-1 (atoms a0..a1-1) of a batched graph as a graph of their own, atoms and structures
     renumbered from 0. Structures share no edges, so their edges are exactly those whose receiver is in
-    [a0, a1): one contiguous range where receivers are sorted (every hessforge neighbor list), else a mask."""
+    [a0, a1): `edge_range` when the caller knows it, one contiguous range where receivers are sorted
+    (every hessforge neighbor list), else a mask."""
     i = graph.edge_index[0]
-    if i.numel() < 2 or bool((i[1:] >= i[:-1]).all()):
+    if edge_range is not None:
+        lo, hi = edge_range
+        edges, shifts = graph.edge_index[:, lo:hi], graph.shifts[lo:hi]
+    elif i.numel() < 2 or bool((i[1:] >= i[:-1]).all()):
         lo, hi = (int(x) for x in torch.searchsorted(i, torch.tensor([a0, a1], device=i.device)))
         edges, shifts = graph.edge_index[:, lo:hi], graph.shifts[lo:hi]
     else:
@@ -165,9 +170,11 @@ def build_graph(
     cutoff: float,
     dtype: torch.dtype = torch.float32,
     where: Sequence[str] = (),
+    check_overlaps: bool = True,
 ) -> AtomicGraph:
     """Batch structures into one graph and build its neighbor list. The neighbor list is built in float64
-    so that the edge set does not depend on the working dtype."""
+    so that the edge set does not depend on the working dtype. `check_overlaps`: refuse atoms closer than
+    MIN_ATOM_DISTANCE (False for a caller that reports close pairs in its own words, as ingest does)."""
     if len(numbers) == 0:
         raise HessforgeError("empty batch: no structures to evaluate")
     if not (cutoff > 0 and math.isfinite(cutoff)):
@@ -202,7 +209,8 @@ def build_graph(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
     )
     edge_index, shifts = _neighbor_list(positions_t, cell_t, pbc_t, batch_t, cutoff)
-    _check_no_overlaps(positions_t, numbers_t, cell_t, batch_t, edge_index, shifts, names)
+    if check_overlaps:
+        _check_no_overlaps(positions_t, numbers_t, cell_t, batch_t, edge_index, shifts, names)
     return AtomicGraph(
         positions=positions_t.to(dtype),
         numbers=numbers_t,
@@ -223,5 +231,7 @@ def graph_from_atoms(atoms_list: List, cutoff: float, dtype: torch.dtype = torch
         [a.pbc for a in atoms_list],
         cutoff,
         dtype,
-        where=[a.get_chemical_formula() for a in atoms_list],
+        # a batch's structures are told apart by their index too (MD replicas share one formula)
+        where=[a.get_chemical_formula() if len(atoms_list) == 1 else f"structure {k} ({a.get_chemical_formula()})"
+               for k, a in enumerate(atoms_list)],
     )

@@ -65,7 +65,7 @@ The model is any engine student: forward(graph, compute_forces=True) -> {"energy
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -178,6 +178,7 @@ class BatchedMD:
         starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self._calls = [((b0, b1), (starts[b0], starts[b1]))
                        for b0, b1 in structure_chunks(counts, self.max_atoms_per_call or sum(counts))]
+        self._capacities: Dict[int, int] = {}  # a padded fused student's edge slots, per group
         fixed = torch.as_tensor(_fixed_atoms(atoms_list, self.barostat), device=self.device)
         self.mobile = (~fixed).to(self.dtype)[:, None]  # [N, 1]: 0 where FixAtoms holds an atom in place
         self.nfixed = torch.bincount(self.batch[fixed], minlength=self.nsystems)
@@ -432,7 +433,7 @@ class BatchedMD:
         if len(self._calls) == 1:
             energy, forces, dE_deps = self._call(graph)
         else:
-            parts = [self._call(sub_batch(graph, b0, b1, a0, a1)) for (b0, b1), (a0, a1) in self._calls]
+            parts = [self._call(sub, group) for group, sub in enumerate(self._split(graph))]
             energy, forces = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             dE_deps = torch.cat([p[2] for p in parts]) if self.barostat else None
         if self.barostat:
@@ -441,8 +442,34 @@ class BatchedMD:
             raise HessforgeError(f"non-finite forces at step {self.nsteps}: the model or the dynamics blew up")
         return energy, forces
 
-    def _call(self, graph: AtomicGraph):
-        """(energy [B], forces [N, 3], dE/dε [B, 3, 3] under a barostat else None) of one model call, float64."""
+    def _split(self, graph: AtomicGraph) -> List[AtomicGraph]:
+        """The graph of each group of systems (self._calls); edge boundaries from one search over the receivers
+        when they are sorted (every hessforge neighbor list)."""
+        i = graph.edge_index[0]
+        if i.numel() > 1 and not bool((i[1:] >= i[:-1]).all()):
+            order = torch.argsort(i, stable=True)
+            graph = graph._replace(edge_index=graph.edge_index[:, order], shifts=graph.shifts[order])
+            i = graph.edge_index[0]
+        bounds = torch.searchsorted(i, torch.tensor([a for _, (a, _) in self._calls] + [self._calls[-1][1][1]],
+                                                    device=i.device)).tolist()
+        return [sub_batch(graph, b0, b1, a0, a1, edge_range=(bounds[k], bounds[k + 1]))
+                for k, ((b0, b1), (a0, a1)) in enumerate(self._calls)]
+
+    def _call(self, graph: AtomicGraph, group: int = 0):
+        """(energy [B], forces [N, 3], dE/dε [B, 3, 3] under a barostat else None) of one model call, float64.
+        A padded fused student keeps one edge capacity per group (a shared one would shrink on a small group
+        and overflow, and be redone, on the next large one: a new CUDA graph each time under cudagraphs)."""
+        fused = getattr(self.model, "fused", self.model)
+        padded = len(self._calls) > 1 and getattr(fused, "capacity", None) is not None
+        if padded:
+            fused.capacity = self._capacities.get(group, 0)  # 0: sized from an exact count at the first call
+        try:
+            return self._model_call(graph)
+        finally:
+            if padded:
+                self._capacities[group] = fused.capacity
+
+    def _model_call(self, graph: AtomicGraph):
         if self.barostat:
             out = energy_forces_strain_derivative(self.model, graph)
             dE_deps = out["dE_deps"].detach().to(self.dtype)

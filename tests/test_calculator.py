@@ -285,7 +285,7 @@ def test_overlapping_atoms_are_refused(rng):
     # a batch: the second structure's atoms are named in its own numbering, the structure by its formula
     from engine.graph import graph_from_atoms
 
-    with pytest.raises(HessforgeError, match=rf"^{twice.get_chemical_formula()}: atoms {k} "):
+    with pytest.raises(HessforgeError, match=rf"^structure 1 \({twice.get_chemical_formula()}\): atoms {k} "):
         graph_from_atoms([molecule("CH4"), twice], 3.0)
     close = molecule_perturbed("CH3OH", rng)
     u = rng.normal(size=3)

@@ -258,6 +258,20 @@ def test_odd_metadata_is_refused_by_both_loaders(tmp_path, case):
         ExportedModel(odd)
 
 
+def test_integral_floats_in_metadata_load_in_both_loaders(tmp_path):
+    """JSON 2.0 is the integer 2 to the C++ core's parser; the Python loader agrees (it refused them)."""
+    path = str(tmp_path / "model.pt")
+    meta = export_model(tiny_painn(), path)
+    floats = str(tmp_path / "floats.pt")
+    edit = dict(format_version=float(meta["format_version"]), num_layers=float(meta["num_layers"]),
+                species=[float(z) for z in meta["species"]])
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), floats, _extra_files={METADATA_NAME: json.dumps(dict(meta, **edit))})
+    assert load_core(floats).model.num_layers == meta["num_layers"]
+    model = ExportedModel(floats)
+    assert model.species == SPECIES and model.num_layers == meta["num_layers"]
+
+
 def test_core_float32_model(tmp_path, rng):
     """A float32 export: edge vectors formed in float64, model in float32, results in float64."""
     model = tiny_painn(seed=int(rng.integers(1000)))

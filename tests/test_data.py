@@ -219,6 +219,21 @@ def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsy
     ase.io.write(tmp_path / "box.extxyz", box)
     with pytest.raises(HessforgeError, match=r"atoms 0 \(H\) and 1 \(H\) are 0\.15 Å apart"):
         ingest(tmp_path / "box.extxyz", tmp_path / "box.lmdb")
+    # an atom written twice in a periodic frame: ingest's own message, naming the file and frame (build_graph's
+    # coincident-atom check answered first, as 'structure 0'), and its unit hint for a periodic frame in pm
+    good = Atoms("H2", positions=[[1.0, 1, 1], [1.8, 1, 1]], cell=[5, 5, 5], pbc=True)
+    good.calc = SinglePointCalculator(good, energy=-1.0, forces=np.zeros((2, 3)))
+    twice = good.copy()
+    twice.positions[1] = twice.positions[0]
+    twice.calc = SinglePointCalculator(twice, energy=-1.0, forces=np.zeros((2, 3)))
+    ase.io.write(tmp_path / "twice.extxyz", [good, twice])
+    with pytest.raises(HessforgeError, match=r"twice\.extxyz: frame 1: atoms 0 \(H\) and 1 \(H\) are 0 Å apart"):
+        ingest(tmp_path / "twice.extxyz", tmp_path / "twice.lmdb")
+    big = Atoms("H2", positions=[[100.0, 100, 100], [100.5, 100, 100]], cell=[800, 800, 800], pbc=True)
+    big.calc = SinglePointCalculator(big, energy=-1.0, forces=np.zeros((2, 3)))
+    ase.io.write(tmp_path / "big.extxyz", big)
+    with pytest.raises(HessforgeError, match=r"frame 0: .* after the --length-unit conversion"):
+        ingest(tmp_path / "big.extxyz", tmp_path / "big.lmdb", length_unit="pm")
     # lengths in Bohr: ingested (nothing overlaps) with a warning; with --length-unit bohr, none
     bohr = water.copy()
     bohr.positions = water.positions / 0.5291772105638411

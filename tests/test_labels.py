@@ -401,3 +401,16 @@ def test_a_run_that_failed_before_its_first_label_does_not_hold_the_folder(tmp_p
             label_dataset(path, Harmonic(), out, rows=2, seed=7)
     assert len(list_shards(tmp_path / "labels2")) == 2  # rank 1's settings-only shard is left, and ignored
     assert contents(tmp_path / "labels2") == contents(tmp_path / "labels1")
+    # a settings-only shard that a live run holds (still at its first, slow label) is not a failed run's
+    from training.labels import _claim_shard, shard_path
+
+    out = tmp_path / "live"
+    with pytest.raises(HessforgeError, match="molecules are not its kind"):
+        label_dataset(path, Refusing(name="refusing"), out, rows=2, seed=1, rank=1, world_size=2)
+    owner = _claim_shard(shard_path(out, 1), 1)
+    try:
+        with pytest.raises(HessforgeError, match="made with different settings"):
+            label_dataset(path, Harmonic(), out, rows=4, seed=7, rank=0, world_size=2)
+    finally:
+        owner.close()
+    assert label_dataset(path, Harmonic(), out, rows=4, seed=7, rank=0, world_size=2)["labelled"] > 0

@@ -896,7 +896,7 @@ def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, se
             torch.testing.assert_close(getattr(runs[per_call], name), getattr(runs[0], name), rtol=1e-9, atol=1e-9)
         if setting == "barostat":
             torch.testing.assert_close(runs[per_call].dE_deps, runs[0].dE_deps, rtol=1e-9, atol=1e-9)
-    assert BatchedMD(model, systems[:1], 0.5).max_atoms_per_call == 128  # auto on a CPU
+    assert BatchedMD(model, systems[:1], 0.5, device="cpu").max_atoms_per_call == 128  # auto on a CPU
     with pytest.raises(HessforgeError, match="max_atoms_per_call must be"):
         BatchedMD(model, systems[:1], 0.5, max_atoms_per_call=-3)
 
@@ -917,3 +917,28 @@ def test_an_exported_model_gets_float64_coordinates_whatever_dtype_is_asked(rng,
     for md in runs:
         md.step(5)
     torch.testing.assert_close(runs[1].forces, runs[0].forces, rtol=0, atol=1e-12)
+
+
+def test_a_padded_fused_student_keeps_one_capacity_per_group(rng):
+    """Groups of systems of very different sizes with a padded fused student: a shared edge capacity shrank on
+    each small group and overflowed (a redone call, a new CUDA graph under cudagraphs) on each large one."""
+    from engine.runner import FusedStudent
+
+    fused = FusedStudent(student(), backend="torch", capacity=0)
+    calls = [0]
+    core = fused.core
+
+    def counted(*args):
+        calls[0] += 1
+        return core(*args)
+
+    fused.core = counted
+    systems = []
+    for _ in range(3):  # C60 (~1700 edges within 4 Å) and water (6): past the 256-slot minimum, and apart
+        systems += perturbed(["C60"], rng) + [molecule("H2O")]
+    md = BatchedMD(fused, systems, 0.5, init_temperature_K=300.0, seed=1, max_atoms_per_call=60)
+    assert len(md._calls) == 6
+    md.step(1)  # the first steps size each group's slots
+    calls[0] = 0
+    md.step(5)
+    assert calls[0] == 5 * 6  # one core call per group and step, none redone

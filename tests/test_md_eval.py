@@ -348,3 +348,18 @@ def test_teacher_calculator_lends_its_calculators_stress():
     np.testing.assert_allclose(wrapped.get_stress(), crystal.get_stress(), rtol=1e-12)
     assert np.abs(crystal.get_stress()).max() > 1e-3  # strained: a real stress
     assert "stress" not in teacher_calculator(FiniteDifferenceTeacher(Springs(molecule("H2O")))).implemented_properties
+
+
+def test_the_largest_seeds_run():
+    """md-eval --seed takes [0, 2**32); structure k's streams are offset from it, which overflowed numpy's
+    RandomState near the top (a traceback for --seed 4294967295)."""
+    from training.md_eval import evaluate_md
+
+    atoms = [("m0", molecule("CH4")), ("m1", molecule("H2O"))]
+    for seed in (2 ** 32 - 1, 2 ** 32 - 1000):
+        result = evaluate_md(Springs(molecule("CH4")), atoms[:1], tests=("nvt", "nve"), seed=seed, steps=5,
+                             check_interval=5, nve_steps=5)
+        assert len(result["nvt"]["trajectories"]) == 1
+    result = evaluate_md(Springs(molecule("H2O")), atoms[1:], tests=("nvt",), seed=2 ** 32 - 1, steps=5,
+                         check_interval=5)
+    assert len(result["nvt"]["trajectories"]) == 1

@@ -403,8 +403,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
         if old is None:  # empty (a run killed right after creating it; this rank's is written below)
             continue
         diff = _diff(old, meta)
-        if diff and labelled == 0:  # a run that failed before its first label (the wrong teacher): nothing to
-            stale_meta |= path == mine  # mix up; this rank's shard takes the new settings below, others' theirs
+        # a run that failed before its first label (the wrong teacher): nothing to mix up; this rank's shard
+        # takes the new settings below, another rank's its own when it runs (not one still at its first label)
+        if diff and labelled == 0 and (path == mine or not _shard_in_use(path)):
+            stale_meta |= path == mine
             continue
         if diff:
             raise HessforgeError(f"{out_dir}: labels there were made with different settings: {diff}; use "
@@ -469,6 +471,21 @@ def _claim_shard(path: str, rank: int):
         raise HessforgeError(f"{path}: rank {rank} of these labels is being written by another process right now "
                              f"(two label runs on one output directory?){hint}") from None
     return owner
+
+
+def _shard_in_use(path: str) -> bool:
+    """Whether a process holds `path`'s claim (_claim_shard) right now: a run labelling into it."""
+    import fcntl
+
+    if not os.path.exists(path + ".owner"):
+        return False
+    with open(path + ".owner", "a") as owner:
+        try:
+            fcntl.flock(owner, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(owner, fcntl.LOCK_UN)
+    return False
 
 
 def _write_summary(out_dir: str, meta: Dict[str, Any]) -> None:

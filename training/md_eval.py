@@ -248,7 +248,7 @@ def fraction_stable(times_to_failure: Sequence[Optional[float]], times_ps: Seque
 def _init_velocities(atoms, temperature_K: float, seed: int) -> None:
     from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
-    thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.RandomState(seed))
+    thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.RandomState(seed % 2**32))
     Stationary(atoms)
     if len(atoms) > 2 and not atoms.pbc.any():  # a periodic system has no rotation to remove
         ZeroRotation(atoms)
@@ -286,7 +286,7 @@ def nvt_stability(atoms, calc, steps: int = 1000, timestep_fs: float = 1.0, temp
     _init_velocities(atoms, temperature_K, seed)
     atoms.set_constraint(FixCom())  # ASE's recommended replacement for Langevin(fixcm=True)
     dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_K,
-                   friction=friction_per_fs / units.fs, fixcm=False, rng=np.random.RandomState(seed + 1))
+                   friction=friction_per_fs / units.fs, fixcm=False, rng=np.random.RandomState((seed + 1) % 2**32))
     start, done, failure, reason, worst, devs = time.perf_counter(), 0, None, None, 0.0, []
     x0 = atoms.get_positions()
     while done < steps:

@@ -70,7 +70,7 @@ def closest_pair(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, p
         d[np.diag_indices(len(numbers))] = np.inf
         i, j = np.unravel_index(int(np.argmin(d)), d.shape)
         return (int(min(i, j)), int(max(i, j)), float(d[i, j])) if d[i, j] < cutoff else None
-    g = build_graph([numbers], [positions], [cell], [pbc], cutoff, torch.float64)
+    g = build_graph([numbers], [positions], [cell], [pbc], cutoff, torch.float64, check_overlaps=False)
     if g.edge_index.shape[1] == 0:
         return None
     i, j = g.edge_index

@@ -14,7 +14,7 @@ Direct-force students have no energy whose derivative matches their forces: aski
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
-from engine.graph import graph_from_atoms, graph_to, recentred, resolve_device
+from engine.graph import (atoms_per_call, build_graph, graph_from_atoms, graph_to, recentred, resolve_device,
+                          structure_chunks)
 from engine.models import for_inference
 from engine.paths import EXPORTED_MODEL, artifact_kind
 from engine.stress import energy_forces_strain_derivative, voigt
@@ -126,6 +127,7 @@ class Calculator(_ASECalculator):
         else:
             energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype),
                                                                   want_stress)
+            dE_deps = None if dE_deps is None else dE_deps[0]
         e = float(energy.detach().sum())
         if not (np.isfinite(e) and bool(torch.isfinite(forces).all())):
             raise HessforgeError(f"{where}: the model returned NaN or Inf energy/forces (damaged weights, or "
@@ -141,6 +143,56 @@ class Calculator(_ASECalculator):
             s = dE_deps.detach().double().cpu().numpy() / volume
             self.results["stress"] = voigt(s)
 
+    def predict(self, atoms_list: Sequence, stress: bool = False,
+                max_atoms_per_call: Union[int, str, None] = "auto") -> List[Dict[str, Any]]:
+        """Results of many structures from batched model calls (screening without one ASE call per structure):
+        a dict per structure with energy (eV), energies (per atom), forces (eV/Å) and, with `stress`, stress
+        (eV/Å³, ASE's Voigt order; None for a structure that is not periodic in all three directions). The
+        structures go in groups of at most `max_atoms_per_call` atoms ("auto": all at once on a GPU,
+        engine.graph.CPU_ATOMS_PER_CALL on a CPU); the numbers are the calculator's own, structure by structure."""
+        atoms_list = list(atoms_list)
+        if not atoms_list:
+            raise HessforgeError("empty list: no structures to evaluate")
+        if stress and self.direct_forces:
+            raise PropertyNotImplementedError("a direct-force student has no conservative stress")
+        names = [f"structure {k} ({a.get_chemical_formula() or 'empty'})" for k, a in enumerate(atoms_list)]
+        for a, name in zip(atoms_list, names):
+            if len(a) == 0:
+                raise HessforgeError(f"{name}: no atoms to evaluate")
+            self.model.check_species(a.numbers, name)
+        limit = atoms_per_call(max_atoms_per_call, self.device)
+        counts = [len(a) for a in atoms_list]
+        results: List[Dict[str, Any]] = []
+        for b0, b1 in structure_chunks(counts, limit or sum(counts)):
+            group = atoms_list[b0:b1]
+            graph = recentred(build_graph([a.numbers for a in group], [a.positions for a in group],
+                                          [np.asarray(a.cell) for a in group], [a.pbc for a in group], self.cutoff,
+                                          torch.float64, where=names[b0:b1]))
+            if self.exported:  # float64 in, its own dtype inside
+                out = (energy_forces_strain_derivative(self.model, graph) if stress
+                       else self.model(graph, compute_forces=True))
+                energy, node_energy, forces, dE_deps = (out["energy"], out["node_energy"], out["forces"],
+                                                        out.get("dE_deps"))
+            else:
+                energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype), stress)
+            energy, node_energy = energy.detach().double().cpu(), node_energy.detach().double().cpu()
+            forces = forces.detach().double().cpu()
+            start = 0
+            for k, a in enumerate(group):
+                n = len(a)
+                f = forces[start:start + n]
+                if not (bool(torch.isfinite(energy[k])) and bool(torch.isfinite(f).all())):
+                    raise HessforgeError(f"{names[b0 + k]}: the model returned NaN or Inf energy/forces")
+                result = {"energy": float(energy[k]), "energies": node_energy[start:start + n].numpy(),
+                          "forces": f.numpy()}
+                if stress:
+                    periodic = bool(np.all(a.pbc)) and abs(np.linalg.det(a.cell[:])) > 1e-8
+                    result["stress"] = (voigt(dE_deps[k].detach().double().cpu().numpy() / a.get_volume())
+                                        if periodic else None)
+                results.append(result)
+                start += n
+        return results
+
     def _evaluate(self, graph, want_stress: bool):
         if self.direct_forces:
             with torch.no_grad():
@@ -151,7 +203,7 @@ class Calculator(_ASECalculator):
                 return self._evaluate(normal_graph(graph), want_stress)
         if want_stress:
             out = energy_forces_strain_derivative(self.model, graph)
-            return out["energy"], out["node_energy"], out["forces"], out["dE_deps"][0]
+            return out["energy"], out["node_energy"], out["forces"], out["dE_deps"]
         positions = graph.positions.detach().requires_grad_(True)
         out = self.model(graph._replace(positions=positions), compute_forces=False)
         (grad,) = torch.autograd.grad(out["energy"].sum(), [positions], allow_unused=True)

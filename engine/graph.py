@@ -67,6 +67,22 @@ def recentred(graph: AtomicGraph) -> AtomicGraph:
     return graph._replace(positions=x, shifts=graph.shifts - offsets[j] + offsets[i])
 
 
+# atoms per model call on a CPU (max_atoms_per_call="auto" in BatchedMD and Calculator.predict): groups of ~4
+# of the s22 complexes measured fastest (paper-size PaiNN, one thread; bench/results/md_cpu_atoms_per_call.md)
+CPU_ATOMS_PER_CALL = 128
+
+
+def atoms_per_call(value, device: torch.device) -> Optional[int]:
+    """A max_atoms_per_call setting: "auto" (None, one call, on a GPU; CPU_ATOMS_PER_CALL on a CPU, where a
+    large batch's per-edge tensors outgrow the caches), None or 0 (one call), or a number of atoms >= 1."""
+    if isinstance(value, str) and value == "auto":
+        return None if device.type == "cuda" else CPU_ATOMS_PER_CALL
+    if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0):
+        return int(value) if value else None
+    raise HessforgeError(f"max_atoms_per_call must be 'auto', None, 0 (one call) or a number of atoms >= 1, "
+                         f"got {value!r}")
+
+
 def structure_chunks(natoms: Sequence[int], max_atoms: int) -> List[Tuple[int, int]]:
     """Consecutive structure ranges [b0, b1) holding at most `max_atoms` atoms each (a larger structure on
     its own), covering every structure in order."""

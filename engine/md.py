@@ -72,8 +72,8 @@ import torch
 from ase import units
 
 from engine.errors import HessforgeError
-from engine.graph import (AtomicGraph, edge_vectors, graph_from_atoms, graph_to, recentred, structure_chunks,
-                          sub_batch)
+from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
+                          structure_chunks, sub_batch)
 from engine.models import Student, for_inference
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
@@ -81,9 +81,6 @@ from engine.stress import cell_volumes, energy_forces_strain_derivative
 ACCEL = units.fs ** 2  # Å/fs² per eV/(Å·amu)
 KB = units.kB  # eV/K
 INTEGRATORS = ("verlet", "langevin")
-# atoms per model call on a CPU (max_atoms_per_call="auto"): groups of ~4 of the s22 complexes measured fastest
-# (paper-size PaiNN, one thread; 2 to 16 were within 25 %); a GPU takes the whole batch at once
-CPU_ATOMS_PER_CALL = 128
 BAROSTAT_COUPLINGS = ("iso", "aniso", "tri")
 BAROSTAT_METHODS = ("berendsen", "c-rescale")
 
@@ -109,8 +106,8 @@ class BatchedMD:
 
     max_atoms_per_call: the systems' forces in one model call (None or 0), or in consecutive groups of whole
     systems of at most this many atoms (a larger system alone). "auto": one call on a GPU, groups of
-    CPU_ATOMS_PER_CALL atoms on a CPU, where a student's per-edge tensors for a large batch outgrow the caches
-    (paper-size PaiNN, 64 s22 complexes of 26 atoms, one thread: 38 ms per structure in one call, 15 ms in
+    engine.graph.CPU_ATOMS_PER_CALL atoms on a CPU, where a student's per-edge tensors for a large batch
+    outgrow the caches (paper-size PaiNN, 64 s22 complexes of 26 atoms, one thread: 38 ms per structure in one call, 15 ms in
     groups of 4 eager, 19 vs 13.5 ms compiled). Each system's forces are the same either way.
     """
 
@@ -163,7 +160,7 @@ class BatchedMD:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,))))
         self.nsystems = len(atoms_list)
-        self.max_atoms_per_call = self._atoms_per_call(max_atoms_per_call)
+        self.max_atoms_per_call = atoms_per_call(max_atoms_per_call, self.device)
 
         # static description of the batch (positions live in self.positions); NaN / zero-volume checks here
         graph = graph_from_atoms(list(atoms_list), self.cutoff, dtype=torch.float64)
@@ -477,14 +474,6 @@ class BatchedMD:
             out = self.model(graph, compute_forces=True)
             dE_deps = None
         return out["energy"].detach().to(self.dtype), out["forces"].detach().to(self.dtype), dE_deps
-
-    def _atoms_per_call(self, value) -> Optional[int]:
-        if value == "auto":
-            return None if self.device.type == "cuda" else CPU_ATOMS_PER_CALL
-        if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0):
-            return int(value) if value else None
-        raise HessforgeError(f"max_atoms_per_call must be 'auto', None, 0 (one call) or a number of atoms >= 1, "
-                             f"got {value!r}")
 
     # ---------------------------------------------------------------------------------- integration
     def step(self, n: int = 1, callback: Optional[Callable[["BatchedMD"], None]] = None,

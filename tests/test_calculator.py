@@ -291,3 +291,47 @@ def test_overlapping_atoms_are_refused(rng):
     u = rng.normal(size=3)
     close.positions[1] = close.positions[0] + 0.02 * u / np.linalg.norm(u)
     assert np.isfinite(calc.get_potential_energy(close))
+
+
+@pytest.mark.parametrize("kind", ["object", "exported"])
+def test_predict_many_structures_equals_the_calculator_one_by_one(rng, tmp_path, kind):
+    """Calculator.predict: screening without an ASE call per structure; grouped model calls (or one) give each
+    structure the calculator's own energy, per-atom energies, forces and stress (None without 3D periodicity)."""
+    model = tiny()
+    if kind == "exported":
+        from engine.export import export_model
+
+        export_model(model, str(tmp_path / "model.pt"))
+        model = str(tmp_path / "model.pt")
+    calc = Calculator(model)
+    structures = [molecule_perturbed("CH3OH", rng), periodic(rng), molecule_perturbed("H2O", rng), periodic(rng, 4)]
+    wire = periodic(rng, 5)
+    wire.pbc = [True, False, False]
+    structures.append(wire)
+    expected = []
+    for a in structures:
+        b = a.copy()
+        b.calc = calc
+        row = {"energy": b.get_potential_energy(), "energies": b.get_potential_energies(), "forces": b.get_forces()}
+        row["stress"] = b.get_stress() if b.pbc.all() else None
+        expected.append(row)
+    for per_call in (0, 8, 1):
+        got = calc.predict(structures, stress=True, max_atoms_per_call=per_call)
+        assert len(got) == len(structures)
+        for g, e in zip(got, expected):
+            assert g["energy"] == pytest.approx(e["energy"], abs=1e-9)
+            np.testing.assert_allclose(g["energies"], e["energies"], atol=1e-9)
+            np.testing.assert_allclose(g["forces"], e["forces"], atol=1e-9)
+            if e["stress"] is None:
+                assert g["stress"] is None
+            else:
+                np.testing.assert_allclose(g["stress"], e["stress"], atol=1e-10)
+    assert "stress" not in calc.predict(structures[:1])[0]
+    with pytest.raises(HessforgeError, match=r"structure 2 \(H3N\): unknown element"):
+        calc.predict([molecule("CH4"), molecule("H2O"), molecule("NH3")])
+    with pytest.raises(HessforgeError, match=r"structure 1 \(empty\): no atoms"):
+        calc.predict([molecule("CH4"), Atoms()])
+    with pytest.raises(HessforgeError, match="empty list"):
+        calc.predict([])
+    with pytest.raises(PropertyNotImplementedError, match="direct-force"):
+        Calculator(tiny("direct")).predict(structures, stress=True)

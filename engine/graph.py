@@ -97,24 +97,25 @@ def structure_chunks(natoms: Sequence[int], max_atoms: int) -> List[Tuple[int, i
     return chunks
 
 
-def sub_batch(graph: AtomicGraph, b0: int, b1: int, a0: int, a1: int,
-              edge_range: Optional[Tuple[int, int]] = None) -> AtomicGraph:
-    """Structures b0..b1-1 (atoms a0..a1-1) of a batched graph as a graph of their own, atoms and structures
-    renumbered from 0. Structures share no edges, so their edges are exactly those whose receiver is in
-    [a0, a1): `edge_range` when the caller knows it, one contiguous range where receivers are sorted
-    (every hessforge neighbor list), else a mask."""
+def split_batch(graph: AtomicGraph, groups: Sequence[Tuple[Tuple[int, int], Tuple[int, int]]]) -> List[AtomicGraph]:
+    """Each group ((b0, b1), (a0, a1)) of consecutive structures (and their atoms) of a batched graph as a graph
+    of its own, atoms and structures renumbered from 0. Structures share no edges, so a group's edges are those
+    whose receiver is in [a0, a1): one contiguous range once receivers are sorted (every hessforge neighbor
+    list already sorts them), found for all groups by one search."""
     i = graph.edge_index[0]
-    if edge_range is not None:
-        lo, hi = edge_range
-        edges, shifts = graph.edge_index[:, lo:hi], graph.shifts[lo:hi]
-    elif i.numel() < 2 or bool((i[1:] >= i[:-1]).all()):
-        lo, hi = (int(x) for x in torch.searchsorted(i, torch.tensor([a0, a1], device=i.device)))
-        edges, shifts = graph.edge_index[:, lo:hi], graph.shifts[lo:hi]
-    else:
-        keep = (i >= a0) & (i < a1)
-        edges, shifts = graph.edge_index[:, keep], graph.shifts[keep]
-    return AtomicGraph(positions=graph.positions[a0:a1], numbers=graph.numbers[a0:a1], cell=graph.cell[b0:b1],
-                       pbc=graph.pbc[b0:b1], batch=graph.batch[a0:a1] - b0, edge_index=edges - a0, shifts=shifts)
+    if i.numel() > 1 and not bool((i[1:] >= i[:-1]).all()):
+        order = torch.argsort(i, stable=True)
+        graph = graph._replace(edge_index=graph.edge_index[:, order], shifts=graph.shifts[order])
+        i = graph.edge_index[0]
+    starts = [a0 for _, (a0, _) in groups] + [groups[-1][1][1]]
+    bounds = torch.searchsorted(i, torch.tensor(starts, device=i.device)).tolist()
+    out = []
+    for k, ((b0, b1), (a0, a1)) in enumerate(groups):
+        lo, hi = bounds[k], bounds[k + 1]
+        out.append(AtomicGraph(positions=graph.positions[a0:a1], numbers=graph.numbers[a0:a1],
+                               cell=graph.cell[b0:b1], pbc=graph.pbc[b0:b1], batch=graph.batch[a0:a1] - b0,
+                               edge_index=graph.edge_index[:, lo:hi] - a0, shifts=graph.shifts[lo:hi]))
+    return out
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
@@ -160,22 +161,21 @@ def _neighbor_list(positions, cell, pbc, batch, cutoff):
 MIN_ATOM_DISTANCE = 0.01  # Å: closer atoms are one atom written twice; the students' safe norm keeps them finite
 
 
-def _check_no_overlaps(positions, numbers, cell, batch, edge_index, shifts, names) -> None:
+def _check_no_overlaps(graph: AtomicGraph, names: Sequence[str]) -> None:
     """Refuse atoms on top of each other (a duplicated atom, an atom on another's periodic image): the model
     would return finite nonsense. A blown-up MD run can still bring atoms close; only coincidence is refused."""
-    if edge_index.shape[1] == 0:
+    if graph.edge_index.shape[1] == 0:
         return
-    i, j = edge_index[0], edge_index[1]
-    d = torch.linalg.vector_norm(positions[j] - positions[i] + torch.einsum("ea,eab->eb", shifts, cell[batch[i]]),
-                                 dim=1)
+    d = torch.linalg.vector_norm(edge_vectors(graph), dim=1)
     k = int(torch.argmin(d))
     if not float(d[k]) < MIN_ATOM_DISTANCE:
         return
-    b = int(batch[i[k]])
-    first = int(torch.searchsorted(batch, torch.tensor(b)))  # batch is sorted
-    a, c = int(i[k]) - first, int(j[k]) - first
-    raise HessforgeError(f"{names[b]}: atoms {a} (Z={int(numbers[i[k]])}) and {c} (Z={int(numbers[j[k]])}) are "
-                         f"{float(d[k]):.3g} Å apart: overlapping atoms (an atom written twice?)")
+    i, j = int(graph.edge_index[0, k]), int(graph.edge_index[1, k])
+    b = int(graph.batch[i])
+    first = int(torch.searchsorted(graph.batch, torch.tensor(b)))  # batch is sorted
+    raise HessforgeError(f"{names[b]}: atoms {i - first} (Z={int(graph.numbers[i])}) and {j - first} "
+                         f"(Z={int(graph.numbers[j])}) are {float(d[k]):.3g} Å apart: overlapping atoms (an atom "
+                         "written twice?)")
 
 
 def build_graph(
@@ -225,17 +225,11 @@ def build_graph(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
     )
     edge_index, shifts = _neighbor_list(positions_t, cell_t, pbc_t, batch_t, cutoff)
+    graph = AtomicGraph(positions=positions_t, numbers=numbers_t, cell=cell_t, pbc=pbc_t, batch=batch_t,
+                        edge_index=edge_index, shifts=shifts)
     if check_overlaps:
-        _check_no_overlaps(positions_t, numbers_t, cell_t, batch_t, edge_index, shifts, names)
-    return AtomicGraph(
-        positions=positions_t.to(dtype),
-        numbers=numbers_t,
-        cell=cell_t.to(dtype),
-        pbc=pbc_t,
-        batch=batch_t,
-        edge_index=edge_index,
-        shifts=shifts.to(dtype),
-    )
+        _check_no_overlaps(graph, names)
+    return graph_to(graph, dtype=dtype)
 
 
 def graph_from_atoms(atoms_list: List, cutoff: float, dtype: torch.dtype = torch.float32) -> AtomicGraph:

@@ -73,7 +73,7 @@ from ase import units
 
 from engine.errors import HessforgeError
 from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
-                          structure_chunks, sub_batch)
+                          split_batch, structure_chunks)
 from engine.models import Student, for_inference
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
@@ -430,7 +430,7 @@ class BatchedMD:
         if len(self._calls) == 1:
             energy, forces, dE_deps = self._call(graph)
         else:
-            parts = [self._call(sub, group) for group, sub in enumerate(self._split(graph))]
+            parts = [self._call(sub, group) for group, sub in enumerate(split_batch(graph, self._calls))]
             energy, forces = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             dE_deps = torch.cat([p[2] for p in parts]) if self.barostat else None
         if self.barostat:
@@ -438,19 +438,6 @@ class BatchedMD:
         if not bool(torch.isfinite(forces).all()):
             raise HessforgeError(f"non-finite forces at step {self.nsteps}: the model or the dynamics blew up")
         return energy, forces
-
-    def _split(self, graph: AtomicGraph) -> List[AtomicGraph]:
-        """The graph of each group of systems (self._calls); edge boundaries from one search over the receivers
-        when they are sorted (every hessforge neighbor list)."""
-        i = graph.edge_index[0]
-        if i.numel() > 1 and not bool((i[1:] >= i[:-1]).all()):
-            order = torch.argsort(i, stable=True)
-            graph = graph._replace(edge_index=graph.edge_index[:, order], shifts=graph.shifts[order])
-            i = graph.edge_index[0]
-        bounds = torch.searchsorted(i, torch.tensor([a for _, (a, _) in self._calls] + [self._calls[-1][1][1]],
-                                                    device=i.device)).tolist()
-        return [sub_batch(graph, b0, b1, a0, a1, edge_range=(bounds[k], bounds[k + 1]))
-                for k, ((b0, b1), (a0, a1)) in enumerate(self._calls)]
 
     def _call(self, graph: AtomicGraph, group: int = 0):
         """(energy [B], forces [N, 3], dE/dε [B, 3, 3] under a barostat else None) of one model call, float64.

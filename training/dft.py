@@ -163,8 +163,8 @@ def parse_dft_spec(spec: str) -> Dict[str, str]:
 
 
 def check_dft_options(basis: str = "6-31g*", xc: str = "wb97x") -> None:
-    """ValueError naming an unknown basis or functional, from a two-atom build (milliseconds), so that a run
-    does not record the same error for every structure."""
+    """ValueError naming an unknown basis or functional (the basis loaded for a few elements, the functional
+    parsed: milliseconds), so that a run does not record the same error for every structure."""
     from pyscf import dft, gto
 
     problem = None

@@ -23,7 +23,7 @@ from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
-from engine.graph import (atoms_per_call, build_graph, graph_from_atoms, graph_to, recentred, resolve_device,
+from engine.graph import (atoms_per_call, build_graph, graph_to, recentred, resolve_device,
                           structure_chunks)
 from engine.models import for_inference
 from engine.paths import EXPORTED_MODEL, artifact_kind
@@ -107,89 +107,83 @@ class Calculator(_ASECalculator):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         want_stress = "stress" in properties
-        if want_stress and not atoms.pbc.any():
-            raise PropertyNotImplementedError("stress needs a periodic cell (atoms.pbc is all False)")
-        if want_stress and self.direct_forces:
-            raise PropertyNotImplementedError("a direct-force student has no conservative stress")
         where = atoms.get_chemical_formula() or "empty structure"
-        if want_stress and not atoms.pbc.all() and not abs(np.linalg.det(atoms.cell[:])) > 1e-8:
-            raise PropertyNotImplementedError(f"{where}: stress needs a cell with a volume; this wire/slab has zero "
-                                              "vectors along its non-periodic directions (give them vacuum vectors)")
-        if len(atoms) == 0:
-            raise HessforgeError(f"{where}: no atoms to evaluate")
-        self.model.check_species(atoms.numbers, where)
-        # NaN / zero-volume checks; small coordinates before a float32 cast (unwrapped MD, far molecules)
-        graph = recentred(graph_from_atoms([atoms], self.cutoff, dtype=torch.float64))
-        if self.exported:
-            energy, node_energy, forces, virial = self.model.evaluate(
-                graph.positions, graph.numbers, graph.edge_index, self.model._edge_shifts(graph))
-            dE_deps = -virial if want_stress else None
-        else:
-            energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype),
-                                                                  want_stress)
-            dE_deps = None if dE_deps is None else dE_deps[0]
-        e = float(energy.detach().sum())
-        if not (np.isfinite(e) and bool(torch.isfinite(forces).all())):
-            raise HessforgeError(f"{where}: the model returned NaN or Inf energy/forces (damaged weights, or "
-                                 "atoms far closer than any training structure)")
-        self.results["energy"] = e
-        self.results["free_energy"] = e
-        self.results["energies"] = node_energy.detach().double().cpu().numpy()
-        self.results["forces"] = forces.detach().double().cpu().numpy()
         if want_stress:
-            volume = atoms.get_volume()
-            if not volume > 1e-8:
-                raise HessforgeError(f"{where}: periodic cell has zero volume")
-            s = dE_deps.detach().double().cpu().numpy() / volume
-            self.results["stress"] = voigt(s)
+            self._check_stress_model()
+            reason = _no_stress_reason(atoms)
+            if reason:
+                raise PropertyNotImplementedError(f"{where}: {reason}")
+        self._check_structure(atoms, where)
+        (result,) = self._evaluate_group([atoms], [where], want_stress)
+        self.results["energy"] = self.results["free_energy"] = result["energy"]
+        self.results["energies"] = result["energies"]
+        self.results["forces"] = result["forces"]
+        if want_stress:
+            self.results["stress"] = result["stress"]
 
     def predict(self, atoms_list: Sequence, stress: bool = False,
                 max_atoms_per_call: Union[int, str, None] = "auto") -> List[Dict[str, Any]]:
         """Results of many structures from batched model calls (screening without one ASE call per structure):
         a dict per structure with energy (eV), energies (per atom), forces (eV/Å) and, with `stress`, stress
-        (eV/Å³, ASE's Voigt order; None for a structure that is not periodic in all three directions). The
-        structures go in groups of at most `max_atoms_per_call` atoms ("auto": all at once on a GPU,
-        engine.graph.CPU_ATOMS_PER_CALL on a CPU); the numbers are the calculator's own, structure by structure."""
+        (eV/Å³, ASE's Voigt order; None where `calculate` refuses it: no periodic direction, or a wire/slab
+        whose cell has no volume). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
+        all at once on a GPU, engine.graph.CPU_ATOMS_PER_CALL on a CPU); each structure gets exactly what
+        `calculate` gives it, which is this method on a group of one."""
         atoms_list = list(atoms_list)
         if not atoms_list:
             raise HessforgeError("empty list: no structures to evaluate")
-        if stress and self.direct_forces:
-            raise PropertyNotImplementedError("a direct-force student has no conservative stress")
+        if stress:
+            self._check_stress_model()
         names = [f"structure {k} ({a.get_chemical_formula() or 'empty'})" for k, a in enumerate(atoms_list)]
         for a, name in zip(atoms_list, names):
-            if len(a) == 0:
-                raise HessforgeError(f"{name}: no atoms to evaluate")
-            self.model.check_species(a.numbers, name)
+            self._check_structure(a, name)
         limit = atoms_per_call(max_atoms_per_call, self.device)
         counts = [len(a) for a in atoms_list]
         results: List[Dict[str, Any]] = []
         for b0, b1 in structure_chunks(counts, limit or sum(counts)):
-            group = atoms_list[b0:b1]
-            graph = recentred(build_graph([a.numbers for a in group], [a.positions for a in group],
-                                          [np.asarray(a.cell) for a in group], [a.pbc for a in group], self.cutoff,
-                                          torch.float64, where=names[b0:b1]))
-            if self.exported:  # float64 in, its own dtype inside
-                out = (energy_forces_strain_derivative(self.model, graph) if stress
-                       else self.model(graph, compute_forces=True))
-                energy, node_energy, forces, dE_deps = (out["energy"], out["node_energy"], out["forces"],
-                                                        out.get("dE_deps"))
-            else:
-                energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype), stress)
-            energy, node_energy = energy.detach().double().cpu(), node_energy.detach().double().cpu()
-            forces = forces.detach().double().cpu()
-            start = 0
-            for k, a in enumerate(group):
-                n = len(a)
-                f = forces[start:start + n]
-                if not (bool(torch.isfinite(energy[k])) and bool(torch.isfinite(f).all())):
-                    raise HessforgeError(f"{names[b0 + k]}: the model returned NaN or Inf energy/forces")
-                result = {"energy": float(energy[k]), "energies": node_energy[start:start + n].numpy(),
-                          "forces": f.numpy()}
-                if stress:  # build_graph refused 3D-periodic cells without volume
-                    result["stress"] = (voigt(dE_deps[k].detach().double().cpu().numpy() / a.get_volume())
-                                        if np.all(a.pbc) else None)
-                results.append(result)
-                start += n
+            results.extend(self._evaluate_group(atoms_list[b0:b1], names[b0:b1], stress))
+        return results
+
+    def _check_stress_model(self) -> None:
+        if self.direct_forces:
+            raise PropertyNotImplementedError("a direct-force student has no conservative stress")
+
+    def _check_structure(self, atoms, where: str) -> None:
+        if len(atoms) == 0:
+            raise HessforgeError(f"{where}: no atoms to evaluate")
+        self.model.check_species(atoms.numbers, where)
+
+    def _evaluate_group(self, group: Sequence, names: Sequence[str], stress: bool) -> List[Dict[str, Any]]:
+        """One model call on `group` (checked structures): a result dict per structure."""
+        # build_graph: NaN, zero-volume and overlap checks; recentred: small coordinates before a float32 cast
+        # (unwrapped MD, far molecules)
+        graph = recentred(build_graph([a.numbers for a in group], [a.positions for a in group],
+                                      [np.asarray(a.cell) for a in group], [a.pbc for a in group], self.cutoff,
+                                      torch.float64, where=list(names)))
+        if self.exported:  # float64 in, its own dtype inside
+            out = (self.model.energy_forces_strain_derivative(graph) if stress
+                   else self.model(graph, compute_forces=True))
+            energy, node_energy, forces, dE_deps = (out["energy"], out["node_energy"], out["forces"],
+                                                    out.get("dE_deps"))
+        else:
+            energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype), stress)
+        energy, node_energy = energy.detach().double().cpu(), node_energy.detach().double().cpu()
+        forces = forces.detach().double().cpu()
+        results: List[Dict[str, Any]] = []
+        start = 0
+        for k, a in enumerate(group):
+            n = len(a)
+            f = forces[start:start + n]
+            if not (bool(torch.isfinite(energy[k])) and bool(torch.isfinite(f).all())):
+                raise HessforgeError(f"{names[k]}: the model returned NaN or Inf energy/forces (damaged weights, or "
+                                     "atoms far closer than any training structure)")
+            result = {"energy": float(energy[k]), "energies": node_energy[start:start + n].numpy(),
+                      "forces": f.numpy()}
+            if stress:
+                result["stress"] = (None if _no_stress_reason(a)
+                                    else voigt(dE_deps[k].detach().double().cpu().numpy() / a.get_volume()))
+            results.append(result)
+            start += n
         return results
 
     def _evaluate(self, graph, want_stress: bool):
@@ -207,3 +201,14 @@ class Calculator(_ASECalculator):
         out = self.model(graph._replace(positions=positions), compute_forces=False)
         (grad,) = torch.autograd.grad(out["energy"].sum(), [positions], allow_unused=True)
         return out["energy"], out["node_energy"], (torch.zeros_like(positions) if grad is None else -grad), None
+
+
+def _no_stress_reason(atoms) -> str:
+    """Why `atoms` has no stress ("" if it has one): stress is per volume of a cell with a periodic direction.
+    3D-periodic cells without volume never get here (build_graph refuses them)."""
+    if not atoms.pbc.any():
+        return "stress needs a periodic cell (atoms.pbc is all False)"
+    if not atoms.pbc.all() and not abs(np.linalg.det(atoms.cell[:])) > 1e-8:
+        return ("stress needs a cell with a volume; this wire/slab has zero vectors along its non-periodic "
+                "directions (give them vacuum vectors)")
+    return ""

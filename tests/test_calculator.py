@@ -296,7 +296,7 @@ def test_overlapping_atoms_are_refused(rng):
 @pytest.mark.parametrize("kind", ["object", "exported"])
 def test_predict_many_structures_equals_the_calculator_one_by_one(rng, tmp_path, kind):
     """Calculator.predict: screening without an ASE call per structure; grouped model calls (or one) give each
-    structure the calculator's own energy, per-atom energies, forces and stress (None without 3D periodicity)."""
+    structure the calculator's own energy, per-atom energies, forces and stress (None where calculate refuses it)."""
     model = tiny()
     if kind == "exported":
         from engine.export import export_model
@@ -306,15 +306,21 @@ def test_predict_many_structures_equals_the_calculator_one_by_one(rng, tmp_path,
     calc = Calculator(model)
     structures = [molecule_perturbed("CH3OH", rng), periodic(rng), molecule_perturbed("H2O", rng), periodic(rng, 4)]
     wire = periodic(rng, 5)
-    wire.pbc = [True, False, False]
-    structures.append(wire)
+    wire.pbc = [True, False, False]  # vacuum vectors along y and z: a volume, so a stress
+    bare_wire = wire.copy()
+    bare_wire.cell[1] = bare_wire.cell[2] = 0.0  # no volume: no stress (calculate refuses it)
+    structures += [wire, bare_wire]
     expected = []
     for a in structures:
         b = a.copy()
         b.calc = calc
         row = {"energy": b.get_potential_energy(), "energies": b.get_potential_energies(), "forces": b.get_forces()}
-        row["stress"] = b.get_stress() if b.pbc.all() else None
+        try:
+            row["stress"] = b.get_stress()
+        except PropertyNotImplementedError:
+            row["stress"] = None
         expected.append(row)
+    assert [e["stress"] is None for e in expected] == [True, False, True, False, False, True]
     for per_call in (0, 8, 1):
         got = calc.predict(structures, stress=True, max_atoms_per_call=per_call)
         assert len(got) == len(structures)

@@ -96,7 +96,8 @@ void PairHessforge::settings(int narg, char **arg)
                           "is loaded with its threads)", num_threads);
 }
 
-/* pair_coeff * * model.pt El1 El2 ... (one element per atom type) */
+/* pair_coeff * * model.pt El1 El2 ... (one element per atom type; NULL under hybrid/overlay or hybrid/scaled:
+   atoms of that type are left to the other styles, the model never sees them) */
 void PairHessforge::coeff(int narg, char **arg)
 {
   if (!allocated) allocate();
@@ -124,13 +125,19 @@ void PairHessforge::coeff(int narg, char **arg)
                "(the model knows:{})",
                path, narg - 3, ntypes, known);
   std::vector<int64_t> z_of_type(ntypes + 1, 0);
+  // a sub-style of hybrid/overlay or hybrid/scaled (plain hybrid is refused in init_style)
+  const bool sub_style = utils::strmatch(force->pair_style, "^hybrid");
+  int mapped = 0;
   for (int t = 1; t <= ntypes; t++) {
     const std::string symbol = arg[2 + t];
+    if (symbol == "NULL") {
+      if (!sub_style)
+        error->all(FLERR, "pair_coeff * * {}: atom type {} is NULL, but no other pair style handles its atoms; "
+                          "NULL types need pair_style hybrid/overlay (or hybrid/scaled) with a style for them",
+                   path, t);
+      continue;  // z_of_type[t] = 0: not a model atom
+    }
     const int z = hessforge::atomic_number(symbol);
-    if (z == 0 && symbol == "NULL")
-      error->all(FLERR, "pair_coeff * * {}: atom type {} is NULL; pair_style hessforge needs an element for every "
-                        "atom type (NULL types under pair_style hybrid are not supported: use hybrid/overlay)",
-                 path, t);
     if (z == 0) {
       const std::string capitalized = utils::uppercase(symbol.substr(0, 1)) + symbol.substr(1);
       error->all(FLERR, "pair_coeff * * {}: '{}' (atom type {}) is not an element symbol{}", path, symbol, t,
@@ -141,13 +148,18 @@ void PairHessforge::coeff(int narg, char **arg)
       error->all(FLERR, "pair_coeff * * {}: element {} (atom type {}) is not known to the model; it knows:{}",
                  path, symbol, t, known);
     z_of_type[t] = z;
+    mapped++;
   }
+  if (mapped == 0)
+    error->all(FLERR, "pair_coeff * * {}: every atom type is NULL; give an element for the atoms the model "
+                      "handles", path);
   model = std::move(loaded);
   model_path = path;
   type_to_z = z_of_type;
   cutoff = meta.cutoff;
+  // pairs with a NULL type are not this style's: pair_style hybrid/overlay then skips them in its neighbor list
   for (int i = 1; i <= ntypes; i++)
-    for (int j = i; j <= ntypes; j++) setflag[i][j] = 1;
+    for (int j = i; j <= ntypes; j++) setflag[i][j] = (type_to_z[i] != 0 && type_to_z[j] != 0) ? 1 : 0;
   if (comm->me == 0)
     utils::logmesg(lmp,
                    "pair_style hessforge: {} ({} {}-force, {}, cutoff {} A, {} message-passing layers, "
@@ -187,7 +199,8 @@ void PairHessforge::init_style()
       for (const char *name : {"npt", "nph", "box/relax", "press", "msst", "bocs"})
         controls = controls || style.find(name) != std::string::npos;
       const Compute *own = modify->get_compute_by_id(std::string(fix->id) + "_press");
-      controls = controls || (own != nullptr && own->pressflag);
+      // (the box change too: LAMMPS' own thermo_press would otherwise match a fix named "thermo")
+      controls = controls || (own != nullptr && own->pressflag && fix->box_change != 0);
       if (controls)
         error->all(FLERR, "pair_style hessforge: fix {} ({}) controls the pressure, but {} is a direct-force "
                           "model without a virial; export a gradient-force model for NPT or box relaxation",
@@ -270,35 +283,52 @@ void PairHessforge::build_fold_graph()
   const int *ilist = list->ilist;
   const int *numneigh = list->numneigh;
   int **firstneigh = list->firstneigh;
+  const int *type = atom->type;
   const double cutsq_model = cutoff * cutoff;
+  // nodes: the local atoms of model (not NULL) types, in order
+  node_of.assign(nlocal, -1);
+  atom_of_node.clear();
+  for (int i = 0; i < nlocal; i++)
+    if (type_to_z[type[i]] != 0) {
+      node_of[i] = static_cast<int>(atom_of_node.size());
+      atom_of_node.push_back(i);
+    }
   recv.clear();
   send.clear();
   shifts.clear();
   for (int ii = 0; ii < inum; ii++) {
     const int i = ilist[ii];
+    if (node_of[i] < 0) continue;  // hybrid/overlay's skip list leaves NULL types out already
     const int *jlist = firstneigh[i];
     const int jnum = numneigh[i];
     for (int jj = 0; jj < jnum; jj++) {
       const int j = jlist[jj] & NEIGHMASK;
+      const int o = owner[j];
+      if (node_of[o] < 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
       check_apart(i, j, dx * dx + dy * dy + dz * dz);
-      const int o = owner[j];
-      recv.push_back(i);
-      send.push_back(o);
+      recv.push_back(node_of[i]);
+      send.push_back(node_of[o]);
       shifts.push_back(x[j][0] - x[o][0]);
       shifts.push_back(x[j][1] - x[o][1]);
       shifts.push_back(x[j][2] - x[o][2]);
     }
   }
-  pos.assign(x[0], x[0] + 3 * nlocal);
-  numbers.resize(nlocal);
-  for (int i = 0; i < nlocal; i++) numbers[i] = type_to_z[atom->type[i]];
-  atom_of_node.resize(nlocal);
-  for (int i = 0; i < nlocal; i++) atom_of_node[i] = i;
+  const int nnodes = static_cast<int>(atom_of_node.size());
+  pos.resize(3 * static_cast<size_t>(nnodes));
+  numbers.resize(nnodes);
+  for (int k = 0; k < nnodes; k++) {
+    const int i = atom_of_node[k];
+    pos[3 * k] = x[i][0];
+    pos[3 * k + 1] = x[i][1];
+    pos[3 * k + 2] = x[i][2];
+    numbers[k] = type_to_z[type[i]];
+  }
+  local_nodes = nnodes;
 }
 
-/* GHOST: nodes = local atoms (same indices) then the ghosts within num_layers hops of them; edges whose
+/* GHOST: nodes = local model atoms (in order) then the ghosts within num_layers hops of them; edges whose
    receiver is within num_layers - 1 hops (only those change a local energy). */
 void PairHessforge::build_ghost_graph()
 {
@@ -311,7 +341,10 @@ void PairHessforge::build_ghost_graph()
   int **firstneigh = list->firstneigh;
   const double cutsq_model = cutoff * cutoff;
   const int layers = model->metadata().num_layers;
+  const int *type = atom->type;
   numbers.clear();
+  atom_of_node.clear();
+  local_nodes = 0;
   if (nlocal == 0) return;
 
   // all edges within the model cutoff, grouped by receiver (LAMMPS atom indices)
@@ -321,11 +354,16 @@ void PairHessforge::build_ghost_graph()
   edge_end.assign(nall, 0);
   for (int ii = 0; ii < inum; ii++) {
     const int i = ilist[ii];
+    edge_begin[i] = static_cast<int64_t>(send.size());
+    if (type_to_z[type[i]] == 0) {  // NULL type (hybrid/overlay's skip list leaves them out already)
+      edge_end[i] = edge_begin[i];
+      continue;
+    }
     const int *jlist = firstneigh[i];
     const int jnum = numneigh[i];
-    edge_begin[i] = static_cast<int64_t>(send.size());
     for (int jj = 0; jj < jnum; jj++) {
       const int j = jlist[jj] & NEIGHMASK;
+      if (type_to_z[type[j]] == 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
       check_apart(i, j, dx * dx + dy * dy + dz * dz);
@@ -333,15 +371,16 @@ void PairHessforge::build_ghost_graph()
     }
     edge_end[i] = static_cast<int64_t>(send.size());
   }
-  // breadth-first hops from the local atoms
+  // breadth-first hops from the local model atoms (nodes 0..local_nodes-1)
   hop.assign(nall, -1);
   frontier.clear();
-  atom_of_node.clear();
   for (int i = 0; i < nlocal; i++) {
+    if (type_to_z[type[i]] == 0) continue;
     hop[i] = 0;
     frontier.push_back(i);
     atom_of_node.push_back(i);
   }
+  local_nodes = static_cast<int>(atom_of_node.size());
   for (int level = 1; level <= layers; level++) {
     next_frontier.clear();
     for (int i : frontier)
@@ -378,7 +417,7 @@ void PairHessforge::build_ghost_graph()
     pos[3 * k] = x[i][0];
     pos[3 * k + 1] = x[i][1];
     pos[3 * k + 2] = x[i][2];
-    numbers[k] = type_to_z[atom->type[i]];
+    numbers[k] = type_to_z[type[i]];
   }
   shifts.clear();
 }
@@ -404,12 +443,11 @@ void PairHessforge::compute(int eflag, int vflag)
   if (mode == FOLD) build_fold_graph();
   else build_ghost_graph();
 
-  const int nlocal = atom->nlocal;
   const int64_t nnodes = static_cast<int64_t>(numbers.size());
   const int64_t nedges = static_cast<int64_t>(send.size());
-  if (nlocal == 0) return;  // a rank whose subdomain holds no atom contributes nothing
+  if (atom->nlocal == 0 || local_nodes == 0) return;  // a rank without (model) atoms contributes nothing
   try {
-    model->compute_graph(pos.data(), numbers.data(), nnodes, nlocal, recv.data(), send.data(),
+    model->compute_graph(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(),
                          mode == FOLD ? shifts.data() : nullptr, nedges, *result);
   } catch (const std::exception &err) {
     error->one(FLERR, std::string("pair_style hessforge: ") + err.what());
@@ -425,7 +463,7 @@ void PairHessforge::compute(int eflag, int vflag)
   }
   if (eflag_global) eng_vdwl += result->energy;
   if (eflag_atom)
-    for (int i = 0; i < nlocal; i++) eatom[i] += result->node_energy[i];
+    for (int k = 0; k < local_nodes; k++) eatom[atom_of_node[k]] += result->node_energy[k];
   if (vflag_global) {
     if (model->metadata().virial) {
       const double *w = result->virial;

@@ -52,7 +52,11 @@ class PairHessforge : public Pair {
   std::vector<int64_t> numbers, recv, send;
   std::vector<int> owner;         // FOLD: local owner of each ghost
   std::unordered_map<tagint, int> tag_to_local;  // FOLD: scratch for building `owner`
-  std::vector<int> hop, node_of, atom_of_node, frontier, next_frontier;  // GHOST: pruning
+  // nodes of the model graph: atom_of_node[k] = LAMMPS index; the first local_nodes are local atoms of model
+  // (not NULL) types, whose energies count; node_of: the inverse (-1 for atoms not in the graph)
+  std::vector<int> node_of, atom_of_node;
+  int local_nodes = 0;
+  std::vector<int> hop, frontier, next_frontier;  // GHOST: pruning
   std::vector<int64_t> edge_begin, edge_end;
 
   void allocate();

@@ -228,12 +228,41 @@ def test_direct_force_student(tmp_path, models):
         work = tmp_path / mode
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        # a fix named "thermo" is no barostat (LAMMPS' own thermo_press compute made it look like one)
         _, out = run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}")
-                            + SINGLE_POINT, nprocs=nprocs)
+                            + "fix thermo all nve\n" + SINGLE_POINT, nprocs=nprocs)
         assert "a direct-force model has no virial" in out
         got = read_single_point(work)
         assert_close(got, ref, f"direct-force student, mode {mode}")
         assert not got["virial"].any()
+
+
+def test_null_types_under_hybrid_overlay(tmp_path, models):
+    """`pair_coeff * * hessforge model.pt H C O NULL` under hybrid/overlay: the model sees only the atoms of
+    element types (a solute), another style handles the NULL type (a solvent; here lj/cut with epsilon 0, so
+    the totals are the model's): energy, forces, per-atom energies and virial of the solute alone, nothing on
+    the NULL atoms, in fold and ghost mode and on 2 ranks."""
+    model, path = models["gradient"]
+    rng = np.random.default_rng(21)
+    cell = np.array([[8.0, 0.0, 0.0], [1.5, 7.5, 0.0], [-1.0, 0.8, 7.8]])
+    numbers = np.concatenate([rng.choice([1, 6, 8], 18), np.full(9, 18)])  # 9 argon atoms: the NULL type
+    atoms = Atoms(numbers=numbers, positions=lattice_positions(rng, cell, 27), cell=cell, pbc=True)
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O", "Ar"])
+    solute = atoms[atoms.numbers != 18]
+    ref = python_reference(model, solute)
+    is_solute = atoms.numbers != 18
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("auto", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        script = (header(f"hessforge {path}", ["H", "C", "O", "NULL"],
+                         pair_style=f"hybrid/overlay hessforge mode {mode} lj/cut 4.0")
+                  + "pair_coeff * * lj/cut 0.0 2.0\n" + SINGLE_POINT)
+        run_lammps(work, script, nprocs=nprocs)
+        got = read_single_point(work)
+        assert not got["forces"][~is_solute].any() and not got["node_energy"][~is_solute].any()
+        got = dict(got, forces=got["forces"][is_solute], node_energy=got["node_energy"][is_solute])
+        assert_close(got, ref, f"NULL argon, mode {mode}, {nprocs} rank(s)")
 
 
 def test_mpi_trajectory_equals_serial(tmp_path, models):
@@ -390,8 +419,11 @@ def test_bad_input_errors(tmp_path, models):
         # settings that take pairs out of the model's neighbor list (an audit measured silently wrong energies)
         ("hybrid", header(f"hessforge {path}", ["H", "C", "O"], pair_style="hybrid hessforge lj/cut 5.0")
          + "pair_coeff 1 1 lj/cut 0.0 1.0\n", "cannot be a sub-style of pair_style hybrid"),
-        ("hybrid NULL", header(f"hessforge {path}", ["H", "C", "NULL"], pair_style="hybrid hessforge lj/cut 5.0"),
-         "atom type 3 is NULL"),
+        ("hybrid NULL", header(f"hessforge {path}", ["H", "C", "NULL"], pair_style="hybrid hessforge lj/cut 5.0")
+         + "pair_coeff 3 3 lj/cut 0.0 1.0\n", "cannot be a sub-style of pair_style hybrid"),
+        ("NULL alone", header(path, ["H", "C", "NULL"]), "atom type 3 is NULL, but no other pair style handles"),
+        ("all NULL", header(f"hessforge {path}", ["NULL"] * 3, pair_style="hybrid/overlay hessforge lj/cut 5.0"),
+         "every atom type is NULL"),
         ("exclude", header(path, ["H", "C", "O"]) + "neigh_modify exclude type 1 2\n", "neigh_modify exclude"),
         ("include", header(path, ["H", "C", "O"]).replace("read_data", "atom_modify first some\nread_data")
          + "group some id 1 2 3\nneigh_modify include some\n", "neigh_modify include"),

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
@@ -25,11 +26,9 @@ from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
 from engine.graph import (atoms_per_call, build_graph, graph_to, recentred, resolve_device,
                           structure_chunks)
-from engine.models import for_inference
+from engine.models import for_inference, parse_dtype, working_dtype
 from engine.paths import EXPORTED_MODEL, artifact_kind
 from engine.stress import energy_forces_strain_derivative, voigt
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def is_exported_file(path: str) -> bool:
@@ -73,12 +72,7 @@ class Calculator(_ASECalculator):
     def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], device: str = "cpu",
                  dtype: Union[str, torch.dtype, None] = torch.float64, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-            dtype = DTYPES[dtype]
-        if dtype is not None and dtype not in DTYPES.values():
-            raise HessforgeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
         if isinstance(model, (str, os.PathLike)):
             model = load_model(os.fspath(model), dtype=dtype)
@@ -92,11 +86,7 @@ class Calculator(_ASECalculator):
             self.dtype = torch.float64  # the exported module takes and returns float64
             self.direct_forces = model.force_mode == "direct"
         else:
-            params = list(model.parameters())
-            self.dtype = dtype or (params[0].dtype if params else torch.float64)
-            if self.dtype not in DTYPES.values():  # dtype=None takes the model's: a half-precision model
-                raise HessforgeError(f"the model's dtype {self.dtype} is not supported; pass dtype='float32' "
-                                     "or 'float64'")
+            self.dtype = working_dtype(dtype, model)
             model = for_inference(model, self.device, self.dtype)  # a copy: the caller's model is untouched
             self.direct_forces = bool(getattr(model, "direct_forces", False))
         self.model = model
@@ -129,9 +119,12 @@ class Calculator(_ASECalculator):
         whose cell has no volume). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
         all at once on a GPU, engine.graph.CPU_ATOMS_PER_CALL on a CPU); each structure gets exactly what
         `calculate` gives it, which is this method on a group of one."""
-        atoms_list = list(atoms_list)
+        atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)  # one structure: a list of one
         if not atoms_list:
             raise HessforgeError("empty list: no structures to evaluate")
+        for k, a in enumerate(atoms_list):
+            if not isinstance(a, Atoms):
+                raise HessforgeError(f"structure {k} is a {type(a).__name__}, not an ase.Atoms")
         if stress:
             self._check_stress_model()
         names = [f"structure {k} ({a.get_chemical_formula() or 'empty'})" for k, a in enumerate(atoms_list)]

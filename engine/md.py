@@ -74,7 +74,7 @@ from ase import units
 from engine.errors import HessforgeError
 from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
                           split_batch, structure_chunks)
-from engine.models import Student, for_inference
+from engine.models import Student, for_inference, working_dtype
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
 
@@ -135,10 +135,9 @@ class BatchedMD:
             if not friction_per_fs > 0:
                 raise HessforgeError(f"langevin friction must be > 0 (1/fs), got {friction_per_fs}")
         self.device = resolve_device(device)
-        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         # the model runs in model_dtype; positions, velocities, cells and the integrator are float64 whatever it
         # is (float32 coordinates lose ~1e-4 Å at 2000 Å: long runs, unwrapped diffusion, structures far out)
-        self.model_dtype = dtype or (params[0].dtype if params else torch.float64)
+        self.model_dtype = working_dtype(dtype, model)
         from engine.exported import ExportedModel
 
         if isinstance(model, ExportedModel):  # takes float64 coordinates whatever its own dtype (the file's)

@@ -339,5 +339,9 @@ def test_predict_many_structures_equals_the_calculator_one_by_one(rng, tmp_path,
         calc.predict([molecule("CH4"), Atoms()])
     with pytest.raises(HessforgeError, match="empty list"):
         calc.predict([])
+    one = calc.predict(structures[1], stress=True)  # one Atoms: a list of one (it was iterated atom by atom)
+    assert len(one) == 1 and one[0]["energy"] == pytest.approx(expected[1]["energy"], abs=1e-9)
+    with pytest.raises(HessforgeError, match="structure 1 is a str, not an ase.Atoms"):
+        calc.predict([molecule("CH4"), "H2O"])
     with pytest.raises(PropertyNotImplementedError, match="direct-force"):
         Calculator(tiny("direct")).predict(structures, stress=True)

@@ -193,6 +193,13 @@ def test_bad_input(rng):
         BatchedMD(model, good, -1.0)
     with pytest.raises(HessforgeError, match="system 1 has no atoms"):
         BatchedMD(model, [good[0], Atoms()], 0.5)
+    # dtype settings as the Calculator takes them (a string was a TypeError from torch; float16 "blew up")
+    assert BatchedMD(model, good, 0.5, dtype="float32").model_dtype == torch.float32
+    for dtype in ("float16", torch.float16, torch.bfloat16, "double"):
+        with pytest.raises(HessforgeError, match="dtype must be one of float32, float64"):
+            BatchedMD(model, good, 0.5, dtype=dtype)
+    with pytest.raises(HessforgeError, match="neighbor backend must be one of auto, torch, triton, got 'bogus'"):
+        BatchedMD(model, good, 0.5, neighbor_backend="bogus").run(1)
     nan_momenta = good[0].copy()
     momenta = np.zeros((len(nan_momenta), 3))
     momenta[2, 1] = np.nan

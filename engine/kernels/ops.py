@@ -80,7 +80,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
     """auto: Triton on CUDA when importable, torch otherwise (the interpreter is far too slow to be a
     default on CPU). triton: required (on CPU only with TRITON_INTERPRET=1)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise HessforgeError(f"neighbor backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return False
     if backend == "auto":
@@ -101,6 +101,9 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
         raise HessforgeError(f"cutoff must be a positive number of Å, got {cutoff}")
     if positions.dim() != 2 or positions.shape[1] != 3:
         raise HessforgeError(f"positions must be [N, 3], got {tuple(positions.shape)}")
+    for name, t in (("positions", positions), ("cell", cell)):
+        if t.dtype not in (torch.float32, torch.float64):
+            raise HessforgeError(f"{name} must be float32 or float64 tensors, got {t.dtype}")
     if batch.shape != positions.shape[:1]:
         raise HessforgeError(f"batch must be [N] = [{positions.shape[0]}], got {tuple(batch.shape)}")
     if cell.dim() != 3 or cell.shape[1:] != (3, 3) or pbc.shape != (cell.shape[0], 3):

@@ -21,6 +21,38 @@ def build_student(name: str, **kwargs):
     return student_class(name)(**kwargs)
 
 
+def parse_dtype(dtype):
+    """An inference dtype setting: "float32", "float64", torch.float32/float64, or None (the model's own)."""
+    import torch
+
+    from engine.errors import HessforgeError
+
+    choices = {"float32": torch.float32, "float64": torch.float64}
+    if isinstance(dtype, str):
+        if dtype not in choices:
+            raise HessforgeError(f"dtype must be one of {', '.join(choices)}, got {dtype!r}")
+        return choices[dtype]
+    if dtype is not None and dtype not in choices.values():
+        raise HessforgeError(f"dtype must be one of {', '.join(choices)}, got {dtype}")
+    return dtype
+
+
+def working_dtype(dtype, model):
+    """parse_dtype(dtype), where None takes the model's parameters' dtype (float64 for a model without
+    parameters), refused unless float32 or float64 (a half-precision model: pass a dtype)."""
+    import torch
+
+    from engine.errors import HessforgeError
+
+    dtype = parse_dtype(dtype)
+    if dtype is None:
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        dtype = params[0].dtype if params else torch.float64
+        if dtype not in (torch.float32, torch.float64):
+            raise HessforgeError(f"the model's dtype {dtype} is not supported; pass dtype='float32' or 'float64'")
+    return dtype
+
+
 def for_inference(model, device, dtype):
     """`model` on `device` in `dtype`, in eval mode with frozen parameters, for an inference tool (ASE
     calculator, batched MD, bench target). A student architecture is copied first, so the caller's model
@@ -42,4 +74,5 @@ def for_inference(model, device, dtype):
     return model
 
 
-__all__ = ["PaiNN", "SchNet", "Student", "STUDENTS", "build_student", "for_inference", "student_class"]
+__all__ = ["PaiNN", "SchNet", "Student", "STUDENTS", "build_student", "for_inference", "parse_dtype", "student_class",
+           "working_dtype"]

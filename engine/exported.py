@@ -23,7 +23,7 @@ from engine.autograd_mode import autograd_on, normal
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
 from engine.graph import AtomicGraph
-from engine.neighbors import complete_cells
+from engine.neighbors import complete_cells, reduce_thin_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_NAME = "hessforgeplugin.so"
@@ -268,7 +268,7 @@ class CoreModel:
     def compute(self, positions, numbers, cell=None, pbc=(False, False, False)) -> Dict[str, Any]:
         positions = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
         numbers = np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1)
-        cell, pbc = _core_cell(cell, pbc)
+        cell, pbc, _ = _core_cell(cell, pbc)  # the same lattice: the same results
         return self.model.compute(positions, numbers, cell, pbc)
 
     def compute_atoms(self, atoms) -> Dict[str, Any]:
@@ -289,19 +289,24 @@ def neighbor_list(positions, cell, pbc, cutoff: float):
     """The C++ core's cell list: edge_index [2, E] (int64), integer shifts [E, 3] (int64), the convention of
     engine.neighbors (r_ij = x_j - x_i + S @ cell, strict cutoff, both directions)."""
     core = _core_module()
-    cell, pbc = _core_cell(cell, pbc)
-    return core.neighbor_list(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3), cell, pbc,
-                              float(cutoff))
+    cell, pbc, ops = _core_cell(cell, pbc)
+    edge_index, shifts = core.neighbor_list(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
+                                            cell, pbc, float(cutoff))
+    return edge_index, np.ascontiguousarray(shifts @ ops.astype(np.int64))  # in the caller's basis
 
 
-def _core_cell(cell, pbc) -> Tuple[np.ndarray, np.ndarray]:
-    """(cell, pbc) as the core takes them, wires' and slabs' zero non-periodic vectors completed
-    (engine.neighbors.complete_cells; the core itself, like LAMMPS, expects a cell with a volume)."""
+def _core_cell(cell, pbc) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cell, pbc, ops) as the core takes them: wires' and slabs' zero non-periodic vectors completed
+    (engine.neighbors.complete_cells; the core itself, like LAMMPS, expects a cell with a volume), a thin skewed
+    basis reduced (engine.neighbors.reduce_thin_cells: core cell = ops @ the caller's, same lattice)."""
     cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
+    ops = np.eye(3)
     if pbc.any() and np.all(np.isfinite(cell)):
-        cell = complete_cells(torch.tensor(cell)[None], torch.tensor(pbc)[None])[0].numpy()
-    return np.ascontiguousarray(cell), pbc
+        completed = complete_cells(torch.tensor(cell)[None], torch.tensor(pbc)[None])
+        reduced, op = reduce_thin_cells(completed, torch.tensor(pbc)[None])
+        cell, ops = reduced[0].numpy(), op[0].numpy()
+    return np.ascontiguousarray(cell), pbc, ops
 
 
 def lammps_plugin_path(build_dir: Optional[str] = None) -> str:

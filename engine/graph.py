@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import HessforgeError
-from engine.neighbors import batched_neighbor_list, check_cell, complete_cells, wrap_into_cells
+from engine.neighbors import batched_neighbor_list, check_cell, complete_cells, reduce_thin_cells, wrap_into_cells
 
 
 class AtomicGraph(NamedTuple):
@@ -189,7 +189,11 @@ def build_graph(
     check_overlaps: bool = True,
 ) -> AtomicGraph:
     """Batch structures into one graph and build its neighbor list. The neighbor list is built in float64
-    so that the edge set does not depend on the working dtype. `check_overlaps`: refuse atoms closer than
+    so that the edge set does not depend on the working dtype. A periodic cell thinner than any crystal
+    along a periodic direction but reducible (a skewed basis of its lattice) is held in its reduced basis
+    (engine.neighbors.reduce_thin_cells: same lattice, same results). A graph in a lower precision is recentred
+    first (each structure translated and wrapped: edge vectors, energies, forces and stress unchanged) so that
+    its edge vectors keep that precision far from the origin. `check_overlaps`: refuse atoms closer than
     MIN_ATOM_DISTANCE (False for a caller that reports close pairs in its own words, as ingest does)."""
     if len(numbers) == 0:
         raise HessforgeError("empty batch: no structures to evaluate")
@@ -219,6 +223,7 @@ def build_graph(
         if not bool(torch.isfinite(cell_t[k]).all()):  # also for a molecule: its cell enters edge vectors
             raise HessforgeError(f"{name}: cell contains NaN or Inf")
     cell_t = complete_cells(cell_t, pbc_t)  # wires and slabs with zero non-periodic vectors
+    cell_t, _ = reduce_thin_cells(cell_t, pbc_t)  # the graph holds the reduced basis of a skewed thin cell
     for k, name in enumerate(names):
         check_cell(cell_t[k], pbc_t[k], name)
     batch_t = torch.repeat_interleave(
@@ -229,6 +234,8 @@ def build_graph(
                         edge_index=edge_index, shifts=shifts)
     if check_overlaps:
         _check_no_overlaps(graph, names)
+    if dtype != torch.float64:  # small coordinates before the cast (molecules far out, unwrapped MD frames)
+        graph = recentred(graph)
     return graph_to(graph, dtype=dtype)
 
 

@@ -75,6 +75,7 @@ from engine.errors import HessforgeError
 from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
                           split_batch, structure_chunks)
 from engine.models import Student, for_inference, working_dtype
+from engine.neighbors import complete_cells, reduce_thin_cells
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
 
@@ -164,6 +165,7 @@ class BatchedMD:
         # static description of the batch (positions live in self.positions); NaN / zero-volume checks here
         graph = graph_from_atoms(list(atoms_list), self.cutoff, dtype=torch.float64)
         self._graph = graph_to(graph, self.device, self.dtype)
+        self._user_basis = self._user_bases(atoms_list)
         self.positions = self._graph.positions.clone()
         self.masses = torch.as_tensor(np.concatenate([a.get_masses() for a in atoms_list]),
                                       dtype=self.dtype, device=self.device)
@@ -340,9 +342,22 @@ class BatchedMD:
     def total_energy(self) -> torch.Tensor:
         return self.energy + self.kinetic_energy()
 
+    def _user_bases(self, atoms_list) -> Optional[torch.Tensor]:
+        """[B, 3, 3] integer matrices U with the caller's cell = U @ the graph's, where build_graph holds a
+        skewed thin cell in its reduced basis (engine.neighbors.reduce_thin_cells); None if there is none. A
+        barostat deforms cells on the right (cell @ M), so U @ cell stays the caller's basis of the new cell."""
+        pbc = self._graph.pbc.cpu()
+        cells = torch.as_tensor(np.stack([np.asarray(a.cell, dtype=np.float64) for a in atoms_list]))
+        _, ops = reduce_thin_cells(complete_cells(cells, pbc), pbc)
+        if bool((ops == torch.eye(3, dtype=ops.dtype)).all()):
+            return None
+        return torch.linalg.inv(ops).round().to(device=self.device, dtype=self.dtype)
+
     def cell(self) -> torch.Tensor:
-        """[B, 3, 3] Å, cell vectors as rows (they change under a barostat); a copy."""
-        return self._graph.cell.clone()
+        """[B, 3, 3] Å, cell vectors as rows (they change under a barostat), in the basis the systems came
+        with; a copy."""
+        cell = self._graph.cell
+        return (cell if self._user_basis is None else self._user_basis @ cell).clone()
 
     def volume(self) -> torch.Tensor:
         """[B] Å³ (0 for systems without a 3D cell)."""
@@ -373,12 +388,13 @@ class BatchedMD:
         forces = self.forces.detach().double().cpu().numpy()
         if self.barostat:
             tensor = (self.pressure_tensor() / units.GPa).detach().double().cpu().numpy()
+        cells = self.cell().detach().double().cpu().numpy()
         start = 0
         for k, a in enumerate(atoms_list):
             b = a.copy()
             n = len(b)
             if self.barostat:
-                b.set_cell(self._graph.cell[k].detach().double().cpu().numpy())
+                b.set_cell(cells[k])
                 b.info["md_pressure_GPa"] = float(np.trace(tensor[k]) / 3.0)
                 b.info["md_pressure_tensor_GPa"] = tensor[k].copy()
             # exactly the integrated state (the atoms' constraints were applied by the integration itself)

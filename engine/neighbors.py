@@ -92,6 +92,34 @@ def wrap_into_cells(positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tens
 MIN_CELL_HEIGHT = 0.5  # Å between opposite faces along a periodic direction (simple cubic Po: 3.35 Å)
 
 
+def reduce_thin_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cells, ops) with cells = ops @ cell [B, 3, 3]: a periodic cell thinner than MIN_CELL_HEIGHT along a
+    periodic direction, but with a volume, replaced by the Minkowski-reduced basis of the same lattice along its
+    periodic directions (ase.geometry.minkowski_reduce; ops: integer, determinant ±1). Such a cell is a valid
+    crystal written in a skewed basis (a supercell's or a sheared box's vectors): the same lattice gives the
+    same edges, energies, forces and stress, and its reduced basis a short image search. Other cells, cells thin
+    in every basis, and cells without volume or with NaN (check_cell reports them) come back as they were with
+    ops = identity."""
+    from ase.geometry import minkowski_reduce
+
+    ops = torch.eye(3, dtype=cell.dtype, device=cell.device).repeat(cell.shape[0], 1, 1)
+    if cell.shape[0] == 0:
+        return cell, ops
+    cell64 = cell.detach().double()
+    periodic = pbc.to(torch.bool)
+    ok = torch.isfinite(cell64).flatten(1).all(dim=1) & (torch.linalg.det(cell64).abs() > 1e-8)
+    heights = cell_heights(cell64)
+    thin = (periodic & (heights < MIN_CELL_HEIGHT)).any(dim=1) & ok
+    if not bool(thin.any()):
+        return cell, ops
+    for k in thin.nonzero().flatten().tolist():
+        _, op = minkowski_reduce(cell64[k].cpu().numpy(), pbc=periodic[k].cpu().numpy())
+        op = torch.as_tensor(op, dtype=cell.dtype, device=cell.device)
+        if bool((cell_heights((op.to(cell64) @ cell64[k]))[periodic[k]] >= MIN_CELL_HEIGHT).all()):
+            ops[k] = op  # else thin in every basis: kept as given, for check_cell to name its thin vector
+    return ops @ cell, ops  # differentiable in cell (strain derivatives reach the reduced vectors)
+
+
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
     """A periodic structure's cell (after complete_cells) must be finite and span a volume."""
     if bool(pbc.any()):
@@ -104,9 +132,12 @@ def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") 
         thin = [a for a in range(3) if bool(pbc[a]) and float(heights[a]) < MIN_CELL_HEIGHT]
         if thin:  # no crystal is; and every atom would meet (cutoff / height)^3 images of itself
             a = thin[0]
+            reducible = bool((reduce_thin_cells(cell.double()[None], pbc[None])[1] != torch.eye(3)).any())
+            hint = ("a skewed basis of a thicker lattice: pass its reduced basis, ase.geometry.minkowski_reduce"
+                    if reducible else "a cell in nm or Bohr, or a broken one?")
             raise HessforgeError(f"{where}: periodic cell is {float(heights[a]):.3g} Å thick along cell vector {a} "
-                                 f"(below {MIN_CELL_HEIGHT} Å, thinner than any crystal: a cell in nm or Bohr, or "
-                                 f"a broken one? cell={cell.tolist()})")
+                                 f"(below {MIN_CELL_HEIGHT} Å, thinner than any crystal: {hint}; "
+                                 f"cell={cell.tolist()})")
 
 
 def structure_neighbor_list(
@@ -121,8 +152,11 @@ def structure_neighbor_list(
     with torch.no_grad():
         pos = positions.detach()
         offsets = torch.zeros_like(pos)  # integer offsets o with wrapped = pos + o @ cell
+        ops = None
         if bool(pbc.any()):
             cell = complete_cells(cell[None], pbc[None])[0]
+            cell, ops = reduce_thin_cells(cell[None], pbc[None])
+            cell, ops = cell[0], ops[0]  # shifts are found in the reduced basis, returned in the caller's
             check_cell(cell, pbc)
             frac = torch.linalg.solve(cell.T, pos.T).T
             offsets = torch.where(pbc, -torch.floor(frac), torch.zeros_like(frac))
@@ -148,6 +182,8 @@ def structure_neighbor_list(
         edge_shift = torch.cat(found)
         # Undo the wrapping so the shifts refer to the caller's (unwrapped) positions.
         edge_shift = edge_shift + offsets[edge_j] - offsets[edge_i]
+        if ops is not None:
+            edge_shift = edge_shift @ ops  # S @ (ops @ cell): the same lattice vector in the caller's basis
         order = torch.argsort(edge_i * n + edge_j, stable=True)
     return torch.stack([edge_i[order], edge_j[order]]), edge_shift[order]
 

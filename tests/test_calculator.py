@@ -14,6 +14,7 @@ from engine import Calculator
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from engine.errors import HessforgeError, UnknownElementError
 from engine.models import PaiNN
+from engine.neighbors import cell_heights
 
 torch.set_num_threads(1)
 SPECIES = [1, 6, 8]
@@ -225,6 +226,48 @@ def test_wire_with_zero_nonperiodic_vectors(rng):
     np.testing.assert_allclose(boxed.get_stress(), calculate_numerical_stress(boxed), atol=1e-5)
     with pytest.raises(PropertyNotImplementedError, match="stress needs a cell with a volume"):
         wire.get_stress()
+
+
+def test_skewed_basis_of_a_cell_gives_the_same_results(rng, tmp_path):
+    """A crystal written in a skewed basis of its lattice (b -> b + 12 a, c -> c - 9 a: faces < 0.4 Å apart,
+    refused before as "thinner than any crystal"), and a slab likewise: the ordinary basis' energy, forces and
+    stress through the calculator (model object and exported file), predict and the C++ core; the core's
+    neighbor list gives ASE's edges in the caller's basis."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    from engine.export import export_model
+    from engine.exported import core_available, load_core, neighbor_list
+
+    model = tiny()
+    export_model(model, str(tmp_path / "model.pt"))
+    crystal, slab = periodic(rng, 8), periodic(rng, 6)
+    slab.pbc = [True, True, False]
+    for atoms, u in ((crystal, [[1, 0, 0], [12, 1, 0], [-9, 0, 1]]), (slab, [[1, 0, 0], [11, 1, 0], [0, 0, 1]])):
+        skewed = atoms.copy()
+        skewed.set_cell(np.array(u) @ atoms.cell[:], scale_atoms=False)
+        assert float(cell_heights(torch.as_tensor(skewed.cell[:]))[:2].min()) < 0.4  # refused before
+        def results(calc, a):
+            a = a.copy()
+            a.calc = calc
+            return {"energy": a.get_potential_energy(), "forces": a.get_forces(), "stress": a.get_stress()}
+
+        for source in (model, str(tmp_path / "model.pt")):
+            calc = Calculator(source)
+            want, got = results(calc, atoms), results(calc, skewed)
+            assert got["energy"] == pytest.approx(want["energy"], abs=1e-9)
+            np.testing.assert_allclose(got["forces"], want["forces"], atol=1e-9)
+            np.testing.assert_allclose(got["stress"], want["stress"], atol=1e-10)
+            (one,) = calc.predict([skewed], stress=True)
+            assert one["energy"] == pytest.approx(want["energy"], abs=1e-9)
+        if core_available():
+            core = load_core(str(tmp_path / "model.pt"))
+            want, got = core.compute_atoms(atoms), core.compute_atoms(skewed)
+            assert got["energy"] == pytest.approx(want["energy"], abs=1e-9)
+            np.testing.assert_allclose(got["forces"], want["forces"], atol=1e-9)
+            edges, shifts = neighbor_list(skewed.positions, skewed.cell[:], skewed.pbc, 3.0)
+            i, j, S = primitive_neighbor_list("ijS", skewed.pbc, skewed.cell[:], skewed.positions, 3.0)
+            assert sorted(zip(edges[0].tolist(), edges[1].tolist(), map(tuple, np.asarray(shifts).tolist()))) \
+                == sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
 
 
 def test_float32_keeps_its_precision_far_from_the_origin(rng):

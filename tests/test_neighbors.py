@@ -7,7 +7,7 @@ from ase.neighborlist import primitive_neighbor_list
 
 from engine.errors import HessforgeError
 from engine.graph import build_graph, edge_vectors
-from engine.neighbors import structure_neighbor_list
+from engine.neighbors import cell_heights, structure_neighbor_list
 
 
 def _edge_set(i, j, shifts):
@@ -67,6 +67,38 @@ def test_batched_edges_and_vectors(rng):
         got = sorted(map(tuple, np.round(vec[mine].numpy(), 9).tolist()))
         assert got == sorted(map(tuple, np.round(D, 9).tolist()))
         start += len(a)
+
+
+def test_float32_graph_keeps_its_precision_far_from_the_origin(rng):
+    """A float32 graph of structures 10^4 Å out (a training set of unwrapped MD frames) has the float64
+    graph's edge vectors to float32 rounding of the vectors themselves, not of the coordinates (which
+    gave 1e-3 Å errors before build_graph recentred before its cast)."""
+    cell = np.diag(rng.uniform(4.0, 6.0, 3)) + rng.uniform(-1, 1, (3, 3)) * (1 - np.eye(3))
+    structures = [(rng.uniform(-2, 2, (6, 3)) + [1e4, -7e3, 3e3], np.zeros((3, 3)), [False] * 3),
+                  (rng.uniform(0, 1, (5, 3)) @ cell + [-2e4, 5e3, 1e4], cell, [True] * 3)]
+    args = ([np.ones(len(p), dtype=int) for p, _, _ in structures], [p for p, _, _ in structures],
+            [c for _, c, _ in structures], [b for _, _, b in structures], 3.5)
+    g64, g32 = build_graph(*args, torch.float64), build_graph(*args, torch.float32)
+    assert torch.equal(g64.edge_index, g32.edge_index) and g64.edge_index.shape[1] > 20
+    err = (edge_vectors(g32).double() - edge_vectors(g64)).abs().max()
+    assert err < 2e-6, err
+
+
+def test_thin_cell_messages_tell_a_skewed_basis_from_a_unit_error():
+    """check_cell (teachers check their input with it) tells a skewed basis of a thicker lattice, which
+    build_graph reduces itself, from a cell thin in every basis (a cell in nm)."""
+    from engine.neighbors import check_cell
+
+    pbc = torch.tensor([True, True, True])
+    skewed = torch.tensor([[3.0, 0, 0], [30.0, 3.0, 0], [0, 0, 3.0]], dtype=torch.float64)
+    with pytest.raises(HessforgeError, match="0.299 Å thick .* a skewed basis of a thicker lattice: pass its "
+                                             "reduced basis, ase.geometry.minkowski_reduce"):
+        check_cell(skewed, pbc)
+    with pytest.raises(HessforgeError, match="0.3 Å thick .* a cell in nm or Bohr"):
+        check_cell(torch.eye(3, dtype=torch.float64) * 0.3, pbc)
+    g = build_graph([np.ones(2, dtype=int)], [[[0.0, 0, 0], [1.2, 0.4, 0.3]]], [skewed.numpy()], [[True] * 3], 2.5,
+                    torch.float64)
+    assert float(cell_heights(g.cell[0]).min()) > 2.9 and g.edge_index.shape[1] > 0
 
 
 def test_zero_volume_cell_is_rejected():

@@ -145,7 +145,8 @@ def _validate(positions: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor, cutof
     if not flags[5]:
         k, a = (int(x) for x in thin.nonzero()[0])
         raise HessforgeError(f"structure {k}: periodic cell is {float(heights[k, a]):.3g} Å thick along cell vector "
-                             f"{a} (below {MIN_CELL_HEIGHT} Å, thinner than any crystal; cell={cell[k].tolist()})")
+                             f"{a} (below {MIN_CELL_HEIGHT} Å, thinner than any crystal, or a skewed basis of a thicker "
+                             f"lattice: engine.neighbors.reduce_thin_cells; cell={cell[k].tolist()})")
 
 
 def nb_chunk(num_basis: int) -> int:

@@ -315,6 +315,15 @@ void PairHessforge::build_fold_graph()
       shifts.push_back(x[j][2] - x[o][2]);
     }
   }
+  local_nodes = static_cast<int>(atom_of_node.size());
+  gather_nodes();
+}
+
+/* Positions and atomic numbers of the graph's nodes (atom_of_node) */
+void PairHessforge::gather_nodes()
+{
+  double **x = atom->x;
+  const int *type = atom->type;
   const int nnodes = static_cast<int>(atom_of_node.size());
   pos.resize(3 * static_cast<size_t>(nnodes));
   numbers.resize(nnodes);
@@ -325,7 +334,6 @@ void PairHessforge::build_fold_graph()
     pos[3 * k + 2] = x[i][2];
     numbers[k] = type_to_z[type[i]];
   }
-  local_nodes = nnodes;
 }
 
 /* GHOST: nodes = local model atoms (in order) then the ghosts within num_layers hops of them; edges whose
@@ -410,15 +418,7 @@ void PairHessforge::build_ghost_graph()
     }
   }
   send.swap(s);
-  pos.resize(3 * static_cast<size_t>(nnodes));
-  numbers.resize(nnodes);
-  for (int k = 0; k < nnodes; k++) {
-    const int i = atom_of_node[k];
-    pos[3 * k] = x[i][0];
-    pos[3 * k + 1] = x[i][1];
-    pos[3 * k + 2] = x[i][2];
-    numbers[k] = type_to_z[type[i]];
-  }
+  gather_nodes();
   shifts.clear();
 }
 

@@ -63,6 +63,7 @@ class PairHessforge : public Pair {
   void check_apart(int i, int j, double d2);
   void build_fold_graph();
   void build_ghost_graph();
+  void gather_nodes();
 };
 
 }  // namespace LAMMPS_NS

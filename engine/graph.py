@@ -222,10 +222,11 @@ def build_graph(
     for k, name in enumerate(names):
         if not bool(torch.isfinite(cell_t[k]).all()):  # also for a molecule: its cell enters edge vectors
             raise HessforgeError(f"{name}: cell contains NaN or Inf")
+    given = cell_t
     cell_t = complete_cells(cell_t, pbc_t)  # wires and slabs with zero non-periodic vectors
     cell_t, _ = reduce_thin_cells(cell_t, pbc_t)  # the graph holds the reduced basis of a skewed thin cell
     for k, name in enumerate(names):
-        check_cell(cell_t[k], pbc_t[k], name)
+        check_cell(cell_t[k], pbc_t[k], name, given=given[k])
     batch_t = torch.repeat_interleave(
         torch.arange(len(numbers)), torch.tensor([len(np.asarray(z).reshape(-1)) for z in numbers])
     )

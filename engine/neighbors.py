@@ -11,7 +11,7 @@ periodic cells of training sets.
 from __future__ import annotations
 
 import itertools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -120,14 +120,17 @@ def reduce_thin_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tens
     return ops @ cell, ops  # differentiable in cell (strain derivatives reach the reduced vectors)
 
 
-def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") -> None:
-    """A periodic structure's cell (after complete_cells) must be finite and span a volume."""
+def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure",
+               given: Optional[torch.Tensor] = None) -> None:
+    """A periodic structure's cell (after complete_cells) must be finite and span a volume. `given`: the cell
+    as the caller wrote it, for the messages (default `cell`)."""
+    shown = (cell if given is None else given).tolist()
     if bool(pbc.any()):
         if not bool(torch.isfinite(cell).all()):
-            raise HessforgeError(f"{where}: periodic cell contains NaN or Inf (cell={cell.tolist()})")
+            raise HessforgeError(f"{where}: periodic cell contains NaN or Inf (cell={shown})")
         volume = float(torch.linalg.det(cell.double()).abs())
         if not volume > 1e-8:
-            raise HessforgeError(f"{where}: periodic cell has zero volume (cell={cell.tolist()})")
+            raise HessforgeError(f"{where}: periodic cell has zero volume (cell={shown})")
         heights = cell_heights(cell.double())
         thin = [a for a in range(3) if bool(pbc[a]) and float(heights[a]) < MIN_CELL_HEIGHT]
         if thin:  # no crystal is; and every atom would meet (cutoff / height)^3 images of itself
@@ -137,7 +140,7 @@ def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure") 
                     if reducible else "a cell in nm or Bohr, or a broken one?")
             raise HessforgeError(f"{where}: periodic cell is {float(heights[a]):.3g} Å thick along cell vector {a} "
                                  f"(below {MIN_CELL_HEIGHT} Å, thinner than any crystal: {hint}; "
-                                 f"cell={cell.tolist()})")
+                                 f"cell={shown})")
 
 
 def structure_neighbor_list(

@@ -104,6 +104,9 @@ def test_thin_cell_messages_tell_a_skewed_basis_from_a_unit_error():
 def test_zero_volume_cell_is_rejected():
     with pytest.raises(HessforgeError, match="zero volume"):
         build_graph([[1, 1]], [np.zeros((2, 3))], [np.zeros((3, 3))], [[True] * 3], 3.0)
+    # the message shows the cell as given (a slab's zero vector, not the completion put in its place)
+    with pytest.raises(HessforgeError, match=r"zero volume \(cell=\[\[0.0, 0.0, 0.0\], \[0.0, 3.0, 0.0\], \[0.0, 0.0, 5.0\]\]"):
+        build_graph([[1, 1]], [[[0, 0, 0], [1, 0, 0]]], [[[0, 0, 0], [0, 3, 0], [0, 0, 5]]], [[True, True, False]], 3.0)
 
 
 @pytest.mark.parametrize("periodic", [(False, False, True), (True, False, False), (True, True, False)])

@@ -211,6 +211,15 @@ def test_ani_periodic_structures_use_their_cell(ani_single):
     double = ani_single.compute(small.repeat((2, 1, 1)))
     assert abs(double.energy - 2 * cell.energy) < 1e-6
     np.testing.assert_allclose(double.forces, np.tile(cell.forces, (2, 1)), atol=1e-6)
+    # the same lattice in a skewed basis (faces 0.26 Å apart: refused before as thinner than any crystal)
+    skewed = small.copy()
+    skewed.set_cell(np.array([[1, 0, 0], [12, 1, 0], [0, 0, 1]]) @ small.cell[:], scale_atoms=False)
+    a, b = ani_single.compute(small, rows=[0, 4]), ani_single.compute(skewed, rows=[0, 4])
+    assert abs(a.energy - b.energy) < 1e-9
+    np.testing.assert_allclose(b.forces, a.forces, atol=1e-9)
+    np.testing.assert_allclose(b.hessian_rows, a.hessian_rows, atol=1e-8)
+    assert a.stress is not None and np.abs(a.stress).max() > 1e-4
+    np.testing.assert_allclose(b.stress, a.stress, atol=1e-9)
 
 
 def test_ani_matches_its_level_of_theory(ani_ensemble):

@@ -260,6 +260,25 @@ def test_ingest_refuses_overlapping_atoms_and_warns_of_bohr(tmp_path, rng, capsy
     assert "is a directory; give a file name" in capsys.readouterr().err
 
 
+def test_ingest_warns_of_repeated_geometries(tmp_path, rng, capsys):
+    """Frames that repeat an earlier frame's exact geometry are counted in a warning, which says when a twin
+    is in another group (another split possible: held-out structures that are training data); none: silent."""
+    frames = random_frames(rng, n=5)
+    for a in frames:
+        a.info["mol_id"] = "m"
+    ase.io.write(tmp_path / "ok.extxyz", frames)
+    assert main(["ingest", str(tmp_path / "ok.extxyz"), "-o", str(tmp_path / "ok.lmdb")]) == 0
+    assert "repeat an earlier frame" not in capsys.readouterr().err
+    twin = frames[2].copy()
+    twin.calc = frames[2].calc
+    twin.info["mol_id"] = "other"
+    ase.io.write(tmp_path / "twice.extxyz", frames + [frames[1], twin])
+    assert main(["ingest", str(tmp_path / "twice.extxyz"), "-o", str(tmp_path / "twice.lmdb")]) == 0
+    err = capsys.readouterr().err
+    assert ("2 frame(s) repeat an earlier frame's geometry exactly (e.g. 'twice-6' = 'twice-2'); 1 of them in "
+            "another group") in err, err
+
+
 def test_an_explicit_group_key_must_be_in_every_frame(tmp_path, rng, capsys):
     """--group-key given: a frame without it is an error (a typo used to fall back to formulas silently,
     which changes the by-molecule split); not given: mol_id where present, else the formula."""

@@ -106,7 +106,7 @@ def test_resume_after_simulated_crash_equals_uninterrupted(tmp_path, rng):
     assert len(LabelStore(tmp_path / "run")) == 5
     again = Harmonic()
     stats = label_dataset(path, again, tmp_path / "run", rows=4, seed=7)
-    assert again.calls == 7 and stats == {"labelled": 7, "skipped": 5, "todo": 7}
+    assert again.calls == 7 and stats == {"labelled": 7, "skipped": 5, "todo": 7, "unknown": 0, "unknown_elements": []}
     assert contents(tmp_path / "run") == contents(tmp_path / "ref")
     assert label_dataset(path, Harmonic(), tmp_path / "run", rows=4, seed=7)["labelled"] == 0
 
@@ -228,6 +228,28 @@ def test_unknown_element_fails_before_any_teacher_call(tmp_path, rng):
     with pytest.raises(HessforgeError, match=rf"structure '{structures[bad].id}': unknown element\(s\) F \(Z=9\)"):
         label_dataset(path, teacher, tmp_path / "lab", rows=2, rank=1, world_size=3)
     assert teacher.calls == 0
+
+
+def test_structures_with_unknown_elements_can_be_left_unlabelled(tmp_path, rng, monkeypatch, capsys):
+    """--skip-unknown-elements labels the structures the teacher can and leaves the others (it refused the whole
+    dataset), says which elements and how to train without them; training ids holding them are named."""
+    import training.teachers
+    from training.cli import main
+
+    bad = int(rng.integers(3, 12))
+    path, structures = make_dataset(tmp_path / "d.lmdb", rng, extra_element_at=bad)
+    monkeypatch.setattr(training.teachers, "load_teacher", lambda spec: Harmonic())
+    out = str(tmp_path / "lab")
+    assert main(["label", path, "--teacher", "harmonic", "--rows", "2", "-o", out]) == 2
+    assert "or label the others with --skip-unknown-elements" in capsys.readouterr().err
+    assert main(["label", path, "--teacher", "harmonic", "--rows", "2", "-o", out, "--skip-unknown-elements"]) == 0
+    said = capsys.readouterr().out
+    assert "labelled 11 structures" in said and "left 1 structure(s) unlabelled: they hold F" in said
+    store = LabelStore(out)
+    assert sorted(store.ids()) == sorted(s.id for k, s in enumerate(structures) if k != bad)
+    check_labels_match(store, Dataset(path), [s.id for k, s in enumerate(structures) if k != bad])
+    with pytest.raises(HessforgeError, match="they hold elements the teacher does not know .*data.elements"):
+        check_labels_match(store, Dataset(path), [structures[bad].id])
 
 
 def test_label_store_errors(tmp_path):

@@ -66,13 +66,18 @@ def test_lambda_kd_is_halved_once_when_student_beats_teacher(labelled, tmp_path)
 def test_teacher_validation_loss_and_kd_kept_while_the_student_is_worse(labelled, tmp_path):
     """The teacher's validation loss (what halving compares against) is the paper-code loss of its own labels
     on the validation split, computed here independently; a student that does not beat it keeps λ_KD."""
+    from training.reference_energies import offset_energy
+
     trainer = Trainer(_config(labelled, tmp_path / "t", epochs=1))
     got = trainer.teacher_validation()
+    # the toy teacher's energies are ~0.5 eV/atom off the reference's: compared after per-element offsets
+    offsets = trainer.teacher_energy_offsets
+    assert offsets is not None
     e_terms, f_norms = [], []
     for i in trainer.val_idx:
         s = trainer.dataset[i]
         rec = trainer.labels.get(s.id)
-        e_terms.append(abs(rec.energy - s.energy) / len(s.numbers))
+        e_terms.append(abs(rec.energy - offset_energy(s.numbers, offsets) - s.energy) / len(s.numbers))
         f_norms.extend(np.linalg.norm(rec.forces - s.forces, axis=1))
     w = trainer.weights
     assert got["loss_ef"] == pytest.approx(w.energy * np.mean(e_terms) + w.forces * np.mean(f_norms), rel=1e-6)
@@ -484,10 +489,47 @@ def test_relative_energy_teacher_is_aligned_by_per_element_offsets(tmp_path, rng
     assert all(fit[z] == pytest.approx(offsets[z], abs=1e-6) for z in offsets)
 
 
-def test_absolute_energy_teacher_is_not_aligned(labelled, tmp_path):
-    assert not LabelStore(labelled[1]).relative_energies
-    summary = Trainer(_config(labelled, tmp_path / "abs", epochs=1)).fit()
-    assert summary["teacher_energy_offsets_eV"] is None
+class OtherLevelHarmonic(ShiftedHarmonic):
+    """The harmonic teacher with absolute energies at another per-element zero: a teacher at another level of
+    theory than the reference energies (MACE-OFF against the user's own DFT)."""
+
+    relative_energies = False
+
+
+def test_absolute_teacher_on_another_energy_scale_is_aligned(tmp_path, rng, capsys):
+    """An absolute-energy teacher whose energies differ from the reference by per-element offsets (1-4 eV per
+    atom) is compared after offsets fitted on the validation split: its validation loss and evaluation equal
+    those of the same teacher without the offsets (it looked 10^3 times worse, and λ_KD was halved at epoch 1).
+    A teacher a few meV per atom from the reference (at its own level), shifted by a few meV more, is compared
+    as it is."""
+    from training.data import Dataset
+    from training.evaluate import evaluate
+
+    # reference energies a few meV per atom from the teacher's: a teacher at the reference's own level
+    path, _ = conformer_dataset(tmp_path / "data.lmdb", rng, k_ref=2.004)
+    shifts = {"plain": {z: 0.0 for z in (1, 6, 7, 8)}, "other": {1: 1.3, 6: -4.1, 7: 2.2, 8: 3.7},
+              "close": {1: 0.002, 6: -0.003, 7: 0.001, 8: 0.004}}
+    results = {}
+    for name, offsets in shifts.items():
+        label_dataset(path, OtherLevelHarmonic(offsets), str(tmp_path / name), rows=3)
+        store = LabelStore(str(tmp_path / name))
+        assert not store.relative_energies
+        summary = Trainer(_config((path, str(tmp_path / name)), tmp_path / f"run_{name}", epochs=1)).fit()
+        results[name] = (summary, evaluate(load_student(str(tmp_path / f"run_{name}" / "best.pt")),
+                                           list(Dataset(path)), store))
+    assert "another per-element scale than the reference energies" in capsys.readouterr().err
+    (plain, ev0), (other, ev1), (close, _) = results["plain"], results["other"], results["close"]
+    assert plain["teacher_energy_offsets_eV"] is None and close["teacher_energy_offsets_eV"] is None
+    assert other["teacher_energy_offsets_eV"] is not None
+    # aligned, the teacher is where it is without the offsets (the fit also takes out the few meV/atom of its own
+    # composition-linear error); unaligned, the 1-4 eV/atom offsets made its loss ~10^3 times larger
+    assert other["teacher_val"]["loss_ef"] == pytest.approx(plain["teacher_val"]["loss_ef"], rel=0.05)
+    for key, value in ev0["teacher_vs_reference"].items():
+        if key.startswith("forces"):  # forces carry no offset
+            assert ev1["teacher_vs_reference"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:  # the fit on the evaluated structures also takes out the teacher's own few meV/atom
+            assert ev1["teacher_vs_reference"][key] <= 1.05 * value + 1e-9, key
+    assert ev1["teacher_vs_reference"]["energy_mae_mev_per_atom"] < 20  # raw: > 1000
 
 
 def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng, capsys):
@@ -616,6 +658,29 @@ def test_data_parallel_step_equals_one_process():
     assert np.linalg.norm(grad - single) / np.linalg.norm(single) < 1e-12
     for name in ("total", "energy", "forces"):
         assert record[name] == pytest.approx(float(terms[name]), rel=1e-12), name
+
+
+def test_an_earlier_runs_best_checkpoint_is_never_deleted_unasked(labelled, tmp_path):
+    """A finished run whose last.pt was deleted (to save space) keeps its best.pt: a new run there is refused
+    unless --restart (it deleted best.pt, log and summary silently, under any config). A config refused during
+    setup leaves no empty run directory; a run already past a lowered --epochs keeps its config.yaml."""
+    out = tmp_path / "run"
+    Trainer(_config(labelled, out, epochs=2)).fit()
+    config_text = (out / "config.yaml").read_text()
+    assert Trainer(_config(labelled, out, epochs=1)).fit()["epochs"] == 2  # nothing to do
+    assert (out / "config.yaml").read_text() == config_text  # still says 2 epochs, what best.pt was trained for
+    (out / "last.pt").unlink()
+    best = (out / "best.pt").read_bytes()
+    with pytest.raises(HessforgeError, match="holds an earlier run's best.pt but no last.pt to resume from; .*--restart"):
+        Trainer(_config(labelled, out, epochs=1))
+    assert (out / "best.pt").read_bytes() == best
+    Trainer(_config(labelled, out, epochs=1), restart=True).fit()
+    assert (out / "best.pt").read_bytes() != best
+    bad = _config(labelled, tmp_path / "never", epochs=1)
+    bad.model.hidden = 1
+    with pytest.raises(HessforgeError, match="hidden"):
+        Trainer(bad)
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_fresh_run_replaces_an_earlier_runs_files_and_a_resume_keeps_its_split(labelled, tmp_path):

@@ -100,7 +100,7 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16,
              offset_structures: Optional[Sequence] = None, offset_source: str = "other structures"
              ) -> Dict[str, Dict[str, float]]:
     """Metrics of a student (and of the teacher, when labels are given) on `structures`. A teacher with relative
-    energies (SO3LR) is put on the reference's scale by per-element offsets fitted on `offset_structures` (other
+    energies (SO3LR) or on another energy scale (training.labels.teacher_energy_offsets) is put on the reference's scale by per-element offsets fitted on `offset_structures` (other
     structures, e.g. the validation split, so the fit does not flatter the teacher on the evaluated ones;
     default: the evaluated structures themselves); `offset_source` names them in the result."""
     if not structures:
@@ -122,8 +122,9 @@ def evaluate(model, structures: Sequence, labels=None, batch_size: int = 16,
     result = {"student_vs_reference": _errors(e, e_ref, natoms, f, f_ref, s_pred, s_ref),
               "n_structures": len(structures)}
     if teacher is not None:
-        # a teacher with relative energies (SO3LR) is compared after per-element offsets, fitted on reference
-        # energies, put it on the reference's scale (energy differences survive it)
+        # a teacher with relative energies (SO3LR), or at another energy scale (training.labels.
+        # teacher_energy_offsets), is compared after per-element offsets, fitted on reference energies, put it
+        # on the reference's scale (energy differences survive it)
         offsets = (teacher_energy_offsets(labels, offset_structures) if offset_structures
                    else teacher_energy_offsets(labels, structures, teacher))
         if offsets is not None and offset_structures and not offsets_determine(
@@ -278,7 +279,9 @@ def run(args) -> int:
     if stress:
         print("stress MAE (GPa, Voigt components of the bulk structures): " + ", ".join(stress))
     if "teacher_energy_offsets_eV" in result:
-        print(f"(teacher {result.get('teacher')}: relative energies, compared after per-element offsets fitted on "
+        why = ("relative energies" if labels is not None and labels.relative_energies
+               else "energies on another per-element scale than the reference's")
+        print(f"(teacher {result.get('teacher')}: {why}, compared after per-element offsets fitted on "
               f"{result['teacher_energy_offsets_fitted_on']}; teacher_energy_offsets_eV in the JSON)")
     if args.json_out:
         write_json(args.json_out, result, indent=2)

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from engine.errors import HessforgeError
+from engine.errors import HessforgeError, UnknownElementError
 from engine.paths import check_output_dir, file_sha256, write_json
 from training.arg_types import seed_option
 from training.data.records import RecordError, pack, unpack
@@ -189,21 +189,35 @@ class LabelStore:
         return bool(self.metadata.get("relative_energies", False))
 
 
+# A teacher whose energies differ from the reference energies by more than this (mean |ΔE| per atom) is on
+# another energy scale: another level of theory or code puts each element's zero elsewhere (0.3-0.8 eV per
+# atom between DFT settings), while a teacher at the reference's own level is off by meV (ANI-1x against its
+# ωB97x/6-31G(d): 2.3 meV/atom on the quickstart's data).
+ENERGY_SCALE_MISMATCH_EV_PER_ATOM = 0.05
+
+
 def teacher_energy_offsets(labels, structures, records: Optional[Sequence] = None) -> Optional[Dict[int, float]]:
     """Per-element offsets {Z: eV} between the teacher's energies and the reference energies of `structures`
-    (least squares over those that have a reference energy), for labels whose teacher has relative energies;
-    None when the teacher's energies are absolute or no structure has a reference energy (nothing to align
-    to). Subtract Σ_atoms o_Z from a teacher energy to put it on the reference's scale. `records`: the
-    structures' label records, in order, when the caller has read them already (else read from `labels`)."""
+    (least squares over those that have a reference energy), for a teacher whose energies are not on the
+    reference's scale: relative energies (SO3LR), or absolute energies with another per-element zero (a teacher
+    at another level of theory than the user's reference: mean |ΔE| above ENERGY_SCALE_MISMATCH_EV_PER_ATOM per
+    atom, which would otherwise make the teacher look far worse than it is and halve λ_KD at once). None when
+    the teacher is on the reference's scale or no structure has a reference energy (nothing to align to).
+    Subtract Σ_atoms o_Z from a teacher energy to put it on the reference's scale. `records`: the structures'
+    label records, in order, when the caller has read them already (else read from `labels`)."""
     from training.reference_energies import fit_element_offsets
 
-    if not getattr(labels, "relative_energies", False):
+    if labels is None:
         return None
     if records is None:
         records = [labels.get(s.id) if s.energy is not None else None for s in structures]
     pairs = [(s, r) for s, r in zip(structures, records) if s.energy is not None]
     if not pairs:
         return None
+    if not getattr(labels, "relative_energies", False):
+        gap = np.mean([abs(r.energy - s.energy) / len(s.numbers) for s, r in pairs])
+        if not gap > ENERGY_SCALE_MISMATCH_EV_PER_ATOM:
+            return None
     return fit_element_offsets([s.numbers for s, _ in pairs], [r.energy for _, r in pairs],
                                [s.energy for s, _ in pairs])
 
@@ -275,8 +289,12 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     labelled = set(store.ids())
     missing = [i for i in ids if i not in labelled]
     if missing:
+        why = ("labelling is unfinished (rerun `hessforge label` to resume it), or they hold elements the teacher "
+               "does not know (labelled with --skip-unknown-elements: set data.elements to the teacher's to leave "
+               "them out)" if meta.get("skip_unknown_elements")
+               else "labelling is unfinished; rerun `hessforge label` to resume it")
         raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "
-                             f"(e.g. {missing[0]!r}): labelling is unfinished; rerun `hessforge label` to resume it")
+                             f"(e.g. {missing[0]!r}): {why}")
 
 
 def _teacher_file_digest(teacher) -> Optional[str]:
@@ -351,11 +369,15 @@ def _embeddings_meta(teacher) -> Dict[str, Any]:
 def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Union[int, str, None] = "full",
                   seed: int = 0, limit: Optional[int] = None, dtype: str = "float32", rank: int = 0,
                   world_size: int = 1, teacher_spec: Optional[str] = None, progress: bool = False,
-                  features: bool = False, embeddings: bool = False) -> Dict[str, int]:
+                  features: bool = False, embeddings: bool = False,
+                  skip_unknown_elements: bool = False) -> Dict[str, Any]:
     """Label dataset indices i < limit with i % world_size == rank into `out_dir`/labels.rank{rank}.lmdb,
     skipping ids already labelled. rows: "full" (all 3N rows) or k. features: also store the teacher's
     per-atom features (teacher.atomic_features) in each record; embeddings: store its per-element embeddings
-    (teacher.element_embeddings) in the metadata. Returns counts {labelled, skipped, todo}."""
+    (teacher.element_embeddings) in the metadata. skip_unknown_elements: leave structures with elements the
+    teacher does not know unlabelled (training leaves them out with data.elements) instead of refusing the
+    dataset. Returns counts {labelled, skipped (already labelled), todo, unknown (left unlabelled)} and
+    unknown_elements (their atomic numbers)."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     k = parse_rows(rows)
     if dtype not in ("float32", "float64"):
@@ -371,8 +393,19 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
 
     # Every structure that will be labelled (by any rank) is checked before the first, possibly slow,
     # teacher call: an unsupported element should fail in a second, not after hours.
+    unknown: Dict[int, set] = {}  # index -> elements the teacher does not know (skip_unknown_elements)
     for i in range(n_total):
-        teacher.check_elements(elements[i], where=f"{ds.path}: structure {ids[i]!r}")
+        try:
+            teacher.check_elements(elements[i], where=f"{ds.path}: structure {ids[i]!r}")
+        except UnknownElementError as err:
+            if not skip_unknown_elements:
+                err.args = (f"{err}; or label the others with --skip-unknown-elements and train with "
+                            "data.elements",)
+                raise
+            unknown[i] = set(int(z) for z in elements[i]) - set(getattr(teacher, "elements", None) or ())
+    if unknown and len(unknown) == n_total:
+        raise HessforgeError(f"{ds.path}: every structure holds an element teacher "
+                             f"{getattr(teacher, 'name', '?')} does not know; nothing to label")
     tname = getattr(teacher, "name", "?")
     features_meta, feature_fn = None, None
     if features:
@@ -391,6 +424,7 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             "source": os.path.abspath(ds.path), "source_count": len(ds), "source_ids_sha256": _ids_digest(ids),
             "source_geometry_sha256": ds.geometry_digest(), "source_setting_sha256": ds.setting_digest(),
             "features": features_meta, "element_embeddings": embeddings_meta,
+            "skip_unknown_elements": bool(skip_unknown_elements),
             "rank": rank, "world_size": world_size, "created": creation_info()}
     check_output_dir(out_dir, "labels -o")
     os.makedirs(out_dir, exist_ok=True)
@@ -428,8 +462,10 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
             if writer.get(META_KEY) is None or stale_meta:
                 writer.put_many([(META_KEY, json.dumps(meta).encode())])
             done.update(writer.keys())
-        todo = [i for i in range(n_total) if i % world_size == rank and ids[i].encode() not in done]
-        skipped = sum(1 for i in range(n_total) if i % world_size == rank) - len(todo)
+        todo = [i for i in range(n_total) if i % world_size == rank and ids[i].encode() not in done
+                and i not in unknown]
+        left_out = sum(1 for i in unknown if i % world_size == rank)
+        skipped = sum(1 for i in range(n_total) if i % world_size == rank) - len(todo) - left_out
         from tqdm import tqdm
 
         np_dtype = np.float32 if dtype == "float32" else np.float64
@@ -452,7 +488,8 @@ def label_dataset(dataset: Union[str, Dataset], teacher, out_dir: str, rows: Uni
     finally:
         writer.close()
         owner.close()  # releases the claim
-    return {"labelled": len(todo), "skipped": skipped, "todo": len(todo)}
+    return {"labelled": len(todo), "skipped": skipped, "todo": len(todo), "unknown": left_out,
+            "unknown_elements": sorted(set().union(*unknown.values())) if unknown else []}
 
 
 def _claim_shard(path: str, rank: int):
@@ -533,6 +570,9 @@ def add_arguments(parser) -> None:
                         help="also store the teacher's per-atom features [N, D] (float32) for the n2n baseline")
     parser.add_argument("--embeddings", action="store_true",
                         help="also store the teacher's per-element embeddings (metadata) for the a2a baseline")
+    parser.add_argument("--skip-unknown-elements", action="store_true",
+                        help="leave structures with elements the teacher does not know unlabelled (train with "
+                             "data.elements set to the teacher's) instead of refusing the dataset")
 
 
 def run(args) -> int:
@@ -545,7 +585,14 @@ def run(args) -> int:
     teacher = load_teacher(args.teacher)
     stats = label_dataset(ds, teacher, args.output, args.rows, args.seed, args.limit, args.dtype, rank, world,
                           teacher_spec=args.teacher, progress=sys.stderr.isatty(), features=args.features,
-                          embeddings=args.embeddings)
+                          embeddings=args.embeddings, skip_unknown_elements=args.skip_unknown_elements)
     print(f"rank {rank}/{world}: labelled {stats['labelled']} structures, {stats['skipped']} already done "
           f"-> {shard_path(args.output, rank)}")
+    if stats["unknown"]:
+        from ase.data import chemical_symbols
+
+        known = sorted(getattr(teacher, "elements", None) or ())
+        print(f"left {stats['unknown']} structure(s) unlabelled: they hold "
+              f"{', '.join(chemical_symbols[z] for z in stats['unknown_elements'])}, which teacher {teacher.name} "
+              f"does not know; train with data.elements: {known} to leave them out")
     return 0

@@ -56,7 +56,8 @@ def run(args) -> int:
     summary = trainer.fit()
     if trainer.rank == 0:
         state = "finished" if summary["finished"] else f"stopped ({summary['stopped']})"
-        print(f"{state} after {summary['epochs']} of {config.train.epochs} epochs ({summary['steps']} steps, "
+        print(f"{state} after {summary['epochs']} of {max(config.train.epochs, summary['epochs'])} epochs "
+              f"({summary['steps']} steps, "
               f"{summary['elapsed_s']:.0f} s); best validation E+F loss {summary['best_val_loss_ef']:.4g}; "
               f"checkpoints {trainer.out}/best.pt (best, EMA weights) and last.pt")
     _finish_distributed()
@@ -386,8 +387,7 @@ class Trainer:
         _seed_everything(tc.seed)
         self.dtype = getattr(torch, tc.dtype)
         self.out = tc.out
-        check_output_dir(self.out, "train.out")
-        os.makedirs(self.out, exist_ok=True)
+        check_output_dir(self.out, "train.out")  # the directory itself is made once every check has passed
         self.dataset = Dataset(config.data.path)
         self.labels = None
         if config.data.labels:
@@ -398,6 +398,11 @@ class Trainer:
 
         last = os.path.join(self.out, "last.pt")
         resume_state = read_checkpoint(last) if os.path.exists(last) and not restart else None
+        best = os.path.join(self.out, "best.pt")
+        if resume_state is None and not restart and os.path.exists(best):
+            # a finished run whose last.pt was deleted to save space: a fresh run would delete its best.pt
+            raise HessforgeError(f"{self.out} holds an earlier run's best.pt but no last.pt to resume from; a new run "
+                                 "there would replace it: pass --restart to do so, or another train.out")
         self.data_identity = _data_identity(self.dataset, self.labels)
         if resume_state is not None:  # before config.yaml and split.json are rewritten
             _check_resume_config(last, resume_state.get("config"), config.to_dict())
@@ -513,13 +518,20 @@ class Trainer:
             sampler = _ShardSampler(len(self.train_idx), self.rank, self.world, tc.seed)
         self.sampler = sampler
         s = lc.hessian_rows if (lc.hessian > 0 or lc.force_distill > 0) else 0
-        # A teacher with relative energies (SO3LR) is put on the reference energies' scale by per-element
-        # offsets fitted on the validation split, where its loss is measured (λ_KD halving): fitted on the
-        # compared structures, the result does not depend on the teacher's arbitrary offsets even when those
-        # structures' compositions cannot pin down every element's offset.
-        from training.labels import teacher_energy_offsets
+        # A teacher with relative energies (SO3LR), or at another level of theory than the reference energies
+        # (another per-element zero), is put on the reference energies' scale by per-element offsets fitted on
+        # the validation split, where its loss is measured (λ_KD halving): fitted on the compared structures,
+        # the result does not depend on the teacher's offsets even when those structures' compositions cannot
+        # pin down every element's offset.
+        from training.labels import ENERGY_SCALE_MISMATCH_EV_PER_ATOM, teacher_energy_offsets
 
         self.teacher_energy_offsets = teacher_energy_offsets(self.labels, [self.dataset[i] for i in self.val_idx])
+        if self.teacher_energy_offsets and not self.labels.relative_energies and self.rank == 0:
+            print("note: the teacher's energies are on another per-element scale than the reference energies (mean "
+                  f"difference above {ENERGY_SCALE_MISMATCH_EV_PER_ATOM * 1000:g} meV/atom on the validation split: "
+                  "another level of theory?); it is compared "
+                  "and fills missing energies after per-element offsets fitted there (teacher_energy_offsets_eV in "
+                  "summary.json)", file=sys.stderr)
         self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
                                         shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
                                         num_workers=tc.num_workers, sampler=sampler,
@@ -531,14 +543,17 @@ class Trainer:
                                       teacher_energy_offsets=self.teacher_energy_offsets) if val_shard else []
         self.log_path = os.path.join(self.out, "log.jsonl")
         if self.rank == 0:  # only now that every check has passed: a run refused above changes nothing
-            self._write_run_files(fresh=resume_state is None)
+            # a run already past train.epochs trains nothing: its config.yaml keeps the epochs it was trained for
+            done = resume_state is not None and int(resume_state["epoch"]) >= tc.epochs
+            self._write_run_files(fresh=resume_state is None, keep_config=done)
 
-    def _write_run_files(self, fresh: bool) -> None:
-        """split.json and config.yaml; a fresh run first removes what an earlier run in this directory left
-        (--restart, or a run stopped before its first checkpoint): its log would mix with this run's, and its
-        best.pt would be evaluated on this run's split."""
+    def _write_run_files(self, fresh: bool, keep_config: bool = False) -> None:
+        """split.json and config.yaml (unless `keep_config`); a fresh run first removes what an earlier run in
+        this directory left (--restart, or a run stopped before its first checkpoint): its log would mix with
+        this run's, and its best.pt would be evaluated on this run's split."""
         from training.data.subsets import save_split
 
+        os.makedirs(self.out, exist_ok=True)
         lock = _RunLock(self.out)  # never under a trainer still running in this directory (fit() locks it too)
         try:
             if fresh:
@@ -549,8 +564,9 @@ class Trainer:
             config = self.config
             save_split(os.path.join(self.out, "split.json"), self.split, seed=config.data.split_seed,
                        count=len(self.dataset), dataset=os.path.abspath(config.data.path))
-            with atomic_open(os.path.join(self.out, "config.yaml")) as fh:
-                yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+            if not keep_config:
+                with atomic_open(os.path.join(self.out, "config.yaml")) as fh:
+                    yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         finally:
             lock.release()
 

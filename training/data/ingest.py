@@ -297,6 +297,8 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
                         "source_sha256": file_sha256(input_path)}}
     h_distances: List[float] = []
     dropped_stress = 0
+    first_of: Dict[bytes, Tuple[str, str]] = {}  # exact geometry -> (id, group) of its first frame
+    repeats: List[Tuple[str, str, bool]] = []  # (id, id of the earlier frame, in another group)
     from tqdm import tqdm
 
     with DatasetWriter(output_path, source=os.path.abspath(input_path), extra_meta=extra) as writer:
@@ -314,8 +316,21 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
                 writer.add(s)
             except HessforgeError as err:
                 raise HessforgeError(f"{input_path}: frame {index}: {err}") from None
+            key = _geometry_key(s)
+            if key in first_of:
+                repeats.append((s.id, first_of[key][0], first_of[key][1] != s.group))
+            else:
+                first_of[key] = (s.id, s.group)
         if not writer.ids:
             raise HessforgeError(f"{input_path}: no frames found")
+    if repeats:
+        across = [r for r in repeats if r[2]]
+        example = (across or repeats)[0]
+        warnings.warn(f"{input_path}: {len(repeats)} frame(s) repeat an earlier frame's geometry exactly (e.g. "
+                      f"{example[0]!r} = {example[1]!r})"
+                      + (f"; {len(across)} of them in another group, so they can land in another split than their "
+                         "twin: test or validation structures that are also training data" if across else ""),
+                      UserWarning, stacklevel=2)
     if dropped_stress:
         warnings.warn(f"{input_path}: the stress of {dropped_stress} frame(s) that are not periodic in all 3 "
                       "directions was not kept (a stress needs a bulk volume)", UserWarning, stacklevel=2)
@@ -335,6 +350,17 @@ def ingest(input_path: str, output_path: str, energy_key: str = "energy", forces
                       f"is the file in Å already? --length-unit {length_unit} scaled every length by "
                       f"{length_factor:.4g}", UserWarning, stacklevel=2)
     return len(writer.ids)
+
+
+def _geometry_key(s) -> bytes:
+    """The exact geometry of a structure (elements, positions, cell, pbc) as one hashable key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (np.asarray(s.numbers, dtype=np.int64), np.asarray(s.positions, dtype=np.float64),
+                 np.asarray(s.cell, dtype=np.float64), np.asarray(s.pbc, dtype=bool)):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.digest()
 
 
 def add_arguments(parser) -> None:

@@ -35,7 +35,7 @@ using namespace LAMMPS_NS;
 
 PairHessforge::PairHessforge(LAMMPS *lmp) :
     Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), cutoff(0.0), result(new hessforge::Result),
-    warned_virial(false), checked_special(false)
+    warned_virial(false), checked_special(false), checked_masses(false)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -156,6 +156,7 @@ void PairHessforge::coeff(int narg, char **arg)
   model = std::move(loaded);
   model_path = path;
   type_to_z = z_of_type;
+  checked_masses = false;
   cutoff = meta.cutoff;
   // pairs with a NULL type are not this style's: pair_style hybrid/overlay then skips them in its neighbor list
   for (int i = 1; i <= ntypes; i++)
@@ -190,6 +191,10 @@ void PairHessforge::init_style()
     error->all(FLERR, "pair_style hessforge: neigh_modify include leaves atoms outside the group without "
                       "neighbors (the model needs every pair within its cutoff); remove it");
   checked_special = false;  // neighbor->special_flag is set after this (Neighbor::init): checked in compute()
+  if (!checked_masses) {
+    checked_masses = true;
+    warn_unlikely_masses();
+  }
   if (!model->metadata().virial)
     for (const auto *fix : modify->get_fix_list()) {
       const std::string style = fix->style;
@@ -240,6 +245,23 @@ double PairHessforge::init_one(int i, int j)
   if (setflag[i][j] == 0) error->all(FLERR, "pair_style hessforge: pair_coeff * * model.pt ... is missing");
   cutghost[i][j] = cutghost[j][i] = cutoff;
   return cutoff;
+}
+
+/* Elements given in another order than the atom types (pair_coeff * * model.pt O H C for types H C O) run
+   without complaint and give nonsense: a type whose mass is far from its element's standard atomic weight is
+   named once per pair_coeff (a warning only: isotopes and repartitioned hydrogen masses are deliberate). */
+void PairHessforge::warn_unlikely_masses()
+{
+  if (comm->me != 0 || atom->rmass_flag || atom->mass == nullptr) return;  // per-atom masses: not by type
+  for (int t = 1; t <= atom->ntypes; t++) {
+    const int z = static_cast<int>(type_to_z[t]);
+    if (z == 0 || !atom->mass_setflag[t]) continue;
+    const double standard = hessforge::standard_atomic_mass(z);
+    if (std::fabs(atom->mass[t] - standard) > 0.1 * standard)
+      error->warning(FLERR, "pair_style hessforge: atom type {} has mass {:.4g} but pair_coeff makes it {} ({:.4g}): "
+                            "elements in another order than the atom types? (ignore this for isotopes or "
+                            "repartitioned masses)", t, atom->mass[t], hessforge::element_symbol(z), standard);
+  }
 }
 
 /* Atoms on top of each other (read_data with an atom twice, create_atoms random without overlap): one error

@@ -46,6 +46,7 @@ class PairHessforge : public Pair {
   std::vector<int64_t> type_to_z;  // atomic number of each atom type (1-based)
   bool warned_virial;
   bool checked_special;  // bonded pairs kept in the neighbor list (checked at the first compute after init)
+  bool checked_masses;   // type masses compared with the elements (once per pair_coeff)
 
   // work arrays, reused between steps
   std::vector<double> pos, shifts;
@@ -61,6 +62,7 @@ class PairHessforge : public Pair {
 
   void allocate();
   void check_apart(int i, int j, double d2);
+  void warn_unlikely_masses();
   void build_fold_graph();
   void build_ghost_graph();
   void gather_nodes();

@@ -218,6 +218,19 @@ def test_rank_without_atoms(tmp_path, models):
     assert_close(read_single_point(tmp_path), python_reference(model, atoms), "molecule on one of 2 ranks")
 
 
+def test_elements_in_another_order_than_the_types_are_warned_of(tmp_path, models):
+    """pair_coeff * * model.pt O H C for a data file whose types are H C O (by their masses) runs and gives
+    nonsense: one warning per type whose mass is far from its element's; the right order: none."""
+    _, path = models["gradient"]
+    atoms = systems(np.random.default_rng(3))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    _, out = run_lammps(tmp_path, header(path, ["O", "H", "C"]) + "run 0\n")
+    assert "atom type 1 has mass 1.008 but pair_coeff makes it O (16)" in out, out[-2000:]
+    assert out.count("but pair_coeff makes it") == 3
+    _, out = run_lammps(tmp_path, header(path, ["H", "C", "O"]) + "run 0\n")
+    assert "but pair_coeff makes it" not in out
+
+
 def test_direct_force_student(tmp_path, models):
     """Energies, per-atom energies and forces of a direct-force student; the virial is reported missing."""
     model, path = models["direct"]

@@ -63,6 +63,8 @@ NeighborList neighbor_list(const double* positions, int64_t n, const double* cel
 // Atomic number of an element symbol ("H", "Cu"); 0 if unknown.
 int atomic_number(const std::string& symbol);
 std::string element_symbol(int z);
+// Standard atomic weight of element z in amu (0 if unknown).
+double standard_atomic_mass(int z);
 
 // TorchScript's profiling graph executor (process-wide switch, torch's default: on). It re-specialises the
 // graph whenever input shapes change (the edge count changes every MD step) and fuses nothing on the CPU;

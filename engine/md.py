@@ -351,7 +351,9 @@ class BatchedMD:
         _, ops = reduce_thin_cells(complete_cells(cells, pbc), pbc)
         if bool((ops == torch.eye(3, dtype=ops.dtype)).all()):
             return None
-        return torch.linalg.inv(ops).round().to(device=self.device, dtype=self.dtype)
+        inverse = torch.linalg.inv(ops)  # integer on periodic rows; a slab's vacuum rows come back as given
+        inverse = torch.where(pbc.to(torch.bool)[:, :, None], inverse.round(), inverse)
+        return inverse.to(device=self.device, dtype=self.dtype)
 
     def cell(self) -> torch.Tensor:
         """[B, 3, 3] Å, cell vectors as rows (they change under a barostat), in the basis the systems came

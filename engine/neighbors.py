@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from engine.errors import HessforgeError
@@ -95,7 +96,8 @@ MIN_CELL_HEIGHT = 0.5  # Å between opposite faces along a periodic direction (s
 def reduce_thin_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(cells, ops) with cells = ops @ cell [B, 3, 3]: a periodic cell thinner than MIN_CELL_HEIGHT along a
     periodic direction, but with a volume, replaced by the Minkowski-reduced basis of the same lattice along its
-    periodic directions (ase.geometry.minkowski_reduce; ops: integer, determinant ±1). Such a cell is a valid
+    periodic directions (ase.geometry.minkowski_reduce; ops: integer, determinant ±1, on the periodic rows; a wire's
+    or slab's non-periodic rows lose their parts along the periodic ones, which leaves the volume). Such a cell is a valid
     crystal written in a skewed basis (a supercell's or a sheared box's vectors): the same lattice gives the
     same edges, energies, forces and stress, and its reduced basis a short image search. Other cells, cells thin
     in every basis, and cells without volume or with NaN (check_cell reports them) come back as they were with
@@ -113,10 +115,19 @@ def reduce_thin_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tens
     if not bool(thin.any()):
         return cell, ops
     for k in thin.nonzero().flatten().tolist():
-        _, op = minkowski_reduce(cell64[k].cpu().numpy(), pbc=periodic[k].cpu().numpy())
-        op = torch.as_tensor(op, dtype=cell.dtype, device=cell.device)
-        if bool((cell_heights((op.to(cell64) @ cell64[k]))[periodic[k]] >= MIN_CELL_HEIGHT).all()):
-            ops[k] = op  # else thin in every basis: kept as given, for check_cell to name its thin vector
+        c, mask = cell64[k].cpu().numpy(), periodic[k].cpu().numpy()
+        # a wire's or slab's non-periodic vectors without their parts along the periodic ones (no images are
+        # taken along them; the volume stays): a vacuum vector slanted along a periodic one makes it look thin
+        flat = c.copy()
+        if not mask.all():
+            q, _ = np.linalg.qr(c[mask].T)  # orthonormal basis of the periodic span (columns)
+            flat[~mask] = c[~mask] - (c[~mask] @ q) @ q.T
+        _, reduce = minkowski_reduce(flat, pbc=mask)
+        op = reduce @ flat @ np.linalg.inv(c)
+        op[mask] = np.rint(op[mask])  # periodic rows: integer combinations of the periodic vectors, exactly
+        op = torch.as_tensor(op, dtype=cell64.dtype, device=cell64.device)
+        if bool((cell_heights(op @ cell64[k])[periodic[k]] >= MIN_CELL_HEIGHT).all()):
+            ops[k] = op.to(cell.dtype)  # else thin in every basis: kept as given, for check_cell to name it
     return ops @ cell, ops  # differentiable in cell (strain derivatives reach the reduced vectors)
 
 
@@ -135,7 +146,8 @@ def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure",
         thin = [a for a in range(3) if bool(pbc[a]) and float(heights[a]) < MIN_CELL_HEIGHT]
         if thin:  # no crystal is; and every atom would meet (cutoff / height)^3 images of itself
             a = thin[0]
-            reducible = bool((reduce_thin_cells(cell.double()[None], pbc[None])[1] != torch.eye(3)).any())
+            ops = reduce_thin_cells(cell.double()[None], pbc[None])[1][0]
+            reducible = bool((ops != torch.eye(3, dtype=ops.dtype, device=ops.device)).any())
             hint = ("a skewed basis of a thicker lattice: pass its reduced basis, ase.geometry.minkowski_reduce"
                     if reducible else "a cell in nm or Bohr, or a broken one?")
             raise HessforgeError(f"{where}: periodic cell is {float(heights[a]):.3g} Å thick along cell vector {a} "

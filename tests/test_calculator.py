@@ -230,7 +230,8 @@ def test_wire_with_zero_nonperiodic_vectors(rng):
 
 def test_skewed_basis_of_a_cell_gives_the_same_results(rng, tmp_path):
     """A crystal written in a skewed basis of its lattice (b -> b + 12 a, c -> c - 9 a: faces < 0.4 Å apart,
-    refused before as "thinner than any crystal"), and a slab likewise: the ordinary basis' energy, forces and
+    refused before as "thinner than any crystal"), a slab likewise, and a slab with a slanted vacuum vector: the
+    ordinary basis' energy, forces and
     stress through the calculator (model object and exported file), predict and the C++ core; the core's
     neighbor list gives ASE's edges in the caller's basis."""
     from ase.neighborlist import primitive_neighbor_list
@@ -242,7 +243,9 @@ def test_skewed_basis_of_a_cell_gives_the_same_results(rng, tmp_path):
     export_model(model, str(tmp_path / "model.pt"))
     crystal, slab = periodic(rng, 8), periodic(rng, 6)
     slab.pbc = [True, True, False]
-    for atoms, u in ((crystal, [[1, 0, 0], [12, 1, 0], [-9, 0, 1]]), (slab, [[1, 0, 0], [11, 1, 0], [0, 0, 1]])):
+    # the last: a slab whose vacuum vector leans along a periodic one (c -> c + 12 a), no periodic vector skewed
+    for atoms, u in ((crystal, [[1, 0, 0], [12, 1, 0], [-9, 0, 1]]), (slab, [[1, 0, 0], [11, 1, 0], [0, 0, 1]]),
+                     (slab, [[1, 0, 0], [0, 1, 0], [12, 0, 1]])):
         skewed = atoms.copy()
         skewed.set_cell(np.array(u) @ atoms.cell[:], scale_atoms=False)
         assert float(cell_heights(torch.as_tensor(skewed.cell[:]))[:2].min()) < 0.4  # refused before

@@ -532,6 +532,61 @@ def test_absolute_teacher_on_another_energy_scale_is_aligned(tmp_path, rng, caps
     assert ev1["teacher_vs_reference"]["energy_mae_mev_per_atom"] < 20  # raw: > 1000
 
 
+def test_teacher_filled_energies_use_offsets_that_fix_their_compositions(tmp_path, rng, capsys):
+    """Energies the teacher fills in (structures without their own) are put on the reference's scale by offsets
+    that fix their compositions: N only in training (its validation split is H/C/O) took offset 0, 2.2 eV off per
+    N atom; fitted on every structure with both energies they are right. N only in structures without reference
+    energies: nothing can fix it, a note says so."""
+    from training.data import Dataset
+    from training.data.records import Structure
+    from training.data.store import write_dataset
+    from training.data.subsets import save_split
+    from toy import harmonic
+
+    from ase.build import molecule
+
+    offsets = {1: 1.3, 6: -4.1, 7: 2.2, 8: 3.7}
+
+    def build(path, nh3_with_energy):
+        structures = []
+        for name in ("CH4", "H2O", "CH3OH", "HCOOH", "NH3", "NH3"):
+            base = molecule(name)
+            for c in range(3):
+                pos = base.positions + rng.normal(scale=0.05, size=base.positions.shape)
+                e, f, _ = harmonic(pos, k=2.004)
+                sid = f"{name}-{len(structures)}"
+                own = name != "NH3" or (nh3_with_energy and len(structures) < 15)  # first NH3 group: own E
+                structures.append(Structure(id=sid, group=f"{name}{len(structures) // 3}", numbers=base.numbers.copy(),
+                                            positions=pos, energy=e if own else None, forces=f if own else None))
+        write_dataset(str(path), structures)
+        # validation: H/C/O molecules only; NH3 (with and without energies) in training
+        save_split(str(tmp_path / "split.json"), {"train": [0, 1, 6, 7, 12, 13, 14, 15, 16, 17], "val": [3, 4, 9, 10],
+                                                  "test": [2, 5, 8, 11]}, count=len(structures))
+        return str(path), structures
+
+    for nh3_with_energy in (True, False):
+        path, structures = build(tmp_path / f"d{nh3_with_energy}.lmdb", nh3_with_energy)
+        labels = str(tmp_path / f"l{nh3_with_energy}")
+        label_dataset(path, OtherLevelHarmonic(offsets), labels, rows=3)
+        cfg = _config((path, labels), tmp_path / f"r{nh3_with_energy}", epochs=1)
+        cfg.data.split_file = str(tmp_path / "split.json")
+        capsys.readouterr()
+        trainer = Trainer(cfg)
+        note = "do not determine the teacher's per-element offsets for every structure whose energy the teacher fills"
+        filled = []
+        for batch in trainer.train_loader:
+            for k, sid in enumerate(batch.ids):
+                s = structures[int(sid.split("-")[1])]
+                if s.energy is None:
+                    filled.append(float(batch.energy[k]) - harmonic(s.positions, k=2.0)[0])
+        assert len(filled) == 3 if nh3_with_energy else 6
+        if nh3_with_energy:  # on the reference's scale, to the teacher's own few meV per atom
+            assert max(abs(x) for x in filled) < 0.1, filled
+            assert note not in capsys.readouterr().err
+        else:
+            assert note in capsys.readouterr().err
+
+
 def test_crystal_student_distilled_from_chgnet_alone(tmp_path, rng, capsys):
     """The materials path end to end with a bundled foundation model: rattled and strained NaCl cells without
     reference labels, CHGNet energies/forces/Hessian rows, teacher-only Hessian-KD training, and the student
@@ -671,11 +726,15 @@ def test_an_earlier_runs_best_checkpoint_is_never_deleted_unasked(labelled, tmp_
     assert (out / "config.yaml").read_text() == config_text  # still says 2 epochs, what best.pt was trained for
     (out / "last.pt").unlink()
     best = (out / "best.pt").read_bytes()
-    with pytest.raises(HessforgeError, match="holds an earlier run's best.pt but no last.pt to resume from; .*--restart"):
+    with pytest.raises(HessforgeError, match="holds a finished run's best.pt but no last.pt to resume from; .*--restart"):
         Trainer(_config(labelled, out, epochs=1))
     assert (out / "best.pt").read_bytes() == best
     Trainer(_config(labelled, out, epochs=1), restart=True).fit()
     assert (out / "best.pt").read_bytes() != best
+    # a run that crashed before its first last.pt (best.pt written at epoch 1, last.pt every 10 epochs) is rerun
+    (out / "last.pt").unlink()
+    (out / "summary.json").unlink()
+    Trainer(_config(labelled, out, epochs=1)).fit()
     bad = _config(labelled, tmp_path / "never", epochs=1)
     bad.model.hidden = 1
     with pytest.raises(HessforgeError, match="hidden"):

@@ -34,7 +34,7 @@ from engine.stress import energy_forces_strain_derivative, stress_from_strain_de
 from training.config import RESUMABLE_KEYS, Config, check_labels_for_loss, load_config
 from training.ema import ExponentialMovingAverage
 from training.losses import DistillationHeads, LossWeights, compute_loss, stress_targets_mask, student_embedding
-from training.reference_energies import fit_energy_scale, fit_reference_energies
+from training.reference_energies import fit_energy_scale, fit_reference_energies, offsets_determine
 
 
 def add_arguments(parser) -> None:
@@ -261,8 +261,6 @@ def _note_undetermined_references(train_structures, val_structures) -> None:
     """A note when the training compositions do not pin down the per-element reference energies of the
     validation compositions (e.g. 3 molecules for 4 elements): the validation energies are then off by a
     composition-dependent constant that no amount of training removes."""
-    from training.reference_energies import offsets_determine
-
     def compositions(structures):  # one structure's numbers per distinct composition
         return list({tuple(np.bincount(s.numbers, minlength=119)): s.numbers
                      for s in structures if s.energy is not None}.values())
@@ -398,10 +396,11 @@ class Trainer:
 
         last = os.path.join(self.out, "last.pt")
         resume_state = read_checkpoint(last) if os.path.exists(last) and not restart else None
-        best = os.path.join(self.out, "best.pt")
-        if resume_state is None and not restart and os.path.exists(best):
+        finished = os.path.join(self.out, "summary.json")  # written by runs that ended (not by a crash or kill)
+        if resume_state is None and not restart and os.path.exists(os.path.join(self.out, "best.pt")) \
+                and os.path.exists(finished):
             # a finished run whose last.pt was deleted to save space: a fresh run would delete its best.pt
-            raise HessforgeError(f"{self.out} holds an earlier run's best.pt but no last.pt to resume from; a new run "
+            raise HessforgeError(f"{self.out} holds a finished run's best.pt but no last.pt to resume from; a new run "
                                  "there would replace it: pass --restart to do so, or another train.out")
         self.data_identity = _data_identity(self.dataset, self.labels)
         if resume_state is not None:  # before config.yaml and split.json are rewritten
@@ -472,6 +471,9 @@ class Trainer:
             self._check_stress_targets(structures)
         val_structures = [self.dataset[i] for i in self.val_idx]
         self._check_validation_elements(val_structures, species)
+        # compositions of training structures whose energy the teacher fills, and of those with their own
+        fill_numbers = [s.numbers for s in structures if s.energy is None]
+        known_numbers = [s.numbers for s in structures + val_structures if s.energy is not None]
         if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:
             # the teacher's energies and forces set the reference energies and the energy scale, as they are
             # the targets (collate's teacher_fills_missing)
@@ -526,6 +528,18 @@ class Trainer:
         from training.labels import ENERGY_SCALE_MISMATCH_EV_PER_ATOM, teacher_energy_offsets
 
         self.teacher_energy_offsets = teacher_energy_offsets(self.labels, [self.dataset[i] for i in self.val_idx])
+        # the energies the teacher fills in (structures without their own) need offsets that fix their
+        # compositions: the validation split's may not (an element only in training): then fitted on every
+        # structure with both energies
+        fill_offsets = self.teacher_energy_offsets
+        if fill_offsets is not None and fill_numbers and not offsets_determine(
+                [s.numbers for s in (self.dataset[i] for i in self.val_idx) if s.energy is not None], fill_numbers):
+            everything = [self.dataset[i] for i in list(self.train_idx) + list(self.val_idx)]
+            fill_offsets = teacher_energy_offsets(self.labels, [s for s in everything if s.energy is not None])
+            if self.rank == 0 and (fill_offsets is None or not offsets_determine(known_numbers, fill_numbers)):
+                print("note: the structures with reference energies do not determine the teacher's per-element "
+                      "offsets for every structure whose energy the teacher fills in (an element or composition "
+                      "only there): those energies are off by a constant per composition", file=sys.stderr)
         if self.teacher_energy_offsets and not self.labels.relative_energies and self.rank == 0:
             print("note: the teacher's energies are on another per-element scale than the reference energies (mean "
                   f"difference above {ENERGY_SCALE_MISMATCH_EV_PER_ATOM * 1000:g} meV/atom on the validation split: "
@@ -535,7 +549,7 @@ class Trainer:
         self.train_loader = make_loader(self.dataset, self.train_idx, self.labels, mc.cutoff, tc.batch_size,
                                         shuffle=sampler is None, seed=tc.seed, dtype=self.dtype, s=s,
                                         num_workers=tc.num_workers, sampler=sampler,
-                                        teacher_energy_offsets=self.teacher_energy_offsets,
+                                        teacher_energy_offsets=fill_offsets,
                                         teacher_fills_missing=True)  # teacher-only structures: its E/F as targets
         val_shard = self.val_idx[self.rank :: self.world]  # may be empty on some ranks: they add zeros
         self.val_loader = make_loader(self.dataset, val_shard, self.labels, mc.cutoff, tc.val_batch_size,

@@ -141,8 +141,8 @@ def check_periodic_cell(atoms, where: str = "") -> None:
 
     pbc = torch.as_tensor(np.asarray(atoms.get_pbc(), dtype=bool))
     if bool(pbc.any()):
-        cell = complete_cells(torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)[None], pbc[None])[0]
-        check_cell(cell, pbc, where or "structure")
+        given = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)
+        check_cell(complete_cells(given[None], pbc[None])[0], pbc, where or "structure", given=given)
 
 
 def strain_stress(energy_fn, positions: np.ndarray, cell: np.ndarray, dtype=None) -> np.ndarray:

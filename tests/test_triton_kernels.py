@@ -461,6 +461,10 @@ def test_bad_input_is_reported():
         radial_edges(torch.zeros(2, 3), cell * torch.tensor(float("inf")), pbc, batch, 3.0, 4)
     with pytest.raises(HessforgeError, match="int64"):
         radial_edges(torch.zeros(2, 3), cell, pbc, batch.int(), 3.0, 4)
+    with pytest.raises(HessforgeError, match="positions must be a torch tensor, got ndarray"):
+        neighbor_list(np.zeros((2, 3)), cell, pbc, batch, 3.0)
+    with pytest.raises(HessforgeError, match="positions must be float32 or float64 tensors, got torch.int64"):
+        neighbor_list(torch.zeros(2, 3, dtype=torch.long), cell, pbc, batch, 3.0)
     slab = torch.tensor([[[3.0, 0, 0], [3.0, 0, 0], [0, 0, 0]]])  # parallel periodic vectors
     with pytest.raises(HessforgeError, match="zero volume"):
         radial_edges(torch.zeros(2, 3), slab, torch.tensor([[True, True, False]]), batch, 3.0, 4)

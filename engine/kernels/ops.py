@@ -379,6 +379,14 @@ def _check_capacity(out, capacity: int, grow: bool, rerun):
     return rerun(_grow(capacity, needed))
 
 
+def _check_tensors(**inputs) -> None:
+    """The ops take torch tensors (numpy arrays reached torch's operator-schema error)."""
+    for name, value in inputs.items():
+        if not isinstance(value, Tensor):
+            raise HessforgeError(f"{name} must be a torch tensor, got {type(value).__name__} (torch.as_tensor(...); "
+                                 "engine.graph.build_graph takes numpy arrays and ase structures)")
+
+
 def _completed(cell: Tensor, pbc: Tensor) -> Tensor:
     if cell.dim() != 3 or pbc.shape != cell.shape[:1] + (3,):
         return cell  # the op reports the shapes
@@ -403,6 +411,8 @@ def radial_edges(
     ops themselves refuse a periodic cell without volume). Not done under torch.compile: dynamo traces an
     exact-size op without a graph break only when its inputs are the graph's own, not computed cells.
     """
+    if not _compiling():
+        _check_tensors(positions=positions, cell=cell, pbc=pbc, batch=batch)
     if complete and not _compiling():
         cell = _completed(cell, pbc)
 
@@ -433,6 +443,8 @@ def neighbor_list(
     """(edge_index [2, E], shifts [E, 3], num_edges []) — the edges of `radial_edges` without geometry.
     Not differentiable (integer outputs); compute edge vectors with engine.graph.edge_vectors (on the
     completed cell: `complete` as in radial_edges)."""
+    if not _compiling():
+        _check_tensors(positions=positions, cell=cell, pbc=pbc, batch=batch)
     if complete and not _compiling():
         cell = _completed(cell, pbc)
 

@@ -171,6 +171,26 @@ def test_stillinger_weber_si_from_the_bundled_potentials(tmp_path):
     assert np.abs(stress).max() > 1e-4
 
 
+def test_a_skewed_basis_of_an_ordinary_cell_is_labelled_in_its_reduced_basis(tmp_path):
+    """A rattled Si cell written in a skewed basis of its lattice (b -> b + 8 a: faces 0.3 Å apart, refused
+    before as thinner than any crystal) gets the ordinary basis' energy, forces, Hessian rows and stress."""
+    from engine.neighbors import cell_heights
+
+    teacher = load_teacher("lammps:" + write(tmp_path, "si.in", "pair_style sw\npair_coeff * * Si.sw Si\n"))
+    atoms = bulk("Si", "diamond", a=5.431)
+    atoms.rattle(0.05, seed=SEED % 2**31)
+    skewed = atoms.copy()
+    skewed.set_cell(np.array([[1, 0, 0], [8, 1, 0], [0, 0, 1]]) @ atoms.cell[:], scale_atoms=False)
+    assert float(cell_heights(torch.as_tensor(skewed.cell[:])).min()) < 0.5
+    a, b = teacher.compute(atoms, rows=[0, 4]), teacher.compute(skewed, rows=[0, 4])
+    msg = f"seed {SEED}"
+    assert b.energy == pytest.approx(a.energy, abs=1e-9), msg
+    np.testing.assert_allclose(b.forces, a.forces, atol=1e-9, err_msg=msg)
+    np.testing.assert_allclose(b.hessian_rows, a.hessian_rows, atol=1e-6, err_msg=msg)
+    np.testing.assert_allclose(b.stress, a.stress, atol=1e-9, err_msg=msg)
+    assert np.abs(a.stress).max() > 1e-4
+
+
 def test_potential_file_parsing_and_bad_input(tmp_path, lj_teacher):
     header, commands, elements = parse_potential_file(write(
         tmp_path, "reax.in", "units metal\natom_style charge\npair_style reaxff NULL\n"

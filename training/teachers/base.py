@@ -132,17 +132,27 @@ def check_finite_positions(atoms, where: str = "") -> None:
         raise HessforgeError(f"{where or 'structure'}: positions contain NaN or Inf")
 
 
-def check_periodic_cell(atoms, where: str = "") -> None:
+def check_periodic_cell(atoms, where: str = ""):
     """A periodic structure's cell must span a volume, by the engine's criterion (engine.neighbors: wires
-    and slabs may have zero vectors along their non-periodic directions)."""
+    and slabs may have zero vectors along their non-periodic directions). Returns the structure to compute:
+    `atoms`, or, for a cell thinner than any crystal that is a skewed basis of an ordinary lattice, a copy in
+    the reduced basis of the same lattice (engine.neighbors.reduce_thin_cells; positions unchanged: the same
+    energy, forces, Hessian and stress, and no teacher has to search hundreds of images or refuse the tilt)."""
     import torch
 
-    from engine.neighbors import check_cell, complete_cells
+    from engine.neighbors import check_cell, complete_cells, reduce_thin_cells
 
     pbc = torch.as_tensor(np.asarray(atoms.get_pbc(), dtype=bool))
-    if bool(pbc.any()):
-        given = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)
-        check_cell(complete_cells(given[None], pbc[None])[0], pbc, where or "structure", given=given)
+    if not bool(pbc.any()):
+        return atoms
+    given = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)
+    reduced, ops = reduce_thin_cells(complete_cells(given[None], pbc[None]), pbc[None])
+    check_cell(reduced[0], pbc, where or "structure", given=given)
+    if bool((ops[0] == torch.eye(3, dtype=ops.dtype)).all()):
+        return atoms
+    out = atoms.copy()
+    out.set_cell(reduced[0].numpy(), scale_atoms=False)
+    return out
 
 
 def strain_stress(energy_fn, positions: np.ndarray, cell: np.ndarray, dtype=None) -> np.ndarray:

@@ -60,7 +60,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
             raise HessforgeError(f"teacher {self.name}: CHGNet is a crystal model and needs a periodic cell in "
                                  f"all 3 directions (pbc is {atoms.get_pbc().tolist()}); for molecules use "
                                  "ani1x, so3lr or a MACE-OFF file")
-        check_periodic_cell(atoms, f"teacher {self.name}")
+        return check_periodic_cell(atoms, f"teacher {self.name}")
 
     def _forces_energy(self, atoms, positions, with_stress: bool = False):
         # its isolated-atom check and pymatgen's structure checks come back as "teacher chgnet: CHGNet failed: ..."
@@ -69,8 +69,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
             return super()._forces_energy(atoms, positions, with_stress)
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
-        self.check_periodic(atoms)
-        return super().compute(atoms, rows)
+        return super().compute(self.check_periodic(atoms), rows)
 
     # ------------------------------------------------------------------ feature-distillation baselines
     def atomic_features(self, atoms) -> np.ndarray:
@@ -78,7 +77,7 @@ class CHGNetTeacher(FiniteDifferenceTeacher):
         from pymatgen.io.ase import AseAtomsAdaptor
 
         self.check_elements(atoms.numbers, f"teacher {self.name}")
-        self.check_periodic(atoms)
+        atoms = self.check_periodic(atoms)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             pred = self.model.predict_structure(AseAtomsAdaptor.get_structure(atoms), task="e",

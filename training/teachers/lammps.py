@@ -161,7 +161,7 @@ class LAMMPSTeacher(FiniteDifferenceTeacher):
         from engine.neighbors import complete_cells
 
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)
-        check_periodic_cell(atoms, f"teacher {self.name}")  # nothing to check for a molecule
+        atoms = check_periodic_cell(atoms, f"teacher {self.name}")  # a skewed thin cell: its reduced basis
         if pbc.all():
             return atoms
         bare = atoms.copy()

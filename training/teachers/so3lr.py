@@ -108,10 +108,10 @@ class SO3LRTeacher(Teacher):
     def _check(self, atoms):
         self.check_elements(atoms.numbers, f"teacher {self.name}")
         check_finite_positions(atoms, f"teacher {self.name}")
-        check_periodic_cell(atoms, f"teacher {self.name}")
+        return check_periodic_cell(atoms, f"teacher {self.name}")
 
     def compute(self, atoms, rows: Optional[Sequence[int]] = None) -> TeacherOutput:
-        self._check(atoms)
+        atoms = self._check(atoms)
         batch = self._batch(atoms)
 
         def energy_fn(pos):
@@ -135,7 +135,7 @@ class SO3LRTeacher(Teacher):
         """SO3LR's final invariant per-atom features (the input of its energy head), [N, 128] float64."""
         import torch
 
-        self._check(atoms)
+        atoms = self._check(atoms)
         batch = self._batch(atoms)
         with torch.enable_grad():  # its forward differentiates internally even when forces are not asked for
             out = self.model(batch, compute_force=False, training=False, return_descriptors=True)

@@ -23,7 +23,7 @@ from engine.autograd_mode import autograd_on, normal
 from engine.errors import HessforgeError, UnknownElementError
 from engine.export import EXPORT_FORMAT, EXPORT_VERSION, METADATA_NAME, quiet_torchscript
 from engine.graph import AtomicGraph
-from engine.neighbors import complete_cells, reduce_thin_cells
+from engine.neighbors import lattice_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN_NAME = "hessforgeplugin.so"
@@ -303,8 +303,7 @@ def _core_cell(cell, pbc) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)))
     ops = np.eye(3)
     if pbc.any() and np.all(np.isfinite(cell)):
-        completed = complete_cells(torch.tensor(cell)[None], torch.tensor(pbc)[None])
-        reduced, op = reduce_thin_cells(completed, torch.tensor(pbc)[None])
+        reduced, op = lattice_cells(torch.tensor(cell)[None], torch.tensor(pbc)[None])
         cell, ops = reduced[0].numpy(), op[0].numpy()
     return np.ascontiguousarray(cell), pbc, ops
 

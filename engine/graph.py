@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.errors import HessforgeError
-from engine.neighbors import batched_neighbor_list, check_cell, complete_cells, reduce_thin_cells, wrap_into_cells
+from engine.neighbors import batched_neighbor_list, check_cell, lattice_cells, wrap_into_cells
 
 
 class AtomicGraph(NamedTuple):
@@ -223,8 +223,8 @@ def build_graph(
         if not bool(torch.isfinite(cell_t[k]).all()):  # also for a molecule: its cell enters edge vectors
             raise HessforgeError(f"{name}: cell contains NaN or Inf")
     given = cell_t
-    cell_t = complete_cells(cell_t, pbc_t)  # wires and slabs with zero non-periodic vectors
-    cell_t, _ = reduce_thin_cells(cell_t, pbc_t)  # the graph holds the reduced basis of a skewed thin cell
+    # wires' and slabs' zero non-periodic vectors completed; the graph holds the reduced basis of a skewed thin cell
+    cell_t, _ = lattice_cells(cell_t, pbc_t)
     for k, name in enumerate(names):
         check_cell(cell_t[k], pbc_t[k], name, given=given[k])
     batch_t = torch.repeat_interleave(

@@ -75,7 +75,7 @@ from engine.errors import HessforgeError
 from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
                           split_batch, structure_chunks)
 from engine.models import Student, for_inference, working_dtype
-from engine.neighbors import complete_cells, reduce_thin_cells
+from engine.neighbors import lattice_cells
 from engine.runner import CompiledFusedStudent, FusedStudent, rebuild_neighbors, resolve_device
 from engine.stress import cell_volumes, energy_forces_strain_derivative
 
@@ -348,7 +348,7 @@ class BatchedMD:
         barostat deforms cells on the right (cell @ M), so U @ cell stays the caller's basis of the new cell."""
         pbc = self._graph.pbc.cpu()
         cells = torch.as_tensor(np.stack([np.asarray(a.cell, dtype=np.float64) for a in atoms_list]))
-        _, ops = reduce_thin_cells(complete_cells(cells, pbc), pbc)
+        _, ops = lattice_cells(cells, pbc)
         if bool((ops == torch.eye(3, dtype=ops.dtype)).all()):
             return None
         inverse = torch.linalg.inv(ops)  # integer on periodic rows; a slab's vacuum rows come back as given

@@ -131,6 +131,13 @@ def reduce_thin_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tens
     return ops @ cell, ops  # differentiable in cell (strain derivatives reach the reduced vectors)
 
 
+def lattice_cells(cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cells, ops) the neighbor search works with, for [B, 3, 3] cells as given: wires' and slabs' zero
+    non-periodic vectors completed (complete_cells), then skewed thin bases reduced (reduce_thin_cells, whose
+    ops relate the two: cells = ops @ complete_cells(cell))."""
+    return reduce_thin_cells(complete_cells(cell, pbc), pbc)
+
+
 def check_cell(cell: torch.Tensor, pbc: torch.Tensor, where: str = "structure",
                given: Optional[torch.Tensor] = None) -> None:
     """A periodic structure's cell (after complete_cells) must be finite and span a volume. `given`: the cell
@@ -169,8 +176,7 @@ def structure_neighbor_list(
         offsets = torch.zeros_like(pos)  # integer offsets o with wrapped = pos + o @ cell
         ops = None
         if bool(pbc.any()):
-            cell = complete_cells(cell[None], pbc[None])[0]
-            cell, ops = reduce_thin_cells(cell[None], pbc[None])
+            cell, ops = lattice_cells(cell[None], pbc[None])
             cell, ops = cell[0], ops[0]  # shifts are found in the reduced basis, returned in the caller's
             check_cell(cell, pbc)
             frac = torch.linalg.solve(cell.T, pos.T).T

@@ -471,9 +471,9 @@ class Trainer:
             self._check_stress_targets(structures)
         val_structures = [self.dataset[i] for i in self.val_idx]
         self._check_validation_elements(val_structures, species)
-        # compositions of training structures whose energy the teacher fills, and of those with their own
+        # compositions of the training structures whose energy the teacher fills; the structures with their own
         fill_numbers = [s.numbers for s in structures if s.energy is None]
-        known_numbers = [s.numbers for s in structures + val_structures if s.energy is not None]
+        with_energy = [s for s in structures + val_structures if s.energy is not None]
         if self.labels is not None and all(s.energy is None for s in structures):  # teacher-only training:
             # the teacher's energies and forces set the reference energies and the energy scale, as they are
             # the targets (collate's teacher_fills_missing)
@@ -527,16 +527,16 @@ class Trainer:
         # pin down every element's offset.
         from training.labels import ENERGY_SCALE_MISMATCH_EV_PER_ATOM, teacher_energy_offsets
 
-        self.teacher_energy_offsets = teacher_energy_offsets(self.labels, [self.dataset[i] for i in self.val_idx])
+        self.teacher_energy_offsets = teacher_energy_offsets(self.labels, val_structures)
         # the energies the teacher fills in (structures without their own) need offsets that fix their
         # compositions: the validation split's may not (an element only in training): then fitted on every
         # structure with both energies
         fill_offsets = self.teacher_energy_offsets
         if fill_offsets is not None and fill_numbers and not offsets_determine(
-                [s.numbers for s in (self.dataset[i] for i in self.val_idx) if s.energy is not None], fill_numbers):
-            everything = [self.dataset[i] for i in list(self.train_idx) + list(self.val_idx)]
-            fill_offsets = teacher_energy_offsets(self.labels, [s for s in everything if s.energy is not None])
-            if self.rank == 0 and (fill_offsets is None or not offsets_determine(known_numbers, fill_numbers)):
+                [s.numbers for s in val_structures if s.energy is not None], fill_numbers):
+            fill_offsets = teacher_energy_offsets(self.labels, with_energy)
+            if self.rank == 0 and (fill_offsets is None
+                                   or not offsets_determine([s.numbers for s in with_energy], fill_numbers)):
                 print("note: the structures with reference energies do not determine the teacher's per-element "
                       "offsets for every structure whose energy the teacher fills in (an element or composition "
                       "only there): those energies are off by a constant per composition", file=sys.stderr)

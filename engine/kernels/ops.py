@@ -379,17 +379,17 @@ def _check_capacity(out, capacity: int, grow: bool, rerun):
     return rerun(_grow(capacity, needed))
 
 
-def _check_tensors(**inputs) -> None:
-    """The ops take torch tensors (numpy arrays reached torch's operator-schema error)."""
-    for name, value in inputs.items():
+def _eager_inputs(positions, cell, pbc, batch, complete: bool):
+    """The public ops' input handling outside torch.compile: torch tensors required (numpy arrays reached torch's
+    operator-schema error), and with `complete` the cell completed (complete_cells). Returns the cell to use."""
+    if _compiling():
+        return cell
+    for name, value in (("positions", positions), ("cell", cell), ("pbc", pbc), ("batch", batch)):
         if not isinstance(value, Tensor):
             raise HessforgeError(f"{name} must be a torch tensor, got {type(value).__name__} (torch.as_tensor(...); "
                                  "engine.graph.build_graph takes numpy arrays and ase structures)")
-
-
-def _completed(cell: Tensor, pbc: Tensor) -> Tensor:
-    if cell.dim() != 3 or pbc.shape != cell.shape[:1] + (3,):
-        return cell  # the op reports the shapes
+    if not complete or cell.dim() != 3 or pbc.shape != cell.shape[:1] + (3,):
+        return cell  # shapes: the op reports them
     return complete_cells(cell, pbc)
 
 
@@ -411,10 +411,7 @@ def radial_edges(
     ops themselves refuse a periodic cell without volume). Not done under torch.compile: dynamo traces an
     exact-size op without a graph break only when its inputs are the graph's own, not computed cells.
     """
-    if not _compiling():
-        _check_tensors(positions=positions, cell=cell, pbc=pbc, batch=batch)
-    if complete and not _compiling():
-        cell = _completed(cell, pbc)
+    cell = _eager_inputs(positions, cell, pbc, batch, complete)
 
     def run(cap: int) -> RadialEdges:
         return RadialEdges(*torch.ops.hessforge.radial_edges(
@@ -443,10 +440,7 @@ def neighbor_list(
     """(edge_index [2, E], shifts [E, 3], num_edges []) — the edges of `radial_edges` without geometry.
     Not differentiable (integer outputs); compute edge vectors with engine.graph.edge_vectors (on the
     completed cell: `complete` as in radial_edges)."""
-    if not _compiling():
-        _check_tensors(positions=positions, cell=cell, pbc=pbc, batch=batch)
-    if complete and not _compiling():
-        cell = _completed(cell, pbc)
+    cell = _eager_inputs(positions, cell, pbc, batch, complete)
 
     def run(cap: int) -> NeighborList:
         return NeighborList(*torch.ops.hessforge.neighbor_list(

@@ -91,7 +91,7 @@ class ANI1xTeacher(Teacher):
         derivatives do not change. Zero vectors along non-periodic directions (ASE's slabs) are completed."""
         import torch
 
-        from engine.neighbors import check_cell, complete_cells, reduce_thin_cells, wrap_into_cells
+        from engine.neighbors import check_cell, lattice_cells, wrap_into_cells
 
         pbc = torch.as_tensor(np.asarray(atoms.pbc, dtype=bool))
         if not bool(pbc.any()):
@@ -99,7 +99,7 @@ class ANI1xTeacher(Teacher):
         pos = torch.as_tensor(atoms.get_positions(), dtype=torch.float64)
         given = torch.as_tensor(atoms.cell[:], dtype=torch.float64)
         # a skewed basis of an ordinary lattice: its reduced basis (the same lattice, energy and stress)
-        cell = reduce_thin_cells(complete_cells(given[None], pbc[None]), pbc[None])[0][0]
+        cell = lattice_cells(given[None], pbc[None])[0][0]
         check_cell(cell, pbc, f"teacher ani1x: {atoms.get_chemical_formula()}", given=given)
         wrapped = wrap_into_cells(pos, cell[None], pbc[None], torch.zeros(len(pos), dtype=torch.long))[0]
         return cell, pbc, wrapped - pos

@@ -140,13 +140,13 @@ def check_periodic_cell(atoms, where: str = ""):
     energy, forces, Hessian and stress, and no teacher has to search hundreds of images or refuse the tilt)."""
     import torch
 
-    from engine.neighbors import check_cell, complete_cells, reduce_thin_cells
+    from engine.neighbors import check_cell, lattice_cells
 
     pbc = torch.as_tensor(np.asarray(atoms.get_pbc(), dtype=bool))
     if not bool(pbc.any()):
         return atoms
     given = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)
-    reduced, ops = reduce_thin_cells(complete_cells(given[None], pbc[None]), pbc[None])
+    reduced, ops = lattice_cells(given[None], pbc[None])
     check_cell(reduced[0], pbc, where or "structure", given=given)
     if bool((ops[0] == torch.eye(3, dtype=ops.dtype)).all()):
         return atoms

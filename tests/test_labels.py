@@ -250,6 +250,22 @@ def test_structures_with_unknown_elements_can_be_left_unlabelled(tmp_path, rng, 
     check_labels_match(store, Dataset(path), [s.id for k, s in enumerate(structures) if k != bad])
     with pytest.raises(HessforgeError, match="they hold elements the teacher does not know .*data.elements"):
         check_labels_match(store, Dataset(path), [structures[bad].id])
+    # data.elements leaves the unlabelled structure out of a given split file too (it was used unfiltered)
+    from training.config import config_from_dict
+    from training.data.subsets import save_split
+    from training.trainer import Trainer
+
+    save_split(str(tmp_path / "split.json"), {"train": [k for k in range(12) if k % 4], "val": [0, 4, 8]}, count=12)
+    cfg = config_from_dict({"data": {"path": path, "labels": out, "split_file": str(tmp_path / "split.json"),
+                                     "elements": [1, 6, 8]},
+                            "model": {"hidden": 8, "layers": 1, "num_basis": 6, "cutoff": 4.0},
+                            "loss": {"hessian_rows": 2}, "train": {"out": str(tmp_path / "run"), "epochs": 1}})
+    capsys.readouterr()
+    trainer = Trainer(cfg)
+    assert bad not in trainer.train_idx + trainer.val_idx
+    assert sorted(trainer.train_idx + trainer.val_idx) == [k for k in range(12) if k != bad]
+    which = "val" if bad % 4 == 0 else "train"
+    assert f"leave out 1 of the {3 if which == 'val' else 9} {which} structures of" in capsys.readouterr().err
 
 
 def test_label_store_errors(tmp_path):

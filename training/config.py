@@ -22,8 +22,8 @@ class DataConfig:
     val: float = 0.1
     test: float = 0.1
     split_seed: int = 0
-    elements: Optional[List[int]] = None  # keep structures made only of these atomic numbers
-    max_atoms: Optional[int] = None
+    elements: Optional[List[int]] = None  # keep structures made only of these atomic numbers (split_file too)
+    max_atoms: Optional[int] = None  # (split_file too)
     train_limit: Optional[int] = None  # cap on training structures (learning curves, quick runs)
 
 

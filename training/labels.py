@@ -291,7 +291,7 @@ def check_labels_match(store: "LabelStore", dataset, ids: Sequence[str] = ()) ->
     if missing:
         why = ("labelling is unfinished (rerun `hessforge label` to resume it), or they hold elements the teacher "
                "does not know (labelled with --skip-unknown-elements: set data.elements to the teacher's to leave "
-               "them out, or leave them out of data.split_file, which data.elements does not filter)"
+               "them out; it filters a data.split_file too)"
                if meta.get("skip_unknown_elements")
                else "labelling is unfinished; rerun `hessforge label` to resume it")
         raise HessforgeError(f"{store.directory}: {len(missing)} structure(s) to be used have no teacher labels "

@@ -414,6 +414,7 @@ class Trainer:
         count = len(self.dataset)
         if config.data.split_file:
             split = load_split(config.data.split_file, count=count, require=("train", "val"))
+            split = self._filtered_split(split, config)
         elif resume_state is not None and os.path.exists(split_path):
             split = load_split(split_path, count=count, require=("train", "val"))
         else:
@@ -560,6 +561,23 @@ class Trainer:
             # a run already past train.epochs trains nothing: its config.yaml keeps the epochs it was trained for
             done = resume_state is not None and int(resume_state["epoch"]) >= tc.epochs
             self._write_run_files(fresh=resume_state is None, keep_config=done)
+
+    def _filtered_split(self, split: Dict[str, List[int]], config) -> Dict[str, List[int]]:
+        """A given split file with data.elements / data.max_atoms applied to each of its splits (they filter the
+        fraction-made splits too); a note says how many structures they left out of which split."""
+        if config.data.elements is None and config.data.max_atoms is None:
+            return split
+        from training.data.subsets import select
+
+        keep = set(select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms)))
+        filtered = {name: [i for i in idx if i in keep] for name, idx in split.items()}
+        dropped = {name: len(idx) - len(filtered[name]) for name, idx in split.items()
+                   if len(idx) != len(filtered[name])}
+        if dropped and self.rank == 0:
+            print(f"note: data.elements {config.data.elements} / data.max_atoms {config.data.max_atoms} leave out "
+                  + ", ".join(f"{n} of the {len(split[name])} {name}" for name, n in dropped.items())
+                  + f" structures of {config.data.split_file}", file=sys.stderr)
+        return filtered
 
     def _write_run_files(self, fresh: bool, keep_config: bool = False) -> None:
         """split.json and config.yaml (unless `keep_config`); a fresh run first removes what an earlier run in

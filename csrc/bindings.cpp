@@ -23,15 +23,21 @@ void check_shape(const py::array& a, std::initializer_list<py::ssize_t> shape, c
   if (!ok) throw hessforge::Error(std::string("wrong shape for ") + name);
 }
 
-py::dict to_dict(const hessforge::Result& r, int64_t n) {
+py::dict to_dict(const hessforge::Result& r, int64_t n, bool atom_virial) {
   ArrayD forces({n, int64_t(3)});
   ArrayD node_energy({n});
   ArrayD virial({int64_t(3), int64_t(3)});
   std::copy(r.forces.begin(), r.forces.end(), forces.mutable_data());
   std::copy(r.node_energy.begin(), r.node_energy.end(), node_energy.mutable_data());
   std::copy(r.virial, r.virial + 9, virial.mutable_data());
-  return py::dict("energy"_a = r.energy, "forces"_a = forces, "node_energy"_a = node_energy, "virial"_a = virial,
-                  "num_edges"_a = r.num_edges);
+  py::dict out("energy"_a = r.energy, "forces"_a = forces, "node_energy"_a = node_energy, "virial"_a = virial,
+               "num_edges"_a = r.num_edges);
+  if (atom_virial) {
+    ArrayD atom_virial({n, int64_t(3), int64_t(3)});
+    std::copy(r.atom_virial.begin(), r.atom_virial.end(), atom_virial.mutable_data());
+    out["atom_virial"] = atom_virial;
+  }
+  return out;
 }
 
 }  // namespace
@@ -75,9 +81,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("species", [](const hessforge::Model& self) { return self.metadata().species; })
       .def_property_readonly("num_layers", [](const hessforge::Model& self) { return self.metadata().num_layers; })
       .def_property_readonly("force_mode", [](const hessforge::Model& self) { return self.metadata().force_mode; })
+      .def_property_readonly("has_atom_virial", &hessforge::Model::has_atom_virial)
       .def(
           "compute",
-          [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayD cell, ArrayB pbc) {
+          [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayD cell, ArrayB pbc,
+             bool atom_virial) {
             check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
             const int64_t n = positions.shape(0);
             check_shape(numbers, {n}, "numbers (expected [N])");
@@ -86,15 +94,15 @@ PYBIND11_MODULE(_core, m) {
             hessforge::Result r;
             {
               py::gil_scoped_release release;
-              self.compute(positions.data(), numbers.data(), n, cell.data(), pbc.data(), r);
+              self.compute(positions.data(), numbers.data(), n, cell.data(), pbc.data(), r, atom_virial);
             }
-            return to_dict(r, n);
+            return to_dict(r, n, atom_virial);
           },
-          "positions"_a, "numbers"_a, "cell"_a, "pbc"_a)
+          "positions"_a, "numbers"_a, "cell"_a, "pbc"_a, "atom_virial"_a = false)
       .def(
           "compute_graph",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayL edge_index, ArrayD shifts,
-             int64_t nlocal) {
+             int64_t nlocal, bool atom_virial) {
             check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
             const int64_t n = positions.shape(0);
             check_shape(numbers, {n}, "numbers (expected [N])");
@@ -112,9 +120,9 @@ PYBIND11_MODULE(_core, m) {
             {
               py::gil_scoped_release release;
               self.compute_graph(positions.data(), numbers.data(), n, nlocal, edge_index.data(),
-                                 edge_index.data() + e, shifts.data(), e, r);
+                                 edge_index.data() + e, shifts.data(), e, r, atom_virial);
             }
-            return to_dict(r, n);
+            return to_dict(r, n, atom_virial);
           },
-          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1);
+          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1, "atom_virial"_a = false);
 }

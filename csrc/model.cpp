@@ -196,11 +196,18 @@ Model::~Model() = default;
 const Metadata& Model::metadata() const { return impl_->meta; }
 const std::string& Model::path() const { return impl_->path; }
 bool Model::knows(int z) const { return z > 0 && z < 119 && impl_->known[z]; }
+bool Model::has_atom_virial() const {
+  return impl_->meta.virial && impl_->module.find_method("with_atom_virial").has_value();
+}
 
 void Model::compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                           const int64_t* receivers, const int64_t* senders, const double* shifts,
-                          int64_t num_edges, Result& out) const {
+                          int64_t num_edges, Result& out, bool atom_virial) const {
   if (nlocal < 0 || nlocal > n) nlocal = n;
+  if (atom_virial && !has_atom_virial())
+    throw Error(impl_->path + (impl_->meta.virial
+                ? ": this file was exported before per-atom virials existed; export the checkpoint again"
+                : ": a direct-force model has no virial, per atom or total; export a gradient-force model"));
   // Normal tensors even when the caller (Python under torch.inference_mode) is in inference mode: autograd
   // must be able to save them for the gradient models' backward.
   c10::InferenceMode not_inference(false);
@@ -225,7 +232,8 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
       result = impl_->module.forward(inputs).toTuple();
     } else {  // forces by autograd: on even when the caller (Python under torch.no_grad) turned it off
       torch::AutoGradMode enable_grad(true);
-      result = impl_->module.forward(inputs).toTuple();
+      result = atom_virial ? impl_->module.get_method("with_atom_virial")(inputs).toTuple()
+                           : impl_->module.forward(inputs).toTuple();
     }
   } catch (const c10::Error& err) {
     throw Error(impl_->path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
@@ -240,6 +248,11 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   out.node_energy.assign(node_energy.data_ptr<double>(), node_energy.data_ptr<double>() + n);
   out.forces.assign(forces.data_ptr<double>(), forces.data_ptr<double>() + 3 * n);
   std::memcpy(out.virial, virial.data_ptr<double>(), 9 * sizeof(double));
+  out.atom_virial.clear();
+  if (atom_virial) {
+    torch::Tensor per_atom = el[4].toTensor().to(torch::kFloat64).contiguous();
+    out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
+  }
   out.num_edges = num_edges;
   // a damaged weights file (or a blown-up geometry) gives NaN: an error, not a run that carries on with it
   bool finite = std::isfinite(out.energy);
@@ -250,7 +263,7 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
 }
 
 void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
-                    const bool* pbc, Result& out) const {
+                    const bool* pbc, Result& out, bool atom_virial) const {
   for (int64_t k = 0; k < n; ++k) {
     if (numbers[k] < 0 || numbers[k] > 1000 || !knows(static_cast<int>(numbers[k]))) {  // no int wrap-around
       std::ostringstream msg;
@@ -280,7 +293,8 @@ void Model::compute(const double* positions, const int64_t* numbers, int64_t n, 
       throw Error(msg.str());
     }
   }
-  compute_graph(positions, numbers, n, n, nl.receivers.data(), nl.senders.data(), shift.data(), e, out);
+  compute_graph(positions, numbers, n, n, nl.receivers.data(), nl.senders.data(), shift.data(), e, out,
+                atom_virial);
 }
 
 }  // namespace hessforge

@@ -3,7 +3,8 @@
 `model` is a trained checkpoint (trainer output), an exported TorchScript file (`hessforge export`), or a
 student object with the engine interface (forward(graph, compute_forces) -> energy, node_energy, forces).
 Properties: energy / free_energy (eV), energies (per atom, eV), forces (eV/Å) and, for periodic cells,
-stress (eV/Å³, ASE's sign and Voigt order xx, yy, zz, yz, xz, xy).
+stress (eV/Å³, ASE's sign and Voigt order xx, yy, zz, yz, xz, xy) and stresses (per atom, [N, 6], summing to
+stress: -sym(W_i) / V with W_i the per-atom virials of engine.stress.atom_virials).
 
 The neighbor list is rebuilt on every call (engine.graph). Stress is the strain derivative of the energy,
 stress = (1/V) dE/dε: a symmetric displacement gradient ε (zero) is applied to the positions and the cell,
@@ -28,7 +29,7 @@ from engine.graph import (atoms_per_call, build_graph, graph_to, recentred, reso
                           structure_chunks)
 from engine.models import for_inference, parse_dtype, working_dtype
 from engine.paths import EXPORTED_MODEL, artifact_kind
-from engine.stress import energy_forces_strain_derivative, voigt
+from engine.stress import atom_virials, energy_forces_strain_derivative, voigt
 
 
 def is_exported_file(path: str) -> bool:
@@ -67,7 +68,7 @@ class Calculator(_ASECalculator):
     models keep their own). device: "cpu", "cuda"... (exported models: CPU only).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "stresses"]
 
     def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], device: str = "cpu",
                  dtype: Union[str, torch.dtype, None] = torch.float64, **kwargs):
@@ -96,27 +97,28 @@ class Calculator(_ASECalculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        want_stress = "stress" in properties
+        want_stress, want_stresses = "stress" in properties, "stresses" in properties
         where = atoms.get_chemical_formula() or "empty structure"
-        if want_stress:
+        if want_stress or want_stresses:
             self._check_stress_model()
             reason = _no_stress_reason(atoms)
             if reason:
                 raise PropertyNotImplementedError(f"{where}: {reason}")
         self._check_structure(atoms, where)
-        (result,) = self._evaluate_group([atoms], [where], want_stress)
+        (result,) = self._evaluate_group([atoms], [where], want_stress, want_stresses)
         self.results["energy"] = self.results["free_energy"] = result["energy"]
         self.results["energies"] = result["energies"]
         self.results["forces"] = result["forces"]
-        if want_stress:
-            self.results["stress"] = result["stress"]
+        for key in ("stress", "stresses"):
+            if key in result:
+                self.results[key] = result[key]
 
     def predict(self, atoms_list: Sequence, stress: bool = False,
-                max_atoms_per_call: Union[int, str, None] = "auto") -> List[Dict[str, Any]]:
+                max_atoms_per_call: Union[int, str, None] = "auto", stresses: bool = False) -> List[Dict[str, Any]]:
         """Results of many structures from batched model calls (screening without one ASE call per structure):
         a dict per structure with energy (eV), energies (per atom), forces (eV/Å) and, with `stress`, stress
         (eV/Å³, ASE's Voigt order; None where `calculate` refuses it: no periodic direction, or a wire/slab
-        whose cell has no volume). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
+        whose cell has no volume), with `stresses` the per-atom stresses [N, 6] (None there too). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
         all at once on a GPU, engine.graph.CPU_ATOMS_PER_CALL on a CPU); each structure gets exactly what
         `calculate` gives it, which is this method on a group of one."""
         atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)  # one structure: a list of one
@@ -125,7 +127,7 @@ class Calculator(_ASECalculator):
         for k, a in enumerate(atoms_list):
             if not isinstance(a, Atoms):
                 raise HessforgeError(f"structure {k} is a {type(a).__name__}, not an ase.Atoms")
-        if stress:
+        if stress or stresses:
             self._check_stress_model()
         names = [f"structure {k} ({a.get_chemical_formula() or 'empty'})" for k, a in enumerate(atoms_list)]
         for a, name in zip(atoms_list, names):
@@ -134,7 +136,7 @@ class Calculator(_ASECalculator):
         counts = [len(a) for a in atoms_list]
         results: List[Dict[str, Any]] = []
         for b0, b1 in structure_chunks(counts, limit or sum(counts)):
-            results.extend(self._evaluate_group(atoms_list[b0:b1], names[b0:b1], stress))
+            results.extend(self._evaluate_group(atoms_list[b0:b1], names[b0:b1], stress, stresses))
         return results
 
     def _check_stress_model(self) -> None:
@@ -146,8 +148,10 @@ class Calculator(_ASECalculator):
             raise HessforgeError(f"{where}: no atoms to evaluate")
         self.model.check_species(atoms.numbers, where)
 
-    def _evaluate_group(self, group: Sequence, names: Sequence[str], stress: bool) -> List[Dict[str, Any]]:
-        """One model call on `group` (checked structures): a result dict per structure."""
+    def _evaluate_group(self, group: Sequence, names: Sequence[str], stress: bool,
+                        stresses: bool = False) -> List[Dict[str, Any]]:
+        """One model call on `group` (checked structures): a result dict per structure (a second one, through
+        the edge vectors, for per-atom `stresses`)."""
         # build_graph: NaN, zero-volume and overlap checks; recentred: small coordinates before a float32 cast
         # (unwrapped MD, far molecules)
         graph = recentred(build_graph([a.numbers for a in group], [a.positions for a in group],
@@ -160,6 +164,7 @@ class Calculator(_ASECalculator):
                                                     out.get("dE_deps"))
         else:
             energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype), stress)
+        per_atom_virials = self._atom_virials(graph) if stresses else None
         energy, node_energy = energy.detach().double().cpu(), node_energy.detach().double().cpu()
         forces = forces.detach().double().cpu()
         results: List[Dict[str, Any]] = []
@@ -175,9 +180,19 @@ class Calculator(_ASECalculator):
             if stress:
                 result["stress"] = (None if _no_stress_reason(a)
                                     else voigt(dE_deps[k].detach().double().cpu().numpy() / a.get_volume()))
+            if stresses:
+                w = per_atom_virials[start:start + n]
+                result["stresses"] = (None if _no_stress_reason(a)
+                                      else voigt(-0.5 * (w + w.transpose(1, 2))).numpy() / a.get_volume())
             results.append(result)
             start += n
         return results
+
+    def _atom_virials(self, graph) -> torch.Tensor:
+        """Per-atom virials [N, 3, 3] (float64, CPU) of a float64 graph."""
+        if not self.exported:
+            graph = graph_to(graph, self.device, self.dtype)
+        return atom_virials(self.model, graph).detach().double().cpu()
 
     def _evaluate(self, graph, want_stress: bool):
         if self.direct_forces:

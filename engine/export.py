@@ -22,6 +22,11 @@ convention: pressure·volume = W + kinetic). Direct-force students: forces are t
 local atoms (ghost rows zero); there is no energy derivative, so the virial is returned as zeros and the
 metadata says `"virial": false`.
 
+`with_atom_virial(positions, numbers, edge_index, shifts, nlocal)` returns forward's outputs and atom_virial
+[N, 3, 3]: each edge's -r_e ⊗ dE/dr_e split half to its two atoms (the centroid virial of a two-body cluster),
+not symmetrized, summing to the virial (LAMMPS' compute stress/atom and centroid/stress/atom; metadata
+`"atom_virial": true`). Archives exported before it existed lack it.
+
 A second method, `batched(positions, numbers, edge_index, shifts, batch [N], num_structures)` -> (energy [B],
 node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected structures in one call (Python's
 batched MD under a barostat); archives written before it existed lack it (engine.exported falls back to one
@@ -46,8 +51,9 @@ import torch
 from torch import nn
 
 from engine.errors import HessforgeError
-from engine.graph import AtomicGraph
+from engine.graph import edge_vector_graph
 from engine.paths import EXPORTED_MODEL, artifact_kind, atomic_path, check_output_file
+from engine.stress import split_edge_virials
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -65,18 +71,16 @@ def quiet_torchscript():
 
 
 class ExportWrapper(nn.Module):
-    """A student behind the explicit-graph interface above. The student's own forward is used unchanged: the
-    edge vectors are handed to it as the cell shifts of a graph whose positions are all zero and whose cell
-    is the identity, so r_ij = 0 - 0 + r_ij @ I exactly and any student with the common AtomicGraph
-    interface exports without a second implementation of its physics."""
+    """A student behind the explicit-graph interface above. The student's own forward is used unchanged on
+    engine.graph.edge_vector_graph (edge vectors as the shifts of zero positions in the identity cell), so any
+    student with the common AtomicGraph interface exports without a second implementation of its physics."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.direct_forces: bool = str(getattr(model, "force_mode", "gradient")) == "direct"
         dtype = next(model.parameters()).dtype
-        self.register_buffer("identity_cell", torch.eye(3, dtype=dtype).unsqueeze(0))
-        self.register_buffer("no_pbc", torch.zeros(1, 3, dtype=torch.bool))
+        self.register_buffer("identity_cell", torch.eye(3, dtype=dtype).unsqueeze(0))  # carries the model dtype
 
     def forward(
         self,
@@ -87,8 +91,26 @@ class ExportWrapper(nn.Module):
         nlocal: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
-        energy, node_energy, forces, virial = self._outputs(positions, numbers, edge_index, shifts, batch, 1, nlocal)
+        energy, node_energy, forces, virial, _ = self._outputs(positions, numbers, edge_index, shifts, batch, 1,
+                                                               nlocal, False)
         return energy[0], node_energy, forces, virial[0]
+
+    @torch.jit.export
+    def with_atom_virial(
+        self,
+        positions: torch.Tensor,
+        numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        shifts: torch.Tensor,
+        nlocal: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward's outputs and the per-atom virials atom_virial [N, 3, 3] (eV, not symmetrized): each edge's
+        -r_e ⊗ dE/dr_e split half to its receiver, half to its sender (a two-body cluster's centroid virial),
+        so they sum to the virial. Gradient-force models only (zeros for direct ones)."""
+        batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        energy, node_energy, forces, virial, atom_virial = self._outputs(
+            positions, numbers, edge_index, shifts, batch, 1, nlocal, True)
+        return energy[0], node_energy, forces, virial[0], atom_virial
 
     @torch.jit.export
     def batched(
@@ -102,7 +124,9 @@ class ExportWrapper(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Disconnected structures in one graph (batch [N]: each atom's structure): energy [B], node_energy [N],
         forces [N, 3], virial [B, 3, 3]; no ghost atoms."""
-        return self._outputs(positions, numbers, edge_index, shifts, batch, num_structures, positions.shape[0])
+        energy, node_energy, forces, virial, _ = self._outputs(positions, numbers, edge_index, shifts, batch,
+                                                               num_structures, positions.shape[0], False)
+        return energy, node_energy, forces, virial
 
     def _outputs(
         self,
@@ -113,7 +137,8 @@ class ExportWrapper(nn.Module):
         batch: torch.Tensor,
         num_structures: int,
         nlocal: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        atom_virials: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Inputs and outputs are float64 whatever the model's dtype: edge vectors are formed in float64 (so a
         # float32 model does not lose precision to large coordinates) and only then cast to the model dtype.
         n = positions.shape[0]
@@ -122,21 +147,13 @@ class ExportWrapper(nn.Module):
         vec = (positions[j] - positions[i] + shifts).to(dtype).detach()
         if not self.direct_forces:
             vec.requires_grad_(True)
-        graph = AtomicGraph(  # one "structure" to the student: edges carry all the geometry
-            positions=torch.zeros(n, 3, dtype=dtype, device=positions.device),
-            numbers=numbers,
-            cell=self.identity_cell,
-            pbc=self.no_pbc,
-            batch=torch.zeros(n, dtype=torch.long, device=positions.device),
-            edge_index=edge_index,
-            shifts=vec,
-        )
-        out = self.model(graph, self.direct_forces, False)
+        out = self.model(edge_vector_graph(numbers, edge_index, vec), self.direct_forces, False)
         # float64 whatever the model's dtype: students add their ~1e3 eV per-element references in float64
         node_energy = out["node_energy"].to(positions.dtype)
         energy = torch.zeros(num_structures, dtype=positions.dtype, device=positions.device).index_add(
             0, batch[:nlocal], node_energy[:nlocal])
         virial = torch.zeros(num_structures, 3, 3, dtype=positions.dtype, device=positions.device)
+        atom_virial = torch.zeros(0, 3, 3, dtype=positions.dtype, device=positions.device)
         if self.direct_forces:
             forces = out["forces"].to(positions.dtype)
             forces[nlocal:] = 0.0
@@ -151,7 +168,9 @@ class ExportWrapper(nn.Module):
             per_edge = vec.detach().to(positions.dtype).unsqueeze(2) * g.unsqueeze(1)
             virial = virial.index_add(0, batch[i], -per_edge)
             virial = 0.5 * (virial + virial.transpose(1, 2))
-        return energy.detach(), node_energy.detach(), forces.detach(), virial.detach()
+            if atom_virials:
+                atom_virial = split_edge_virials(-per_edge, edge_index, n)
+        return energy.detach(), node_energy.detach(), forces.detach(), virial.detach(), atom_virial.detach()
 
 
 def _sha256(path: str) -> str:
@@ -238,12 +257,14 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "interaction_range": layers * cutoff,
         "force_mode": force_mode,
         "virial": force_mode == "gradient",
+        "atom_virial": force_mode == "gradient",
         "units": {"energy": "eV", "length": "Angstrom", "lammps": "metal"},
         "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
         "interface": "forward(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal) "
                      "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64; batched(positions, numbers, "
                      "edge_index, shifts, batch[N] i64, num_structures) -> (energy[B], node_energy[N], forces[N,3], "
-                     "virial[B,3,3])",
+                     "virial[B,3,3]); with_atom_virial(positions, numbers, edge_index, shifts, nlocal) -> forward's "
+                     "outputs + atom_virial[N,3,3]",
         "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            hessforge_version=hessforge_version, torch_version=torch.__version__),
     })

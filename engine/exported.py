@@ -227,6 +227,19 @@ class ExportedModel:
         energy, node_energy, forces, virial = self.evaluate_batch(graph)
         return {"energy": energy, "node_energy": node_energy, "forces": forces, "dE_deps": -virial}
 
+    def atom_virials(self, graph: AtomicGraph) -> torch.Tensor:
+        """Per-atom virials [N, 3, 3] (float64; engine.stress.atom_virials) from the module's with_atom_virial."""
+        if not self.metadata.get("virial", False):
+            raise HessforgeError(f"{self.path}: a {self.force_mode}-force model has no virial, per atom or total")
+        if not hasattr(self.module, "with_atom_virial"):
+            raise HessforgeError(f"{self.path} was exported before per-atom virials existed; export the "
+                                 "checkpoint again")
+        self.check_species(graph.numbers)
+        with autograd_on():  # disconnected structures in one call: each edge's dE/dr is its structure's
+            args = [normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index,
+                                         self._edge_shifts(graph))]
+            return self.module.with_atom_virial(*args, graph.positions.shape[0])[4]
+
     def virial(self, graph: AtomicGraph) -> torch.Tensor:
         """W [3, 3] (eV) of a single-structure graph: -dE/d(strain); stress = -W / volume."""
         if graph.cell.shape[0] != 1:
@@ -265,20 +278,24 @@ class CoreModel:
         self.model = self._core.Model(path, num_threads)
         self.metadata = json.loads(self.model.metadata_json)
 
-    def compute(self, positions, numbers, cell=None, pbc=(False, False, False)) -> Dict[str, Any]:
+    def compute(self, positions, numbers, cell=None, pbc=(False, False, False),
+                atom_virial: bool = False) -> Dict[str, Any]:
+        """energy, forces, node_energy, virial, num_edges; with atom_virial also atom_virial [N, 3, 3]."""
         positions = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
         numbers = np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1)
         cell, pbc, _ = _core_cell(cell, pbc)  # the same lattice: the same results
-        return self.model.compute(positions, numbers, cell, pbc)
+        return self.model.compute(positions, numbers, cell, pbc, atom_virial)
 
-    def compute_atoms(self, atoms) -> Dict[str, Any]:
-        return self.compute(atoms.positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc)
+    def compute_atoms(self, atoms, atom_virial: bool = False) -> Dict[str, Any]:
+        return self.compute(atoms.positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc, atom_virial)
 
-    def compute_graph(self, positions, numbers, edge_index, shifts, nlocal: int = -1) -> Dict[str, Any]:
+    def compute_graph(self, positions, numbers, edge_index, shifts, nlocal: int = -1,
+                      atom_virial: bool = False) -> Dict[str, Any]:
         return self.model.compute_graph(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
                                         np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1),
                                         np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
-                                        np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal)
+                                        np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal,
+                                        atom_virial)
 
 
 def load_core(path: str, num_threads: int = 0) -> CoreModel:

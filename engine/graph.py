@@ -32,6 +32,22 @@ def edge_vectors(graph: AtomicGraph, positions: Optional[torch.Tensor] = None) -
     return pos[j] - pos[i] + torch.einsum("ea,eab->eb", graph.shifts, cell_per_edge)
 
 
+def edge_vector_graph(numbers: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor) -> AtomicGraph:
+    """A graph whose edges carry all the geometry: one "structure" with every position zero, the identity cell
+    and the edge vectors as shifts, so a student computes r_ij = 0 - 0 + r_ij @ I exactly and the gradient of
+    its energy with respect to `vectors` is dE/dr_e (per-edge forces: virials, per-atom virials, export)."""
+    n = numbers.shape[0]
+    return AtomicGraph(
+        positions=torch.zeros(n, 3, dtype=vectors.dtype, device=vectors.device),
+        numbers=numbers,
+        cell=torch.eye(3, dtype=vectors.dtype, device=vectors.device).unsqueeze(0),
+        pbc=torch.zeros(1, 3, dtype=torch.bool, device=vectors.device),
+        batch=torch.zeros(n, dtype=torch.long, device=vectors.device),
+        edge_index=edge_index,
+        shifts=vectors,
+    )
+
+
 def num_atoms_per_structure(graph: AtomicGraph) -> torch.Tensor:
     return torch.bincount(graph.batch, minlength=graph.cell.shape[0])
 

@@ -13,7 +13,7 @@ import torch
 
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
-from engine.graph import AtomicGraph
+from engine.graph import AtomicGraph, edge_vector_graph, edge_vectors
 
 
 VOIGT_ROWS, VOIGT_COLS = [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]  # xx yy zz yz xz xy: ASE's order
@@ -62,3 +62,30 @@ def stress_from_strain_derivative(dE_deps: torch.Tensor, cell: torch.Tensor) -> 
     safe = torch.where(volume > 1e-8, volume, torch.ones_like(volume))
     return torch.where((volume > 1e-8)[:, None, None], dE_deps / safe[:, None, None],
                        torch.full_like(dE_deps, float("nan")))
+
+
+def split_edge_virials(edge_virials: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """Per-atom virials [N, 3, 3] from per-edge ones [E, 3, 3] (-r_e ⊗ dE/dr_e): half to each of the edge's two
+    atoms, the centroid virial of a two-body cluster. Not symmetrized; they sum to the virial."""
+    half = 0.5 * edge_virials
+    out = torch.zeros(num_atoms, 3, 3, dtype=edge_virials.dtype, device=edge_virials.device)
+    return out.index_add(0, edge_index[0], half).index_add(0, edge_index[1], half)
+
+
+def atom_virials(model, graph: AtomicGraph) -> torch.Tensor:
+    """Per-atom virials W_i [N, 3, 3] (eV, engine.stress.split_edge_virials; ASE's per-atom stresses are
+    -sym(W_i) / V) of a gradient-force student, from one backward pass through the edge vectors. Each
+    structure's W_i sum to its virial -dE/dε. Exported models answer from their own method."""
+    own = getattr(model, "atom_virials", None)
+    if own is not None:
+        return own(graph)
+    if autograd_is_off():
+        with autograd_on():
+            return atom_virials(model, normal_graph(graph))
+    vectors = edge_vectors(graph).detach().requires_grad_(True)
+    out = model(edge_vector_graph(graph.numbers, graph.edge_index, vectors), compute_forces=False)
+    (grad,) = torch.autograd.grad(out["energy"].sum(), [vectors], allow_unused=True)
+    if grad is None:  # no edges
+        grad = torch.zeros_like(vectors)
+    per_edge = -vectors.detach().unsqueeze(2) * grad.unsqueeze(1)
+    return split_edge_virials(per_edge, graph.edge_index, graph.positions.shape[0])

@@ -9,7 +9,8 @@
      ghosts are -dE_local/dx_ghost and are reverse-communicated (newton on). Ghosts more than num_layers hops
      away from every local atom are pruned before the model call.
    The global virial is the model's W = -sum_e r_e (x) dE/dr_e (equal to virial_fdotr_compute()'s sum x.f
-   over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). */
+   over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). Per-atom virials (stress/atom,
+   centroid/stress/atom) split each edge's share of it half to each of its two nodes. */
 
 #include "pair_hessforge.h"
 
@@ -42,7 +43,9 @@ PairHessforge::PairHessforge(LAMMPS *lmp) :
   one_coeff = 1;
   manybody_flag = 1;
   no_virial_fdotr_compute = 1;  // the model's virial is used in both modes
-  centroidstressflag = CENTROID_NOTAVAIL;
+  // per-atom virials split each edge's -r_e (x) dE/dr_e between its two atoms: a two-body centroid virial,
+  // asymmetric (centroid/stress/atom) and symmetrized (stress/atom)
+  centroidstressflag = CENTROID_AVAIL;
 }
 
 PairHessforge::~PairHessforge()
@@ -447,8 +450,14 @@ void PairHessforge::build_ghost_graph()
 void PairHessforge::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
-  if (vflag_atom || cvflag_atom)
-    error->all(FLERR, "pair_style hessforge does not compute per-atom virials (compute stress/atom)");
+  const bool atom_virial = vflag_atom || cvflag_atom;
+  if (atom_virial && !model->has_atom_virial())
+    error->all(FLERR, model->metadata().virial
+                          ? "pair_style hessforge: " + model_path + " was exported before per-atom virials "
+                            "existed (compute stress/atom, centroid/stress/atom, heat/flux); export the "
+                            "checkpoint again"
+                          : "pair_style hessforge: " + model_path + " is a direct-force model without a "
+                            "virial, per atom or total (compute stress/atom); export a gradient-force model");
 
   if (!checked_special) {
     // LAMMPS drops 1-2/1-3/1-4 pairs from neighbor lists where both special factors are 0 (its default with
@@ -470,7 +479,7 @@ void PairHessforge::compute(int eflag, int vflag)
   if (atom->nlocal == 0 || local_nodes == 0) return;  // a rank without (model) atoms contributes nothing
   try {
     model->compute_graph(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(),
-                         mode == FOLD ? shifts.data() : nullptr, nedges, *result);
+                         mode == FOLD ? shifts.data() : nullptr, nedges, *result, atom_virial);
   } catch (const std::exception &err) {
     error->one(FLERR, std::string("pair_style hessforge: ") + err.what());
   }
@@ -486,6 +495,33 @@ void PairHessforge::compute(int eflag, int vflag)
   if (eflag_global) eng_vdwl += result->energy;
   if (eflag_atom)
     for (int k = 0; k < local_nodes; k++) eatom[atom_of_node[k]] += result->node_energy[k];
+  if (atom_virial) {
+    // nodes are local atoms (fold) or local + ghost atoms (ghost mode: compute stress/atom reverse-communicates
+    // the ghosts' share to their owners, newton on)
+    const double *w = result->atom_virial.data();
+    for (int64_t k = 0; k < nnodes; k++, w += 9) {
+      const int i = atom_of_node[k];
+      if (vflag_atom) {  // xx yy zz xy xz yz of the symmetric part
+        vatom[i][0] += w[0];
+        vatom[i][1] += w[4];
+        vatom[i][2] += w[8];
+        vatom[i][3] += 0.5 * (w[1] + w[3]);
+        vatom[i][4] += 0.5 * (w[2] + w[6]);
+        vatom[i][5] += 0.5 * (w[5] + w[7]);
+      }
+      if (cvflag_atom) {  // xx yy zz xy xz yz yx zx zy, W_ab = sum r_a F_b
+        cvatom[i][0] += w[0];
+        cvatom[i][1] += w[4];
+        cvatom[i][2] += w[8];
+        cvatom[i][3] += w[1];
+        cvatom[i][4] += w[2];
+        cvatom[i][5] += w[5];
+        cvatom[i][6] += w[3];
+        cvatom[i][7] += w[6];
+        cvatom[i][8] += w[7];
+      }
+    }
+  }
   if (vflag_global) {
     if (model->metadata().virial) {
       const double *w = result->virial;

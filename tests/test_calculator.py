@@ -13,6 +13,7 @@ from ase.optimize import FIRE
 from engine import Calculator
 from engine.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from engine.errors import HessforgeError, UnknownElementError
+from engine.graph import graph_from_atoms
 from engine.models import PaiNN
 from engine.neighbors import cell_heights
 
@@ -85,6 +86,38 @@ def test_stress_is_the_strain_derivative(rng):
     # full 3x3 form is symmetric and agrees
     full = atoms.get_stress(voigt=False)
     assert np.allclose(full, full.T)
+
+
+def test_per_atom_stresses(tmp_path, rng):
+    """atoms.get_stresses(): per-atom stresses -sym(W_i)/V (engine.stress.atom_virials, tested against finite
+    differences in test_stress.py) summing to the stress, the same from the object, exported and batched
+    predict; refused where stress is."""
+    from engine.export import export_model
+    from engine.stress import atom_virials
+
+    model = tiny()
+    exported = str(tmp_path / "exported.pt")
+    export_model(model, exported)
+    atoms = periodic(rng)
+    graph = graph_from_atoms([atoms], model.cutoff, torch.float64)
+    w = atom_virials(model, graph).numpy()
+    ref = -0.5 * (w + w.transpose(0, 2, 1))[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]] / atoms.get_volume()
+    for source in (model, exported):
+        atoms.calc = Calculator(source)
+        stresses = atoms.get_stresses()
+        assert stresses.shape == (len(atoms), 6) and np.abs(stresses).max() > 1e-6
+        assert np.allclose(stresses, ref, rtol=0, atol=1e-12)
+        assert np.allclose(stresses.sum(0), atoms.get_stress(), rtol=0, atol=1e-12)
+    other = periodic(rng)
+    results = Calculator(model).predict([other, atoms, molecule("H2O")], stresses=True)
+    assert np.allclose(results[1]["stresses"], ref, rtol=0, atol=1e-12) and results[2]["stresses"] is None
+    water = molecule("H2O")
+    water.calc = Calculator(model)
+    with pytest.raises(PropertyNotImplementedError, match="stress needs a periodic cell"):
+        water.get_stresses()
+    atoms.calc = Calculator(tiny(force_mode="direct"))
+    with pytest.raises(PropertyNotImplementedError, match="direct-force student has no conservative stress"):
+        atoms.get_stresses()
 
 
 def test_checkpoint_exported_and_object_agree(tmp_path, rng):

@@ -12,7 +12,7 @@ from ase import Atoms
 
 from engine.errors import HessforgeError
 from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_torchscript
-from engine.exported import ExportedModel, core_available, load_core, neighbor_list
+from engine.exported import ExportedModel, core_available, load_core, neighbor_list, read_metadata
 from engine.graph import graph_from_atoms
 from engine.neighbors import structure_neighbor_list
 from test_export import CUTOFF, SPECIES, VARIANTS, rel, strain_virial, structures, tiny_painn
@@ -92,6 +92,58 @@ def test_core_matches_python_engine(tmp_path, rng, arch, force_mode):
             assert rel(out["virial"], strain_virial(model, graph)) < 1e-10, name
         if force_mode == "direct":
             assert not out["virial"].any()
+
+
+def test_core_atom_virials(tmp_path, rng):
+    """The core's per-atom virials (exported with_atom_virial, compute and compute_graph with ghosts) equal the
+    Python engine's (engine.stress.atom_virials, tested against finite differences in test_stress.py); a
+    direct-force model and a file exported before the method existed are refused by name."""
+    from engine.stress import atom_virials
+
+    model = tiny_painn(seed=int(rng.integers(1000)))
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    core, exported = load_core(path, num_threads=1), ExportedModel(path)
+    assert core.model.has_atom_virial and core.metadata["atom_virial"]
+    for name, atoms in structures(rng).items():
+        graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+        ref = atom_virials(model, graph).numpy()
+        out = core.compute_atoms(atoms, atom_virial=True)
+        assert rel(out["atom_virial"], ref) < 1e-10, name
+        assert rel(out["atom_virial"].sum(0), out["virial"]) < 1e-12, name
+        assert rel(exported.atom_virials(graph), ref) < 1e-10, name
+        assert "atom_virial" not in core.compute_atoms(atoms)
+    # ghost atoms (nlocal < N): the half-edges on non-local atoms are theirs (LAMMPS sums them into the owners)
+    atoms = structures(rng)["molecule"]
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    out = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
+                             np.zeros((graph.edge_index.shape[1], 3)), nlocal=4, atom_virial=True)
+    assert rel(out["atom_virial"].sum(0), -np.einsum("na,nb->ab", atoms.positions, -out["forces"])) < 1e-10
+
+    direct = str(tmp_path / "direct.pt")
+    export_model(tiny_painn("direct"), direct)
+    assert not load_core(direct).model.has_atom_virial
+    with pytest.raises(HessforgeError, match="direct-force model has no virial, per atom or total"):
+        load_core(direct).compute_atoms(atoms, atom_virial=True)
+
+    class Before(torch.nn.Module):  # forward only, like the archives written before with_atom_virial
+        def __init__(self, wrapped):
+            super().__init__()
+            self.wrapped = wrapped
+
+        def forward(self, positions: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor,
+                    shifts: torch.Tensor, nlocal: int):
+            return self.wrapped(positions, numbers, edge_index, shifts, nlocal)
+
+    old = str(tmp_path / "old.pt")
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.script(Before(torch.jit.load(path))), old,
+                       _extra_files={METADATA_NAME: json.dumps(read_metadata(path))})
+    assert rel(load_core(old).compute_atoms(atoms)["forces"], core.compute_atoms(atoms)["forces"]) < 1e-12
+    with pytest.raises(HessforgeError, match="exported before per-atom virials existed; export the checkpoint again"):
+        load_core(old).compute_atoms(atoms, atom_virial=True)
+    with pytest.raises(HessforgeError, match="exported before per-atom virials existed"):
+        ExportedModel(old).atom_virials(graph)
 
 
 def test_core_graph_call_with_ghosts(tmp_path):

@@ -208,6 +208,81 @@ def test_lammps_matches_python_engine(tmp_path, models, name):
     assert_close(results[("auto", 2)], results[("fold", 1)], f"{name}: 2 ranks vs 1 rank", tol=1e-10)
 
 
+PER_ATOM_VIRIALS = """
+compute s all stress/atom NULL virial
+compute c all centroid/stress/atom NULL virial
+compute ke all ke/atom
+compute pe all pe/atom
+compute flux all heat/flux ke pe c
+compute vir all pressure NULL virial
+velocity all create 300 5 mom yes rot no
+thermo_style custom step c_vir[1] c_vir[2] c_vir[3] c_vir[4] c_vir[5] c_vir[6] vol c_flux[1] c_flux[2] c_flux[3]
+thermo_modify format float %.17g
+dump d all custom 1 dump.out id vx vy vz c_ke c_pe c_s[*] c_c[*]
+dump_modify d sort id format float %.17g
+run 0
+"""
+
+
+def read_per_atom_virials(workdir):
+    """Per-atom virials W_i [N, 3, 3] (eV, W_ab = sum r_a F_b) from compute centroid/stress/atom, the symmetric
+    ones from compute stress/atom, the global virial, velocities, per-atom kinetic + potential energies and the
+    heat flux (compute heat/flux: sum e_i v_i - sum S_i v_i, in eV Å/ps)."""
+    log = open(os.path.join(workdir, "log.lammps")).read()
+    row = thermo_rows(log)[-1]
+    p, vol, flux = np.array(row[1:7]), row[7], np.array(row[8:11])
+    w = p * vol / NKTV2P
+    table = np.loadtxt(os.path.join(workdir, "dump.out"), skiprows=9, ndmin=2)
+    sym = -table[:, 6:12] / NKTV2P  # stress/atom: xx yy zz xy xz yz, S = -W (no kinetic part: NULL virial)
+    c = -table[:, 12:21] / NKTV2P  # centroid: xx yy zz xy xz yz yx zx zy
+    rows, cols = [0, 1, 2, 0, 0, 1, 1, 2, 2], [0, 1, 2, 1, 2, 2, 0, 0, 1]
+    centroid = np.zeros((len(table), 3, 3))
+    centroid[:, rows, cols] = c
+    symmetric = np.zeros((len(table), 3, 3))
+    symmetric[:, rows[:6], cols[:6]] = sym
+    symmetric[:, cols[3:6], rows[3:6]] = sym[:, 3:6]
+    return {"centroid": centroid, "symmetric": symmetric, "velocities": table[:, 1:4],
+            "energies": table[:, 4] + table[:, 5], "flux": flux,
+            "virial": np.array([[w[0], w[3], w[4]], [w[3], w[1], w[5]], [w[4], w[5], w[2]]])}
+
+
+@pytest.mark.parametrize("name", ["small-box", "triclinic"])
+def test_per_atom_virials(tmp_path, models, name):
+    """compute stress/atom and centroid/stress/atom (fold, ghost, 2 ranks) equal the Python engine's per-atom
+    virials (engine.stress.atom_virials: each edge's -r_e ⊗ dE/dr_e split between its atoms), sum to the global
+    virial, and compute heat/flux takes the centroid ones: sum e_i v_i + sum W_i v_i."""
+    from engine.stress import atom_virials
+
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(12))[name]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    ref = atom_virials(model, graph_from_atoms([atoms], CUTOFF, torch.float64)).numpy()
+    ref_virial = python_reference(model, atoms)["virial"]
+    assert rel(ref.sum(0), ref_virial) < 1e-12
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("auto", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}") + PER_ATOM_VIRIALS,
+                   nprocs=nprocs)
+        got = read_per_atom_virials(work)
+        what = f"{name}, mode {mode}, {nprocs} rank(s)"
+        assert rel(got["centroid"], ref) < 1e-8, f"{what}: centroid/stress/atom"
+        assert rel(got["symmetric"], 0.5 * (ref + ref.transpose(0, 2, 1))) < 1e-8, f"{what}: stress/atom"
+        assert rel(got["symmetric"].sum(0), got["virial"]) < 1e-8, f"{what}: sum of stress/atom"
+        v = got["velocities"]
+        flux = (got["energies"][:, None] * v).sum(0) + np.einsum("iab,ib->a", got["centroid"], v)
+        assert rel(got["flux"], flux) < 1e-8, f"{what}: heat/flux"
+
+
+def test_per_atom_virials_of_a_direct_force_model_are_refused(tmp_path, models):
+    atoms = systems(np.random.default_rng(12))["small-box"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    code, out = run_lammps(tmp_path, header(models["direct"][1], ["H", "C", "O"]) + PER_ATOM_VIRIALS, check=False)
+    errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert code != 0 and any("direct-force model without a virial, per atom or total" in e for e in errors), out[-2000:]
+
+
 def test_rank_without_atoms(tmp_path, models):
     """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing."""
     model, path = models["gradient"]

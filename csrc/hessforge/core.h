@@ -44,6 +44,9 @@ struct Result {
   std::vector<double> forces;        // [N*3] eV/Å (ghost rows hold reaction forces in ghost mode)
   std::vector<double> node_energy;   // [N] eV
   double virial[9] = {0};            // eV, row-major 3x3: W = -sum_e r_e (x) dE/dr_e (zero for direct forces)
+  // [N*9] eV, row-major 3x3 per atom, only when asked for: each edge's -r_e (x) dE/dr_e split half to each of
+  // its two atoms (not symmetrized; sums to the virial). Empty otherwise.
+  std::vector<double> atom_virial;
   int64_t num_edges = 0;
 };
 
@@ -82,17 +85,20 @@ class Model {
   const Metadata& metadata() const;
   const std::string& path() const;
   bool knows(int z) const;  // is this atomic number in the model's species?
+  // Can this file give per-atom virials (a gradient-force model exported with with_atom_virial)?
+  bool has_atom_virial() const;
 
   // Explicit graph: positions [n*3], atomic numbers [n], edges (receiver, sender) with Cartesian shift
   // vectors [E*3] (nullptr: all zero, as with explicit ghost atoms); only the first nlocal atoms' energies
   // are summed (nlocal < 0: all). Numbers are not checked here (the caller maps elements once).
+  // atom_virial: also fill out.atom_virial (Error if the file cannot: has_atom_virial()).
   void compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                      const int64_t* receivers, const int64_t* senders, const double* shifts,
-                     int64_t num_edges, Result& out) const;
+                     int64_t num_edges, Result& out, bool atom_virial = false) const;
 
   // One structure: own cell list, then compute_graph. Checks the elements.
   void compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
-               const bool* pbc, Result& out) const;
+               const bool* pbc, Result& out, bool atom_virial = false) const;
 
  private:
   struct Impl;

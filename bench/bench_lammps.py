@@ -12,7 +12,9 @@ One force call on the same structure and the same exported model, every way hess
 - core_compute:       the C++ core's compute: its O(N) cell list + the model call,
 - lammps_step[fold]:  one LAMMPS velocity-Verlet step with pair_style hessforge on one rank (fold mode),
 - lammps_step[ghost]: the same in ghost mode (the multi-rank code path, on one rank: message passing over
-                      explicit ghost atoms out to layers x cutoff).
+                      explicit ghost atoms out to layers x cutoff),
+- lammps_step[fold+heatflux], [ghost+heatflux]: also compute heat/flux every step (per-atom centroid virials:
+                      the edge split in fold mode, the exact ones, three more backward passes, in ghost mode).
 The core and LAMMPS cases also run a "tiny" student (hidden 4, 1 layer) whose model call costs little:
 lammps_step[tiny] - core_model_call[tiny] is the pair style's own per-step cost (edge list from LAMMPS's
 neighbor list, ghost folding, force scatter, Verlet, neighbor-list rebuilds), free of the machine's noise.
@@ -158,8 +160,21 @@ def _lammps():
     return lammps(cmdargs=["-nocite", "-log", "none", "-screen", "none"])
 
 
-@pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost")])
+HEAT_FLUX = """compute ke all ke/atom
+compute pe all pe/atom
+compute c all centroid/stress/atom NULL virial
+compute flux all heat/flux ke pe c
+thermo_style custom step c_flux[1] c_flux[2] c_flux[3]
+thermo 1
+"""
+
+
+@pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost"),
+                                          ("quickstart", "fold+heatflux"), ("quickstart", "ghost+heatflux")])
 def test_lammps_step(benchmark, setup, student, mode):
+    """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo)."""
+    heat_flux = mode.endswith("+heatflux")
+    mode = mode.split("+")[0]
     lmp = _lammps()
     lmp.commands_string(f"""
 units metal
@@ -173,11 +188,11 @@ velocity all create 300.0 4928 loop geom
 fix nve all nve
 timestep 0.0005
 thermo 0
-run 1
+{HEAT_FLUX if heat_flux else ""}run 1
 """)
     nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
     rounds = rounds_for(student) if mode == "fold" else max(1, ROUNDS // 3)
     benchmark.pedantic(lambda: lmp.command("run 1 pre no post no"), rounds=rounds, warmup_rounds=1)
     record(benchmark)
-    benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost)
+    benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost, heat_flux=heat_flux)
     lmp.close()

@@ -33,11 +33,18 @@ py::dict to_dict(const hessforge::Result& r, int64_t n, bool atom_virial) {
   py::dict out("energy"_a = r.energy, "forces"_a = forces, "node_energy"_a = node_energy, "virial"_a = virial,
                "num_edges"_a = r.num_edges);
   if (atom_virial) {
-    ArrayD atom_virial({n, int64_t(3), int64_t(3)});
-    std::copy(r.atom_virial.begin(), r.atom_virial.end(), atom_virial.mutable_data());
-    out["atom_virial"] = atom_virial;
+    ArrayD per_atom({n, int64_t(3), int64_t(3)});
+    std::copy(r.atom_virial.begin(), r.atom_virial.end(), per_atom.mutable_data());
+    out["atom_virial"] = per_atom;
   }
   return out;
+}
+
+hessforge::AtomVirial atom_virial_kind(const std::string& kind) {
+  if (kind.empty()) return hessforge::AtomVirial::kNone;
+  if (kind == "split") return hessforge::AtomVirial::kSplit;
+  if (kind == "exact") return hessforge::AtomVirial::kExact;
+  throw hessforge::Error("atom_virial must be None, 'split' or 'exact', got '" + kind + "'");
 }
 
 }  // namespace
@@ -85,24 +92,25 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "compute",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayD cell, ArrayB pbc,
-             bool atom_virial) {
+             const std::string& atom_virial) {
             check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
             const int64_t n = positions.shape(0);
             check_shape(numbers, {n}, "numbers (expected [N])");
             check_shape(cell, {3, 3}, "cell (expected [3, 3])");
             check_shape(pbc, {3}, "pbc (expected [3])");
+            const hessforge::AtomVirial kind = atom_virial_kind(atom_virial);
             hessforge::Result r;
             {
               py::gil_scoped_release release;
-              self.compute(positions.data(), numbers.data(), n, cell.data(), pbc.data(), r, atom_virial);
+              self.compute(positions.data(), numbers.data(), n, cell.data(), pbc.data(), r, kind);
             }
-            return to_dict(r, n, atom_virial);
+            return to_dict(r, n, !atom_virial.empty());
           },
-          "positions"_a, "numbers"_a, "cell"_a, "pbc"_a, "atom_virial"_a = false)
+          "positions"_a, "numbers"_a, "cell"_a, "pbc"_a, "atom_virial"_a = "")
       .def(
           "compute_graph",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayL edge_index, ArrayD shifts,
-             int64_t nlocal, bool atom_virial) {
+             int64_t nlocal, const std::string& atom_virial) {
             check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
             const int64_t n = positions.shape(0);
             check_shape(numbers, {n}, "numbers (expected [N])");
@@ -116,13 +124,14 @@ PYBIND11_MODULE(_core, m) {
               if (!self.knows(static_cast<int>(numbers.data()[k])))
                 throw hessforge::Error("unknown element Z=" + std::to_string(numbers.data()[k]) + " at atom " +
                                        std::to_string(k));
+            const hessforge::AtomVirial kind = atom_virial_kind(atom_virial);
             hessforge::Result r;
             {
               py::gil_scoped_release release;
               self.compute_graph(positions.data(), numbers.data(), n, nlocal, edge_index.data(),
-                                 edge_index.data() + e, shifts.data(), e, r, atom_virial);
+                                 edge_index.data() + e, shifts.data(), e, r, kind);
             }
-            return to_dict(r, n, atom_virial);
+            return to_dict(r, n, !atom_virial.empty());
           },
-          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1, "atom_virial"_a = false);
+          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1, "atom_virial"_a = "");
 }

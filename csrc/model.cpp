@@ -202,12 +202,17 @@ bool Model::has_atom_virial() const {
 
 void Model::compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                           const int64_t* receivers, const int64_t* senders, const double* shifts,
-                          int64_t num_edges, Result& out, bool atom_virial) const {
+                          int64_t num_edges, Result& out, AtomVirial atom_virial) const {
   if (nlocal < 0 || nlocal > n) nlocal = n;
-  if (atom_virial && !has_atom_virial())
+  if (atom_virial != AtomVirial::kNone && !has_atom_virial())
     throw Error(impl_->path + (impl_->meta.virial
                 ? ": this file was exported before per-atom virials existed; export the checkpoint again"
                 : ": a direct-force model has no virial, per atom or total; export a gradient-force model"));
+  if (atom_virial == AtomVirial::kExact && shifts != nullptr)
+    for (int64_t k = 0; k < 3 * num_edges; ++k)
+      if (shifts[k] != 0.0)
+        throw Error(impl_->path + ": exact per-atom virials need periodic images as explicit (ghost) atoms, "
+                    "not edge shifts");
   // Normal tensors even when the caller (Python under torch.inference_mode) is in inference mode: autograd
   // must be able to save them for the gradient models' backward.
   c10::InferenceMode not_inference(false);
@@ -232,8 +237,12 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
       result = impl_->module.forward(inputs).toTuple();
     } else {  // forces by autograd: on even when the caller (Python under torch.no_grad) turned it off
       torch::AutoGradMode enable_grad(true);
-      result = atom_virial ? impl_->module.get_method("with_atom_virial")(inputs).toTuple()
-                           : impl_->module.forward(inputs).toTuple();
+      if (atom_virial == AtomVirial::kNone) {
+        result = impl_->module.forward(inputs).toTuple();
+      } else {
+        inputs.emplace_back(atom_virial == AtomVirial::kExact);
+        result = impl_->module.get_method("with_atom_virial")(inputs).toTuple();
+      }
     }
   } catch (const c10::Error& err) {
     throw Error(impl_->path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
@@ -249,7 +258,7 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   out.forces.assign(forces.data_ptr<double>(), forces.data_ptr<double>() + 3 * n);
   std::memcpy(out.virial, virial.data_ptr<double>(), 9 * sizeof(double));
   out.atom_virial.clear();
-  if (atom_virial) {
+  if (atom_virial != AtomVirial::kNone) {
     torch::Tensor per_atom = el[4].toTensor().to(torch::kFloat64).contiguous();
     out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
   }
@@ -263,7 +272,10 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
 }
 
 void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
-                    const bool* pbc, Result& out, bool atom_virial) const {
+                    const bool* pbc, Result& out, AtomVirial atom_virial) const {
+  if (atom_virial == AtomVirial::kExact && (pbc[0] || pbc[1] || pbc[2]))
+    throw Error(impl_->path + ": exact per-atom virials need periodic images as explicit atoms (LAMMPS ghost "
+                "mode); this periodic structure's images are shifts: ask for the edge split");
   for (int64_t k = 0; k < n; ++k) {
     if (numbers[k] < 0 || numbers[k] > 1000 || !knows(static_cast<int>(numbers[k]))) {  // no int wrap-around
       std::ostringstream msg;

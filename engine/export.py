@@ -22,10 +22,15 @@ convention: pressure·volume = W + kinetic). Direct-force students: forces are t
 local atoms (ghost rows zero); there is no energy derivative, so the virial is returned as zeros and the
 metadata says `"virial": false`.
 
-`with_atom_virial(positions, numbers, edge_index, shifts, nlocal)` returns forward's outputs and atom_virial
-[N, 3, 3]: each edge's -r_e ⊗ dE/dr_e split half to its two atoms (the centroid virial of a two-body cluster),
-not symmetrized, summing to the virial (LAMMPS' compute stress/atom and centroid/stress/atom; metadata
-`"atom_virial": true`). Archives exported before it existed lack it.
+`with_atom_virial(positions, numbers, edge_index, shifts, nlocal, exact)` returns forward's outputs and per-atom
+virials atom_virial [N, 3, 3] (W_ab = Σ r_a F_b, not symmetrized, summing to the virial; LAMMPS' compute
+stress/atom, centroid/stress/atom and heat/flux; metadata `"atom_virial": true`):
+- exact=False, the edge split: each edge's -r_e ⊗ dE/dr_e half to each of its two atoms; any graph.
+- exact=True: W_j = Σ_i (x_i - x_j) ⊗ ∂U_i/∂x_j over the local atoms' energies U_i, whose Σ_j W_j v_j is the
+  exact heat flux of a many-body model (the edge split's is not: bench/results/heat_flux_split_cpu.md). It
+  needs every periodic image as an explicit atom (zero shifts: molecules, ghost mode) and three more
+  backward passes.
+Archives exported before it existed lack it.
 
 A second method, `batched(positions, numbers, edge_index, shifts, batch [N], num_structures)` -> (energy [B],
 node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected structures in one call (Python's
@@ -45,7 +50,7 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -92,7 +97,7 @@ class ExportWrapper(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
         energy, node_energy, forces, virial, _ = self._outputs(positions, numbers, edge_index, shifts, batch, 1,
-                                                               nlocal, False)
+                                                               nlocal, 0)
         return energy[0], node_energy, forces, virial[0]
 
     @torch.jit.export
@@ -103,13 +108,18 @@ class ExportWrapper(nn.Module):
         edge_index: torch.Tensor,
         shifts: torch.Tensor,
         nlocal: int,
+        exact: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """forward's outputs and the per-atom virials atom_virial [N, 3, 3] (eV, not symmetrized): each edge's
-        -r_e ⊗ dE/dr_e split half to its receiver, half to its sender (a two-body cluster's centroid virial),
-        so they sum to the virial. Gradient-force models only (zeros for direct ones)."""
+        """forward's outputs and per-atom virials atom_virial [N, 3, 3] (eV, W_ab = sum r_a F_b, not symmetrized,
+        summing to the virial). exact=False: each edge's -r_e ⊗ dE/dr_e split half to each of its atoms (any
+        graph). exact=True: W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j over the local atoms' energies U_i, whose
+        W_j v_j sum to the exact heat flux of a many-body model; needs every image as an explicit atom (zero
+        shifts: molecules, ghost atoms) and three more backward passes. Gradient-force models only."""
+        if exact and bool((shifts != 0).any()):
+            raise RuntimeError("exact per-atom virials need periodic images as explicit (ghost) atoms, not shifts")
         batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
         energy, node_energy, forces, virial, atom_virial = self._outputs(
-            positions, numbers, edge_index, shifts, batch, 1, nlocal, True)
+            positions, numbers, edge_index, shifts, batch, 1, nlocal, 2 if exact else 1)
         return energy[0], node_energy, forces, virial[0], atom_virial
 
     @torch.jit.export
@@ -125,7 +135,7 @@ class ExportWrapper(nn.Module):
         """Disconnected structures in one graph (batch [N]: each atom's structure): energy [B], node_energy [N],
         forces [N, 3], virial [B, 3, 3]; no ghost atoms."""
         energy, node_energy, forces, virial, _ = self._outputs(positions, numbers, edge_index, shifts, batch,
-                                                               num_structures, positions.shape[0], False)
+                                                               num_structures, positions.shape[0], 0)
         return energy, node_energy, forces, virial
 
     def _outputs(
@@ -137,8 +147,9 @@ class ExportWrapper(nn.Module):
         batch: torch.Tensor,
         num_structures: int,
         nlocal: int,
-        atom_virials: bool,
+        atom_virials: int,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """atom_virials: 0 none, 1 edge split, 2 exact (with_atom_virial)."""
         # Inputs and outputs are float64 whatever the model's dtype: edge vectors are formed in float64 (so a
         # float32 model does not lose precision to large coordinates) and only then cast to the model dtype.
         n = positions.shape[0]
@@ -158,19 +169,41 @@ class ExportWrapper(nn.Module):
             forces = out["forces"].to(positions.dtype)
             forces[nlocal:] = 0.0
         else:
-            grads = torch.autograd.grad([energy.sum()], [vec], allow_unused=True)
+            grads = torch.autograd.grad([energy.sum()], [vec], allow_unused=True, retain_graph=atom_virials == 2)
             g = grads[0]
             if g is None:  # no edges: the energy does not depend on positions
                 g = torch.zeros_like(vec)
             g = g.to(positions.dtype)
             forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
+            if atom_virials == 2:
+                atom_virial = self._exact_atom_virials(positions, node_energy, vec, edge_index, forces, nlocal)
             # each edge belongs to its receiver's structure: W_b = -sum over b's edges of r_e ⊗ dE/dr_e
             per_edge = vec.detach().to(positions.dtype).unsqueeze(2) * g.unsqueeze(1)
             virial = virial.index_add(0, batch[i], -per_edge)
             virial = 0.5 * (virial + virial.transpose(1, 2))
-            if atom_virials:
+            if atom_virials == 1:
                 atom_virial = split_edge_virials(-per_edge, edge_index, n)
         return energy.detach(), node_energy.detach(), forces.detach(), virial.detach(), atom_virial.detach()
+
+    def _exact_atom_virials(self, positions: torch.Tensor, node_energy: torch.Tensor, vec: torch.Tensor,
+                            edge_index: torch.Tensor, forces: torch.Tensor, nlocal: int) -> torch.Tensor:
+        """W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j (i local) = dE_a/dx_j - x_j ⊗ dU/dx_j per Cartesian a, with
+        E_a = sum_i x_ia U_i (x constant): one backward pass per a. Positions relative to the first atom (the
+        result does not depend on the origin; far coordinates would cancel digits)."""
+        i, j = edge_index[0], edge_index[1]
+        x = (positions - positions[0]).detach()
+        rows: List[torch.Tensor] = []
+        for a in range(3):
+            weighted = (node_energy[:nlocal] * x[:nlocal, a]).sum()
+            grads = torch.autograd.grad([weighted], [vec], allow_unused=True, retain_graph=a < 2)
+            g = grads[0]
+            if g is None:
+                g = torch.zeros_like(vec)
+            g = g.to(positions.dtype)
+            # d E_a / d x_j through the edge vectors r_e = x_j - x_i (+ 0)
+            rows.append(torch.zeros_like(positions).index_add(0, j, g).index_add(0, i, -g))
+        d_weighted = torch.stack(rows, dim=1)  # [N, a, b]
+        return d_weighted + x.unsqueeze(2) * forces.unsqueeze(1)
 
 
 def _sha256(path: str) -> str:
@@ -263,8 +296,8 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "interface": "forward(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal) "
                      "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64; batched(positions, numbers, "
                      "edge_index, shifts, batch[N] i64, num_structures) -> (energy[B], node_energy[N], forces[N,3], "
-                     "virial[B,3,3]); with_atom_virial(positions, numbers, edge_index, shifts, nlocal) -> forward's "
-                     "outputs + atom_virial[N,3,3]",
+                     "virial[B,3,3]); with_atom_virial(positions, numbers, edge_index, shifts, nlocal, exact: bool) -> "
+                     "forward's outputs + atom_virial[N,3,3]",
         "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            hessforge_version=hessforge_version, torch_version=torch.__version__),
     })

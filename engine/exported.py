@@ -238,7 +238,7 @@ class ExportedModel:
         with autograd_on():  # disconnected structures in one call: each edge's dE/dr is its structure's
             args = [normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index,
                                          self._edge_shifts(graph))]
-            return self.module.with_atom_virial(*args, graph.positions.shape[0])[4]
+            return self.module.with_atom_virial(*args, graph.positions.shape[0], False)[4]
 
     def virial(self, graph: AtomicGraph) -> torch.Tensor:
         """W [3, 3] (eV) of a single-structure graph: -dE/d(strain); stress = -W / volume."""
@@ -279,23 +279,24 @@ class CoreModel:
         self.metadata = json.loads(self.model.metadata_json)
 
     def compute(self, positions, numbers, cell=None, pbc=(False, False, False),
-                atom_virial: bool = False) -> Dict[str, Any]:
-        """energy, forces, node_energy, virial, num_edges; with atom_virial also atom_virial [N, 3, 3]."""
+                atom_virial: Optional[str] = None) -> Dict[str, Any]:
+        """energy, forces, node_energy, virial, num_edges; with atom_virial ("split", or "exact" without periodic
+        directions: engine/export.py with_atom_virial) also atom_virial [N, 3, 3]."""
         positions = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3)
         numbers = np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1)
         cell, pbc, _ = _core_cell(cell, pbc)  # the same lattice: the same results
-        return self.model.compute(positions, numbers, cell, pbc, atom_virial)
+        return self.model.compute(positions, numbers, cell, pbc, atom_virial or "")
 
-    def compute_atoms(self, atoms, atom_virial: bool = False) -> Dict[str, Any]:
+    def compute_atoms(self, atoms, atom_virial: Optional[str] = None) -> Dict[str, Any]:
         return self.compute(atoms.positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc, atom_virial)
 
     def compute_graph(self, positions, numbers, edge_index, shifts, nlocal: int = -1,
-                      atom_virial: bool = False) -> Dict[str, Any]:
+                      atom_virial: Optional[str] = None) -> Dict[str, Any]:
         return self.model.compute_graph(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
                                         np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1),
                                         np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
                                         np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal,
-                                        atom_virial)
+                                        atom_virial or "")
 
 
 def load_core(path: str, num_threads: int = 0) -> CoreModel:

@@ -73,9 +73,11 @@ def split_edge_virials(edge_virials: torch.Tensor, edge_index: torch.Tensor, num
 
 
 def atom_virials(model, graph: AtomicGraph) -> torch.Tensor:
-    """Per-atom virials W_i [N, 3, 3] (eV, engine.stress.split_edge_virials; ASE's per-atom stresses are
+    """Per-atom virials W_i [N, 3, 3] (eV, the edge split of split_edge_virials; ASE's per-atom stresses are
     -sym(W_i) / V) of a gradient-force student, from one backward pass through the edge vectors. Each
-    structure's W_i sum to its virial -dE/dε. Exported models answer from their own method."""
+    structure's W_i sum to its virial -dE/dε. Exported models answer from their own method. (The exact
+    many-body form, for heat flux, needs explicit periodic images: engine/export.py with_atom_virial, LAMMPS
+    ghost mode.)"""
     own = getattr(model, "atom_virials", None)
     if own is not None:
         return own(graph)

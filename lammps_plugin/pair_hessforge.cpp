@@ -10,7 +10,9 @@
      away from every local atom are pruned before the model call.
    The global virial is the model's W = -sum_e r_e (x) dE/dr_e (equal to virial_fdotr_compute()'s sum x.f
    over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). Per-atom virials (stress/atom,
-   centroid/stress/atom) split each edge's share of it half to each of its two nodes. */
+   centroid/stress/atom): in GHOST mode the exact W_j = sum_i (x_i - x_j) (x) dU_i/dx_j over local energies U_i
+   (exact heat flux), in FOLD mode each edge's share of the virial halved between its two nodes (periodic images
+   are shifts there, so x_i - x_j of an image is not at hand). */
 
 #include "pair_hessforge.h"
 
@@ -36,15 +38,14 @@ using namespace LAMMPS_NS;
 
 PairHessforge::PairHessforge(LAMMPS *lmp) :
     Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), cutoff(0.0), result(new hessforge::Result),
-    warned_virial(false), checked_special(false), checked_masses(false)
+    warned_virial(false), warned_atom_virial(false), checked_special(false), checked_masses(false)
 {
   single_enable = 0;
   restartinfo = 0;
   one_coeff = 1;
   manybody_flag = 1;
   no_virial_fdotr_compute = 1;  // the model's virial is used in both modes
-  // per-atom virials split each edge's -r_e (x) dE/dr_e between its two atoms: a two-body centroid virial,
-  // asymmetric (centroid/stress/atom) and symmetrized (stress/atom)
+  // per-atom virials (see the top): asymmetric (centroid/stress/atom) and symmetrized (stress/atom)
   centroidstressflag = CENTROID_AVAIL;
 }
 
@@ -458,6 +459,13 @@ void PairHessforge::compute(int eflag, int vflag)
                             "checkpoint again"
                           : "pair_style hessforge: " + model_path + " is a direct-force model without a "
                             "virial, per atom or total (compute stress/atom); export a gradient-force model");
+  if (atom_virial && mode == FOLD && !warned_atom_virial) {
+    warned_atom_virial = true;
+    error->warning(FLERR, "pair_style hessforge: fold mode gives per-atom virials as the edge split (each edge's "
+                          "virial halved between its atoms): exact sums, but for a many-body model only an "
+                          "approximate heat flux; pair_style hessforge mode ghost gives the exact per-atom "
+                          "virials (compute heat/flux)");
+  }
 
   if (!checked_special) {
     // LAMMPS drops 1-2/1-3/1-4 pairs from neighbor lists where both special factors are 0 (its default with
@@ -479,7 +487,9 @@ void PairHessforge::compute(int eflag, int vflag)
   if (atom->nlocal == 0 || local_nodes == 0) return;  // a rank without (model) atoms contributes nothing
   try {
     model->compute_graph(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(),
-                         mode == FOLD ? shifts.data() : nullptr, nedges, *result, atom_virial);
+                         mode == FOLD ? shifts.data() : nullptr, nedges, *result,
+                         !atom_virial ? hessforge::AtomVirial::kNone
+                         : mode == GHOST ? hessforge::AtomVirial::kExact : hessforge::AtomVirial::kSplit);
   } catch (const std::exception &err) {
     error->one(FLERR, std::string("pair_style hessforge: ") + err.what());
   }
@@ -497,7 +507,7 @@ void PairHessforge::compute(int eflag, int vflag)
     for (int k = 0; k < local_nodes; k++) eatom[atom_of_node[k]] += result->node_energy[k];
   if (atom_virial) {
     // nodes are local atoms (fold) or local + ghost atoms (ghost mode: compute stress/atom reverse-communicates
-    // the ghosts' share to their owners, newton on)
+    // the ghosts' share to their owners, newton on, as heat/flux wants: a ghost moves with its owner)
     const double *w = result->atom_virial.data();
     for (int64_t k = 0; k < nnodes; k++, w += 9) {
       const int i = atom_of_node[k];

@@ -45,6 +45,7 @@ class PairHessforge : public Pair {
   std::unique_ptr<hessforge::Result> result;
   std::vector<int64_t> type_to_z;  // atomic number of each atom type (1-based)
   bool warned_virial;
+  bool warned_atom_virial;  // fold mode's per-atom virials are the edge split: said once
   bool checked_special;  // bonded pairs kept in the neighbor list (checked at the first compute after init)
   bool checked_masses;   // type masses compared with the elements (once per pair_coeff)
 

@@ -95,9 +95,11 @@ def test_core_matches_python_engine(tmp_path, rng, arch, force_mode):
 
 
 def test_core_atom_virials(tmp_path, rng):
-    """The core's per-atom virials (exported with_atom_virial, compute and compute_graph with ghosts) equal the
-    Python engine's (engine.stress.atom_virials, tested against finite differences in test_stress.py); a
-    direct-force model and a file exported before the method existed are refused by name."""
+    """The core's per-atom virials: the edge split (compute, compute_graph) equals the Python engine's
+    (engine.stress.atom_virials, tested against finite differences in test_stress.py), the exact ones
+    (W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j, molecules and explicit ghosts) equal a brute-force Jacobian of every
+    atom energy, both sum to the virial; a direct-force model, a file exported before the method existed and
+    exact ones with periodic shifts are refused by name."""
     from engine.stress import atom_virials
 
     model = tiny_painn(seed=int(rng.integers(1000)))
@@ -108,23 +110,39 @@ def test_core_atom_virials(tmp_path, rng):
     for name, atoms in structures(rng).items():
         graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
         ref = atom_virials(model, graph).numpy()
-        out = core.compute_atoms(atoms, atom_virial=True)
+        out = core.compute_atoms(atoms, atom_virial="split")
         assert rel(out["atom_virial"], ref) < 1e-10, name
         assert rel(out["atom_virial"].sum(0), out["virial"]) < 1e-12, name
         assert rel(exported.atom_virials(graph), ref) < 1e-10, name
         assert "atom_virial" not in core.compute_atoms(atoms)
-    # ghost atoms (nlocal < N): the half-edges on non-local atoms are theirs (LAMMPS sums them into the owners)
+        if atoms.pbc.any():
+            with pytest.raises(HessforgeError, match="exact per-atom virials need periodic images as explicit"):
+                core.compute_atoms(atoms, atom_virial="exact")
+    # exact, with ghost atoms (nlocal < N): only local energies count, the ghosts get their share
     atoms = structures(rng)["molecule"]
+    atoms.positions += 1e4  # far from the origin: the exact form must not lose digits to x ⊗ F
     graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
-    out = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
-                             np.zeros((graph.edge_index.shape[1], 3)), nlocal=4, atom_virial=True)
-    assert rel(out["atom_virial"].sum(0), -np.einsum("na,nb->ab", atoms.positions, -out["forces"])) < 1e-10
+    x = graph.positions.clone().requires_grad_(True)
+    node_energy = model(graph._replace(positions=x), compute_forces=False)["node_energy"]
+    for nlocal in (len(atoms), 4):
+        jacobian = torch.stack([torch.autograd.grad(node_energy[i], x, retain_graph=True)[0] for i in range(nlocal)])
+        brute = torch.einsum("ija,ijb->jab", x.detach()[:nlocal, None] - x.detach()[None], jacobian).numpy()
+        out = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
+                                 np.zeros((graph.edge_index.shape[1], 3)), nlocal=nlocal, atom_virial="exact")
+        assert rel(out["atom_virial"], brute) < 1e-8, nlocal
+        assert rel(out["atom_virial"].sum(0), np.einsum("na,nb->ab", atoms.positions - atoms.positions[0],
+                                                         out["forces"])) < 1e-8, nlocal
+        split = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
+                                   np.zeros((graph.edge_index.shape[1], 3)), nlocal=nlocal, atom_virial="split")
+        assert rel(split["atom_virial"], brute) > 1e-3  # another decomposition of the same sum
+    with pytest.raises(HessforgeError, match="atom_virial must be None, 'split' or 'exact'"):
+        core.compute_atoms(atoms, atom_virial="hardy")
 
     direct = str(tmp_path / "direct.pt")
     export_model(tiny_painn("direct"), direct)
     assert not load_core(direct).model.has_atom_virial
     with pytest.raises(HessforgeError, match="direct-force model has no virial, per atom or total"):
-        load_core(direct).compute_atoms(atoms, atom_virial=True)
+        load_core(direct).compute_atoms(atoms, atom_virial="split")
 
     class Before(torch.nn.Module):  # forward only, like the archives written before with_atom_virial
         def __init__(self, wrapped):
@@ -141,7 +159,7 @@ def test_core_atom_virials(tmp_path, rng):
                        _extra_files={METADATA_NAME: json.dumps(read_metadata(path))})
     assert rel(load_core(old).compute_atoms(atoms)["forces"], core.compute_atoms(atoms)["forces"]) < 1e-12
     with pytest.raises(HessforgeError, match="exported before per-atom virials existed; export the checkpoint again"):
-        load_core(old).compute_atoms(atoms, atom_virial=True)
+        load_core(old).compute_atoms(atoms, atom_virial="split")
     with pytest.raises(HessforgeError, match="exported before per-atom virials existed"):
         ExportedModel(old).atom_virials(graph)
 

@@ -39,13 +39,18 @@ struct Metadata {
   std::string json;               // the whole metadata document
 };
 
+// Per-atom virials (engine/export.py with_atom_virial): kSplit halves each edge's -r_e (x) dE/dr_e between its
+// two atoms (any graph); kExact gives W_j = sum_i (x_i - x_j) (x) dU_i/dx_j over the local energies (the exact
+// heat flux of a many-body model), which needs periodic images as explicit atoms (no shifts).
+enum class AtomVirial { kNone, kSplit, kExact };
+
 struct Result {
   double energy = 0.0;               // eV, sum of the first nlocal per-atom energies
   std::vector<double> forces;        // [N*3] eV/Å (ghost rows hold reaction forces in ghost mode)
   std::vector<double> node_energy;   // [N] eV
   double virial[9] = {0};            // eV, row-major 3x3: W = -sum_e r_e (x) dE/dr_e (zero for direct forces)
-  // [N*9] eV, row-major 3x3 per atom, only when asked for: each edge's -r_e (x) dE/dr_e split half to each of
-  // its two atoms (not symmetrized; sums to the virial). Empty otherwise.
+  // [N*9] eV, row-major 3x3 per atom (W_ab = sum r_a F_b, not symmetrized; sums to the virial), only when asked
+  // for (AtomVirial); empty otherwise.
   std::vector<double> atom_virial;
   int64_t num_edges = 0;
 };
@@ -91,14 +96,15 @@ class Model {
   // Explicit graph: positions [n*3], atomic numbers [n], edges (receiver, sender) with Cartesian shift
   // vectors [E*3] (nullptr: all zero, as with explicit ghost atoms); only the first nlocal atoms' energies
   // are summed (nlocal < 0: all). Numbers are not checked here (the caller maps elements once).
-  // atom_virial: also fill out.atom_virial (Error if the file cannot: has_atom_virial()).
+  // atom_virial: also fill out.atom_virial (Error if the file cannot: has_atom_virial(); kExact with shifts).
   void compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                      const int64_t* receivers, const int64_t* senders, const double* shifts,
-                     int64_t num_edges, Result& out, bool atom_virial = false) const;
+                     int64_t num_edges, Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;
 
-  // One structure: own cell list, then compute_graph. Checks the elements.
+  // One structure: own cell list, then compute_graph. Checks the elements. Per-atom virials: kSplit (periodic
+  // images are shifts here), or kExact for a structure without periodic directions.
   void compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,
-               const bool* pbc, Result& out, bool atom_virial = false) const;
+               const bool* pbc, Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;
 
  private:
   struct Impl;

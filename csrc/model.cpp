@@ -122,6 +122,16 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
       if (known == static_cast<int>(z.number)) throw Error(path + ": exported model metadata lists a species twice");
     meta.species.push_back(static_cast<int>(z.number));
   }
+  const json::Value* refs = doc.get("reference_energies");
+  if (refs != nullptr && refs->type != json::Value::Null) {
+    if (refs->type != json::Value::Array || refs->array.size() != meta.species.size())
+      throw Error(path + ": exported model metadata 'reference_energies' is not one number per species");
+    for (const json::Value& e : refs->array) {
+      if (e.type != json::Value::Number || !std::isfinite(e.number))
+        throw Error(path + ": exported model metadata 'reference_energies' is not one number per species");
+      meta.reference_energies.push_back(e.number);
+    }
+  }
   if (!(meta.cutoff > 0 && std::isfinite(meta.cutoff)))
     throw Error(path + ": exported model metadata has no positive finite cutoff");
   if (meta.num_layers < 1 || !(meta.interaction_range >= meta.cutoff && std::isfinite(meta.interaction_range)))
@@ -260,14 +270,18 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   out.atom_virial.clear();
   if (atom_virial != AtomVirial::kNone) {
     torch::Tensor per_atom = el[4].toTensor().to(torch::kFloat64).contiguous();
+    if (per_atom.numel() != 9 * n)
+      throw Error(impl_->path + ": the model returned per-atom virials of the wrong shape (a damaged or edited "
+                  "model file?); export it again");
     out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
   }
   out.num_edges = num_edges;
   // a damaged weights file (or a blown-up geometry) gives NaN: an error, not a run that carries on with it
   bool finite = std::isfinite(out.energy);
   for (int64_t k = 0; finite && k < 3 * n; ++k) finite = std::isfinite(out.forces[k]);
+  for (size_t k = 0; finite && k < out.atom_virial.size(); ++k) finite = std::isfinite(out.atom_virial[k]);
   if (!finite)
-    throw Error(impl_->path + ": the model returned NaN or Inf energy/forces (a damaged model file, or "
+    throw Error(impl_->path + ": the model returned NaN or Inf energy/forces/virials (a damaged model file, or "
                 "atoms on top of each other)");
 }
 

@@ -115,6 +115,8 @@ class ExportWrapper(nn.Module):
         graph). exact=True: W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j over the local atoms' energies U_i, whose
         W_j v_j sum to the exact heat flux of a many-body model; needs every image as an explicit atom (zero
         shifts: molecules, ghost atoms) and three more backward passes. Gradient-force models only."""
+        if self.direct_forces:
+            raise RuntimeError("a direct-force model has no virial, per atom or total")
         if exact and bool((shifts != 0).any()):
             raise RuntimeError("exact per-atom virials need periodic images as explicit (ghost) atoms, not shifts")
         batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
@@ -188,10 +190,13 @@ class ExportWrapper(nn.Module):
     def _exact_atom_virials(self, positions: torch.Tensor, node_energy: torch.Tensor, vec: torch.Tensor,
                             edge_index: torch.Tensor, forces: torch.Tensor, nlocal: int) -> torch.Tensor:
         """W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j (i local) = dE_a/dx_j - x_j ⊗ dU/dx_j per Cartesian a, with
-        E_a = sum_i x_ia U_i (x constant): one backward pass per a. Positions relative to the first atom (the
-        result does not depend on the origin; far coordinates would cancel digits)."""
+        E_a = sum_i x_ia U_i (x constant): one backward pass per a. Positions relative to the local atoms'
+        centroid: the result does not depend on the origin, but the two terms cancel to it, so a float32 model
+        loses digits with the system's extent (relative 1e-5 at 80 Å; float64 exports do not)."""
         i, j = edge_index[0], edge_index[1]
-        x = (positions - positions[0]).detach()
+        if positions.shape[0] == 0 or nlocal == 0:
+            return torch.zeros(positions.shape[0], 3, 3, dtype=positions.dtype, device=positions.device)
+        x = (positions - positions[:nlocal].mean(dim=0)).detach()
         rows: List[torch.Tensor] = []
         for a in range(3):
             weighted = (node_energy[:nlocal] * x[:nlocal, a]).sum()
@@ -291,6 +296,9 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "force_mode": force_mode,
         "virial": force_mode == "gradient",
         "atom_virial": force_mode == "gradient",
+        # per-element constants inside every atom energy (eV, in the order of species): LAMMPS' reference_energies
+        # off leaves them out of pe and pe/atom (a heat flux's convective term would be all of them)
+        "reference_energies": ([float(e) for e in model.atom_ref] if hasattr(model, "atom_ref") else None),
         "units": {"energy": "eV", "length": "Angstrom", "lammps": "metal"},
         "dtype": {torch.float32: "float32", torch.float64: "float64"}[dtype],
         "interface": "forward(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal) "

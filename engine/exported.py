@@ -65,6 +65,10 @@ def check_metadata(metadata: Dict[str, Any], path: str) -> Dict[str, Any]:
     if not (_is_int(metadata["num_layers"]) and metadata["num_layers"] >= 1):
         raise HessforgeError(f"{path}: exported model metadata 'num_layers' is {metadata['num_layers']!r}, not an "
                              "integer >= 1")
+    refs = metadata.get("reference_energies")  # optional (older files lack it); what the core accepts
+    if refs is not None and not (isinstance(refs, list) and len(refs) == len(species)
+                                 and all(_is_number(e) and math.isfinite(e) for e in refs)):
+        raise HessforgeError(f"{path}: exported model metadata 'reference_energies' is not one number per species")
     reach = metadata.get("interaction_range", metadata["num_layers"] * cutoff)  # the C++ core's default too
     if not (_is_number(reach) and cutoff <= reach < math.inf):
         raise HessforgeError(f"{path}: exported model metadata 'interaction_range' is {reach!r}, not a finite number "

@@ -37,7 +37,8 @@
 using namespace LAMMPS_NS;
 
 PairHessforge::PairHessforge(LAMMPS *lmp) :
-    Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), cutoff(0.0), result(new hessforge::Result),
+    Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), reference_energies(true), cutoff(0.0),
+    result(new hessforge::Result),
     warned_virial(false), warned_atom_virial(false), checked_special(false), checked_masses(false)
 {
   single_enable = 0;
@@ -69,19 +70,20 @@ void PairHessforge::allocate()
     for (int j = i; j <= n; j++) setflag[i][j] = 0;
 }
 
-/* pair_style hessforge [mode auto|fold|ghost] [threads N] */
+/* pair_style hessforge [mode auto|fold|ghost] [threads N] [reference_energies on|off] */
 void PairHessforge::settings(int narg, char **arg)
 {
   // re-issuing pair_style on the same style calls settings() again: start from the defaults
   mode_setting = AUTO;
+  reference_energies = true;
   const int threads_before = num_threads;
   num_threads = 0;
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
-    if (key != "mode" && key != "threads")
-      error->all(FLERR, "pair_style hessforge: unknown keyword '{}' (expected mode or threads; the cutoff "
-                        "comes from the model file)", key);
+    if (key != "mode" && key != "threads" && key != "reference_energies")
+      error->all(FLERR, "pair_style hessforge: unknown keyword '{}' (expected mode, threads or "
+                        "reference_energies; the cutoff comes from the model file)", key);
     if (iarg + 1 >= narg) error->all(FLERR, "pair_style hessforge: keyword '{}' needs a value", key);
     const std::string value = arg[iarg + 1];
     if (key == "mode") {
@@ -89,6 +91,10 @@ void PairHessforge::settings(int narg, char **arg)
       else if (value == "fold") mode_setting = FOLD;
       else if (value == "ghost") mode_setting = GHOST;
       else error->all(FLERR, "pair_style hessforge: mode must be auto, fold or ghost, got '{}'", value);
+    } else if (key == "reference_energies") {
+      if (value != "on" && value != "off")
+        error->all(FLERR, "pair_style hessforge: reference_energies must be on or off, got '{}'", value);
+      reference_energies = value == "on";
     } else if (key == "threads") {
       num_threads = utils::inumeric(FLERR, value, false, lmp);
       if (num_threads < 0) error->all(FLERR, "pair_style hessforge: threads must be >= 0");
@@ -157,9 +163,14 @@ void PairHessforge::coeff(int narg, char **arg)
   if (mapped == 0)
     error->all(FLERR, "pair_coeff * * {}: every atom type is NULL; give an element for the atoms the model "
                       "handles", path);
+  std::vector<double> reference(ntypes + 1, 0.0);
+  for (int t = 1; t <= ntypes; t++)
+    for (size_t k = 0; k < meta.reference_energies.size(); k++)
+      if (meta.species[k] == z_of_type[t]) reference[t] = meta.reference_energies[k];
   model = std::move(loaded);
   model_path = path;
   type_to_z = z_of_type;
+  reference_of_type = reference;
   checked_masses = false;
   cutoff = meta.cutoff;
   // pairs with a NULL type are not this style's: pair_style hybrid/overlay then skips them in its neighbor list
@@ -182,6 +193,9 @@ void PairHessforge::init_style()
     error->all(FLERR, "pair_style hessforge requires newton pair on: forces on ghost atoms are "
                       "reverse-communicated (use 'newton on')");
   if (!model) error->all(FLERR, "pair_style hessforge: no model loaded (pair_coeff * * model.pt ...)");
+  if (!reference_energies && model->metadata().reference_energies.empty())
+    error->all(FLERR, "pair_style hessforge: reference_energies off needs the model's per-element reference "
+                      "energies, which {} does not record (exported before they were); export it again", model_path);
   if (atom->tag_enable == 0) error->all(FLERR, "pair_style hessforge requires atom IDs");
   // The model needs every pair within its cutoff; these LAMMPS settings take pairs out of its neighbor list.
   if (utils::strmatch(force->pair_style, "^hybrid$"))
@@ -458,7 +472,8 @@ void PairHessforge::compute(int eflag, int vflag)
                             "existed (compute stress/atom, centroid/stress/atom, heat/flux); export the "
                             "checkpoint again"
                           : "pair_style hessforge: " + model_path + " is a direct-force model without a "
-                            "virial, per atom or total (compute stress/atom); export a gradient-force model");
+                            "virial, per atom or total (compute stress/atom, centroid/stress/atom, heat/flux); "
+                            "export a gradient-force model");
   if (atom_virial && mode == FOLD && !warned_atom_virial) {
     warned_atom_virial = true;
     error->warning(FLERR, "pair_style hessforge: fold mode gives per-atom virials as the edge split (each edge's "
@@ -502,9 +517,16 @@ void PairHessforge::compute(int eflag, int vflag)
     f[i][1] += fr[3 * k + 1];
     f[i][2] += fr[3 * k + 2];
   }
-  if (eflag_global) eng_vdwl += result->energy;
+  if (eflag_global) {
+    eng_vdwl += result->energy;
+    if (!reference_energies)
+      for (int k = 0; k < local_nodes; k++) eng_vdwl -= reference_of_type[atom->type[atom_of_node[k]]];
+  }
   if (eflag_atom)
-    for (int k = 0; k < local_nodes; k++) eatom[atom_of_node[k]] += result->node_energy[k];
+    for (int k = 0; k < local_nodes; k++) {
+      const int i = atom_of_node[k];
+      eatom[i] += result->node_energy[k] - (reference_energies ? 0.0 : reference_of_type[atom->type[i]]);
+    }
   if (atom_virial) {
     // nodes are local atoms (fold) or local + ghost atoms (ghost mode: compute stress/atom reverse-communicates
     // the ghosts' share to their owners, newton on, as heat/flux wants: a ghost moves with its owner)

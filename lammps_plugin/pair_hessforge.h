@@ -39,6 +39,8 @@ class PairHessforge : public Pair {
   int mode_setting;  // what the user asked for
   int mode;          // what runs: FOLD (one rank: periodic images folded onto their owners) or GHOST
   int num_threads;
+  bool reference_energies;  // energies include the model's per-element constants (keyword reference_energies)
+  std::vector<double> reference_of_type;  // eV per atom type (1-based; 0 for NULL types)
   double cutoff;
   std::string model_path;
   std::unique_ptr<hessforge::Model> model;

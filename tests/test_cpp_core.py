@@ -135,6 +135,13 @@ def test_core_atom_virials(tmp_path, rng):
         split = core.compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
                                    np.zeros((graph.edge_index.shape[1], 3)), nlocal=nlocal, atom_virial="split")
         assert rel(split["atom_virial"], brute) > 1e-3  # another decomposition of the same sum
+    # a float32 export: the two terms of the exact form cancel to W; relative to the local atoms' centroid
+    # they keep float32's digits (uncentred, 1e4 Å from the origin, they kept ~2)
+    single = str(tmp_path / "float32.pt")
+    export_model(model, single, dtype=torch.float32)
+    out = load_core(single).compute_graph(atoms.positions, atoms.numbers, graph.edge_index.numpy(),
+                                          np.zeros((graph.edge_index.shape[1], 3)), nlocal=4, atom_virial="exact")
+    assert rel(out["atom_virial"], brute) < 1e-4
     with pytest.raises(HessforgeError, match="atom_virial must be None, 'split' or 'exact'"):
         core.compute_atoms(atoms, atom_virial="hardy")
 
@@ -306,8 +313,10 @@ ODD_METADATA = {  # edit of the exported metadata -> what both loaders name
     "interaction_range text": (dict(interaction_range="far"), "interaction_range"),
     "interaction_range below cutoff": (dict(interaction_range=CUTOFF / 2), "interaction_range"),
     "species twice": (dict(species=SPECIES + SPECIES[:1]), "species"),
-    "species the weights lack": (dict(species=SPECIES + [7]), "but its weights embed"),
-    "species missing": (dict(species=SPECIES[:-1]), "but its weights embed"),
+    "species the weights lack": (dict(species=SPECIES + [7], reference_energies=[0.0] * 4), "but its weights embed"),
+    "species missing": (dict(species=SPECIES[:-1], reference_energies=[0.0] * 2), "but its weights embed"),
+    "reference_energies short": (dict(reference_energies=[-13.6]), "reference_energies"),
+    "reference_energies text": (dict(reference_energies=["a", "b", "c"]), "reference_energies"),
 }
 
 

@@ -317,6 +317,44 @@ def test_per_atom_virials_of_a_direct_force_model_are_refused(tmp_path, models):
     assert code != 0 and any("direct-force model without a virial, per atom or total" in e for e in errors), out[-2000:]
 
 
+def test_reference_energies_off(tmp_path, models):
+    """`reference_energies off` leaves the model's per-element constants (-13.6 eV per H, -1029 per C... in
+    tiny_painn; the isolated-atom energies of a trained student) out of pe and pe/atom, so a heat flux's
+    convective term is not all of them; forces and virial are unchanged, on 1 and 2 ranks. A file without the
+    constants in its metadata, or a bad value, is refused."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(13))["triclinic"]
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    ref = python_reference(model, atoms)
+    refs = dict(zip([1, 6, 8], read_metadata(path)["reference_energies"]))
+    assert refs == dict(zip([1, 6, 8], model.atom_ref.tolist()))
+    per_atom = np.array([refs[z] for z in atoms.numbers])
+    shifted = dict(ref, energy=ref["energy"] - per_atom.sum(), node_energy=ref["node_energy"] - per_atom)
+    assert np.abs(shifted["node_energy"]).max() < 20  # eV, not ~2000
+    for mode, nprocs in (("fold", 1), ("ghost", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode} reference_energies off")
+                   + SINGLE_POINT, nprocs=nprocs)
+        assert_close(read_single_point(work), shifted, f"reference_energies off, {mode} x{nprocs}")
+    meta = read_metadata(path)
+    meta.pop("reference_energies")
+    older = str(tmp_path / "older.pt")
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), older, _extra_files={METADATA_NAME: json.dumps(meta)})
+    for pair_style, model_file, message in (
+            ("hessforge reference_energies off", older, "which " + older + " does not record"),
+            ("hessforge reference_energies none", path, "reference_energies must be on or off, got 'none'")):
+        code, out = run_lammps(tmp_path, header(model_file, ["H", "C", "O"], pair_style=pair_style) + "run 0\n",
+                               check=False)
+        errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+        assert code != 0 and any(message in e for e in errors), out[-2000:]
+    # the older file still runs with its constants in
+    run_lammps(tmp_path, header(older, ["H", "C", "O"]) + SINGLE_POINT)
+    assert_close(read_single_point(tmp_path), ref, "older file")
+
+
 def test_rank_without_atoms(tmp_path, models):
     """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing."""
     model, path = models["gradient"]

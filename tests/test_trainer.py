@@ -848,3 +848,27 @@ def test_resume_data_check_covers_cells_and_charges_and_accepts_older_checkpoint
         _check_resume_data("ckpt", vacuum, boxed)
     older = {"dataset": {k: v for k, v in vacuum["dataset"].items() if k != "setting_sha256"}, "labels": None}
     _check_resume_data("ckpt", older, boxed)
+
+
+def test_resume_of_a_run_trained_on_an_unfiltered_split_file(labelled, tmp_path, capsys):
+    """Runs started before data.max_atoms / data.elements filtered a data.split_file were trained on all of it
+    (their checkpoints record that split's digest): they resume on it, with a note, instead of being refused
+    as trained on another split."""
+    from training.data.subsets import save_split, split_digest
+
+    given = {"train": [k for k in range(20) if k not in (0, 4, 8)], "val": [0, 4, 8]}
+    save_split(str(tmp_path / "split.json"), given, count=20)
+    cfg = _config(labelled, tmp_path / "run", epochs=1)
+    cfg.data.split_file, cfg.data.max_atoms = str(tmp_path / "split.json"), 5  # CH3OH (6 atoms, 12-15) out
+    trainer = Trainer(cfg)
+    assert sorted(trainer.train_idx) == [k for k in given["train"] if not 12 <= k <= 15]
+    assert "leave out 4 of the 17 train structures" in capsys.readouterr().err
+    trainer.fit()
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state["split_sha256"] = split_digest(given)  # what the same run recorded before the filter applied
+    torch.save(state, tmp_path / "run" / "last.pt")
+    cfg.train.epochs = 2
+    resumed = Trainer(cfg)
+    assert "resuming on that split" in capsys.readouterr().err
+    assert sorted(resumed.train_idx) == given["train"]
+    assert resumed.fit()["epochs"] == 2

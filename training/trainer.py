@@ -412,9 +412,16 @@ class Trainer:
         # config, whatever split.json an earlier run left.
         split_path = os.path.join(self.out, "split.json")
         count = len(self.dataset)
+        recorded = (resume_state or {}).get("split_sha256")
         if config.data.split_file:
-            split = load_split(config.data.split_file, count=count, require=("train", "val"))
-            split = self._filtered_split(split, config)
+            given = load_split(config.data.split_file, count=count, require=("train", "val"))
+            split = self._filtered_split(given, config, quiet=recorded == split_digest(given))
+            if recorded is not None and recorded != split_digest(split) and recorded == split_digest(given):
+                # a run started before data.elements / data.max_atoms filtered split files: it goes on as begun
+                split = given
+                if self.rank == 0:
+                    print(f"note: {last} was trained on all of {config.data.split_file} (from before data.elements "
+                          "/ data.max_atoms filtered split files); resuming on that split", file=sys.stderr)
         elif resume_state is not None and os.path.exists(split_path):
             split = load_split(split_path, count=count, require=("train", "val"))
         else:
@@ -425,7 +432,6 @@ class Trainer:
             split = split_by_group(self.dataset.groups(), (config.data.train, config.data.val, config.data.test),
                                    seed=config.data.split_seed, indices=keep)
         self.split, self.split_digest = split, split_digest(split)
-        recorded = (resume_state or {}).get("split_sha256")
         if recorded is not None and recorded != self.split_digest:
             raise HessforgeError(f"{last}: this run was trained on another split than "
                                  f"{config.data.split_file or split_path} holds now; resume with the run's split, or "
@@ -562,7 +568,7 @@ class Trainer:
             done = resume_state is not None and int(resume_state["epoch"]) >= tc.epochs
             self._write_run_files(fresh=resume_state is None, keep_config=done)
 
-    def _filtered_split(self, split: Dict[str, List[int]], config) -> Dict[str, List[int]]:
+    def _filtered_split(self, split: Dict[str, List[int]], config, quiet: bool = False) -> Dict[str, List[int]]:
         """A given split file with data.elements / data.max_atoms applied to each of its splits (they filter the
         fraction-made splits too); a note says how many structures they left out of which split."""
         if config.data.elements is None and config.data.max_atoms is None:
@@ -573,7 +579,7 @@ class Trainer:
         filtered = {name: [i for i in idx if i in keep] for name, idx in split.items()}
         dropped = {name: len(idx) - len(filtered[name]) for name, idx in split.items()
                    if len(idx) != len(filtered[name])}
-        if dropped and self.rank == 0:
+        if dropped and self.rank == 0 and not quiet:
             print(f"note: data.elements {config.data.elements} / data.max_atoms {config.data.max_atoms} leave out "
                   + ", ".join(f"{n} of the {len(split[name])} {name}" for name, n in dropped.items())
                   + f" structures of {config.data.split_file}", file=sys.stderr)

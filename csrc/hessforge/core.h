@@ -36,6 +36,8 @@ struct Metadata {
   std::string force_mode;         // "gradient" or "direct"
   bool virial = false;            // the model gives a virial (gradient forces)
   std::string dtype;              // "float32" or "float64"
+  std::vector<double> reference_energies;  // eV, per species (same order): constants inside each atom energy;
+                                           // empty in files exported before they were recorded
   std::string json;               // the whole metadata document
 };
 

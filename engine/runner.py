@@ -325,6 +325,7 @@ class BenchTarget:
     mode: str = ""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    report_dtype: Optional[torch.dtype] = None  # what the model computes in, where not `dtype` (exported files)
     fuses_neighbors: bool = False  # the model builds its own neighbor list: both timings are the same call
     note: str = ""
 
@@ -380,6 +381,7 @@ class StudentTarget(BenchTarget):
             if self.device.type != "cpu":
                 raise HessforgeError("exported models are loaded on CPU by engine.exported")
             self.dtype = torch.float64  # its inputs and outputs (it computes in its own metadata dtype)
+            self.report_dtype = getattr(model, "dtype", None)
             self.student, self.mode = model, f"eager[torchscript {str(getattr(model, 'dtype', '')).replace('torch.', '')}]"
         self.fuses_neighbors = bool(getattr(self.student, "fuses_neighbors", False))
         self.cutoff = float(model.cutoff)
@@ -612,7 +614,8 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
     events = compile_events(compiled_before, compile_stats())
     del inputs
     return BenchResult(
-        name=target.name, mode=target.mode, device=str(target.device), dtype=_dtype_name(target.dtype),
+        name=target.name, mode=target.mode, device=str(target.device),
+        dtype=_dtype_name(target.report_dtype or target.dtype),
         threads=torch.get_num_threads(), batch_size=batch_size, atoms=atoms, edges=edges, model=model_t,
         model_nl=nl_t, peak_memory_bytes=peak, memory_method=probe.method,
         note=_join_notes(target.note, cuda_graphs_note(target.mode, events)), compile_events=events,

@@ -438,6 +438,18 @@ def test_bench_cli(tmp_path, capsys):
     assert data["speedups"]["fixed"][f"{first['name']} [{first['mode']}]"] == pytest.approx(1.0)
     if not torch.cuda.is_available():
         assert any("compiled+triton: skipped" in n for n in data["notes"])
+    # every mode's energies and forces against the first mode's, and what was run with
+    agreement = data["mode_agreement"]
+    assert set(agreement) == {f"{r['name']} [{r['mode']}]" for r in data["fixed"] if r["mode"] != "eager"}
+    assert all(a["against"] == "eager" and a["max_abs_dF_eV_per_A"] < 1e-4 for a in agreement.values())
+    assert data["settings"]["repeats"] == 1 and data["settings"]["batch_sizes"] == [1, 2]
+    assert data["provenance"]["hessforge_version"] and data["provenance"]["cwd"]
+    # --json replaces an earlier report, nothing else
+    other = tmp_path / "config.json"
+    other.write_text('{"lr": 0.001}')
+    assert main(["bench", "painn:hidden=8,layers=1,num_basis=4", "quickstart", "--batch-size", "2", "--repeats",
+                 "1", "--json", str(other)]) == 2
+    assert "is not a hessforge bench report" in capsys.readouterr().err and other.read_text() == '{"lr": 0.001}'
     # bad input: one clear line, exit status 2
     assert main(["bench", "painn", str(tmp_path / "missing.extxyz")]) == 2
     assert "data not found" in capsys.readouterr().err
@@ -515,3 +527,24 @@ def test_sweep_compares_batches_of_the_same_mix_by_atom_throughput():
     assert s.results[0].model.structures_per_s > s.results[1].model.structures_per_s
     assert s.best("model").batch_size == 4
     assert speedup(s.results[1], s.results[0]) == pytest.approx((200 / 0.02) / (3 / 0.001))
+
+
+def test_bench_cli_skips_a_fixed_batch_projected_past_the_memory_cap(tmp_path, capsys):
+    """On a CPU a fixed batch too large for memory was killed by the kernel (every result lost, no JSON): a
+    large batch is projected from a small one and skipped with a note when it would pass the cap."""
+    from training.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "painn:hidden=8,layers=1,num_basis=4", "quickstart", "--batch-size", "2000", "--repeats",
+                 "1", "--warmup", "1", "--threads", "1", "--memory-cap-gb", "0.001", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["fixed"] == [] and any("batch 2000 skipped: projected at" in n for n in data["notes"])
+    # an exported model reports the dtype it computes in, and says --dtype does not apply to it
+    from engine.export import export_model
+
+    export_model(tiny(), str(tmp_path / "m32.pt"), dtype=torch.float32)
+    assert main(["bench", str(tmp_path / "m32.pt"), "quickstart", "--batch-size", "2", "--repeats", "1",
+                 "--dtype", "float64", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["fixed"][0]["dtype"] == "float32"
+    assert any("computes in its own dtype (float32), not --dtype float64" in n for n in data["notes"])

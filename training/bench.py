@@ -16,18 +16,25 @@ MODEL is one of
                         `mace_off_large`): timing a teacher of that size without its weights
 DATA is an extxyz (or any ASE-readable) file, a hessforge LMDB dataset, `quickstart` (the bundled HCNO set),
 or `s22[:MIN_ATOMS]` (ase.collections.s22 molecular complexes, e.g. s22:24 for the ten with 24-30 atoms).
-Structures are replicated cyclically to fill each batch.
+A batch larger than the data replicates it cyclically; a smaller one takes structures spread evenly over the
+data sorted by size (the data's mix of sizes).
 
 Students run in every mode of --modes (eager, compiled, fused, compiled+fused, compiled+triton, cudagraphs:
 compiled+triton with padded edges, replayed as CUDA graphs); a mode that cannot run here (no CUDA for Triton,
 no engine.kernels) is skipped with the reason printed. Teachers run eager.
-Speedups are ns/day over the reference: the first --compare teacher, else the first MODEL; at the fixed batch
-size, and with --sweep also best batch vs best batch.
+Speedups are throughput (atom-steps/s) over the reference's: the first --compare teacher, else the first MODEL;
+at the fixed batch size (where it is the ns/day ratio), and with --sweep also best batch vs best batch (atom-steps,
+since the two best batches may hold molecules of different mean size). Every mode's energies and forces on the
+fixed batch are compared with the first mode's of the same model (max |dE|, |dF| in the table's notes and JSON).
+On a CPU, a fixed batch whose memory, projected from a small batch, would pass the memory cap
+(--memory-cap-gb, default half the available memory) is skipped with a note instead of being run into the
+kernel's out-of-memory killer.
 """
 from __future__ import annotations
 
 import copy
 import os
+import shlex
 import sys
 import warnings
 from typing import Dict, List, Optional, Sequence
@@ -39,8 +46,8 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
 from engine.paths import LMDB_DATASET, artifact_kind, check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
-                           format_table, is_out_of_memory, machine_info, rebuild_neighbors, release_memory,
-                           resolve_device, speedup, sweep, write_json)
+                           default_memory_cap, format_table, is_out_of_memory, machine_info, rebuild_neighbors,
+                           release_memory, resolve_device, sample_batch, speedup, sweep, write_json)
 from training.teachers.base import check_finite_positions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -428,6 +435,80 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
                          "so3lr, chgnet[:MODEL], mace:FILE, mace-off-l-arch")
 
 
+# a fixed batch of more atoms than this is first run small on a CPU to project its memory against the cap
+PROBE_ATOMS = 4096
+
+
+def projected_memory(target: BenchTarget, structures: Sequence, batch_size: int) -> Optional[float]:
+    """Peak memory (bytes) `batch_size` structures would take on a CPU, projected from a batch of ~1000 atoms
+    (one untimed call after one warm-up); None for batches of at most PROBE_ATOMS atoms (not worth the probe)."""
+    atoms = sum(len(a) for a in sample_batch(structures, batch_size))
+    if target.device.type != "cpu" or atoms <= PROBE_ATOMS:
+        return None
+    small = max(1, batch_size * 1024 // atoms)
+    probe = benchmark(target, structures, small, warmup=1, repeats=1, with_neighbors=False)
+    return probe.peak_memory_bytes * atoms / max(probe.atoms, 1)
+
+
+def mode_agreement(targets: Sequence[BenchTarget], structures: Sequence, batch_size: int) -> Dict[str, Dict]:
+    """Each student mode's energies and forces on the fixed batch against the first mode of the same model:
+    {"name [mode]": {"against": first mode, "max_abs_dE_eV": .., "max_abs_dF_eV_per_A": ..}} (a broken compiled
+    or fused mode would otherwise show up as a speedup)."""
+    first: Dict[str, tuple] = {}
+    out: Dict[str, Dict] = {}
+    batch = sample_batch(structures, batch_size)
+    for t in targets:
+        if not isinstance(t, StudentTarget):
+            continue
+        graph = t.prepare(batch)
+        result = t.student(graph, compute_forces=True)
+        energy = result["energy"].detach().double().cpu()
+        forces = result["forces"].detach().double().cpu()
+        if t.name not in first:
+            first[t.name] = (t.mode, energy, forces)
+            continue
+        mode, e0, f0 = first[t.name]
+        out[f"{t.name} [{t.mode}]"] = {"against": mode, "max_abs_dE_eV": float((energy - e0).abs().max()),
+                                       "max_abs_dF_eV_per_A": float((forces - f0).abs().max())}
+    return out
+
+
+def check_replaces_a_report(path: str) -> None:
+    """--json replaces an earlier `hessforge bench` report only: any other file there (a structure file, a
+    config, another tool's JSON) is more likely a mistyped path than something to destroy."""
+    import json
+
+    if not (os.path.isfile(path) and os.path.getsize(path) > 0):
+        return
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+        ours = isinstance(old, dict) and str(old.get("command", "")).startswith("hessforge bench") and "machine" in old
+    except (OSError, ValueError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise HessforgeError(f"--json {path}: that file exists and is not a hessforge bench report; writing it would "
+                             "destroy it. Give another file name (or move the file away first)")
+
+
+def bench_provenance(specs: Sequence[str], data: str) -> Dict:
+    """hessforge version and commit, working directory, and the absolute paths of model and data files."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("hessforge")
+    except PackageNotFoundError:
+        own = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    files = {spec: os.path.abspath(spec) for spec in list(specs) + [data] if os.path.exists(spec)}
+    return {"hessforge_version": own, "git_commit": commit, "cwd": os.getcwd(), "files": files}
+
+
 def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
     if isinstance(model, torch.nn.Module):
         info[label] = {"parameters": count_parameters(model),
@@ -438,7 +519,11 @@ def _student_targets(model, label, modes, device, dtype, notes, info) -> List[Be
             notes.append(f"{label}: an exported TorchScript model runs eager only; skipped {skipped}")
             print(f"note: {notes[-1]}", file=sys.stderr)
         modes = ["eager"]
-        info[label] = {"exported": True, "metadata_dtype": str(model.dtype)}
+        info[label] = {"exported": True, "metadata_dtype": str(model.dtype).replace("torch.", "")}
+        if dtype is not None and dtype != model.dtype:
+            notes.append(f"{label}: an exported model computes in its own dtype "
+                         f"({str(model.dtype).replace('torch.', '')}), not --dtype {str(dtype).replace('torch.', '')}")
+            print(f"note: {notes[-1]}", file=sys.stderr)
     targets = []
     for mode in modes:
         try:
@@ -509,6 +594,7 @@ def run(args) -> int:
     *model_specs, data = args.args
     if args.json:
         check_output_file(args.json, "--json", inputs=[data, *model_specs, *args.compare], create_parent=True)
+        check_replaces_a_report(args.json)
     set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -563,10 +649,21 @@ def run(args) -> int:
     fixed: List[BenchResult] = []
     sweeps = {}
     ref_fixed = None
+    fixed_cap = cap if cap is not None else default_memory_cap()
     for t in targets:
         print(f"{t.name} [{t.mode}] batch {args.batch_size}...", file=sys.stderr)
+        r = None
         try:
-            r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
+            # on a CPU the kernel's out-of-memory killer ends the process (every result lost) before torch could
+            # raise: a large batch is projected from a small one first
+            projected = projected_memory(t, structures, args.batch_size)
+            if projected is not None and projected > fixed_cap:
+                notes.append(f"{t.name} [{t.mode}]: batch {args.batch_size} skipped: projected at "
+                             f"{projected / 2**30:.3g} GiB, over the memory cap {fixed_cap / 2**30:.3g} GiB "
+                             "(--memory-cap-gb; or a smaller --batch-size)")
+                print(f"  {notes[-1]}", file=sys.stderr)
+            else:
+                r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
         except (RuntimeError, MemoryError) as err:  # the other models' results are kept
             if not is_out_of_memory(err):
                 raise
@@ -586,11 +683,16 @@ def run(args) -> int:
                       memory_cap_bytes=cap, max_call_s=args.max_call_s, progress=progress)
             print(f"  stop: {s.stop_reason}", file=sys.stderr)
             sweeps[(t.name, t.mode)] = s
+    measured = {(r.name, r.mode) for r in fixed}
+    agreement = mode_agreement([t for t in targets if (t.name, t.mode) in measured], structures, args.batch_size)
+    for key, a in agreement.items():
+        notes.append(f"{key} vs [{a['against']}]: max |dE| {a['max_abs_dE_eV']:.2g} eV, max |dF| "
+                     f"{a['max_abs_dF_eV_per_A']:.2g} eV/Å on the fixed batch")
     for r in fixed + [r for s in sweeps.values() for r in s.results]:
         warning = cuda_graphs_note(r.mode, r.compile_events)
         if warning and f"{r.name} [{r.mode}]: {warning}" not in notes:
             notes.append(f"{r.name} [{r.mode}]: {warning}")
-    print(f"\nbatch {args.batch_size} (speedup: ns/day over {reference.name} [{reference.mode}])")
+    print(f"\nbatch {args.batch_size} (speedup: throughput over {reference.name} [{reference.mode}])")
     print(format_table(fixed, reference=lambda r: ref_fixed, markdown=args.markdown))
     best, ref_best = [], None
     if args.sweep:
@@ -608,7 +710,7 @@ def run(args) -> int:
         print(f"memory: {fixed[0].memory_method}")
     if args.json:
         write_json(args.json, {
-            "command": "hessforge bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "command": "hessforge bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
             "machine": machine_info(device), "data": dict(summary, spec=data), "models": info,
             "reference": [reference.name, reference.mode], "batch_size": args.batch_size,
             "compare": [[t.name, t.mode] for t in references],  # the teachers (--compare); [] = none
@@ -618,6 +720,12 @@ def run(args) -> int:
             "best": [r.to_dict() for r in best],
             "speedups": {"fixed": ({f"{r.name} [{r.mode}]": speedup(r, ref_fixed) for r in fixed} if ref_fixed else {}),
                          "best": ({f"{r.name} [{r.mode}]": speedup(r, ref_best) for r in best} if ref_best else {})},
+            "mode_agreement": agreement,
+            "settings": {"warmup": args.warmup, "repeats": args.repeats, "sweep": bool(args.sweep),
+                         "max_batch": args.max_batch, "batch_sizes": sizes, "max_call_s": args.max_call_s,
+                         "memory_cap_bytes": cap if cap is not None else fixed_cap,
+                         "neighbors": not args.no_neighbors},
+            "provenance": bench_provenance(model_specs + list(args.compare), data),
             "notes": notes,
         })
         print(f"wrote {args.json}", file=sys.stderr)

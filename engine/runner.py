@@ -699,8 +699,8 @@ def sweep(target: BenchTarget, structures: Sequence, batch_sizes: Optional[Seque
             out.stop_reason = f"largest batch size tried ({b})"
             return out
         if cap is not None and r.peak_memory_bytes * nxt / b > cap:
-            out.stop_reason = (f"memory cap {cap / 2**30:.1f} GiB (batch {nxt} projected at "
-                               f"{r.peak_memory_bytes * nxt / b / 2**30:.2f} GiB)")
+            out.stop_reason = (f"memory cap {cap / 2**30:.3g} GiB (batch {nxt} projected at "
+                               f"{r.peak_memory_bytes * nxt / b / 2**30:.3g} GiB)")
             return out
         if t.median_s > max_call_s:
             out.stop_reason = f"call time {t.median_s:.3g} s > {max_call_s:g} s at batch {b}"

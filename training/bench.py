@@ -576,8 +576,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory-cap-gb", type=float, default=None,
                         help="CPU sweep memory cap (default: half the available memory, at most 16 GiB)")
     parser.add_argument("--max-call-s", type=float, default=30.0,
-                        help="stop a sweep once one call takes longer than this (default 30 s)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+                        help="stop a sweep once a batch size's median call takes longer than this (default 30 s)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed calls before timing (default 2; at least 1, 3 for exported TorchScript models "
+                             "and 2 for cudagraphs, whatever is given)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
     parser.add_argument("--no-neighbors", action="store_true", help="time the model call only")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")

@@ -15,7 +15,7 @@ from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_tor
 from engine.exported import ExportedModel, core_available, load_core, neighbor_list, read_metadata
 from engine.graph import graph_from_atoms
 from engine.neighbors import structure_neighbor_list
-from test_export import CUTOFF, SPECIES, VARIANTS, rel, strain_virial, structures, tiny_painn
+from test_export import CUTOFF, SPECIES, VARIANTS, flipped_weights_copy, rel, strain_virial, structures, tiny_painn
 
 pytestmark = pytest.mark.skipif(not core_available(), reason="C++ core not built (make build)")
 
@@ -290,17 +290,13 @@ def test_core_errors(tmp_path):
     assert sorted(map(tuple, np.asarray(edges).T.tolist())) == [(0, 1), (1, 0)]
     # a flipped byte in a weight record: PyTorch's reader skips the CRC-32s, so it loaded and gave wrong
     # energies; the core (and the Python loader) check every record
-    data = bytearray(open(path, "rb").read())
-    start = len(data) // 3
-    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
-    flipped = tmp_path / "flipped.pt"
-    flipped.write_bytes(bytes(data))
+    flipped = flipped_weights_copy(path, tmp_path / "flipped.pt")
     with pytest.raises(HessforgeError, match="damaged model file .*fails its CRC-32 check"):
         load_core(str(flipped))
     with pytest.raises(HessforgeError, match="damaged model file .*fails its CRC-32 check"):
         ExportedModel(str(flipped))
     cut = tmp_path / "cut.pt"
-    cut.write_bytes(bytes(data[: len(data) - 10]))
+    cut.write_bytes(open(path, "rb").read()[:-10])
     with pytest.raises(HessforgeError, match="damaged model file|not a hessforge exported model"):
         load_core(str(cut))
 

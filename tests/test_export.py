@@ -34,6 +34,23 @@ def tiny_painn(force_mode="gradient", seed=0, dtype=torch.float64, arch="painn")
     return model.to(dtype).eval()
 
 
+def flipped_weights_copy(path, out):
+    """A copy of an exported file with 64 bytes inverted inside its largest record (a weight tensor: a bad copy
+    or disk). Found through the zip directory: a fixed offset such as a third of the way in lands on a record
+    header in some archives (the layout moves with the metadata), which is refused for another reason."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(open(path, "rb").read())
+    name_length = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_length + extra_length + info.compress_size // 2 - 32
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    open(out, "wb").write(bytes(data))
+    return out
+
+
 def write_checkpoint(path, model, labels_dir=None):
     """A checkpoint with the keys the trainer writes (training/trainer.py Trainer._state)."""
     hp = dict(model.hyperparameters(), name="painn")

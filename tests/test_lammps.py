@@ -18,7 +18,7 @@ from ase.data import atomic_masses, chemical_symbols
 from engine.export import EXPORT_VERSION, METADATA_NAME, export_model, quiet_torchscript
 from engine.exported import PLUGIN_NAME, REPO_ROOT, read_metadata
 from engine.graph import graph_from_atoms
-from test_export import CUTOFF, rel, strain_virial, tiny_painn
+from test_export import CUTOFF, flipped_weights_copy, rel, strain_virial, tiny_painn
 
 BUILD_DIR = os.environ.get("HESSFORGE_BUILD_DIR") or os.path.join(REPO_ROOT, "build")
 PLUGIN = os.path.join(BUILD_DIR, PLUGIN_NAME)
@@ -512,17 +512,6 @@ def _damaged_copy(path, tmp_path):
     return out
 
 
-def _flipped_copy(path, tmp_path):
-    """The exported file with 64 bytes inverted a third of the way in (a bad copy): PyTorch's reader does not
-    check the records' CRC-32s, so it loaded and gave wrong energies without any error."""
-    data = bytearray(open(path, "rb").read())
-    start = len(data) // 3
-    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
-    out = tmp_path / "flipped.pt"
-    out.write_bytes(bytes(data))
-    return out
-
-
 def test_sparse_atom_ids_and_reissued_pair_style(tmp_path, models):
     """Atom IDs near 2^31 (left by delete_atoms, fix deposit, other tools) cost what 1..N cost (fold mode
     used an array indexed by ID: 8 GB here, std::bad_alloc under a memory limit); re-issuing pair_style
@@ -595,7 +584,7 @@ def test_bad_input_errors(tmp_path, models):
          + "fix p all deform/pressure 1 x pressure 0.0 1e-5\n", "controls the pressure, but"),
         ("direct under msst", header(models["direct"][1], ["H", "C", "O"])
          + "fix p all msst z 28.0 q 200 mu 3e2 tscale 0.01\n", "controls the pressure, but"),
-        ("flipped bytes", header(_flipped_copy(path, tmp_path), ["H", "C", "O"]), "fails its CRC-32 check"),
+        ("flipped bytes", header(flipped_weights_copy(path, tmp_path / "flipped.pt"), ["H", "C", "O"]), "fails its CRC-32 check"),
     ]
     for what, script, message in cases:
         work = tmp_path / what.replace(" ", "_").replace("/", "_")

@@ -1,6 +1,7 @@
 """Batched MD (engine.md): velocity Verlet conserves energy with the right units and order, the batch is B
 independent systems, the skin list gives the same trajectory as rebuilding, BAOAB Langevin reaches its target
 temperature, and bad input fails clearly."""
+import re
 import copy
 
 import numpy as np
@@ -974,3 +975,23 @@ def test_a_padded_fused_student_keeps_one_capacity_per_group(rng):
     calls[0] = 0
     md.step(5)
     assert calls[0] == 5 * 6  # one core call per group and step, none redone
+
+
+def test_md_cli_stops_a_blown_up_run_and_keeps_the_state(tmp_path, capsys):
+    """A run that blew up stayed finite (atoms beyond the cutoff feel no force) and exited 0 at 1e35 K: a
+    system over --max-temperature, or an atom moving > 1 Å in a step, stops it naming the system and step, and
+    -o still gets the state where it stopped."""
+    import ase.io
+
+    from training.cli import main
+
+    model = "painn:hidden=8,layers=1,num_basis=4"
+    out = tmp_path / "end.xyz"
+    common = ["quickstart", "--batch-size", "3", "--threads", "1", "--seed", "2", "--integrator", "verlet"]
+    assert main(["md", model, *common, "--steps", "5", "--timestep", "60", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the dynamics blew up at step 1: an atom of system" in err and "a shorter --timestep" in err
+    assert len(ase.io.read(out, ":")) == 3 and "(the state at step 1, where the run stopped)" in err
+    assert main(["md", model, *common, "--steps", "5", "--timestep", "0.5", "--max-temperature", "1"]) == 2
+    assert re.search(r"blew up at step 1: system \d \(\w+\) is at [0-9.e+]+ K, over the 1 K limit", capsys.readouterr().err)
+    assert main(["md", model, *common, "--steps", "5", "--timestep", "0.5", "-o", str(out)]) == 0

@@ -7,11 +7,13 @@ repeated in turn when there are fewer. Initial velocities, per structure: DATA's
 (so a previous run's -o file continues that run, its frames' md_step numbering on), else drawn at
 --temperature (--init-temperature forces a draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz (8 decimals) or,
-named .traj, as an ASE trajectory (full float64: a bit-exact restart), each frame with info md_step, md_system,
+named .traj, as an ASE trajectory (full float64: a Verlet run continues as if uninterrupted; Langevin with a
+new random stream), each frame with info md_step, md_system,
 md_potential_energy (eV) (and md_pressure_GPa, md_pressure_tensor_GPa and the cell under --pressure) and, in
 extxyz, arrays md_forces (eV/Å); prints ns/day. Ctrl-C or SIGTERM end the run after the
-step under way, and -o is written all the same (a second one stops at once). Atoms ASE's FixAtoms holds
-(a slab's frozen layers; extxyz keeps the constraint) stay in place."""
+step under way, and -o is written all the same (a second one stops at once); so does a blow-up (a system over
+--max-temperature or an atom moving > 1 Å in a step), with an error naming the system. Atoms ASE's FixAtoms
+holds (a slab's frozen layers; extxyz keeps the constraint) stay in place."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,7 @@ import time
 from typing import Optional
 
 import numpy as np
+import torch
 from ase import units
 
 from engine.errors import HessforgeError
@@ -98,6 +101,10 @@ def add_arguments(parser) -> None:
                         help="the model's dtype (default float64; the MD state is float64 either way)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=seed_option, default=None, help="random stream (default: a fresh one; a run continuing an -o file at step k uses (seed, k))")
+    parser.add_argument("--max-temperature", type=float, default=None,
+                        help="K: stop the run as blown up when a system's temperature passes this (default: 10x "
+                             "the highest of --temperature and the initial temperatures, at least 5000 K); atoms "
+                             "moving more than 1 Å in one step stop it too")
     parser.add_argument("--interval", type=int, default=100,
                         help="report (and trajectory) interval in steps (default 100)")
     parser.add_argument("--trajectory", default=None,
@@ -105,7 +112,8 @@ def add_arguments(parser) -> None:
                              "every --interval steps")
     parser.add_argument("-o", "--output", default=None,
                         help="extxyz file (.xyz, .extxyz, optionally .gz; 8 decimals) or ASE trajectory (.traj; "
-                             "full float64: a bit-exact restart) for the final frames (a restart point; "
+                             "full float64: a Verlet run continues as if uninterrupted) for the final frames (a "
+                             "restart point; "
                              "also written when the run is interrupted by Ctrl-C or SIGTERM)")
 
 
@@ -234,9 +242,16 @@ def run(args) -> int:
             write_frames(args.trajectory, s.to_atoms(atoms), "--trajectory", append=True)
         reporting[0] += time.perf_counter() - entered
 
+    limit = blow_up_temperature(args, md)
+    failure = None
     with _StopRequest() as stop:  # Ctrl-C / SIGTERM end the run at a whole step, and -o is still written
-        while md.nsteps < args.steps and stop.signal is None:
-            md.step(1, callback=report, interval=args.interval)
+        try:
+            while md.nsteps < args.steps and stop.signal is None:
+                before = md.positions.clone()
+                md.step(1, callback=report, interval=args.interval)
+                check_not_blown_up(md, before, limit, atoms)
+        except HessforgeError as err:  # a blow-up: the other systems' state still goes to -o where it can
+            failure = err
     elapsed = time.perf_counter() - start - reporting[0]
     if md.nsteps:
         rate = md.nsteps * md.nsystems / elapsed
@@ -244,15 +259,52 @@ def run(args) -> int:
               f"reports and trajectory): {ns_per_day(rate):.3g} ns/day "
               f"counted at 1 fs per step, {ns_per_day(rate) * args.timestep:.3g} ns/day simulated "
               f"at the {args.timestep} fs step; {md.neighbor_builds} neighbor-list builds")
-    if args.output:
+    if args.output and (failure is None or bool(torch.isfinite(md.positions).all())):
         with atomic_path(args.output) as tmp:  # -o may be a restart file: never half-written
             write_frames(tmp, md.to_atoms(atoms), "-o", name=args.output)
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(f"wrote {args.output}" + (f" (the state at step {md.nsteps + md.step_offset}, where the run stopped)"
+                                        if failure is not None else ""), file=sys.stderr)
+    if failure is not None:
+        raise HessforgeError(f"{failure}" + ("" if not args.output or bool(torch.isfinite(md.positions).all())
+                                             else f"; {args.output} not written (non-finite positions)"))
     if stop.signal is not None:
         raise KeyboardInterrupt(f"{stop.signal} after step {md.nsteps} of {args.steps}; "
                                 + (f"that step's state is in {args.output} (continue from it as DATA)" if args.output
                                    else "nothing saved (no -o)"))
     return 0
+
+
+BLOW_UP_FLOOR_K = 5000.0  # a default --max-temperature never below this (quenches, 0 K targets)
+MAX_STEP_DISPLACEMENT = 1.0  # Å per step: ~10x what an H atom at 3000 K moves in 2 fs
+
+
+def blow_up_temperature(args, md) -> float:
+    """--max-temperature, or 10x the highest of the target and the initial temperatures, at least 5000 K."""
+    if args.max_temperature is not None:
+        if not args.max_temperature > 0:
+            raise HessforgeError(f"--max-temperature must be > 0 K, got {args.max_temperature}")
+        return float(args.max_temperature)
+    start = float(md.temperature().max()) if md.nsystems else 0.0
+    return max(BLOW_UP_FLOOR_K, 10.0 * max(args.temperature or 0.0, start))
+
+
+def check_not_blown_up(md, before: torch.Tensor, limit_K: float, atoms) -> None:
+    """A run that blew up stays finite once atoms fly apart beyond the cutoff (no forces act on them), so
+    non-finite numbers alone never stop it: a system hotter than `limit_K`, or an atom that moved more than
+    MAX_STEP_DISPLACEMENT in one step, ends the run naming the system and the step."""
+    step = md.nsteps + md.step_offset
+    hot = md.temperature()
+    if bool((hot > limit_K).any()):
+        k = int(torch.argmax(hot))
+        raise HessforgeError(f"the dynamics blew up at step {step}: system {k} ({atoms[k].get_chemical_formula()}) "
+                             f"is at {float(hot[k]):.4g} K, over the {limit_K:.4g} K limit (--max-temperature); a "
+                             "shorter --timestep, or a model that is stable for these structures")
+    moved = (md.positions - before).norm(dim=1)
+    if bool((moved > MAX_STEP_DISPLACEMENT).any()):
+        k = int(md.batch[int(torch.argmax(moved))])
+        raise HessforgeError(f"the dynamics blew up at step {step}: an atom of system {k} "
+                             f"({atoms[k].get_chemical_formula()}) moved {float(moved.max()):.3g} Å in one step "
+                             f"(more than {MAX_STEP_DISPLACEMENT:g}); a shorter --timestep")
 
 
 class _StopRequest:

@@ -979,8 +979,8 @@ def test_a_padded_fused_student_keeps_one_capacity_per_group(rng):
 
 def test_md_cli_stops_a_blown_up_run_and_keeps_the_state(tmp_path, capsys):
     """A run that blew up stayed finite (atoms beyond the cutoff feel no force) and exited 0 at 1e35 K: a
-    system over --max-temperature, or an atom moving > 1 Å in a step, stops it naming the system and step, and
-    -o still gets the state where it stopped."""
+    system over --max-temperature, or an atom moving > 1 Å per step, stops it naming the system and step, and
+    -o still gets the state where it stopped; a bad --max-temperature is refused before anything is written."""
     import ase.io
 
     from training.cli import main
@@ -990,8 +990,10 @@ def test_md_cli_stops_a_blown_up_run_and_keeps_the_state(tmp_path, capsys):
     common = ["quickstart", "--batch-size", "3", "--threads", "1", "--seed", "2", "--integrator", "verlet"]
     assert main(["md", model, *common, "--steps", "5", "--timestep", "60", "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "the dynamics blew up at step 1: an atom of system" in err and "a shorter --timestep" in err
+    assert "the dynamics blew up at step 1: an atom of system" in err and "Å per step" in err
     assert len(ase.io.read(out, ":")) == 3 and "(the state at step 1, where the run stopped)" in err
     assert main(["md", model, *common, "--steps", "5", "--timestep", "0.5", "--max-temperature", "1"]) == 2
     assert re.search(r"blew up at step 1: system \d \(\w+\) is at [0-9.e+]+ K, over the 1 K limit", capsys.readouterr().err)
     assert main(["md", model, *common, "--steps", "5", "--timestep", "0.5", "-o", str(out)]) == 0
+    assert main(["md", model, *common, "--max-temperature", "0", "--trajectory", str(tmp_path / "t.xyz")]) == 2
+    assert "--max-temperature must be > 0 K" in capsys.readouterr().err and not (tmp_path / "t.xyz").exists()

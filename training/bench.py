@@ -443,33 +443,43 @@ def projected_memory(target: BenchTarget, structures: Sequence, batch_size: int)
     """Peak memory (bytes) `batch_size` structures would take on a CPU, projected from a batch of ~1000 atoms
     (one untimed call after one warm-up); None for batches of at most PROBE_ATOMS atoms (not worth the probe)."""
     atoms = sum(len(a) for a in sample_batch(structures, batch_size))
-    if target.device.type != "cpu" or atoms <= PROBE_ATOMS:
-        return None
-    small = max(1, batch_size * 1024 // atoms)
+    small = max(1, batch_size * 1024 // max(atoms, 1))
+    if target.device.type != "cpu" or atoms <= PROBE_ATOMS or small >= batch_size:  # (large structures: the probe
+        return None                                                                  # would be the batch itself)
     probe = benchmark(target, structures, small, warmup=1, repeats=1, with_neighbors=False)
+    target.probe = probe  # its first call (compilation) and compile events belong to the fixed batch's report
     return probe.peak_memory_bytes * atoms / max(probe.atoms, 1)
 
 
-def mode_agreement(targets: Sequence[BenchTarget], structures: Sequence, batch_size: int) -> Dict[str, Dict]:
-    """Each student mode's energies and forces on the fixed batch against the first mode of the same model:
-    {"name [mode]": {"against": first mode, "max_abs_dE_eV": .., "max_abs_dF_eV_per_A": ..}} (a broken compiled
-    or fused mode would otherwise show up as a speedup)."""
-    first: Dict[str, tuple] = {}
+def fixed_memory_cap() -> int:
+    """The fixed batch's default CPU cap: half the available memory (the sweep's default also stops at 16 GiB,
+    a limit for its growth, not for a batch asked for)."""
+    from engine.runner import _proc_kb
+
+    available = _proc_kb("MemAvailable", "/proc/meminfo")
+    return int(available * 1024 // 2) if available else default_memory_cap()
+
+
+def mode_agreement(groups: Sequence[Sequence[BenchTarget]], structures: Sequence, batch_size: int) -> Dict[str, Dict]:
+    """Each student mode's energies and forces on the fixed batch against the first mode of the same model (a
+    group: the targets of one MODEL argument): {"name [mode]": {"against": first mode, "max_abs_dE_eV": ..,
+    "max_abs_dF_eV_per_A": ..}} (a broken compiled or fused mode would otherwise show up as a speedup)."""
     out: Dict[str, Dict] = {}
     batch = sample_batch(structures, batch_size)
-    for t in targets:
-        if not isinstance(t, StudentTarget):
-            continue
-        graph = t.prepare(batch)
-        result = t.student(graph, compute_forces=True)
-        energy = result["energy"].detach().double().cpu()
-        forces = result["forces"].detach().double().cpu()
-        if t.name not in first:
-            first[t.name] = (t.mode, energy, forces)
-            continue
-        mode, e0, f0 = first[t.name]
-        out[f"{t.name} [{t.mode}]"] = {"against": mode, "max_abs_dE_eV": float((energy - e0).abs().max()),
-                                       "max_abs_dF_eV_per_A": float((forces - f0).abs().max())}
+    for group in groups:
+        first = None
+        for t in group:
+            if not isinstance(t, StudentTarget):
+                continue
+            result = t.student(t.prepare(batch), compute_forces=True)
+            energy = result["energy"].detach().double().cpu()
+            forces = result["forces"].detach().double().cpu()
+            if first is None:
+                first = (t.mode, energy, forces)
+                continue
+            mode, e0, f0 = first
+            out[f"{t.name} [{t.mode}]"] = {"against": mode, "max_abs_dE_eV": float((energy - e0).abs().max()),
+                                           "max_abs_dF_eV_per_A": float((forces - f0).abs().max())}
     return out
 
 
@@ -500,13 +510,26 @@ def bench_provenance(specs: Sequence[str], data: str) -> Dict:
         own = version("hessforge")
     except PackageNotFoundError:
         own = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    files = {spec: os.path.abspath(spec) for spec in list(specs) + [data] if os.path.exists(spec)}
-    return {"hessforge_version": own, "git_commit": commit, "cwd": os.getcwd(), "files": files}
+    from engine.exported import REPO_ROOT
+
+    commit, dirty = None, None
+    if os.path.isdir(os.path.join(REPO_ROOT, ".git")):  # a source checkout (an installed copy has no commit)
+        try:
+            def git(*argv):
+                return subprocess.run(["git", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                                      timeout=10).stdout.strip()
+
+            commit = git("rev-parse", "HEAD") or None
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    files = {}
+    for spec in list(specs) + [data]:
+        path = spec.split(":", 1)[1].split("@")[0] if spec.startswith(("mace:", "chgnet:")) else spec
+        if os.path.exists(path):
+            files[spec] = os.path.abspath(path)
+    return {"hessforge_version": own, "git_commit": commit, "uncommitted_changes": dirty, "cwd": os.getcwd(),
+            "files": files}
 
 
 def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
@@ -574,7 +597,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-sizes", default=None, help="explicit sweep sizes, comma-separated")
     parser.add_argument("--max-batch", type=int, default=4096, help="largest sweep batch size (default 4096)")
     parser.add_argument("--memory-cap-gb", type=float, default=None,
-                        help="CPU sweep memory cap (default: half the available memory, at most 16 GiB)")
+                        help="CPU memory cap: a sweep stops before passing it (default: half the available memory, "
+                             "at most 16 GiB), a fixed batch projected past it is skipped (default: half the "
+                             "available memory)")
     parser.add_argument("--max-call-s", type=float, default=30.0,
                         help="stop a sweep once a batch size's median call takes longer than this (default 30 s)")
     parser.add_argument("--warmup", type=int, default=2,
@@ -620,8 +645,9 @@ def run(args) -> int:
     labels = file_labels(args.compare + model_specs)
     references = [t for spec in args.compare for t in make_targets(spec, structures, ["eager"], device, dtype,
                                                                     notes, info, labels.get(spec))]
-    targets = references + [t for spec in model_specs for t in make_targets(spec, structures, modes, device,
-                                                                             dtype, notes, info, labels.get(spec))]
+    groups = [make_targets(spec, structures, modes, device, dtype, notes, info, labels.get(spec))
+              for spec in model_specs]
+    targets = references + [t for group in groups for t in group]
     if not targets:
         raise HessforgeError("nothing to run: every requested mode was skipped")
     for t in targets:  # every structure may be used (batches cycle through the data): check them all now
@@ -651,7 +677,7 @@ def run(args) -> int:
     fixed: List[BenchResult] = []
     sweeps = {}
     ref_fixed = None
-    fixed_cap = cap if cap is not None else default_memory_cap()
+    fixed_cap = cap if cap is not None else fixed_memory_cap()
     for t in targets:
         print(f"{t.name} [{t.mode}] batch {args.batch_size}...", file=sys.stderr)
         r = None
@@ -666,6 +692,12 @@ def run(args) -> int:
                 print(f"  {notes[-1]}", file=sys.stderr)
             else:
                 r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
+                probe = getattr(t, "probe", None)
+                if probe is not None:  # compiled at the probe: say so, with its compile events
+                    r.compile_events = {k: probe.compile_events.get(k, 0) + r.compile_events.get(k, 0)
+                                        for k in set(probe.compile_events) | set(r.compile_events)}
+                    r.note = "; ".join(n for n in (r.note, f"first call at the memory probe's batch {probe.batch_size}"
+                                                   f": {probe.model.first_call_s:.3g} s") if n)
         except (RuntimeError, MemoryError) as err:  # the other models' results are kept
             if not is_out_of_memory(err):
                 raise
@@ -686,7 +718,12 @@ def run(args) -> int:
             print(f"  stop: {s.stop_reason}", file=sys.stderr)
             sweeps[(t.name, t.mode)] = s
     measured = {(r.name, r.mode) for r in fixed}
-    agreement = mode_agreement([t for t in targets if (t.name, t.mode) in measured], structures, args.batch_size)
+    try:  # a check of the results: its failure (memory after the sweeps) must not lose them
+        agreement = mode_agreement([[t for t in g if (t.name, t.mode) in measured] for g in groups], structures,
+                                   args.batch_size)
+    except (RuntimeError, MemoryError, HessforgeError) as err:
+        agreement = {}
+        notes.append(f"modes not compared with each other: {type(err).__name__}: {str(err).splitlines()[0]}")
     for key, a in agreement.items():
         notes.append(f"{key} vs [{a['against']}]: max |dE| {a['max_abs_dE_eV']:.2g} eV, max |dF| "
                      f"{a['max_abs_dF_eV_per_A']:.2g} eV/Å on the fixed batch")

@@ -147,8 +147,8 @@ class BatchedMD:
         model = for_inference(model, self.device, self.model_dtype)
         self.model = model
         self.cutoff = float(model.cutoff)
-        for a in atoms_list:
-            model.check_species(a.numbers, a.get_chemical_formula())
+        for k, a in enumerate(atoms_list):
+            model.check_species(a.numbers, f"system {k} ({a.get_chemical_formula()})")
         self.barostat = pressure_GPa is not None
         if self.barostat:
             self._check_barostat(model, atoms_list, timestep_fs, barostat_time_fs, bulk_modulus_GPa,
@@ -435,11 +435,13 @@ class BatchedMD:
         budget = float(self._stretch_since_build.min()) * (self.cutoff + self.skin) - self.cutoff
         return not bool(2.0 * moved <= budget)  # NaN: expired (never a stale list kept)
 
-    def _evaluate(self, positions: torch.Tensor):
+    def _evaluate(self, positions: torch.Tensor, step: Optional[int] = None):
+        """Energies and forces at `positions`, those of step `step` (default: the current one)."""
+        step = (self.nsteps if step is None else step) + getattr(self, "step_offset", 0)
         finite = torch.isfinite(positions).all(dim=1)
         if not bool(finite.all()):
             k = int(self.batch[int((~finite).nonzero()[0])])
-            raise HessforgeError(f"non-finite positions at step {self.nsteps} in system {k}: the dynamics blew up "
+            raise HessforgeError(f"non-finite positions at step {step} in system {k}: the dynamics blew up "
                                  "(time step too long, or a model without repulsion at short range)")
         graph = self._graph_at(positions.detach())
         if self.model_dtype != torch.float64:  # small coordinates before the cast: every edge vector unchanged
@@ -453,7 +455,7 @@ class BatchedMD:
         if self.barostat:
             self.dE_deps = dE_deps
         if not bool(torch.isfinite(forces).all()):
-            raise HessforgeError(f"non-finite forces at step {self.nsteps}: the model or the dynamics blew up")
+            raise HessforgeError(f"non-finite forces at step {step}: the model or the dynamics blew up")
         return energy, forces
 
     def _call(self, graph: AtomicGraph, group: int = 0):
@@ -501,7 +503,7 @@ class BatchedMD:
                 v = c1 * v + noise_scale * xi
                 x = x + 0.5 * dt * v
             self.positions = x
-            self.energy, self.forces = self._evaluate(x)
+            self.energy, self.forces = self._evaluate(x, self.nsteps + 1)
             self.velocities = v + 0.5 * dt * self.forces * inv_m
             self.nsteps += 1
             if self.barostat:

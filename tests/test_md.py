@@ -997,3 +997,22 @@ def test_md_cli_stops_a_blown_up_run_and_keeps_the_state(tmp_path, capsys):
     assert main(["md", model, *common, "--steps", "5", "--timestep", "0.5", "-o", str(out)]) == 0
     assert main(["md", model, *common, "--max-temperature", "0", "--trajectory", str(tmp_path / "t.xyz")]) == 2
     assert "--max-temperature must be > 0 K" in capsys.readouterr().err and not (tmp_path / "t.xyz").exists()
+
+
+def test_errors_name_the_system_and_the_step_they_happen_at():
+    """An unknown element names its system (it named only the formula); non-finite forces in the first step
+    say step 1 (they said step 0, the start)."""
+    model = PaiNN([1, 6, 8], cutoff=3.0, hidden=8, layers=1, num_basis=4).double()
+    water, methane = molecule("H2O"), molecule("CH4")
+    with pytest.raises(HessforgeError, match=r"system 1 \(H3N\)"):
+        BatchedMD(model, [water, molecule("NH3")], 0.5)
+    md = BatchedMD(model, [water, methane], 0.5)
+    real = md._model_call
+
+    def poisoned(graph):
+        energy, forces, dE_deps = real(graph)
+        return energy, forces * float("nan"), dE_deps
+
+    md._model_call = poisoned
+    with pytest.raises(HessforgeError, match="non-finite forces at step 1:"):
+        md.step(1)

@@ -548,3 +548,7 @@ def test_bench_cli_skips_a_fixed_batch_projected_past_the_memory_cap(tmp_path, c
     data = json.loads(out.read_text())
     assert data["fixed"][0]["dtype"] == "float32"
     assert any("computes in its own dtype (float32), not --dtype float64" in n for n in data["notes"])
+    export_model(tiny(), str(tmp_path / "m64.pt"))
+    assert main(["bench", str(tmp_path / "m64.pt"), "quickstart", "--batch-size", "2", "--repeats", "1",
+                 "--json", str(out)]) == 0  # a float64 export, no --dtype given: nothing to say
+    assert not any("own dtype" in n for n in json.loads(out.read_text())["notes"])

@@ -224,10 +224,10 @@ def test_md_interrupted_writes_its_output_and_checks_names(files, capsys, monkey
     ckpt, data, out = files / "ckpt.pt", files / "mols.xyz", files / "end.xyz"
     real = BatchedMD._evaluate
 
-    def evaluate(self, positions):
+    def evaluate(self, positions, step=None):
         if self.nsteps == 4:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, positions)
+        return real(self, positions, step)
 
     monkeypatch.setattr(BatchedMD, "_evaluate", evaluate)
     assert main(["md", str(ckpt), str(data), "--batch-size", "2", "--steps", "50", "--seed", "1", "-o", str(out),

@@ -381,17 +381,19 @@ def file_labels(specs: Sequence[str]) -> Dict[str, str]:
 
 
 def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: torch.device,
-                 dtype: torch.dtype, notes: List[str], info: Dict, label: Optional[str] = None
-                 ) -> List[BenchTarget]:
+                 dtype: torch.dtype, notes: List[str], info: Dict, label: Optional[str] = None,
+                 dtype_given: bool = True) -> List[BenchTarget]:
     """Bench targets for one MODEL spec: one per student mode, or one teacher. label: the row name of a
-    model file (default: its file name)."""
+    model file (default: its file name). dtype_given: the user chose `dtype` (an exported model, which keeps
+    its own, then says so)."""
     name, _, arg = spec.partition(":")
     elements = sorted(set(int(z) for a in structures for z in a.numbers))
     if os.path.exists(spec):
         from engine.calculator import load_model
 
         model = load_model(spec, dtype=dtype)
-        return _student_targets(model, label or os.path.basename(spec), modes, device, dtype, notes, info)
+        return _student_targets(model, label or os.path.basename(spec), modes, device, dtype, notes, info,
+                                dtype_given)
     if name in STUDENT_SPECS:
         from engine.models import student_class
 
@@ -532,7 +534,8 @@ def bench_provenance(specs: Sequence[str], data: str) -> Dict:
             "files": files}
 
 
-def _student_targets(model, label, modes, device, dtype, notes, info) -> List[BenchTarget]:
+def _student_targets(model, label, modes, device, dtype, notes, info, dtype_given: bool = True
+                     ) -> List[BenchTarget]:
     if isinstance(model, torch.nn.Module):
         info[label] = {"parameters": count_parameters(model),
                        "hyperparameters": getattr(model, "hyperparameters", dict)()}
@@ -543,7 +546,7 @@ def _student_targets(model, label, modes, device, dtype, notes, info) -> List[Be
             print(f"note: {notes[-1]}", file=sys.stderr)
         modes = ["eager"]
         info[label] = {"exported": True, "metadata_dtype": str(model.dtype).replace("torch.", "")}
-        if dtype is not None and dtype != model.dtype:
+        if dtype_given and dtype is not None and dtype != model.dtype:
             notes.append(f"{label}: an exported model computes in its own dtype "
                          f"({str(model.dtype).replace('torch.', '')}), not --dtype {str(dtype).replace('torch.', '')}")
             print(f"note: {notes[-1]}", file=sys.stderr)
@@ -608,7 +611,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported (default 5)")
     parser.add_argument("--no-neighbors", action="store_true", help="time the model call only")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default float32 (exported models compute in their own)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--min-atoms", type=int, default=0, help="use only structures with at least N atoms")
     parser.add_argument("--json", default=None, help="write all results and the machine description here")
@@ -624,6 +628,8 @@ def run(args) -> int:
         check_replaces_a_report(args.json)
     set_threads(args.threads)
     device = resolve_device(args.device)
+    dtype_given = args.dtype is not None
+    args.dtype = args.dtype or "float32"
     dtype = DTYPES[args.dtype]
     modes = list(STUDENT_MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes:
@@ -644,8 +650,8 @@ def run(args) -> int:
     info: Dict = {}
     labels = file_labels(args.compare + model_specs)
     references = [t for spec in args.compare for t in make_targets(spec, structures, ["eager"], device, dtype,
-                                                                    notes, info, labels.get(spec))]
-    groups = [make_targets(spec, structures, modes, device, dtype, notes, info, labels.get(spec))
+                                                                    notes, info, labels.get(spec), dtype_given)]
+    groups = [make_targets(spec, structures, modes, device, dtype, notes, info, labels.get(spec), dtype_given)
               for spec in model_specs]
     targets = references + [t for group in groups for t in group]
     if not targets:

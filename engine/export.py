@@ -171,11 +171,7 @@ class ExportWrapper(nn.Module):
             forces = out["forces"].to(positions.dtype)
             forces[nlocal:] = 0.0
         else:
-            grads = torch.autograd.grad([energy.sum()], [vec], allow_unused=True, retain_graph=atom_virials == 2)
-            g = grads[0]
-            if g is None:  # no edges: the energy does not depend on positions
-                g = torch.zeros_like(vec)
-            g = g.to(positions.dtype)
+            g = self._edge_gradient(energy.sum(), vec, positions.dtype, atom_virials == 2)
             forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
             if atom_virials == 2:
                 atom_virial = self._exact_atom_virials(positions, node_energy, vec, edge_index, forces, nlocal)
@@ -186,6 +182,15 @@ class ExportWrapper(nn.Module):
             if atom_virials == 1:
                 atom_virial = split_edge_virials(-per_edge, edge_index, n)
         return energy.detach(), node_energy.detach(), forces.detach(), virial.detach(), atom_virial.detach()
+
+    def _edge_gradient(self, output: torch.Tensor, vec: torch.Tensor, dtype: torch.dtype,
+                       retain_graph: bool) -> torch.Tensor:
+        """d output / d r_e per edge, in `dtype`; zeros where output does not depend on the edges (none)."""
+        grads = torch.autograd.grad([output], [vec], allow_unused=True, retain_graph=retain_graph)
+        g = grads[0]
+        if g is None:  # no edges: the energy does not depend on positions
+            g = torch.zeros_like(vec)
+        return g.to(dtype)
 
     def _exact_atom_virials(self, positions: torch.Tensor, node_energy: torch.Tensor, vec: torch.Tensor,
                             edge_index: torch.Tensor, forces: torch.Tensor, nlocal: int) -> torch.Tensor:
@@ -199,12 +204,7 @@ class ExportWrapper(nn.Module):
         x = (positions - positions[:nlocal].mean(dim=0)).detach()
         rows: List[torch.Tensor] = []
         for a in range(3):
-            weighted = (node_energy[:nlocal] * x[:nlocal, a]).sum()
-            grads = torch.autograd.grad([weighted], [vec], allow_unused=True, retain_graph=a < 2)
-            g = grads[0]
-            if g is None:
-                g = torch.zeros_like(vec)
-            g = g.to(positions.dtype)
+            g = self._edge_gradient((node_energy[:nlocal] * x[:nlocal, a]).sum(), vec, positions.dtype, a < 2)
             # d E_a / d x_j through the edge vectors r_e = x_j - x_i (+ 0)
             rows.append(torch.zeros_like(positions).index_add(0, j, g).index_add(0, i, -g))
         d_weighted = torch.stack(rows, dim=1)  # [N, a, b]

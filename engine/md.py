@@ -437,7 +437,7 @@ class BatchedMD:
 
     def _evaluate(self, positions: torch.Tensor, step: Optional[int] = None):
         """Energies and forces at `positions`, those of step `step` (default: the current one)."""
-        step = (self.nsteps if step is None else step) + getattr(self, "step_offset", 0)
+        step = (self.nsteps if step is None else step) + self.step_offset
         finite = torch.isfinite(positions).all(dim=1)
         if not bool(finite.all()):
             k = int(self.batch[int((~finite).nonzero()[0])])

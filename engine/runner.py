@@ -553,7 +553,7 @@ class Sweep:
         return max(self.results, key=score) if self.results else None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -615,7 +615,7 @@ def benchmark(target: BenchTarget, structures: Sequence, batch_size: int = 64, w
     del inputs
     return BenchResult(
         name=target.name, mode=target.mode, device=str(target.device),
-        dtype=_dtype_name(target.report_dtype or target.dtype),
+        dtype=dtype_name(target.report_dtype or target.dtype),
         threads=torch.get_num_threads(), batch_size=batch_size, atoms=atoms, edges=edges, model=model_t,
         model_nl=nl_t, peak_memory_bytes=peak, memory_method=probe.method,
         note=_join_notes(target.note, cuda_graphs_note(target.mode, events)), compile_events=events,
@@ -635,10 +635,14 @@ def _join_notes(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def default_memory_cap() -> int:
-    """CPU sweep cap: half the available memory, at most 16 GiB."""
+def default_memory_cap(ceiling: Optional[int] = 16 << 30) -> int:
+    """CPU memory cap: half the available memory, at most `ceiling` (the sweep's 16 GiB, a limit for its growth;
+    None for a batch asked for) bytes; 4 GiB where the available memory is unknown."""
     avail = _proc_kb("MemAvailable", "/proc/meminfo")
-    return int(min(16 << 30, (avail * 1024) // 2)) if avail else 4 << 30
+    if not avail:
+        return 4 << 30
+    half = (avail * 1024) // 2
+    return int(half if ceiling is None else min(ceiling, half))
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -37,7 +37,7 @@ import os
 import shlex
 import sys
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,8 +46,9 @@ from engine.errors import HessforgeError, UnknownElementError
 from engine.graph import AtomicGraph, graph_from_atoms, graph_to
 from engine.paths import LMDB_DATASET, artifact_kind, check_output_file
 from engine.runner import (STUDENT_MODES, BenchResult, BenchTarget, StudentTarget, benchmark, cuda_graphs_note,
-                           default_memory_cap, format_table, is_out_of_memory, machine_info, rebuild_neighbors,
-                           release_memory, resolve_device, sample_batch, speedup, sweep, write_json)
+                           default_memory_cap, dtype_name, format_table, is_out_of_memory, machine_info,
+                           rebuild_neighbors, release_memory, resolve_device, sample_batch, speedup, sweep,
+                           write_json)
 from training.teachers.base import check_finite_positions
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -441,25 +442,18 @@ def make_targets(spec: str, structures: Sequence, modes: Sequence[str], device: 
 PROBE_ATOMS = 4096
 
 
-def projected_memory(target: BenchTarget, structures: Sequence, batch_size: int) -> Optional[float]:
-    """Peak memory (bytes) `batch_size` structures would take on a CPU, projected from a batch of ~1000 atoms
-    (one untimed call after one warm-up); None for batches of at most PROBE_ATOMS atoms (not worth the probe)."""
+def memory_probe(target: BenchTarget, structures: Sequence, batch_size: int
+                 ) -> Tuple[Optional[float], Optional[BenchResult]]:
+    """(peak memory in bytes `batch_size` structures would take on a CPU, projected from a batch of ~1000 atoms
+    (one untimed call after one warm-up), that probe's result: its first call (compilation) and compile events
+    belong to the fixed batch's report); (None, None) for batches of at most PROBE_ATOMS atoms (not worth the
+    probe) or where the probe would be the batch itself (large structures)."""
     atoms = sum(len(a) for a in sample_batch(structures, batch_size))
     small = max(1, batch_size * 1024 // max(atoms, 1))
-    if target.device.type != "cpu" or atoms <= PROBE_ATOMS or small >= batch_size:  # (large structures: the probe
-        return None                                                                  # would be the batch itself)
+    if target.device.type != "cpu" or atoms <= PROBE_ATOMS or small >= batch_size:
+        return None, None
     probe = benchmark(target, structures, small, warmup=1, repeats=1, with_neighbors=False)
-    target.probe = probe  # its first call (compilation) and compile events belong to the fixed batch's report
-    return probe.peak_memory_bytes * atoms / max(probe.atoms, 1)
-
-
-def fixed_memory_cap() -> int:
-    """The fixed batch's default CPU cap: half the available memory (the sweep's default also stops at 16 GiB,
-    a limit for its growth, not for a batch asked for)."""
-    from engine.runner import _proc_kb
-
-    available = _proc_kb("MemAvailable", "/proc/meminfo")
-    return int(available * 1024 // 2) if available else default_memory_cap()
+    return probe.peak_memory_bytes * atoms / max(probe.atoms, 1), probe
 
 
 def mode_agreement(groups: Sequence[Sequence[BenchTarget]], structures: Sequence, batch_size: int) -> Dict[str, Dict]:
@@ -545,10 +539,10 @@ def _student_targets(model, label, modes, device, dtype, notes, info, dtype_give
             notes.append(f"{label}: an exported TorchScript model runs eager only; skipped {skipped}")
             print(f"note: {notes[-1]}", file=sys.stderr)
         modes = ["eager"]
-        info[label] = {"exported": True, "metadata_dtype": str(model.dtype).replace("torch.", "")}
+        info[label] = {"exported": True, "metadata_dtype": dtype_name(model.dtype)}
         if dtype_given and dtype is not None and dtype != model.dtype:
-            notes.append(f"{label}: an exported model computes in its own dtype "
-                         f"({str(model.dtype).replace('torch.', '')}), not --dtype {str(dtype).replace('torch.', '')}")
+            notes.append(f"{label}: an exported model computes in its own dtype ({dtype_name(model.dtype)}), not "
+                         f"--dtype {dtype_name(dtype)}")
             print(f"note: {notes[-1]}", file=sys.stderr)
     targets = []
     for mode in modes:
@@ -683,14 +677,14 @@ def run(args) -> int:
     fixed: List[BenchResult] = []
     sweeps = {}
     ref_fixed = None
-    fixed_cap = cap if cap is not None else fixed_memory_cap()
+    fixed_cap = cap if cap is not None else default_memory_cap(ceiling=None)
     for t in targets:
         print(f"{t.name} [{t.mode}] batch {args.batch_size}...", file=sys.stderr)
         r = None
         try:
             # on a CPU the kernel's out-of-memory killer ends the process (every result lost) before torch could
             # raise: a large batch is projected from a small one first
-            projected = projected_memory(t, structures, args.batch_size)
+            projected, probe = memory_probe(t, structures, args.batch_size)
             if projected is not None and projected > fixed_cap:
                 notes.append(f"{t.name} [{t.mode}]: batch {args.batch_size} skipped: projected at "
                              f"{projected / 2**30:.3g} GiB, over the memory cap {fixed_cap / 2**30:.3g} GiB "
@@ -698,7 +692,6 @@ def run(args) -> int:
                 print(f"  {notes[-1]}", file=sys.stderr)
             else:
                 r = benchmark(t, structures, args.batch_size, args.warmup, args.repeats, not args.no_neighbors)
-                probe = getattr(t, "probe", None)
                 if probe is not None:  # compiled at the probe: say so, with its compile events
                     r.compile_events = {k: probe.compile_events.get(k, 0) + r.compile_events.get(k, 0)
                                         for k in set(probe.compile_events) | set(r.compile_events)}

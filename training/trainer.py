@@ -375,7 +375,7 @@ class Trainer:
     def __init__(self, config: Config, restart: bool = False):
         from training.data import Dataset
         from training.data.batch import make_loader
-        from training.data.subsets import load_split, select, split_by_group, split_digest
+        from training.data.subsets import load_split, split_by_group, split_digest
 
         self.config = config
         self.rank, self.world = _distributed()
@@ -425,7 +425,7 @@ class Trainer:
         elif resume_state is not None and os.path.exists(split_path):
             split = load_split(split_path, count=count, require=("train", "val"))
         else:
-            keep = select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms))
+            keep = self._selected(config)
             if not keep:
                 raise HessforgeError(f"data.elements {config.data.elements} / data.max_atoms {config.data.max_atoms} "
                                      f"leave none of the {count} structures of {config.data.path}")
@@ -568,14 +568,18 @@ class Trainer:
             done = resume_state is not None and int(resume_state["epoch"]) >= tc.epochs
             self._write_run_files(fresh=resume_state is None, keep_config=done)
 
+    def _selected(self, config) -> List[int]:
+        """Indices of the structures data.elements and data.max_atoms keep."""
+        from training.data.subsets import select
+
+        return select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms))
+
     def _filtered_split(self, split: Dict[str, List[int]], config, quiet: bool = False) -> Dict[str, List[int]]:
         """A given split file with data.elements / data.max_atoms applied to each of its splits (they filter the
         fraction-made splits too); a note says how many structures they left out of which split."""
         if config.data.elements is None and config.data.max_atoms is None:
             return split
-        from training.data.subsets import select
-
-        keep = set(select(self.dataset, only_elements=config.data.elements, natoms=(None, config.data.max_atoms)))
+        keep = set(self._selected(config))
         filtered = {name: [i for i in idx if i in keep] for name, idx in split.items()}
         dropped = {name: len(idx) - len(filtered[name]) for name, idx in split.items()
                    if len(idx) != len(filtered[name])}

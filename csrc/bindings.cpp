@@ -133,5 +133,37 @@ PYBIND11_MODULE(_core, m) {
             }
             return to_dict(r, n, !atom_virial.empty());
           },
-          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1, "atom_virial"_a = "");
+          "positions"_a, "numbers"_a, "edge_index"_a, "shifts"_a, "nlocal"_a = -1, "atom_virial"_a = "")
+      .def_property_readonly("has_halo", &hessforge::Model::has_halo)
+      .def(
+          "compute_halo",
+          [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, int64_t nlocal, ArrayL edge_index,
+             ArrayL owner, const std::string& atom_virial) {
+            check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
+            const int64_t n = positions.shape(0);
+            check_shape(numbers, {n}, "numbers (expected [N])");
+            check_shape(edge_index, {2, -1}, "edge_index (expected [2, E])");
+            if (nlocal < 0 || nlocal > n) throw hessforge::Error("nlocal must be in [0, N]");
+            check_shape(owner, {n - nlocal}, "owner (expected one local atom per ghost atom, [N - nlocal])");
+            for (int64_t k = 0; k < n; ++k)
+              if (!self.knows(static_cast<int>(numbers.data()[k])))
+                throw hessforge::Error("unknown element Z=" + std::to_string(numbers.data()[k]) + " at atom " +
+                                       std::to_string(k));
+            std::vector<int64_t> owners(owner.data(), owner.data() + (n - nlocal));
+            for (int64_t o : owners)
+              if (o < 0 || o >= nlocal) throw hessforge::Error("owner holds an index that is not a local atom");
+            const hessforge::AtomVirial kind = atom_virial_kind(atom_virial);
+            const int64_t e = edge_index.shape(1);
+            hessforge::OwnerExchange exchange(owners, nlocal);
+            hessforge::Result r;
+            {
+              py::gil_scoped_release release;
+              self.compute_halo(positions.data(), numbers.data(), n, nlocal, edge_index.data(),
+                                edge_index.data() + e, e, exchange, r, kind);
+            }
+            return to_dict(r, n, !atom_virial.empty());
+          },
+          "positions"_a, "numbers"_a, "nlocal"_a, "edge_index"_a, "owner"_a, "atom_virial"_a = "",
+          "Layer-wise halo exchange on one process: atoms [0, nlocal) local, atom nlocal + g a copy (periodic "
+          "image) of local atom owner[g]; edges' receivers local. Forces on ghost rows belong to their owners.");
 }

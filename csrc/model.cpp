@@ -2,6 +2,7 @@
 #include <ATen/Parallel.h>
 #include <caffe2/serialize/inline_container.h>
 #include <sys/stat.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 
@@ -109,6 +110,7 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
   const json::Value* range = doc.get("interaction_range");
   meta.interaction_range = range == nullptr ? meta.num_layers * meta.cutoff
                            : need(doc, "interaction_range", json::Value::Number, path).number;
+  if (doc.get("halo_width") != nullptr) meta.halo_width = need_int(doc, "halo_width", path);
   meta.force_mode = need(doc, "force_mode", json::Value::String, path).string;
   meta.dtype = need(doc, "dtype", json::Value::String, path).string;
   const json::Value* arch = doc.get("architecture");
@@ -168,6 +170,16 @@ void check_species_match(const std::vector<int>& species, const torch::jit::Modu
     }
     return;
   }
+}
+
+// A damaged weights file (or a blown-up geometry) gives NaN: an error, not a run that carries on with it.
+void check_finite(const Result& out, const std::string& path) {
+  bool finite = std::isfinite(out.energy);
+  for (size_t k = 0; finite && k < out.forces.size(); ++k) finite = std::isfinite(out.forces[k]);
+  for (size_t k = 0; finite && k < out.atom_virial.size(); ++k) finite = std::isfinite(out.atom_virial[k]);
+  if (!finite)
+    throw Error(path + ": the model returned NaN or Inf energy/forces/virials (a damaged model file, or "
+                "atoms on top of each other)");
 }
 
 }  // namespace
@@ -276,13 +288,144 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
     out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
   }
   out.num_edges = num_edges;
-  // a damaged weights file (or a blown-up geometry) gives NaN: an error, not a run that carries on with it
-  bool finite = std::isfinite(out.energy);
-  for (int64_t k = 0; finite && k < 3 * n; ++k) finite = std::isfinite(out.forces[k]);
-  for (size_t k = 0; finite && k < out.atom_virial.size(); ++k) finite = std::isfinite(out.atom_virial[k]);
-  if (!finite)
-    throw Error(impl_->path + ": the model returned NaN or Inf energy/forces/virials (a damaged model file, or "
-                "atoms on top of each other)");
+  check_finite(out, impl_->path);
+}
+
+bool Model::has_halo() const {
+  return impl_->meta.halo_width > 0 && impl_->module.find_method("halo_layer").has_value();
+}
+
+void OwnerExchange::forward(double* rows, int64_t width) {
+  for (size_t g = 0; g < owner_.size(); ++g)
+    std::memcpy(rows + (nlocal_ + g) * width, rows + owner_[g] * width, sizeof(double) * width);
+}
+
+void OwnerExchange::reverse(double* rows, int64_t width) {
+  for (size_t g = 0; g < owner_.size(); ++g) {
+    const double* ghost = rows + (nlocal_ + g) * width;
+    double* own = rows + owner_[g] * width;
+    for (int64_t c = 0; c < width; ++c) own[c] += ghost[c];
+  }
+}
+
+void Model::compute_halo(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
+                         const int64_t* receivers, const int64_t* senders, int64_t num_edges,
+                         HaloExchange& exchange, Result& out, AtomVirial atom_virial) const {
+  const std::string& path = impl_->path;
+  if (!has_halo())
+    throw Error(path + ": this file was exported before layer-wise halo exchange existed; export the checkpoint "
+                "again (or use ghost atoms to num_layers x cutoff)");
+  if (atom_virial == AtomVirial::kExact)
+    throw Error(path + ": exact per-atom virials need ghost atoms to num_layers x cutoff (LAMMPS mode ghost), "
+                "not layer-wise halo exchange; ask for the edge split");
+  if (atom_virial != AtomVirial::kNone && !has_atom_virial())
+    throw Error(path + ": a direct-force model has no virial, per atom or total; export a gradient-force model");
+  if (nlocal < 0 || nlocal > n) throw Error("compute_halo: nlocal out of range");
+  for (int64_t e = 0; e < num_edges; ++e)
+    if (receivers[e] < 0 || receivers[e] >= nlocal || senders[e] < 0 || senders[e] >= n)
+      throw Error("compute_halo: every edge's receiver must be a local atom and its sender an atom");
+  const bool direct = impl_->meta.force_mode == "direct";
+  const torch::Dtype dtype = impl_->dtype;
+  torch::jit::Module& module = impl_->module;
+  c10::InferenceMode not_inference(false);  // as in compute_graph
+  torch::AutoGradMode grad_mode(!direct);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64);
+  torch::Tensor z = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
+  torch::Tensor edge_index = torch::empty({2, num_edges}, i64);
+  if (num_edges > 0) {
+    std::memcpy(edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
+    std::memcpy(edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
+  }
+  const torch::Tensor recv = edge_index[0], send = edge_index[1];
+  const int layers = impl_->meta.num_layers;
+  try {
+    // edge vectors in float64 (large coordinates), then the model dtype; a leaf: forces are d/d(edge vectors)
+    const torch::Tensor vec64 = pos.index_select(0, send) - pos.index_select(0, recv);
+    torch::Tensor vec = vec64.to(dtype).detach().requires_grad_(!direct);
+    auto features = module.get_method("halo_edges")({vec}).toTuple()->elements();
+    std::vector<torch::Tensor> edge_out, edge_in;  // the features, and detached leaves the layers read
+    for (const auto& f : features) {
+      edge_out.push_back(f.toTensor());
+      edge_in.push_back(f.toTensor().detach().requires_grad_(!direct));
+    }
+    torch::Tensor state = module.get_method("halo_embed")({z}).toTensor();
+    const int64_t width = state.size(1);
+    if (state.dim() != 2 || state.size(0) != n || width != impl_->meta.halo_width)
+      throw Error(path + ": the model's node states do not match its metadata's halo_width (a damaged or edited "
+                  "model file?); export it again");
+    // Each layer on detached inputs, so that its backward can stop at the exchange: the gradient of a ghost's
+    // state belongs to its owner (exchange.reverse), possibly on another process.
+    std::vector<torch::Tensor> layer_in, layer_out;
+    torch::Tensor rows = torch::zeros({n, width}, f64);
+    for (int k = 0; k < layers; ++k) {
+      layer_in.push_back(state.detach().requires_grad_(!direct));
+      layer_out.push_back(module.get_method("halo_layer")(
+          {k, layer_in.back(), edge_index, edge_in[0], edge_in[1], edge_in[2], nlocal}).toTensor());
+      rows.narrow(0, 0, nlocal).copy_(layer_out.back().detach());
+      exchange.forward(rows.data_ptr<double>(), width);
+      state = rows.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+    }
+    torch::Tensor last = state.detach().requires_grad_(!direct);
+    auto readout = module.get_method("halo_readout")({z.narrow(0, 0, nlocal), last.narrow(0, 0, nlocal)})
+                       .toTuple()->elements();
+    const torch::Tensor local_energy = readout[0].toTensor().to(torch::kFloat64);
+    out.energy = local_energy.sum().item<double>();
+    out.node_energy.assign(n, 0.0);
+    std::memcpy(out.node_energy.data(), local_energy.contiguous().data_ptr<double>(), sizeof(double) * nlocal);
+    out.forces.assign(3 * n, 0.0);
+    std::fill(out.virial, out.virial + 9, 0.0);
+    out.atom_virial.clear();
+    out.num_edges = num_edges;
+    if (direct) {
+      const torch::Tensor f = readout[1].toTensor().to(torch::kFloat64).contiguous();
+      std::memcpy(out.forces.data(), f.data_ptr<double>(), sizeof(double) * 3 * nlocal);
+      check_finite(out, path);
+      return;
+    }
+    // backward, last layer first
+    auto gradient = [](const torch::Tensor& g, const torch::Tensor& like) {
+      return g.defined() ? g : torch::zeros_like(like);
+    };
+    torch::Tensor g_state = gradient(torch::autograd::grad({local_energy.sum()}, {last}, {}, false, false, true)[0],
+                                     last);
+    std::vector<torch::Tensor> g_edges;
+    for (const auto& leaf : edge_in) g_edges.push_back(torch::zeros_like(leaf));
+    for (int k = layers - 1; k >= 0; --k) {
+      rows.copy_(g_state);
+      exchange.reverse(rows.data_ptr<double>(), width);
+      const torch::Tensor g_out = rows.narrow(0, 0, nlocal).to(dtype);
+      auto grads = torch::autograd::grad({layer_out[k]}, {layer_in[k], edge_in[0], edge_in[1], edge_in[2]},
+                                         {g_out}, false, false, true);
+      g_state = gradient(grads[0], layer_in[k]);
+      for (int a = 0; a < 3; ++a)
+        if (grads[a + 1].defined()) g_edges[a] += grads[a + 1];
+    }
+    torch::Tensor g_vec = torch::zeros({num_edges, 3}, f64);
+    if (num_edges > 0)
+      g_vec = gradient(torch::autograd::grad(edge_out, {vec}, g_edges, false, false, true)[0], vec)
+                  .to(torch::kFloat64);
+    const torch::Tensor forces = torch::zeros({n, 3}, f64).index_add(0, recv, g_vec).index_add(0, send, -g_vec);
+    std::memcpy(out.forces.data(), forces.contiguous().data_ptr<double>(), sizeof(double) * 3 * n);
+    const torch::Tensor per_edge = -vec64.unsqueeze(2) * g_vec.unsqueeze(1);  // -r_e (x) dE/dr_e
+    const torch::Tensor w = per_edge.sum(0);
+    const torch::Tensor w_sym = (0.5 * (w + w.t())).contiguous();
+    std::memcpy(out.virial, w_sym.data_ptr<double>(), 9 * sizeof(double));
+    if (atom_virial == AtomVirial::kSplit) {
+      const torch::Tensor half = 0.5 * per_edge;
+      const torch::Tensor per_atom =
+          torch::zeros({n, 3, 3}, f64).index_add(0, recv, half).index_add(0, send, half).contiguous();
+      out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
+    }
+  } catch (const c10::Error& err) {
+    throw Error(path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& err) {  // torch::jit::JITException, or one from the caller's exchange
+    throw Error(path + ": model evaluation failed (" + failure_line(err.what()) + ")");
+  }
+  check_finite(out, path);
 }
 
 void Model::compute(const double* positions, const int64_t* numbers, int64_t n, const double* cell,

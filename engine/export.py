@@ -32,6 +32,12 @@ stress/atom, centroid/stress/atom and heat/flux; metadata `"atom_virial": true`)
   backward passes.
 Archives exported before it existed lack it.
 
+Layer-wise halo exchange (metadata `halo_width`; the C++ core's compute_halo, LAMMPS `mode halo`): `halo_embed`,
+`halo_edges`, `halo_layer` and `halo_readout` run the message passing one layer at a time on node states
+[N, halo_width] (PaiNN: scalars and vectors, 4 x hidden; SchNet: hidden), so that a domain decomposition can copy
+its ghost atoms' states from their owners between layers (and send the gradients back in the backward pass):
+ghost atoms then reach one cutoff instead of num_layers x cutoff. Archives exported before it existed lack them.
+
 A second method, `batched(positions, numbers, edge_index, shifts, batch [N], num_structures)` -> (energy [B],
 node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected structures in one call (Python's
 batched MD under a barostat); archives written before it existed lack it (engine.exported falls back to one
@@ -139,6 +145,38 @@ class ExportWrapper(nn.Module):
         energy, node_energy, forces, virial, _ = self._outputs(positions, numbers, edge_index, shifts, batch,
                                                                num_structures, positions.shape[0], 0)
         return energy, node_energy, forces, virial
+
+    # Layer-wise halo exchange (the C++ core's compute_halo, LAMMPS mode halo; metadata "halo_width"): the caller
+    # runs the layers one at a time and copies ghost atoms' node states from their owners between them, so
+    # ghost atoms need reach only one cutoff. Model dtype in and out, but for the readout's float64 energies.
+    @torch.jit.export
+    def halo_embed(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Node states [N, halo_width] before the first layer."""
+        return self.model.halo_initial(self.model.z_to_index[numbers])
+
+    @torch.jit.export
+    def halo_edges(self, vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edge features (unit vectors [E, 3], radial basis [E, K], envelope [E]) of edge vectors r_ij [E, 3]."""
+        return self.model.features_of_vectors(vectors)
+
+    @torch.jit.export
+    def halo_layer(self, k: int, state: torch.Tensor, edge_index: torch.Tensor, unit: torch.Tensor,
+                   rbf: torch.Tensor, fcut: torch.Tensor, nlocal: int) -> torch.Tensor:
+        """Layer k (0-based) on node states [N, W] whose ghost rows (>= nlocal) are up to date, with edges whose
+        receivers are local (< nlocal): the local atoms' new states [nlocal, W]."""
+        return self.model.halo_layer(k, state, edge_index, rbf, fcut, unit, nlocal)
+
+    @torch.jit.export
+    def halo_readout(self, numbers: torch.Tensor, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies [n] (float64) of final node states [n, W]; a direct-force model's forces [n, 3]
+        (float64; [0, 3] for gradient models)."""
+        species = self.model.z_to_index[numbers]
+        s, v = self.model.halo_features(state)
+        node_energy = self.model.node_energies(species, s)
+        forces = torch.zeros(0, 3, dtype=torch.float64, device=state.device)
+        if self.direct_forces:
+            forces = self.model.direct_force_head(s, v).to(torch.float64)
+        return node_energy, forces
 
     def _outputs(
         self,
@@ -293,6 +331,8 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "species_symbols": [chemical_symbols[z] for z in species],
         "num_layers": layers,
         "interaction_range": layers * cutoff,
+        # node state width of the halo_* methods (ghost atoms to one cutoff, states exchanged between layers)
+        "halo_width": int(model.halo_initial(torch.zeros(1, dtype=torch.long)).shape[1]),
         "force_mode": force_mode,
         "virial": force_mode == "gradient",
         "atom_virial": force_mode == "gradient",
@@ -305,7 +345,8 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
                      "-> (energy, node_energy[N], forces[N,3], virial[3,3]) f64; batched(positions, numbers, "
                      "edge_index, shifts, batch[N] i64, num_structures) -> (energy[B], node_energy[N], forces[N,3], "
                      "virial[B,3,3]); with_atom_virial(positions, numbers, edge_index, shifts, nlocal, exact: bool) -> "
-                     "forward's outputs + atom_virial[N,3,3]",
+                     "forward's outputs + atom_virial[N,3,3]; halo_embed, halo_edges, halo_layer, halo_readout: "
+                     "message passing one layer at a time (engine/export.py)",
         "provenance": dict(provenance or {}, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            hessforge_version=hessforge_version, torch_version=torch.__version__),
     })

@@ -302,6 +302,15 @@ class CoreModel:
                                         np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal,
                                         atom_virial or "")
 
+    def compute_halo(self, positions, numbers, nlocal: int, edge_index, owner,
+                     atom_virial: Optional[str] = None) -> Dict[str, Any]:
+        """Layer-wise halo exchange on one process (the C++ core's compute_halo with atom nlocal + g a copy of
+        local atom owner[g]): what LAMMPS mode halo runs, for tests and for checking a model file."""
+        return self.model.compute_halo(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
+                                       np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1), int(nlocal),
+                                       np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
+                                       np.ascontiguousarray(owner, dtype=np.int64).reshape(-1), atom_virial or "")
+
 
 def load_core(path: str, num_threads: int = 0) -> CoreModel:
     return CoreModel(path, num_threads)

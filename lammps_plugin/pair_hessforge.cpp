@@ -4,7 +4,11 @@
    - FOLD (default on one MPI rank): every ghost atom is a periodic image of a local atom; edges to ghosts
      become edges to the owner with a Cartesian shift, so the model runs on the local atoms only and ghost
      atoms only need to reach the model cutoff. Forces land on local atoms directly.
-   - GHOST (default on several ranks): the model runs on local + ghost atoms (ghosts out to
+   - HALO (default on several ranks, for files that can): ghost atoms reach the model cutoff only; the model
+     runs one message-passing layer at a time on the local atoms and, between layers, the ghosts' node states
+     come from their owners by LAMMPS forward communication (their gradients go back by reverse communication
+     in the backward pass: the C++ core's compute_halo). Forces on ghosts are reverse-communicated (newton on).
+   - GHOST (on several ranks for files exported before HALO existed): the model runs on local + ghost atoms (ghosts out to
      num_layers x cutoff + skin, set through comm_modify cutoff), only local energies are summed, forces on
      ghosts are -dE_local/dx_ghost and are reverse-communicated (newton on). Ghosts more than num_layers hops
      away from every local atom are pruned before the model call.
@@ -12,10 +16,12 @@
    over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). Per-atom virials (stress/atom,
    centroid/stress/atom): in GHOST mode the exact W_j = sum_i (x_i - x_j) (x) dU_i/dx_j over local energies U_i
    (exact heat flux), in FOLD mode each edge's share of the virial halved between its two nodes (periodic images
-   are shifts there, so x_i - x_j of an image is not at hand). */
+   are shifts there, so x_i - x_j of an image is not at hand) and in HALO mode (the same split: a ghost's
+   dependence on atoms beyond one cutoff arrives through its exchanged state). */
 
 #include "pair_hessforge.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -70,7 +76,7 @@ void PairHessforge::allocate()
     for (int j = i; j <= n; j++) setflag[i][j] = 0;
 }
 
-/* pair_style hessforge [mode auto|fold|ghost] [threads N] [reference_energies on|off] */
+/* pair_style hessforge [mode auto|fold|halo|ghost] [threads N] [reference_energies on|off] */
 void PairHessforge::settings(int narg, char **arg)
 {
   // re-issuing pair_style on the same style calls settings() again: start from the defaults
@@ -90,7 +96,8 @@ void PairHessforge::settings(int narg, char **arg)
       if (value == "auto") mode_setting = AUTO;
       else if (value == "fold") mode_setting = FOLD;
       else if (value == "ghost") mode_setting = GHOST;
-      else error->all(FLERR, "pair_style hessforge: mode must be auto, fold or ghost, got '{}'", value);
+      else if (value == "halo") mode_setting = HALO;
+      else error->all(FLERR, "pair_style hessforge: mode must be auto, fold, halo or ghost, got '{}'", value);
     } else if (key == "reference_energies") {
       if (value != "on" && value != "off")
         error->all(FLERR, "pair_style hessforge: reference_energies must be on or off, got '{}'", value);
@@ -230,9 +237,23 @@ void PairHessforge::init_style()
                    fix->id, style, model_path);
     }
 
-  mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : GHOST) : mode_setting;
+  mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : model->has_halo() ? HALO : GHOST) : mode_setting;
   if (mode == FOLD && comm->nprocs > 1)
-    error->all(FLERR, "pair_style hessforge mode fold runs on one MPI rank only; use mode ghost or auto");
+    error->all(FLERR, "pair_style hessforge mode fold runs on one MPI rank only; use mode halo, ghost or auto");
+  if (mode == HALO && !model->has_halo())
+    error->all(FLERR, "pair_style hessforge mode halo: {} was exported before layer-wise halo exchange existed; "
+                      "export the checkpoint again, or use mode ghost", model_path);
+  if (mode == GHOST && mode_setting == AUTO && comm->me == 0)
+    error->warning(FLERR, "pair_style hessforge: {} was exported before layer-wise halo exchange existed, so "
+                          "ghost atoms must reach {} layers x cutoff (mode ghost); export it again for mode halo",
+                   model_path, model->metadata().num_layers);
+  // HALO: a node state per atom forward (and its gradient reverse) communicated between layers
+  halo_width = mode == HALO ? model->metadata().halo_width : 0;
+  comm_forward = comm_reverse = halo_width;
+  if (force->pair != this) {  // a sub-style of hybrid/overlay: LAMMPS sizes its buffers by the parent's sizes
+    force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+  }
 
   if (mode == GHOST) {
     if (comm->mode != Comm::SINGLE)
@@ -254,8 +275,8 @@ void PairHessforge::init_style()
     neighbor->add_request(this, NeighConst::REQ_FULL);
   }
   if (comm->me == 0)
-    utils::logmesg(lmp, "pair_style hessforge: {} mode on {} MPI rank(s)\n", mode == FOLD ? "fold" : "ghost",
-                   comm->nprocs);
+    utils::logmesg(lmp, "pair_style hessforge: {} mode on {} MPI rank(s)\n",
+                   mode == FOLD ? "fold" : mode == HALO ? "halo" : "ghost", comm->nprocs);
 }
 
 double PairHessforge::init_one(int i, int j)
@@ -462,6 +483,122 @@ void PairHessforge::build_ghost_graph()
   shifts.clear();
 }
 
+/* HALO: nodes = local model atoms (in order) then the ghost atoms they have edges to; edges of local receivers
+   only (a ghost's own neighbours are its owner's, whose state arrives by forward communication). */
+void PairHessforge::build_halo_graph()
+{
+  double **x = atom->x;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const int *type = atom->type;
+  const double cutsq_model = cutoff * cutoff;
+  recv.clear();
+  send.clear();
+  shifts.clear();
+  atom_of_node.clear();
+  node_of.assign(nall, -1);
+  for (int i = 0; i < nlocal; i++)
+    if (type_to_z[type[i]] != 0) {
+      node_of[i] = static_cast<int>(atom_of_node.size());
+      atom_of_node.push_back(i);
+    }
+  local_nodes = static_cast<int>(atom_of_node.size());
+  const int inum = list->inum;
+  const int *ilist = list->ilist;
+  const int *numneigh = list->numneigh;
+  int **firstneigh = list->firstneigh;
+  for (int ii = 0; ii < inum; ii++) {
+    const int i = ilist[ii];
+    if (node_of[i] < 0) continue;  // NULL type
+    const int *jlist = firstneigh[i];
+    const int jnum = numneigh[i];
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (type_to_z[type[j]] == 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
+      check_apart(i, j, dx * dx + dy * dy + dz * dz);
+      if (node_of[j] < 0) {  // a ghost atom, first seen
+        node_of[j] = static_cast<int>(atom_of_node.size());
+        atom_of_node.push_back(j);
+      }
+      recv.push_back(node_of[i]);
+      send.push_back(node_of[j]);
+    }
+  }
+  gather_nodes();
+}
+
+/* HALO exchange through LAMMPS' own communication of per-atom data (comm->forward_comm / reverse_comm with this
+   pair's pack/unpack): halo_rows holds one state per LAMMPS atom, since LAMMPS forwards ghosts of ghosts in
+   stages (x, then y, then z swaps) from rows it unpacked before. */
+void PairHessforge::halo_forward(double *rows, int width)
+{
+  const int nall = atom->nlocal + atom->nghost;
+  const size_t w = static_cast<size_t>(width);
+  halo_rows.assign(static_cast<size_t>(nall) * w, 0.0);
+  for (int k = 0; k < local_nodes; k++)
+    std::memcpy(&halo_rows[atom_of_node[k] * w], rows + k * w, w * sizeof(double));
+  comm->forward_comm(this, width);
+  const int nnodes = static_cast<int>(atom_of_node.size());
+  for (int k = local_nodes; k < nnodes; k++)
+    std::memcpy(rows + k * w, &halo_rows[atom_of_node[k] * w], w * sizeof(double));
+}
+
+void PairHessforge::halo_reverse(double *rows, int width)
+{
+  const int nall = atom->nlocal + atom->nghost;
+  const size_t w = static_cast<size_t>(width);
+  halo_rows.assign(static_cast<size_t>(nall) * w, 0.0);
+  const int nnodes = static_cast<int>(atom_of_node.size());
+  for (int k = 0; k < nnodes; k++) std::memcpy(&halo_rows[atom_of_node[k] * w], rows + k * w, w * sizeof(double));
+  comm->reverse_comm(this, width);
+  for (int k = 0; k < local_nodes; k++)
+    std::memcpy(rows + k * w, &halo_rows[atom_of_node[k] * w], w * sizeof(double));
+}
+
+int PairHessforge::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/, int * /*pbc*/)
+{
+  const size_t w = static_cast<size_t>(halo_width);
+  for (int i = 0; i < n; i++) std::memcpy(buf + i * w, &halo_rows[list[i] * w], w * sizeof(double));
+  return n * halo_width;
+}
+
+void PairHessforge::unpack_forward_comm(int n, int first, double *buf)
+{
+  const size_t w = static_cast<size_t>(halo_width);
+  std::memcpy(&halo_rows[first * w], buf, n * w * sizeof(double));
+}
+
+int PairHessforge::pack_reverse_comm(int n, int first, double *buf)
+{
+  const size_t w = static_cast<size_t>(halo_width);
+  std::memcpy(buf, &halo_rows[first * w], n * w * sizeof(double));
+  return n * halo_width;
+}
+
+void PairHessforge::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const size_t w = static_cast<size_t>(halo_width);
+  for (int i = 0; i < n; i++) {
+    double *row = &halo_rows[list[i] * w];
+    for (size_t c = 0; c < w; c++) row[c] += buf[i * w + c];
+  }
+}
+
+namespace {
+// The core's HaloExchange as the pair style's forward and reverse communication.
+class LammpsExchange : public hessforge::HaloExchange {
+ public:
+  explicit LammpsExchange(PairHessforge *pair) : pair_(pair) {}
+  void forward(double *rows, int64_t width) override { pair_->halo_forward(rows, static_cast<int>(width)); }
+  void reverse(double *rows, int64_t width) override { pair_->halo_reverse(rows, static_cast<int>(width)); }
+
+ private:
+  PairHessforge *pair_;
+};
+}  // namespace
+
 void PairHessforge::compute(int eflag, int vflag)
 {
   ev_init(eflag, vflag);
@@ -474,12 +611,13 @@ void PairHessforge::compute(int eflag, int vflag)
                           : "pair_style hessforge: " + model_path + " is a direct-force model without a "
                             "virial, per atom or total (compute stress/atom, centroid/stress/atom, heat/flux); "
                             "export a gradient-force model");
-  if (atom_virial && mode == FOLD && !warned_atom_virial) {
+  if (atom_virial && mode != GHOST && !warned_atom_virial) {
     warned_atom_virial = true;
-    error->warning(FLERR, "pair_style hessforge: fold mode gives per-atom virials as the edge split (each edge's "
-                          "virial halved between its atoms): exact sums, but for a many-body model only an "
-                          "approximate heat flux; pair_style hessforge mode ghost gives the exact per-atom "
-                          "virials (compute heat/flux)");
+    if (comm->me == 0)
+      error->warning(FLERR, "pair_style hessforge: {} mode gives per-atom virials as the edge split (each edge's "
+                            "virial halved between its atoms): exact sums, but for a many-body model only an "
+                            "approximate heat flux; pair_style hessforge mode ghost gives the exact per-atom "
+                            "virials (compute heat/flux)", mode == FOLD ? "fold" : "halo");
   }
 
   if (!checked_special) {
@@ -495,16 +633,24 @@ void PairHessforge::compute(int eflag, int vflag)
                      k + 1);
   }
   if (mode == FOLD) build_fold_graph();
+  else if (mode == HALO) build_halo_graph();
   else build_ghost_graph();
 
   const int64_t nnodes = static_cast<int64_t>(numbers.size());
   const int64_t nedges = static_cast<int64_t>(send.size());
-  if (atom->nlocal == 0 || local_nodes == 0) return;  // a rank without (model) atoms contributes nothing
+  const hessforge::AtomVirial kind = !atom_virial ? hessforge::AtomVirial::kNone
+                                     : mode == GHOST ? hessforge::AtomVirial::kExact : hessforge::AtomVirial::kSplit;
+  // a rank without (model) atoms contributes nothing, but in HALO mode still takes part in every exchange
+  if ((atom->nlocal == 0 || local_nodes == 0) && mode != HALO) return;
   try {
-    model->compute_graph(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(),
-                         mode == FOLD ? shifts.data() : nullptr, nedges, *result,
-                         !atom_virial ? hessforge::AtomVirial::kNone
-                         : mode == GHOST ? hessforge::AtomVirial::kExact : hessforge::AtomVirial::kSplit);
+    if (mode == HALO) {
+      LammpsExchange exchange(this);
+      model->compute_halo(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(), nedges,
+                          exchange, *result, kind);
+    } else {
+      model->compute_graph(pos.data(), numbers.data(), nnodes, local_nodes, recv.data(), send.data(),
+                           mode == FOLD ? shifts.data() : nullptr, nedges, *result, kind);
+    }
   } catch (const std::exception &err) {
     error->one(FLERR, std::string("pair_style hessforge: ") + err.what());
   }
@@ -528,7 +674,7 @@ void PairHessforge::compute(int eflag, int vflag)
       eatom[i] += result->node_energy[k] - (reference_energies ? 0.0 : reference_of_type[atom->type[i]]);
     }
   if (atom_virial) {
-    // nodes are local atoms (fold) or local + ghost atoms (ghost mode: compute stress/atom reverse-communicates
+    // nodes are local atoms (fold) or local + ghost atoms (halo, ghost: compute stress/atom reverse-communicates
     // the ghosts' share to their owners, newton on, as heat/flux wants: a ghost moves with its owner)
     const double *w = result->atom_virial.data();
     for (int64_t k = 0; k < nnodes; k++, w += 9) {

@@ -1,7 +1,7 @@
 /* pair_style hessforge: a hessforge exported model (TorchScript + metadata) in a stock LAMMPS, loaded with
    `plugin load hessforgeplugin.so` (or LAMMPS_PLUGIN_PATH). A thin adapter over the hessforge C++ core.
 
-   pair_style hessforge [mode auto|fold|ghost] [threads N]
+   pair_style hessforge [mode auto|fold|halo|ghost] [threads N] [reference_energies on|off]
    pair_coeff * * model.pt <element of type 1> <element of type 2> ...
 
    Requires units metal, newton on, atom IDs. See lammps_plugin/README.md. */
@@ -33,11 +33,18 @@ class PairHessforge : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
+  // HALO: node states [nodes, width] (graph order) to and from the other ranks, between the model's layers
+  void halo_forward(double *rows, int width);
+  void halo_reverse(double *rows, int width);
 
  protected:
-  enum Mode { AUTO, FOLD, GHOST };
+  enum Mode { AUTO, FOLD, GHOST, HALO };
   int mode_setting;  // what the user asked for
-  int mode;          // what runs: FOLD (one rank: periodic images folded onto their owners) or GHOST
+  int mode;          // what runs: FOLD (one rank: periodic images folded onto their owners), HALO or GHOST
   int num_threads;
   bool reference_energies;  // energies include the model's per-element constants (keyword reference_energies)
   std::vector<double> reference_of_type;  // eV per atom type (1-based; 0 for NULL types)
@@ -62,12 +69,15 @@ class PairHessforge : public Pair {
   int local_nodes = 0;
   std::vector<int> hop, frontier, next_frontier;  // GHOST: pruning
   std::vector<int64_t> edge_begin, edge_end;
+  std::vector<double> halo_rows;  // HALO: one node state per LAMMPS atom (local + ghost), what comm packs
+  int halo_width = 0;
 
   void allocate();
   void check_apart(int i, int j, double d2);
   void warn_unlikely_masses();
   void build_fold_graph();
   void build_ghost_graph();
+  void build_halo_graph();
   void gather_nodes();
 };
 

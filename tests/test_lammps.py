@@ -184,14 +184,15 @@ def models(tmp_path_factory):
 # --------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", ["molecule", "small-box", "triclinic"])
 def test_lammps_matches_python_engine(tmp_path, models, name):
-    """fold mode (1 rank), ghost mode (1 rank) and ghost mode on 2 MPI ranks, each against the Python engine."""
+    """fold mode (1 rank), ghost and halo mode (1 and 2 ranks; auto on 2 ranks is halo), each against the Python
+    engine."""
     model, path = models["gradient"]
     atoms = systems(np.random.default_rng(11))[name]
     elements = ["H", "C", "O"]
     write_data(tmp_path / "data.lmp", atoms, elements)
     ref = python_reference(model, atoms)
     results = {}
-    for mode, nprocs in (("fold", 1), ("ghost", 1), ("auto", 2)):
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("halo", 1), ("ghost", 2), ("auto", 2)):
         work = tmp_path / f"{mode}{nprocs}"
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
@@ -199,13 +200,13 @@ def test_lammps_matches_python_engine(tmp_path, models, name):
         autoload = name == "molecule" and mode == "fold"
         _, out = run_lammps(work, header(path, elements, pair_style=f"hessforge mode {mode}", autoload=autoload)
                             + SINGLE_POINT, nprocs=nprocs, autoload=autoload)
-        assert f"{'fold' if mode == 'fold' else 'ghost'} mode on {nprocs} MPI rank(s)" in out
-        if mode != "fold":
-            assert "ghost atoms to 9 A (2 layers x 3.5 A cutoff + 2 A skin)" in out
+        assert f"{'halo' if mode == 'auto' else mode} mode on {nprocs} MPI rank(s)" in out
+        assert ("ghost atoms to 9 A (2 layers x 3.5 A cutoff + 2 A skin)" in out) == (mode == "ghost")
         results[(mode, nprocs)] = got = read_single_point(work)
         assert_close(got, ref, f"{name}, mode {mode}, {nprocs} rank(s)")
     # 2 ranks give the same numbers as 1 rank
-    assert_close(results[("auto", 2)], results[("fold", 1)], f"{name}: 2 ranks vs 1 rank", tol=1e-10)
+    for key in (("auto", 2), ("ghost", 2), ("halo", 1)):
+        assert_close(results[key], results[("fold", 1)], f"{name}: {key} vs fold on 1 rank", tol=1e-10)
 
 
 PER_ATOM_VIRIALS = """
@@ -277,8 +278,8 @@ def exact_atom_virials(model, atoms, layers=2):
 @pytest.mark.parametrize("name", ["molecule", "small-box", "triclinic"])
 def test_per_atom_virials(tmp_path, models, name):
     """compute stress/atom and centroid/stress/atom against the Python engine: in ghost mode (1 and 2 ranks) the
-    exact W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j (a brute-force unfolded reference), in fold mode the edge split
-    (engine.stress.atom_virials); both sum to the global virial, and compute heat/flux takes the centroid ones:
+    exact W_j = sum_i (x_i - x_j) ⊗ dU_i/dx_j (a brute-force unfolded reference), in fold and halo mode (1 and 2
+    ranks) the edge split (engine.stress.atom_virials); both sum to the global virial, and compute heat/flux takes the centroid ones:
     sum e_i v_i + sum W_i v_i."""
     from engine.stress import atom_virials
 
@@ -292,13 +293,14 @@ def test_per_atom_virials(tmp_path, models, name):
         if virial is not None:
             assert rel(ref.sum(0), virial) < 1e-10
     assert rel(refs["fold"], refs["ghost"]) > 1e-3  # two different decompositions
-    for mode, nprocs in (("fold", 1), ("ghost", 1), ("ghost", 2)):
+    refs["halo"] = refs["fold"]
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("ghost", 2), ("halo", 1), ("halo", 2)):
         work = tmp_path / f"{mode}{nprocs}"
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
         _, out = run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}")
                             + PER_ATOM_VIRIALS, nprocs=nprocs)
-        assert ("fold mode gives per-atom virials as the edge split" in out) == (mode == "fold")
+        assert out.count(f"{mode} mode gives per-atom virials as the edge split") == (mode != "ghost")
         got, ref = read_per_atom_virials(work), refs[mode]
         what = f"{name}, mode {mode}, {nprocs} rank(s)"
         assert rel(got["centroid"], ref) < 1e-8, f"{what}: centroid/stress/atom"
@@ -355,8 +357,38 @@ def test_reference_energies_off(tmp_path, models):
     assert_close(read_single_point(tmp_path), ref, "older file")
 
 
+def test_halo_mode_with_tiled_communication_and_older_files(tmp_path, models):
+    """mode halo under comm_style tiled with recursive-bisection balancing on 2 ranks equals the Python engine; a
+    file exported before layer-wise halo exchange (no halo_width in its metadata) is refused by mode halo, and
+    mode auto on 2 ranks runs it in ghost mode with a warning saying so."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(14))["triclinic"]
+    atoms.set_cell(np.diag(atoms.cell.lengths()), scale_atoms=True)  # comm_style tiled: orthogonal boxes only
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
+    ref = python_reference(model, atoms)
+    script = header(path, ["H", "C", "O"], pair_style="hessforge mode halo").replace(
+        "read_data", "comm_style tiled\nread_data") + "balance 1.0 rcb\n" + SINGLE_POINT
+    _, out = run_lammps(tmp_path, script, nprocs=2)
+    assert "halo mode on 2 MPI rank(s)" in out
+    assert_close(read_single_point(tmp_path), ref, "halo, comm_style tiled, 2 ranks")
+
+    meta = read_metadata(path)
+    meta.pop("halo_width")
+    older = str(tmp_path / "older.pt")
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), older, _extra_files={METADATA_NAME: json.dumps(meta)})
+    code, out = run_lammps(tmp_path, header(older, ["H", "C", "O"], pair_style="hessforge mode halo") + "run 0\n",
+                           check=False)
+    errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert code != 0 and any("exported before layer-wise halo exchange existed" in e for e in errors), out[-2000:]
+    _, out = run_lammps(tmp_path, header(older, ["H", "C", "O"]) + SINGLE_POINT, nprocs=2)
+    assert "ghost mode on 2 MPI rank(s)" in out and "export it again for mode halo" in out
+    assert_close(read_single_point(tmp_path), ref, "older file, auto on 2 ranks")
+
+
 def test_rank_without_atoms(tmp_path, models):
-    """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing."""
+    """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing (and in halo
+    mode, the default there, still takes part in every exchange)."""
     model, path = models["gradient"]
     atoms = systems(np.random.default_rng(4))["molecule"]
     atoms.positions += [10.0, 0.0, 0.0]  # the box is [-20, 20]^3, split at x = 0 on 2 ranks
@@ -426,7 +458,8 @@ def test_null_types_under_hybrid_overlay(tmp_path, models):
 
 
 def test_mpi_trajectory_equals_serial(tmp_path, models):
-    """50 NVE steps (with neighbor-list rebuilds and atoms crossing subdomains) on 2 ranks vs 1 rank."""
+    """50 NVE steps (with neighbor-list rebuilds and atoms crossing subdomains) on 2 ranks (halo and ghost mode)
+    vs 1 rank."""
     _, path = models["gradient"]
     rng = np.random.default_rng(3)
     cell = np.array([[10.0, 0, 0], [1.5, 9.5, 0], [0.8, -1.0, 9.8]])
@@ -447,20 +480,24 @@ dump_modify d sort id format float %.17g
 run 50
 """
     finals = {}
-    for nprocs in (1, 2):
-        work = tmp_path / f"np{nprocs}"
+    for nprocs, mode in ((1, "auto"), (2, "auto"), (2, "ghost")):
+        work = tmp_path / f"np{nprocs}{mode}"
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
-        _, out = run_lammps(work, header(path, ["H", "C", "O"]) + md, nprocs=nprocs)
+        _, out = run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}") + md,
+                            nprocs=nprocs)
         log = open(work / "log.lammps").read()
         builds = int(re.search(r"Neighbor list builds = (\d+)", log).group(1))
         assert builds > 0
         text = open(work / "dump.out").read().split("ITEM: TIMESTEP")[-1].splitlines()
-        finals[nprocs] = (thermo_rows(log)[-1], np.array([[float(w) for w in line.split()] for line in text[9:]]))
-    (thermo1, table1), (thermo2, table2) = finals[1], finals[2]
-    assert rel(thermo2[1:], thermo1[1:]) < 1e-9
-    assert rel(table2[:, 1:4], table1[:, 1:4]) < 1e-9  # positions
-    assert rel(table2[:, 4:7], table1[:, 4:7]) < 1e-7  # forces after 50 steps
+        finals[nprocs, mode] = (thermo_rows(log)[-1],
+                                np.array([[float(w) for w in line.split()] for line in text[9:]]))
+    thermo1, table1 = finals[1, "auto"]
+    for key in ((2, "auto"), (2, "ghost")):
+        thermo2, table2 = finals[key]
+        assert rel(thermo2[1:], thermo1[1:]) < 1e-9, key
+        assert rel(table2[:, 1:4], table1[:, 1:4]) < 1e-9, key  # positions
+        assert rel(table2[:, 4:7], table1[:, 4:7]) < 1e-7, key  # forces after 50 steps
 
 
 def test_nve_conserves_energy(tmp_path, models):

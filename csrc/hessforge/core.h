@@ -33,6 +33,7 @@ struct Metadata {
   std::vector<int> species;       // atomic numbers the model knows
   int num_layers = 0;             // message-passing layers
   double interaction_range = 0.0; // num_layers * cutoff: how far ghost atoms must reach
+  int halo_width = 0;             // node state width of layer-wise halo exchange (0: a file from before it)
   std::string force_mode;         // "gradient" or "direct"
   bool virial = false;            // the model gives a virial (gradient forces)
   std::string dtype;              // "float32" or "float64"
@@ -81,6 +82,31 @@ double standard_atomic_mass(int z);
 // the LAMMPS plugin turns it off unless HESSFORGE_JIT_OPTIMIZE=1.
 void set_jit_optimize(bool on);
 
+// Layer-wise halo exchange (Model::compute_halo): how the caller moves node states between the processes of a
+// domain decomposition. Rows [0, nlocal) are this process's atoms, rows [nlocal, n) ghost atoms (copies of atoms
+// owned here or by another process), each row `width` doubles.
+class HaloExchange {
+ public:
+  virtual ~HaloExchange() = default;
+  // Rows [0, nlocal) are set: fill each ghost row from its owner's row.
+  virtual void forward(double* rows, int64_t width) = 0;
+  // Add each ghost row into its owner's row (the gradient of a copy goes to the original); after this, rows
+  // [0, nlocal) hold the totals (ghost rows are then unspecified).
+  virtual void reverse(double* rows, int64_t width) = 0;
+};
+
+// Every atom on one process: ghost row nlocal + g is a copy of row owner[g] (periodic images as explicit atoms).
+class OwnerExchange : public HaloExchange {
+ public:
+  OwnerExchange(std::vector<int64_t> owner, int64_t nlocal) : owner_(std::move(owner)), nlocal_(nlocal) {}
+  void forward(double* rows, int64_t width) override;
+  void reverse(double* rows, int64_t width) override;
+
+ private:
+  std::vector<int64_t> owner_;
+  int64_t nlocal_;
+};
+
 class Model {
  public:
   // Loads the TorchScript file and its metadata. num_threads > 0 sets torch's intra-op threads.
@@ -102,6 +128,20 @@ class Model {
   void compute_graph(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                      const int64_t* receivers, const int64_t* senders, const double* shifts,
                      int64_t num_edges, Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;
+
+  // Can this file run layer by layer (compute_halo: halo_* methods, exported since they existed)?
+  bool has_halo() const;
+
+  // Layer-wise halo exchange: atoms [0, nlocal) local, [nlocal, n) ghost atoms (explicit positions, no shifts)
+  // reaching one cutoff beyond the local ones; every edge's receiver is local. The layers run one at a time with
+  // exchange.forward between them (ghost states from their owners) and, in the backward pass, exchange.reverse
+  // (ghost gradients to their owners). Energies, forces (ghost rows: forces on the ghost atoms, to be added to
+  // their owners), the virial and split per-atom virials of this process's part, as compute_graph gives them
+  // for its local energies; over all processes they sum to the system's. node_energy of ghosts is 0. Per-atom
+  // virials: kSplit only (kExact needs ghost atoms to num_layers x cutoff: compute_graph).
+  void compute_halo(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
+                    const int64_t* receivers, const int64_t* senders, int64_t num_edges, HaloExchange& exchange,
+                    Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;
 
   // One structure: own cell list, then compute_graph. Checks the elements. Per-atom virials: kSplit (periodic
   // images are shifts here), or kExact for a structure without periodic directions.

@@ -96,18 +96,43 @@ class Student(nn.Module):
 
     def edge_features(self, graph: AtomicGraph, positions: torch.Tensor):
         """Unit vectors [E, 3], radial basis [E, num_basis] and cosine envelope [E] of the graph's edges."""
-        vec = edge_vectors(graph, positions)
+        return self.features_of_vectors(edge_vectors(graph, positions))
+
+    def features_of_vectors(self, vec: torch.Tensor):
+        """edge_features of edge vectors r_ij [E, 3]."""
         r = safe_norm(vec, 1)
         return vec / r.unsqueeze(-1), sinc_basis(r, self.cutoff, self.num_basis), cosine_cutoff(r, self.cutoff)
+
+    def node_energies(self, species: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Atomic energies [N] (float64) from final scalar features."""
+        # learned part in the model's dtype, the per-element references (~1e3 eV) added in float64: in float32
+        # they would round every atomic energy to ~1e-4 eV (noise in the energy loss and in MD energies)
+        return (self.readout(s).squeeze(-1) * self.energy_scale).to(torch.float64) + self.atom_ref[species]
+
+    # Layer-wise halo exchange (the C++ core's compute_halo, LAMMPS mode halo): message passing one layer at a
+    # time, each atom's features packed in one row of a node state [N, halo_width], so that between layers a
+    # domain decomposition can copy its ghost atoms' rows from their owners, and ghost atoms need reach only one
+    # cutoff instead of num_layers cutoffs. A student implements halo_initial, halo_layer and halo_features.
+    def halo_initial(self, species: torch.Tensor) -> torch.Tensor:
+        """The node state [N, halo_width] before the first layer."""
+        raise NotImplementedError
+
+    def halo_layer(self, k: int, state: torch.Tensor, edge_index: torch.Tensor, rbf: torch.Tensor,
+                   fcut: torch.Tensor, unit: torch.Tensor, nlocal: int) -> torch.Tensor:
+        """Layer k on node states [N, W] (rows >= nlocal: ghost atoms, up to date) with edges whose receivers
+        are < nlocal: the new states [nlocal, W] of the receivers."""
+        raise NotImplementedError
+
+    def halo_features(self, state: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(s, v) of a node state, as interact returns them."""
+        raise NotImplementedError
 
     def energies_from_edges(self, numbers: torch.Tensor, batch: torch.Tensor, num_structures: int,
                             edge_index: torch.Tensor, rbf: torch.Tensor, fcut: torch.Tensor, unit: torch.Tensor):
         """Per-structure energies [B], atomic energies [N] and the final scalar and vector features."""
         species = self.z_to_index[numbers]
         s, v = self.interact(species, edge_index, rbf, fcut, unit)
-        # learned part in the model's dtype, the per-element references (~1e3 eV) added in float64: in float32
-        # they would round every atomic energy to ~1e-4 eV (noise in the energy loss and in MD energies)
-        node_energy = (self.readout(s).squeeze(-1) * self.energy_scale).to(torch.float64) + self.atom_ref[species]
+        node_energy = self.node_energies(species, s)
         return sum_per_structure(node_energy, batch, num_structures), node_energy, s, v
 
     def energies(self, graph: AtomicGraph, positions: torch.Tensor):

@@ -107,5 +107,20 @@ class PaiNN(Student):
             s, v = update(s, v)
         return s, v
 
+    def halo_initial(self, species):
+        s = self.embedding(species)
+        return torch.cat([s, torch.zeros(s.shape[0], 3 * s.shape[1], dtype=s.dtype, device=s.device)], dim=1)
+
+    def halo_layer(self, k: int, state, edge_index, rbf, fcut, unit, nlocal: int):
+        s, v = self.halo_features(state)
+        for index, (message, update) in enumerate(zip(self.messages, self.updates)):
+            if index == k:
+                s, v = message(s, v, edge_index, rbf, fcut, unit)
+                s, v = update(s[:nlocal], v[:nlocal])  # ghost rows come from their owners
+        return torch.cat([s, v.reshape(s.shape[0], -1)], dim=1)
+
+    def halo_features(self, state):
+        return state[:, :self.hidden], state[:, self.hidden:].reshape(state.shape[0], 3, self.hidden)
+
 
 __all__ = ["PaiNN"]

@@ -34,9 +34,12 @@ class SchNetInteraction(nn.Module):
         self.in2f = nn.Linear(features, features, bias=False)
         self.f2out = MLP(features, features, features, ShiftedSoftplus)
 
-    def forward(self, x, edge_index, rbf, fcut):
+    def forward(self, x, edge_index, rbf, fcut, num_out: int = -1):
+        """num_out >= 0: only the first num_out atoms' new features (the edges' receivers are among them)."""
         i, j = edge_index[0], edge_index[1]
         message = self.in2f(x)[j] * self.filter(rbf) * fcut.unsqueeze(-1)
+        if num_out >= 0:
+            x = x[:num_out]
         return x + self.f2out(torch.zeros_like(x).index_add(0, i, message))
 
 
@@ -63,6 +66,18 @@ class SchNet(Student):
         for interaction in self.interactions:
             x = interaction(x, edge_index, rbf, fcut)
         return x, x.new_zeros(x.shape[0], 3, 0)
+
+    def halo_initial(self, species):
+        return self.embedding(species)
+
+    def halo_layer(self, k: int, state, edge_index, rbf, fcut, unit, nlocal: int):
+        for index, interaction in enumerate(self.interactions):
+            if index == k:
+                state = interaction(state, edge_index, rbf, fcut, nlocal)
+        return state
+
+    def halo_features(self, state):
+        return state, state.new_zeros(state.shape[0], 3, 0)
 
 
 __all__ = ["SchNet"]

@@ -424,8 +424,9 @@ def test_bench_cli(tmp_path, capsys):
     from training.cli import main
 
     out = tmp_path / "bench.json"
-    rc = main(["bench", "painn:hidden=8,layers=1,num_basis=4", "painn:hidden=16,layers=2,num_basis=8", "quickstart",
-               "--batch-size", "3", "--repeats", "1", "--warmup", "1", "--threads", "1", "--sweep",
+    # options between the positionals, as users type them
+    rc = main(["bench", "painn:hidden=8,layers=1,num_basis=4", "--batch-size", "3", "painn:hidden=16,layers=2,num_basis=8",
+               "quickstart", "--repeats", "1", "--warmup", "1", "--threads", "1", "--sweep",
                "--batch-sizes", "1,2", "--modes", "eager,fused,compiled+triton", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"hessforge {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
         module.add_arguments(sub)
-        args = sub.parse_args(argv[1:])
+        # options may sit between positionals (hessforge bench MODEL --compare T DATA), as users type them
+        args = sub.parse_intermixed_args(argv[1:])
         try:
             return int(module.run(args) or 0)
         except HessforgeError as err:

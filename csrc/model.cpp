@@ -1,5 +1,6 @@
 // The model half of the core: the only translation unit that includes torch.
 #include <ATen/Parallel.h>
+#include <malloc.h>
 #include <caffe2/serialize/inline_container.h>
 #include <sys/stat.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -193,6 +194,7 @@ struct Model::Impl {
 };
 
 Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
+  keep_freed_memory();
   impl_->path = path;
   check_file(path);
   check_archive(path);  // a flipped byte in a weight record would otherwise load and give wrong energies
@@ -212,6 +214,19 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
 }
 
 void set_jit_optimize(bool on) { torch::jit::setGraphExecutorOptimize(on); }
+
+bool keep_freed_memory() {
+  static const bool tuned = [] {
+    const char* setting = std::getenv("HESSFORGE_MALLOC");
+    if (setting != nullptr && std::string(setting) == "system") return false;
+#ifdef __GLIBC__
+    return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
+#else
+    return false;
+#endif
+  }();
+  return tuned;
+}
 
 Model::~Model() = default;
 
@@ -340,6 +355,21 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
   }
   const torch::Tensor recv = edge_index[0], send = edge_index[1];
   const int layers = impl_->meta.num_layers;
+  const int64_t width = impl_->meta.halo_width;
+  // L layers need L - 1 exchanges each way: the last layer's states are read on the local atoms only, so its
+  // ghosts' states are neither sent nor (in the backward pass) have a gradient to send back
+  torch::Tensor rows = torch::zeros({n, width}, f64);
+  out.energy = 0.0;
+  out.node_energy.assign(n, 0.0);
+  out.forces.assign(3 * n, 0.0);
+  std::fill(out.virial, out.virial + 9, 0.0);
+  out.atom_virial.assign(atom_virial == AtomVirial::kNone ? 0 : 9 * n, 0.0);
+  out.num_edges = num_edges;
+  if (n == 0) {  // a process without atoms contributes nothing, but takes part in every exchange
+    for (int k = 0; k + 1 < layers; ++k) exchange.forward(rows.data_ptr<double>(), width);
+    for (int k = 0; k + 1 < layers && !direct; ++k) exchange.reverse(rows.data_ptr<double>(), width);
+    return;
+  }
   try {
     // edge vectors in float64 (large coordinates), then the model dtype; a leaf: forces are d/d(edge vectors)
     const torch::Tensor vec64 = pos.index_select(0, send) - pos.index_select(0, recv);
@@ -351,33 +381,26 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
       edge_in.push_back(f.toTensor().detach().requires_grad_(!direct));
     }
     torch::Tensor state = module.get_method("halo_embed")({z}).toTensor();
-    const int64_t width = state.size(1);
-    if (state.dim() != 2 || state.size(0) != n || width != impl_->meta.halo_width)
+    if (state.dim() != 2 || state.size(0) != n || state.size(1) != width)
       throw Error(path + ": the model's node states do not match its metadata's halo_width (a damaged or edited "
                   "model file?); export it again");
     // Each layer on detached inputs, so that its backward can stop at the exchange: the gradient of a ghost's
     // state belongs to its owner (exchange.reverse), possibly on another process.
     std::vector<torch::Tensor> layer_in, layer_out;
-    torch::Tensor rows = torch::zeros({n, width}, f64);
     for (int k = 0; k < layers; ++k) {
       layer_in.push_back(state.detach().requires_grad_(!direct));
       layer_out.push_back(module.get_method("halo_layer")(
           {k, layer_in.back(), edge_index, edge_in[0], edge_in[1], edge_in[2], nlocal}).toTensor());
+      if (k + 1 == layers) break;
       rows.narrow(0, 0, nlocal).copy_(layer_out.back().detach());
       exchange.forward(rows.data_ptr<double>(), width);
       state = rows.to(dtype, /*non_blocking=*/false, /*copy=*/true);
     }
-    torch::Tensor last = state.detach().requires_grad_(!direct);
-    auto readout = module.get_method("halo_readout")({z.narrow(0, 0, nlocal), last.narrow(0, 0, nlocal)})
-                       .toTuple()->elements();
+    torch::Tensor last = layer_out.back().detach().requires_grad_(!direct);  // [nlocal, W]
+    auto readout = module.get_method("halo_readout")({z.narrow(0, 0, nlocal), last}).toTuple()->elements();
     const torch::Tensor local_energy = readout[0].toTensor().to(torch::kFloat64);
     out.energy = local_energy.sum().item<double>();
-    out.node_energy.assign(n, 0.0);
     std::memcpy(out.node_energy.data(), local_energy.contiguous().data_ptr<double>(), sizeof(double) * nlocal);
-    out.forces.assign(3 * n, 0.0);
-    std::fill(out.virial, out.virial + 9, 0.0);
-    out.atom_virial.clear();
-    out.num_edges = num_edges;
     if (direct) {
       const torch::Tensor f = readout[1].toTensor().to(torch::kFloat64).contiguous();
       std::memcpy(out.forces.data(), f.data_ptr<double>(), sizeof(double) * 3 * nlocal);
@@ -388,19 +411,20 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     auto gradient = [](const torch::Tensor& g, const torch::Tensor& like) {
       return g.defined() ? g : torch::zeros_like(like);
     };
-    torch::Tensor g_state = gradient(torch::autograd::grad({local_energy.sum()}, {last}, {}, false, false, true)[0],
-                                     last);
+    // d E / d (local states after each layer), last layer first
+    torch::Tensor g_out = gradient(torch::autograd::grad({local_energy.sum()}, {last}, {}, false, false, true)[0],
+                                   last);
     std::vector<torch::Tensor> g_edges;
     for (const auto& leaf : edge_in) g_edges.push_back(torch::zeros_like(leaf));
     for (int k = layers - 1; k >= 0; --k) {
-      rows.copy_(g_state);
-      exchange.reverse(rows.data_ptr<double>(), width);
-      const torch::Tensor g_out = rows.narrow(0, 0, nlocal).to(dtype);
       auto grads = torch::autograd::grad({layer_out[k]}, {layer_in[k], edge_in[0], edge_in[1], edge_in[2]},
                                          {g_out}, false, false, true);
-      g_state = gradient(grads[0], layer_in[k]);
       for (int a = 0; a < 3; ++a)
         if (grads[a + 1].defined()) g_edges[a] += grads[a + 1];
+      if (k == 0) break;  // the first layer's input (the embedding) does not depend on positions
+      rows.copy_(gradient(grads[0], layer_in[k]));
+      exchange.reverse(rows.data_ptr<double>(), width);  // a ghost state's gradient goes to its owner
+      g_out = rows.narrow(0, 0, nlocal).to(dtype);
     }
     torch::Tensor g_vec = torch::zeros({num_edges, 3}, f64);
     if (num_edges > 0)
@@ -416,7 +440,7 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
       const torch::Tensor half = 0.5 * per_edge;
       const torch::Tensor per_atom =
           torch::zeros({n, 3, 3}, f64).index_add(0, recv, half).index_add(0, send, half).contiguous();
-      out.atom_virial.assign(per_atom.data_ptr<double>(), per_atom.data_ptr<double>() + 9 * n);
+      std::memcpy(out.atom_virial.data(), per_atom.data_ptr<double>(), sizeof(double) * 9 * n);
     }
   } catch (const c10::Error& err) {
     throw Error(path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");

@@ -23,6 +23,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator as _ASECalculator
 from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 
+from engine.allocator import keep_freed_memory
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
 from engine.graph import (atoms_per_call, build_graph, graph_to, recentred, resolve_device,
@@ -73,6 +74,7 @@ class Calculator(_ASECalculator):
     def __init__(self, model: Union[str, os.PathLike, torch.nn.Module], device: str = "cpu",
                  dtype: Union[str, torch.dtype, None] = torch.float64, **kwargs):
         super().__init__(**kwargs)
+        keep_freed_memory()  # large tensors reused, not faulted in again every call (engine/allocator.py)
         dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
         if isinstance(model, (str, os.PathLike)):

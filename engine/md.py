@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from ase import units
 
+from engine.allocator import keep_freed_memory
 from engine.errors import HessforgeError
 from engine.graph import (AtomicGraph, atoms_per_call, edge_vectors, graph_from_atoms, graph_to, recentred,
                           split_batch, structure_chunks)
@@ -119,6 +120,7 @@ class BatchedMD:
                  pressure_GPa: Union[float, Sequence[float], None] = None, barostat_time_fs: float = 1000.0,
                  bulk_modulus_GPa: float = 100.0, barostat_coupling: str = "iso",
                  barostat_method: str = "berendsen", max_atoms_per_call: Union[int, str, None] = "auto"):
+        keep_freed_memory()  # large tensors reused, not faulted in again every step (engine/allocator.py)
         if integrator not in INTEGRATORS:
             raise HessforgeError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
         if not (timestep_fs > 0 and math.isfinite(timestep_fs)):

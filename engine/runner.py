@@ -41,7 +41,6 @@ edges); teachers live in training/bench.py.
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import gc
 import math
@@ -55,6 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from engine.allocator import freed_memory_kept, malloc_trim
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.compiled import call_compiled, compile_events, compile_stats, keep_compilation_metrics, own_code
 from engine.errors import HessforgeError
@@ -448,13 +448,6 @@ def _proc_kb(key: str, path: str = "/proc/self/status") -> Optional[int]:
     return None
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class MemoryProbe:
     """Peak memory of the calls made between start() and peak_bytes(); `method` names how it was measured."""
 
@@ -476,7 +469,7 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         elif self.method.startswith("cpu peak RSS"):
-            _malloc_trim()
+            malloc_trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
             self.base = (_proc_kb("VmRSS") or 0) * 1024
@@ -726,7 +719,9 @@ def machine_info(device: Optional[torch.device] = None) -> Dict[str, Any]:
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            # large CPU tensors reused from the heap (engine/allocator.py): 2-3x a ~1000-atom force call
+            "cpu_allocator": "glibc, large blocks kept in the heap" if freed_memory_kept() else "default"}
     try:
         info["load_average"] = os.getloadavg()
     except OSError:

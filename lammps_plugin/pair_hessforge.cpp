@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <set>
 #include <cstdlib>
 #include <cstring>
 
@@ -41,6 +43,21 @@
 #include "utils.h"
 
 using namespace LAMMPS_NS;
+
+namespace {
+// Ghost mode raises LAMMPS' communication cutoff (comm_modify cutoff) to L x cutoff + skin. Once no hessforge
+// style of that LAMMPS instance runs in ghost mode any more (pair_style re-issued in halo or fold mode), the
+// value from before comes back: otherwise halo mode would keep ~6x the ghosts it needs (measured on 2 ranks).
+struct RaisedCutoff {
+  double before;  // comm->cutghostuser before the first raise
+  double raised;  // what ghost mode set it to
+};
+std::map<const LAMMPS *, RaisedCutoff> &raised_cutoffs()
+{
+  static std::map<const LAMMPS *, RaisedCutoff> record;
+  return record;
+}
+}  // namespace
 
 PairHessforge::PairHessforge(LAMMPS *lmp) :
     Pair(lmp), mode_setting(AUTO), mode(FOLD), num_threads(0), reference_energies(true), cutoff(0.0),
@@ -237,7 +254,7 @@ void PairHessforge::init_style()
                    fix->id, style, model_path);
     }
 
-  mode = mode_setting == AUTO ? (comm->nprocs == 1 ? FOLD : model->has_halo() ? HALO : GHOST) : mode_setting;
+  mode = resolved_mode();
   if (mode == FOLD && comm->nprocs > 1)
     error->all(FLERR, "pair_style hessforge mode fold runs on one MPI rank only; use mode halo, ghost or auto");
   if (mode == HALO && !model->has_halo())
@@ -261,6 +278,9 @@ void PairHessforge::init_style()
     // message passing: L layers of cutoff r reach L*r; ghosts must cover that after atoms move by skin/2
     const double need = model->metadata().interaction_range + neighbor->skin;
     if (comm->cutghostuser < need) {
+      auto found = raised_cutoffs().find(lmp);
+      const bool ours = found != raised_cutoffs().end() && comm->cutghostuser == found->second.raised;
+      raised_cutoffs()[lmp] = RaisedCutoff{ours ? found->second.before : comm->cutghostuser, need};
       comm->cutghostuser = need;
       if (comm->me == 0)
         utils::logmesg(lmp,
@@ -273,10 +293,36 @@ void PairHessforge::init_style()
   } else {
     ghostneigh = 0;
     neighbor->add_request(this, NeighConst::REQ_FULL);
+    restore_communication_cutoff();
   }
   if (comm->me == 0)
     utils::logmesg(lmp, "pair_style hessforge: {} mode on {} MPI rank(s)\n",
                    mode == FOLD ? "fold" : mode == HALO ? "halo" : "ghost", comm->nprocs);
+}
+
+/* What mode_setting resolves to (init_style: AUTO is fold on one rank, halo on several for files that can) */
+int PairHessforge::resolved_mode() const
+{
+  if (mode_setting != AUTO) return mode_setting;
+  return comm->nprocs == 1 ? FOLD : (model && model->has_halo()) ? HALO : GHOST;
+}
+
+/* The communication cutoff from before ghost mode raised it, once no hessforge style here runs in ghost mode */
+void PairHessforge::restore_communication_cutoff()
+{
+  auto found = raised_cutoffs().find(lmp);
+  if (found == raised_cutoffs().end()) return;
+  std::set<Pair *> styles{force->pair_match("hessforge", 1)};  // this style alone, or one of hybrid's
+  for (int k = 1; k <= 64; k++) styles.insert(force->pair_match("hessforge", 1, k));
+  for (Pair *style : styles)
+    if (style != nullptr && static_cast<PairHessforge *>(style)->resolved_mode() == GHOST) return;
+  if (comm->cutghostuser == found->second.raised) {  // not changed by the user since
+    comm->cutghostuser = found->second.before;
+    if (comm->me == 0)
+      utils::logmesg(lmp, "pair_style hessforge: communication cutoff back to {:.6g} A (ghost mode had raised it "
+                          "to {:.6g} A)\n", found->second.before, found->second.raised);
+  }
+  raised_cutoffs().erase(found);
 }
 
 double PairHessforge::init_one(int i, int j)

@@ -78,6 +78,8 @@ class PairHessforge : public Pair {
   void build_fold_graph();
   void build_ghost_graph();
   void build_halo_graph();
+  int resolved_mode() const;
+  void restore_communication_cutoff();
   void gather_nodes();
 };
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.errors import HessforgeError
-from engine.export import export_model
+from engine.export import export_model, quiet_torchscript
 from engine.exported import core_available, load_core
 from engine.graph import graph_from_atoms
 from engine.stress import atom_virials
@@ -117,3 +117,21 @@ def test_halo_errors(tmp_path, rng):
     export_model(tiny_painn("direct", seed=1), direct)
     with pytest.raises(HessforgeError, match="direct-force model has no virial"):
         load_core(direct).compute_halo(positions, numbers, n, edge_index, owner, atom_virial="split")
+
+
+@pytest.mark.parametrize("arch,force_mode", VARIANTS)
+def test_a_process_without_atoms(tmp_path, arch, force_mode):
+    """No atoms at all (a LAMMPS rank whose subdomain is empty): zeros, not an error."""
+    path = str(tmp_path / "model.pt")
+    export_model(tiny_painn(force_mode, arch=arch), path)
+    got = load_core(path).compute_halo(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), 0,
+                                       np.zeros((2, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
+    assert got["energy"] == 0 and got["forces"].shape == (0, 3) and not got["virial"].any()
+    # the exported layers themselves take zero rows too
+    with quiet_torchscript():
+        module = torch.jit.load(path)
+    width = 4 * 16 if arch == "painn" else 16
+    dtype = torch.float64
+    state = module.halo_layer(0, torch.zeros(0, width, dtype=dtype), torch.zeros(2, 0, dtype=torch.long),
+                              torch.zeros(0, 3, dtype=dtype), torch.zeros(0, 8, dtype=dtype), torch.zeros(0, dtype=dtype), 0)
+    assert state.shape == (0, width)

@@ -387,14 +387,62 @@ def test_halo_mode_with_tiled_communication_and_older_files(tmp_path, models):
 
 
 def test_rank_without_atoms(tmp_path, models):
-    """On 2 ranks a molecule lying wholly in one rank's subdomain: the empty rank contributes nothing (and in halo
-    mode, the default there, still takes part in every exchange)."""
+    """On 2 ranks (processors 2 1 1) a molecule lying wholly in one rank's subdomain, and a periodic box whose
+    second rank holds only NULL-type atoms (argon under lj/cut): the rank without model atoms contributes
+    nothing and, in halo mode (the default there), still takes part in every exchange. Gradient and direct
+    PaiNN (whose empty node states once failed to reshape), halo and ghost mode."""
+    for force_mode in ("gradient", "direct"):
+        model, path = models[force_mode]
+        atoms = systems(np.random.default_rng(4))["molecule"]
+        atoms.positions += [10.0, 0.0, 0.0]  # the box is [-20, 20]^3, split at x = 0
+        ref = python_reference(model, atoms)
+        for mode in ("halo", "ghost"):
+            work = tmp_path / f"{force_mode}-{mode}"
+            work.mkdir()
+            write_data(work / "data.lmp", atoms, ["H", "C", "O"])
+            script = header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}").replace(
+                "read_data", "processors 2 1 1\nread_data")
+            _, out = run_lammps(work, script + SINGLE_POINT, nprocs=2)
+            assert re.search(r"Nlocal:\s+5 ave\s+10 max\s+0 min", out), out[-1500:]  # one rank is empty
+            assert_close(read_single_point(work), ref, f"{force_mode} molecule on one of 2 ranks, {mode}")
+
     model, path = models["gradient"]
-    atoms = systems(np.random.default_rng(4))["molecule"]
-    atoms.positions += [10.0, 0.0, 0.0]  # the box is [-20, 20]^3, split at x = 0 on 2 ranks
+    rng = np.random.default_rng(21)
+    cell = np.array([[10.0, 0.0, 0.0], [1.5, 7.5, 0.0], [-1.0, 0.8, 7.8]])
+    positions = lattice_positions(rng, cell, 40, jitter=0.15)
+    left = (positions @ np.linalg.inv(cell))[:, 0] % 1.0 < 0.5
+    atoms = Atoms(numbers=np.where(left, rng.choice([1, 6, 8], 40), 18), positions=positions, cell=cell, pbc=True)
+    write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O", "Ar"])
+    is_solute = atoms.numbers != 18
+    ref = python_reference(model, atoms[is_solute])
+    script = (header(f"hessforge {path}", ["H", "C", "O", "NULL"], pair_style="hybrid/overlay hessforge lj/cut 4.0")
+              .replace("read_data", "processors 2 1 1\nread_data") + "pair_coeff * * lj/cut 0.0 2.0\n" + SINGLE_POINT)
+    _, out = run_lammps(tmp_path, script, nprocs=2)
+    assert "halo mode on 2 MPI rank(s)" in out
+    got = read_single_point(tmp_path)
+    got = dict(got, forces=got["forces"][is_solute], node_energy=got["node_energy"][is_solute])
+    assert_close(got, ref, "NULL-only rank, halo mode")
+
+
+def test_ghost_mode_gives_back_the_communication_cutoff(tmp_path, models):
+    """Ghost mode raises the communication cutoff to layers x cutoff + skin; pair_style re-issued in halo mode
+    (plain, then under hybrid/overlay) sets it back, so halo mode runs with its own one-cutoff ghost shell and
+    the same numbers; a cutoff the user set in between is left alone."""
+    model, path = models["gradient"]
+    atoms = systems(np.random.default_rng(15))["triclinic"]
     write_data(tmp_path / "data.lmp", atoms, ["H", "C", "O"])
-    run_lammps(tmp_path, header(path, ["H", "C", "O"]) + SINGLE_POINT, nprocs=2)
-    assert_close(read_single_point(tmp_path), python_reference(model, atoms), "molecule on one of 2 ranks")
+    ref = python_reference(model, atoms)
+    style = "pair_style hessforge mode {}\npair_coeff * * " + path + " H C O\nrun 0\n"
+    script = (header(path, ["H", "C", "O"], pair_style="hessforge mode halo") + "run 0\n" + style.format("ghost")
+              + style.format("halo") + style.format("ghost")
+              + "pair_style hybrid/overlay hessforge lj/cut 4.0\npair_coeff * * hessforge " + path
+              + " H C O\npair_coeff * * lj/cut 0.0 2.0\nrun 0\n" + style.format("ghost")
+              + "comm_modify cutoff 11.0\n" + style.format("halo") + SINGLE_POINT)
+    _, out = run_lammps(tmp_path, script, nprocs=2)
+    cutoffs = [float(c) for c in re.findall(r"ghost atom cutoff = ([0-9.]+)", out)]
+    assert cutoffs == [5.5, 9.0, 5.5, 9.0, 6.0, 9.0, 11.0], cutoffs  # 6: lj/cut 4 + skin 2
+    assert out.count("communication cutoff back to 0 A (ghost mode had raised it to 9 A)") == 2
+    assert_close(read_single_point(tmp_path), ref, "halo after ghost mode")
 
 
 def test_elements_in_another_order_than_the_types_are_warned_of(tmp_path, models):

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from engine.allocator import keep_freed_memory
 from engine.errors import HessforgeError
 
 SUBCOMMANDS = {
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # large tensors reused, not faulted in again every call (engine/allocator.py)
     parser = build_parser()
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])

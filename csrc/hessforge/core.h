@@ -107,6 +107,12 @@ class OwnerExchange : public HaloExchange {
   int64_t nlocal_;
 };
 
+// glibc: serve large allocations from the heap and keep freed memory for reuse (M_MMAP_MAX 0, trim threshold
+// 1 GiB; process-wide, once; engine/allocator.py says why: a model's large per-edge tensors otherwise cost a page
+// fault per 4 KiB on every call, 2-4x the force call on ~1000 atoms). HESSFORGE_MALLOC=system leaves glibc's
+// defaults. Called by the Model constructor; returns whether the settings are in effect.
+bool keep_freed_memory();
+
 class Model {
  public:
   // Loads the TorchScript file and its metadata. num_threads > 0 sets torch's intra-op threads.

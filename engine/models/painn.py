@@ -117,7 +117,7 @@ class PaiNN(Student):
             if index == k:
                 s, v = message(s, v, edge_index, rbf, fcut, unit)
                 s, v = update(s[:nlocal], v[:nlocal])  # ghost rows come from their owners
-        return torch.cat([s, v.reshape(s.shape[0], -1)], dim=1)
+        return torch.cat([s, v.reshape(s.shape[0], 3 * self.hidden)], dim=1)  # (no -1: zero rows are allowed)
 
     def halo_features(self, state):
         return state[:, :self.hidden], state[:, self.hidden:].reshape(state.shape[0], 3, self.hidden)

@@ -26,7 +26,8 @@ Everything runs in this process on one thread (torch intra-op and LAMMPS/OpenMP)
 through its Python module with the plugin loaded. ns/day at a 1 fs step = steps/s x 0.0864 (bench/README.md).
 Knobs (environment): HESSFORGE_BENCH_DTYPE (float32 default | float64), HESSFORGE_BENCH_ROUNDS (5),
 HESSFORGE_BENCH_TINY_ROUNDS (30: rounds of the tiny-student cases),
-HESSFORGE_JIT_OPTIMIZE=1 (TorchScript profiling executor on, for the core and the plugin alike).
+HESSFORGE_JIT_OPTIMIZE=1 (TorchScript profiling executor on, for the core and the plugin alike),
+HESSFORGE_MALLOC=system (glibc's allocator defaults instead of engine/allocator.py's).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.allocator import keep_freed_memory
 from engine.export import export_model
 from engine.exported import PLUGIN_NAME, REPO_ROOT, load_core, neighbor_list
 from engine.graph import AtomicGraph, build_graph
@@ -56,6 +58,7 @@ TINY_ROUNDS = int(os.environ.get("HESSFORGE_BENCH_TINY_ROUNDS", "30"))
 N_ATOMS, BOX = 1000, 21.5  # ~0.1 atoms/Å^3, the atom density of organic liquids
 
 torch.set_num_threads(1)
+keep_freed_memory()  # as hessforge's commands and the core run (engine/allocator.py; HESSFORGE_MALLOC=system: off)
 
 
 def ns_per_day(seconds_per_step: float) -> float:

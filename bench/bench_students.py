@@ -41,12 +41,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from engine.allocator import keep_freed_memory  # noqa: E402
 from engine.errors import HessforgeError  # noqa: E402
 from engine.models import PaiNN  # noqa: E402
 from engine.compiled import compile_events, compile_stats  # noqa: E402
 from engine.runner import (StudentTarget, cuda_graphs_note, fill_batch, machine_info, sample_batch,  # noqa: E402
                            ns_per_day, resolve_device, sweep)
 
+keep_freed_memory()  # as hessforge's commands run (engine/allocator.py; HESSFORGE_MALLOC=system: glibc's defaults)
 DEVICE = resolve_device(os.environ.get("HESSFORGE_BENCH_DEVICE", "auto"))
 CUDA = DEVICE.type == "cuda"
 THREADS = int(os.environ.get("HESSFORGE_BENCH_THREADS", "1"))

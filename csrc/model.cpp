@@ -183,6 +183,27 @@ void check_finite(const Result& out, const std::string& path) {
                 "atoms on top of each other)");
 }
 
+// The explicit-graph interface's inputs as tensors: positions [n, 3] (float64) and atomic numbers [n] view the
+// caller's memory, which the model only reads; the edges are copied into one edge_index [2, E].
+struct GraphInputs {
+  torch::Tensor positions, numbers, edge_index;
+};
+
+GraphInputs graph_inputs(const double* positions, const int64_t* numbers, int64_t n, const int64_t* receivers,
+                         const int64_t* senders, int64_t num_edges) {
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  GraphInputs in;
+  in.positions = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64);
+  in.numbers = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
+  in.edge_index = torch::empty({2, num_edges}, i64);
+  if (num_edges > 0) {
+    std::memcpy(in.edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
+    std::memcpy(in.edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
+  }
+  return in;
+}
+
 }  // namespace
 
 struct Model::Impl {
@@ -254,16 +275,9 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   // must be able to save them for the gradient models' backward.
   c10::InferenceMode not_inference(false);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  // The exported interface is float64 whatever the model dtype (engine/export.py); from_blob views the
-  // caller's memory, which the model only reads.
-  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64);
-  torch::Tensor z = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
-  torch::Tensor edge_index = torch::empty({2, num_edges}, i64);
-  if (num_edges > 0) {
-    std::memcpy(edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
-    std::memcpy(edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
-  }
+  // The exported interface is float64 whatever the model dtype (engine/export.py).
+  const GraphInputs in = graph_inputs(positions, numbers, n, receivers, senders, num_edges);
+  const torch::Tensor &pos = in.positions, &z = in.numbers, &edge_index = in.edge_index;
   torch::Tensor shift = shifts == nullptr ? torch::zeros({num_edges, 3}, f64)
                                          : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64);
   std::vector<torch::jit::IValue> inputs{pos, z, edge_index, shift, nlocal};
@@ -345,14 +359,8 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
   c10::InferenceMode not_inference(false);  // as in compute_graph
   torch::AutoGradMode grad_mode(!direct);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  torch::Tensor pos = torch::from_blob(const_cast<double*>(positions), {n, 3}, f64);
-  torch::Tensor z = torch::from_blob(const_cast<int64_t*>(numbers), {n}, i64);
-  torch::Tensor edge_index = torch::empty({2, num_edges}, i64);
-  if (num_edges > 0) {
-    std::memcpy(edge_index.data_ptr<int64_t>(), receivers, sizeof(int64_t) * num_edges);
-    std::memcpy(edge_index.data_ptr<int64_t>() + num_edges, senders, sizeof(int64_t) * num_edges);
-  }
+  const GraphInputs in = graph_inputs(positions, numbers, n, receivers, senders, num_edges);
+  const torch::Tensor &pos = in.positions, &z = in.numbers, &edge_index = in.edge_index;
   const torch::Tensor recv = edge_index[0], send = edge_index[1];
   const int layers = impl_->meta.num_layers;
   const int64_t width = impl_->meta.halo_width;

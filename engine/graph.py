@@ -83,14 +83,16 @@ def recentred(graph: AtomicGraph) -> AtomicGraph:
     return graph._replace(positions=x, shifts=graph.shifts - offsets[j] + offsets[i])
 
 
-# atoms per model call on a CPU (max_atoms_per_call="auto" in BatchedMD and Calculator.predict): groups of ~4
-# of the s22 complexes measured fastest (paper-size PaiNN, one thread; bench/results/md_cpu_atoms_per_call.md)
-CPU_ATOMS_PER_CALL = 128
+# atoms per model call on a CPU (max_atoms_per_call="auto" in BatchedMD and Calculator.predict): with large
+# blocks kept in the heap (engine/allocator.py) group size hardly matters; 1024 was as fast as or faster than 128
+# for every width measured, under either allocator, and bounds a huge batch's memory
+# (bench/results/md_cpu_atoms_per_call.md)
+CPU_ATOMS_PER_CALL = 1024
 
 
 def atoms_per_call(value, device: torch.device) -> Optional[int]:
-    """A max_atoms_per_call setting: "auto" (None, one call, on a GPU; CPU_ATOMS_PER_CALL on a CPU, where a
-    large batch's per-edge tensors outgrow the caches), None or 0 (one call), or a number of atoms >= 1."""
+    """A max_atoms_per_call setting: "auto" (None, one call, on a GPU; CPU_ATOMS_PER_CALL on a CPU), None or 0
+    (one call), or a number of atoms >= 1."""
     if isinstance(value, str) and value == "auto":
         return None if device.type == "cuda" else CPU_ATOMS_PER_CALL
     if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0):

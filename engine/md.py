@@ -1,5 +1,5 @@
 """Batched molecular dynamics: B independent systems integrated at once, one model call per step (on a CPU
-one per group of systems of at most 128 atoms, faster there: `max_atoms_per_call`).
+one per group of systems of at most 1024 atoms, which bounds memory: `max_atoms_per_call`).
 
 Units: positions Å, velocities Å/fs, masses amu, energies eV, forces eV/Å, time fs, temperature K.
 Acceleration a = F/m × ase.units.fs² (Å/fs² per eV/(Å·amu)); kinetic energy = ½ m v² / ase.units.fs².
@@ -108,9 +108,9 @@ class BatchedMD:
 
     max_atoms_per_call: the systems' forces in one model call (None or 0), or in consecutive groups of whole
     systems of at most this many atoms (a larger system alone). "auto": one call on a GPU, groups of
-    engine.graph.CPU_ATOMS_PER_CALL atoms on a CPU, where a student's per-edge tensors for a large batch
-    outgrow the caches (paper-size PaiNN, 64 s22 complexes of 26 atoms, one thread: 38 ms per structure in one call, 15 ms in
-    groups of 4 eager, 19 vs 13.5 ms compiled). Each system's forces are the same either way.
+    engine.graph.CPU_ATOMS_PER_CALL (1024) atoms on a CPU (bench/results/md_cpu_atoms_per_call.md: with large
+    blocks kept in the heap, engine/allocator.py, group size hardly changes the speed). Each system's forces are
+    the same either way.
     """
 
     def __init__(self, model, atoms_list: Sequence, timestep_fs: float, integrator: str = "verlet",

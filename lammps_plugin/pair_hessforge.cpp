@@ -358,6 +358,27 @@ void PairHessforge::check_apart(int i, int j, double d2)
              "written twice?)", atom->tag[i], atom->tag[j], std::sqrt(d2));
 }
 
+/* Calls visit(j) for each neighbor j of atom i (LAMMPS' full list) that the model sees: not of a NULL type, closer
+   than the model cutoff; atoms on top of each other are refused. */
+template <typename Visit>
+void PairHessforge::for_each_model_neighbor(int i, Visit visit)
+{
+  double **x = atom->x;
+  const int *type = atom->type;
+  const double cutsq_model = cutoff * cutoff;
+  const int *jlist = list->firstneigh[i];
+  const int jnum = list->numneigh[i];
+  for (int jj = 0; jj < jnum; jj++) {
+    const int j = jlist[jj] & NEIGHMASK;
+    if (type_to_z[type[j]] == 0) continue;  // hybrid/overlay's skip list leaves NULL types out already
+    const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+    const double d2 = dx * dx + dy * dy + dz * dz;
+    if (d2 >= cutsq_model) continue;
+    check_apart(i, j, d2);
+    visit(j);
+  }
+}
+
 /* FOLD: nodes = local atoms; an edge to a ghost j becomes an edge to its local owner o with the shift
    x_j - x_o, so r_ij = x_o - x_i + shift. */
 void PairHessforge::build_fold_graph()
@@ -388,10 +409,7 @@ void PairHessforge::build_fold_graph()
   }
   const int inum = list->inum;
   const int *ilist = list->ilist;
-  const int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
   const int *type = atom->type;
-  const double cutsq_model = cutoff * cutoff;
   // nodes: the local atoms of model (not NULL) types, in order
   node_of.assign(nlocal, -1);
   atom_of_node.clear();
@@ -405,22 +423,15 @@ void PairHessforge::build_fold_graph()
   shifts.clear();
   for (int ii = 0; ii < inum; ii++) {
     const int i = ilist[ii];
-    if (node_of[i] < 0) continue;  // hybrid/overlay's skip list leaves NULL types out already
-    const int *jlist = firstneigh[i];
-    const int jnum = numneigh[i];
-    for (int jj = 0; jj < jnum; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      const int o = owner[j];
-      if (node_of[o] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      check_apart(i, j, dx * dx + dy * dy + dz * dz);
+    if (node_of[i] < 0) continue;  // NULL type
+    for_each_model_neighbor(i, [&](int j) {
+      const int o = owner[j];  // of the same type as j: a model atom
       recv.push_back(node_of[i]);
       send.push_back(node_of[o]);
       shifts.push_back(x[j][0] - x[o][0]);
       shifts.push_back(x[j][1] - x[o][1]);
       shifts.push_back(x[j][2] - x[o][2]);
-    }
+    });
   }
   local_nodes = static_cast<int>(atom_of_node.size());
   gather_nodes();
@@ -447,14 +458,10 @@ void PairHessforge::gather_nodes()
    receiver is within num_layers - 1 hops (only those change a local energy). */
 void PairHessforge::build_ghost_graph()
 {
-  double **x = atom->x;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   const int inum = list->inum + list->gnum;
   const int *ilist = list->ilist;
-  const int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  const double cutsq_model = cutoff * cutoff;
   const int layers = model->metadata().num_layers;
   const int *type = atom->type;
   numbers.clear();
@@ -470,20 +477,7 @@ void PairHessforge::build_ghost_graph()
   for (int ii = 0; ii < inum; ii++) {
     const int i = ilist[ii];
     edge_begin[i] = static_cast<int64_t>(send.size());
-    if (type_to_z[type[i]] == 0) {  // NULL type (hybrid/overlay's skip list leaves them out already)
-      edge_end[i] = edge_begin[i];
-      continue;
-    }
-    const int *jlist = firstneigh[i];
-    const int jnum = numneigh[i];
-    for (int jj = 0; jj < jnum; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (type_to_z[type[j]] == 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      check_apart(i, j, dx * dx + dy * dy + dz * dz);
-      send.push_back(j);
-    }
+    if (type_to_z[type[i]] != 0) for_each_model_neighbor(i, [&](int j) { send.push_back(j); });
     edge_end[i] = static_cast<int64_t>(send.size());
   }
   // breadth-first hops from the local model atoms (nodes 0..local_nodes-1)
@@ -533,11 +527,9 @@ void PairHessforge::build_ghost_graph()
    only (a ghost's own neighbours are its owner's, whose state arrives by forward communication). */
 void PairHessforge::build_halo_graph()
 {
-  double **x = atom->x;
   const int nlocal = atom->nlocal;
   const int nall = nlocal + atom->nghost;
   const int *type = atom->type;
-  const double cutsq_model = cutoff * cutoff;
   recv.clear();
   send.clear();
   shifts.clear();
@@ -549,28 +541,17 @@ void PairHessforge::build_halo_graph()
       atom_of_node.push_back(i);
     }
   local_nodes = static_cast<int>(atom_of_node.size());
-  const int inum = list->inum;
-  const int *ilist = list->ilist;
-  const int *numneigh = list->numneigh;
-  int **firstneigh = list->firstneigh;
-  for (int ii = 0; ii < inum; ii++) {
-    const int i = ilist[ii];
+  for (int ii = 0; ii < list->inum; ii++) {
+    const int i = list->ilist[ii];
     if (node_of[i] < 0) continue;  // NULL type
-    const int *jlist = firstneigh[i];
-    const int jnum = numneigh[i];
-    for (int jj = 0; jj < jnum; jj++) {
-      const int j = jlist[jj] & NEIGHMASK;
-      if (type_to_z[type[j]] == 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz >= cutsq_model) continue;
-      check_apart(i, j, dx * dx + dy * dy + dz * dz);
+    for_each_model_neighbor(i, [&](int j) {
       if (node_of[j] < 0) {  // a ghost atom, first seen
         node_of[j] = static_cast<int>(atom_of_node.size());
         atom_of_node.push_back(j);
       }
       recv.push_back(node_of[i]);
       send.push_back(node_of[j]);
-    }
+    });
   }
   gather_nodes();
 }

@@ -74,6 +74,7 @@ class PairHessforge : public Pair {
 
   void allocate();
   void check_apart(int i, int j, double d2);
+  template <typename Visit> void for_each_model_neighbor(int i, Visit visit);
   void warn_unlikely_masses();
   void build_fold_graph();
   void build_ghost_graph();

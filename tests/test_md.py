@@ -892,7 +892,7 @@ def test_md_cli_with_pressure(tmp_path, rng, capsys):
 
 @pytest.mark.parametrize("setting", ["verlet", "langevin+skin", "barostat", "fused", "exported"])
 def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, setting, tmp_path):
-    """max_atoms_per_call (CPU default: groups of whole systems of <= 128 atoms, faster there) runs the same
+    """max_atoms_per_call (CPU default: groups of whole systems of <= 1024 atoms) runs the same
     dynamics as one call for the whole batch: molecules and periodic cells of mixed sizes, one larger than the
     group alone, float64 to rounding."""
     from engine.graph import structure_chunks
@@ -929,7 +929,7 @@ def test_model_calls_over_groups_of_systems_give_the_one_call_trajectory(rng, se
             torch.testing.assert_close(getattr(runs[per_call], name), getattr(runs[0], name), rtol=1e-9, atol=1e-9)
         if setting == "barostat":
             torch.testing.assert_close(runs[per_call].dE_deps, runs[0].dE_deps, rtol=1e-9, atol=1e-9)
-    assert BatchedMD(model, systems[:1], 0.5, device="cpu").max_atoms_per_call == 128  # auto on a CPU
+    assert BatchedMD(model, systems[:1], 0.5, device="cpu").max_atoms_per_call == 1024  # auto on a CPU
     with pytest.raises(HessforgeError, match="max_atoms_per_call must be"):
         BatchedMD(model, systems[:1], 0.5, max_atoms_per_call=-3)
 

@@ -91,7 +91,7 @@ def add_arguments(parser) -> None:
                              "slower (default 100, safe for liquids and most solids)")
     parser.add_argument("--max-atoms-per-call", type=_atoms_per_call, default="auto",
                         help="atoms per model call: auto (default: every system at once on a GPU, groups of whole "
-                             "systems of at most 128 atoms on a CPU, where large batches outgrow the caches), 0 "
+                             "systems of at most 1024 atoms on a CPU), 0 "
                              "(one call) or N")
     parser.add_argument("--skin", type=float, default=0.0,
                         help="Verlet-list skin in Å (default 0: neighbor list rebuilt every step)")

@@ -433,7 +433,12 @@ def test_md_restart_from_a_traj_file_is_exact(files):
     assert main(["md", str(ckpt), str(data), "--steps", "6", "-o", str(files / "six.xyz"), *common]) == 0
     assert main(["md", str(ckpt), str(files / "six.xyz"), "--steps", "4", "-o", str(files / "four.xyz"),
                  *common]) == 0
+    # the 6-step run's --trajectory file continues from its last step's frames (not step 0's)
+    assert main(["md", str(ckpt), str(files / "t.traj"), "--steps", "4", "-o", str(files / "four_t.traj"),
+                 *common]) == 0
     ten, four = ase.io.read(files / "ten.traj", ":"), ase.io.read(files / "four.traj", ":")
+    for a, b in zip(ten, ase.io.read(files / "four_t.traj", ":")):
+        assert b.info["md_step"] == 10 and np.abs(b.positions - a.positions).max() < 1e-12
     assert [a.info["md_step"] for a in four] == [10, 10] and [a.info["md_system"] for a in four] == [0, 1]
     assert [a.info["md_step"] for a in ase.io.read(files / "t.traj", ":")] == [0, 0, 3, 3, 6, 6]
     via_xyz = ase.io.read(files / "four.xyz", ":")
@@ -442,3 +447,23 @@ def test_md_restart_from_a_traj_file_is_exact(files):
     assert worst_traj < 1e-12 < worst_xyz, (worst_traj, worst_xyz)
     for a, b in zip(ten, four):
         np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), rtol=0, atol=1e-12)
+
+
+def test_md_continues_from_the_last_complete_step_of_a_trajectory(capsys):
+    """A trajectory whose last report was cut short (a killed run) continues from the last step that has every
+    system; files that are not md trajectories (no md_step, or one step: an -o file) are left as they are."""
+    from ase import Atoms
+
+    from training.md_cli import last_snapshot
+
+    def frame(step, system):
+        return Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.7 + step + 0.1 * system]],
+                     info={"md_step": step, "md_system": system})
+
+    frames = [frame(s, k) for s in (0, 5, 10) for k in (1, 0)] + [frame(15, 0)]
+    got = last_snapshot(frames, "t.xyz")
+    assert [(a.info["md_step"], a.info["md_system"]) for a in got] == [(10, 0), (10, 1)]
+    err = capsys.readouterr().err
+    assert "step 15 has 1 of 2 systems; continuing from step 10" in err and "steps 0 to 15" in err
+    assert last_snapshot([frame(5, 0), frame(5, 1)], "end.xyz") is None
+    assert last_snapshot([Atoms("H"), Atoms("H")], "plain.xyz") is None

@@ -4,7 +4,8 @@ rescaling for the NPT ensemble's volume fluctuations). MODEL: a checkpoint,
 an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for timing); DATA as for
 `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
-(so a previous run's -o file continues that run, its frames' md_step numbering on), else drawn at
+(so a previous run's -o file continues that run, its frames' md_step numbering on; a --trajectory file
+continues from its last complete step's frames), else drawn at
 --temperature (--init-temperature forces a draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz (8 decimals) or,
 named .traj, as an ASE trajectory (full float64: a Verlet run continues as if uninterrupted; Langevin with a
@@ -34,6 +35,31 @@ from engine.paths import atomic_path, check_distinct_outputs, check_output_file
 from engine.runner import STUDENT_MODES, fill_batch, ns_per_day, resolve_device, student_for_mode
 from training.bench import DTYPES, load_structures, make_targets, set_threads
 from training.arg_types import seed_option
+
+
+def last_snapshot(structures: list, source: str):
+    """A hessforge md --trajectory file given as DATA (every frame with integer md_step and md_system, more than
+    one md_step): the frames of its last complete step, one per system in md_system order, so that the run
+    continues from there (the first --batch-size frames would be step 0's). Anything else: None."""
+    def whole(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not all(whole(a.info.get("md_step")) and whole(a.info.get("md_system")) for a in structures):
+        return None
+    by_step: dict = {}
+    for a in structures:
+        by_step.setdefault(int(a.info["md_step"]), {})[int(a.info["md_system"])] = a
+    if len(by_step) < 2:
+        return None
+    systems = max(len(frames) for frames in by_step.values())
+    complete = [step for step, frames in by_step.items() if len(frames) == systems]
+    last = max(complete)
+    if last != max(by_step):  # a run stopped while writing its last report
+        print(f"note: {source}: step {max(by_step)} has {len(by_step[max(by_step)])} of {systems} systems; "
+              f"continuing from step {last}", file=sys.stderr)
+    print(f"note: {source} is a hessforge md trajectory (steps {min(by_step)} to {max(by_step)}): continuing from "
+          f"its {systems} frames of step {last}", file=sys.stderr)
+    return [by_step[last][k] for k in sorted(by_step[last])]
 
 
 def continued_seed(seed: int, step: int) -> int:
@@ -183,6 +209,7 @@ def run(args) -> int:
     check_distinct_outputs({"--trajectory": args.trajectory, "-o": args.output})
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     structures = load_structures(args.data)
+    structures = last_snapshot(structures, args.data) or structures
     atoms = fill_batch(structures, args.batch_size)
     if len(structures) != args.batch_size:
         print(f"note: {args.data} has {len(structures)} structure(s); integrating "

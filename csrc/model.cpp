@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -111,7 +112,8 @@ Metadata parse_metadata(const std::string& text, const std::string& path) {
   const json::Value* range = doc.get("interaction_range");
   meta.interaction_range = range == nullptr ? meta.num_layers * meta.cutoff
                            : need(doc, "interaction_range", json::Value::Number, path).number;
-  if (doc.get("halo_width") != nullptr) meta.halo_width = need_int(doc, "halo_width", path);
+  const json::Value* halo = doc.get("halo_width");  // absent or null: a student without layer-wise methods
+  if (halo != nullptr && halo->type != json::Value::Null) meta.halo_width = need_int(doc, "halo_width", path);
   meta.force_mode = need(doc, "force_mode", json::Value::String, path).string;
   meta.dtype = need(doc, "dtype", json::Value::String, path).string;
   const json::Value* arch = doc.get("architecture");
@@ -237,9 +239,16 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
 void set_jit_optimize(bool on) { torch::jit::setGraphExecutorOptimize(on); }
 
 bool keep_freed_memory() {
-  static const bool tuned = [] {
-    const char* setting = std::getenv("HESSFORGE_MALLOC");
-    if (setting != nullptr && std::string(setting) == "system") return false;
+  // the setting as engine/allocator.py reads it: "heap" (unset, empty) or "system", case and spaces aside
+  const char* raw = std::getenv("HESSFORGE_MALLOC");
+  std::string setting;
+  for (const char* c = raw; c != nullptr && *c != '\0'; ++c)
+    if (!std::isspace(static_cast<unsigned char>(*c))) setting += static_cast<char>(std::tolower(*c));
+  if (!setting.empty() && setting != "heap" && setting != "system")
+    throw Error(std::string("HESSFORGE_MALLOC='") + raw + "': expected 'system' (glibc's defaults) or 'heap' "
+                "(large freed blocks kept for reuse; the default)");
+  static const bool tuned = [&setting] {
+    if (setting == "system") return false;
 #ifdef __GLIBC__
     return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
 #else

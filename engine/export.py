@@ -307,6 +307,18 @@ def checkpoint_provenance(path: str, state: Dict[str, Any], use_ema: bool) -> Di
     })
 
 
+def halo_width(model: nn.Module) -> Optional[int]:
+    """Node state width of a student that runs layer by layer (halo_initial/halo_layer/halo_features of
+    engine.models.base.Student implemented); None for one that implements only `interact` (LAMMPS then uses
+    ghost mode on several ranks)."""
+    from engine.models.base import Student
+
+    if not all(getattr(type(model), name, None) is not getattr(Student, name)
+               for name in ("halo_initial", "halo_layer", "halo_features")):
+        return None
+    return int(model.halo_initial(torch.zeros(1, dtype=torch.long, device=model.z_to_index.device)).shape[1])
+
+
 def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Dict[str, Any]] = None) -> Dict:
     hp = dict(model.hyperparameters()) if hasattr(model, "hyperparameters") else {}
     species = [int(z) for z in model.species]
@@ -332,7 +344,7 @@ def build_metadata(model: nn.Module, dtype: torch.dtype, provenance: Optional[Di
         "num_layers": layers,
         "interaction_range": layers * cutoff,
         # node state width of the halo_* methods (ghost atoms to one cutoff, states exchanged between layers)
-        "halo_width": int(model.halo_initial(torch.zeros(1, dtype=torch.long)).shape[1]),
+        "halo_width": halo_width(model),
         "force_mode": force_mode,
         "virial": force_mode == "gradient",
         "atom_virial": force_mode == "gradient",

@@ -298,7 +298,7 @@ class CoreModel:
                       atom_virial: Optional[str] = None) -> Dict[str, Any]:
         return self.model.compute_graph(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
                                         np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1),
-                                        np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
+                                        np.ascontiguousarray(edge_index, dtype=np.int64),
                                         np.ascontiguousarray(shifts, dtype=np.float64).reshape(-1, 3), nlocal,
                                         atom_virial or "")
 
@@ -308,7 +308,7 @@ class CoreModel:
         local atom owner[g]): what LAMMPS mode halo runs, for tests and for checking a model file."""
         return self.model.compute_halo(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
                                        np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1), int(nlocal),
-                                       np.ascontiguousarray(edge_index, dtype=np.int64).reshape(2, -1),
+                                       np.ascontiguousarray(edge_index, dtype=np.int64),
                                        np.ascontiguousarray(owner, dtype=np.int64).reshape(-1), atom_virial or "")
 
 

@@ -84,8 +84,8 @@ def recentred(graph: AtomicGraph) -> AtomicGraph:
 
 
 # atoms per model call on a CPU (max_atoms_per_call="auto" in BatchedMD and Calculator.predict): with large
-# blocks kept in the heap (engine/allocator.py) group size hardly matters; 1024 was as fast as or faster than 128
-# for every width measured, under either allocator, and bounds a huge batch's memory
+# blocks kept in the heap (engine/allocator.py) group size hardly matters; 1024 was faster than 128 or within 2 %
+# of it for every width measured, under either allocator, and bounds a huge batch's memory
 # (bench/results/md_cpu_atoms_per_call.md)
 CPU_ATOMS_PER_CALL = 1024
 

@@ -141,3 +141,24 @@ def test_every_seed_option_takes_only_seeds_numpy_and_torch_accept():
     assert {"md", "md-eval", "label", "quickstart", "build-benchmark"} <= set(checked)
     code, out, err = hessforge("md", "model.pt", "quickstart", "--seed", "-1")
     assert code == 2 and "argument --seed: seed -1 is outside [0, 2**32)" in err and "Traceback" not in err
+
+
+def test_options_between_positionals_and_usage_errors(capsys):
+    """Options may sit between positionals (parse_intermixed_args where plain parsing fails); a usage error keeps
+    argparse's usual message, which names every missing argument (intermixed parsing's left positionals out)."""
+    from training.cli import build_parser, parse_arguments  # noqa: F401 (build_parser: the CLI imports)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("inputs", nargs="+")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--flag", action="store_true")
+    args = parse_arguments(parser, ["a", "--flag", "b", "-o", "out"])
+    assert args.inputs == ["a", "b"] and args.flag and args.output == "out"
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, [])
+    assert "the following arguments are required: inputs, -o/--output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["a", "--bogus", "-o", "x"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert parser.error.__func__ is argparse.ArgumentParser.error  # restored

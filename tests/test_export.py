@@ -257,3 +257,37 @@ def test_export_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.cli", "export", str(tmp_path / "nope.pt"), "-o", path],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "checkpoint not found" in proc.stderr
+
+
+def test_a_student_with_interact_only_exports_without_halo_methods(tmp_path):
+    """engine.models.base says a new architecture implements `interact`; the layer-by-layer halo methods are
+    optional: such a student exports (halo_width null) and runs everywhere but LAMMPS mode halo."""
+    from engine.models.base import Student
+
+    class TwoBody(Student):
+        force_modes = ("gradient",)
+
+        def __init__(self):
+            super().__init__(SPECIES, CUTOFF, 8, 1, 4, "gradient")
+            self.mix = torch.nn.Linear(4, 8)
+            self.readout = torch.nn.Sequential(torch.nn.Linear(8, 1))
+            self.force_head = None
+
+        def interact(self, species, edge_index, rbf, fcut, unit):
+            s = self.embedding(species).index_add(0, edge_index[0], self.mix(rbf) * fcut.unsqueeze(-1))
+            return s, s.new_zeros(s.shape[0], 3, 0)
+
+    model = TwoBody().double().eval()
+    path = str(tmp_path / "twobody.pt")
+    meta = export_model(model, path)
+    assert meta["halo_width"] is None
+    atoms = structures(np.random.default_rng(2))["triclinic"]
+    graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+    ref = model(graph)
+    assert rel(load_exported(path)(graph)["forces"], ref["forces"].detach()) < 1e-10
+    from engine.exported import core_available, load_core
+
+    if core_available():
+        core = load_core(path)
+        assert not core.model.has_halo
+        assert rel(core.compute_atoms(atoms)["forces"], ref["forces"].detach().numpy()) < 1e-10

@@ -113,6 +113,8 @@ def test_halo_errors(tmp_path, rng):
         core.compute_halo(positions, numbers, n, reversed_edges, owner)
     with pytest.raises(HessforgeError, match="not a local atom"):
         core.compute_halo(positions, numbers, n, edge_index, owner + n)
+    with pytest.raises(HessforgeError, match=r"wrong shape for edge_index \(expected \[2, E\]\)"):
+        core.compute_halo(positions, numbers, n, edge_index.T.copy(), owner)  # [E, 2]: not reinterpreted
     direct = str(tmp_path / "direct.pt")
     export_model(tiny_painn("direct", seed=1), direct)
     with pytest.raises(HessforgeError, match="direct-force model has no virial"):

@@ -437,8 +437,14 @@ def test_md_restart_from_a_traj_file_is_exact(files):
     assert main(["md", str(ckpt), str(files / "t.traj"), "--steps", "4", "-o", str(files / "four_t.traj"),
                  *common]) == 0
     ten, four = ase.io.read(files / "ten.traj", ":"), ase.io.read(files / "four.traj", ":")
-    for a, b in zip(ten, ase.io.read(files / "four_t.traj", ":")):
+    continued = ase.io.read(files / "four_t.traj", ":")
+    assert len(continued) == 2
+    for a, b in zip(ten, continued):
         assert b.info["md_step"] == 10 and np.abs(b.positions - a.positions).max() < 1e-12
+    # --all-frames: the trajectory's frames as starting structures (its first two: step 0's)
+    assert main(["md", str(ckpt), str(files / "t.traj"), "--steps", "0", "--all-frames", "-o",
+                 str(files / "zero.traj"), *common]) == 0
+    assert [a.info["md_step"] for a in ase.io.read(files / "zero.traj", ":")] == [0, 0]
     assert [a.info["md_step"] for a in four] == [10, 10] and [a.info["md_system"] for a in four] == [0, 1]
     assert [a.info["md_step"] for a in ase.io.read(files / "t.traj", ":")] == [0, 0, 3, 3, 6, 6]
     via_xyz = ase.io.read(files / "four.xyz", ":")

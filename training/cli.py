@@ -39,16 +39,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ParseFailed(Exception):
+    pass
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """argparse as usual, and where that fails, with options between positionals (hessforge bench MODEL
+    --compare T DATA) as users type them (parse_intermixed_args); if both fail, the usual message (intermixed
+    parsing's can leave out missing positionals)."""
+    def fail(message):
+        raise _ParseFailed(message)
+
+    usual_error, parser.error = parser.error, fail
+    try:
+        try:
+            return parser.parse_args(argv)
+        except _ParseFailed as first:
+            try:
+                return parser.parse_intermixed_args(argv)
+            except _ParseFailed:
+                message = str(first)
+    finally:
+        parser.error = usual_error
+    parser.error(message)  # exits
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_memory()  # large tensors reused, not faulted in again every call (engine/allocator.py)
+    try:
+        keep_freed_memory()  # large tensors reused, not faulted in again every call (engine/allocator.py)
+    except HessforgeError as err:  # a bad HESSFORGE_MALLOC
+        print(f"hessforge: error: {err}", file=sys.stderr)
+        return 2
     parser = build_parser()
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
         sub = argparse.ArgumentParser(prog=f"hessforge {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
         module.add_arguments(sub)
-        # options may sit between positionals (hessforge bench MODEL --compare T DATA), as users type them
-        args = sub.parse_intermixed_args(argv[1:])
+        args = parse_arguments(sub, argv[1:])
         try:
             return int(module.run(args) or 0)
         except HessforgeError as err:

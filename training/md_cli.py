@@ -5,7 +5,7 @@ an exported file, or painn[:k=v,...] / schnet[:k=v,...] (random weights, for tim
 `hessforge bench` (file, LMDB dataset, quickstart, s22[:MIN_ATOMS]): its first --batch-size structures,
 repeated in turn when there are fewer. Initial velocities, per structure: DATA's momenta where it has them
 (so a previous run's -o file continues that run, its frames' md_step numbering on; a --trajectory file
-continues from its last complete step's frames), else drawn at
+continues from its last complete step's frames, unless --all-frames), else drawn at
 --temperature (--init-temperature forces a draw for all).
 Writes the final frames (-o) and frame 0 plus every --interval steps (--trajectory) as extxyz (8 decimals) or,
 named .traj, as an ASE trajectory (full float64: a Verlet run continues as if uninterrupted; Langevin with a
@@ -58,7 +58,7 @@ def last_snapshot(structures: list, source: str):
         print(f"note: {source}: step {max(by_step)} has {len(by_step[max(by_step)])} of {systems} systems; "
               f"continuing from step {last}", file=sys.stderr)
     print(f"note: {source} is a hessforge md trajectory (steps {min(by_step)} to {max(by_step)}): continuing from "
-          f"its {systems} frames of step {last}", file=sys.stderr)
+          f"its {systems} frames of step {last} (--all-frames: its frames as starting structures)", file=sys.stderr)
     return [by_step[last][k] for k in sorted(by_step[last])]
 
 
@@ -84,6 +84,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", help="checkpoint, exported file, painn[:k=v,...] or schnet[:k=v,...]")
     parser.add_argument("data", help="file, LMDB dataset, quickstart or s22[:MIN_ATOMS]")
     parser.add_argument("--batch-size", type=int, default=64, help="systems integrated together (default 64)")
+    parser.add_argument("--all-frames", action="store_true",
+                        help="DATA is a hessforge md trajectory whose frames are to be starting structures (the first "
+                             "--batch-size of them), not the run to continue from its last step (the default)")
     parser.add_argument("--steps", type=int, default=1000, help="default 1000")
     parser.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     parser.add_argument("--integrator", choices=INTEGRATORS, default="langevin",
@@ -209,10 +212,12 @@ def run(args) -> int:
     check_distinct_outputs({"--trajectory": args.trajectory, "-o": args.output})
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     structures = load_structures(args.data)
-    structures = last_snapshot(structures, args.data) or structures
+    snapshot = None if args.all_frames else last_snapshot(structures, args.data)
+    structures = snapshot or structures
     atoms = fill_batch(structures, args.batch_size)
     if len(structures) != args.batch_size:
-        print(f"note: {args.data} has {len(structures)} structure(s); integrating "
+        print(f"note: {args.data}" + (" (its last step)" if snapshot else "") + f" has {len(structures)} "
+              "structure(s); integrating "
               + (f"the first {args.batch_size} (--batch-size)" if len(structures) > args.batch_size
                  else f"{args.batch_size} systems, the structures repeated in turn"), file=sys.stderr)
     moving = sum(1 for a in atoms if a.get_momenta().any())

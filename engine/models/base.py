@@ -2,7 +2,8 @@
 the trainer), the edge geometry and radial features, the energy readout and the forward/forces interface.
 
 A student implements one method, `interact(species, edge_index, rbf, fcut, unit) -> (s [N, F], v)`: its message
-passing on precomputed edge features. Everything else (the graph path here, the fused neighbor-list path of
+passing on precomputed edge features (and, for LAMMPS' layer-wise halo exchange on several MPI ranks, the same
+one layer at a time: halo_initial, halo_layer, halo_features; without them an export runs in ghost mode there). Everything else (the graph path here, the fused neighbor-list path of
 `engine.runner.FusedStudent`, compiled and exported students) calls it through `energies_from_edges`, so a new
 architecture gets every engine path without a second copy of its physics."""
 from __future__ import annotations

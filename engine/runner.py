@@ -742,8 +742,9 @@ def _fmt(x: float, digits: int = 3) -> str:
 def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[BenchResult], Optional[BenchResult]]] = None,
                  markdown: bool = False) -> str:
     """A table, one row per result. `reference(r)` gives the result to compute speedups against (by ns/day,
-    model+NL where both have it, else model)."""
-    head = ["model", "mode", "batch", "atoms/str", "ms/call model", "ms/call +NL", "structures/s",
+    model+NL where both have it, else model). "spread": (slowest - fastest) / median of the timed calls behind
+    the throughput columns (model+NL where timed), so a difference smaller than it is noise."""
+    head = ["model", "mode", "batch", "atoms/str", "ms/call model", "ms/call +NL", "spread", "structures/s",
             "atom-steps/s", "ns/day model", "ns/day +NL", "peak MiB"]
     if reference:
         head.append("speedup")
@@ -752,7 +753,8 @@ def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[B
         nl = r.model_nl
         main = nl or r.model
         row = [r.name, r.mode, str(r.batch_size), f"{r.atoms_per_structure:.1f}", _fmt(r.model.median_s * 1e3),
-               _fmt(nl.median_s * 1e3) if nl else "-", _fmt(main.structures_per_s), _fmt(main.atom_steps_per_s),
+               _fmt(nl.median_s * 1e3) if nl else "-", spread(main), _fmt(main.structures_per_s),
+               _fmt(main.atom_steps_per_s),
                _fmt(r.model.ns_per_day), _fmt(nl.ns_per_day) if nl else "-", _fmt(r.peak_memory_bytes / 2**20)]
         if reference:
             ref = reference(r)
@@ -765,6 +767,13 @@ def format_table(results: Sequence[BenchResult], reference: Optional[Callable[[B
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*head)] + [fmt.format(*row) for row in rows])
+
+
+def spread(timing: "Timing") -> str:
+    """(max - min) / median of the timed calls, in %; "-" for a single call."""
+    if len(timing.times_s) < 2 or timing.median_s <= 0:
+        return "-"
+    return f"{100 * (max(timing.times_s) - min(timing.times_s)) / timing.median_s:.0f}%"
 
 
 def speedup(result: BenchResult, reference: BenchResult) -> float:

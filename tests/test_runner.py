@@ -553,3 +553,12 @@ def test_bench_cli_skips_a_fixed_batch_projected_past_the_memory_cap(tmp_path, c
     assert main(["bench", str(tmp_path / "m64.pt"), "quickstart", "--batch-size", "2", "--repeats", "1",
                  "--json", str(out)]) == 0  # a float64 export, no --dtype given: nothing to say
     assert not any("own dtype" in n for n in json.loads(out.read_text())["notes"])
+
+
+def test_table_spread_column():
+    """The table's spread: (slowest - fastest) / median of the timed calls behind the throughput (model+NL
+    where timed); a single call has none."""
+    from engine.runner import Timing, spread
+
+    assert spread(Timing.from_times([0.3, 0.1, 0.2], 0.5, 4, 100)) == "100%"
+    assert spread(Timing.from_times([0.2], 0.5, 4, 100)) == "-"

@@ -17,8 +17,9 @@ One force call on the same structure and the same exported model, every way hess
                       exchanged through LAMMPS communication between layers),
 - lammps_mpi[halo], [ghost]: `mpirun -np 2 lmp`, 5 steps, the per-step time from LAMMPS' own "Loop time" (in
                       extra_info; the benchmark's time includes start-up and model loading),
-- lammps_step[fold+heatflux], [ghost+heatflux]: also compute heat/flux every step (per-atom centroid virials:
-                      the edge split in fold mode, the exact ones, three more backward passes, in ghost mode).
+- lammps_step[fold+heatflux], [halo+heatflux], [ghost+heatflux]: also compute heat/flux every step (per-atom
+                      centroid virials: the edge split in fold mode, the exact ones, three more backward passes,
+                      in halo and ghost mode).
 The core and LAMMPS cases also run a "tiny" student (hidden 4, 1 layer) whose model call costs little:
 lammps_step[tiny] - core_model_call[tiny] is the pair style's own per-step cost (edge list from LAMMPS's
 neighbor list, ghost folding, force scatter, Verlet, neighbor-list rebuilds), free of the machine's noise.
@@ -177,7 +178,7 @@ thermo 1
 
 
 @pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost"),
-                                          ("quickstart", "halo"), ("tiny", "halo"),
+                                          ("quickstart", "halo"), ("tiny", "halo"), ("quickstart", "halo+heatflux"),
                                           ("quickstart", "fold+heatflux"), ("quickstart", "ghost+heatflux")])
 def test_lammps_step(benchmark, setup, student, mode):
     """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo)."""

@@ -353,9 +353,6 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
   if (!has_halo())
     throw Error(path + ": this file was exported before layer-wise halo exchange existed; export the checkpoint "
                 "again (or use ghost atoms to num_layers x cutoff)");
-  if (atom_virial == AtomVirial::kExact)
-    throw Error(path + ": exact per-atom virials need ghost atoms to num_layers x cutoff (LAMMPS mode ghost), "
-                "not layer-wise halo exchange; ask for the edge split");
   if (atom_virial != AtomVirial::kNone && !has_atom_virial())
     throw Error(path + ": a direct-force model has no virial, per atom or total; export a gradient-force model");
   if (nlocal < 0 || nlocal > n) throw Error("compute_halo: nlocal out of range");
@@ -382,9 +379,12 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
   std::fill(out.virial, out.virial + 9, 0.0);
   out.atom_virial.assign(atom_virial == AtomVirial::kNone ? 0 : 9 * n, 0.0);
   out.num_edges = num_edges;
+  // Exact per-atom virials: besides dE/d(.) three moment gradients dE_a/d(.), E_a = sum_i (x_i - c)_a U_i,
+  // travel back through the layers (seeds 1..3); W_j = dE_a/dx_j - (x_j - c)_a dE/dx_j as in compute_graph.
+  const int seeds = atom_virial == AtomVirial::kExact ? 4 : 1;
   if (n == 0) {  // a process without atoms contributes nothing, but takes part in every exchange
     for (int k = 0; k + 1 < layers; ++k) exchange.forward(rows.data_ptr<double>(), width);
-    for (int k = 0; k + 1 < layers && !direct; ++k) exchange.reverse(rows.data_ptr<double>(), width);
+    for (int k = 0; k + 1 < layers && !direct; ++k) exchange.reverse(rows.data_ptr<double>(), seeds * width);
     return;
   }
   try {
@@ -428,37 +428,71 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     auto gradient = [](const torch::Tensor& g, const torch::Tensor& like) {
       return g.defined() ? g : torch::zeros_like(like);
     };
-    // d E / d (local states after each layer), last layer first
-    torch::Tensor g_out = gradient(torch::autograd::grad({local_energy.sum()}, {last}, {}, false, false, true)[0],
-                                   last);
-    std::vector<torch::Tensor> g_edges;
-    for (const auto& leaf : edge_in) g_edges.push_back(torch::zeros_like(leaf));
-    for (int k = layers - 1; k >= 0; --k) {
-      auto grads = torch::autograd::grad({layer_out[k]}, {layer_in[k], edge_in[0], edge_in[1], edge_in[2]},
-                                         {g_out}, false, false, true);
-      for (int a = 0; a < 3; ++a)
-        if (grads[a + 1].defined()) g_edges[a] += grads[a + 1];
-      if (k == 0) break;  // the first layer's input (the embedding) does not depend on positions
-      rows.copy_(gradient(grads[0], layer_in[k]));
-      exchange.reverse(rows.data_ptr<double>(), width);  // a ghost state's gradient goes to its owner
-      g_out = rows.narrow(0, 0, nlocal).to(dtype);
+    // positions relative to the local atoms' centroid (the moments' origin; any origin gives the same W_j, but
+    // float32 models keep more digits near it)
+    const torch::Tensor centred = pos - pos.narrow(0, 0, nlocal).mean(0);
+    const torch::Tensor local_centred = centred.narrow(0, 0, nlocal).to(torch::kFloat64);
+    // d E_s / d (local states after the last layer), s = 0 (energy) and 1..3 (moments)
+    std::vector<torch::Tensor> g_out;
+    for (int seed = 0; seed < seeds; ++seed) {
+      const torch::Tensor e = seed == 0 ? local_energy.sum() : (local_energy * local_centred.select(1, seed - 1)).sum();
+      g_out.push_back(gradient(torch::autograd::grad({e}, {last}, {}, seed + 1 < seeds, false, true)[0], last));
     }
-    torch::Tensor g_vec = torch::zeros({num_edges, 3}, f64);
-    if (num_edges > 0)
-      g_vec = gradient(torch::autograd::grad(edge_out, {vec}, g_edges, false, false, true)[0], vec)
-                  .to(torch::kFloat64);
-    const torch::Tensor forces = torch::zeros({n, 3}, f64).index_add(0, recv, g_vec).index_add(0, send, -g_vec);
+    std::vector<std::vector<torch::Tensor>> g_edges(seeds);
+    for (auto& per_seed : g_edges)
+      for (const auto& leaf : edge_in) per_seed.push_back(torch::zeros_like(leaf));
+    torch::Tensor seed_rows = seeds == 1 ? rows : torch::zeros({n, seeds * width}, f64);
+    for (int k = layers - 1; k >= 0; --k) {
+      std::vector<torch::Tensor> g_in;
+      for (int seed = 0; seed < seeds; ++seed) {
+        auto grads = torch::autograd::grad({layer_out[k]}, {layer_in[k], edge_in[0], edge_in[1], edge_in[2]},
+                                           {g_out[seed]}, seed + 1 < seeds, false, true);
+        for (int a = 0; a < 3; ++a)
+          if (grads[a + 1].defined()) g_edges[seed][a] += grads[a + 1];
+        g_in.push_back(gradient(grads[0], layer_in[k]));
+      }
+      if (k == 0) break;  // the first layer's input (the embedding) does not depend on positions
+      // A ghost state's gradients go to its owner (exchange.reverse), whose position may differ by a periodic
+      // image shift S: the moments travel as g_a - (x_row - c)_a g_0 = sum_i (x_i - x_row)_a dU_i/d(state), which
+      // does not depend on the frame, and come back as that + (x_owner - c')_a g_0 in the owner's.
+      seed_rows.narrow(1, 0, width).copy_(g_in[0]);
+      for (int seed = 1; seed < seeds; ++seed)
+        seed_rows.narrow(1, seed * width, width)
+            .copy_(g_in[seed].to(torch::kFloat64) -
+                   centred.select(1, seed - 1).unsqueeze(1) * g_in[0].to(torch::kFloat64));
+      exchange.reverse(seed_rows.data_ptr<double>(), seeds * width);
+      const torch::Tensor local_rows = seed_rows.narrow(0, 0, nlocal);
+      g_out[0] = local_rows.narrow(1, 0, width).to(dtype);
+      for (int seed = 1; seed < seeds; ++seed)
+        g_out[seed] = (local_rows.narrow(1, seed * width, width) +
+                       local_centred.select(1, seed - 1).unsqueeze(1) * local_rows.narrow(1, 0, width)).to(dtype);
+    }
+    // through the edge features to the edge vectors: d E_s / d r_e
+    std::vector<torch::Tensor> g_vec;
+    for (int seed = 0; seed < seeds; ++seed)
+      g_vec.push_back(num_edges == 0 ? torch::zeros({num_edges, 3}, f64)
+                      : gradient(torch::autograd::grad(edge_out, {vec}, g_edges[seed], seed + 1 < seeds, false,
+                                                       true)[0], vec).to(torch::kFloat64));
+    const torch::Tensor forces =
+        torch::zeros({n, 3}, f64).index_add(0, recv, g_vec[0]).index_add(0, send, -g_vec[0]);
     std::memcpy(out.forces.data(), forces.contiguous().data_ptr<double>(), sizeof(double) * 3 * n);
-    const torch::Tensor per_edge = -vec64.unsqueeze(2) * g_vec.unsqueeze(1);  // -r_e (x) dE/dr_e
+    const torch::Tensor per_edge = -vec64.unsqueeze(2) * g_vec[0].unsqueeze(1);  // -r_e (x) dE/dr_e
     const torch::Tensor w = per_edge.sum(0);
     const torch::Tensor w_sym = (0.5 * (w + w.t())).contiguous();
     std::memcpy(out.virial, w_sym.data_ptr<double>(), 9 * sizeof(double));
+    torch::Tensor per_atom;
     if (atom_virial == AtomVirial::kSplit) {
       const torch::Tensor half = 0.5 * per_edge;
-      const torch::Tensor per_atom =
-          torch::zeros({n, 3, 3}, f64).index_add(0, recv, half).index_add(0, send, half).contiguous();
-      std::memcpy(out.atom_virial.data(), per_atom.data_ptr<double>(), sizeof(double) * 9 * n);
+      per_atom = torch::zeros({n, 3, 3}, f64).index_add(0, recv, half).index_add(0, send, half);
+    } else if (atom_virial == AtomVirial::kExact) {
+      std::vector<torch::Tensor> moment_rows;  // d E_a / d x_j [n, 3] (r_e = x_send - x_recv)
+      for (int seed = 1; seed < seeds; ++seed)
+        moment_rows.push_back(
+            torch::zeros({n, 3}, f64).index_add(0, send, g_vec[seed]).index_add(0, recv, -g_vec[seed]));
+      per_atom = torch::stack(moment_rows, 1) + centred.unsqueeze(2) * forces.unsqueeze(1);
     }
+    if (per_atom.defined())
+      std::memcpy(out.atom_virial.data(), per_atom.contiguous().data_ptr<double>(), sizeof(double) * 9 * n);
   } catch (const c10::Error& err) {
     throw Error(path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
   } catch (const Error&) {

@@ -305,7 +305,8 @@ class CoreModel:
     def compute_halo(self, positions, numbers, nlocal: int, edge_index, owner,
                      atom_virial: Optional[str] = None) -> Dict[str, Any]:
         """Layer-wise halo exchange on one process (the C++ core's compute_halo with atom nlocal + g a copy of
-        local atom owner[g]): what LAMMPS mode halo runs, for tests and for checking a model file."""
+        local atom owner[g]): what LAMMPS mode halo runs, for tests and for checking a model file. atom_virial:
+        "split" or "exact" (rows of ghost atoms belong to their owners, as their forces do)."""
         return self.model.compute_halo(np.ascontiguousarray(positions, dtype=np.float64).reshape(-1, 3),
                                        np.ascontiguousarray(numbers, dtype=np.int64).reshape(-1), int(nlocal),
                                        np.ascontiguousarray(edge_index, dtype=np.int64),

@@ -14,10 +14,10 @@
      away from every local atom are pruned before the model call.
    The global virial is the model's W = -sum_e r_e (x) dE/dr_e (equal to virial_fdotr_compute()'s sum x.f
    over local + ghost atoms in GHOST mode, and the only correct one in FOLD mode). Per-atom virials (stress/atom,
-   centroid/stress/atom): in GHOST mode the exact W_j = sum_i (x_i - x_j) (x) dU_i/dx_j over local energies U_i
-   (exact heat flux), in FOLD mode each edge's share of the virial halved between its two nodes (periodic images
-   are shifts there, so x_i - x_j of an image is not at hand) and in HALO mode (the same split: a ghost's
-   dependence on atoms beyond one cutoff arrives through its exchanged state). */
+   centroid/stress/atom): in GHOST and HALO mode the exact W_j = sum_i (x_i - x_j) (x) dU_i/dx_j (exact heat
+   flux; HALO: three moment gradients go back through the exchanges with the energy's, hessforge::Model::
+   compute_halo), in FOLD mode each edge's share of the virial halved between its two nodes (periodic images are
+   shifts there, so x_i - x_j of an image is not at hand). */
 
 #include "pair_hessforge.h"
 
@@ -266,7 +266,8 @@ void PairHessforge::init_style()
                    model_path, model->metadata().num_layers);
   // HALO: a node state per atom forward (and its gradient reverse) communicated between layers
   halo_width = mode == HALO ? model->metadata().halo_width : 0;
-  comm_forward = comm_reverse = halo_width;
+  comm_forward = halo_width;
+  comm_reverse = model->metadata().virial ? 4 * halo_width : halo_width;  // + 3 moments: exact per-atom virials
   if (force->pair != this) {  // a sub-style of hybrid/overlay: LAMMPS sizes its buffers by the parent's sizes
     force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
     force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
@@ -561,6 +562,7 @@ void PairHessforge::build_halo_graph()
    stages (x, then y, then z swaps) from rows it unpacked before. */
 void PairHessforge::halo_forward(double *rows, int width)
 {
+  exchange_width = width;
   const int nall = atom->nlocal + atom->nghost;
   const size_t w = static_cast<size_t>(width);
   halo_rows.assign(static_cast<size_t>(nall) * w, 0.0);
@@ -574,6 +576,7 @@ void PairHessforge::halo_forward(double *rows, int width)
 
 void PairHessforge::halo_reverse(double *rows, int width)
 {
+  exchange_width = width;
   const int nall = atom->nlocal + atom->nghost;
   const size_t w = static_cast<size_t>(width);
   halo_rows.assign(static_cast<size_t>(nall) * w, 0.0);
@@ -586,27 +589,27 @@ void PairHessforge::halo_reverse(double *rows, int width)
 
 int PairHessforge::pack_forward_comm(int n, int *list, double *buf, int /*pbc_flag*/, int * /*pbc*/)
 {
-  const size_t w = static_cast<size_t>(halo_width);
+  const size_t w = static_cast<size_t>(exchange_width);
   for (int i = 0; i < n; i++) std::memcpy(buf + i * w, &halo_rows[list[i] * w], w * sizeof(double));
-  return n * halo_width;
+  return n * exchange_width;
 }
 
 void PairHessforge::unpack_forward_comm(int n, int first, double *buf)
 {
-  const size_t w = static_cast<size_t>(halo_width);
+  const size_t w = static_cast<size_t>(exchange_width);
   std::memcpy(&halo_rows[first * w], buf, n * w * sizeof(double));
 }
 
 int PairHessforge::pack_reverse_comm(int n, int first, double *buf)
 {
-  const size_t w = static_cast<size_t>(halo_width);
+  const size_t w = static_cast<size_t>(exchange_width);
   std::memcpy(buf, &halo_rows[first * w], n * w * sizeof(double));
-  return n * halo_width;
+  return n * exchange_width;
 }
 
 void PairHessforge::unpack_reverse_comm(int n, int *list, double *buf)
 {
-  const size_t w = static_cast<size_t>(halo_width);
+  const size_t w = static_cast<size_t>(exchange_width);
   for (int i = 0; i < n; i++) {
     double *row = &halo_rows[list[i] * w];
     for (size_t c = 0; c < w; c++) row[c] += buf[i * w + c];
@@ -638,13 +641,13 @@ void PairHessforge::compute(int eflag, int vflag)
                           : "pair_style hessforge: " + model_path + " is a direct-force model without a "
                             "virial, per atom or total (compute stress/atom, centroid/stress/atom, heat/flux); "
                             "export a gradient-force model");
-  if (atom_virial && mode != GHOST && !warned_atom_virial) {
+  if (atom_virial && mode == FOLD && !warned_atom_virial) {
     warned_atom_virial = true;
     if (comm->me == 0)
-      error->warning(FLERR, "pair_style hessforge: {} mode gives per-atom virials as the edge split (each edge's "
+      error->warning(FLERR, "pair_style hessforge: fold mode gives per-atom virials as the edge split (each edge's "
                             "virial halved between its atoms): exact sums, but for a many-body model only an "
-                            "approximate heat flux; pair_style hessforge mode ghost gives the exact per-atom "
-                            "virials (compute heat/flux)", mode == FOLD ? "fold" : "halo");
+                            "approximate heat flux; pair_style hessforge mode halo (or ghost) gives the exact "
+                            "per-atom virials (compute heat/flux)");
   }
 
   if (!checked_special) {
@@ -666,7 +669,7 @@ void PairHessforge::compute(int eflag, int vflag)
   const int64_t nnodes = static_cast<int64_t>(numbers.size());
   const int64_t nedges = static_cast<int64_t>(send.size());
   const hessforge::AtomVirial kind = !atom_virial ? hessforge::AtomVirial::kNone
-                                     : mode == GHOST ? hessforge::AtomVirial::kExact : hessforge::AtomVirial::kSplit;
+                                     : mode == FOLD ? hessforge::AtomVirial::kSplit : hessforge::AtomVirial::kExact;
   // a rank without (model) atoms contributes nothing, but in HALO mode still takes part in every exchange
   if ((atom->nlocal == 0 || local_nodes == 0) && mode != HALO) return;
   try {

@@ -71,6 +71,7 @@ class PairHessforge : public Pair {
   std::vector<int64_t> edge_begin, edge_end;
   std::vector<double> halo_rows;  // HALO: one node state per LAMMPS atom (local + ghost), what comm packs
   int halo_width = 0;
+  int exchange_width = 0;  // doubles per atom in the exchange under way (states, or gradients and moments)
 
   void allocate();
   void check_apart(int i, int j, double d2);

@@ -142,9 +142,10 @@ class Model {
   // reaching one cutoff beyond the local ones; every edge's receiver is local. The layers run one at a time with
   // exchange.forward between them (ghost states from their owners) and, in the backward pass, exchange.reverse
   // (ghost gradients to their owners). Energies, forces (ghost rows: forces on the ghost atoms, to be added to
-  // their owners), the virial and split per-atom virials of this process's part, as compute_graph gives them
-  // for its local energies; over all processes they sum to the system's. node_energy of ghosts is 0. Per-atom
-  // virials: kSplit only (kExact needs ghost atoms to num_layers x cutoff: compute_graph).
+  // their owners), the virial and per-atom virials of this process's part, as compute_graph gives them for its
+  // local energies; over all processes they sum to the system's. node_energy of ghosts is 0. Per-atom virials:
+  // kSplit, or kExact (W_j = sum_i (x_i - x_j) (x) dU_i/dx_j over every process's energies, the exact heat flux:
+  // three moment gradients travel back with the energy's, so exchange.reverse moves 4 x halo_width per row).
   void compute_halo(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                     const int64_t* receivers, const int64_t* senders, int64_t num_edges, HaloExchange& exchange,
                     Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;

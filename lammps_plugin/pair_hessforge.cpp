@@ -267,7 +267,8 @@ void PairHessforge::init_style()
   // HALO: a node state per atom forward (and its gradient reverse) communicated between layers
   halo_width = mode == HALO ? model->metadata().halo_width : 0;
   comm_forward = halo_width;
-  comm_reverse = model->metadata().virial ? 4 * halo_width : halo_width;  // + 3 moments: exact per-atom virials
+  // + 3 moments on steps with exact per-atom virials: buffers that wide only where a compute asks for them
+  comm_reverse = model->metadata().virial && per_atom_virials_computed() ? 4 * halo_width : halo_width;
   if (force->pair != this) {  // a sub-style of hybrid/overlay: LAMMPS sizes its buffers by the parent's sizes
     force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
     force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
@@ -305,7 +306,19 @@ void PairHessforge::init_style()
 int PairHessforge::resolved_mode() const
 {
   if (mode_setting != AUTO) return mode_setting;
-  return comm->nprocs == 1 ? FOLD : (model && model->has_halo()) ? HALO : GHOST;
+  const bool halo = model && model->has_halo();
+  // one rank: fold, unless per-atom virials are computed (heat flux): halo gives the exact ones, as on several
+  // ranks, so the flux does not depend on the number of ranks
+  if (comm->nprocs == 1) return halo && per_atom_virials_computed() ? HALO : FOLD;
+  return halo ? HALO : GHOST;
+}
+
+/* Does any compute ask pair styles for per-atom virials (stress/atom, centroid/stress/atom, hence heat/flux)? */
+bool PairHessforge::per_atom_virials_computed() const
+{
+  for (const Compute *compute : modify->get_compute_list())
+    if (compute->pressatomflag) return true;
+  return false;
 }
 
 /* The communication cutoff from before ghost mode raised it, once no hessforge style here runs in ghost mode */
@@ -670,6 +683,9 @@ void PairHessforge::compute(int eflag, int vflag)
   const int64_t nedges = static_cast<int64_t>(send.size());
   const hessforge::AtomVirial kind = !atom_virial ? hessforge::AtomVirial::kNone
                                      : mode == FOLD ? hessforge::AtomVirial::kSplit : hessforge::AtomVirial::kExact;
+  if (mode == HALO && atom_virial && comm_reverse < 4 * halo_width)  // no compute asked at init (cannot happen)
+    error->all(FLERR, "pair_style hessforge mode halo: per-atom virials asked for without a compute that "
+                      "announced them at init; please report this");
   // a rank without (model) atoms contributes nothing, but in HALO mode still takes part in every exchange
   if ((atom->nlocal == 0 || local_nodes == 0) && mode != HALO) return;
   try {

@@ -81,6 +81,7 @@ class PairHessforge : public Pair {
   void build_ghost_graph();
   void build_halo_graph();
   int resolved_mode() const;
+  bool per_atom_virials_computed() const;
   void restore_communication_cutoff();
   void gather_nodes();
 };

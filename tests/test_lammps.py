@@ -293,14 +293,16 @@ def test_per_atom_virials(tmp_path, models, name):
         if virial is not None:
             assert rel(ref.sum(0), virial) < 1e-10
     assert rel(refs["fold"], refs["ghost"]) > 1e-3  # two different decompositions
-    refs["halo"] = refs["ghost"]  # exact through the exchanges too
-    for mode, nprocs in (("fold", 1), ("ghost", 1), ("ghost", 2), ("halo", 1), ("halo", 2)):
+    refs["halo"] = refs["auto"] = refs["ghost"]  # exact through the exchanges too; auto: halo when asked
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("ghost", 2), ("halo", 1), ("halo", 2), ("auto", 1)):
         work = tmp_path / f"{mode}{nprocs}"
         work.mkdir()
         os.symlink(tmp_path / "data.lmp", work / "data.lmp")
         _, out = run_lammps(work, header(path, ["H", "C", "O"], pair_style=f"hessforge mode {mode}")
                             + PER_ATOM_VIRIALS, nprocs=nprocs)
         assert out.count("mode gives per-atom virials as the edge split") == (mode == "fold")
+        if mode == "auto":  # one rank, per-atom virials computed: halo, so the flux does not depend on the ranks
+            assert "halo mode on 1 MPI rank(s)" in out
         got, ref = read_per_atom_virials(work), refs[mode]
         what = f"{name}, mode {mode}, {nprocs} rank(s)"
         assert rel(got["centroid"], ref) < 1e-8, f"{what}: centroid/stress/atom"
@@ -352,8 +354,9 @@ def test_reference_energies_off(tmp_path, models):
                                check=False)
         errors = [line for line in out.splitlines() if line.startswith("ERROR")]
         assert code != 0 and any(message in e for e in errors), out[-2000:]
-    # the older file still runs with its constants in
-    run_lammps(tmp_path, header(older, ["H", "C", "O"]) + SINGLE_POINT)
+    # the older file still runs with its constants in (mode auto on one rank without per-atom virials: fold)
+    _, out = run_lammps(tmp_path, header(older, ["H", "C", "O"]) + SINGLE_POINT)
+    assert "fold mode on 1 MPI rank(s)" in out
     assert_close(read_single_point(tmp_path), ref, "older file")
 
 

@@ -30,7 +30,7 @@ from engine.graph import (atoms_per_call, build_graph, graph_to, recentred, reso
                           structure_chunks)
 from engine.models import for_inference, parse_dtype, working_dtype
 from engine.paths import EXPORTED_MODEL, artifact_kind
-from engine.stress import atom_virials, energy_forces_strain_derivative, voigt
+from engine.stress import atom_virials, energy_forces_strain_derivative, energy_forces_virials, voigt
 
 
 def is_exported_file(path: str) -> bool:
@@ -120,7 +120,8 @@ class Calculator(_ASECalculator):
         """Results of many structures from batched model calls (screening without one ASE call per structure):
         a dict per structure with energy (eV), energies (per atom), forces (eV/Å) and, with `stress`, stress
         (eV/Å³, ASE's Voigt order; None where `calculate` refuses it: no periodic direction, or a wire/slab
-        whose cell has no volume), with `stresses` the per-atom stresses [N, 6] (None there too). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
+        whose cell has no volume), with `stresses` the per-atom stresses [N, 6] (None there too) and the stress
+        (from the same backward pass). The structures go in groups of at most `max_atoms_per_call` atoms ("auto":
         all at once on a GPU, engine.graph.CPU_ATOMS_PER_CALL on a CPU); each structure gets exactly what
         `calculate` gives it, which is this method on a group of one."""
         atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)  # one structure: a list of one
@@ -152,21 +153,28 @@ class Calculator(_ASECalculator):
 
     def _evaluate_group(self, group: Sequence, names: Sequence[str], stress: bool,
                         stresses: bool = False) -> List[Dict[str, Any]]:
-        """One model call on `group` (checked structures): a result dict per structure (a second one, through
-        the edge vectors, for per-atom `stresses`)."""
+        """One model call on `group` (checked structures): a result dict per structure. With per-atom `stresses`
+        the one backward pass goes through the edge vectors and gives the stress too."""
         # build_graph: NaN, zero-volume and overlap checks; recentred: small coordinates before a float32 cast
         # (unwrapped MD, far molecules)
         graph = recentred(build_graph([a.numbers for a in group], [a.positions for a in group],
                                       [np.asarray(a.cell) for a in group], [a.pbc for a in group], self.cutoff,
                                       torch.float64, where=list(names)))
-        if self.exported:  # float64 in, its own dtype inside
+        per_atom_virials = None
+        if stresses and not self.exported:  # one pass through the edge vectors: forces, stress, per-atom
+            out = energy_forces_virials(self.model, graph_to(graph, self.device, self.dtype))
+            energy, node_energy, forces, dE_deps = out["energy"], out["node_energy"], out["forces"], out["dE_deps"]
+            per_atom_virials = out["atom_virials"].detach().double().cpu()
+            stress = True
+        elif self.exported:  # float64 in, its own dtype inside
             out = (self.model.energy_forces_strain_derivative(graph) if stress
                    else self.model(graph, compute_forces=True))
             energy, node_energy, forces, dE_deps = (out["energy"], out["node_energy"], out["forces"],
                                                     out.get("dE_deps"))
         else:
             energy, node_energy, forces, dE_deps = self._evaluate(graph_to(graph, self.device, self.dtype), stress)
-        per_atom_virials = self._atom_virials(graph) if stresses else None
+        if stresses and per_atom_virials is None:
+            per_atom_virials = self._atom_virials(graph)
         energy, node_energy = energy.detach().double().cpu(), node_energy.detach().double().cpu()
         forces = forces.detach().double().cpu()
         results: List[Dict[str, Any]] = []

@@ -13,7 +13,7 @@ import torch
 
 from engine.autograd_mode import autograd_is_off, autograd_on, normal_graph
 from engine.errors import HessforgeError
-from engine.graph import AtomicGraph, edge_vector_graph, edge_vectors
+from engine.graph import AtomicGraph, edge_vector_graph, edge_vectors, sum_per_structure
 
 
 VOIGT_ROWS, VOIGT_COLS = [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]  # xx yy zz yz xz xy: ASE's order
@@ -77,17 +77,32 @@ def atom_virials(model, graph: AtomicGraph) -> torch.Tensor:
     -sym(W_i) / V) of a gradient-force student, from one backward pass through the edge vectors. Each
     structure's W_i sum to its virial -dE/dε. Exported models answer from their own method. (The exact
     many-body form, for heat flux, needs explicit periodic images: engine/export.py with_atom_virial, LAMMPS
-    ghost mode.)"""
+    halo and ghost mode.)"""
     own = getattr(model, "atom_virials", None)
     if own is not None:
         return own(graph)
+    return energy_forces_virials(model, graph)["atom_virials"]
+
+
+def energy_forces_virials(model, graph: AtomicGraph) -> Dict[str, torch.Tensor]:
+    """Everything one backward pass through the edge vectors r_e gives a gradient-force student: energy [B],
+    node_energy [N], forces [N, 3], dE_deps [B, 3, 3] (sym(Σ_e r_e ⊗ dE/dr_e) over each structure's edges: what
+    energy_forces_strain_derivative gives) and per-atom virials atom_virials [N, 3, 3] (the edge split)."""
     if autograd_is_off():
         with autograd_on():
-            return atom_virials(model, normal_graph(graph))
+            return energy_forces_virials(model, normal_graph(graph))
     vectors = edge_vectors(graph).detach().requires_grad_(True)
     out = model(edge_vector_graph(graph.numbers, graph.edge_index, vectors), compute_forces=False)
+    num_structures = graph.cell.shape[0]
+    energy = sum_per_structure(out["node_energy"], graph.batch, num_structures)
     (grad,) = torch.autograd.grad(out["energy"].sum(), [vectors], allow_unused=True)
     if grad is None:  # no edges
         grad = torch.zeros_like(vectors)
+    i, j = graph.edge_index[0], graph.edge_index[1]  # r_e = x_j - x_i (+ shift)
+    forces = torch.zeros_like(graph.positions).index_add(0, i, grad).index_add(0, j, -grad)
     per_edge = -vectors.detach().unsqueeze(2) * grad.unsqueeze(1)
-    return split_edge_virials(per_edge, graph.edge_index, graph.positions.shape[0])
+    moment = torch.zeros(num_structures, 3, 3, dtype=per_edge.dtype, device=per_edge.device).index_add(
+        0, graph.batch[i], -per_edge)
+    return {"energy": energy, "node_energy": out["node_energy"], "forces": forces,
+            "dE_deps": 0.5 * (moment + moment.transpose(1, 2)),
+            "atom_virials": split_edge_virials(per_edge, graph.edge_index, graph.positions.shape[0])}

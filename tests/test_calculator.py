@@ -108,8 +108,25 @@ def test_per_atom_stresses(tmp_path, rng):
         assert stresses.shape == (len(atoms), 6) and np.abs(stresses).max() > 1e-6
         assert np.allclose(stresses, ref, rtol=0, atol=1e-12)
         assert np.allclose(stresses.sum(0), atoms.get_stress(), rtol=0, atol=1e-12)
+    # one backward pass through the edge vectors gives forces, stress and stresses: get_stress after get_stresses
+    # makes no second model call, and equals the strain-derivative stress and forces of a fresh calculator
+    calls = []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    atoms.calc = Calculator(model)
+    stresses, stress, forces = atoms.get_stresses(), atoms.get_stress(), atoms.get_forces()
+    assert len(calls) == 1
+    hook.remove()
+    fresh = atoms.copy()
+    fresh.calc = Calculator(model)
+    assert np.allclose(stress, fresh.get_stress(), rtol=0, atol=1e-13)
+    assert np.allclose(forces, fresh.get_forces(), rtol=0, atol=1e-12)
+    assert np.allclose(stresses.sum(0), stress, rtol=0, atol=1e-13)
     other = periodic(rng)
     results = Calculator(model).predict([other, atoms, molecule("H2O")], stresses=True)
+    plain = Calculator(model).predict([other, atoms, molecule("H2O")], stress=True)
+    for got, want in zip(results, plain):  # per-structure energies and forces of the one-pass batch
+        assert abs(got["energy"] - want["energy"]) < 1e-10 and np.allclose(got["forces"], want["forces"], atol=1e-12)
+        assert (got["stress"] is None) == (want["stress"] is None)
     assert np.allclose(results[1]["stresses"], ref, rtol=0, atol=1e-12) and results[2]["stresses"] is None
     water = molecule("H2O")
     water.calc = Calculator(model)

@@ -40,6 +40,23 @@ py::dict to_dict(const hessforge::Result& r, int64_t n, bool atom_virial) {
   return out;
 }
 
+// positions [N, 3], numbers [N], edge_index [2, E] of an explicit graph: N
+int64_t check_graph_shapes(const ArrayD& positions, const ArrayL& numbers, const ArrayL& edge_index) {
+  check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
+  const int64_t n = positions.shape(0);
+  check_shape(numbers, {n}, "numbers (expected [N])");
+  check_shape(edge_index, {2, -1}, "edge_index (expected [2, E])");
+  return n;
+}
+
+// explicit graphs skip the core's own element check (Model::compute_graph trusts its caller): done here
+void check_elements(const hessforge::Model& model, const ArrayL& numbers) {
+  for (int64_t k = 0; k < numbers.shape(0); ++k)
+    if (!model.knows(static_cast<int>(numbers.data()[k])))
+      throw hessforge::Error("unknown element Z=" + std::to_string(numbers.data()[k]) + " at atom " +
+                             std::to_string(k));
+}
+
 hessforge::AtomVirial atom_virial_kind(const std::string& kind) {
   if (kind.empty()) return hessforge::AtomVirial::kNone;
   if (kind == "split") return hessforge::AtomVirial::kSplit;
@@ -113,19 +130,13 @@ PYBIND11_MODULE(_core, m) {
           "compute_graph",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayL edge_index, ArrayD shifts,
              int64_t nlocal, const std::string& atom_virial) {
-            check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
-            const int64_t n = positions.shape(0);
-            check_shape(numbers, {n}, "numbers (expected [N])");
-            check_shape(edge_index, {2, -1}, "edge_index (expected [2, E])");
+            const int64_t n = check_graph_shapes(positions, numbers, edge_index);
             const int64_t e = edge_index.shape(1);
             check_shape(shifts, {e, 3}, "shifts (expected [E, 3])");
             for (int64_t k = 0; k < 2 * e; ++k)
               if (edge_index.data()[k] < 0 || edge_index.data()[k] >= n)
                 throw hessforge::Error("edge_index holds an atom index out of range");
-            for (int64_t k = 0; k < n; ++k)
-              if (!self.knows(static_cast<int>(numbers.data()[k])))
-                throw hessforge::Error("unknown element Z=" + std::to_string(numbers.data()[k]) + " at atom " +
-                                       std::to_string(k));
+            check_elements(self, numbers);
             const hessforge::AtomVirial kind = atom_virial_kind(atom_virial);
             hessforge::Result r;
             {
@@ -141,16 +152,10 @@ PYBIND11_MODULE(_core, m) {
           "compute_halo",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, int64_t nlocal, ArrayL edge_index,
              ArrayL owner, const std::string& atom_virial) {
-            check_shape(positions, {-1, 3}, "positions (expected [N, 3])");
-            const int64_t n = positions.shape(0);
-            check_shape(numbers, {n}, "numbers (expected [N])");
-            check_shape(edge_index, {2, -1}, "edge_index (expected [2, E])");
+            const int64_t n = check_graph_shapes(positions, numbers, edge_index);
             if (nlocal < 0 || nlocal > n) throw hessforge::Error("nlocal must be in [0, N]");
             check_shape(owner, {n - nlocal}, "owner (expected one local atom per ghost atom, [N - nlocal])");
-            for (int64_t k = 0; k < n; ++k)
-              if (!self.knows(static_cast<int>(numbers.data()[k])))
-                throw hessforge::Error("unknown element Z=" + std::to_string(numbers.data()[k]) + " at atom " +
-                                       std::to_string(k));
+            check_elements(self, numbers);
             std::vector<int64_t> owners(owner.data(), owner.data() + (n - nlocal));
             for (int64_t o : owners)
               if (o < 0 || o >= nlocal) throw hessforge::Error("owner holds an index that is not a local atom");

@@ -431,7 +431,7 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     // positions relative to the local atoms' centroid (the moments' origin; any origin gives the same W_j, but
     // float32 models keep more digits near it)
     const torch::Tensor centred = pos - pos.narrow(0, 0, nlocal).mean(0);
-    const torch::Tensor local_centred = centred.narrow(0, 0, nlocal).to(torch::kFloat64);
+    const torch::Tensor local_centred = centred.narrow(0, 0, nlocal);  // float64, as the positions
     // d E_s / d (local states after the last layer), s = 0 (energy) and 1..3 (moments)
     std::vector<torch::Tensor> g_out;
     for (int seed = 0; seed < seeds; ++seed) {
@@ -456,10 +456,10 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
       // image shift S: the moments travel as g_a - (x_row - c)_a g_0 = sum_i (x_i - x_row)_a dU_i/d(state), which
       // does not depend on the frame, and come back as that + (x_owner - c')_a g_0 in the owner's.
       seed_rows.narrow(1, 0, width).copy_(g_in[0]);
+      const torch::Tensor g_energy = seed_rows.narrow(1, 0, width);  // g_0 in float64
       for (int seed = 1; seed < seeds; ++seed)
         seed_rows.narrow(1, seed * width, width)
-            .copy_(g_in[seed].to(torch::kFloat64) -
-                   centred.select(1, seed - 1).unsqueeze(1) * g_in[0].to(torch::kFloat64));
+            .copy_(g_in[seed].to(torch::kFloat64) - centred.select(1, seed - 1).unsqueeze(1) * g_energy);
       exchange.reverse(seed_rows.data_ptr<double>(), seeds * width);
       const torch::Tensor local_rows = seed_rows.narrow(0, 0, nlocal);
       g_out[0] = local_rows.narrow(1, 0, width).to(dtype);

@@ -64,7 +64,7 @@ from torch import nn
 from engine.errors import HessforgeError
 from engine.graph import edge_vector_graph
 from engine.paths import EXPORTED_MODEL, artifact_kind, atomic_path, check_output_file
-from engine.stress import split_edge_virials
+from engine.stress import edge_gradient_sums, split_edge_virials
 
 EXPORT_FORMAT = "hessforge-exported"
 EXPORT_VERSION = 1
@@ -210,15 +210,12 @@ class ExportWrapper(nn.Module):
             forces[nlocal:] = 0.0
         else:
             g = self._edge_gradient(energy.sum(), vec, positions.dtype, atom_virials == 2)
-            forces = torch.zeros_like(positions).index_add(0, i, g).index_add(0, j, -g)
+            forces, virial, edge_virials = edge_gradient_sums(vec.detach().to(positions.dtype), g, edge_index, batch,
+                                                              n, num_structures)
             if atom_virials == 2:
                 atom_virial = self._exact_atom_virials(positions, node_energy, vec, edge_index, forces, nlocal)
-            # each edge belongs to its receiver's structure: W_b = -sum over b's edges of r_e ⊗ dE/dr_e
-            per_edge = vec.detach().to(positions.dtype).unsqueeze(2) * g.unsqueeze(1)
-            virial = virial.index_add(0, batch[i], -per_edge)
-            virial = 0.5 * (virial + virial.transpose(1, 2))
             if atom_virials == 1:
-                atom_virial = split_edge_virials(-per_edge, edge_index, n)
+                atom_virial = split_edge_virials(edge_virials, edge_index, n)
         return energy.detach(), node_energy.detach(), forces.detach(), virial.detach(), atom_virial.detach()
 
     def _edge_gradient(self, output: torch.Tensor, vec: torch.Tensor, dtype: torch.dtype,

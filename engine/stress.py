@@ -7,7 +7,7 @@ dE/dε_b together, and stress_b = (1/V_b) dE/dε_b (eV/Å³, ASE's sign: positiv
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -64,6 +64,19 @@ def stress_from_strain_derivative(dE_deps: torch.Tensor, cell: torch.Tensor) -> 
                        torch.full_like(dE_deps, float("nan")))
 
 
+def edge_gradient_sums(vectors: torch.Tensor, grad: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor,
+                       num_atoms: int, num_structures: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What dE/dr_e of every edge gives (r_e = x_j - x_i + shift for edge_index (i, j); each edge belongs to its
+    receiver's structure): forces [N, 3] (-dE/dx), each structure's virial W_b = -sym(sum_e r_e ⊗ dE/dr_e) [B, 3, 3]
+    (= -dE/dε) and the edge virials -r_e ⊗ dE/dr_e [E, 3, 3] (split_edge_virials), in grad's dtype. The Python
+    engine (energy_forces_virials) and the exported TorchScript model (engine/export.py) share it."""
+    i, j = edge_index[0], edge_index[1]
+    forces = torch.zeros(num_atoms, 3, dtype=grad.dtype, device=grad.device).index_add(0, i, grad).index_add(0, j, -grad)
+    edge_virials = -vectors.unsqueeze(2) * grad.unsqueeze(1)
+    virial = torch.zeros(num_structures, 3, 3, dtype=grad.dtype, device=grad.device).index_add(0, batch[i], edge_virials)
+    return forces, 0.5 * (virial + virial.transpose(1, 2)), edge_virials
+
+
 def split_edge_virials(edge_virials: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> torch.Tensor:
     """Per-atom virials [N, 3, 3] from per-edge ones [E, 3, 3] (-r_e ⊗ dE/dr_e): half to each of the edge's two
     atoms, the centroid virial of a two-body cluster. Not symmetrized; they sum to the virial."""
@@ -98,11 +111,7 @@ def energy_forces_virials(model, graph: AtomicGraph) -> Dict[str, torch.Tensor]:
     (grad,) = torch.autograd.grad(out["energy"].sum(), [vectors], allow_unused=True)
     if grad is None:  # no edges
         grad = torch.zeros_like(vectors)
-    i, j = graph.edge_index[0], graph.edge_index[1]  # r_e = x_j - x_i (+ shift)
-    forces = torch.zeros_like(graph.positions).index_add(0, i, grad).index_add(0, j, -grad)
-    per_edge = -vectors.detach().unsqueeze(2) * grad.unsqueeze(1)
-    moment = torch.zeros(num_structures, 3, 3, dtype=per_edge.dtype, device=per_edge.device).index_add(
-        0, graph.batch[i], -per_edge)
-    return {"energy": energy, "node_energy": out["node_energy"], "forces": forces,
-            "dE_deps": 0.5 * (moment + moment.transpose(1, 2)),
-            "atom_virials": split_edge_virials(per_edge, graph.edge_index, graph.positions.shape[0])}
+    forces, virial, edge_virials = edge_gradient_sums(vectors.detach(), grad, graph.edge_index, graph.batch,
+                                                      graph.positions.shape[0], num_structures)
+    return {"energy": energy, "node_energy": out["node_energy"], "forces": forces, "dE_deps": -virial,
+            "atom_virials": split_edge_virials(edge_virials, graph.edge_index, graph.positions.shape[0])}

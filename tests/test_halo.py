@@ -64,6 +64,7 @@ def test_halo_matches_the_periodic_engine(tmp_path, rng, arch, force_mode):
     assert meta["halo_width"] == (4 * 16 if arch == "painn" else 16)
     core = load_core(path)
     assert core.model.has_halo
+    without_exchange = []
     for name, atoms in structures(rng).items():
         positions, numbers, n, edge_index, owner = halo_inputs(atoms, rng)
         ref = reference(model, atoms)
@@ -83,7 +84,10 @@ def test_halo_matches_the_periodic_engine(tmp_path, rng, arch, force_mode):
             # the same one-cutoff ghost shell evaluated at once, without exchanging states between layers, is
             # wrong: the images' states would lack their own neighbours beyond the shell
             once = core.compute_graph(positions, numbers, edge_index, np.zeros((edge_index.shape[1], 3)), n)
-            assert abs(once["energy"] - ref["energy"]) > 1e-6, what
+            without_exchange.append(abs(once["energy"] - ref["energy"]))
+    # over the periodic structures (one alone can be nearly blind to it with tiny random weights: a fresh clone's
+    # SchNet wire differed by 5.9e-7 eV; 25 seeds gave >= 8.5e-6 per structure)
+    assert max(without_exchange) > 1e-6, without_exchange
 
 
 def test_halo_in_float32(tmp_path, rng):

@@ -108,6 +108,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_layers", [](const hessforge::Model& self) { return self.metadata().num_layers; })
       .def_property_readonly("force_mode", [](const hessforge::Model& self) { return self.metadata().force_mode; })
       .def_property_readonly("has_atom_virial", &hessforge::Model::has_atom_virial)
+      .def_property_readonly("compiled", &hessforge::Model::compiled)
+      .def_property_readonly("compiled_note", &hessforge::Model::compiled_note)
       .def(
           "compute",
           [](const hessforge::Model& self, ArrayD positions, ArrayL numbers, ArrayD cell, ArrayB pbc,

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "compiled.h"
 #include "hessforge/core.h"
 #include "json_lite.h"
 
@@ -206,6 +207,29 @@ GraphInputs graph_inputs(const double* positions, const int64_t* numbers, int64_
   return in;
 }
 
+// The TorchScript forward (or with_atom_virial) on graph tensors: forward's outputs[, atom_virial].
+std::vector<torch::Tensor> scripted_forward(torch::jit::Module& module, bool direct_forces, const torch::Tensor& pos,
+                                            const torch::Tensor& z, const torch::Tensor& edge_index,
+                                            const torch::Tensor& shift, int64_t nlocal, AtomVirial atom_virial) {
+  std::vector<torch::jit::IValue> inputs{pos, z, edge_index, shift, nlocal};
+  c10::intrusive_ptr<c10::ivalue::Tuple> result;
+  if (direct_forces) {
+    torch::NoGradGuard no_grad;
+    result = module.forward(inputs).toTuple();
+  } else {  // forces by autograd: on even when the caller (Python under torch.no_grad) turned it off
+    torch::AutoGradMode enable_grad(true);
+    if (atom_virial == AtomVirial::kNone) {
+      result = module.forward(inputs).toTuple();
+    } else {
+      inputs.emplace_back(atom_virial == AtomVirial::kExact);
+      result = module.get_method("with_atom_virial")(inputs).toTuple();
+    }
+  }
+  std::vector<torch::Tensor> outputs;
+  for (const auto& element : result->elements()) outputs.push_back(element.toTensor());
+  return outputs;
+}
+
 }  // namespace
 
 struct Model::Impl {
@@ -214,6 +238,7 @@ struct Model::Impl {
   torch::jit::Module module;
   torch::Dtype dtype = torch::kFloat64;
   std::vector<bool> known = std::vector<bool>(119, false);
+  std::unique_ptr<CompiledForward> compiled;  // export --compiled: forward without TorchScript where it can
 };
 
 Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
@@ -233,6 +258,7 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
   check_species_match(impl_->meta.species, impl_->module, path);
   impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
   for (int z : impl_->meta.species) impl_->known[z] = true;
+  impl_->compiled = std::make_unique<CompiledForward>(path, impl_->meta.json);
   if (num_threads > 0) at::set_num_threads(num_threads);
 }
 
@@ -263,6 +289,8 @@ Model::~Model() = default;
 const Metadata& Model::metadata() const { return impl_->meta; }
 const std::string& Model::path() const { return impl_->path; }
 bool Model::knows(int z) const { return z > 0 && z < 119 && impl_->known[z]; }
+bool Model::compiled() const { return impl_->compiled->loaded(); }
+const std::string& Model::compiled_note() const { return impl_->compiled->note(); }
 bool Model::has_atom_virial() const {
   return impl_->meta.virial && impl_->module.find_method("with_atom_virial").has_value();
 }
@@ -289,37 +317,32 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   const torch::Tensor &pos = in.positions, &z = in.numbers, &edge_index = in.edge_index;
   torch::Tensor shift = shifts == nullptr ? torch::zeros({num_edges, 3}, f64)
                                          : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64);
-  std::vector<torch::jit::IValue> inputs{pos, z, edge_index, shift, nlocal};
-  c10::intrusive_ptr<c10::ivalue::Tuple> result;
+  std::vector<torch::Tensor> outputs;  // energy, node_energy, forces, virial[, atom_virial]
   try {
-    if (impl_->meta.force_mode == "direct") {
-      torch::NoGradGuard no_grad;
-      result = impl_->module.forward(inputs).toTuple();
-    } else {  // forces by autograd: on even when the caller (Python under torch.no_grad) turned it off
-      torch::AutoGradMode enable_grad(true);
-      if (atom_virial == AtomVirial::kNone) {
-        result = impl_->module.forward(inputs).toTuple();
-      } else {
-        inputs.emplace_back(atom_virial == AtomVirial::kExact);
-        result = impl_->module.get_method("with_atom_virial")(inputs).toTuple();
-      }
+    if (atom_virial == AtomVirial::kNone && impl_->compiled->can_run(n, num_edges)) {
+      torch::NoGradGuard no_grad;  // the compiled graph holds the backward's operations itself
+      outputs = impl_->compiled->run({pos, z, edge_index, shift, torch::scalar_tensor(nlocal, torch::kLong)});
+    } else {
+      outputs = scripted_forward(impl_->module, impl_->meta.force_mode == "direct", pos, z, edge_index, shift, nlocal,
+                                 atom_virial);
     }
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& err) {
     throw Error(impl_->path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
   } catch (const std::exception& err) {  // torch::jit::JITException: an error raised inside the scripted model
     throw Error(impl_->path + ": model evaluation failed (" + failure_line(err.what()) + ")");
   }
-  const auto& el = result->elements();
-  out.energy = el[0].toTensor().to(torch::kFloat64).item<double>();
-  torch::Tensor node_energy = el[1].toTensor().to(torch::kFloat64).contiguous();
-  torch::Tensor forces = el[2].toTensor().to(torch::kFloat64).contiguous();
-  torch::Tensor virial = el[3].toTensor().to(torch::kFloat64).contiguous();
+  out.energy = outputs[0].to(torch::kFloat64).item<double>();
+  torch::Tensor node_energy = outputs[1].to(torch::kFloat64).contiguous();
+  torch::Tensor forces = outputs[2].to(torch::kFloat64).contiguous();
+  torch::Tensor virial = outputs[3].to(torch::kFloat64).contiguous();
   out.node_energy.assign(node_energy.data_ptr<double>(), node_energy.data_ptr<double>() + n);
   out.forces.assign(forces.data_ptr<double>(), forces.data_ptr<double>() + 3 * n);
   std::memcpy(out.virial, virial.data_ptr<double>(), 9 * sizeof(double));
   out.atom_virial.clear();
   if (atom_virial != AtomVirial::kNone) {
-    torch::Tensor per_atom = el[4].toTensor().to(torch::kFloat64).contiguous();
+    torch::Tensor per_atom = outputs[4].to(torch::kFloat64).contiguous();
     if (per_atom.numel() != 9 * n)
       throw Error(impl_->path + ": the model returned per-atom virials of the wrong shape (a damaged or edited "
                   "model file?); export it again");
@@ -328,6 +351,7 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
   out.num_edges = num_edges;
   check_finite(out, impl_->path);
 }
+
 
 bool Model::has_halo() const {
   return impl_->meta.halo_width > 0 && impl_->module.find_method("halo_layer").has_value();

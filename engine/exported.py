@@ -282,6 +282,16 @@ class CoreModel:
         self.model = self._core.Model(path, num_threads)
         self.metadata = json.loads(self.model.metadata_json)
 
+    @property
+    def compiled(self) -> bool:
+        """Does compute/compute_graph run the file's AOTInductor-compiled forward (export --compiled)?"""
+        return self.model.compiled
+
+    @property
+    def compiled_note(self) -> str:
+        """Which forward runs, or why the compiled one does not (one line)."""
+        return self.model.compiled_note
+
     def compute(self, positions, numbers, cell=None, pbc=(False, False, False),
                 atom_virial: Optional[str] = None) -> Dict[str, Any]:
         """energy, forces, node_energy, virial, num_edges; with atom_virial ("split", or "exact" without periodic

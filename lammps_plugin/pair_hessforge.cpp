@@ -206,6 +206,8 @@ void PairHessforge::coeff(int narg, char **arg)
                    "format version {})\n",
                    model_path, meta.architecture, meta.force_mode, meta.dtype, meta.cutoff, meta.num_layers,
                    meta.format_version);
+  // the compiled forward serves fold and ghost mode's energy/force calls (not halo mode, not per-atom virials)
+  if (comm->me == 0) utils::logmesg(lmp, "pair_style hessforge: {}\n", model->compiled_note());
 }
 
 void PairHessforge::init_style()

@@ -124,6 +124,12 @@ class Model {
   const Metadata& metadata() const;
   const std::string& path() const;
   bool knows(int z) const;  // is this atomic number in the model's species?
+  // Is the AOTInductor-compiled forward (`hessforge export --compiled`) loaded? compute_graph then runs it
+  // instead of TorchScript where it can (no per-atom virials, >= 2 atoms and 2 edges); compute_halo does not.
+  bool compiled() const;
+  // One line for logs: which forward runs, or why the compiled one does not (not in the file, this CPU lacks
+  // its instructions, another torch, HESSFORGE_COMPILED=off).
+  const std::string& compiled_note() const;
   // Can this file give per-atom virials (a gradient-force model exported with with_atom_virial)?
   bool has_atom_virial() const;
 

@@ -1,0 +1,172 @@
+#include "compiled.h"
+
+#include <ATen/Parallel.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/headeronly/version.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+
+#include "hessforge/core.h"
+#include "json_lite.h"
+
+namespace hessforge {
+
+namespace {
+
+// __builtin_cpu_supports takes a literal: the features Inductor's x86 builds name (engine/aoti.py records them).
+bool cpu_supports(const std::string& feature) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (feature == "x86-64-v3") return __builtin_cpu_supports("x86-64-v3");
+  if (feature == "x86-64-v4") return __builtin_cpu_supports("x86-64-v4");
+  if (feature == "avx2") return __builtin_cpu_supports("avx2");
+  if (feature == "fma") return __builtin_cpu_supports("fma");
+  if (feature == "f16c") return __builtin_cpu_supports("f16c");
+  if (feature == "avx512f") return __builtin_cpu_supports("avx512f");
+  if (feature == "avx512dq") return __builtin_cpu_supports("avx512dq");
+  if (feature == "avx512vl") return __builtin_cpu_supports("avx512vl");
+  if (feature == "avx512bw") return __builtin_cpu_supports("avx512bw");
+  if (feature == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
+  if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
+  if (feature == "amx-tile") return __builtin_cpu_supports("amx-tile");
+#endif
+  (void)feature;
+  return false;  // a feature this core cannot ask about (or not x86-64): assume missing, run TorchScript
+}
+
+// "2.13.0+cpu" -> "2.13.0"
+std::string release(const std::string& version) { return version.substr(0, version.find('+')); }
+
+std::string this_torch() {
+  std::ostringstream v;
+  v << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH;
+  return v.str();
+}
+
+std::string setting() {
+  const char* raw = std::getenv("HESSFORGE_COMPILED");
+  std::string value;
+  for (const char* c = raw; c != nullptr && *c != '\0'; ++c)
+    if (!std::isspace(static_cast<unsigned char>(*c))) value += static_cast<char>(std::tolower(*c));
+  if (value.empty()) return "auto";
+  if (value != "auto" && value != "off" && value != "serial" && value != "threaded")
+    throw Error(std::string("HESSFORGE_COMPILED='") + raw + "': expected auto (the default), serial, threaded or off");
+  return value;
+}
+
+const std::string& string_field(const json::Value& entry, const std::string& key, const std::string& path) {
+  const json::Value* v = entry.get(key);
+  if (v == nullptr || v->type != json::Value::String || v->string.empty())
+    throw Error(path + ": exported model metadata 'compiled' lacks a valid '" + key + "'");
+  return v->string;
+}
+
+// An archive record (the package's bytes) in a private temporary file, which the loader unpacks; removed after.
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_record(const std::string& path,
+                                                                     const std::string& record) {
+  caffe2::serialize::PyTorchStreamReader reader(path);
+  const std::string name = "extra/" + record;
+  if (!reader.hasRecord(name)) throw Error("the record " + name + " is missing");
+  auto data = reader.getRecord(name);
+  const char* dir = std::getenv("TMPDIR");
+  std::string tmp = std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/hessforge-compiled-XXXXXX.pt2";
+  const int fd = mkstemps(tmp.data(), 4);
+  if (fd < 0) throw Error("cannot create a temporary file in " + tmp.substr(0, tmp.rfind('/')));
+  const char* bytes = static_cast<const char*>(std::get<0>(data).get());
+  size_t left = std::get<1>(data);
+  bool written = true;
+  while (left > 0 && written) {
+    const ssize_t w = ::write(fd, bytes, left);
+    written = w > 0;
+    if (written) bytes += w, left -= static_cast<size_t>(w);
+  }
+  ::close(fd);
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  try {
+    if (!written) throw Error("cannot write the temporary file " + tmp);
+    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(tmp);
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
+  std::remove(tmp.c_str());
+  return loader;
+}
+
+}  // namespace
+
+CompiledForward::CompiledForward(const std::string& path, const std::string& metadata_json) {
+  const json::Value doc = json::parse(metadata_json);
+  const json::Value* entry = doc.get("compiled");
+  if (entry == nullptr || entry->type == json::Value::Null) {
+    note_ = "TorchScript forward (exported without --compiled)";
+    return;
+  }
+  if (entry->type != json::Value::Object) throw Error(path + ": exported model metadata 'compiled' is not an object");
+  const json::Value* packages = entry->get("packages");
+  if (packages == nullptr || packages->type != json::Value::Object)
+    throw Error(path + ": exported model metadata 'compiled' lacks a valid 'packages'");
+  const std::string serial = string_field(*packages, "serial", path);
+  const std::string threaded = string_field(*packages, "threaded", path);
+  const std::string march = string_field(*entry, "march", path);
+  const std::string built_with = string_field(*entry, "torch_version", path);
+  std::vector<std::string> features{march};
+  const json::Value* listed = entry->get("cpu_features");
+  if (listed == nullptr || listed->type != json::Value::Array)
+    throw Error(path + ": exported model metadata 'compiled' lacks a valid 'cpu_features'");
+  for (const json::Value& f : listed->array) {
+    if (f.type != json::Value::String) throw Error(path + ": exported model metadata 'compiled' lacks a valid 'cpu_features'");
+    features.push_back(f.string);
+  }
+  for (const char* key : {"min_atoms", "min_edges"}) {
+    const json::Value* v = entry->get(key);
+    if (v == nullptr || v->type != json::Value::Number || v->number < 0 || v->number != static_cast<int64_t>(v->number))
+      throw Error(path + ": exported model metadata 'compiled' lacks a valid '" + key + "'");
+    (std::string(key) == "min_atoms" ? min_atoms_ : min_edges_) = static_cast<int64_t>(v->number);
+  }
+  choice_ = setting();
+  if (choice_ == "off") {
+    note_ = "TorchScript forward (HESSFORGE_COMPILED=off)";
+    return;
+  }
+  for (const std::string& feature : features)
+    if (!cpu_supports(feature)) {
+      note_ = "TorchScript forward: the compiled one was built for " + march + " CPUs and uses " + feature +
+              ", which this CPU lacks (export again with --compiled on this machine)";
+      return;
+    }
+  if (release(built_with) != this_torch()) {
+    note_ = "TorchScript forward: the compiled one was built with torch " + built_with + ", this core links torch " +
+            this_torch() + " (export again with --compiled)";
+    return;
+  }
+  try {
+    serial_ = load_record(path, serial);
+    threaded_ = load_record(path, threaded);
+  } catch (const std::exception& err) {
+    serial_.reset();
+    threaded_.reset();
+    std::string what = err.what();
+    note_ = "TorchScript forward: the compiled one did not load (" + what.substr(0, what.find('\n')) + ")";
+    return;
+  }
+  note_ = "compiled forward (AOTInductor, " + march + "; " +
+          (choice_ == "auto" ? std::string("single-thread build up to 2 threads, multi-thread build above")
+                             : "the " + choice_ + " build, HESSFORGE_COMPILED") + ")";
+}
+
+CompiledForward::~CompiledForward() = default;
+
+std::vector<at::Tensor> CompiledForward::run(const std::vector<at::Tensor>& inputs) const {
+  // engine/aoti.py: Inductor's multi-thread kernels add with atomics, slower than the single-thread build on
+  // up to 2 threads (bench/results/compiled_cpu.md)
+  const bool threaded = choice_ == "threaded" || (choice_ == "auto" && at::get_num_threads() > 2);
+  return (threaded ? threaded_ : serial_)->run(inputs);
+}
+
+}  // namespace hessforge

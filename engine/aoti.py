@@ -1,7 +1,7 @@
 """An exported model's forward compiled ahead of time by AOTInductor (`hessforge export --compiled`).
 
-TorchScript interprets the student op by op; Inductor fuses its elementwise work into C++ loops (2.6x on one
-CPU thread for the quickstart PaiNN on 1000 atoms, float32). The compiled forward is the exported file's `forward`
+TorchScript interprets the student op by op; Inductor fuses its elementwise work into C++ loops (a LAMMPS step
+of the quickstart PaiNN on 1000 atoms, float32, one thread: 0.19 s instead of 0.49 s). The compiled forward is the exported file's `forward`
 (energy, node energies, forces, virial on an explicit graph) with nlocal as a 0-d int64 tensor:
 
     compiled(positions [N, 3] f64, numbers [N] i64, edge_index [2, E] i64, shifts [E, 3] f64, nlocal [] i64)
@@ -30,11 +30,12 @@ from torch import nn
 
 from engine.errors import HessforgeError
 
-# Two builds, records extra/<name> of the exported archive. Inductor's multi-threaded kernels add into shared
-# outputs (the per-edge scatters) with atomic adds, 2.4x slower on one thread than its single-thread kernels
-# (quickstart PaiNN, 1000 atoms: 0.33 s vs 0.14 s; TorchScript 0.36 s); on 2 threads the single-thread build
-# (0.12 s, torch's own ops still threaded) beats the threaded one (0.17 s). The C++ core picks "serial" up to
-# 2 threads and "threaded" above (HESSFORGE_COMPILED overrides: bench/results/compiled_cpu.md).
+# Two builds, records extra/<name> of the exported archive. Inductor's multi-thread kernels add into shared
+# outputs (the per-edge scatters) with atomic adds: on the quickstart PaiNN, 1000 atoms, float32, the C++ core's
+# model call takes 0.45 s on 1 thread and 0.24 s on 2 with the threaded build, 0.20 s and 0.16 s with the
+# single-thread one (torch's own ops still threaded), 0.49 s and 0.32 s with TorchScript. The threaded build
+# scales better (1.9x vs 1.2x from 1 to 2 threads), so the C++ core picks "serial" below 4 threads and "threaded"
+# from 4 (an extrapolation; HESSFORGE_COMPILED=serial|threaded overrides): bench/results/lammps_cpu.md.
 PACKAGES = {"serial": "compiled_serial.pt2", "threaded": "compiled_threaded.pt2"}
 _VARIANTS = {"serial": {"cpp.threads": 1, "cpp.dynamic_threads": False},
              "threaded": {"cpp.dynamic_threads": True}}

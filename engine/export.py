@@ -43,6 +43,10 @@ node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected struct
 batched MD under a barostat); archives written before it existed lack it (engine.exported falls back to one
 call per structure).
 
+`export_model(..., compiled=True)` (`hessforge export --compiled`) also stores forward compiled ahead of time by
+AOTInductor (engine/aoti.py: two builds as extra records, metadata `compiled`), which the C++ core runs instead
+of the TorchScript forward where the machine can (2-2.6x on the CPU); the TorchScript methods stay in the file.
+
 Metadata (JSON, `extra/hessforge.json` in the archive, readable without loading the module): format and
 version, architecture and hyperparameters, cutoff (Å), species (atomic numbers), num_layers,
 interaction_range = num_layers × cutoff, force_mode, virial, units (eV, Å; LAMMPS `units metal`), dtype,

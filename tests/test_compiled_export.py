@@ -1,6 +1,8 @@
 """`hessforge export --compiled` (engine/aoti.py): the AOTInductor-compiled forward inside the exported file, run
 by the C++ core (and so LAMMPS) instead of TorchScript, against the Python student and the same file's TorchScript
 forward on fresh random graphs; where the core falls back to TorchScript and says why."""
+import contextlib
+import io
 import json
 import os
 import zipfile
@@ -13,22 +15,35 @@ from engine.errors import HessforgeError
 from engine.export import METADATA_NAME, export_model, quiet_torchscript
 from engine.exported import core_available, load_core, read_metadata
 from engine.graph import graph_from_atoms
-from test_export import CUTOFF, SPECIES, rel, structures, tiny_painn
+from test_export import CUTOFF, SPECIES, rel, structures, tiny_painn, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not core_available(), reason="C++ core not built (make build)")
 
 
 @pytest.fixture(scope="module")
 def compiled_files(tmp_path_factory):
-    """Two compiled exports (~30 s each): a float64 gradient-force PaiNN and a float32 direct-force one."""
+    """Two compiled exports (~30 s each): a float64 gradient-force PaiNN (`hessforge export --compiled` on a
+    checkpoint) and a float32 direct-force one (export_model)."""
+    from training.cli import main
+
     tmp = tmp_path_factory.mktemp("compiled")
-    files = {}
-    for name, model, dtype in [("gradient", tiny_painn(seed=11), torch.float64),
-                               ("direct", tiny_painn("direct", seed=12), torch.float32)]:
-        path = str(tmp / f"{name}.pt")
-        meta = export_model(model, path, dtype, compiled=True)
-        files[name] = (path, model, meta)
+    model = tiny_painn(seed=11)
+    path = str(tmp / "gradient.pt")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", write_checkpoint(tmp / "best.pt", model), "-o", path, "--compiled"]) == 0
+    files = {"gradient": (path, model, read_metadata(path)), "cli_output": printed.getvalue()}
+    direct = tiny_painn("direct", seed=12)
+    path = str(tmp / "direct.pt")
+    files["direct"] = (path, direct, export_model(direct, path, torch.float32, compiled=True))
     return files
+
+
+def test_export_cli_says_what_it_compiled(compiled_files):
+    meta = compiled_files["gradient"][2]
+    assert meta["compiled"]["march"] in ("x86-64-v3", "x86-64-v4")
+    assert meta["provenance"]["checkpoint_sha256"]
+    assert f"float64, compiled for {meta['compiled']['march']}" in compiled_files["cli_output"]
 
 
 def random_graph(rng, n, nlocal=None, periodic_shifts=True):

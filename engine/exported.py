@@ -1,7 +1,8 @@
 """Load exported models (engine.export) back into Python, and reach the C++ core and the LAMMPS plugin.
 
 - `read_metadata(path)`: the JSON metadata, read from the archive without loading the TorchScript module.
-- `load_exported(path)`: the TorchScript module behind the student interface (forward(graph) -> energy [B],
+- `load_exported(path)`: the TorchScript module behind the student interface (a file exported with --compiled:
+  single structures and forces-only batches through its compiled forward in the C++ core, where it runs) (forward(graph) -> energy [B],
   node_energy [N], forces [N, 3]; `energy_forces_strain_derivative(graph)` adds each structure's dE/dε, so
   batched MD runs exported models under a barostat; `virial(graph)` for one structure).
 - `load_core(path)`: the C++ core (pybind11 module engine._core, built by `make build`): its own O(N) cell
@@ -156,6 +157,17 @@ class ExportedModel:
         self.force_mode: str = self.metadata["force_mode"]
         self.direct_forces: bool = self.force_mode == "direct"
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.metadata["dtype"]]
+        # a file exported with --compiled: its AOTInductor forward through the C++ core (the core decides whether
+        # this machine can run it, as in LAMMPS), for single structures and batches without virials
+        self.core: Optional[CoreModel] = None
+        self.compiled_note = "TorchScript forward (exported without --compiled)"
+        if self.metadata.get("compiled"):
+            if core_available():
+                core = CoreModel(path)
+                self.core = core if core.compiled else None
+                self.compiled_note = core.compiled_note
+            else:
+                self.compiled_note = "TorchScript forward: the compiled one runs through the C++ core (make build)"
 
     def __reduce__(self):
         """Pickled by path (a TorchScript module cannot be pickled): a calculator sent to multiprocessing
@@ -168,10 +180,18 @@ class ExportedModel:
             raise UnknownElementError(unknown, self.species, where or self.path)
 
     def evaluate(self, positions, numbers, edge_index, shifts, nlocal: Optional[int] = None):
-        """The raw module call, float64 in and out: (energy, node_energy, forces, virial)."""
+        """The raw module call, float64 in and out: (energy, node_energy, forces, virial); the compiled forward
+        where the file has one this machine runs."""
         n = torch.as_tensor(positions).shape[0]
         if nlocal is not None and not 0 <= int(nlocal) <= n:
             raise HessforgeError(f"nlocal must be 0..{n} (the atoms whose energies count), got {nlocal}")
+        if self.core is not None:  # the core takes TorchScript's forward itself for graphs too small for it
+            self.check_species(numbers)
+            out = self.core.compute_graph(*(torch.as_tensor(t).detach().cpu().numpy()
+                                            for t in (positions, numbers, edge_index, shifts)),
+                                          n if nlocal is None else int(nlocal))
+            return (torch.tensor(out["energy"], dtype=torch.float64), torch.from_numpy(out["node_energy"]),
+                    torch.from_numpy(out["forces"]), torch.from_numpy(np.asarray(out["virial"]).reshape(3, 3)))
         with autograd_on():
             args = [normal(torch.as_tensor(positions).to(torch.float64)),
                     normal(torch.as_tensor(numbers, dtype=torch.long)), normal(torch.as_tensor(edge_index)),
@@ -190,6 +210,13 @@ class ExportedModel:
         self.check_species(graph.numbers)
         nstruct = graph.cell.shape[0]
         shifts = self._edge_shifts(graph)
+        if self.core is not None and (nstruct == 1 or not virials):  # the compiled forward: one call
+            energy, node_energy, forces, virial = self.evaluate(graph.positions, graph.numbers, graph.edge_index,
+                                                                shifts)
+            if nstruct == 1:
+                return energy.reshape(1), node_energy, forces, virial.unsqueeze(0)
+            energy = torch.zeros(nstruct, dtype=torch.float64).index_add(0, graph.batch, node_energy)
+            return energy, node_energy, forces, None
         if hasattr(self.module, "batched"):
             with autograd_on():
                 args = [normal(t) for t in (graph.positions.double(), graph.numbers, graph.edge_index, shifts,

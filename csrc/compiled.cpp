@@ -145,22 +145,41 @@ CompiledForward::CompiledForward(const std::string& path, const std::string& met
             this_torch() + " (export again with --compiled)";
     return;
   }
+  const json::Value* halo = entry->get("halo");  // null: a student without layer-wise methods
+  std::map<std::string, std::string> halo_records;
+  if (halo != nullptr && halo->type != json::Value::Null) {
+    if (halo->type != json::Value::Object) throw Error(path + ": exported model metadata 'compiled' lacks a valid 'halo'");
+    for (const auto& program : halo->object) halo_records[program.first] = string_field(*halo, program.first, path);
+  }
   try {
     serial_ = load_record(path, serial);
     threaded_ = load_record(path, threaded);
+    for (const auto& program : halo_records) halo_[program.first] = load_record(path, program.second);
   } catch (const std::exception& err) {
     serial_.reset();
     threaded_.reset();
+    halo_.clear();
     std::string what = err.what();
     note_ = "TorchScript forward: the compiled one did not load (" + what.substr(0, what.find('\n')) + ")";
     return;
   }
   note_ = "compiled forward (AOTInductor, " + march + "; " +
           (choice_ == "auto" ? std::string("single-thread build below 4 threads, multi-thread build from 4")
-                             : "the " + choice_ + " build, HESSFORGE_COMPILED") + ")";
+                             : "the " + choice_ + " build, HESSFORGE_COMPILED") +
+          (halo_.empty() ? "" : "; halo mode's layers too") + ")";
 }
 
 CompiledForward::~CompiledForward() = default;
+
+std::vector<at::Tensor> CompiledForward::run_halo(const std::string& program,
+                                                  const std::vector<at::Tensor>& inputs) const {
+  const auto found = halo_.find(program);
+  if (found == halo_.end())
+    throw Error("the compiled halo program '" + program + "' is not in the file (a damaged or edited model file?)");
+  std::vector<at::Tensor> contiguous;  // the programs index their inputs as dense arrays
+  for (const at::Tensor& t : inputs) contiguous.push_back(t.contiguous());
+  return found->second->run(contiguous);
+}
 
 std::vector<at::Tensor> CompiledForward::run(const std::vector<at::Tensor>& inputs) const {
   // engine/aoti.py: Inductor's multi-thread kernels add with atomics: 2.3x the single-thread build on one thread,

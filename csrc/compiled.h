@@ -4,6 +4,7 @@
 
 #include <ATen/Tensor.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,8 +35,14 @@ class CompiledForward {
   // edge_index, shifts, nlocal [] int64); the build for the current thread count.
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) const;
 
+  // The layer-wise halo programs (engine/aoti.py HALO_INTERFACE: edges, layer<k>, readout and their _vjp), single-
+  // thread build; absent in files of students without halo methods.
+  bool has_halo() const { return !halo_.empty(); }
+  std::vector<at::Tensor> run_halo(const std::string& program, const std::vector<at::Tensor>& inputs) const;
+
  private:
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> serial_, threaded_;
+  std::map<std::string, std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> halo_;
   std::string note_;
   std::string choice_;  // HESSFORGE_COMPILED: "auto", "serial" or "threaded"
   int64_t min_atoms_ = 2, min_edges_ = 2;

@@ -370,6 +370,123 @@ void OwnerExchange::reverse(double* rows, int64_t width) {
   }
 }
 
+namespace {
+
+// The model calls of layer-wise halo exchange and their gradients, seed by seed (retain: more seeds follow):
+// TorchScript methods with autograd graphs kept between the calls, or the compiled programs (explicit
+// vector-Jacobian products that recompute their forward). compute_halo runs the same algorithm over either.
+class HaloOps {
+ public:
+  virtual ~HaloOps() = default;
+  virtual std::vector<torch::Tensor> edges(const torch::Tensor& vec) = 0;  // unit [E,3], rbf [E,K], fcut [E]
+  virtual torch::Tensor layer(int k, const torch::Tensor& state) = 0;      // [nlocal, W]
+  // (atomic energies [nlocal] f64, direct forces [nlocal, 3] f64 or [0, 3]) of the last layer's local states
+  virtual std::vector<torch::Tensor> readout(const torch::Tensor& last) = 0;
+  virtual torch::Tensor readout_grad(const torch::Tensor& g_energy, bool retain) = 0;  // d/d(last states)
+  // (d/d state_k, d/d unit, d/d rbf, d/d fcut) for a gradient of layer k's output
+  virtual std::vector<torch::Tensor> layer_grad(int k, const torch::Tensor& g_out, bool retain) = 0;
+  virtual torch::Tensor edges_grad(const std::vector<torch::Tensor>& g_features, bool retain) = 0;  // d/d vec
+};
+
+torch::Tensor defined_or_zeros(const torch::Tensor& g, const torch::Tensor& like) {
+  return g.defined() ? g : torch::zeros_like(like);
+}
+
+class ScriptedHalo : public HaloOps {
+ public:
+  ScriptedHalo(torch::jit::Module& module, bool direct, const torch::Tensor& z, const torch::Tensor& edge_index,
+               int64_t nlocal)
+      : module_(module), grad_(!direct), z_local_(z.narrow(0, 0, nlocal)), edge_index_(edge_index), nlocal_(nlocal) {}
+
+  std::vector<torch::Tensor> edges(const torch::Tensor& vec) override {
+    vec_ = vec.detach().requires_grad_(grad_);  // a leaf: forces are d/d(edge vectors)
+    edge_out_.clear();
+    edge_in_.clear();
+    const auto features = module_.get_method("halo_edges")({vec_}).toTuple();  // held: elements() refers into it
+    for (const auto& f : features->elements()) {
+      edge_out_.push_back(f.toTensor());
+      edge_in_.push_back(f.toTensor().detach().requires_grad_(grad_));  // detached leaves the layers read
+    }
+    return edge_in_;
+  }
+  // each layer on a detached input, so that its backward stops at the exchange
+  torch::Tensor layer(int k, const torch::Tensor& state) override {
+    layer_in_.push_back(state.detach().requires_grad_(grad_));
+    layer_out_.push_back(module_.get_method("halo_layer")(
+        {k, layer_in_.back(), edge_index_, edge_in_[0], edge_in_[1], edge_in_[2], nlocal_}).toTensor());
+    return layer_out_.back();
+  }
+  std::vector<torch::Tensor> readout(const torch::Tensor& last) override {
+    last_ = last.detach().requires_grad_(grad_);
+    const auto out = module_.get_method("halo_readout")({z_local_, last_}).toTuple();
+    energy_ = out->elements()[0].toTensor().to(torch::kFloat64);
+    return {energy_, out->elements()[1].toTensor()};
+  }
+  torch::Tensor readout_grad(const torch::Tensor& g_energy, bool retain) override {
+    return defined_or_zeros(torch::autograd::grad({energy_}, {last_}, {g_energy}, retain, false, true)[0], last_);
+  }
+  std::vector<torch::Tensor> layer_grad(int k, const torch::Tensor& g_out, bool retain) override {
+    auto grads = torch::autograd::grad({layer_out_[k]}, {layer_in_[k], edge_in_[0], edge_in_[1], edge_in_[2]},
+                                       {g_out}, retain, false, true);
+    grads[0] = defined_or_zeros(grads[0], layer_in_[k]);
+    for (int a = 0; a < 3; ++a) grads[a + 1] = defined_or_zeros(grads[a + 1], edge_in_[a]);
+    return grads;
+  }
+  torch::Tensor edges_grad(const std::vector<torch::Tensor>& g_features, bool retain) override {
+    return defined_or_zeros(torch::autograd::grad(edge_out_, {vec_}, g_features, retain, false, true)[0], vec_);
+  }
+
+ private:
+  torch::jit::Module& module_;
+  bool grad_;
+  torch::Tensor z_local_, edge_index_, vec_, last_, energy_;
+  int64_t nlocal_;
+  std::vector<torch::Tensor> edge_out_, edge_in_, layer_in_, layer_out_;
+};
+
+class CompiledHalo : public HaloOps {
+ public:
+  CompiledHalo(const CompiledForward& compiled, torch::Dtype dtype, const torch::Tensor& z,
+               const torch::Tensor& edge_index, int64_t nlocal)
+      : compiled_(compiled), z_local_(z.narrow(0, 0, nlocal)), edge_index_(edge_index),
+        marker_(torch::empty({nlocal, 0}, torch::TensorOptions().dtype(dtype))) {}
+
+  std::vector<torch::Tensor> edges(const torch::Tensor& vec) override {
+    vec_ = vec;
+    features_ = compiled_.run_halo("edges", {vec_});
+    return features_;
+  }
+  torch::Tensor layer(int k, const torch::Tensor& state) override {
+    states_.push_back(state);
+    return compiled_.run_halo("layer" + std::to_string(k), layer_inputs(k))[0];
+  }
+  std::vector<torch::Tensor> readout(const torch::Tensor& last) override {
+    last_ = last;
+    return compiled_.run_halo("readout", {z_local_, last_});
+  }
+  torch::Tensor readout_grad(const torch::Tensor& g_energy, bool) override {
+    return compiled_.run_halo("readout_vjp", {z_local_, last_, g_energy})[0];
+  }
+  std::vector<torch::Tensor> layer_grad(int k, const torch::Tensor& g_out, bool) override {
+    std::vector<torch::Tensor> inputs = layer_inputs(k);
+    inputs.push_back(g_out);
+    return compiled_.run_halo("layer" + std::to_string(k) + "_vjp", inputs);
+  }
+  torch::Tensor edges_grad(const std::vector<torch::Tensor>& g_features, bool) override {
+    return compiled_.run_halo("edges_vjp", {vec_, g_features[0], g_features[1], g_features[2]})[0];
+  }
+
+ private:
+  std::vector<torch::Tensor> layer_inputs(int k) const {
+    return {states_[k], edge_index_, features_[0], features_[1], features_[2], marker_};
+  }
+  const CompiledForward& compiled_;
+  torch::Tensor z_local_, edge_index_, marker_, vec_, last_;
+  std::vector<torch::Tensor> features_, states_;
+};
+
+}  // namespace
+
 void Model::compute_halo(const double* positions, const int64_t* numbers, int64_t n, int64_t nlocal,
                          const int64_t* receivers, const int64_t* senders, int64_t num_edges,
                          HaloExchange& exchange, Result& out, AtomVirial atom_virial) const {
@@ -411,69 +528,62 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     for (int k = 0; k + 1 < layers && !direct; ++k) exchange.reverse(rows.data_ptr<double>(), seeds * width);
     return;
   }
+  // the compiled programs where the file has them and the sizes are ones they were traced for (>= 2)
+  std::unique_ptr<HaloOps> ops;
+  if (impl_->compiled->has_halo() && n >= 2 && nlocal >= 2 && num_edges >= 2)
+    ops = std::make_unique<CompiledHalo>(*impl_->compiled, dtype, z, edge_index, nlocal);
+  else
+    ops = std::make_unique<ScriptedHalo>(module, direct, z, edge_index, nlocal);
   try {
-    // edge vectors in float64 (large coordinates), then the model dtype; a leaf: forces are d/d(edge vectors)
+    // edge vectors in float64 (large coordinates), then the model dtype
     const torch::Tensor vec64 = pos.index_select(0, send) - pos.index_select(0, recv);
-    torch::Tensor vec = vec64.to(dtype).detach().requires_grad_(!direct);
-    auto features = module.get_method("halo_edges")({vec}).toTuple()->elements();
-    std::vector<torch::Tensor> edge_out, edge_in;  // the features, and detached leaves the layers read
-    for (const auto& f : features) {
-      edge_out.push_back(f.toTensor());
-      edge_in.push_back(f.toTensor().detach().requires_grad_(!direct));
-    }
+    const torch::Tensor vec = vec64.to(dtype);
+    const std::vector<torch::Tensor> features = ops->edges(vec);
     torch::Tensor state = module.get_method("halo_embed")({z}).toTensor();
     if (state.dim() != 2 || state.size(0) != n || state.size(1) != width)
       throw Error(path + ": the model's node states do not match its metadata's halo_width (a damaged or edited "
                   "model file?); export it again");
-    // Each layer on detached inputs, so that its backward can stop at the exchange: the gradient of a ghost's
-    // state belongs to its owner (exchange.reverse), possibly on another process.
-    std::vector<torch::Tensor> layer_in, layer_out;
+    // Each layer's backward stops at the exchange: the gradient of a ghost's state belongs to its owner
+    // (exchange.reverse), possibly on another process.
+    torch::Tensor last;
     for (int k = 0; k < layers; ++k) {
-      layer_in.push_back(state.detach().requires_grad_(!direct));
-      layer_out.push_back(module.get_method("halo_layer")(
-          {k, layer_in.back(), edge_index, edge_in[0], edge_in[1], edge_in[2], nlocal}).toTensor());
+      last = ops->layer(k, state);
       if (k + 1 == layers) break;
-      rows.narrow(0, 0, nlocal).copy_(layer_out.back().detach());
+      rows.narrow(0, 0, nlocal).copy_(last.detach());
       exchange.forward(rows.data_ptr<double>(), width);
       state = rows.to(dtype, /*non_blocking=*/false, /*copy=*/true);
     }
-    torch::Tensor last = layer_out.back().detach().requires_grad_(!direct);  // [nlocal, W]
-    auto readout = module.get_method("halo_readout")({z.narrow(0, 0, nlocal), last}).toTuple()->elements();
-    const torch::Tensor local_energy = readout[0].toTensor().to(torch::kFloat64);
+    auto readout = ops->readout(last.detach());  // [nlocal, W] -> energies
+    const torch::Tensor local_energy = readout[0].to(torch::kFloat64);
     out.energy = local_energy.sum().item<double>();
     std::memcpy(out.node_energy.data(), local_energy.contiguous().data_ptr<double>(), sizeof(double) * nlocal);
     if (direct) {
-      const torch::Tensor f = readout[1].toTensor().to(torch::kFloat64).contiguous();
+      const torch::Tensor f = readout[1].to(torch::kFloat64).contiguous();
       std::memcpy(out.forces.data(), f.data_ptr<double>(), sizeof(double) * 3 * nlocal);
       check_finite(out, path);
       return;
     }
     // backward, last layer first
-    auto gradient = [](const torch::Tensor& g, const torch::Tensor& like) {
-      return g.defined() ? g : torch::zeros_like(like);
-    };
     // positions relative to the local atoms' centroid (the moments' origin; any origin gives the same W_j, but
     // float32 models keep more digits near it)
     const torch::Tensor centred = pos - pos.narrow(0, 0, nlocal).mean(0);
     const torch::Tensor local_centred = centred.narrow(0, 0, nlocal);  // float64, as the positions
-    // d E_s / d (local states after the last layer), s = 0 (energy) and 1..3 (moments)
+    // d E_s / d (local states after the last layer), s = 0 (energy) and 1..3 (moments E_a = sum_i (x_i - c)_a U_i)
     std::vector<torch::Tensor> g_out;
     for (int seed = 0; seed < seeds; ++seed) {
-      const torch::Tensor e = seed == 0 ? local_energy.sum() : (local_energy * local_centred.select(1, seed - 1)).sum();
-      g_out.push_back(gradient(torch::autograd::grad({e}, {last}, {}, seed + 1 < seeds, false, true)[0], last));
+      const torch::Tensor g_energy = seed == 0 ? torch::ones({nlocal}, f64) : local_centred.select(1, seed - 1);
+      g_out.push_back(ops->readout_grad(g_energy.contiguous(), seed + 1 < seeds));
     }
     std::vector<std::vector<torch::Tensor>> g_edges(seeds);
     for (auto& per_seed : g_edges)
-      for (const auto& leaf : edge_in) per_seed.push_back(torch::zeros_like(leaf));
+      for (const auto& feature : features) per_seed.push_back(torch::zeros_like(feature));
     torch::Tensor seed_rows = seeds == 1 ? rows : torch::zeros({n, seeds * width}, f64);
     for (int k = layers - 1; k >= 0; --k) {
       std::vector<torch::Tensor> g_in;
       for (int seed = 0; seed < seeds; ++seed) {
-        auto grads = torch::autograd::grad({layer_out[k]}, {layer_in[k], edge_in[0], edge_in[1], edge_in[2]},
-                                           {g_out[seed]}, seed + 1 < seeds, false, true);
-        for (int a = 0; a < 3; ++a)
-          if (grads[a + 1].defined()) g_edges[seed][a] += grads[a + 1];
-        g_in.push_back(gradient(grads[0], layer_in[k]));
+        auto grads = ops->layer_grad(k, g_out[seed], seed + 1 < seeds);
+        for (int a = 0; a < 3; ++a) g_edges[seed][a] += grads[a + 1];
+        g_in.push_back(grads[0]);
       }
       if (k == 0) break;  // the first layer's input (the embedding) does not depend on positions
       // A ghost state's gradients go to its owner (exchange.reverse), whose position may differ by a periodic
@@ -495,8 +605,7 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     std::vector<torch::Tensor> g_vec;
     for (int seed = 0; seed < seeds; ++seed)
       g_vec.push_back(num_edges == 0 ? torch::zeros({num_edges, 3}, f64)
-                      : gradient(torch::autograd::grad(edge_out, {vec}, g_edges[seed], seed + 1 < seeds, false,
-                                                       true)[0], vec).to(torch::kFloat64));
+                                     : ops->edges_grad(g_edges[seed], seed + 1 < seeds).to(torch::kFloat64));
     const torch::Tensor forces =
         torch::zeros({n, 3}, f64).index_add(0, recv, g_vec[0]).index_add(0, send, -g_vec[0]);
     std::memcpy(out.forces.data(), forces.contiguous().data_ptr<double>(), sizeof(double) * 3 * n);

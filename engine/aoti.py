@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from engine.errors import HessforgeError
+from engine.export import halo_width
 
 # Two builds, records extra/<name> of the exported archive. Inductor's multi-thread kernels add into shared
 # outputs (the per-edge scatters) with atomic adds: on the quickstart PaiNN, 1000 atoms, float32, the C++ core's
@@ -76,11 +77,32 @@ def example_graph(species, cutoff: float) -> Tuple[torch.Tensor, ...]:
     return positions, numbers, edge_index, shifts, torch.tensor(5, dtype=torch.long)
 
 
-def compile_forward(wrapper: nn.Module) -> Tuple[Dict[str, bytes], Dict[str, Any]]:
-    """AOTInductor packages of an ExportWrapper's forward on the CPU ({record name: bytes}, both variants) and
-    its metadata entry."""
-    from torch.export import Dim, export
+def _trace(fn, example, dynamic) -> Any:
+    """fn (which may call torch.autograd.grad) as one exported program of plain operations, symbolic sizes."""
+    from torch.export import export
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.enable_grad():  # gradients by autograd, traced (the parameters do not require gradients)
+        traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+        return export(traced, example, dynamic_shapes=dynamic, strict=False)
+
+
+def _package(program, options: Dict[str, Any], level: str, model: nn.Module, tmp: str, name: str) -> bytes:
+    path = os.path.join(tmp, name)
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=path,
+                                                 inductor_configs=dict(options, **{"cpp.march": level}))
+    except Exception as err:  # a compiler problem: one line, not Inductor's page of build log
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HessforgeError(f"AOTInductor could not compile {type(model).__name__}: {first}") from None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def compile_forward(wrapper: nn.Module) -> Tuple[Dict[str, bytes], Dict[str, Any]]:
+    """AOTInductor packages of an ExportWrapper's forward on the CPU ({record name: bytes}: both builds, and the
+    layer-wise halo programs where the student has them) and its metadata entry."""
+    from torch.export import Dim
 
     level, isa, features = target_level()
     model = wrapper.model
@@ -93,25 +115,99 @@ def compile_forward(wrapper: nn.Module) -> Tuple[Dict[str, bytes], Dict[str, Any
 
     example = example_graph(model.species, float(model.cutoff))
     atoms, edges = Dim("atoms", min=MIN_ATOMS), Dim("edges", min=MIN_EDGES)
-    dynamic = ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, None)
-    with torch.enable_grad():  # forces by autograd, traced (the parameters do not require gradients)
-        # one graph with the backward's operations in it (the weights as constants)
-        traced = make_fx(forward, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-        program = export(traced, example, dynamic_shapes=dynamic, strict=False)
+    program = _trace(forward, example, ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, None))
     packages: Dict[str, bytes] = {}
     with tempfile.TemporaryDirectory(prefix="hessforge-aoti-") as tmp:
         for variant, name in PACKAGES.items():
-            path = os.path.join(tmp, name)
-            try:
-                options = dict(_VARIANTS[variant], **{"cpp.march": level})
-                torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=options)
-            except Exception as err:  # a compiler problem: one line, not Inductor's page of build log
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise HessforgeError(f"AOTInductor could not compile {type(model).__name__}: {first}") from None
-            with open(path, "rb") as f:
-                packages[name] = f.read()
+            packages[name] = _package(program, _VARIANTS[variant], level, model, tmp, name)
+        halo = None
+        if halo_width(model):
+            halo = {}
+            for program_name, program in halo_programs(wrapper).items():
+                halo[program_name] = f"halo_{program_name}.pt2"
+                packages[halo[program_name]] = _package(program, _VARIANTS["serial"], level, model, tmp,
+                                                        halo[program_name])
     info = {"packages": dict(PACKAGES), "march": level, "vector_isa": isa, "cpu_features": features,
-            "torch_version": torch.__version__, "min_atoms": MIN_ATOMS, "min_edges": MIN_EDGES,
+            "torch_version": torch.__version__, "min_atoms": MIN_ATOMS, "min_edges": MIN_EDGES, "halo": halo,
             "interface": "(positions[N,3] f64, numbers[N] i64, edge_index[2,E] i64, shifts[E,3] f64, nlocal[] i64) "
-                         "-> forward's outputs"}
+                         "-> forward's outputs; halo: HALO_INTERFACE of engine/aoti.py"}
     return packages, info
+
+
+# Layer-wise halo exchange (LAMMPS mode halo, Model::compute_halo) in compiled programs, single-thread build only
+# (several MPI ranks with one thread each is how it runs). The C++ core calls them between its exchanges and runs
+# the backward pass itself, layer by layer: each *_vjp program recomputes its forward and returns the input
+# gradients for a given output gradient (a vector-Jacobian product), so no autograd graph crosses a program.
+# The local atom count nlocal is the size of `marker` (an [nlocal, 0] tensor), so it stays a symbolic size.
+HALO_INTERFACE = """edges(vec[E,3]) -> (unit[E,3], rbf[E,K], fcut[E]);
+edges_vjp(vec, g_unit, g_rbf, g_fcut) -> g_vec[E,3];
+layer<k>(state[N,W], edge_index[2,E] i64, unit, rbf, fcut, marker[nlocal,0]) -> state'[nlocal,W];
+layer<k>_vjp(state, edge_index, unit, rbf, fcut, marker, g_state'[nlocal,W]) -> (g_state[N,W], g_unit, g_rbf, g_fcut);
+readout(numbers[n] i64, state[n,W]) -> (energy[n] f64, forces[n,3] f64 (direct) or [0,3]);
+readout_vjp(numbers, state, g_energy[n] f64) -> g_state[n,W] (gradient-force models)
+(model dtype but where f64 is named; sizes >= 2)"""
+
+
+def halo_programs(wrapper: nn.Module) -> Dict[str, Any]:
+    """The exported programs of HALO_INTERFACE for an ExportWrapper whose student runs layer by layer."""
+    from torch.export import Dim
+
+    model = wrapper.model
+    dtype = wrapper.identity_cell.dtype
+    direct = wrapper.direct_forces
+    gen = torch.Generator().manual_seed(0)
+    n, nlocal, e = 9, 5, 23  # distinct, >= 2: no size specialised
+    width = int(halo_width(model))
+    numbers = torch.tensor([int(model.species[k % len(model.species)]) for k in range(n)], dtype=torch.long)
+    vec = (torch.randn(e, 3, generator=gen, dtype=torch.float64) * float(model.cutoff) / 3).to(dtype)
+    with torch.no_grad():
+        unit, rbf, fcut = wrapper.halo_edges(vec)
+    edge_index = torch.stack([torch.randint(0, nlocal, (e,), generator=gen), torch.randint(0, n, (e,), generator=gen)])
+    state = torch.randn(n, width, generator=gen, dtype=torch.float64).to(dtype)
+    marker = torch.empty(nlocal, 0, dtype=dtype)
+    atoms, edges, local = Dim("atoms", min=2), Dim("edges", min=2), Dim("local", min=2)
+    edge_dims = ({0: edges}, {0: edges}, {0: edges})
+
+    def leaves(*tensors):
+        return [t.detach().requires_grad_(True) for t in tensors]
+
+    def grads(outputs, inputs, seeds):
+        found = torch.autograd.grad(outputs, inputs, seeds, allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(found, inputs))
+
+    def edges_vjp(vec, g_unit, g_rbf, g_fcut):
+        (x,) = leaves(vec)
+        return grads(list(wrapper.halo_edges(x)), [x], [g_unit, g_rbf, g_fcut])[0]
+
+    programs = {"edges": _trace(lambda v: wrapper.halo_edges(v), (vec,), ({0: edges},)),
+                "readout": _trace(lambda z, s: wrapper.halo_readout(z, s), (numbers, state),
+                                  ({0: atoms}, {0: atoms}))}
+    if not direct:
+        programs["edges_vjp"] = _trace(edges_vjp, (vec, unit, rbf, fcut), ({0: edges},) + edge_dims)
+
+        def readout_vjp(z, s, g_energy):
+            (x,) = leaves(s)
+            return grads([wrapper.halo_readout(z, x)[0]], [x], [g_energy])[0]
+
+        g_energy = torch.randn(n, generator=gen, dtype=torch.float64)
+        programs["readout_vjp"] = _trace(readout_vjp, (numbers, state, g_energy), ({0: atoms}, {0: atoms}, {0: atoms}))
+    layer_dims = ({0: atoms}, {1: edges}) + edge_dims + ({0: local},)
+    def layer_programs(k: int):
+        def layer(s, ei, u, r, f, m):
+            return wrapper.halo_layer(k, s, ei, u, r, f, m.shape[0])
+
+        def layer_vjp(s, ei, u, r, f, m, g_out):
+            xs = leaves(s, u, r, f)
+            out = wrapper.halo_layer(k, xs[0], ei, xs[1], xs[2], xs[3], m.shape[0])
+            return grads([out], xs, [g_out])
+
+        return layer, layer_vjp
+
+    for k in range(int(model.num_layers)):
+        layer, layer_vjp = layer_programs(k)
+        args = (state, edge_index, unit, rbf, fcut, marker)
+        programs[f"layer{k}"] = _trace(layer, args, layer_dims)
+        if not direct:
+            g_out = torch.randn(nlocal, width, generator=gen, dtype=torch.float64).to(dtype)
+            programs[f"layer{k}_vjp"] = _trace(layer_vjp, args + (g_out,), layer_dims + ({0: local},))
+    return programs

@@ -94,7 +94,11 @@ def test_metadata_names_the_build(compiled_files):
     assert entry["march"] in ("x86-64-v3", "x86-64-v4") and entry["torch_version"] == torch.__version__
     with zipfile.ZipFile(path) as archive:
         records = {name.split("/extra/")[-1] for name in archive.namelist() if "/extra/" in name}
-    assert records == {METADATA_NAME, *entry["packages"].values()}
+    assert records == {METADATA_NAME, *entry["packages"].values(), *entry["halo"].values()}
+    assert sorted(entry["halo"]) == ["edges", "edges_vjp", "layer0", "layer0_vjp", "layer1", "layer1_vjp", "readout",
+                                     "readout_vjp"]
+    assert sorted(read_metadata(compiled_files["direct"][0])["compiled"]["halo"]) == ["edges", "layer0", "layer1",
+                                                                                       "readout"]
     core = load_core(path)
     assert core.compiled and entry["march"] in core.compiled_note
 
@@ -128,12 +132,15 @@ def test_compiled_forward_matches_student_and_torchscript(compiled_files, rng, m
 
 
 def test_compiled_forward_runs_and_small_graphs_fall_back(compiled_files, rng, tmp_path):
-    """The gradient file with the direct file's compiled builds put in: graphs of >= 2 atoms and 2 edges give
+    """The gradient file with the direct file's compiled forward builds put in: graphs of >= 2 atoms and 2 edges give
     the direct model's numbers (so the compiled forward is what ran), smaller ones the file's own TorchScript
     numbers; per-atom virials always come from TorchScript."""
     path, model, _ = compiled_files["gradient"]
     direct_path, direct_model, direct_meta = compiled_files["direct"]
-    swapped = resaved(path, str(tmp_path / "swapped.pt"), read_metadata(path), extra_records(direct_path))
+    forward_builds = set(direct_meta["compiled"]["packages"].values())
+    records = dict(extra_records(path), **{name: data for name, data in extra_records(direct_path).items()
+                                           if name in forward_builds})
+    swapped = resaved(path, str(tmp_path / "swapped.pt"), read_metadata(path), records)
     core = load_core(swapped)
     assert core.compiled
     graph = random_graph(rng, 12)
@@ -160,6 +167,29 @@ def test_compute_with_own_cell_list_uses_it(compiled_files, rng, monkeypatch):
         assert rel(out["virial"], ref["virial"]) < 1e-10, name
         graph = graph_from_atoms([atoms], CUTOFF, torch.float64)
         assert rel(out["energy"], model(graph)["energy"].item()) < 1e-10, name
+
+
+@pytest.mark.parametrize("variant", ["gradient", "direct"])
+def test_compiled_halo_layers_match_torchscript(compiled_files, rng, monkeypatch, variant):
+    """Model::compute_halo (LAMMPS mode halo) through the compiled layer programs and their vector-Jacobian
+    products: = the same file's TorchScript methods and the periodic Python engine, with split and exact per-atom
+    virials (float64 gradient model: 1e-10; float32 direct: 1e-5)."""
+    from test_halo import fold, halo_inputs, reference
+
+    path, model, _ = compiled_files[variant]
+    core, scripted = load_core(path), scripted_only(path, monkeypatch)
+    assert "halo mode's layers too" in core.compiled_note
+    tol = 1e-10 if variant == "gradient" else 1e-5
+    kinds = ["", "split", "exact"] if variant == "gradient" else [""]
+    for name, atoms in structures(rng).items():
+        positions, numbers, nlocal, edge_index, owner = inputs = halo_inputs(atoms, rng)
+        ref = reference(model.double(), atoms)
+        for kind in kinds:
+            out, plain = core.compute_halo(*inputs, atom_virial=kind), scripted.compute_halo(*inputs, atom_virial=kind)
+            for key in ["energy", "forces", "virial"] + (["atom_virial"] if kind else []):
+                assert rel(out[key], plain[key]) < tol, (name, kind, key)
+            assert rel(out["energy"], ref["energy"]) < tol, name
+            assert rel(fold(out["forces"], nlocal, owner), ref["forces"]) < tol, name
 
 
 def extra_records(path):

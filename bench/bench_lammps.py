@@ -203,8 +203,9 @@ thermo 1
 
 @pytest.mark.parametrize("student,mode", [("quickstart", "fold"), ("compiled", "fold"), ("tiny", "fold"),
                                           ("quickstart", "fold@2"), ("compiled", "fold@2"), ("quickstart", "ghost"),
-                                          ("compiled", "ghost"), ("quickstart", "halo"), ("tiny", "halo"),
-                                          ("quickstart", "halo+heatflux"), ("quickstart", "fold+heatflux"),
+                                          ("compiled", "ghost"), ("quickstart", "halo"), ("compiled", "halo"),
+                                          ("tiny", "halo"), ("quickstart", "halo+heatflux"),
+                                          ("compiled", "halo+heatflux"), ("quickstart", "fold+heatflux"),
                                           ("quickstart", "ghost+heatflux")])
 def test_lammps_step(benchmark, setup, student, mode):
     """One MD step; fold+heatflux also computes the heat flux every step (per-atom virials, as for Green-Kubo);
@@ -240,8 +241,9 @@ thermo 0
 MPI_STEPS = 5
 
 
-@pytest.mark.parametrize("mode", ["halo", "ghost"])
-def test_lammps_mpi(benchmark, setup, mode):
+@pytest.mark.parametrize("student,mode", [("quickstart", "halo"), ("compiled", "halo"), ("quickstart", "ghost"),
+                                          ("compiled", "ghost")])
+def test_lammps_mpi(benchmark, setup, student, mode):
     """MPI_STEPS velocity-Verlet steps on 2 MPI ranks (one thread each), `lmp` under the mpich wheel's mpirun."""
     import re
     import subprocess
@@ -252,14 +254,14 @@ def test_lammps_mpi(benchmark, setup, mode):
     if not (os.path.isfile(lmp) and os.path.isfile(mpirun) and os.path.isfile(PLUGIN)):
         pytest.skip("lmp, mpirun or the plugin missing")
     workdir = os.path.dirname(setup["data"])
-    with open(os.path.join(workdir, f"in.{mode}"), "w") as fh:
+    with open(os.path.join(workdir, f"in.{student}-{mode}"), "w") as fh:
         fh.write(f"""units metal
 atom_style atomic
 newton on
 read_data {setup['data']}
 plugin load {PLUGIN}
 pair_style hessforge mode {mode} threads 1
-pair_coeff * * {setup['paths']['quickstart']} H C O
+pair_coeff * * {setup['paths'][student]} H C O
 velocity all create 300.0 4928 loop geom
 fix nve all nve
 timestep 0.0005
@@ -272,7 +274,7 @@ run {MPI_STEPS}
     outputs = []
 
     def run():
-        proc = subprocess.run([mpirun, "-np", "2", lmp, "-in", f"in.{mode}", "-log", "none", "-nocite"],
+        proc = subprocess.run([mpirun, "-np", "2", lmp, "-in", f"in.{student}-{mode}", "-log", "none", "-nocite"],
                               cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         outputs.append(proc.stdout)
@@ -282,7 +284,7 @@ run {MPI_STEPS}
     seconds, steps = float(loops[-1][0]), int(loops[-1][1])
     per_step = seconds / steps
     ghosts = [float(g) for g in re.findall(r"Nghost:\s+([0-9.eE+-]+) ave", outputs[-1])]
-    benchmark.extra_info.update(dtype=DTYPE, atoms=N_ATOMS, mode=mode, ranks=2, steps=steps,
+    benchmark.extra_info.update(dtype=DTYPE, atoms=N_ATOMS, student=student, mode=mode, ranks=2, steps=steps,
                                 seconds_per_step=per_step, ns_per_day_at_1fs=ns_per_day(per_step),
                                 nghost_per_rank=ghosts[-1] if ghosts else None)
-    print(f"\n2 ranks, mode {mode}: {per_step:.3f} s per step ({ns_per_day(per_step):.4f} ns/day)")
+    print(f"\n2 ranks, {student}, mode {mode}: {per_step:.3f} s per step ({ns_per_day(per_step):.4f} ns/day)")

@@ -1,22 +1,25 @@
 """An exported model's forward compiled ahead of time by AOTInductor (`hessforge export --compiled`).
 
 TorchScript interprets the student op by op; Inductor fuses its elementwise work into C++ loops (a LAMMPS step
-of the quickstart PaiNN on 1000 atoms, float32, one thread: 0.19 s instead of 0.49 s). The compiled forward is the exported file's `forward`
-(energy, node energies, forces, virial on an explicit graph) with nlocal as a 0-d int64 tensor:
+of the quickstart PaiNN on 1000 atoms, float32, one thread: 0.19 s instead of 0.49 s). The compiled forward is
+the exported file's `forward` (energy, node energies, forces, virial on an explicit graph) with nlocal as a 0-d
+int64 tensor:
 
     compiled(positions [N, 3] f64, numbers [N] i64, edge_index [2, E] i64, shifts [E, 3] f64, nlocal [] i64)
       -> (energy [], node_energy [N], forces [N, 3], virial [3, 3]) f64
 
 Forces come from autograd, which AOTInductor cannot run: the whole forward-and-backward is traced first into
-one graph of plain operations (make_fx, symbolic sizes N and E), which is then exported and compiled. The
-packages (zips with a shared library holding the weights; a single-thread and a multi-thread build, PACKAGES)
-travel inside the TorchScript archive as extra records, so the file stays one file and the TorchScript methods stay the reference and the
-fallback: the C++ core uses the compiled forward only where it can (a CPU with the instruction set it was built
-for, the torch it was built with, N >= 2 atoms and E >= 2 edges, no per-atom virials) and says why not otherwise.
+one graph of plain operations (make_fx, symbolic sizes N and E), which is then exported and compiled. Students
+that run layer by layer (halo_width) also get the layer-wise halo exchange's programs (HALO_INTERFACE below),
+for LAMMPS mode halo. The packages (zips with a shared library holding the weights) travel inside the
+TorchScript archive as extra records, so the file stays one file and the TorchScript methods stay the reference
+and the fallback: the C++ core uses the compiled programs only where it can (a CPU with the instruction set they
+were built for, the torch they were built with, >= 2 atoms and edges; fold-mode per-atom virials stay on
+TorchScript) and says why not otherwise.
 
 Built for a named x86-64 level (x86-64-v3: AVX2, x86-64-v4: AVX-512), not `-march=native`, so a file exported
-on one machine runs on every machine of that level; the level is in the metadata ("compiled") and checked at
-load. Kernels take the thread count at run time (LAMMPS `threads N`, torch.set_num_threads).
+on one machine runs on machines of that level with the same extra features (cpu_features, checked at load).
+Kernels take the thread count at run time (LAMMPS `threads N`, torch.set_num_threads).
 """
 from __future__ import annotations
 

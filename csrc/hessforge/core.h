@@ -125,7 +125,8 @@ class Model {
   const std::string& path() const;
   bool knows(int z) const;  // is this atomic number in the model's species?
   // Is the AOTInductor-compiled forward (`hessforge export --compiled`) loaded? compute_graph then runs it
-  // instead of TorchScript where it can (no per-atom virials, >= 2 atoms and 2 edges); compute_halo does not.
+  // instead of TorchScript where it can (no per-atom virials, >= 2 atoms and 2 edges), and compute_halo its
+  // compiled layer programs (where the file has them; >= 2 atoms, local atoms and edges).
   bool compiled() const;
   // One line for logs: which forward runs, or why the compiled one does not (not in the file, this CPU lacks
   // its instructions, another torch, HESSFORGE_COMPILED=off).

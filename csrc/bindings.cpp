@@ -95,13 +95,19 @@ PYBIND11_MODULE(_core, m) {
       "Edges (edge_index [2, E], integer shifts [E, 3]) with r_ij = x_j - x_i + S @ cell, |r_ij| < cutoff.");
 
   m.def("atomic_number", &hessforge::atomic_number, "symbol"_a);
+  m.def("cpu_feature", &hessforge::cpu_feature, "feature"_a,
+        "1: this CPU has the x86 feature (GCC __builtin_cpu_supports name), 0: not, -1: unknown to the core");
   m.def("keep_freed_memory", &hessforge::keep_freed_memory,
         "glibc: large allocations from the heap, freed memory kept for reuse (process-wide, once)");
   m.def("set_jit_optimize", &hessforge::set_jit_optimize, "on"_a,
         "TorchScript profiling executor on/off (process-wide; the LAMMPS plugin runs with it off)");
 
   py::class_<hessforge::Model>(m, "Model")
-      .def(py::init<const std::string&, int>(), "path"_a, "num_threads"_a = 0)
+      .def(py::init([](const std::string& path, int num_threads) {
+             py::gil_scoped_release release;  // loading checks the compiled programs with autograd (no GIL)
+             return std::make_unique<hessforge::Model>(path, num_threads);
+           }),
+           "path"_a, "num_threads"_a = 0)
       .def_property_readonly("metadata_json", [](const hessforge::Model& self) { return self.metadata().json; })
       .def_property_readonly("cutoff", [](const hessforge::Model& self) { return self.metadata().cutoff; })
       .def_property_readonly("species", [](const hessforge::Model& self) { return self.metadata().species; })

@@ -9,7 +9,11 @@
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
+#include <map>
+#include <mutex>
 #include <sstream>
+#include <string_view>
 
 #include "hessforge/core.h"
 #include "json_lite.h"
@@ -18,26 +22,7 @@ namespace hessforge {
 
 namespace {
 
-// __builtin_cpu_supports takes a literal: the features Inductor's x86 builds name (engine/aoti.py records them).
-bool cpu_supports(const std::string& feature) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (feature == "x86-64-v3") return __builtin_cpu_supports("x86-64-v3");
-  if (feature == "x86-64-v4") return __builtin_cpu_supports("x86-64-v4");
-  if (feature == "avx2") return __builtin_cpu_supports("avx2");
-  if (feature == "fma") return __builtin_cpu_supports("fma");
-  if (feature == "f16c") return __builtin_cpu_supports("f16c");
-  if (feature == "avx512f") return __builtin_cpu_supports("avx512f");
-  if (feature == "avx512dq") return __builtin_cpu_supports("avx512dq");
-  if (feature == "avx512vl") return __builtin_cpu_supports("avx512vl");
-  if (feature == "avx512bw") return __builtin_cpu_supports("avx512bw");
-  if (feature == "avx512vnni") return __builtin_cpu_supports("avx512vnni");
-  if (feature == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
-  if (feature == "amx-tile") return __builtin_cpu_supports("amx-tile");
-#endif
-  (void)feature;
-  return false;  // a feature this core cannot ask about (or not x86-64): assume missing, run TorchScript
-}
+bool cpu_supports(const std::string& feature) { return cpu_feature(feature) == 1; }
 
 // "2.13.0+cpu" -> "2.13.0"
 std::string release(const std::string& version) { return version.substr(0, version.find('+')); }
@@ -67,18 +52,26 @@ const std::string& string_field(const json::Value& entry, const std::string& key
 }
 
 // An archive record (the package's bytes) in a private temporary file, which the loader unpacks; removed after.
-std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_record(const std::string& path,
+// Loaders are kept per content for the life of the process (see compiled.h).
+std::shared_ptr<torch::inductor::AOTIModelPackageLoader> load_record(const std::string& path,
                                                                      const std::string& record) {
   caffe2::serialize::PyTorchStreamReader reader(path);
   const std::string name = "extra/" + record;
   if (!reader.hasRecord(name)) throw Error("the record " + name + " is missing");
   auto data = reader.getRecord(name);
+  const char* bytes = static_cast<const char*>(std::get<0>(data).get());
+  const size_t size = std::get<1>(data);
+  static std::mutex mutex;
+  static std::map<std::string, std::shared_ptr<torch::inductor::AOTIModelPackageLoader>> loaded;
+  const std::string key = std::to_string(size) + ":" + std::to_string(std::hash<std::string_view>{}({bytes, size}));
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto found = loaded.find(key);
+  if (found != loaded.end()) return found->second;
   const char* dir = std::getenv("TMPDIR");
   std::string tmp = std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/hessforge-compiled-XXXXXX.pt2";
   const int fd = mkstemps(tmp.data(), 4);
   if (fd < 0) throw Error("cannot create a temporary file in " + tmp.substr(0, tmp.rfind('/')));
-  const char* bytes = static_cast<const char*>(std::get<0>(data).get());
-  size_t left = std::get<1>(data);
+  size_t left = size;
   bool written = true;
   while (left > 0 && written) {
     const ssize_t w = ::write(fd, bytes, left);
@@ -86,19 +79,45 @@ std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_record(const std::
     if (written) bytes += w, left -= static_cast<size_t>(w);
   }
   ::close(fd);
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   try {
     if (!written) throw Error("cannot write the temporary file " + tmp);
-    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(tmp);
+    loader = std::make_shared<torch::inductor::AOTIModelPackageLoader>(tmp);
   } catch (...) {
     std::remove(tmp.c_str());
     throw;
   }
   std::remove(tmp.c_str());
+  loaded[key] = loader;
   return loader;
 }
 
 }  // namespace
+
+int cpu_feature(const std::string& feature) {
+  // __builtin_cpu_supports takes a literal: the features Inductor's x86 builds name (engine/aoti.py records them)
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+#define HESSFORGE_FEATURE(name) \
+  if (feature == name) return __builtin_cpu_supports(name) ? 1 : 0;
+  HESSFORGE_FEATURE("x86-64-v3")
+  HESSFORGE_FEATURE("x86-64-v4")
+  HESSFORGE_FEATURE("avx2")
+  HESSFORGE_FEATURE("fma")
+  HESSFORGE_FEATURE("f16c")
+  HESSFORGE_FEATURE("avx512f")
+  HESSFORGE_FEATURE("avx512dq")
+  HESSFORGE_FEATURE("avx512vl")
+  HESSFORGE_FEATURE("avx512bw")
+  HESSFORGE_FEATURE("avx512vnni")
+  HESSFORGE_FEATURE("avx512bf16")
+  HESSFORGE_FEATURE("amx-tile")
+  HESSFORGE_FEATURE("amx-int8")
+  HESSFORGE_FEATURE("amx-bf16")
+#undef HESSFORGE_FEATURE
+#endif
+  return -1;  // a feature this core cannot ask about (or not x86-64): the compiled programs are not used
+}
 
 CompiledForward::CompiledForward(const std::string& path, const std::string& metadata_json) {
   const json::Value doc = json::parse(metadata_json);
@@ -166,7 +185,19 @@ CompiledForward::CompiledForward(const std::string& path, const std::string& met
   note_ = "compiled forward (AOTInductor, " + march + "; " +
           (choice_ == "auto" ? std::string("single-thread build below 4 threads, multi-thread build from 4")
                              : "the " + choice_ + " build, HESSFORGE_COMPILED") +
-          (halo_.empty() ? "" : "; halo mode's layers too") + ")";
+          (halo_.empty() ? "; halo mode runs TorchScript layers (none compiled in this file)"
+                         : "; halo mode's layers too") + ")";
+}
+
+void CompiledForward::disable(const std::string& note) {
+  serial_.reset();
+  threaded_.reset();
+  halo_.clear();
+  note_ = note;
+}
+
+std::vector<at::Tensor> CompiledForward::run_build(bool threaded, const std::vector<at::Tensor>& inputs) const {
+  return (threaded ? threaded_ : serial_)->run(inputs);
 }
 
 CompiledForward::~CompiledForward() = default;
@@ -185,8 +216,7 @@ std::vector<at::Tensor> CompiledForward::run(const std::vector<at::Tensor>& inpu
   // engine/aoti.py: Inductor's multi-thread kernels add with atomics: 2.3x the single-thread build on one thread,
   // 1.5x on two; their 1 -> 2 thread scaling (1.9x vs 1.2x) puts the crossover near 4 threads
   // (bench/results/lammps_cpu.md, "Compiled forward")
-  const bool threaded = choice_ == "threaded" || (choice_ == "auto" && at::get_num_threads() >= 4);
-  return (threaded ? threaded_ : serial_)->run(inputs);
+  return run_build(choice_ == "threaded" || (choice_ == "auto" && at::get_num_threads() >= 4), inputs);
 }
 
 }  // namespace hessforge

@@ -34,6 +34,10 @@ class CompiledForward {
   // forward's outputs (energy [], node_energy [N], forces [N, 3], virial [3, 3]) of (positions, numbers,
   // edge_index, shifts, nlocal [] int64); the build for the current thread count.
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) const;
+  // The given build, whatever the thread count (the load-time check of both builds).
+  std::vector<at::Tensor> run_build(bool threaded, const std::vector<at::Tensor>& inputs) const;
+  // Stop using the compiled programs (the TorchScript methods run); note says why.
+  void disable(const std::string& note);
 
   // The layer-wise halo programs (engine/aoti.py HALO_INTERFACE: edges, layer<k>, readout and their _vjp), single-
   // thread build; absent in files of students without halo methods.
@@ -41,8 +45,10 @@ class CompiledForward {
   std::vector<at::Tensor> run_halo(const std::string& program, const std::vector<at::Tensor>& inputs) const;
 
  private:
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> serial_, threaded_;
-  std::map<std::string, std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> halo_;
+  // shared between models loaded from the same bytes: a package's library cannot be unloaded (glibc keeps
+  // libraries with unique symbols), so each new load would grow the process by its size
+  std::shared_ptr<torch::inductor::AOTIModelPackageLoader> serial_, threaded_;
+  std::map<std::string, std::shared_ptr<torch::inductor::AOTIModelPackageLoader>> halo_;
   std::string note_;
   std::string choice_;  // HESSFORGE_COMPILED: "auto", "serial" or "threaded"
   int64_t min_atoms_ = 2, min_edges_ = 2;

@@ -33,12 +33,18 @@ std::string first_line(const std::string& text) {
 
 // The line that names the failure in a TorchScript interpreter error: its last non-empty line (the first one
 // only says "The following operation failed in the TorchScript interpreter." before a source traceback).
+// Backtrace lines (AOTInductor's errors end with them) are skipped.
 std::string failure_line(const std::string& text) {
-  const size_t end = text.find_last_not_of(" \n");
-  if (end == std::string::npos) return text;
-  const size_t newline = text.rfind('\n', end);
-  const size_t start = newline == std::string::npos ? 0 : newline + 1;
-  return text.substr(start, end + 1 - start);
+  std::istringstream lines(text);
+  std::string line, found;
+  while (std::getline(lines, line)) {
+    const size_t start = line.find_first_not_of(' ');
+    if (start == std::string::npos) continue;
+    const std::string trimmed = line.substr(start, line.find_last_not_of(' ') + 1 - start);
+    if (trimmed.rfind("frame #", 0) == 0 || trimmed.rfind("Exception raised from", 0) == 0) continue;
+    found = trimmed;
+  }
+  return found.empty() ? text : found;
 }
 
 void check_file(const std::string& path) {
@@ -239,6 +245,7 @@ struct Model::Impl {
   torch::Dtype dtype = torch::kFloat64;
   std::vector<bool> known = std::vector<bool>(119, false);
   std::unique_ptr<CompiledForward> compiled;  // export --compiled: forward without TorchScript where it can
+  bool use_compiled = true;                    // off while check_compiled computes the TorchScript reference
 };
 
 Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
@@ -259,7 +266,86 @@ Model::Model(const std::string& path, int num_threads) : impl_(new Impl) {
   impl_->dtype = impl_->meta.dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
   for (int z : impl_->meta.species) impl_->known[z] = true;
   impl_->compiled = std::make_unique<CompiledForward>(path, impl_->meta.json);
+  check_compiled();
   if (num_threads > 0) at::set_num_threads(num_threads);
+}
+
+void Model::check_compiled() {
+  CompiledForward& compiled = *impl_->compiled;
+  if (!compiled.loaded()) return;
+  // The compiled programs must be this file's model (records copied from another file, a damaged build or a
+  // miscompile would otherwise give finite wrong numbers): both builds and the halo programs against the
+  // TorchScript methods on a small graph, 7 atoms on a helix 1 Å apart cycling through the species, 5 local.
+  const Metadata& meta = impl_->meta;
+  const int64_t n = 7, nlocal = 5;
+  std::vector<double> positions(3 * n);
+  std::vector<int64_t> numbers(n);
+  for (int64_t k = 0; k < n; ++k) {
+    positions[3 * k] = 1.2 * std::cos(1.1 * k);
+    positions[3 * k + 1] = 1.2 * std::sin(1.1 * k);
+    positions[3 * k + 2] = 0.45 * k;
+    numbers[k] = meta.species[k % meta.species.size()];
+  }
+  std::vector<int64_t> receivers, senders, local_receivers, local_senders;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double d2 = 0.0;
+      for (int a = 0; a < 3; ++a) d2 += std::pow(positions[3 * j + a] - positions[3 * i + a], 2);
+      if (i == j || d2 >= meta.cutoff * meta.cutoff) continue;
+      receivers.push_back(i), senders.push_back(j);
+      if (i < nlocal) local_receivers.push_back(i), local_senders.push_back(j);
+    }
+  if (local_receivers.size() < 2) return;  // a cutoff below 1 Å: nothing to compare on
+  const double tol = meta.dtype == "float32" ? 1e-4 : 1e-8;
+  double worst = 0.0;  // largest relative difference of any output
+  auto compare = [&worst](const torch::Tensor& a, const torch::Tensor& b) {
+    const torch::Tensor x = a.to(torch::kFloat64), y = b.to(torch::kFloat64);
+    const double scale = y.numel() == 0 ? 1.0 : y.abs().max().item<double>() + 1e-6;
+    const double diff = x.numel() == 0 ? 0.0 : (x - y).abs().max().item<double>() / scale;
+    worst = std::max(worst, std::isfinite(diff) ? diff : INFINITY);
+  };
+  try {
+    c10::InferenceMode not_inference(false);
+    const GraphInputs in = graph_inputs(positions.data(), numbers.data(), n, receivers.data(), senders.data(),
+                                        static_cast<int64_t>(receivers.size()));
+    const torch::Tensor shifts = torch::zeros({in.edge_index.size(1), 3}, torch::kFloat64);
+    const std::vector<torch::Tensor> reference = scripted_forward(
+        impl_->module, meta.force_mode == "direct", in.positions, in.numbers, in.edge_index, shifts, nlocal,
+        AtomVirial::kNone);
+    for (bool threaded : {false, true}) {
+      torch::NoGradGuard no_grad;
+      const std::vector<torch::Tensor> got = compiled.run_build(
+          threaded, {in.positions, in.numbers, in.edge_index, shifts, torch::scalar_tensor(nlocal, torch::kLong)});
+      for (size_t k = 0; k < 4; ++k) compare(got.at(k), reference.at(k));
+    }
+    if (compiled.has_halo() && has_halo()) {  // the local atoms' edges, the other two atoms as ghosts of none
+      OwnerExchange none({0, 1}, nlocal);     // (ghosts 5, 6 copy atoms 0, 1: any owner serves a comparison)
+      const AtomVirial kind = has_atom_virial() ? AtomVirial::kExact : AtomVirial::kNone;
+      Result results[2];
+      for (int use : {0, 1}) {
+        impl_->use_compiled = use == 1;
+        compute_halo(positions.data(), numbers.data(), n, nlocal, local_receivers.data(), local_senders.data(),
+                     static_cast<int64_t>(local_receivers.size()), none, results[use], kind);
+      }
+      impl_->use_compiled = true;
+      auto tensor = [](const std::vector<double>& v) { return torch::tensor(v, torch::kFloat64); };
+      compare(torch::tensor(results[1].energy), torch::tensor(results[0].energy));
+      compare(tensor(results[1].forces), tensor(results[0].forces));
+      compare(tensor(results[1].atom_virial), tensor(results[0].atom_virial));
+    }
+  } catch (const std::exception& err) {
+    impl_->use_compiled = true;
+    compiled.disable("TorchScript forward: the compiled programs failed on a test graph (" + failure_line(err.what()) +
+                     "; a damaged file? export again with --compiled)");
+    return;
+  }
+  if (!(worst <= tol)) {
+    std::ostringstream msg;
+    msg << "TorchScript forward: the compiled programs do not reproduce this file's TorchScript model on a test "
+           "graph (relative difference " << worst << "; records from another file, or a damaged build? export "
+           "again with --compiled)";
+    compiled.disable(msg.str());
+  }
 }
 
 void set_jit_optimize(bool on) { torch::jit::setGraphExecutorOptimize(on); }
@@ -319,13 +405,17 @@ void Model::compute_graph(const double* positions, const int64_t* numbers, int64
                                          : torch::from_blob(const_cast<double*>(shifts), {num_edges, 3}, f64);
   std::vector<torch::Tensor> outputs;  // energy, node_energy, forces, virial[, atom_virial]
   try {
-    if (atom_virial == AtomVirial::kNone && impl_->compiled->can_run(n, num_edges)) {
+    if (impl_->use_compiled && atom_virial == AtomVirial::kNone && impl_->compiled->can_run(n, num_edges)) {
       torch::NoGradGuard no_grad;  // the compiled graph holds the backward's operations itself
-      outputs = impl_->compiled->run({pos, z, edge_index, shift, torch::scalar_tensor(nlocal, torch::kLong)});
-    } else {
+      try {
+        outputs = impl_->compiled->run({pos, z, edge_index, shift, torch::scalar_tensor(nlocal, torch::kLong)});
+      } catch (const std::exception&) {
+        outputs.clear();  // AOTInductor's errors name no cause (it prints one): TorchScript runs, and names it
+      }
+    }
+    if (outputs.empty())
       outputs = scripted_forward(impl_->module, impl_->meta.force_mode == "direct", pos, z, edge_index, shift, nlocal,
                                  atom_virial);
-    }
   } catch (const Error&) {
     throw;
   } catch (const c10::Error& err) {
@@ -530,7 +620,7 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
   }
   // the compiled programs where the file has them and the sizes are ones they were traced for (>= 2)
   std::unique_ptr<HaloOps> ops;
-  if (impl_->compiled->has_halo() && n >= 2 && nlocal >= 2 && num_edges >= 2)
+  if (impl_->use_compiled && impl_->compiled->has_halo() && n >= 2 && nlocal >= 2 && num_edges >= 2)
     ops = std::make_unique<CompiledHalo>(*impl_->compiled, dtype, z, edge_index, nlocal);
   else
     ops = std::make_unique<ScriptedHalo>(module, direct, z, edge_index, nlocal);

@@ -58,13 +58,33 @@ def target_level() -> Tuple[str, str, List[str]]:
                              "(export without --compiled)")
     from torch._inductor import cpu_vec_isa
 
-    vec = cpu_vec_isa.pick_vec_isa()
+    try:
+        vec = cpu_vec_isa.pick_vec_isa()  # compiles a probe: needs a working C++ compiler
+    except Exception as err:
+        raise HessforgeError(f"a compiled export needs a working C++ compiler (CXX={os.environ.get('CXX', 'g++')}): "
+                             f"{_first_line(err)}") from None
     isa = str(vec).split()[0] if str(vec) else ""
     if isa not in _LEVELS:
-        raise HessforgeError(f"a compiled export needs AVX2 or AVX-512; this CPU's vector ISA is '{isa or 'none'}' "
-                             "(export without --compiled)")
-    features = sorted({flag[2:] for flag in vec.build_arch_flags().split() if flag.startswith("-m")})
+        forced = os.environ.get("ATEN_CPU_CAPABILITY")
+        raise HessforgeError(f"a compiled export needs AVX2 or AVX-512; Inductor's vector ISA here is '{isa or 'none'}'"
+                             + (f" (ATEN_CPU_CAPABILITY={forced})" if forced else "") + " (export without --compiled)")
+    # AMX (Sapphire Rapids on) is left out of the requirement: its instructions need an explicit tile
+    # configuration that only Inductor's bf16/int8 matrix-multiply templates emit, never a float32/float64 loop,
+    # so a build on an AMX CPU runs on any AVX-512 VNNI CPU (AMD Zen 4 included)
+    features = sorted({flag[2:] for flag in vec.build_arch_flags().split()
+                       if flag.startswith("-m") and not flag.startswith("-mamx")})
     return _LEVELS[isa], str(vec), features
+
+
+def _first_line(err: BaseException) -> str:
+    """The line of a compiler/Inductor error that names the problem: the first with 'error' or 'Killed' in it
+    (a compiler's own message inside Inductor's page of build log), else the first line."""
+    text = str(err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line.lower() or "killed" in line.lower():
+            return line
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def example_graph(species, cutoff: float) -> Tuple[torch.Tensor, ...]:
@@ -80,24 +100,45 @@ def example_graph(species, cutoff: float) -> Tuple[torch.Tensor, ...]:
     return positions, numbers, edge_index, shifts, torch.tensor(5, dtype=torch.long)
 
 
-def _trace(fn, example, dynamic) -> Any:
-    """fn (which may call torch.autograd.grad) as one exported program of plain operations, symbolic sizes."""
+def _trace(fn, example, dynamic) -> Tuple[Any, Any, Tuple]:
+    """(exported program, fn, example): fn (which may call torch.autograd.grad) as one program of plain
+    operations with symbolic sizes, and what _package checks the build against."""
     from torch.export import export
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    with torch.enable_grad():  # gradients by autograd, traced (the parameters do not require gradients)
-        traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
-        return export(traced, example, dynamic_shapes=dynamic, strict=False)
+    try:
+        with torch.enable_grad():  # gradients by autograd, traced (the parameters do not require gradients)
+            traced = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example)
+            return export(traced, example, dynamic_shapes=dynamic, strict=False), fn, example
+    except Exception as err:
+        raise HessforgeError(f"cannot trace the student for AOTInductor: {_first_line(err)}") from None
 
 
-def _package(program, options: Dict[str, Any], level: str, model: nn.Module, tmp: str, name: str) -> bytes:
+def _outputs_of(value) -> List[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else list(value)
+
+
+def _package(traced, options: Dict[str, Any], level: str, model: nn.Module, tmp: str, name: str) -> bytes:
+    """One build, checked against the eager function on the traced example before it goes into the file (the
+    C++ core checks the builds against the TorchScript methods again at load)."""
+    program, fn, example = traced
     path = os.path.join(tmp, name)
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=path,
                                                  inductor_configs=dict(options, **{"cpp.march": level}))
+        built = torch._inductor.aoti_load_package(path)
+        got = _outputs_of(built(*example))
     except Exception as err:  # a compiler problem: one line, not Inductor's page of build log
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HessforgeError(f"AOTInductor could not compile {type(model).__name__}: {first}") from None
+        raise HessforgeError(f"AOTInductor could not compile {type(model).__name__}: {_first_line(err)}") from None
+    with torch.enable_grad():
+        want = _outputs_of(fn(*example))
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 1e-8
+    for a, b in zip(got, want):
+        scale = float(b.detach().abs().max()) + 1e-6 if b.numel() else 1.0
+        if a.shape != b.shape or (b.numel() and float((a.double() - b.detach().double()).abs().max()) > tol * scale):
+            raise HessforgeError(f"AOTInductor's build {name} of {type(model).__name__} does not reproduce the model "
+                                 "on its example graph (a miscompile, or a cache damaged by a concurrent export: "
+                                 "run the export again)")
     with open(path, "rb") as f:
         return f.read()
 

@@ -393,17 +393,17 @@ def export_model(model: nn.Module, path: str, dtype: torch.dtype = torch.float64
             scripted = torch.jit.script(ExportWrapper(model))
     except Exception as err:
         raise HessforgeError(f"cannot export {type(model).__name__}: TorchScript failed ({err})") from None
-    extra_files: Dict[str, Any] = {}
-    if compiled:
-        from engine.aoti import compile_forward
-
-        extra_files, metadata["compiled"] = compile_forward(ExportWrapper(model))
-    check_output_file(path, "export output", may_replace=[EXPORTED_MODEL])
+    check_output_file(path, "export output", may_replace=[EXPORTED_MODEL])  # before minutes of compiling
     if os.path.isfile(path) and os.path.getsize(path) > 0 and artifact_kind(path) != EXPORTED_MODEL:
         # an export replaces an older export only: any other file there (a structure file, a script, a log)
         # is more likely a mistyped -o than something to destroy
         raise HessforgeError(f"export output {path}: that file exists and is not an exported model; writing it "
                              "would destroy it. Give another file name (or move the file away first)")
+    extra_files: Dict[str, Any] = {}
+    if compiled:
+        from engine.aoti import compile_forward
+
+        extra_files, metadata["compiled"] = compile_forward(ExportWrapper(model))
     try:
         with atomic_path(path, same_name=True) as tmp, quiet_torchscript():  # the archive named after the file
             torch.jit.save(scripted, tmp, _extra_files={METADATA_NAME: json.dumps(metadata, indent=1),

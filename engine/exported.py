@@ -185,7 +185,9 @@ class ExportedModel:
         n = torch.as_tensor(positions).shape[0]
         if nlocal is not None and not 0 <= int(nlocal) <= n:
             raise HessforgeError(f"nlocal must be 0..{n} (the atoms whose energies count), got {nlocal}")
-        if self.core is not None:  # the core takes TorchScript's forward itself for graphs too small for it
+        # the core takes TorchScript's forward itself for graphs too small for it; NaN positions go to TorchScript,
+        # whose NaN outputs let the callers name the structure (the core refuses the whole call)
+        if self.core is not None and bool(torch.isfinite(torch.as_tensor(positions)).all()):
             self.check_species(numbers)
             out = self.core.compute_graph(*(torch.as_tensor(t).detach().cpu().numpy()
                                             for t in (positions, numbers, edge_index, shifts)),

@@ -114,6 +114,7 @@ def test_compiled_forward_matches_student_and_torchscript(compiled_files, rng, m
     assert core.compiled and build in core.compiled_note
     scripted = scripted_only(path, monkeypatch)
     tol = 1e-10 if variant == "gradient" else 1e-5
+    bitwise_equal = []  # the compiled forward fuses and reorders sums: not all bits equal TorchScript's
     for n in (2, 9, 31, 64):
         for nlocal in (n, max(1, n // 2)):
             graph = random_graph(rng, n, nlocal)
@@ -125,16 +126,18 @@ def test_compiled_forward_matches_student_and_torchscript(compiled_files, rng, m
             assert rel(out["energy"], energy) < tol and rel(out["forces"], forces) < tol
             assert rel(out["energy"], ref["energy"]) < tol and rel(out["forces"], ref["forces"]) < tol
             assert rel(out["node_energy"], ref["node_energy"]) < tol
+            bitwise_equal.append(np.array_equal(out["forces"], ref["forces"]))
             if variant == "gradient":
                 assert rel(out["virial"], ref["virial"]) < tol
             else:
                 assert np.all(out["forces"][nlocal:] == 0.0)
+    assert not all(bitwise_equal), "the compiled forward did not run"
 
 
-def test_compiled_forward_runs_and_small_graphs_fall_back(compiled_files, rng, tmp_path):
-    """The gradient file with the direct file's compiled forward builds put in: graphs of >= 2 atoms and 2 edges give
-    the direct model's numbers (so the compiled forward is what ran), smaller ones the file's own TorchScript
-    numbers; per-atom virials always come from TorchScript."""
+def test_records_of_another_model_are_caught_at_load(compiled_files, rng, tmp_path):
+    """The gradient file with the direct file's compiled forward builds put in (valid archives, CRCs pass): the
+    core's load-time check against the TorchScript methods refuses them and runs TorchScript, so the numbers are
+    the file's own model; small graphs and per-atom virials take TorchScript anyway."""
     path, model, _ = compiled_files["gradient"]
     direct_path, direct_model, direct_meta = compiled_files["direct"]
     forward_builds = set(direct_meta["compiled"]["packages"].values())
@@ -142,18 +145,32 @@ def test_compiled_forward_runs_and_small_graphs_fall_back(compiled_files, rng, t
                                            if name in forward_builds})
     swapped = resaved(path, str(tmp_path / "swapped.pt"), read_metadata(path), records)
     core = load_core(swapped)
-    assert core.compiled
+    assert not core.compiled and "do not reproduce this file's TorchScript model" in core.compiled_note
     graph = random_graph(rng, 12)
-    energy, _ = python_reference(direct_model, *graph)
-    assert rel(core.compute_graph(*graph)["energy"], energy) < 1e-5
     own, _ = python_reference(model, *graph)
-    assert rel(core.compute_graph(*graph, atom_virial="split")["energy"], own) < 1e-10
+    assert rel(core.compute_graph(*graph)["energy"], own) < 1e-10
+    assert rel(load_core(path).compute_graph(*graph, atom_virial="split")["energy"], own) < 1e-10
     one = (np.zeros((1, 3)), np.array([SPECIES[1]]), np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3)), 1)
-    own_one, _ = python_reference(model, *one)
-    assert rel(core.compute_graph(*one)["energy"], own_one) < 1e-12
+    assert rel(load_core(path).compute_graph(*one)["energy"], python_reference(model, *one)[0]) < 1e-12
     pair = (np.array([[0.0, 0.0, 0.0], [1.1, 0.2, 0.0]]), np.array(SPECIES[:2]), np.array([[0], [1]]),
             np.zeros((1, 3)), 2)  # one edge: TorchScript
-    assert rel(core.compute_graph(*pair)["energy"], python_reference(model, *pair)[0]) < 1e-12
+    assert rel(load_core(path).compute_graph(*pair)["energy"], python_reference(model, *pair)[0]) < 1e-12
+
+
+def test_every_cpu_feature_inductor_names_is_known_to_the_core():
+    """A feature the core cannot ask about makes it refuse the build (F: AMX CPUs never ran compiled); every
+    x86 vector ISA Inductor can pick names only features the core knows (AMX's are left out by engine.aoti)."""
+    from torch._inductor import cpu_vec_isa
+
+    from engine import _core
+
+    for isa in (cpu_vec_isa.VecAVX2(), cpu_vec_isa.VecAVX512(), cpu_vec_isa.VecAVX512VNNI(), cpu_vec_isa.VecAMX()):
+        for flag in isa.build_arch_flags().split():
+            if flag.startswith("-m") and not flag.startswith("-mamx"):
+                assert _core.cpu_feature(flag[2:]) in (0, 1), (str(isa), flag)
+    for level in ("x86-64-v3", "x86-64-v4"):
+        assert _core.cpu_feature(level) in (0, 1)
+    assert _core.cpu_feature("no-such-feature") == -1
 
 
 def test_compute_with_own_cell_list_uses_it(compiled_files, rng, monkeypatch):
@@ -335,3 +352,27 @@ def test_python_loader_and_calculator_use_it(compiled_files, rng, monkeypatch):
     plain.calc = Calculator(path)
     assert rel(energy, plain.get_potential_energy()) < 1e-10 and rel(forces, plain.get_forces()) < 1e-10
     assert rel(stress, plain.get_stress()) < 1e-10
+    # NaN positions in one structure of a batch: that structure's energy is NaN (callers name it), not an error
+    graph = graph_from_atoms(systems[:2], CUTOFF, torch.float64)
+    positions = graph.positions.clone()
+    positions[-1, 0] = float("nan")
+    energy = compiled(graph._replace(positions=positions))["energy"]
+    assert np.isfinite(energy[0]) and np.isnan(energy[1])
+
+
+def test_export_errors_come_early_and_name_the_problem(tmp_path):
+    """No working C++ compiler: one line naming it (was a traceback); an output folder that does not exist is
+    refused before minutes of compiling."""
+    import subprocess
+    import sys
+
+    ckpt = write_checkpoint(tmp_path / "best.pt", tiny_painn())
+    base = [sys.executable, "-m", "training.cli", "export", ckpt, "--compiled", "-o"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CXX=str(tmp_path / "no-such-compiler"))
+    proc = subprocess.run(base + [str(tmp_path / "m.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "a compiled export needs a working C++ compiler" in proc.stderr and "no-such-compiler" in proc.stderr
+    proc = subprocess.run(base + [str(tmp_path / "nowhere" / "m.pt")], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert not os.path.exists(tmp_path / "m.pt")

@@ -77,6 +77,10 @@ std::string element_symbol(int z);
 // Standard atomic weight of element z in amu (0 if unknown).
 double standard_atomic_mass(int z);
 
+// An x86 CPU feature as GCC's __builtin_cpu_supports names it ("avx512f", "x86-64-v4"): 1 this CPU has it, 0 it
+// has not, -1 a name this core cannot ask about (a compiled export naming it runs on TorchScript).
+int cpu_feature(const std::string& feature);
+
 // TorchScript's profiling graph executor (process-wide switch, torch's default: on). It re-specialises the
 // graph whenever input shapes change (the edge count changes every MD step) and fuses nothing on the CPU;
 // the LAMMPS plugin turns it off unless HESSFORGE_JIT_OPTIMIZE=1.
@@ -163,6 +167,8 @@ class Model {
                const bool* pbc, Result& out, AtomVirial atom_virial = AtomVirial::kNone) const;
 
  private:
+  // The compiled programs against the TorchScript methods on a small graph at load; disabled if they differ.
+  void check_compiled();
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

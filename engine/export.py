@@ -43,9 +43,10 @@ node_energy [N], forces [N, 3], virial [B, 3, 3]), evaluates disconnected struct
 batched MD under a barostat); archives written before it existed lack it (engine.exported falls back to one
 call per structure).
 
-`export_model(..., compiled=True)` (`hessforge export --compiled`) also stores forward compiled ahead of time by
-AOTInductor (engine/aoti.py: two builds as extra records, metadata `compiled`), which the C++ core runs instead
-of the TorchScript forward where the machine can (2-2.6x on the CPU); the TorchScript methods stay in the file.
+`export_model(..., compiled=True)` (`hessforge export --compiled`) also stores forward and the halo_* methods
+compiled ahead of time by AOTInductor (engine/aoti.py: packages as extra records, metadata `compiled`), which the
+C++ core runs instead of TorchScript where the machine can (2-2.6x on the CPU); the TorchScript methods stay in
+the file, as the fallback and the reference the core checks the compiled programs against at load.
 
 Metadata (JSON, `extra/hessforge.json` in the archive, readable without loading the module): format and
 version, architecture and hyperparameters, cutoff (Å), species (atomic numbers), num_layers,
@@ -435,8 +436,8 @@ def add_arguments(parser) -> None:
                         help="precision of the exported model (default float64)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
     parser.add_argument("--compiled", action="store_true",
-                        help="also compile the forward ahead of time (AOTInductor, for this CPU's x86-64 level): "
-                             "the C++ core and LAMMPS run it instead of TorchScript (2-3x on the CPU); ~20-60 s")
+                        help="also compile the model ahead of time (AOTInductor, for this CPU's x86-64 level): the "
+                             "C++ core and LAMMPS run it instead of TorchScript (2-2.6x on the CPU); 1-3 min")
 
 
 def run(args) -> int:

@@ -382,7 +382,8 @@ class StudentTarget(BenchTarget):
                 raise HessforgeError("exported models are loaded on CPU by engine.exported")
             self.dtype = torch.float64  # its inputs and outputs (it computes in its own metadata dtype)
             self.report_dtype = getattr(model, "dtype", None)
-            self.student, self.mode = model, f"eager[torchscript {str(getattr(model, 'dtype', '')).replace('torch.', '')}]"
+            runs = "aoti" if getattr(model, "core", None) is not None else "torchscript"  # export --compiled
+            self.student, self.mode = model, f"eager[{runs} {str(getattr(model, 'dtype', '')).replace('torch.', '')}]"
         self.fuses_neighbors = bool(getattr(self.student, "fuses_neighbors", False))
         self.cutoff = float(model.cutoff)
         self.species = list(model.species)

@@ -539,7 +539,9 @@ def _student_targets(model, label, modes, device, dtype, notes, info, dtype_give
             notes.append(f"{label}: an exported TorchScript model runs eager only; skipped {skipped}")
             print(f"note: {notes[-1]}", file=sys.stderr)
         modes = ["eager"]
-        info[label] = {"exported": True, "metadata_dtype": dtype_name(model.dtype)}
+        info[label] = {"exported": True, "metadata_dtype": dtype_name(model.dtype),
+                       "forward": getattr(model, "compiled_note", "TorchScript forward")}
+        notes.append(f"{label}: {info[label]['forward']}")
         if dtype_given and dtype is not None and dtype != model.dtype:
             notes.append(f"{label}: an exported model computes in its own dtype ({dtype_name(model.dtype)}), not "
                          f"--dtype {dtype_name(dtype)}")

@@ -41,10 +41,27 @@ std::string failure_line(const std::string& text) {
     const size_t start = line.find_first_not_of(' ');
     if (start == std::string::npos) continue;
     const std::string trimmed = line.substr(start, line.find_last_not_of(' ') + 1 - start);
-    if (trimmed.rfind("frame #", 0) == 0 || trimmed.rfind("Exception raised from", 0) == 0) continue;
+    if (trimmed.rfind("frame #", 0) == 0 || trimmed.rfind("Exception raised from", 0) == 0 ||
+        trimmed.rfind("<omitting", 0) == 0)
+      continue;
     found = trimmed;
   }
   return found.empty() ? text : found;
+}
+
+// The first line of an error that is not a backtrace marker (a c10::Error raised inside a compiled program
+// starts with "<omitting python frames>").
+std::string reason_line(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const size_t start = line.find_first_not_of(' ');
+    if (start == std::string::npos || line.rfind("<omitting", start) == start ||
+        line.rfind("frame #", start) == start || line.rfind("Exception raised from", start) == start)
+      continue;
+    return line.substr(start);
+  }
+  return first_line(text);
 }
 
 void check_file(const std::string& path) {
@@ -275,15 +292,17 @@ void Model::check_compiled() {
   if (!compiled.loaded()) return;
   // The compiled programs must be this file's model (records copied from another file, a damaged build or a
   // miscompile would otherwise give finite wrong numbers): both builds and the halo programs against the
-  // TorchScript methods on a small graph, 7 atoms on a helix 1 Å apart cycling through the species, 5 local.
+  // TorchScript methods on a small graph: atoms on a helix (neighbours 1.33 Å apart, closer for a cutoff below
+  // 3.3 Å) cycling through every species, the last two ghosts.
   const Metadata& meta = impl_->meta;
-  const int64_t n = 7, nlocal = 5;
+  const int64_t n = std::max<int64_t>(7, static_cast<int64_t>(meta.species.size()) + 2), nlocal = n - 2;
+  const double scale = std::min(1.0, 0.4 * meta.cutoff / 1.33);
   std::vector<double> positions(3 * n);
   std::vector<int64_t> numbers(n);
   for (int64_t k = 0; k < n; ++k) {
-    positions[3 * k] = 1.2 * std::cos(1.1 * k);
-    positions[3 * k + 1] = 1.2 * std::sin(1.1 * k);
-    positions[3 * k + 2] = 0.45 * k;
+    positions[3 * k] = scale * 1.2 * std::cos(1.1 * k);
+    positions[3 * k + 1] = scale * 1.2 * std::sin(1.1 * k);
+    positions[3 * k + 2] = scale * 0.45 * k;
     numbers[k] = meta.species[k % meta.species.size()];
   }
   std::vector<int64_t> receivers, senders, local_receivers, local_senders;
@@ -295,7 +314,10 @@ void Model::check_compiled() {
       receivers.push_back(i), senders.push_back(j);
       if (i < nlocal) local_receivers.push_back(i), local_senders.push_back(j);
     }
-  if (local_receivers.size() < 2) return;  // a cutoff below 1 Å: nothing to compare on
+  if (local_receivers.size() < 2) {  // cannot happen with neighbours at 0.4 x cutoff; never run unchecked
+    compiled.disable("TorchScript forward: the compiled programs could not be checked on a test graph");
+    return;
+  }
   const double tol = meta.dtype == "float32" ? 1e-4 : 1e-8;
   double worst = 0.0;  // largest relative difference of any output
   auto compare = [&worst](const torch::Tensor& a, const torch::Tensor& b) {
@@ -319,7 +341,7 @@ void Model::check_compiled() {
       for (size_t k = 0; k < 4; ++k) compare(got.at(k), reference.at(k));
     }
     if (compiled.has_halo() && has_halo()) {  // the local atoms' edges, the other two atoms as ghosts of none
-      OwnerExchange none({0, 1}, nlocal);     // (ghosts 5, 6 copy atoms 0, 1: any owner serves a comparison)
+      OwnerExchange none({0, 1}, nlocal);     // (the ghosts copy atoms 0, 1: any owner serves a comparison)
       const AtomVirial kind = has_atom_virial() ? AtomVirial::kExact : AtomVirial::kNone;
       Result results[2];
       for (int use : {0, 1}) {
@@ -619,11 +641,16 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     return;
   }
   // the compiled programs where the file has them and the sizes are ones they were traced for (>= 2)
+  // (no TorchScript rerun of a failing compiled program here, unlike compute_graph: the exchanges have begun)
+  const bool compiled = impl_->use_compiled && impl_->compiled->has_halo() && n >= 2 && nlocal >= 2 && num_edges >= 2;
   std::unique_ptr<HaloOps> ops;
-  if (impl_->use_compiled && impl_->compiled->has_halo() && n >= 2 && nlocal >= 2 && num_edges >= 2)
+  if (compiled)
     ops = std::make_unique<CompiledHalo>(*impl_->compiled, dtype, z, edge_index, nlocal);
   else
     ops = std::make_unique<ScriptedHalo>(module, direct, z, edge_index, nlocal);
+  const std::string failed = compiled ? ": a compiled program failed (AOTInductor printed the cause on stderr; "
+                                        "HESSFORGE_COMPILED=off runs TorchScript): "
+                                      : ": model evaluation failed (";
   try {
     // edge vectors in float64 (large coordinates), then the model dtype
     const torch::Tensor vec64 = pos.index_select(0, send) - pos.index_select(0, recv);
@@ -717,11 +744,11 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     if (per_atom.defined())
       std::memcpy(out.atom_virial.data(), per_atom.contiguous().data_ptr<double>(), sizeof(double) * 9 * n);
   } catch (const c10::Error& err) {
-    throw Error(path + ": model evaluation failed (" + first_line(err.what_without_backtrace()) + ")");
+    throw Error(path + failed + reason_line(err.what_without_backtrace()) + (compiled ? "" : ")"));
   } catch (const Error&) {
     throw;
   } catch (const std::exception& err) {  // torch::jit::JITException, or one from the caller's exchange
-    throw Error(path + ": model evaluation failed (" + failure_line(err.what()) + ")");
+    throw Error(path + failed + failure_line(err.what()) + (compiled ? "" : ")"));
   }
   check_finite(out, path);
 }

@@ -157,6 +157,22 @@ def test_records_of_another_model_are_caught_at_load(compiled_files, rng, tmp_pa
     assert rel(load_core(path).compute_graph(*pair)["energy"], python_reference(model, *pair)[0]) < 1e-12
 
 
+@pytest.mark.parametrize("cutoff", [None, 1.2])
+def test_swapped_halo_layers_are_caught_at_load(compiled_files, tmp_path, cutoff):
+    """Layer 0's halo programs in layer 1's records and back: caught by the load-time check, also under a cutoff
+    below the test graph's default spacing (the graph shrinks with the cutoff; it used to check nothing there)."""
+    path, _, _ = compiled_files["gradient"]
+    meta = read_metadata(path)
+    halo = meta["compiled"]["halo"]
+    records = extra_records(path)
+    for a, b in (("layer0", "layer1"), ("layer0_vjp", "layer1_vjp")):
+        records[halo[a]], records[halo[b]] = records[halo[b]], records[halo[a]]
+    if cutoff is not None:
+        meta["cutoff"], meta["interaction_range"] = cutoff, cutoff * meta["num_layers"]
+    core = load_core(resaved(path, str(tmp_path / "swapped.pt"), meta, records))
+    assert not core.compiled and "do not reproduce this file's TorchScript model" in core.compiled_note
+
+
 def test_every_cpu_feature_inductor_names_is_known_to_the_core():
     """A feature the core cannot ask about makes it refuse the build (F: AMX CPUs never ran compiled); every
     x86 vector ISA Inductor can pick names only features the core knows (AMX's are left out by engine.aoti)."""

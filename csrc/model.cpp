@@ -318,7 +318,7 @@ void Model::check_compiled() {
     compiled.disable("TorchScript forward: the compiled programs could not be checked on a test graph");
     return;
   }
-  const double tol = meta.dtype == "float32" ? 1e-4 : 1e-8;
+  const double tol = meta.dtype == "float32" ? 1e-3 : 1e-8;  // float32 rounding vs a wrong build's O(1) (aoti.py)
   double worst = 0.0;  // largest relative difference of any output
   auto compare = [&worst](const torch::Tensor& a, const torch::Tensor& b) {
     const torch::Tensor x = a.to(torch::kFloat64), y = b.to(torch::kFloat64);

@@ -53,9 +53,8 @@ const std::string& string_field(const json::Value& entry, const std::string& key
 
 // An archive record (the package's bytes) in a private temporary file, which the loader unpacks; removed after.
 // Loaders are kept per content for the life of the process (see compiled.h).
-std::shared_ptr<torch::inductor::AOTIModelPackageLoader> load_record(const std::string& path,
+std::shared_ptr<torch::inductor::AOTIModelPackageLoader> load_record(caffe2::serialize::PyTorchStreamReader& reader,
                                                                      const std::string& record) {
-  caffe2::serialize::PyTorchStreamReader reader(path);
   const std::string name = "extra/" + record;
   if (!reader.hasRecord(name)) throw Error("the record " + name + " is missing");
   auto data = reader.getRecord(name);
@@ -171,15 +170,13 @@ CompiledForward::CompiledForward(const std::string& path, const std::string& met
     for (const auto& program : halo->object) halo_records[program.first] = string_field(*halo, program.first, path);
   }
   try {
-    serial_ = load_record(path, serial);
-    threaded_ = load_record(path, threaded);
-    for (const auto& program : halo_records) halo_[program.first] = load_record(path, program.second);
+    caffe2::serialize::PyTorchStreamReader reader(path);  // the archive's directory read once for every record
+    serial_ = load_record(reader, serial);
+    threaded_ = load_record(reader, threaded);
+    for (const auto& program : halo_records) halo_[program.first] = load_record(reader, program.second);
   } catch (const std::exception& err) {
-    serial_.reset();
-    threaded_.reset();
-    halo_.clear();
-    std::string what = err.what();
-    note_ = "TorchScript forward: the compiled one did not load (" + what.substr(0, what.find('\n')) + ")";
+    const std::string what = err.what();
+    disable("TorchScript forward: the compiled one did not load (" + what.substr(0, what.find('\n')) + ")");
     return;
   }
   note_ = "compiled forward (AOTInductor, " + march + "; " +

@@ -31,37 +31,38 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
-// The line that names the failure in a TorchScript interpreter error: its last non-empty line (the first one
-// only says "The following operation failed in the TorchScript interpreter." before a source traceback).
-// Backtrace lines (AOTInductor's errors end with them) are skipped.
-std::string failure_line(const std::string& text) {
+// Backtrace lines and markers (AOTInductor's errors end with them; a c10::Error raised inside a compiled
+// program starts with "<omitting python frames>"): not the line that names a failure. `line` is trimmed.
+bool is_backtrace_line(const std::string& line) {
+  return line.rfind("frame #", 0) == 0 || line.rfind("Exception raised from", 0) == 0 ||
+         line.rfind("<omitting", 0) == 0;
+}
+
+// The non-empty lines of an error that are not backtrace lines, trimmed.
+std::vector<std::string> message_lines(const std::string& text) {
   std::istringstream lines(text);
-  std::string line, found;
+  std::vector<std::string> kept;
+  std::string line;
   while (std::getline(lines, line)) {
     const size_t start = line.find_first_not_of(' ');
     if (start == std::string::npos) continue;
     const std::string trimmed = line.substr(start, line.find_last_not_of(' ') + 1 - start);
-    if (trimmed.rfind("frame #", 0) == 0 || trimmed.rfind("Exception raised from", 0) == 0 ||
-        trimmed.rfind("<omitting", 0) == 0)
-      continue;
-    found = trimmed;
+    if (!is_backtrace_line(trimmed)) kept.push_back(trimmed);
   }
-  return found.empty() ? text : found;
+  return kept;
 }
 
-// The first line of an error that is not a backtrace marker (a c10::Error raised inside a compiled program
-// starts with "<omitting python frames>").
+// The line that names the failure in a TorchScript interpreter error: its last non-empty line (the first one
+// only says "The following operation failed in the TorchScript interpreter." before a source traceback).
+std::string failure_line(const std::string& text) {
+  const std::vector<std::string> lines = message_lines(text);
+  return lines.empty() ? text : lines.back();
+}
+
+// The first line of an error that is not a backtrace line (a c10::Error's message).
 std::string reason_line(const std::string& text) {
-  std::istringstream lines(text);
-  std::string line;
-  while (std::getline(lines, line)) {
-    const size_t start = line.find_first_not_of(' ');
-    if (start == std::string::npos || line.rfind("<omitting", start) == start ||
-        line.rfind("frame #", start) == start || line.rfind("Exception raised from", start) == start)
-      continue;
-    return line.substr(start);
-  }
-  return first_line(text);
+  const std::vector<std::string> lines = message_lines(text);
+  return lines.empty() ? first_line(text) : lines.front();
 }
 
 void check_file(const std::string& path) {
@@ -648,9 +649,10 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     ops = std::make_unique<CompiledHalo>(*impl_->compiled, dtype, z, edge_index, nlocal);
   else
     ops = std::make_unique<ScriptedHalo>(module, direct, z, edge_index, nlocal);
-  const std::string failed = compiled ? ": a compiled program failed (AOTInductor printed the cause on stderr; "
-                                        "HESSFORGE_COMPILED=off runs TorchScript): "
-                                      : ": model evaluation failed (";
+  const std::string failed = compiled ? ": a compiled program failed (" : ": model evaluation failed (";
+  const std::string more = compiled ? "; AOTInductor printed the cause on stderr; HESSFORGE_COMPILED=off runs "
+                                      "TorchScript)"
+                                    : ")";
   try {
     // edge vectors in float64 (large coordinates), then the model dtype
     const torch::Tensor vec64 = pos.index_select(0, send) - pos.index_select(0, recv);
@@ -744,11 +746,11 @@ void Model::compute_halo(const double* positions, const int64_t* numbers, int64_
     if (per_atom.defined())
       std::memcpy(out.atom_virial.data(), per_atom.contiguous().data_ptr<double>(), sizeof(double) * 9 * n);
   } catch (const c10::Error& err) {
-    throw Error(path + failed + reason_line(err.what_without_backtrace()) + (compiled ? "" : ")"));
+    throw Error(path + failed + reason_line(err.what_without_backtrace()) + more);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& err) {  // torch::jit::JITException, or one from the caller's exchange
-    throw Error(path + failed + failure_line(err.what()) + (compiled ? "" : ")"));
+    throw Error(path + failed + failure_line(err.what()) + more);
   }
   check_finite(out, path);
 }

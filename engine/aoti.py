@@ -238,6 +238,7 @@ def halo_programs(wrapper: nn.Module) -> Dict[str, Any]:
         g_energy = torch.randn(n, generator=gen, dtype=torch.float64)
         programs["readout_vjp"] = _trace(readout_vjp, (numbers, state, g_energy), ({0: atoms}, {0: atoms}, {0: atoms}))
     layer_dims = ({0: atoms}, {1: edges}) + edge_dims + ({0: local},)
+
     def layer_programs(k: int):
         def layer(s, ei, u, r, f, m):
             return wrapper.halo_layer(k, s, ei, u, r, f, m.shape[0])
